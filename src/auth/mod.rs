@@ -1,0 +1,397 @@
+//! The one place that knows secrets: TURN REST credentials, static TURN users and
+//! session tokens. Every credential switchboard issues or checks goes through here.
+
+use arc_swap::ArcSwap;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha1::Sha1;
+use sha2::Sha256;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+use crate::config::AuthConfig;
+
+/// Why a credential was refused; `reason()` gives a low-cardinality metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credential was presented.
+    #[error("missing credentials")]
+    Missing,
+    /// The credential is malformed.
+    #[error("malformed credentials")]
+    Malformed,
+    /// The credential's expiry has passed.
+    #[error("credentials expired")]
+    Expired,
+    /// The signature or password does not match.
+    #[error("bad signature or password")]
+    BadSignature,
+    /// The user is not known.
+    #[error("unknown user")]
+    UnknownUser,
+}
+
+impl AuthError {
+    /// Metrics label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Expired => "expired",
+            AuthError::BadSignature => "bad_signature",
+            AuthError::UnknownUser => "unknown_user",
+        }
+    }
+}
+
+/// Secrets that can be swapped at run time (SIGHUP) without dropping sessions.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    /// TURN REST secrets: the first signs new credentials, all verify.
+    pub turn: Vec<Vec<u8>>,
+    /// Static TURN users and their plain passwords.
+    pub turn_users: BTreeMap<String, String>,
+    /// Session-token keys: the first signs, all verify.
+    pub session: Vec<Vec<u8>>,
+}
+
+impl Secrets {
+    /// Build from config, generating random per-process secrets where none are set.
+    pub fn from_config(cfg: &AuthConfig) -> Secrets {
+        let turn = if cfg.turn_secrets.is_empty() {
+            vec![random_secret()]
+        } else {
+            cfg.turn_secrets
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect()
+        };
+        let session = if cfg.session_keys.is_empty() {
+            vec![random_secret()]
+        } else {
+            cfg.session_keys
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect()
+        };
+        Secrets {
+            turn,
+            turn_users: cfg.turn_users.clone(),
+            session,
+        }
+    }
+}
+
+fn random_secret() -> Vec<u8> {
+    let b: [u8; 32] = rand::random();
+    URL_SAFE_NO_PAD.encode(b).into_bytes()
+}
+
+/// Time-limited TURN credentials handed to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TurnCredentials {
+    /// `expiry[:user]`.
+    pub username: String,
+    /// `base64(HMAC-SHA1(secret, username))`.
+    pub password: String,
+    /// Seconds the credentials are valid for.
+    pub ttl: u64,
+    /// Unix time at which they expire.
+    pub expires_at: u64,
+}
+
+/// What a verified session token says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// User id (JWT `sub`, static user name, or open-mode display name).
+    #[serde(rename = "u")]
+    pub user: String,
+    /// Unique id of this login.
+    #[serde(rename = "s")]
+    pub session_id: String,
+    /// The only room this session may join, if limited.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// Unix expiry.
+    #[serde(rename = "e")]
+    pub expires_at: u64,
+}
+
+/// The auth service shared by TURN, the HTTP API and signaling.
+pub struct Auth {
+    secrets: ArcSwap<Secrets>,
+    session_ttl: u64,
+    turn_ttl: u64,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    /// Build from config.
+    pub fn new(cfg: &AuthConfig) -> Auth {
+        Auth {
+            secrets: ArcSwap::from_pointee(Secrets::from_config(cfg)),
+            session_ttl: cfg.session_ttl_secs,
+            turn_ttl: cfg.turn_credential_ttl_secs,
+        }
+    }
+
+    /// Replace secrets at run time; sessions signed with keys still listed stay valid.
+    pub fn reload(&self, cfg: &AuthConfig) {
+        self.secrets.store(Arc::new(Secrets::from_config(cfg)));
+    }
+
+    /// Current secrets snapshot.
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.load_full()
+    }
+
+    /// Configured TURN credential lifetime in seconds.
+    pub fn turn_ttl(&self) -> u64 {
+        self.turn_ttl
+    }
+
+    /// Configured session token lifetime in seconds.
+    pub fn session_ttl(&self) -> u64 {
+        self.session_ttl
+    }
+
+    /// Mint coturn-compatible REST credentials for `user`, valid for the configured TTL.
+    pub fn turn_credentials(&self, user: Option<&str>, now_unix: u64) -> TurnCredentials {
+        self.turn_credentials_for(user, now_unix, self.turn_ttl)
+    }
+
+    /// Mint REST credentials with an explicit TTL.
+    pub fn turn_credentials_for(
+        &self,
+        user: Option<&str>,
+        now_unix: u64,
+        ttl: u64,
+    ) -> TurnCredentials {
+        let expires_at = now_unix.saturating_add(ttl);
+        let username = match user {
+            // ':' separates expiry from the user id, so keep it out of the user part.
+            Some(u) if !u.is_empty() => format!("{expires_at}:{}", u.replace(':', "_")),
+            _ => expires_at.to_string(),
+        };
+        let secrets = self.secrets.load();
+        let password = rest_password(&secrets.turn[0], &username);
+        TurnCredentials {
+            username,
+            password,
+            ttl,
+            expires_at,
+        }
+    }
+
+    /// Candidate passwords for a TURN username: one per REST secret, or the static password.
+    ///
+    /// With `now_unix` set, an expired REST username is refused; pass `None` when the
+    /// allocation already exists and may outlive its credential (see docs/security.md).
+    pub fn turn_passwords(
+        &self,
+        username: &str,
+        now_unix: Option<u64>,
+    ) -> Result<Vec<String>, AuthError> {
+        if username.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let secrets = self.secrets.load();
+        if let Some(p) = secrets.turn_users.get(username) {
+            return Ok(vec![p.clone()]);
+        }
+        let expiry_part = username.split(':').next().unwrap_or(username);
+        let expiry: u64 = match expiry_part.parse() {
+            Ok(e) => e,
+            Err(_) => return Err(AuthError::UnknownUser),
+        };
+        if let Some(now) = now_unix {
+            if expiry <= now {
+                return Err(AuthError::Expired);
+            }
+        }
+        Ok(secrets
+            .turn
+            .iter()
+            .map(|s| rest_password(s, username))
+            .collect())
+    }
+
+    /// Sign a session token for `user`, optionally limited to one room.
+    pub fn issue_session(
+        &self,
+        user: &str,
+        room: Option<&str>,
+        now_unix: u64,
+    ) -> (String, Session) {
+        let sid: [u8; 12] = rand::random();
+        let session = Session {
+            user: user.to_string(),
+            session_id: URL_SAFE_NO_PAD.encode(sid),
+            room: room.map(str::to_string),
+            expires_at: now_unix.saturating_add(self.session_ttl),
+        };
+        let payload = serde_json::to_vec(&session).unwrap_or_default();
+        let body = URL_SAFE_NO_PAD.encode(&payload);
+        let secrets = self.secrets.load();
+        let sig = hmac_sha256(&secrets.session[0], body.as_bytes());
+        (
+            format!("sb1.{body}.{}", URL_SAFE_NO_PAD.encode(sig)),
+            session,
+        )
+    }
+
+    /// Verify a session token's signature (any current key) and expiry.
+    pub fn verify_session(&self, token: &str, now_unix: u64) -> Result<Session, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let mut parts = token.split('.');
+        let (Some("sb1"), Some(body), Some(sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed);
+        };
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| AuthError::Malformed)?;
+        let secrets = self.secrets.load();
+        let ok = secrets.session.iter().fold(false, |acc, key| {
+            let want = hmac_sha256(key, body.as_bytes());
+            acc | bool::from(want.as_slice().ct_eq(&sig))
+        });
+        if !ok {
+            return Err(AuthError::BadSignature);
+        }
+        let payload = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| AuthError::Malformed)?;
+        let session: Session =
+            serde_json::from_slice(&payload).map_err(|_| AuthError::Malformed)?;
+        if session.expires_at <= now_unix {
+            return Err(AuthError::Expired);
+        }
+        Ok(session)
+    }
+}
+
+/// Constant-time equality for secrets such as API keys.
+pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
+/// coturn `static-auth-secret` password: base64(HMAC-SHA1(secret, username)).
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    let mut mac = match <Hmac<Sha1> as Mac>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(username.as_bytes());
+    STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// HMAC-SHA256, for signed tokens.
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    match <Hmac<Sha256> as Mac>::new_from_slice(key) {
+        Ok(mut m) => {
+            m.update(data);
+            m.finalize().into_bytes().into()
+        }
+        Err(_) => [0u8; 32],
+    }
+}
+
+/// Seconds since the Unix epoch, for credential expiry.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth_with(secrets: &[&str]) -> Auth {
+        let cfg = AuthConfig {
+            turn_secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            session_keys: vec!["0123456789abcdef0123".into()],
+            ..Default::default()
+        };
+        Auth::new(&cfg)
+    }
+
+    #[test]
+    fn rest_password_matches_coturn_derivation() {
+        // Computed independently: printf '%s' 1700000000:alice |
+        //   openssl dgst -sha1 -hmac north -binary | base64
+        assert_eq!(
+            rest_password(b"north", "1700000000:alice"),
+            "Cd/49soE35ICqcJF/bCTn8Z4OyE="
+        );
+    }
+
+    #[test]
+    fn issued_turn_credentials_verify_until_expiry() {
+        let a = auth_with(&["s1"]);
+        let c = a.turn_credentials(Some("bob"), 1000);
+        assert_eq!(c.username, format!("{}:bob", 1000 + a.turn_ttl()));
+        let pw = a.turn_passwords(&c.username, Some(1001)).unwrap();
+        assert_eq!(pw, vec![c.password.clone()]);
+        assert_eq!(
+            a.turn_passwords(&c.username, Some(c.expires_at)),
+            Err(AuthError::Expired)
+        );
+        assert!(a.turn_passwords(&c.username, None).is_ok());
+        assert_eq!(
+            a.turn_passwords("nobody", Some(0)),
+            Err(AuthError::UnknownUser)
+        );
+    }
+
+    #[test]
+    fn rotation_accepts_every_listed_secret() {
+        let old = auth_with(&["old"]);
+        let c = old.turn_credentials(None, 10);
+        let both = auth_with(&["new", "old"]);
+        let pw = both.turn_passwords(&c.username, Some(11)).unwrap();
+        assert!(pw.contains(&c.password));
+        let new_only = auth_with(&["new"]);
+        assert!(!new_only
+            .turn_passwords(&c.username, Some(11))
+            .unwrap()
+            .contains(&c.password));
+    }
+
+    #[test]
+    fn session_tokens_verify_and_resist_tampering() {
+        let a = auth_with(&["s"]);
+        let (tok, s) = a.issue_session("alice", Some("room1"), 100);
+        assert_eq!(a.verify_session(&tok, 101).unwrap(), s);
+        assert_eq!(
+            a.verify_session(&tok, s.expires_at),
+            Err(AuthError::Expired)
+        );
+        let mut forged = tok.clone();
+        forged.replace_range(6..7, if &tok[6..7] == "A" { "B" } else { "A" });
+        assert!(a.verify_session(&forged, 101).is_err());
+        assert_eq!(a.verify_session("garbage", 1), Err(AuthError::Malformed));
+        assert_eq!(a.verify_session("", 1), Err(AuthError::Missing));
+        let other = Auth::new(&AuthConfig {
+            session_keys: vec!["another-key-of-16-chars".into()],
+            ..Default::default()
+        });
+        assert_eq!(
+            other.verify_session(&tok, 101),
+            Err(AuthError::BadSignature)
+        );
+    }
+}

@@ -1,0 +1,759 @@
+//! Typed configuration: TOML file, then `SWITCHBOARD_<SECTION>__<KEY>` environment overrides.
+//!
+//! Every key has a default, so an empty file (or none) gives a working localhost server.
+//! Unknown keys, unparsable values and out-of-range numbers are errors that name the key.
+
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// Why a configuration was rejected; the message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File that failed.
+        path: PathBuf,
+        /// Underlying I/O error.
+        source: std::io::Error,
+    },
+    /// TOML syntax error.
+    #[error("config file {path}: {message}")]
+    Syntax {
+        /// File that failed.
+        path: PathBuf,
+        /// Parser message with line and column.
+        message: String,
+    },
+    /// A key has the wrong type, an unparsable value, or is unknown.
+    #[error("config key `{key}`: {message}")]
+    Key {
+        /// Dotted key path, e.g. `turn.relay_port_min`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn key(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Key {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole effective configuration of one switchboard process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Process lifecycle.
+    pub server: ServerConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// HTTP API, WebSocket signaling, probes and metrics.
+    pub http: HttpConfig,
+    /// STUN/TURN listeners and relay policy.
+    pub turn: TurnConfig,
+    /// Secrets, login backends and credential lifetimes.
+    pub auth: AuthConfig,
+    /// Addresses advertised to clients (behind NAT or DNS).
+    pub public: PublicConfig,
+    /// Certificate for `turns:` and `https:`/`wss:`.
+    pub tls: TlsConfig,
+    /// Room signaling limits and timers.
+    pub signaling: SignalingConfig,
+}
+
+/// Process lifecycle settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Seconds to let allocations and calls finish after SIGTERM before exiting.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+/// Log output shape.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging settings; `RUST_LOG` refines the filter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// Default filter when `RUST_LOG` is unset.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// HTTP listener settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP API, signaling WebSocket, probes and metrics.
+    pub listen: SocketAddr,
+    /// Optional separate address for `/metrics` only.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve HTTPS/WSS with the `[tls]` certificate.
+    pub tls: bool,
+    /// Origins allowed for CORS and the WebSocket `Origin` check; `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Serve the demo page and JS client at `/`.
+    pub demo: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
+            tls: false,
+            allowed_origins: vec!["*".into()],
+            demo: true,
+        }
+    }
+}
+
+/// STUN/TURN listener and relay settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// Addresses that serve STUN and TURN (UDP and/or TCP on each).
+    pub listen: Vec<SocketAddr>,
+    /// Serve on UDP.
+    pub udp: bool,
+    /// Serve on TCP.
+    pub tcp: bool,
+    /// Addresses that serve STUN and TURN over TLS (`turns:`).
+    pub tls_listen: Vec<SocketAddr>,
+    /// Enable the TURN relay; when false only STUN Binding is answered.
+    pub relay: bool,
+    /// Realm for the long-term credential mechanism.
+    pub realm: String,
+    /// IP that relay sockets bind to; defaults to the first listen IP.
+    pub relay_bind: Option<IpAddr>,
+    /// IP reported in XOR-RELAYED-ADDRESS (public IP behind NAT); defaults to `relay_bind`.
+    pub relay_ip: Option<IpAddr>,
+    /// IPv6 address that relay sockets bind to for IPv6 allocations.
+    pub relay_bind_v6: Option<IpAddr>,
+    /// Lowest relay port.
+    pub relay_port_min: u16,
+    /// Highest relay port.
+    pub relay_port_max: u16,
+    /// Allocation lifetime when the client does not ask for one (seconds).
+    pub default_lifetime_secs: u32,
+    /// Longest allocation lifetime granted (seconds).
+    pub max_lifetime_secs: u32,
+    /// How long a NONCE stays valid before 438 Stale Nonce (seconds).
+    pub nonce_lifetime_secs: u32,
+    /// Allocations one username may hold at once (486 beyond).
+    pub max_allocations_per_user: u32,
+    /// Allocations the whole server may hold at once (508 beyond).
+    pub max_allocations: u32,
+    /// Per-allocation relay bandwidth cap in bytes per second; 0 means unlimited.
+    pub max_bps_per_allocation: u64,
+    /// Peer CIDRs allowed even if they fall in a denied range.
+    pub allow_peers: Vec<String>,
+    /// Extra peer CIDRs to deny on top of the built-in private/special ranges.
+    pub deny_peers: Vec<String>,
+    /// Answer new Allocates with 300 ALTERNATE-SERVER to this address while draining.
+    pub alternate_server: Option<SocketAddr>,
+    /// Close TCP/TLS connections with no allocation after this many idle seconds.
+    pub tcp_idle_timeout_secs: u64,
+    /// Bytes queued to one stream client before its packets are dropped.
+    pub tcp_send_buffer_bytes: usize,
+    /// SOFTWARE attribute value.
+    pub software: String,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 3478))],
+            udp: true,
+            tcp: true,
+            tls_listen: Vec::new(),
+            relay: true,
+            realm: "switchboard".into(),
+            relay_bind: None,
+            relay_ip: None,
+            relay_bind_v6: None,
+            relay_port_min: 49152,
+            relay_port_max: 65535,
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            nonce_lifetime_secs: 600,
+            max_allocations_per_user: 10,
+            max_allocations: 10_000,
+            max_bps_per_allocation: 0,
+            allow_peers: Vec::new(),
+            deny_peers: Vec::new(),
+            alternate_server: None,
+            tcp_idle_timeout_secs: 30,
+            tcp_send_buffer_bytes: 256 * 1024,
+            software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+/// Login backend kinds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Any display name logs in; development only.
+    Open,
+    /// Static users with argon2id password hashes.
+    Users,
+    /// Bearer JWTs signed by the operator's app backend.
+    Jwt,
+}
+
+/// One static login user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// Login name, which becomes the user id.
+    pub name: String,
+    /// Argon2id PHC string from `switchboard hash-password`.
+    pub password_hash: String,
+}
+
+/// JWT verification settings for the `jwt` backend.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Shared secret for HS256.
+    pub hs256_secret: Option<String>,
+    /// PEM public key file for RS256 or EdDSA.
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// Allowed clock skew in seconds for `exp`/`nbf`.
+    pub leeway_secs: u64,
+}
+
+/// Secrets, login backends and credential lifetimes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// TURN REST shared secrets (coturn `static-auth-secret`); the first signs, all verify.
+    /// Empty means a random secret per process.
+    pub turn_secrets: Vec<String>,
+    /// Static TURN users (`name = "password"`) for tools that take a plain user and password.
+    pub turn_users: std::collections::BTreeMap<String, String>,
+    /// Keys that sign session tokens; the first signs, all verify. Empty means random per process.
+    pub session_keys: Vec<String>,
+    /// Session token lifetime in seconds.
+    pub session_ttl_secs: u64,
+    /// TURN credential lifetime in seconds.
+    pub turn_credential_ttl_secs: u64,
+    /// Enabled login backends.
+    pub backends: Vec<Backend>,
+    /// Permit the `open` backend on a non-loopback HTTP address.
+    pub allow_open_on_public: bool,
+    /// Static users for the `users` backend.
+    pub users: Vec<UserEntry>,
+    /// Settings of the `jwt` backend.
+    pub jwt: JwtConfig,
+    /// API keys accepted by `GET /v1/turn-credentials`.
+    pub api_keys: Vec<String>,
+    /// Login attempts allowed per client IP per minute.
+    pub login_rate_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            turn_secrets: Vec::new(),
+            turn_users: Default::default(),
+            session_keys: Vec::new(),
+            session_ttl_secs: 600,
+            turn_credential_ttl_secs: 86_400,
+            backends: vec![Backend::Open],
+            allow_open_on_public: false,
+            users: Vec::new(),
+            jwt: JwtConfig::default(),
+            api_keys: Vec::new(),
+            login_rate_per_minute: 30,
+        }
+    }
+}
+
+/// Addresses advertised to clients; each defaults to the bound address.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublicConfig {
+    /// Host name or IP put in `stun:`/`turn:` URIs.
+    pub host: Option<String>,
+    /// Port put in `stun:` and `turn:` URIs.
+    pub turn_port: Option<u16>,
+    /// Port put in `turns:` URIs.
+    pub turns_port: Option<u16>,
+    /// Full signaling URL (`wss://…/v1/ws`) handed out at login.
+    pub signaling_url: Option<String>,
+}
+
+/// Certificate and key, PEM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain PEM file.
+    pub cert_file: Option<PathBuf>,
+    /// Private key PEM file.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Room signaling limits and timers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalingConfig {
+    /// Largest accepted WebSocket frame in bytes.
+    pub max_frame_bytes: usize,
+    /// Sustained frames per second per connection.
+    pub rate_per_sec: u32,
+    /// Burst of frames per connection above the sustained rate.
+    pub rate_burst: u32,
+    /// Peers per room unless `create` asks for fewer.
+    pub room_capacity: usize,
+    /// Rooms open at once.
+    pub max_rooms: usize,
+    /// WebSocket connections per client IP.
+    pub max_connections_per_ip: usize,
+    /// Seconds between WebSocket pings.
+    pub ping_interval_secs: u64,
+    /// Seconds without any frame before a peer counts as gone.
+    pub dead_peer_timeout_secs: u64,
+    /// Seconds a dropped peer may resume its place.
+    pub resume_grace_secs: u64,
+    /// Frames kept per peer for replay on resume.
+    pub resume_buffer_frames: usize,
+    /// Seconds an empty room stays open.
+    pub empty_room_grace_secs: u64,
+    /// Push fresh `ice-servers` this many seconds before TURN credentials expire.
+    pub ice_refresh_before_secs: u64,
+}
+
+impl Default for SignalingConfig {
+    fn default() -> Self {
+        SignalingConfig {
+            max_frame_bytes: 64 * 1024,
+            rate_per_sec: 50,
+            rate_burst: 100,
+            room_capacity: 16,
+            max_rooms: 10_000,
+            max_connections_per_ip: 32,
+            ping_interval_secs: 10,
+            dead_peer_timeout_secs: 30,
+            resume_grace_secs: 30,
+            resume_buffer_frames: 256,
+            empty_room_grace_secs: 30,
+            ice_refresh_before_secs: 300,
+        }
+    }
+}
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+impl Config {
+    /// Load from an optional TOML file, then apply environment overrides, then validate.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax {
+                        path: p.to_path_buf(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, env)?;
+        Self::from_table(table)
+    }
+
+    /// Parse a TOML document (used by tests and `load`).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: PathBuf::from("<string>"),
+                message: e.to_string(),
+            })?;
+        Self::from_table(table)
+    }
+
+    fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+        let value = toml::Value::Table(table);
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::key(key, e.into_inner().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Render the effective configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Check relations between keys that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.turn;
+        if t.relay_port_min == 0 || t.relay_port_min > t.relay_port_max {
+            return Err(ConfigError::key(
+                "turn.relay_port_min",
+                format!(
+                    "must be between 1 and turn.relay_port_max ({})",
+                    t.relay_port_max
+                ),
+            ));
+        }
+        if t.listen.is_empty() && t.tls_listen.is_empty() {
+            return Err(ConfigError::key(
+                "turn.listen",
+                "at least one STUN/TURN listen address is required",
+            ));
+        }
+        if !t.udp && !t.tcp && t.tls_listen.is_empty() {
+            return Err(ConfigError::key(
+                "turn.udp",
+                "turn.udp, turn.tcp and turn.tls_listen are all off; nothing would serve STUN",
+            ));
+        }
+        if t.default_lifetime_secs == 0 || t.default_lifetime_secs > t.max_lifetime_secs {
+            return Err(ConfigError::key(
+                "turn.default_lifetime_secs",
+                "must be between 1 and turn.max_lifetime_secs",
+            ));
+        }
+        if t.nonce_lifetime_secs == 0 {
+            return Err(ConfigError::key(
+                "turn.nonce_lifetime_secs",
+                "must be positive",
+            ));
+        }
+        if t.realm.is_empty() || t.realm.len() > 127 {
+            return Err(ConfigError::key(
+                "turn.realm",
+                "must be 1 to 127 characters",
+            ));
+        }
+        for (i, c) in t.allow_peers.iter().enumerate() {
+            crate::turn::policy::Cidr::parse(c)
+                .map_err(|m| ConfigError::key(format!("turn.allow_peers[{i}]"), m))?;
+        }
+        for (i, c) in t.deny_peers.iter().enumerate() {
+            crate::turn::policy::Cidr::parse(c)
+                .map_err(|m| ConfigError::key(format!("turn.deny_peers[{i}]"), m))?;
+        }
+        if !t.tls_listen.is_empty() || self.http.tls {
+            if self.tls.cert_file.is_none() {
+                return Err(ConfigError::key(
+                    "tls.cert_file",
+                    "required when turn.tls_listen or http.tls is set",
+                ));
+            }
+            if self.tls.key_file.is_none() {
+                return Err(ConfigError::key(
+                    "tls.key_file",
+                    "required when turn.tls_listen or http.tls is set",
+                ));
+            }
+        }
+        let a = &self.auth;
+        if a.backends.is_empty() {
+            return Err(ConfigError::key(
+                "auth.backends",
+                "at least one of open, users, jwt is required",
+            ));
+        }
+        if a.backends.contains(&Backend::Open)
+            && !self.http.listen.ip().is_loopback()
+            && !a.allow_open_on_public
+        {
+            return Err(ConfigError::key(
+                "auth.backends",
+                format!(
+                    "the `open` backend lets anyone log in and is refused on the non-loopback address {}; \
+                     use `users` or `jwt`, or set auth.allow_open_on_public = true",
+                    self.http.listen
+                ),
+            ));
+        }
+        if a.backends.contains(&Backend::Jwt)
+            && a.jwt.hs256_secret.is_none()
+            && a.jwt.public_key_file.is_none()
+        {
+            return Err(ConfigError::key(
+                "auth.jwt",
+                "the jwt backend needs hs256_secret or public_key_file",
+            ));
+        }
+        if a.session_ttl_secs == 0 {
+            return Err(ConfigError::key(
+                "auth.session_ttl_secs",
+                "must be positive",
+            ));
+        }
+        if a.turn_credential_ttl_secs == 0 {
+            return Err(ConfigError::key(
+                "auth.turn_credential_ttl_secs",
+                "must be positive",
+            ));
+        }
+        for (i, s) in a.turn_secrets.iter().enumerate() {
+            if s.is_empty() {
+                return Err(ConfigError::key(
+                    format!("auth.turn_secrets[{i}]"),
+                    "must not be empty",
+                ));
+            }
+        }
+        for (i, s) in a.session_keys.iter().enumerate() {
+            if s.len() < 16 {
+                return Err(ConfigError::key(
+                    format!("auth.session_keys[{i}]"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        for (i, o) in self.http.allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(ConfigError::key(
+                    format!("http.allowed_origins[{i}]"),
+                    "must be `*` or an origin like https://app.example.com",
+                ));
+            }
+        }
+        let s = &self.signaling;
+        if s.max_frame_bytes < 1024 {
+            return Err(ConfigError::key(
+                "signaling.max_frame_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if s.room_capacity < 2 {
+            return Err(ConfigError::key(
+                "signaling.room_capacity",
+                "must be at least 2",
+            ));
+        }
+        if s.rate_per_sec == 0 {
+            return Err(ConfigError::key(
+                "signaling.rate_per_sec",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when every STUN/TURN and HTTP listener is on a loopback address.
+    pub fn loopback_only(&self) -> bool {
+        self.http.listen.ip().is_loopback()
+            && self
+                .turn
+                .listen
+                .iter()
+                .chain(self.turn.tls_listen.iter())
+                .all(|a| a.ip().is_loopback())
+    }
+}
+
+/// Apply `SWITCHBOARD_SECTION__KEY=value` overrides to a parsed TOML table.
+///
+/// The value is read as a TOML value when it parses as one (numbers, booleans, arrays),
+/// and as a plain string otherwise.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.len() < 2 || path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::key(
+                name.clone(),
+                "environment overrides look like SWITCHBOARD_<SECTION>__<KEY>",
+            ));
+        }
+        let value = parse_env_value(&raw);
+        let mut cur = &mut *table;
+        for seg in &path[..path.len() - 1] {
+            let entry = cur
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::key(
+                        path.join("."),
+                        format!("{name} overrides a key whose parent is not a table"),
+                    ))
+                }
+            };
+        }
+        if let Some(last) = path.last() {
+            cur.insert(last.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_of(text: &str) -> String {
+        Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_is_default_and_valid() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.turn.listen, vec!["127.0.0.1:3478".parse().unwrap()]);
+        assert!(c.loopback_only());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err_of("[turn]\nrelay_portz = 5\n");
+        assert!(e.contains("turn"), "{e}");
+        assert!(e.contains("relay_portz"), "{e}");
+    }
+
+    #[test]
+    fn port_out_of_range_is_named() {
+        let e = err_of("[turn]\nrelay_port_max = 70000\n");
+        assert!(e.contains("turn.relay_port_max"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let e = err_of("[http]\nlisten = \"localhost:eighty\"\n");
+        assert!(e.contains("http.listen"), "{e}");
+    }
+
+    #[test]
+    fn relation_errors_are_named() {
+        let e = err_of("[turn]\nrelay_port_min = 6000\nrelay_port_max = 5000\n");
+        assert!(e.contains("turn.relay_port_min"), "{e}");
+        let e = err_of("[turn]\nallow_peers = [\"10.0.0.0/33\"]\n");
+        assert!(e.contains("turn.allow_peers[0]"), "{e}");
+    }
+
+    #[test]
+    fn open_backend_refused_on_public_address() {
+        let e = err_of("[http]\nlisten = \"0.0.0.0:8080\"\n");
+        assert!(e.contains("auth.backends"), "{e}");
+        Config::from_toml(
+            "[http]\nlisten = \"0.0.0.0:8080\"\n[auth]\nallow_open_on_public = true\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_typed() {
+        let env = vec![
+            (
+                "SWITCHBOARD_TURN__RELAY_PORT_MIN".to_string(),
+                "50000".to_string(),
+            ),
+            (
+                "SWITCHBOARD_TURN__REALM".to_string(),
+                "example.org".to_string(),
+            ),
+            (
+                "SWITCHBOARD_AUTH__TURN_SECRETS".to_string(),
+                "[\"a\", \"b\"]".to_string(),
+            ),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.turn.relay_port_min, 50000);
+        assert_eq!(c.turn.realm, "example.org");
+        assert_eq!(c.auth.turn_secrets, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn env_override_errors_name_the_key() {
+        let env = vec![(
+            "SWITCHBOARD_TURN__RELAY_PORT_MIN".to_string(),
+            "99999".to_string(),
+        )];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("turn.relay_port_min"), "{e}");
+        let env = vec![("SWITCHBOARD_NOPE__X".to_string(), "1".to_string())];
+        let e = Config::load(None, env).unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn print_config_round_trips() {
+        let c = Config::default();
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let text = include_str!("../config/switchboard.toml");
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(
+            c,
+            Config::default(),
+            "config/switchboard.toml documents the defaults"
+        );
+    }
+}

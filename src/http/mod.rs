@@ -1,0 +1,89 @@
+//! axum routes only: handlers translate HTTP into calls on auth, signaling and metrics.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+use crate::server::{shutdown_signal, Shared};
+
+/// Serve `make_router(shared)` on `listener` until shutdown.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    make_router: fn(Arc<Shared>) -> Router,
+) {
+    let app = make_router(shared.clone());
+    let stop = shutdown_signal(shared.lifecycle.subscribe());
+    let r = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// The main HTTP API.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/v1/info", get(info))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+/// Only `/metrics`, for a separate scrape address.
+pub fn metrics_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if s.lifecycle.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else if s.lifecycle.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn info(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    let c = &s.config;
+    let b = s.bound.get().cloned().unwrap_or_default();
+    Json(serde_json::json!({
+        "name": "switchboard",
+        "version": env!("CARGO_PKG_VERSION"),
+        "services": {
+            "stun": { "udp": b.udp, "tcp": b.tcp, "tls": b.tls },
+            "turn": { "enabled": c.turn.relay, "realm": c.turn.realm },
+            "signaling": { "path": "/v1/ws" },
+            "login": { "backends": c.auth.backends },
+        },
+        "ready": s.lifecycle.is_ready(),
+    }))
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}

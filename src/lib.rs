@@ -1,0 +1,19 @@
+//! switchboard: STUN, TURN and WebSocket room signaling for WebRTC apps, behind one login.
+//!
+//! Protocol cores (`stun`, `turn`, `signaling`) are sans-IO: bytes and time go in,
+//! decisions come out. The `listener` and `http` shells own the sockets.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod server;
+pub mod stun;
+pub mod turn;
+
+pub use config::Config;
+pub use server::{RunningServer, Server};

@@ -1,0 +1,102 @@
+//! The `switchboard` binary: parse flags, load config, start the server, handle signals.
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use switchboard::config::{Config, LogFormat};
+use switchboard::Server;
+
+/// STUN, TURN and WebSocket signaling for WebRTC apps, behind one login.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version)]
+struct Cli {
+    /// TOML config file; without one the embedded localhost defaults apply.
+    #[arg(long, short = 'c', env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective config (file + environment) as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Log format: text or json (overrides log.format).
+    #[arg(long, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env = std::env::vars().filter(|(k, _)| k != "SWITCHBOARD_CONFIG");
+    let mut config = match Config::load(cli.config.as_deref(), env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(f) = cli.log_format.as_deref() {
+        config.log.format = if f == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+    }
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&config);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("switchboard: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log.level.clone()));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    match config.log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(async move {
+        let server = Server::new(config).start().await?;
+        tracing::info!("switchboard ready");
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        server.shutdown();
+        server.wait().await;
+        Ok(())
+    })
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")
+}

@@ -1,0 +1,254 @@
+//! One Prometheus registry per server, with the whole metric catalogue registered at start-up.
+//!
+//! Labels are low-cardinality by construction: never a username, room id, peer id or IP.
+//! Hot-path counters are pre-resolved handles, so incrementing one is a single atomic add.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric switchboard exports (documented in docs/operations.md).
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// STUN Binding requests by result (`success|error|ignored|malformed`).
+    pub stun_requests: IntCounterVec,
+    /// Active allocations by transport (`udp|tcp|tls`).
+    pub turn_allocations_active: IntGaugeVec,
+    /// Allocations created by transport.
+    pub turn_allocations_created: IntCounterVec,
+    /// Allocations deleted by reason (`expired|refreshed_zero|quota|shutdown|closed`).
+    pub turn_allocations_deleted: IntCounterVec,
+    /// TURN requests answered with an error, by code.
+    pub turn_errors: IntCounterVec,
+    /// Active permissions.
+    pub turn_permissions_active: IntGauge,
+    /// Active channel bindings.
+    pub turn_channels_active: IntGauge,
+    /// Relayed packets client to peer.
+    pub relay_packets_to_peer: IntCounter,
+    /// Relayed packets peer to client.
+    pub relay_packets_to_client: IntCounter,
+    /// Relayed payload bytes client to peer.
+    pub relay_bytes_to_peer: IntCounter,
+    /// Relayed payload bytes peer to client.
+    pub relay_bytes_to_client: IntCounter,
+    /// Authentication failures by reason.
+    pub auth_failures: IntCounterVec,
+    /// Logins by backend (`open|users|jwt`) and result (`ok|denied|error|rate_limited`).
+    pub logins: IntCounterVec,
+    /// Login request duration.
+    pub login_duration: Histogram,
+    /// TURN credentials issued by path (`login|ice_servers|rest_api|refresh`).
+    pub turn_credentials_issued: IntCounterVec,
+    /// Open WebSocket connections.
+    pub ws_connections_active: IntGauge,
+    /// Open rooms.
+    pub rooms_active: IntGauge,
+    /// Peers in rooms (connected or within their resume window).
+    pub peers_active: IntGauge,
+    /// Signaling frames by direction (`in|out`) and a bounded `type` label.
+    pub signaling_frames: IntCounterVec,
+    /// Packets or frames dropped, and limits hit, by reason.
+    pub drops: IntCounterVec,
+    /// Resume attempts by outcome (`resumed|expired|rejected`).
+    pub resumes: IntCounterVec,
+}
+
+impl Metrics {
+    /// Create and register the full catalogue in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new_custom(Some("switchboard".into()), None)
+            .unwrap_or_else(|_| Registry::new());
+        fn cv(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition is valid");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        }
+        fn gv(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)
+                .expect("static metric definition is valid");
+            r.register(Box::new(g.clone()))
+                .expect("metric names are unique");
+            g
+        }
+        fn g(r: &Registry, name: &str, help: &str) -> IntGauge {
+            let g = IntGauge::new(name, help).expect("static metric definition is valid");
+            r.register(Box::new(g.clone()))
+                .expect("metric names are unique");
+            g
+        }
+        let r = &registry;
+        let relay_packets = cv(
+            r,
+            "turn_relayed_packets_total",
+            "Packets relayed through TURN allocations.",
+            &["direction"],
+        );
+        let relay_bytes = cv(
+            r,
+            "turn_relayed_bytes_total",
+            "Payload bytes relayed through TURN allocations.",
+            &["direction"],
+        );
+        let login_duration = Histogram::with_opts(
+            HistogramOpts::new("login_duration_seconds", "Time to answer POST /v1/login.")
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(login_duration.clone()))
+            .expect("metric names are unique");
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            // Registration only fails on a duplicate, which a fresh registry cannot have.
+            let _ = r.register(Box::new(pc));
+        }
+        let m = Metrics {
+            stun_requests: cv(
+                r,
+                "stun_requests_total",
+                "STUN Binding requests by result.",
+                &["result"],
+            ),
+            turn_allocations_active: gv(
+                r,
+                "turn_allocations_active",
+                "TURN allocations currently active.",
+                &["transport"],
+            ),
+            turn_allocations_created: cv(
+                r,
+                "turn_allocations_created_total",
+                "TURN allocations created.",
+                &["transport"],
+            ),
+            turn_allocations_deleted: cv(
+                r,
+                "turn_allocations_deleted_total",
+                "TURN allocations deleted, by reason.",
+                &["reason"],
+            ),
+            turn_errors: cv(
+                r,
+                "turn_error_responses_total",
+                "TURN requests answered with an error response, by STUN error code.",
+                &["code"],
+            ),
+            turn_permissions_active: g(
+                r,
+                "turn_permissions_active",
+                "TURN permissions currently installed.",
+            ),
+            turn_channels_active: g(
+                r,
+                "turn_channels_active",
+                "TURN channel bindings currently active.",
+            ),
+            relay_packets_to_peer: relay_packets.with_label_values(&["to_peer"]),
+            relay_packets_to_client: relay_packets.with_label_values(&["to_client"]),
+            relay_bytes_to_peer: relay_bytes.with_label_values(&["to_peer"]),
+            relay_bytes_to_client: relay_bytes.with_label_values(&["to_client"]),
+            auth_failures: cv(
+                r,
+                "auth_failures_total",
+                "Rejected credentials, by reason.",
+                &["reason"],
+            ),
+            logins: cv(
+                r,
+                "logins_total",
+                "Login attempts by backend and result.",
+                &["backend", "result"],
+            ),
+            login_duration,
+            turn_credentials_issued: cv(
+                r,
+                "turn_credentials_issued_total",
+                "Time-limited TURN credentials issued, by path.",
+                &["via"],
+            ),
+            ws_connections_active: g(
+                r,
+                "ws_connections_active",
+                "Signaling WebSocket connections currently open.",
+            ),
+            rooms_active: g(r, "rooms_active", "Signaling rooms currently open."),
+            peers_active: g(
+                r,
+                "peers_active",
+                "Peers in rooms, connected or within their resume window.",
+            ),
+            signaling_frames: cv(
+                r,
+                "signaling_frames_total",
+                "Signaling frames by direction and type.",
+                &["direction", "type"],
+            ),
+            drops: cv(
+                r,
+                "dropped_total",
+                "Packets or frames dropped and limits hit, by reason.",
+                &["reason"],
+            ),
+            resumes: cv(
+                r,
+                "resumes_total",
+                "Signaling resume attempts by outcome.",
+                &["outcome"],
+            ),
+            registry,
+        };
+        // Pre-create the common label values so dashboards show zeros, not gaps.
+        for t in ["udp", "tcp", "tls"] {
+            m.turn_allocations_active.with_label_values(&[t]);
+            m.turn_allocations_created.with_label_values(&[t]);
+        }
+        for r in ["success", "error", "malformed"] {
+            m.stun_requests.with_label_values(&[r]);
+        }
+        m
+    }
+
+    /// Render the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_has_catalogue_with_prefix() {
+        let m = Metrics::new();
+        m.relay_packets_to_peer.inc_by(3);
+        m.stun_requests.with_label_values(&["success"]).inc();
+        let text = m.render();
+        assert!(text.contains("switchboard_turn_relayed_packets_total{direction=\"to_peer\"} 3"));
+        assert!(text.contains("switchboard_stun_requests_total{result=\"success\"} 1"));
+        assert!(text.contains("switchboard_turn_allocations_active{transport=\"udp\"} 0"));
+    }
+}

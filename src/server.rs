@@ -1,0 +1,228 @@
+//! The embeddable server: binds every configured listener on the current tokio runtime
+//! and hands back the bound addresses, so tests can run it in-process on port 0.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded.
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// Readiness and shutdown signals shared by every task.
+#[derive(Debug)]
+pub struct Lifecycle {
+    ready: AtomicBool,
+    draining: AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Lifecycle {
+    fn new() -> Lifecycle {
+        Lifecycle {
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            shutdown: watch::channel(false).0,
+        }
+    }
+    /// True once every listener is bound and until draining starts.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+    /// True after SIGTERM: refuse new work, let existing work finish.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+    /// Stop taking new work.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+    /// Tell every task to stop now.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+    /// A receiver that flips to `true` on shutdown.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+    /// Whether shutdown was requested.
+    pub fn is_shutdown(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Resolve when `rx` sees shutdown (or its sender is gone).
+pub async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Everything the listeners and handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// The auth service.
+    pub auth: Arc<Auth>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Readiness and shutdown.
+    pub lifecycle: Lifecycle,
+    /// Addresses actually bound, filled in at start.
+    pub bound: std::sync::OnceLock<Bound>,
+}
+
+/// Addresses actually bound by a running server.
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    /// HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// Separate metrics listener, if configured.
+    pub metrics: Option<SocketAddr>,
+    /// STUN/TURN over UDP.
+    pub udp: Vec<SocketAddr>,
+    /// STUN/TURN over TCP.
+    pub tcp: Vec<SocketAddr>,
+    /// STUN/TURN over TLS.
+    pub tls: Vec<SocketAddr>,
+}
+
+/// Builder for a switchboard server.
+#[derive(Debug)]
+pub struct Server {
+    config: Config,
+}
+
+/// A started server; dropping it does not stop it, call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+}
+
+impl Server {
+    /// Prepare a server for `config` (already validated).
+    pub fn new(config: Config) -> Server {
+        Server { config }
+    }
+
+    /// Bind every listener and start serving on the current runtime.
+    pub async fn start(self) -> Result<RunningServer, StartError> {
+        let config = Arc::new(self.config);
+        let shared = Arc::new(Shared {
+            auth: Arc::new(Auth::new(&config.auth)),
+            metrics: Arc::new(Metrics::new()),
+            lifecycle: Lifecycle::new(),
+            bound: std::sync::OnceLock::new(),
+            config: config.clone(),
+        });
+        let mut tasks = JoinSet::new();
+        let mut bound = Bound::default();
+
+        for &addr in &config.turn.listen {
+            if config.turn.udp {
+                let sock = crate::listener::udp::bind(addr).map_err(|source| StartError::Bind {
+                    what: "STUN/TURN UDP",
+                    addr,
+                    source,
+                })?;
+                let local = sock.local_addr().unwrap_or(addr);
+                tracing::info!(addr = %local, "STUN/TURN listening on UDP");
+                bound.udp.push(local);
+                tasks.spawn(crate::listener::udp::serve(shared.clone(), sock));
+            }
+            if config.turn.tcp {
+                let l = crate::listener::tcp::bind(addr).map_err(|source| StartError::Bind {
+                    what: "STUN/TURN TCP",
+                    addr,
+                    source,
+                })?;
+                let local = l.local_addr().unwrap_or(addr);
+                tracing::info!(addr = %local, "STUN/TURN listening on TCP");
+                bound.tcp.push(local);
+                tasks.spawn(crate::listener::tcp::serve(shared.clone(), l));
+            }
+        }
+
+        let http = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "HTTP",
+                addr: config.http.listen,
+                source,
+            })?;
+        let http_addr = http.local_addr().unwrap_or(config.http.listen);
+        tracing::info!(addr = %http_addr, "HTTP listening (login, signaling, probes, metrics)");
+        bound.http = Some(http_addr);
+        tasks.spawn(crate::http::serve(
+            shared.clone(),
+            http,
+            crate::http::router,
+        ));
+
+        if let Some(maddr) = config.http.metrics_listen {
+            let l = tokio::net::TcpListener::bind(maddr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "metrics HTTP",
+                    addr: maddr,
+                    source,
+                })?;
+            let local = l.local_addr().unwrap_or(maddr);
+            tracing::info!(addr = %local, "metrics listening");
+            bound.metrics = Some(local);
+            tasks.spawn(crate::http::serve(
+                shared.clone(),
+                l,
+                crate::http::metrics_router,
+            ));
+        }
+
+        let _ = shared.bound.set(bound);
+        shared.lifecycle.ready.store(true, Ordering::Release);
+        Ok(RunningServer { shared, tasks })
+    }
+}
+
+impl RunningServer {
+    /// Shared state, for tests and the binary.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    /// Bound addresses.
+    pub fn bound(&self) -> Bound {
+        self.shared.bound.get().cloned().unwrap_or_default()
+    }
+    /// HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.bound()
+            .http
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+    /// Stop every listener and connection now.
+    pub fn shutdown(&self) {
+        self.shared.lifecycle.shutdown();
+    }
+    /// Wait until every task has ended (after [`RunningServer::shutdown`]).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

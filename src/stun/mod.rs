@@ -1,0 +1,6 @@
+//! STUN: the message codec and the Binding responder (RFC 8489), both sans-IO.
+
+pub mod binding;
+pub mod codec;
+
+pub use codec::{attr, method, Class, DecodeError, Encoder, Message};

@@ -1,0 +1,3 @@
+//! TURN relay (RFC 8656): the sans-IO allocation table and its socket drivers.
+
+pub mod policy;
