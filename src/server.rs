@@ -89,6 +89,17 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Addresses actually bound, filled in at start.
     pub bound: std::sync::OnceLock<Bound>,
+    /// Allowed origins for CORS and the WebSocket Origin check; swapped on SIGHUP.
+    pub origins: arc_swap::ArcSwap<Vec<String>>,
+}
+
+impl Shared {
+    /// Whether a browser `Origin` may use the HTTP API and signaling.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        let list = self.origins.load();
+        list.iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    }
 }
 
 /// Addresses actually bound by a running server.
@@ -132,6 +143,7 @@ impl Server {
             metrics: Arc::new(Metrics::new()),
             lifecycle: Lifecycle::new(),
             bound: std::sync::OnceLock::new(),
+            origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
             config: config.clone(),
         });
         let mut tasks = JoinSet::new();
