@@ -150,23 +150,14 @@ impl Server {
         let mut bound = Bound::default();
 
         for &addr in &config.turn.listen {
-            if config.turn.udp {
-                let sock = crate::listener::udp::bind(addr).map_err(|source| StartError::Bind {
-                    what: "STUN/TURN UDP",
-                    addr,
-                    source,
-                })?;
+            let (udp, tcp) = bind_stun_pair(addr, config.turn.udp, config.turn.tcp)?;
+            if let Some(sock) = udp {
                 let local = sock.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "STUN/TURN listening on UDP");
                 bound.udp.push(local);
                 tasks.spawn(crate::listener::udp::serve(shared.clone(), sock));
             }
-            if config.turn.tcp {
-                let l = crate::listener::tcp::bind(addr).map_err(|source| StartError::Bind {
-                    what: "STUN/TURN TCP",
-                    addr,
-                    source,
-                })?;
+            if let Some(l) = tcp {
                 let local = l.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "STUN/TURN listening on TCP");
                 bound.tcp.push(local);
@@ -212,6 +203,54 @@ impl Server {
         shared.lifecycle.ready.store(true, Ordering::Release);
         Ok(RunningServer { shared, tasks })
     }
+}
+
+/// Bind UDP and TCP on the same port; with port 0 the TCP side follows the port UDP got.
+fn bind_stun_pair(
+    addr: SocketAddr,
+    udp: bool,
+    tcp: bool,
+) -> Result<
+    (
+        Option<tokio::net::UdpSocket>,
+        Option<tokio::net::TcpListener>,
+    ),
+    StartError,
+> {
+    let udp_err = |source| StartError::Bind {
+        what: "STUN/TURN UDP",
+        addr,
+        source,
+    };
+    let tcp_err = |source| StartError::Bind {
+        what: "STUN/TURN TCP",
+        addr,
+        source,
+    };
+    if !(udp && tcp) || addr.port() != 0 {
+        let u = udp
+            .then(|| crate::listener::udp::bind(addr))
+            .transpose()
+            .map_err(udp_err)?;
+        let t = tcp
+            .then(|| crate::listener::tcp::bind(addr))
+            .transpose()
+            .map_err(tcp_err)?;
+        return Ok((u, t));
+    }
+    // An ephemeral UDP port may already be taken on TCP; try a few.
+    let mut last = None;
+    for _ in 0..16 {
+        let u = crate::listener::udp::bind(addr).map_err(udp_err)?;
+        let port = u.local_addr().map_err(udp_err)?.port();
+        match crate::listener::tcp::bind(SocketAddr::new(addr.ip(), port)) {
+            Ok(t) => return Ok((Some(u), Some(t))),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(tcp_err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrInUse, "no common port")
+    })))
 }
 
 impl RunningServer {

@@ -1,0 +1,81 @@
+//! The binary's command line: config errors exit 2 naming the key, --print-config shows
+//! the effective configuration including environment overrides.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    // Keep the developer's environment from leaking overrides into the test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SWITCHBOARD_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), text).unwrap();
+    f
+}
+
+#[test]
+fn invalid_configs_exit_2_and_name_the_key() {
+    for (text, key) in [
+        ("[turn]\nrelay_port_max = 70000\n", "turn.relay_port_max"),
+        ("[http]\nlisten = \"not an address\"\n", "http.listen"),
+        ("[turn]\nno_such_key = 1\n", "no_such_key"),
+        ("[nonsense]\n", "nonsense"),
+        ("[turn\n", "line 1"),
+    ] {
+        let f = config_file(text);
+        let out = bin().arg("--config").arg(f.path()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text:?} → {err}");
+        assert!(
+            err.contains(key),
+            "{text:?}: stderr should name {key}: {err}"
+        );
+    }
+    let out = bin()
+        .arg("--config")
+        .arg("/nonexistent/switchboard.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/switchboard.toml"));
+}
+
+#[test]
+fn env_override_errors_exit_2() {
+    let out = bin()
+        .env("SWITCHBOARD_TURN__RELAY_PORT_MIN", "seventy")
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("turn.relay_port_min"));
+}
+
+#[test]
+fn print_config_shows_file_and_env_layers() {
+    let f = config_file("[turn]\nrealm = \"from-file\"\nrelay_port_min = 50000\n");
+    let out = bin()
+        .arg("--config")
+        .arg(f.path())
+        .env("SWITCHBOARD_TURN__RELAY_PORT_MIN", "51000")
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let cfg = switchboard::Config::from_toml(&text).expect("printed config parses back");
+    assert_eq!(cfg.turn.realm, "from-file");
+    assert_eq!(cfg.turn.relay_port_min, 51000);
+    assert_eq!(cfg.http.listen, "127.0.0.1:8080".parse().unwrap());
+}
