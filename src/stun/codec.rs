@@ -872,6 +872,57 @@ mod tests {
         }
     }
 
+    /// Deterministic mutation fuzzing: parse must never panic, and whatever parses must
+    /// iterate and decode within bounds.
+    #[test]
+    fn mutation_fuzz_never_panics() {
+        let seeds = [
+            unhex(REQUEST),
+            unhex(RESPONSE_V4),
+            unhex(RESPONSE_V6),
+            unhex(LONG_TERM),
+        ];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut parsed = 0;
+        for i in 0..50_000 {
+            let mut m = seeds[i % seeds.len()].clone();
+            for _ in 0..1 + rnd() % 4 {
+                let pos = (rnd() as usize) % m.len();
+                match rnd() % 4 {
+                    0 => m[pos] = rnd() as u8,
+                    1 => m.truncate(pos.max(1)),
+                    2 => m.insert(pos, rnd() as u8),
+                    _ => {
+                        // Fix the header length so mutations reach the attribute walker.
+                        let len = (m.len().saturating_sub(HEADER_LEN)) as u16;
+                        if m.len() >= 4 {
+                            m[2..4].copy_from_slice(&len.to_be_bytes());
+                        }
+                    }
+                }
+            }
+            if let Ok(msg) = Message::parse(&m) {
+                parsed += 1;
+                for a in msg.attrs() {
+                    let _ = decode_xor_address(a.value, &m[4..20]);
+                    let _ = decode_error_code(a.value);
+                    let _ = decode_u32(a.value);
+                }
+                let _ = msg.verify_integrity(b"k");
+                let _ = msg.verify_integrity_sha256(b"k");
+                let mut unknown = [0u16; 8];
+                let _ = msg.unknown_required(&[], &mut unknown);
+            }
+        }
+        assert!(parsed > 0, "some mutations must still parse");
+    }
+
     #[test]
     fn sha256_integrity_round_trips() {
         let mut buf = Vec::new();
