@@ -13,6 +13,7 @@ pub mod listener;
 pub mod metrics;
 pub mod server;
 pub mod stun;
+pub mod tls;
 pub mod turn;
 
 pub use config::Config;

@@ -50,7 +50,12 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("switchboard: {e:#}");
-            ExitCode::from(1)
+            // Bad certificate material is a configuration error, like a bad key.
+            let config_error = matches!(
+                e.downcast_ref::<switchboard::server::StartError>(),
+                Some(switchboard::server::StartError::Tls(_))
+            );
+            ExitCode::from(if config_error { 2 } else { 1 })
         }
     }
 }

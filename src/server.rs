@@ -25,8 +25,8 @@ pub enum StartError {
         source: std::io::Error,
     },
     /// TLS material could not be loaded.
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -89,6 +89,8 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Addresses actually bound, filled in at start.
     pub bound: std::sync::OnceLock<Bound>,
+    /// The certificate of every TLS listener, when any is configured; reloaded on SIGHUP.
+    pub tls: Option<Arc<crate::tls::ReloadableCert>>,
     /// Allowed origins for CORS and the WebSocket Origin check; swapped on SIGHUP.
     pub origins: arc_swap::ArcSwap<Vec<String>>,
 }
@@ -138,7 +140,22 @@ impl Server {
     /// Bind every listener and start serving on the current runtime.
     pub async fn start(self) -> Result<RunningServer, StartError> {
         let config = Arc::new(self.config);
+        let tls = if config.http.tls || !config.turn.tls_listen.is_empty() {
+            match (&config.tls.cert_file, &config.tls.key_file) {
+                (Some(c), Some(k)) => Some(Arc::new(crate::tls::ReloadableCert::load(c, k)?)),
+                // Config validation requires both; keep the error explicit anyway.
+                _ => {
+                    return Err(crate::tls::TlsError::Config(
+                        "tls.cert_file and tls.key_file are required".into(),
+                    )
+                    .into())
+                }
+            }
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
+            tls: tls.clone(),
             auth: Arc::new(Auth::new(&config.auth)),
             metrics: Arc::new(Metrics::new()),
             lifecycle: Lifecycle::new(),
@@ -164,6 +181,32 @@ impl Server {
                 tasks.spawn(crate::listener::tcp::serve(shared.clone(), l));
             }
         }
+        let handshake_timeout =
+            std::time::Duration::from_secs(config.turn.tcp_idle_timeout_secs.max(1));
+        if let Some(cert) = &tls {
+            for &addr in &config.turn.tls_listen {
+                let l = crate::listener::tcp::bind(addr).map_err(|source| StartError::Bind {
+                    what: "STUN/TURN TLS",
+                    addr,
+                    source,
+                })?;
+                let local = l.local_addr().unwrap_or(addr);
+                let l = crate::tls::TlsListener::new(
+                    l,
+                    cert.server_config(&[])?,
+                    handshake_timeout,
+                    shutdown_signal(shared.lifecycle.subscribe()),
+                )
+                .map_err(|source| StartError::Bind {
+                    what: "STUN/TURN TLS",
+                    addr,
+                    source,
+                })?;
+                tracing::info!(addr = %local, "STUN/TURN listening on TLS");
+                bound.tls.push(local);
+                tasks.spawn(crate::listener::tls::serve(shared.clone(), l));
+            }
+        }
 
         let http = tokio::net::TcpListener::bind(config.http.listen)
             .await
@@ -173,13 +216,32 @@ impl Server {
                 source,
             })?;
         let http_addr = http.local_addr().unwrap_or(config.http.listen);
-        tracing::info!(addr = %http_addr, "HTTP listening (login, signaling, probes, metrics)");
         bound.http = Some(http_addr);
-        tasks.spawn(crate::http::serve(
-            shared.clone(),
-            http,
-            crate::http::router,
-        ));
+        match (&tls, config.http.tls) {
+            (Some(cert), true) => {
+                let l = crate::tls::TlsListener::new(
+                    http,
+                    cert.server_config(&[b"http/1.1"])?,
+                    handshake_timeout,
+                    shutdown_signal(shared.lifecycle.subscribe()),
+                )
+                .map_err(|source| StartError::Bind {
+                    what: "HTTPS",
+                    addr: http_addr,
+                    source,
+                })?;
+                tracing::info!(addr = %http_addr, "HTTPS listening (login, signaling over wss, probes, metrics)");
+                tasks.spawn(crate::http::serve(shared.clone(), l, crate::http::router));
+            }
+            _ => {
+                tracing::info!(addr = %http_addr, "HTTP listening (login, signaling, probes, metrics)");
+                tasks.spawn(crate::http::serve(
+                    shared.clone(),
+                    http,
+                    crate::http::router,
+                ));
+            }
+        }
 
         if let Some(maddr) = config.http.metrics_listen {
             let l = tokio::net::TcpListener::bind(maddr)

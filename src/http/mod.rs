@@ -7,20 +7,20 @@ use axum::routing::get;
 use axum::{Json, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
 
 use crate::server::{shutdown_signal, Shared};
 
-/// Serve `make_router(shared)` on `listener` until shutdown.
-pub async fn serve(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    make_router: fn(Arc<Shared>) -> Router,
-) {
+/// Serve `make_router(shared)` on `listener` (plain TCP or TLS) until shutdown.
+pub async fn serve<L>(shared: Arc<Shared>, listener: L, make_router: fn(Arc<Shared>) -> Router)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use axum::serve::ListenerExt;
     let app = make_router(shared.clone());
     let stop = shutdown_signal(shared.lifecycle.subscribe());
+    // `tap_io` makes the client address available as `ConnectInfo<SocketAddr>` for any listener.
     let r = axum::serve(
-        listener,
+        listener.tap_io(|_| {}),
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(stop)

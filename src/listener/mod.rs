@@ -2,6 +2,7 @@
 //! cores, and write back what the cores decide. Nothing clever lives here.
 
 pub mod tcp;
+pub mod tls;
 pub mod udp;
 
 /// What the first bytes of a packet on the STUN/TURN port are.

@@ -1,0 +1,18 @@
+//! The TLS shell of the STUN/TURN port (`turns:`): handshakes concurrently, then serves each
+//! stream with the same framing and logic as plain TCP.
+
+use std::sync::Arc;
+
+use crate::server::Shared;
+use crate::tls::TlsListener;
+
+/// Serve STUN/TURN over every handshaken TLS stream until the listener shuts down.
+pub async fn serve(shared: Arc<Shared>, mut listener: TlsListener) {
+    let local = axum::serve::Listener::local_addr(&listener).ok();
+    while let Some((stream, peer)) = listener.next().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            super::tcp::serve_stream(shared, stream, peer, local).await;
+        });
+    }
+}
