@@ -1,3 +1,4 @@
 //! TURN relay (RFC 8656): the sans-IO allocation table and its socket drivers.
 
+pub mod core;
 pub mod policy;
