@@ -28,6 +28,10 @@ pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 /// How long an EVEN-PORT reservation is kept (RFC 8656 §7.2: about 30 seconds).
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Channel numbers accepted in ChannelBind. RFC 8656 allows 0x4000–0x4FFF and reserves the
+/// rest, but RFC 5766 allowed up to 0x7FFF and coturn's clients still pick numbers there; the
+/// upper part only matters to the client's own demultiplexing, so we accept it, like coturn.
+pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
 /// Permissions one allocation may hold, so one client cannot grow the table without bound.
 pub const MAX_PERMISSIONS: usize = 256;
 /// Channels one allocation may bind (the protocol allows 4096).
@@ -470,6 +474,12 @@ impl<R: Relay> Table<R> {
         r: Reject,
         env: Env,
     ) -> Outcome {
+        tracing::debug!(
+            method = msg.method(),
+            code = r.code,
+            reason = r.reason,
+            "TURN error response"
+        );
         let tid = msg.transaction_id();
         let mut e = Encoder::new(out, msg.method(), Class::Error, &tid);
         e.error_code(r.code, r.reason);
@@ -1009,7 +1019,7 @@ impl<R: Relay> Table<R> {
             return Err(reject(400, "Bad Request"));
         }
         let num = u16::from_be_bytes([num[0], num[1]]);
-        if !(0x4000..=0x4FFF).contains(&num) {
+        if !CHANNEL_NUMBERS.contains(&num) {
             return Err(reject(400, "Bad Request"));
         }
         let peer = msg
@@ -1020,6 +1030,7 @@ impl<R: Relay> Table<R> {
         // including during the cool-down after expiry.
         for c in &a.chans {
             if (c.num == num) != (c.peer == peer) {
+                tracing::debug!(channel = num, %peer, bound = c.num, bound_peer = %c.peer, "channel rebind refused");
                 return Err(reject(400, "Bad Request"));
             }
         }

@@ -700,7 +700,7 @@ fn channel_bind_rules_and_channel_data() {
         (4u8, 0x4000u16, peer(1001), 400u16), // channel bound to another peer
         (5, 0x4001, peer(1000), 400),         // peer bound to another channel
         (6, 0x3FFF, peer(1002), 400),         // below the range
-        (7, 0x5000, peer(1002), 400),         // above the range
+        (7, 0x8000, peer(1002), 400),         // above the range
         (8, 0x4002, SocketAddr::from(([10, 1, 1, 1], 1)), 403),
         (9, 0x4003, "[::1]:5".parse().unwrap(), 443),
     ] {
