@@ -21,12 +21,10 @@ async fn rest_credentials_with_channels_and_rtcp_pair() {
     )
     .await;
     assert_clean(&r, 60);
-    let text = server.shared().metrics.render();
-    assert!(
-        text.contains("switchboard_turn_relayed_packets_total{direction=\"to_client\"} 60"),
-        "{text}"
-    );
-    assert!(text.contains("switchboard_turn_relayed_packets_total{direction=\"to_peer\"} 60"));
+    let to_client = "switchboard_turn_relayed_packets_total{direction=\"to_client\"}";
+    let to_peer = "switchboard_turn_relayed_packets_total{direction=\"to_peer\"}";
+    assert_eq!(metric_reaches(&server, to_client, 60).await, 60);
+    assert_eq!(metric_reaches(&server, to_peer, 60).await, 60);
     server.shutdown();
 }
 
@@ -84,10 +82,7 @@ async fn twenty_concurrent_clients() {
         "switchboard_turn_allocations_deleted_total{reason=\"refreshed_zero\"}",
     );
     assert!(created >= 20 && released >= 20, "{text}");
-    let relayed = metric(
-        &text,
-        "switchboard_turn_relayed_packets_total{direction=\"to_client\"}",
-    );
-    assert_eq!(relayed, 200, "{text}");
+    let to_client = "switchboard_turn_relayed_packets_total{direction=\"to_client\"}";
+    assert_eq!(metric_reaches(&server, to_client, 200).await, 200);
     server.shutdown();
 }

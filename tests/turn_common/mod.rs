@@ -283,3 +283,17 @@ pub fn metric(text: &str, sample: &str) -> u64 {
         .map(|v| v as u64)
         .unwrap_or(0)
 }
+
+/// Wait up to two seconds for a counter to reach `want` (relay counters are flushed per
+/// batch, just after the packets themselves), and return the last value seen.
+pub async fn metric_reaches(server: &RunningServer, sample: &str, want: u64) -> u64 {
+    let mut v = 0;
+    for _ in 0..40 {
+        v = metric(&server.shared().metrics.render(), sample);
+        if v >= want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    v
+}
