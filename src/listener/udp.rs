@@ -53,6 +53,7 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
             m.clone(),
             shared.turn.pool.clone(),
             "udp",
+            ClientSink::Udp(sock.clone()),
         )
     });
     let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
@@ -144,10 +145,8 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
                             m.stun_requests.with_label_values(&[outcome.label()]).inc();
                         }
                     } else if let Some(t) = table.as_mut() {
-                        let sink = ClientSink::Udp(sock.clone());
                         let metrics = m.clone();
-                        let mut bind =
-                            |a: SocketAddr| UdpRelay::bind(a, sink.clone(), metrics.clone());
+                        let mut bind = |a: SocketAddr| UdpRelay::bind(a, metrics.clone());
                         t.handle_request(env(&shared), src, &msg, &mut out, &mut bind);
                     } else if msg.class() == Class::Request {
                         // Relay disabled: TURN methods are unknown methods here (RFC 8489 §6.3.1).

@@ -80,9 +80,14 @@ pub struct Env {
 }
 
 /// A relay socket as the table sees it: an address and a place to publish what it may relay.
-pub trait Relay {
+pub trait Relay: Send + 'static {
+    /// Where the relay delivers peer data (the client's transport), set when an allocation
+    /// takes the socket.
+    type Sink: Clone;
     /// The address the socket is bound to.
     fn local_addr(&self) -> SocketAddr;
+    /// Deliver peer data through `sink` from now on.
+    fn attach(&self, sink: &Self::Sink);
     /// Make a new permission/channel snapshot visible to the peer-to-client path.
     fn publish(&self, view: Arc<View>);
 }
@@ -160,11 +165,24 @@ pub struct Pool {
     nonce_key: [u8; 32],
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct PoolInner {
     total: u32,
     per_user: HashMap<String, u32>,
     ports: HashSet<u16>,
+    /// EVEN-PORT reservations: token → (relay socket, expiry). Shared because the client
+    /// redeems the token on another 5-tuple (another connection, for stream transports).
+    reservations: HashMap<[u8; 8], (Box<dyn std::any::Any + Send>, u16, Instant)>,
+}
+
+impl std::fmt::Debug for PoolInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolInner")
+            .field("total", &self.total)
+            .field("ports", &self.ports.len())
+            .field("reservations", &self.reservations.len())
+            .finish()
+    }
 }
 
 impl Default for Pool {
@@ -294,11 +312,6 @@ struct Alloc<R> {
     span: tracing::Span,
 }
 
-struct Reservation<R> {
-    relay: R,
-    expires: Instant,
-}
-
 /// Why an allocation went away, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeleteReason {
@@ -354,7 +367,9 @@ pub struct Table<R: Relay> {
     pool: Arc<Pool>,
     transport: &'static str,
     allocs: HashMap<SocketAddr, Alloc<R>>,
-    reservations: HashMap<[u8; 8], Reservation<R>>,
+    /// Reservations this table made, for its deadline and clean-up.
+    reserved: Vec<([u8; 8], Instant)>,
+    sink: R::Sink,
     deadline: Option<Instant>,
 }
 
@@ -366,6 +381,7 @@ impl<R: Relay> Table<R> {
         metrics: Arc<Metrics>,
         pool: Arc<Pool>,
         transport: &'static str,
+        sink: R::Sink,
     ) -> Table<R> {
         Table {
             settings,
@@ -374,7 +390,8 @@ impl<R: Relay> Table<R> {
             pool,
             transport,
             allocs: HashMap::new(),
-            reservations: HashMap::new(),
+            reserved: Vec::new(),
+            sink,
             deadline: None,
         }
     }
@@ -712,14 +729,20 @@ impl<R: Relay> Table<R> {
         }
         let mut new_token = None;
         let relay = match token {
-            Some(t) => match self.reservations.remove(&t) {
-                Some(r) if r.expires > env.now => Ok(r.relay),
-                Some(r) => {
-                    self.release_port(r.relay.local_addr().port());
-                    Err(reject(508, "Insufficient Capacity"))
+            Some(t) => {
+                let taken = self.pool.lock().reservations.remove(&t);
+                match taken {
+                    Some((r, _, exp)) if exp > env.now => r
+                        .downcast::<R>()
+                        .map(|b| *b)
+                        .map_err(|_| reject(508, "Insufficient Capacity")),
+                    Some((_, port, _)) => {
+                        self.release_port(port);
+                        Err(reject(508, "Insufficient Capacity"))
+                    }
+                    None => Err(reject(508, "Insufficient Capacity")),
                 }
-                None => Err(reject(508, "Insufficient Capacity")),
-            },
+            }
             None => self
                 .open_relay(env, bind_ip, even.is_some(), reserve_next, bind)
                 .map(|(r, t)| {
@@ -734,6 +757,7 @@ impl<R: Relay> Table<R> {
                 return Err(e);
             }
         };
+        relay.attach(&self.sink);
         let local = relay.local_addr();
         let adv_ip = if token.is_some() {
             if local.is_ipv4() {
@@ -859,13 +883,12 @@ impl<R: Relay> Table<R> {
                 match bind(SocketAddr::new(ip, picked + 1)) {
                     Ok(second) => {
                         let t: [u8; 8] = rand::random();
-                        self.reservations.insert(
-                            t,
-                            Reservation {
-                                relay: second,
-                                expires: env.now + RESERVATION_LIFETIME,
-                            },
-                        );
+                        let exp = env.now + RESERVATION_LIFETIME;
+                        self.pool
+                            .lock()
+                            .reservations
+                            .insert(t, (Box::new(second), picked + 1, exp));
+                        self.reserved.push((t, exp));
                         token = Some(t);
                     }
                     Err(_) => {
@@ -1186,17 +1209,14 @@ impl<R: Relay> Table<R> {
                 self.publish(c, a);
             }
         }
-        let expired: Vec<[u8; 8]> = self
-            .reservations
+        let due: Vec<[u8; 8]> = self
+            .reserved
             .iter()
-            .filter(|(_, r)| r.expires <= now)
+            .filter(|(_, e)| *e <= now)
             .map(|(t, _)| *t)
             .collect();
-        for t in expired {
-            if let Some(r) = self.reservations.remove(&t) {
-                self.release_port(r.relay.local_addr().port());
-            }
-        }
+        self.reserved.retain(|(_, e)| *e > now);
+        self.drop_reservations(&due);
         self.recompute_deadline();
     }
 
@@ -1214,8 +1234,8 @@ impl<R: Relay> Table<R> {
                 consider(c.cooldown_until.unwrap_or(c.expires));
             }
         }
-        for r in self.reservations.values() {
-            consider(r.expires);
+        for (_, e) in &self.reserved {
+            consider(*e);
         }
         self.deadline = d;
     }
@@ -1257,9 +1277,24 @@ impl<R: Relay> Table<R> {
         for c in all {
             self.delete(c, reason);
         }
-        for (_, r) in self.reservations.drain() {
-            self.pool.lock().ports.remove(&r.relay.local_addr().port());
+        let mine: Vec<[u8; 8]> = self.reserved.drain(..).map(|(t, _)| t).collect();
+        self.drop_reservations(&mine);
+    }
+
+    /// Release reservations (if not redeemed yet) and their ports.
+    fn drop_reservations(&self, tokens: &[[u8; 8]]) {
+        let mut gone = Vec::new();
+        {
+            let mut p = self.pool.lock();
+            for t in tokens {
+                if let Some((r, port, _)) = p.reservations.remove(t) {
+                    p.ports.remove(&port);
+                    gone.push(r);
+                }
+            }
         }
+        // Sockets close outside the lock.
+        drop(gone);
     }
 }
 

@@ -13,9 +13,11 @@ struct Fake {
 }
 
 impl Relay for Fake {
+    type Sink = ();
     fn local_addr(&self) -> SocketAddr {
         self.addr
     }
+    fn attach(&self, _: &()) {}
     fn publish(&self, view: Arc<View>) {
         *self.view.lock().unwrap() = Some(view);
     }
@@ -67,6 +69,7 @@ fn harness(t: TurnConfig) -> H {
             metrics.clone(),
             Arc::new(Pool::new()),
             "udp",
+            (),
         ),
         env: Env {
             now: Instant::now(),

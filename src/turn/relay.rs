@@ -27,6 +27,94 @@ const BATCH: usize = 64;
 pub enum ClientSink {
     /// The shared UDP listener socket the client talks to.
     Udp(Arc<UdpSocket>),
+    /// The bounded outgoing buffer of the client's TCP/TLS connection.
+    Stream(Arc<StreamSink>),
+}
+
+impl ClientSink {
+    /// Deliver one frame (STUN message or ChannelData) to `client`; false when dropped.
+    fn deliver(&self, frame: &[u8], client: SocketAddr) -> bool {
+        match self {
+            ClientSink::Udp(s) => s.try_send_to(frame, client).is_ok(),
+            ClientSink::Stream(s) => s.push(frame),
+        }
+    }
+}
+
+/// The outgoing byte buffer of one stream connection, shared by its relay task (producer)
+/// and its writer task (consumer). It is bounded: when a client stops reading, frames are
+/// dropped here instead of piling up, so a stalled client costs only its own packets. The
+/// lock is per connection and held for a `memcpy`; buffers are swapped, never reallocated
+/// once grown.
+#[derive(Debug)]
+pub struct StreamSink {
+    buf: std::sync::Mutex<Vec<u8>>,
+    cap: usize,
+    notify: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl StreamSink {
+    /// A sink holding at most `cap` unsent bytes.
+    pub fn new(cap: usize) -> StreamSink {
+        StreamSink {
+            buf: std::sync::Mutex::new(Vec::with_capacity(cap.min(64 * 1024))),
+            cap: cap.max(4096),
+            notify: tokio::sync::Notify::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Queue a frame, padded to 4 bytes as streams require (RFC 8656 §12.5); false if the
+    /// buffer is full or the connection is gone.
+    pub fn push(&self, frame: &[u8]) -> bool {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let pad = (4 - frame.len() % 4) % 4;
+        {
+            let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            if b.len() + frame.len() + pad > self.cap {
+                return false;
+            }
+            b.extend_from_slice(frame);
+            b.extend_from_slice(&[0u8; 3][..pad]);
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Mark the connection gone; later pushes fail and the writer stops.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    /// Write queued bytes to `w` until the sink is closed or a write fails.
+    pub async fn run_writer<W: tokio::io::AsyncWrite + Unpin>(&self, mut w: W) {
+        use tokio::io::AsyncWriteExt;
+        let mut local: Vec<u8> = Vec::with_capacity(64 * 1024);
+        loop {
+            {
+                let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+                std::mem::swap(&mut *b, &mut local);
+            }
+            if local.is_empty() {
+                if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                self.notify.notified().await;
+                continue;
+            }
+            if w.write_all(&local).await.is_err() {
+                self.close();
+                break;
+            }
+            local.clear();
+        }
+        let _ = w.shutdown().await;
+    }
 }
 
 /// A bound relay socket and the task serving it; dropping it closes the socket.
@@ -34,6 +122,7 @@ pub struct UdpRelay {
     addr: SocketAddr,
     sock: Arc<UdpSocket>,
     view: Arc<ArcSwap<View>>,
+    sink: Arc<arc_swap::ArcSwapOption<ClientSink>>,
     task: tokio::task::AbortHandle,
 }
 
@@ -52,8 +141,12 @@ impl Drop for UdpRelay {
 }
 
 impl Relay for UdpRelay {
+    type Sink = ClientSink;
     fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+    fn attach(&self, sink: &ClientSink) {
+        self.sink.store(Some(Arc::new(sink.clone())));
     }
     fn publish(&self, view: Arc<View>) {
         self.view.store(view);
@@ -63,11 +156,7 @@ impl Relay for UdpRelay {
 impl UdpRelay {
     /// Bind a relay socket on `addr` and start its peer-to-client task. Must run inside a
     /// tokio runtime.
-    pub fn bind(
-        addr: SocketAddr,
-        sink: ClientSink,
-        metrics: Arc<Metrics>,
-    ) -> std::io::Result<UdpRelay> {
+    pub fn bind(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<UdpRelay> {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
         if addr.is_ipv6() {
@@ -79,15 +168,17 @@ impl UdpRelay {
         let sock = Arc::new(UdpSocket::from_std(s.into())?);
         let local = sock.local_addr()?;
         let view = Arc::new(ArcSwap::from_pointee(View::default()));
+        let sink = Arc::new(arc_swap::ArcSwapOption::<ClientSink>::empty());
         let span = tracing::debug_span!("relay", relay = %local);
         let task = tokio::spawn(
-            peer_to_client(sock.clone(), sink, view.clone(), metrics).instrument(span),
+            peer_to_client(sock.clone(), sink.clone(), view.clone(), metrics).instrument(span),
         )
         .abort_handle();
         Ok(UdpRelay {
             addr: local,
             sock,
             view,
+            sink,
             task,
         })
     }
@@ -100,7 +191,7 @@ impl UdpRelay {
 
 async fn peer_to_client(
     sock: Arc<UdpSocket>,
-    sink: ClientSink,
+    sink: Arc<arc_swap::ArcSwapOption<ClientSink>>,
     view: Arc<ArcSwap<View>>,
     metrics: Arc<Metrics>,
 ) {
@@ -117,7 +208,8 @@ async fn peer_to_client(
         }
         let now = Instant::now();
         let v = view.load();
-        let Some(client) = v.client else {
+        let s = sink.load();
+        let (Some(client), Some(sink)) = (v.client, s.as_deref()) else {
             // Reserved (EVEN-PORT) socket: nothing may be relayed yet; discard.
             while sock.try_recv_from(&mut buf).is_ok() {}
             continue;
@@ -167,9 +259,7 @@ async fn peer_to_client(
                     &out
                 }
             };
-            let sent = match &sink {
-                ClientSink::Udp(s) => s.try_send_to(frame, client).is_ok(),
-            };
+            let sent = sink.deliver(frame, client);
             if sent {
                 pkts += 1;
                 bytes += n as u64;
@@ -178,6 +268,7 @@ async fn peer_to_client(
             }
         }
         drop(v);
+        drop(s);
         if pkts > 0 {
             metrics.relay_packets_to_client.inc_by(pkts);
             metrics.relay_bytes_to_client.inc_by(bytes);
