@@ -69,7 +69,7 @@ run() { # name pid port
   local name=$1 pid=$2 port=$3 before after out sent recv lost pkts cpu
   before=$(cpu_ticks "$pid")
   out=$(turnutils_uclient $EXTRA -W "$SECRET" -m "$CLIENTS" -n "$MESSAGES" -l "$SIZE" \
-    -z "$INTERVAL" -e 127.0.0.1 -r "$PEER_PORT" -p "$port" 127.0.0.1 2>&1 | tail -5)
+    -z "$INTERVAL" -e 127.0.0.1 -r "$PEER_PORT" -p "$port" 127.0.0.1 2>&1 | tail -12)
   after=$(cpu_ticks "$pid")
   sent=$(grep -o 'tot_send_msgs=[0-9]*' <<<"$out" | tail -1 | cut -d= -f2)
   recv=$(grep -o 'tot_recv_msgs=[0-9]*' <<<"$out" | tail -1 | cut -d= -f2)
