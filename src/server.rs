@@ -93,6 +93,36 @@ pub struct Shared {
     pub tls: Option<Arc<crate::tls::ReloadableCert>>,
     /// Allowed origins for CORS and the WebSocket Origin check; swapped on SIGHUP.
     pub origins: arc_swap::ArcSwap<Vec<String>>,
+    /// TURN relay settings and the process-wide quota/port pool.
+    pub turn: TurnShared,
+}
+
+/// TURN state shared by every STUN/TURN listener.
+#[derive(Debug)]
+pub struct TurnShared {
+    /// Relay addressing, limits and peer policy, derived from config once.
+    pub settings: Arc<crate::turn::core::Settings>,
+    /// Allocation quotas, used relay ports and the nonce key.
+    pub pool: Arc<crate::turn::core::Pool>,
+}
+
+impl TurnShared {
+    fn new(config: &Config) -> TurnShared {
+        let allow_loopback = config.loopback_only() && config.turn.allow_peers.is_empty();
+        if allow_loopback && config.turn.relay {
+            tracing::info!(
+                "every listener is on loopback and turn.allow_peers is empty: \
+                 the TURN relay allows loopback peers (127.0.0.0/8, ::1) for local use"
+            );
+        }
+        TurnShared {
+            settings: Arc::new(crate::turn::core::Settings::from_config(
+                &config.turn,
+                allow_loopback,
+            )),
+            pool: Arc::new(crate::turn::core::Pool::new()),
+        }
+    }
 }
 
 impl Shared {
@@ -161,6 +191,7 @@ impl Server {
             lifecycle: Lifecycle::new(),
             bound: std::sync::OnceLock::new(),
             origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
+            turn: TurnShared::new(&config),
             config: config.clone(),
         });
         let mut tasks = JoinSet::new();

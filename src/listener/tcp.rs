@@ -3,12 +3,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
 
 use crate::server::{shutdown_signal, Shared};
+use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::{binding, Message};
+use crate::turn::core::{DeleteReason, Env, Table};
+use crate::turn::relay::{ClientSink, StreamSink, UdpRelay};
 
 /// Bind a TCP listener with SO_REUSEADDR so restarts do not wait for TIME_WAIT.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -66,10 +69,6 @@ pub fn next_frame(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
             if buf.len() < 4 {
                 return Ok(None);
             }
-            // Channel numbers 0x5000..=0x7FFF are reserved (RFC 8656 §12).
-            if b0 >= 0x50 {
-                return Err(FrameError::Garbage);
-            }
             let len = 4 + u16::from_be_bytes([buf[2], buf[3]]) as usize;
             let consumed = (len + 3) & !3;
             Ok((buf.len() >= consumed).then_some(Frame::ChannelData { consumed, len }))
@@ -98,82 +97,181 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         let local = stream.local_addr().ok();
         let shared = shared.clone();
         tokio::spawn(async move {
-            serve_stream(shared, stream, peer, local).await;
+            serve_stream(shared, stream, peer, local, "tcp").await;
         });
     }
 }
 
-/// Serve STUN over one framed stream (TCP or TLS) until it closes, idles out or errs.
+/// Serve STUN and TURN over one framed stream (TCP or TLS) until it closes, idles out or errs.
+///
+/// The connection carries at most one allocation (its 5-tuple), which dies with it. Reads are
+/// handled here; every write (responses and relayed peer data) goes through a bounded
+/// [`StreamSink`] drained by a writer task, so a client that stops reading only loses its own
+/// packets.
 pub async fn serve_stream<S>(
     shared: Arc<Shared>,
-    mut stream: S,
+    stream: S,
     peer: SocketAddr,
     local: Option<SocketAddr>,
+    transport: &'static str,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let (mut rd, wr) = tokio::io::split(stream);
+    let sink = Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
+    let writer = {
+        let sink = sink.clone();
+        tokio::spawn(async move { sink.run_writer(wr).await })
+    };
     let idle = Duration::from_secs(shared.config.turn.tcp_idle_timeout_secs.max(1));
     let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
     let software = shared.config.turn.software.clone();
-    let m = &shared.metrics;
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let m = shared.metrics.clone();
+    let send_full = m.drops.with_label_values(&["client_send_full"]);
+    let no_route = m.drops.with_label_values(&["no_permission"]);
+    let mut table: Option<Table<UdpRelay>> = shared.config.turn.relay.then(|| {
+        Table::new(
+            shared.turn.settings.clone(),
+            shared.auth.clone(),
+            m.clone(),
+            shared.turn.pool.clone(),
+            transport,
+            ClientSink::Stream(sink.clone()),
+        )
+    });
+    let env = |shared: &Shared| Env {
+        now: Instant::now(),
+        unix: crate::auth::unix_now(),
+        draining: shared.lifecycle.is_draining(),
+    };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(far()));
+    let mut armed: Option<Instant> = None;
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut out = Vec::with_capacity(512);
-    let mut chunk = [0u8; 4096];
-    loop {
-        // Drain every complete frame already buffered.
+    let mut chunk = vec![0u8; 16 * 1024];
+    'conn: loop {
+        // Handle every complete frame already buffered.
+        let mut off = 0;
+        let (mut pkts, mut bytes) = (0u64, 0u64);
+        let now = Instant::now();
         loop {
-            let frame = match next_frame(&buf) {
+            let frame = match next_frame(&buf[off..]) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
                     m.drops.with_label_values(&["stream_garbage"]).inc();
                     tracing::debug!(%peer, error = %e, "closing stream");
-                    return;
+                    break 'conn;
                 }
             };
             match frame {
                 Frame::Stun(len) => {
-                    match Message::parse(&buf[..len]) {
-                        Ok(msg) => {
-                            out.clear();
-                            let o = binding::respond(&msg, peer, local, &software, &mut out);
-                            if o != binding::Outcome::Ignored {
-                                m.stun_requests.with_label_values(&[o.label()]).inc();
-                            }
-                        }
+                    let pkt = &buf[off..off + len];
+                    off += len;
+                    let msg = match Message::parse(pkt) {
+                        Ok(msg) => msg,
                         Err(_) => {
                             m.stun_requests.with_label_values(&["malformed"]).inc();
+                            continue;
                         }
+                    };
+                    if msg.method() == method::SEND && msg.class() == Class::Indication {
+                        match table
+                            .as_mut()
+                            .and_then(|t| t.send_indication(now, peer, &msg))
+                            .map(|(r, to, data)| (r.send_to_peer(data, to), data.len()))
+                        {
+                            Some((true, n)) => {
+                                pkts += 1;
+                                bytes += n as u64;
+                            }
+                            _ => no_route.inc(),
+                        }
+                        continue;
                     }
-                    buf.drain(..len);
-                    if !out.is_empty() {
-                        let w = tokio::time::timeout(idle, stream.write_all(&out)).await;
-                        if !matches!(w, Ok(Ok(()))) {
-                            return;
+                    out.clear();
+                    if msg.method() == method::BINDING {
+                        let o = binding::respond(&msg, peer, local, &software, &mut out);
+                        if o != binding::Outcome::Ignored {
+                            m.stun_requests.with_label_values(&[o.label()]).inc();
                         }
-                        out.clear();
+                    } else if let Some(t) = table.as_mut() {
+                        let metrics = m.clone();
+                        let mut bind = |a: SocketAddr| UdpRelay::bind(a, metrics.clone());
+                        t.handle_request(env(&shared), peer, &msg, &mut out, &mut bind);
+                    } else if msg.class() == Class::Request {
+                        let tid = msg.transaction_id();
+                        let mut e = Encoder::new(&mut out, msg.method(), Class::Error, &tid);
+                        e.error_code(400, "Bad Request: TURN relay disabled");
+                        e.finish();
+                        m.turn_errors.with_label_values(&["400"]).inc();
+                    }
+                    if !out.is_empty() && !sink.push(&out) {
+                        send_full.inc();
                     }
                 }
-                Frame::ChannelData { consumed, .. } => {
-                    // No allocation on this connection: nothing to relay.
-                    m.drops.with_label_values(&["no_allocation"]).inc();
-                    buf.drain(..consumed);
+                Frame::ChannelData { consumed, len } => {
+                    let pkt = &buf[off..off + len];
+                    off += consumed;
+                    match table
+                        .as_mut()
+                        .and_then(|t| t.channel_data(now, peer, pkt))
+                        .map(|(r, to, data)| (r.send_to_peer(data, to), data.len()))
+                    {
+                        Some((true, n)) => {
+                            pkts += 1;
+                            bytes += n as u64;
+                        }
+                        _ => no_route.inc(),
+                    }
                 }
             }
         }
+        buf.drain(..off);
+        if pkts > 0 {
+            m.relay_packets_to_peer.inc_by(pkts);
+            m.relay_bytes_to_peer.inc_by(bytes);
+        }
+        let want = table.as_ref().and_then(|t| t.next_deadline());
+        if want != armed {
+            armed = want;
+            timer
+                .as_mut()
+                .reset(want.map(tokio::time::Instant::from_std).unwrap_or_else(far));
+        }
+        // Connections without an allocation idle out; an allocation keeps its connection.
+        let has_alloc = table.as_ref().is_some_and(|t| !t.is_empty());
         let n = tokio::select! {
-            r = tokio::time::timeout(idle, stream.read(&mut chunk)) => match r {
-                Ok(Ok(0)) | Ok(Err(_)) => return,
+            r = tokio::time::timeout(idle, rd.read(&mut chunk)) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
                 Ok(Ok(n)) => n,
+                Err(_) if has_alloc => continue,
                 Err(_) => {
                     m.drops.with_label_values(&["stream_idle"]).inc();
-                    return;
+                    break;
                 }
             },
-            _ = &mut shutdown => return,
+            _ = &mut timer, if armed.is_some() => {
+                if let Some(t) = table.as_mut() {
+                    t.handle_timeout(env(&shared));
+                }
+                armed = None;
+                continue;
+            }
+            _ = &mut shutdown => break,
         };
+        if buf.len() + n > 2 * 65_536 + 8 {
+            // More than two maximal frames unparsed: framing is broken.
+            break;
+        }
         buf.extend_from_slice(&chunk[..n]);
     }
+    if let Some(mut t) = table.take() {
+        t.clear(DeleteReason::Closed);
+    }
+    sink.close();
+    let _ = writer.await;
 }
 
 #[cfg(test)]
@@ -199,9 +297,13 @@ mod tests {
         );
         assert_eq!(next_frame(&cd[..9]), Ok(None));
         assert_eq!(next_frame(b"\x80 not stun"), Err(FrameError::Garbage));
+        // RFC 5766 channel numbers up to 0x7FFF are framed too (coturn's clients use them).
         assert_eq!(
             next_frame(b"\x7f\x00\x00\x04abcd"),
-            Err(FrameError::Garbage)
+            Ok(Some(Frame::ChannelData {
+                consumed: 8,
+                len: 8
+            }))
         );
         // A TLS ClientHello on the plain port: 0x16 0x03 looks like STUN until the cookie.
         assert_eq!(

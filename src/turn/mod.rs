@@ -1,3 +1,5 @@
 //! TURN relay (RFC 8656): the sans-IO allocation table and its socket drivers.
 
+pub mod core;
 pub mod policy;
+pub mod relay;

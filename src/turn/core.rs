@@ -1,0 +1,1344 @@
+//! The sans-IO TURN allocation table (RFC 8656 with the RFC 8489 long-term credential
+//! mechanism): allocations, permissions, channels, lifetimes, nonces, quotas and peer policy.
+//!
+//! It never touches a socket or the clock. Callers pass [`Env`] (the current `Instant`, the
+//! Unix time for credential expiry, and whether the server is draining) and the parsed
+//! request; the table writes the response into a caller-owned buffer. Relay sockets are
+//! opened through a caller-supplied `bind` function and kept as an opaque [`Relay`] handle,
+//! so dropping an allocation frees its socket.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::{hmac_sha256, Auth, AuthError};
+use crate::config::TurnConfig;
+use crate::metrics::Metrics;
+use crate::stun::codec::{
+    attr, decode_u32, long_term_key, long_term_key_sha256, method, Class, Encoder, Message,
+};
+use crate::turn::policy::PeerPolicy;
+
+/// Permission lifetime (RFC 8656 §9).
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Channel binding lifetime (RFC 8656 §12).
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// How long an expired channel number and peer stay unavailable for rebinding (RFC 8656 §12).
+pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+/// How long an EVEN-PORT reservation is kept (RFC 8656 §7.2: about 30 seconds).
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// Channel numbers accepted in ChannelBind. RFC 8656 allows 0x4000–0x4FFF and reserves the
+/// rest, but RFC 5766 allowed up to 0x7FFF and coturn's clients still pick numbers there; the
+/// upper part only matters to the client's own demultiplexing, so we accept it, like coturn.
+pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
+/// Permissions one allocation may hold, so one client cannot grow the table without bound.
+pub const MAX_PERMISSIONS: usize = 256;
+/// Channels one allocation may bind (the protocol allows 4096).
+pub const MAX_CHANNELS: usize = 256;
+/// Prefix marking an RFC 8489 nonce that carries the security feature set; `gAAA` sets the
+/// "password algorithms" bit, so clients may use MESSAGE-INTEGRITY-SHA256.
+const NONCE_COOKIE: &str = "obMatJos2gAAA";
+/// PASSWORD-ALGORITHM numbers (RFC 8489 §18.5).
+const ALG_MD5: u16 = 0x0001;
+const ALG_SHA256: u16 = 0x0002;
+/// UDP in REQUESTED-TRANSPORT.
+const PROTO_UDP: u8 = 17;
+
+/// Attributes a TURN request may carry that this table understands.
+const KNOWN: &[u16] = &[
+    attr::USERNAME,
+    attr::MESSAGE_INTEGRITY,
+    attr::MESSAGE_INTEGRITY_SHA256,
+    attr::REALM,
+    attr::NONCE,
+    attr::PASSWORD_ALGORITHM,
+    attr::LIFETIME,
+    attr::REQUESTED_TRANSPORT,
+    attr::DONT_FRAGMENT,
+    attr::EVEN_PORT,
+    attr::RESERVATION_TOKEN,
+    attr::REQUESTED_ADDRESS_FAMILY,
+    attr::XOR_PEER_ADDRESS,
+    attr::CHANNEL_NUMBER,
+    attr::DATA,
+    attr::SOFTWARE,
+    attr::FINGERPRINT,
+    attr::PRIORITY,
+    attr::PADDING,
+];
+
+/// What the caller knows about "now"; the table never reads a clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Env {
+    /// Monotonic time for lifetimes.
+    pub now: Instant,
+    /// Seconds since the Unix epoch, for credential expiry and nonces.
+    pub unix: u64,
+    /// The server is draining: new allocations are refused.
+    pub draining: bool,
+}
+
+/// A relay socket as the table sees it: an address and a place to publish what it may relay.
+pub trait Relay: Send + 'static {
+    /// Where the relay delivers peer data (the client's transport), set when an allocation
+    /// takes the socket.
+    type Sink: Clone;
+    /// The address the socket is bound to.
+    fn local_addr(&self) -> SocketAddr;
+    /// Deliver peer data through `sink` from now on.
+    fn attach(&self, sink: &Self::Sink);
+    /// Make a new permission/channel snapshot visible to the peer-to-client path.
+    fn publish(&self, view: Arc<View>);
+}
+
+/// Immutable snapshot of one allocation's permissions and channels, read by the relay task
+/// on every peer packet (swapped, never mutated, so readers take no lock).
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Where peer data goes; `None` while the socket is only reserved (EVEN-PORT).
+    pub client: Option<SocketAddr>,
+    /// Installed permissions: peer IP and expiry.
+    pub perms: Vec<(IpAddr, Instant)>,
+    /// Bound channels: peer, channel number, expiry.
+    pub channels: Vec<(SocketAddr, u16, Instant)>,
+    /// Bandwidth cap in bytes per second, 0 = unlimited.
+    pub max_bps: u64,
+}
+
+impl View {
+    /// Whether a live permission covers `ip`.
+    pub fn permits(&self, ip: IpAddr, now: Instant) -> bool {
+        self.perms.iter().any(|(p, exp)| *p == ip && *exp > now)
+    }
+    /// The live channel bound to `peer`, if any.
+    pub fn channel_for(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|(p, _, exp)| *p == peer && *exp > now)
+            .map(|(_, c, _)| *c)
+    }
+}
+
+/// A token bucket for the optional per-allocation bandwidth cap (one second of burst).
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A bucket allowing `rate` bytes per second; 0 disables the cap.
+    pub fn new(rate: u64, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate,
+            last: now,
+        }
+    }
+    /// Take `n` bytes if the budget allows.
+    pub fn allow(&mut self, now: Instant, n: usize) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let el = now.saturating_duration_since(self.last);
+        let add = (el.as_micros() as u64).saturating_mul(self.rate) / 1_000_000;
+        if add > 0 {
+            self.tokens = (self.tokens + add).min(self.rate);
+            self.last = now;
+        }
+        if self.tokens >= n as u64 {
+            self.tokens -= n as u64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Counters shared by every table of the process: allocation quotas, used relay ports and the
+/// nonce key. Only control messages touch it, so a plain mutex is the clear choice.
+#[derive(Debug)]
+pub struct Pool {
+    inner: Mutex<PoolInner>,
+    nonce_key: [u8; 32],
+}
+
+#[derive(Default)]
+struct PoolInner {
+    total: u32,
+    per_user: HashMap<String, u32>,
+    ports: HashSet<u16>,
+    /// EVEN-PORT reservations: token → (relay socket, expiry). Shared because the client
+    /// redeems the token on another 5-tuple (another connection, for stream transports).
+    reservations: HashMap<[u8; 8], (Box<dyn std::any::Any + Send>, u16, Instant)>,
+}
+
+impl std::fmt::Debug for PoolInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolInner")
+            .field("total", &self.total)
+            .field("ports", &self.ports.len())
+            .field("reservations", &self.reservations.len())
+            .finish()
+    }
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool::new()
+    }
+}
+
+impl Pool {
+    /// A fresh pool with a random nonce key.
+    pub fn new() -> Pool {
+        Pool {
+            inner: Mutex::new(PoolInner::default()),
+            nonce_key: rand::random(),
+        }
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        // A poisoned lock only means another table panicked mid-update of plain counters.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Allocations currently counted process-wide.
+    pub fn total(&self) -> u32 {
+        self.lock().total
+    }
+}
+
+/// Relay addressing and policy derived from config once.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Realm of the long-term credential mechanism.
+    pub realm: String,
+    /// Bind IP and advertised IP for IPv4 relays.
+    pub relay_v4: Option<(IpAddr, IpAddr)>,
+    /// Bind IP and advertised IP for IPv6 relays.
+    pub relay_v6: Option<(IpAddr, IpAddr)>,
+    /// Relay port range.
+    pub port_min: u16,
+    /// Relay port range.
+    pub port_max: u16,
+    /// Default allocation lifetime.
+    pub default_lifetime: u32,
+    /// Longest lifetime granted per Allocate/Refresh.
+    pub max_lifetime: u32,
+    /// Nonce validity.
+    pub nonce_lifetime: u64,
+    /// Per-user allocation quota.
+    pub max_per_user: u32,
+    /// Process-wide allocation cap.
+    pub max_total: u32,
+    /// Per-allocation bandwidth cap, bytes per second.
+    pub max_bps: u64,
+    /// Where draining servers send new clients.
+    pub alternate: Option<SocketAddr>,
+    /// Peer filter.
+    pub policy: PeerPolicy,
+    /// SOFTWARE attribute.
+    pub software: String,
+}
+
+impl Settings {
+    /// Derive settings from the `[turn]` section; `allow_loopback` comes from the server
+    /// (loopback-only deployments with no explicit allow list).
+    pub fn from_config(t: &TurnConfig, allow_loopback: bool) -> Settings {
+        let listen_v4 = t.listen.iter().map(|a| a.ip()).find(|i| i.is_ipv4());
+        let listen_v6 = t.listen.iter().map(|a| a.ip()).find(|i| i.is_ipv6());
+        let bind_v4 = t.relay_bind.filter(|i| i.is_ipv4()).or(listen_v4);
+        let bind_v6 = t
+            .relay_bind_v6
+            .or(t.relay_bind.filter(|i| i.is_ipv6()))
+            .or(listen_v6);
+        let adv = |bind: IpAddr, v4: bool| t.relay_ip.filter(|i| i.is_ipv4() == v4).unwrap_or(bind);
+        Settings {
+            realm: t.realm.clone(),
+            relay_v4: bind_v4.map(|b| (b, adv(b, true))),
+            relay_v6: bind_v6.map(|b| (b, adv(b, false))),
+            port_min: t.relay_port_min,
+            port_max: t.relay_port_max,
+            default_lifetime: t.default_lifetime_secs,
+            max_lifetime: t.max_lifetime_secs,
+            nonce_lifetime: t.nonce_lifetime_secs as u64,
+            max_per_user: t.max_allocations_per_user,
+            max_total: t.max_allocations,
+            max_bps: t.max_bps_per_allocation,
+            alternate: t.alternate_server,
+            policy: PeerPolicy::new(&t.allow_peers, &t.deny_peers, allow_loopback),
+            software: t.software.clone(),
+        }
+    }
+}
+
+/// The long-term key an allocation was created with; later requests on it are checked
+/// against this key rather than re-deriving one from a possibly expired username.
+#[derive(Clone)]
+struct Key {
+    username: String,
+    md5: [u8; 16],
+    sha256: [u8; 32],
+}
+
+/// Which integrity algorithm the request used, so the response uses the same.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Alg {
+    Md5,
+    Sha256,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Chan {
+    num: u16,
+    peer: SocketAddr,
+    expires: Instant,
+    /// Expired binding kept until this instant so it is not rebound differently.
+    cooldown_until: Option<Instant>,
+}
+
+struct Alloc<R> {
+    relay: R,
+    advertised: SocketAddr,
+    expires: Instant,
+    key: Key,
+    quota_user: String,
+    perms: Vec<(IpAddr, Instant)>,
+    chans: Vec<Chan>,
+    alloc_tid: [u8; 12],
+    alloc_resp: Vec<u8>,
+    bucket: Bucket,
+    span: tracing::Span,
+}
+
+/// Why an allocation went away, as a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteReason {
+    /// Its lifetime ran out.
+    Expired,
+    /// Refresh with LIFETIME 0.
+    RefreshedZero,
+    /// The server shut down.
+    Shutdown,
+    /// The client's connection closed (stream transports).
+    Closed,
+}
+
+impl DeleteReason {
+    fn label(self) -> &'static str {
+        match self {
+            DeleteReason::Expired => "expired",
+            DeleteReason::RefreshedZero => "refreshed_zero",
+            DeleteReason::Shutdown => "shutdown",
+            DeleteReason::Closed => "closed",
+        }
+    }
+}
+
+/// What a request turned into, for the caller's logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A success response was written.
+    Success,
+    /// An error response with this code was written.
+    Error(u16),
+    /// A cached response to a retransmitted Allocate was written.
+    Retransmit,
+    /// Nothing to answer.
+    Ignored,
+}
+
+/// An early answer: error code and whether the request was authenticated.
+struct Reject {
+    code: u16,
+    reason: &'static str,
+}
+
+fn reject(code: u16, reason: &'static str) -> Reject {
+    Reject { code, reason }
+}
+
+/// One allocation table: all allocations of one listener (UDP socket) or connection (stream).
+pub struct Table<R: Relay> {
+    settings: Arc<Settings>,
+    auth: Arc<Auth>,
+    metrics: Arc<Metrics>,
+    pool: Arc<Pool>,
+    transport: &'static str,
+    allocs: HashMap<SocketAddr, Alloc<R>>,
+    /// Reservations this table made, for its deadline and clean-up.
+    reserved: Vec<([u8; 8], Instant)>,
+    sink: R::Sink,
+    deadline: Option<Instant>,
+}
+
+impl<R: Relay> Table<R> {
+    /// An empty table; `transport` (`udp|tcp|tls`) labels its metrics.
+    pub fn new(
+        settings: Arc<Settings>,
+        auth: Arc<Auth>,
+        metrics: Arc<Metrics>,
+        pool: Arc<Pool>,
+        transport: &'static str,
+        sink: R::Sink,
+    ) -> Table<R> {
+        Table {
+            settings,
+            auth,
+            metrics,
+            pool,
+            transport,
+            allocs: HashMap::new(),
+            reserved: Vec::new(),
+            sink,
+            deadline: None,
+        }
+    }
+
+    /// Number of live allocations in this table.
+    pub fn len(&self) -> usize {
+        self.allocs.len()
+    }
+
+    /// Whether the table holds no allocation.
+    pub fn is_empty(&self) -> bool {
+        self.allocs.is_empty()
+    }
+
+    /// The earliest instant at which [`Table::handle_timeout`] has work to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The relayed address advertised for the allocation of `client`, if any.
+    pub fn relayed_address(&self, client: SocketAddr) -> Option<SocketAddr> {
+        self.allocs.get(&client).map(|a| a.advertised)
+    }
+
+    /// Handle one STUN request (Allocate, Refresh, CreatePermission, ChannelBind) from
+    /// `client`, appending the response to `out`. `bind` opens a relay socket on an address.
+    pub fn handle_request(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+        bind: &mut dyn FnMut(SocketAddr) -> std::io::Result<R>,
+    ) -> Outcome {
+        if msg.class() != Class::Request {
+            return Outcome::Ignored;
+        }
+        let m = msg.method();
+        if !matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        ) {
+            return self.error(out, msg, None, Alg::Md5, reject(400, "Bad Request"), env);
+        }
+        // A retransmitted Allocate gets the cached response before anything else.
+        if m == method::ALLOCATE {
+            if let Some(a) = self.allocs.get(&client) {
+                if a.alloc_tid == msg.transaction_id() && !a.alloc_resp.is_empty() {
+                    out.extend_from_slice(&a.alloc_resp);
+                    return Outcome::Retransmit;
+                }
+            }
+        }
+        let (key, alg) = match self.authenticate(env, client, msg) {
+            Ok(k) => k,
+            Err(r) => return self.error(out, msg, None, Alg::Md5, r, env),
+        };
+        let mut unknown = [0u16; 8];
+        let n = msg.unknown_required(KNOWN, &mut unknown);
+        if n > 0 {
+            let tid = msg.transaction_id();
+            let mut e = Encoder::new(out, m, Class::Error, &tid);
+            e.error_code(420, "Unknown Attribute");
+            e.unknown_attributes(&unknown[..n]);
+            sign(&mut e, &key, alg);
+            finish(e, msg);
+            self.count_error(420);
+            return Outcome::Error(420);
+        }
+        let r = match m {
+            method::ALLOCATE => self.allocate(env, client, msg, &key, alg, out, bind),
+            method::REFRESH => self.refresh(env, client, msg, &key, alg, out),
+            method::CREATE_PERMISSION => self.create_permission(env, client, msg, &key, alg, out),
+            _ => self.channel_bind(env, client, msg, &key, alg, out),
+        };
+        self.recompute_deadline();
+        match r {
+            Ok(()) => Outcome::Success,
+            Err(rej) => self.error(out, msg, Some(&key), alg, rej, env),
+        }
+    }
+
+    fn count_error(&self, code: u16) {
+        let mut b = itoa_buf();
+        self.metrics
+            .turn_errors
+            .with_label_values(&[fmt_code(code, &mut b)])
+            .inc();
+    }
+
+    fn error(
+        &self,
+        out: &mut Vec<u8>,
+        msg: &Message<'_>,
+        key: Option<&Key>,
+        alg: Alg,
+        r: Reject,
+        env: Env,
+    ) -> Outcome {
+        tracing::debug!(
+            method = msg.method(),
+            code = r.code,
+            reason = r.reason,
+            "TURN error response"
+        );
+        let tid = msg.transaction_id();
+        let mut e = Encoder::new(out, msg.method(), Class::Error, &tid);
+        e.error_code(r.code, r.reason);
+        match r.code {
+            401 | 438 => {
+                e.attr(attr::REALM, self.settings.realm.as_bytes());
+                let nonce = self.make_nonce(env.unix);
+                e.attr(attr::NONCE, nonce.as_bytes());
+                let mut algs = [0u8; 8];
+                algs[0..2].copy_from_slice(&ALG_MD5.to_be_bytes());
+                algs[4..6].copy_from_slice(&ALG_SHA256.to_be_bytes());
+                e.attr(attr::PASSWORD_ALGORITHMS, &algs);
+            }
+            300 => {
+                if let Some(alt) = self.settings.alternate {
+                    e.address(attr::ALTERNATE_SERVER, alt);
+                }
+            }
+            _ => {}
+        }
+        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        if let Some(k) = key {
+            sign(&mut e, k, alg);
+        }
+        finish(e, msg);
+        self.count_error(r.code);
+        Outcome::Error(r.code)
+    }
+
+    fn make_nonce(&self, unix: u64) -> String {
+        let mac = hmac_sha256(&self.pool.nonce_key, &unix.to_be_bytes());
+        let mut s = String::with_capacity(NONCE_COOKIE.len() + 32);
+        s.push_str(NONCE_COOKIE);
+        s.push_str(&format!("{unix:016x}"));
+        for b in &mac[..8] {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Whether a nonce is ours and still fresh.
+    fn nonce_fresh(&self, nonce: &[u8], unix: u64) -> Result<(), Reject> {
+        let stale = reject(438, "Stale Nonce");
+        let s = std::str::from_utf8(nonce).map_err(|_| reject(438, "Stale Nonce"))?;
+        let rest = s
+            .strip_prefix(NONCE_COOKIE)
+            .ok_or(reject(438, "Stale Nonce"))?;
+        if rest.len() != 32 {
+            return Err(stale);
+        }
+        let ts = u64::from_str_radix(&rest[..16], 16).map_err(|_| reject(438, "Stale Nonce"))?;
+        let want = self.make_nonce(ts);
+        if !crate::auth::secret_eq(want.as_bytes(), s.as_bytes()) {
+            return Err(stale);
+        }
+        if ts > unix.saturating_add(5) || unix.saturating_sub(ts) >= self.settings.nonce_lifetime {
+            return Err(stale);
+        }
+        Ok(())
+    }
+
+    fn auth_fail(&self, e: AuthError) -> Reject {
+        self.metrics
+            .auth_failures
+            .with_label_values(&[e.reason()])
+            .inc();
+        reject(401, "Unauthorized")
+    }
+
+    /// RFC 8489 §9.2.4 long-term credential checks.
+    fn authenticate(
+        &self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+    ) -> Result<(Key, Alg), Reject> {
+        if !msg.has_integrity() && !msg.has_integrity_sha256() {
+            return Err(self.auth_fail(AuthError::Missing));
+        }
+        let (Some(user), Some(realm), Some(nonce)) = (
+            msg.get(attr::USERNAME),
+            msg.get(attr::REALM),
+            msg.get(attr::NONCE),
+        ) else {
+            return Err(reject(400, "Bad Request"));
+        };
+        let alg = if msg.has_integrity_sha256() {
+            Alg::Sha256
+        } else {
+            Alg::Md5
+        };
+        if let Some(pa) = msg.get(attr::PASSWORD_ALGORITHM) {
+            let num = pa.get(0..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+            match (num, alg) {
+                (Some(ALG_MD5), Alg::Md5) | (Some(ALG_SHA256), Alg::Sha256) => {}
+                (Some(ALG_MD5 | ALG_SHA256), _) if msg.has_integrity() => {}
+                _ => return Err(reject(400, "Bad Request")),
+            }
+        }
+        self.nonce_fresh(nonce, env.unix)?;
+        let user = std::str::from_utf8(user).map_err(|_| self.auth_fail(AuthError::Malformed))?;
+        if realm != self.settings.realm.as_bytes() {
+            return Err(self.auth_fail(AuthError::UnknownUser));
+        }
+        let verify = |k: &Key| match alg {
+            Alg::Md5 => msg.verify_integrity(&k.md5),
+            Alg::Sha256 => msg.verify_integrity_sha256(&k.sha256),
+        };
+        // Requests on an existing allocation are checked with the key it was created with.
+        if let Some(a) = self.allocs.get(&client) {
+            if msg.method() != method::ALLOCATE {
+                if a.key.username != user {
+                    self.metrics
+                        .auth_failures
+                        .with_label_values(&["wrong_credentials"])
+                        .inc();
+                    return Err(reject(441, "Wrong Credentials"));
+                }
+                if !verify(&a.key) {
+                    return Err(self.auth_fail(AuthError::BadSignature));
+                }
+                return Ok((a.key.clone(), alg));
+            }
+        }
+        let passwords = self
+            .auth
+            .turn_passwords(user, Some(env.unix))
+            .map_err(|e| self.auth_fail(e))?;
+        let realm = self.settings.realm.as_str();
+        for pw in passwords {
+            let k = Key {
+                username: user.to_string(),
+                md5: long_term_key(user, realm, &pw),
+                sha256: long_term_key_sha256(user, realm, &pw),
+            };
+            if verify(&k) {
+                return Ok((k, alg));
+            }
+        }
+        Err(self.auth_fail(AuthError::BadSignature))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn allocate(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+        bind: &mut dyn FnMut(SocketAddr) -> std::io::Result<R>,
+    ) -> Result<(), Reject> {
+        if self.allocs.contains_key(&client) {
+            return Err(reject(437, "Allocation Mismatch"));
+        }
+        let proto = msg
+            .get(attr::REQUESTED_TRANSPORT)
+            .ok_or(reject(400, "Bad Request"))?;
+        if proto.len() != 4 {
+            return Err(reject(400, "Bad Request"));
+        }
+        if proto[0] != PROTO_UDP {
+            return Err(reject(442, "Unsupported Transport Protocol"));
+        }
+        if let Some(df) = msg.get(attr::DONT_FRAGMENT) {
+            if !df.is_empty() {
+                return Err(reject(400, "Bad Request"));
+            }
+        }
+        let token = msg.get(attr::RESERVATION_TOKEN);
+        let even = msg.get(attr::EVEN_PORT);
+        let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        if token.is_some() && (even.is_some() || family.is_some()) {
+            return Err(reject(400, "Bad Request"));
+        }
+        let token: Option<[u8; 8]> = match token {
+            Some(t) => Some(t.try_into().map_err(|_| reject(400, "Bad Request"))?),
+            None => None,
+        };
+        let reserve_next = match even {
+            Some([b]) => b & 0x80 != 0,
+            Some(_) => return Err(reject(400, "Bad Request")),
+            None => false,
+        };
+        let v6 = match family {
+            None => false,
+            Some([0x01, 0, 0, 0]) => false,
+            Some([0x02, 0, 0, 0]) => true,
+            Some(v) if v.len() == 4 && v[1..] == [0, 0, 0] => {
+                return Err(reject(440, "Address Family not Supported"))
+            }
+            Some(_) => return Err(reject(400, "Bad Request")),
+        };
+        let lifetime = self.lifetime(msg)?;
+        if env.draining {
+            return Err(if self.settings.alternate.is_some() {
+                reject(300, "Try Alternate")
+            } else {
+                reject(508, "Insufficient Capacity")
+            });
+        }
+        let (bind_ip, adv_ip) = match token {
+            Some(_) => (IpAddr::from([0u8; 4]), IpAddr::from([0u8; 4])),
+            None => {
+                let fam = if v6 {
+                    self.settings.relay_v6
+                } else {
+                    self.settings.relay_v4
+                };
+                fam.ok_or(reject(440, "Address Family not Supported"))?
+            }
+        };
+        let quota_user = quota_name(&key.username).to_string();
+        {
+            let mut p = self.pool.lock();
+            if p.per_user.get(&quota_user).copied().unwrap_or(0) >= self.settings.max_per_user {
+                drop(p);
+                self.metrics
+                    .turn_allocations_deleted
+                    .with_label_values(&["quota"])
+                    .inc();
+                return Err(reject(486, "Allocation Quota Reached"));
+            }
+            if p.total >= self.settings.max_total {
+                return Err(reject(508, "Insufficient Capacity"));
+            }
+            p.total += 1;
+            *p.per_user.entry(quota_user.clone()).or_insert(0) += 1;
+        }
+        let mut new_token = None;
+        let relay = match token {
+            Some(t) => {
+                let taken = self.pool.lock().reservations.remove(&t);
+                match taken {
+                    Some((r, _, exp)) if exp > env.now => r
+                        .downcast::<R>()
+                        .map(|b| *b)
+                        .map_err(|_| reject(508, "Insufficient Capacity")),
+                    Some((_, port, _)) => {
+                        self.release_port(port);
+                        Err(reject(508, "Insufficient Capacity"))
+                    }
+                    None => Err(reject(508, "Insufficient Capacity")),
+                }
+            }
+            None => self
+                .open_relay(env, bind_ip, even.is_some(), reserve_next, bind)
+                .map(|(r, t)| {
+                    new_token = t;
+                    r
+                }),
+        };
+        let relay = match relay {
+            Ok(r) => r,
+            Err(e) => {
+                self.unquota(&quota_user);
+                return Err(e);
+            }
+        };
+        relay.attach(&self.sink);
+        let local = relay.local_addr();
+        let adv_ip = if token.is_some() {
+            if local.is_ipv4() {
+                self.settings.relay_v4.map(|x| x.1)
+            } else {
+                self.settings.relay_v6.map(|x| x.1)
+            }
+            .unwrap_or(local.ip())
+        } else {
+            adv_ip
+        };
+        let advertised = SocketAddr::new(adv_ip, local.port());
+        let span = tracing::info_span!("allocation", %client, relay = %advertised, transport = self.transport);
+        span.in_scope(|| tracing::debug!(lifetime, user = %quota_user, "allocation created"));
+        let tid = msg.transaction_id();
+        let start = out.len();
+        {
+            let mut e = Encoder::new(out, method::ALLOCATE, Class::Success, &tid);
+            e.xor_address(attr::XOR_RELAYED_ADDRESS, advertised);
+            e.xor_address(attr::XOR_MAPPED_ADDRESS, client);
+            e.u32_attr(attr::LIFETIME, lifetime);
+            if let Some(t) = new_token {
+                e.attr(attr::RESERVATION_TOKEN, &t);
+            }
+            e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+            sign(&mut e, key, alg);
+            finish(e, msg);
+        }
+        let a = Alloc {
+            relay,
+            advertised,
+            expires: env.now + Duration::from_secs(lifetime as u64),
+            key: key.clone(),
+            quota_user,
+            perms: Vec::new(),
+            chans: Vec::new(),
+            alloc_tid: tid,
+            alloc_resp: out[start..].to_vec(),
+            bucket: Bucket::new(self.settings.max_bps, env.now),
+            span,
+        };
+        self.publish(client, &a);
+        self.allocs.insert(client, a);
+        self.metrics
+            .turn_allocations_created
+            .with_label_values(&[self.transport])
+            .inc();
+        self.metrics
+            .turn_allocations_active
+            .with_label_values(&[self.transport])
+            .inc();
+        Ok(())
+    }
+
+    fn unquota(&self, user: &str) {
+        let mut p = self.pool.lock();
+        p.total = p.total.saturating_sub(1);
+        if let Some(n) = p.per_user.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.per_user.remove(user);
+            }
+        }
+    }
+
+    fn release_port(&self, port: u16) {
+        self.pool.lock().ports.remove(&port);
+    }
+
+    /// Pick free ports (even, and the next one reserved, when asked) and bind them.
+    fn open_relay(
+        &mut self,
+        env: Env,
+        ip: IpAddr,
+        even: bool,
+        pair: bool,
+        bind: &mut dyn FnMut(SocketAddr) -> std::io::Result<R>,
+    ) -> Result<(R, Option<[u8; 8]>), Reject> {
+        let (lo, hi) = (self.settings.port_min as u32, self.settings.port_max as u32);
+        let span = hi - lo + 1;
+        let exhausted = reject(508, "Insufficient Capacity");
+        for _ in 0..32 {
+            let picked = {
+                let mut p = self.pool.lock();
+                let start: u32 = rand::random::<u32>() % span;
+                let mut found = None;
+                for i in 0..span {
+                    let port = lo + (start + i) % span;
+                    if even && port % 2 == 1 {
+                        continue;
+                    }
+                    if p.ports.contains(&(port as u16)) {
+                        continue;
+                    }
+                    if pair && (port + 1 > hi || p.ports.contains(&((port + 1) as u16))) {
+                        continue;
+                    }
+                    found = Some(port as u16);
+                    break;
+                }
+                let port = found.ok_or(reject(508, "Insufficient Capacity"))?;
+                p.ports.insert(port);
+                if pair {
+                    p.ports.insert(port + 1);
+                }
+                port
+            };
+            let r = match bind(SocketAddr::new(ip, picked)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(port = picked, error = %e, "relay port busy, trying another");
+                    // Leave a port another process holds marked as used for this table's
+                    // lifetime would leak it; release it and rely on the random start.
+                    self.release_port(picked);
+                    if pair {
+                        self.release_port(picked + 1);
+                    }
+                    continue;
+                }
+            };
+            let mut token = None;
+            if pair {
+                match bind(SocketAddr::new(ip, picked + 1)) {
+                    Ok(second) => {
+                        let t: [u8; 8] = rand::random();
+                        let exp = env.now + RESERVATION_LIFETIME;
+                        self.pool
+                            .lock()
+                            .reservations
+                            .insert(t, (Box::new(second), picked + 1, exp));
+                        self.reserved.push((t, exp));
+                        token = Some(t);
+                    }
+                    Err(_) => {
+                        drop(r);
+                        self.release_port(picked);
+                        self.release_port(picked + 1);
+                        continue;
+                    }
+                }
+            }
+            return Ok((r, token));
+        }
+        Err(exhausted)
+    }
+
+    fn lifetime(&self, msg: &Message<'_>) -> Result<u32, Reject> {
+        match msg.get(attr::LIFETIME) {
+            None => Ok(self.settings.default_lifetime),
+            Some(v) => {
+                let l = decode_u32(v).map_err(|_| reject(400, "Bad Request"))?;
+                if l == 0 {
+                    return Ok(0);
+                }
+                Ok(l.clamp(self.settings.default_lifetime, self.settings.max_lifetime))
+            }
+        }
+    }
+
+    fn refresh(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let lifetime = self.lifetime(msg)?;
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let want_v6 = match f {
+                [0x01, 0, 0, 0] => false,
+                [0x02, 0, 0, 0] => true,
+                _ => return Err(reject(400, "Bad Request")),
+            };
+            if want_v6 != a.advertised.is_ipv6() {
+                return Err(reject(443, "Peer Address Family Mismatch"));
+            }
+        }
+        if lifetime == 0 {
+            self.delete(client, DeleteReason::RefreshedZero);
+        } else {
+            a.expires = env.now + Duration::from_secs(lifetime as u64);
+            a.span
+                .in_scope(|| tracing::debug!(lifetime, "allocation refreshed"));
+        }
+        let tid = msg.transaction_id();
+        let mut e = Encoder::new(out, method::REFRESH, Class::Success, &tid);
+        e.u32_attr(attr::LIFETIME, lifetime);
+        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        sign(&mut e, key, alg);
+        finish(e, msg);
+        Ok(())
+    }
+
+    /// Validate an XOR-PEER-ADDRESS against the allocation's family and the peer policy.
+    fn check_peer(&self, a: &Alloc<R>, peer: SocketAddr) -> Result<(), Reject> {
+        if peer.is_ipv6() != a.advertised.is_ipv6() {
+            return Err(reject(443, "Peer Address Family Mismatch"));
+        }
+        if !self.settings.policy.permits(peer.ip()) {
+            return Err(reject(403, "Forbidden"));
+        }
+        Ok(())
+    }
+
+    fn create_permission(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let Some(a) = self.allocs.get(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let mut peers: Vec<IpAddr> = Vec::new();
+        for p in msg.xor_addresses(attr::XOR_PEER_ADDRESS) {
+            let p = p.map_err(|_| reject(400, "Bad Request"))?;
+            self.check_peer(a, p)?;
+            if !peers.contains(&p.ip()) {
+                peers.push(p.ip());
+            }
+        }
+        if peers.is_empty() {
+            return Err(reject(400, "Bad Request"));
+        }
+        let new = peers
+            .iter()
+            .filter(|ip| !a.perms.iter().any(|(p, _)| p == *ip))
+            .count();
+        if a.perms.len() + new > MAX_PERMISSIONS {
+            return Err(reject(508, "Insufficient Capacity"));
+        }
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let exp = env.now + PERMISSION_LIFETIME;
+        let mut added = 0;
+        for ip in peers {
+            match a.perms.iter_mut().find(|(p, _)| *p == ip) {
+                Some(p) => p.1 = exp,
+                None => {
+                    a.perms.push((ip, exp));
+                    added += 1;
+                }
+            }
+        }
+        self.metrics.turn_permissions_active.add(added);
+        if let Some(a) = self.allocs.get(&client) {
+            self.publish(client, a);
+        }
+        let tid = msg.transaction_id();
+        let mut e = Encoder::new(out, method::CREATE_PERMISSION, Class::Success, &tid);
+        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        sign(&mut e, key, alg);
+        finish(e, msg);
+        Ok(())
+    }
+
+    fn channel_bind(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let Some(a) = self.allocs.get(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let num = msg
+            .get(attr::CHANNEL_NUMBER)
+            .ok_or(reject(400, "Bad Request"))?;
+        if num.len() != 4 {
+            return Err(reject(400, "Bad Request"));
+        }
+        let num = u16::from_be_bytes([num[0], num[1]]);
+        if !CHANNEL_NUMBERS.contains(&num) {
+            return Err(reject(400, "Bad Request"));
+        }
+        let peer = msg
+            .xor_address(attr::XOR_PEER_ADDRESS)
+            .ok_or(reject(400, "Bad Request"))?
+            .map_err(|_| reject(400, "Bad Request"))?;
+        // RFC 8656 §11.2: a channel number is bound to one peer and a peer to one channel,
+        // including during the cool-down after expiry.
+        for c in &a.chans {
+            if (c.num == num) != (c.peer == peer) {
+                tracing::debug!(channel = num, %peer, bound = c.num, bound_peer = %c.peer, "channel rebind refused");
+                return Err(reject(400, "Bad Request"));
+            }
+        }
+        self.check_peer(a, peer)?;
+        let existing = a.chans.iter().any(|c| c.num == num);
+        if !existing && a.chans.len() >= MAX_CHANNELS {
+            return Err(reject(508, "Insufficient Capacity"));
+        }
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let exp = env.now + CHANNEL_LIFETIME;
+        match a.chans.iter_mut().find(|c| c.num == num) {
+            Some(c) => {
+                if c.cooldown_until.take().is_some() {
+                    self.metrics.turn_channels_active.inc();
+                }
+                c.expires = exp;
+            }
+            None => {
+                a.chans.push(Chan {
+                    num,
+                    peer,
+                    expires: exp,
+                    cooldown_until: None,
+                });
+                self.metrics.turn_channels_active.inc();
+            }
+        }
+        let pexp = env.now + PERMISSION_LIFETIME;
+        match a.perms.iter_mut().find(|(p, _)| *p == peer.ip()) {
+            Some(p) => p.1 = p.1.max(pexp),
+            None => {
+                a.perms.push((peer.ip(), pexp));
+                self.metrics.turn_permissions_active.inc();
+            }
+        }
+        a.span
+            .in_scope(|| tracing::debug!(channel = num, %peer, "channel bound"));
+        if let Some(a) = self.allocs.get(&client) {
+            self.publish(client, a);
+        }
+        let tid = msg.transaction_id();
+        let mut e = Encoder::new(out, method::CHANNEL_BIND, Class::Success, &tid);
+        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        sign(&mut e, key, alg);
+        finish(e, msg);
+        Ok(())
+    }
+
+    fn publish(&self, client: SocketAddr, a: &Alloc<R>) {
+        let view = View {
+            client: Some(client),
+            perms: a.perms.clone(),
+            channels: a
+                .chans
+                .iter()
+                .filter(|c| c.cooldown_until.is_none())
+                .map(|c| (c.peer, c.num, c.expires))
+                .collect(),
+            max_bps: self.settings.max_bps,
+        };
+        a.relay.publish(Arc::new(view));
+    }
+
+    /// Client-to-peer relay for a Send indication: `(relay, peer, payload)` or `None` to drop.
+    pub fn send_indication<'m>(
+        &mut self,
+        now: Instant,
+        client: SocketAddr,
+        msg: &Message<'m>,
+    ) -> Option<(&R, SocketAddr, &'m [u8])> {
+        if msg.method() != method::SEND || msg.class() != Class::Indication {
+            return None;
+        }
+        let a = self.allocs.get_mut(&client)?;
+        let peer = msg.xor_address(attr::XOR_PEER_ADDRESS)?.ok()?;
+        let data = msg.get(attr::DATA)?;
+        if !a.perms.iter().any(|(p, e)| *p == peer.ip() && *e > now) {
+            return None;
+        }
+        if !a.bucket.allow(now, data.len()) {
+            return None;
+        }
+        Some((&a.relay, peer, data))
+    }
+
+    /// Client-to-peer relay for ChannelData: `(relay, peer, payload)` or `None` to drop.
+    pub fn channel_data<'p>(
+        &mut self,
+        now: Instant,
+        client: SocketAddr,
+        pkt: &'p [u8],
+    ) -> Option<(&R, SocketAddr, &'p [u8])> {
+        if pkt.len() < 4 {
+            return None;
+        }
+        let num = u16::from_be_bytes([pkt[0], pkt[1]]);
+        let len = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+        let payload = pkt.get(4..4 + len)?;
+        let a = self.allocs.get_mut(&client)?;
+        let c = a
+            .chans
+            .iter()
+            .find(|c| c.num == num && c.cooldown_until.is_none() && c.expires > now)?;
+        let peer = c.peer;
+        if !a.perms.iter().any(|(p, e)| *p == peer.ip() && *e > now) {
+            return None;
+        }
+        if !a.bucket.allow(now, payload.len()) {
+            return None;
+        }
+        Some((&a.relay, peer, payload))
+    }
+
+    /// Expire allocations, permissions, channels and reservations due at `env.now`.
+    pub fn handle_timeout(&mut self, env: Env) {
+        let now = env.now;
+        let dead: Vec<SocketAddr> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| a.expires <= now)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in dead {
+            self.delete(c, DeleteReason::Expired);
+        }
+        let mut changed = Vec::new();
+        let mut perms_gone = 0i64;
+        let mut chans_gone = 0i64;
+        for (client, a) in self.allocs.iter_mut() {
+            let before = a.perms.len();
+            a.perms.retain(|(_, e)| *e > now);
+            let mut dirty = before != a.perms.len();
+            perms_gone += (before - a.perms.len()) as i64;
+            for c in a.chans.iter_mut() {
+                if c.cooldown_until.is_none() && c.expires <= now {
+                    c.cooldown_until = Some(c.expires + CHANNEL_COOLDOWN);
+                    chans_gone += 1;
+                    dirty = true;
+                }
+            }
+            a.chans
+                .retain(|c| c.cooldown_until.is_none_or(|until| until > now));
+            if dirty {
+                changed.push(*client);
+            }
+        }
+        self.metrics.turn_permissions_active.sub(perms_gone);
+        self.metrics.turn_channels_active.sub(chans_gone);
+        for c in changed {
+            if let Some(a) = self.allocs.get(&c) {
+                self.publish(c, a);
+            }
+        }
+        let due: Vec<[u8; 8]> = self
+            .reserved
+            .iter()
+            .filter(|(_, e)| *e <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        self.reserved.retain(|(_, e)| *e > now);
+        self.drop_reservations(&due);
+        self.recompute_deadline();
+    }
+
+    fn recompute_deadline(&mut self) {
+        let mut d: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            d = Some(d.map_or(t, |x| x.min(t)));
+        };
+        for a in self.allocs.values() {
+            consider(a.expires);
+            for (_, e) in &a.perms {
+                consider(*e);
+            }
+            for c in &a.chans {
+                consider(c.cooldown_until.unwrap_or(c.expires));
+            }
+        }
+        for (_, e) in &self.reserved {
+            consider(*e);
+        }
+        self.deadline = d;
+    }
+
+    /// Remove the allocation of `client` (connection closed, or shutdown), freeing its socket.
+    pub fn delete(&mut self, client: SocketAddr, reason: DeleteReason) -> bool {
+        let Some(a) = self.allocs.remove(&client) else {
+            return false;
+        };
+        a.span
+            .in_scope(|| tracing::debug!(reason = reason.label(), "allocation deleted"));
+        self.metrics
+            .turn_permissions_active
+            .sub(a.perms.len() as i64);
+        self.metrics.turn_channels_active.sub(
+            a.chans
+                .iter()
+                .filter(|c| c.cooldown_until.is_none())
+                .count() as i64,
+        );
+        self.metrics
+            .turn_allocations_deleted
+            .with_label_values(&[reason.label()])
+            .inc();
+        self.metrics
+            .turn_allocations_active
+            .with_label_values(&[self.transport])
+            .dec();
+        self.unquota(&a.quota_user);
+        self.release_port(a.relay.local_addr().port());
+        drop(a);
+        self.recompute_deadline();
+        true
+    }
+
+    /// Delete every allocation (server shutdown or connection close).
+    pub fn clear(&mut self, reason: DeleteReason) {
+        let all: Vec<SocketAddr> = self.allocs.keys().copied().collect();
+        for c in all {
+            self.delete(c, reason);
+        }
+        let mine: Vec<[u8; 8]> = self.reserved.drain(..).map(|(t, _)| t).collect();
+        self.drop_reservations(&mine);
+    }
+
+    /// Release reservations (if not redeemed yet) and their ports.
+    fn drop_reservations(&self, tokens: &[[u8; 8]]) {
+        let mut gone = Vec::new();
+        {
+            let mut p = self.pool.lock();
+            for t in tokens {
+                if let Some((r, port, _)) = p.reservations.remove(t) {
+                    p.ports.remove(&port);
+                    gone.push(r);
+                }
+            }
+        }
+        // Sockets close outside the lock.
+        drop(gone);
+    }
+}
+
+impl<R: Relay> Drop for Table<R> {
+    fn drop(&mut self) {
+        self.clear(DeleteReason::Shutdown);
+    }
+}
+
+/// The name a per-user quota counts: the user part of a REST `expiry:user` name, else the name.
+fn quota_name(username: &str) -> &str {
+    match username.split_once(':') {
+        Some((exp, user)) if exp.bytes().all(|b| b.is_ascii_digit()) && !user.is_empty() => user,
+        _ => username,
+    }
+}
+
+fn sign(e: &mut Encoder<'_>, key: &Key, alg: Alg) {
+    match alg {
+        Alg::Md5 => e.integrity(&key.md5),
+        Alg::Sha256 => e.integrity_sha256(&key.sha256),
+    };
+}
+
+fn finish(e: Encoder<'_>, req: &Message<'_>) {
+    if req.has_fingerprint() {
+        e.finish_with_fingerprint()
+    } else {
+        e.finish()
+    }
+}
+
+fn itoa_buf() -> [u8; 3] {
+    [b'0'; 3]
+}
+
+fn fmt_code(code: u16, b: &mut [u8; 3]) -> &str {
+    let c = code.min(699);
+    b[0] = b'0' + (c / 100) as u8;
+    b[1] = b'0' + (c / 10 % 10) as u8;
+    b[2] = b'0' + (c % 10) as u8;
+    std::str::from_utf8(b).unwrap_or("000")
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;
