@@ -12,7 +12,7 @@ pub async fn serve(shared: Arc<Shared>, mut listener: TlsListener) {
     while let Some((stream, peer)) = listener.next().await {
         let shared = shared.clone();
         tokio::spawn(async move {
-            super::tcp::serve_stream(shared, stream, peer, local).await;
+            super::tcp::serve_stream(shared, stream, peer, local, "tls").await;
         });
     }
 }
