@@ -246,8 +246,9 @@ impl Settings {
     /// Derive settings from the `[turn]` section; `allow_loopback` comes from the server
     /// (loopback-only deployments with no explicit allow list).
     pub fn from_config(t: &TurnConfig, allow_loopback: bool) -> Settings {
-        let listen_v4 = t.listen.iter().map(|a| a.ip()).find(|i| i.is_ipv4());
-        let listen_v6 = t.listen.iter().map(|a| a.ip()).find(|i| i.is_ipv6());
+        let ips = || t.listen.iter().chain(t.tls_listen.iter()).map(|a| a.ip());
+        let listen_v4 = ips().find(|i| i.is_ipv4());
+        let listen_v6 = ips().find(|i| i.is_ipv6());
         let bind_v4 = t.relay_bind.filter(|i| i.is_ipv4()).or(listen_v4);
         let bind_v6 = t
             .relay_bind_v6

@@ -19,8 +19,13 @@ pub const PASS: &str = "wonder";
 
 /// Start an in-process server on loopback ephemeral ports, with extra `[turn]` keys.
 pub async fn start(turn_extra: &str) -> RunningServer {
+    let listen = if turn_extra.contains("listen =") {
+        ""
+    } else {
+        "listen = [\"127.0.0.1:0\"]\n"
+    };
     let text = format!(
-        "[turn]\nlisten = [\"127.0.0.1:0\"]\n{turn_extra}\n\
+        "[turn]\n{listen}{turn_extra}\n\
          [http]\nlisten = \"127.0.0.1:0\"\n\
          [auth]\nturn_secrets = [\"{SECRET}\"]\n[auth.turn_users]\n{USER} = \"{PASS}\"\n"
     );
@@ -49,28 +54,44 @@ impl Drop for Peer {
 
 /// Start `turnutils_peer` on a free loopback port and wait until it echoes.
 pub async fn start_peer() -> Peer {
+    start_peer_on("127.0.0.1").await
+}
+
+/// Start `turnutils_peer` on a free port of `host` (`127.0.0.1` or `::1`).
+pub async fn start_peer_on(host: &str) -> Peer {
+    let any: SocketAddr = SocketAddr::new(host.parse().expect("loopback ip"), 0);
     for _ in 0..20 {
         let port = {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind probe");
+            let s = std::net::UdpSocket::bind(any).expect("bind probe");
             s.local_addr().expect("probe addr").port()
         };
         let child = Command::new("turnutils_peer")
-            .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-L", host, "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("turnutils_peer is installed (coturn package)");
         let peer = Peer { child, port };
-        let probe = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        // The client also talks RTCP to port + 1, so both ports must echo.
+        let probe = UdpSocket::bind(any).await.expect("bind");
+        let mut ok = [false; 2];
         for _ in 0..50 {
-            let _ = probe.send_to(b"ping", ("127.0.0.1", port)).await;
-            let mut b = [0u8; 16];
-            if let Ok(Ok((n, _))) =
-                tokio::time::timeout(Duration::from_millis(100), probe.recv_from(&mut b)).await
-            {
-                if &b[..n] == b"ping" {
-                    return peer;
+            for (i, p) in [port, port.wrapping_add(1)].into_iter().enumerate() {
+                if ok[i] {
+                    continue;
                 }
+                let _ = probe.send_to(b"ping", SocketAddr::new(any.ip(), p)).await;
+                let mut b = [0u8; 16];
+                if let Ok(Ok((n, from))) =
+                    tokio::time::timeout(Duration::from_millis(100), probe.recv_from(&mut b)).await
+                {
+                    if &b[..n] == b"ping" {
+                        ok[(from.port() != port) as usize] = true;
+                    }
+                }
+            }
+            if ok == [true, true] {
+                return peer;
             }
         }
         drop(peer);
@@ -93,8 +114,18 @@ pub struct Report {
 
 /// Run `turnutils_uclient` against `server` with an echo peer on `peer_port`.
 pub async fn uclient(server: SocketAddr, peer_port: u16, args: &[&str]) -> Report {
+    uclient_to(server, "127.0.0.1", peer_port, args).await
+}
+
+/// Run `turnutils_uclient` against `server` with an echo peer at `peer_host:peer_port`.
+pub async fn uclient_to(
+    server: SocketAddr,
+    peer_host: &str,
+    peer_port: u16,
+    args: &[&str],
+) -> Report {
     let mut cmd = Command::new("turnutils_uclient");
-    cmd.args(["-e", "127.0.0.1", "-r", &peer_port.to_string()])
+    cmd.args(["-e", peer_host, "-r", &peer_port.to_string()])
         .args(["-p", &server.port().to_string()])
         .args(args)
         .arg(server.ip().to_string());
