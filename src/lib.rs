@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod ice;
 pub mod listener;
 pub mod metrics;
 pub mod server;
