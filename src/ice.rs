@@ -90,11 +90,14 @@ pub fn ice_config(
         .or(bound.udp.first().or(bound.tcp.first()).map(|a| a.port()))
         .or(c.turn.listen.first().map(|a| a.port()))
         .unwrap_or(3478);
-    let tls_port = c
-        .public
-        .turns_port
-        .or(bound.tls.first().map(|a| a.port()))
-        .or(c.turn.tls_listen.first().map(|a| a.port()));
+    // turns: only when a TLS listener really exists; public.turns_port only renames its port.
+    let tls_port = (!c.turn.tls_listen.is_empty()).then(|| {
+        c.public
+            .turns_port
+            .or(bound.tls.first().map(|a| a.port()))
+            .or(c.turn.tls_listen.first().map(|a| a.port()))
+            .unwrap_or(5349)
+    });
     let has_udp = c.turn.udp && !c.turn.listen.is_empty();
     let has_tcp = c.turn.tcp && !c.turn.listen.is_empty();
 

@@ -21,10 +21,45 @@ struct Cli {
     /// Log format: text or json (overrides log.format).
     #[arg(long, value_parser = ["text", "json"])]
     log_format: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Read a password from standard input and print its argon2id hash for `[[auth.users]]`.
+    HashPassword,
+}
+
+fn hash_password_command() -> ExitCode {
+    use std::io::BufRead;
+    let mut line = String::new();
+    if std::io::stdin().lock().read_line(&mut line).is_err() {
+        eprintln!("switchboard: cannot read the password from standard input");
+        return ExitCode::from(1);
+    }
+    let pw = line.trim_end_matches(['\r', '\n']);
+    if pw.is_empty() {
+        eprintln!("switchboard: empty password");
+        return ExitCode::from(2);
+    }
+    match switchboard::auth::login::hash_password(pw) {
+        Ok(h) => {
+            println!("{h}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard: cannot hash: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::HashPassword) = cli.command {
+        return hash_password_command();
+    }
     let env = std::env::vars().filter(|(k, _)| k != "SWITCHBOARD_CONFIG");
     let mut config = match Config::load(cli.config.as_deref(), env) {
         Ok(c) => c,
@@ -53,7 +88,10 @@ fn main() -> ExitCode {
             // Bad certificate material is a configuration error, like a bad key.
             let config_error = matches!(
                 e.downcast_ref::<switchboard::server::StartError>(),
-                Some(switchboard::server::StartError::Tls(_))
+                Some(
+                    switchboard::server::StartError::Tls(_)
+                        | switchboard::server::StartError::JwtKey(_)
+                )
             );
             ExitCode::from(if config_error { 2 } else { 1 })
         }

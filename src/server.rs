@@ -27,6 +27,9 @@ pub enum StartError {
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The JWT public key could not be loaded.
+    #[error(transparent)]
+    JwtKey(#[from] crate::auth::jwt::KeyError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -89,6 +92,10 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Addresses actually bound, filled in at start.
     pub bound: std::sync::OnceLock<Bound>,
+    /// Login backends.
+    pub login: crate::auth::login::Login,
+    /// Per-IP login attempt limiter.
+    pub login_limiter: crate::auth::login::RateLimiter,
     /// The certificate of every TLS listener, when any is configured; reloaded on SIGHUP.
     pub tls: Option<Arc<crate::tls::ReloadableCert>>,
     /// Allowed origins for CORS and the WebSocket Origin check; swapped on SIGHUP.
@@ -184,7 +191,19 @@ impl Server {
         } else {
             None
         };
+        let login = crate::auth::login::Login::new(&config.auth)?;
+        if config.auth.backends.contains(&crate::config::Backend::Open)
+            && !config.http.listen.ip().is_loopback()
+        {
+            tracing::warn!(
+                listen = %config.http.listen,
+                "the `open` login backend is enabled on a non-loopback address: anyone can log in \
+                 (auth.allow_open_on_public = true)"
+            );
+        }
         let shared = Arc::new(Shared {
+            login,
+            login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),
             auth: Arc::new(Auth::new(&config.auth)),
             metrics: Arc::new(Metrics::new()),

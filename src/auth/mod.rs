@@ -1,6 +1,9 @@
 //! The one place that knows secrets: TURN REST credentials, static TURN users and
 //! session tokens. Every credential switchboard issues or checks goes through here.
 
+pub mod jwt;
+pub mod login;
+
 use arc_swap::ArcSwap;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;

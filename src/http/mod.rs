@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use crate::server::{shutdown_signal, Shared};
 
+pub mod login;
+
 /// Serve `make_router(shared)` on `listener` (plain TCP or TLS) until shutdown.
 pub async fn serve<L>(shared: Arc<Shared>, listener: L, make_router: fn(Arc<Shared>) -> Router)
 where
@@ -37,7 +39,26 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/info", get(info))
         .route("/metrics", get(metrics))
+        .merge(login::routes())
+        .layer(cors(shared.clone()))
         .with_state(shared)
+}
+
+/// CORS for browser apps on other origins, following `http.allowed_origins` (reloadable).
+fn cors(shared: Arc<Shared>) -> tower_http::cors::CorsLayer {
+    use axum::http::Method;
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, _| {
+            origin
+                .to_str()
+                .map(|o| shared.origin_allowed(o))
+                .unwrap_or(false)
+        }))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Only `/metrics`, for a separate scrape address.

@@ -1,0 +1,296 @@
+//! Login backends (open, static users with argon2id, operator JWTs) and the per-IP
+//! login rate limiter. HTTP concerns stay in `http::login`; this decides who someone is.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::jwt::{JwtError, JwtVerifier, KeyError};
+use crate::config::{AuthConfig, Backend};
+
+/// Who logged in, and what the session may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Stable user id: JWT `sub`, static user name, or open-mode name with a random suffix.
+    pub user: String,
+    /// The only room the session may join, if limited (JWT `room` claim).
+    pub room: Option<String>,
+    /// The backend that vouched for it.
+    pub backend: Backend,
+}
+
+/// What the client presented.
+#[derive(Debug, Clone)]
+pub enum Credentials<'a> {
+    /// `open`: a display name.
+    Name(&'a str),
+    /// `users`: a name and password.
+    Password {
+        /// Login name.
+        username: &'a str,
+        /// Plain password.
+        password: &'a str,
+    },
+    /// `jwt`: a bearer token.
+    Bearer(&'a str),
+}
+
+/// Why a login failed; maps to 400 or 401.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginError {
+    /// The backend for these credentials is not enabled.
+    #[error("the {0} login backend is not enabled")]
+    BackendDisabled(&'static str),
+    /// A display name was empty, too long or had control characters.
+    #[error("name must be 1 to 64 printable characters")]
+    BadName,
+    /// Unknown user or wrong password.
+    #[error("invalid username or password")]
+    BadPassword,
+    /// The JWT was refused.
+    #[error("invalid token: {0}")]
+    Jwt(#[from] JwtError),
+}
+
+/// Label for metrics.
+pub fn backend_label(b: Backend) -> &'static str {
+    match b {
+        Backend::Open => "open",
+        Backend::Users => "users",
+        Backend::Jwt => "jwt",
+    }
+}
+
+/// The configured backends.
+#[derive(Debug)]
+pub struct Login {
+    backends: Vec<Backend>,
+    users: HashMap<String, String>,
+    jwt: Option<JwtVerifier>,
+    /// A valid hash verified when the user is unknown, so timing does not reveal names.
+    dummy_hash: String,
+}
+
+impl Login {
+    /// Build from config; a bad JWT key file is an error naming it.
+    pub fn new(cfg: &AuthConfig) -> Result<Login, KeyError> {
+        let jwt = if cfg.backends.contains(&Backend::Jwt) {
+            Some(JwtVerifier::from_config(&cfg.jwt)?)
+        } else {
+            None
+        };
+        Ok(Login {
+            backends: cfg.backends.clone(),
+            users: cfg
+                .users
+                .iter()
+                .map(|u| (u.name.clone(), u.password_hash.clone()))
+                .collect(),
+            jwt,
+            dummy_hash: hash_password("switchboard-timing-equaliser").unwrap_or_default(),
+        })
+    }
+
+    /// Whether a backend is enabled.
+    pub fn enabled(&self, b: Backend) -> bool {
+        self.backends.contains(&b)
+    }
+
+    /// Check credentials and say who this is.
+    pub fn authenticate(&self, c: &Credentials<'_>, now_unix: u64) -> Result<Identity, LoginError> {
+        match *c {
+            Credentials::Name(name) => {
+                if !self.enabled(Backend::Open) {
+                    return Err(LoginError::BackendDisabled("open"));
+                }
+                let name = name.trim();
+                if name.is_empty()
+                    || name.chars().count() > 64
+                    || name.chars().any(char::is_control)
+                {
+                    return Err(LoginError::BadName);
+                }
+                // Two people picking the same name must not replace each other in a room.
+                let suffix: [u8; 3] = rand::random();
+                let hex: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+                Ok(Identity {
+                    user: format!("{name}#{hex}"),
+                    room: None,
+                    backend: Backend::Open,
+                })
+            }
+            Credentials::Password { username, password } => {
+                if !self.enabled(Backend::Users) {
+                    return Err(LoginError::BackendDisabled("users"));
+                }
+                let (hash, known) = match self.users.get(username) {
+                    Some(h) => (h.as_str(), true),
+                    None => (self.dummy_hash.as_str(), false),
+                };
+                if verify_password(hash, password) && known {
+                    Ok(Identity {
+                        user: username.to_string(),
+                        room: None,
+                        backend: Backend::Users,
+                    })
+                } else {
+                    Err(LoginError::BadPassword)
+                }
+            }
+            Credentials::Bearer(token) => {
+                let Some(v) = self.jwt.as_ref() else {
+                    return Err(LoginError::BackendDisabled("jwt"));
+                };
+                let c = v.verify(token, now_unix)?;
+                Ok(Identity {
+                    user: c.sub,
+                    room: c.room,
+                    backend: Backend::Jwt,
+                })
+            }
+        }
+    }
+}
+
+/// An argon2id PHC string for `password` (what `switchboard hash-password` prints).
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Constant-time check of a password against a PHC hash; malformed hashes never verify.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    match PasswordHash::new(hash) {
+        Ok(h) => Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Per-IP token bucket: `per_minute` attempts, refilled continuously.
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_minute: u32,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// Buckets kept before idle ones are pruned.
+const MAX_BUCKETS: usize = 100_000;
+
+impl RateLimiter {
+    /// Allow `per_minute` attempts per IP.
+    pub fn new(per_minute: u32) -> RateLimiter {
+        RateLimiter {
+            per_minute: per_minute.max(1),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Take one attempt; `Err(retry_after)` when the IP is over its rate.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let cap = self.per_minute as f64;
+        let rate = cap / 60.0;
+        let mut b = match self.buckets.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        if b.len() >= MAX_BUCKETS {
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < cap
+            });
+        }
+        let (tokens, at) = b.entry(ip).or_insert((cap, now));
+        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(cap);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                ((1.0 - *tokens) / rate).ceil().max(1.0),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UserEntry;
+
+    #[test]
+    fn users_backend_checks_argon2_hashes() {
+        let hash = hash_password("hunter22").unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        let cfg = AuthConfig {
+            backends: vec![Backend::Users],
+            users: vec![UserEntry {
+                name: "ann".into(),
+                password_hash: hash,
+            }],
+            ..Default::default()
+        };
+        let l = Login::new(&cfg).unwrap();
+        let ok = l
+            .authenticate(
+                &Credentials::Password {
+                    username: "ann",
+                    password: "hunter22",
+                },
+                0,
+            )
+            .unwrap();
+        assert_eq!(ok.user, "ann");
+        for (u, p) in [("ann", "wrong"), ("bob", "hunter22")] {
+            assert_eq!(
+                l.authenticate(
+                    &Credentials::Password {
+                        username: u,
+                        password: p
+                    },
+                    0
+                ),
+                Err(LoginError::BadPassword)
+            );
+        }
+        assert_eq!(
+            l.authenticate(&Credentials::Name("x"), 0),
+            Err(LoginError::BackendDisabled("open"))
+        );
+        assert!(!verify_password("not a phc string", "x"));
+    }
+
+    #[test]
+    fn open_names_are_validated_and_made_unique() {
+        let l = Login::new(&AuthConfig::default()).unwrap();
+        let a = l.authenticate(&Credentials::Name("Ann"), 0).unwrap();
+        let b = l.authenticate(&Credentials::Name("Ann"), 0).unwrap();
+        assert!(a.user.starts_with("Ann#"));
+        assert_ne!(a.user, b.user);
+        for bad in ["", "   ", "a\nb", &"x".repeat(65)] {
+            assert_eq!(
+                l.authenticate(&Credentials::Name(bad), 0),
+                Err(LoginError::BadName)
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limiter_refills() {
+        let r = RateLimiter::new(2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(r.check(ip, t0).is_ok());
+        assert!(r.check(ip, t0).is_ok());
+        let wait = r.check(ip, t0).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(30));
+        assert!(r.check("192.0.2.2".parse().unwrap(), t0).is_ok());
+        assert!(r.check(ip, t0 + Duration::from_secs(31)).is_ok());
+    }
+}
