@@ -1101,6 +1101,10 @@ impl<R: Relay> Table<R> {
         let Some(a) = self.allocs.get(&client) else {
             return Err(reject(437, "Allocation Mismatch"));
         };
+        if a.kind != RelayKind::Udp {
+            // Channels carry datagrams; a TCP relay uses data connections (RFC 6062 §5).
+            return Err(reject(400, "Bad Request"));
+        }
         let num = msg
             .get(attr::CHANNEL_NUMBER)
             .ok_or(reject(400, "Bad Request"))?;

@@ -1049,6 +1049,15 @@ fn tcp_relays_only_over_streams_and_connect_flow() {
     assert_eq!(r.code(), Some(400), "no XOR-PEER-ADDRESS");
     let r = h.send(
         client(1),
+        method::CHANNEL_BIND,
+        [20; 12],
+        Some(&c),
+        &chan_attr(0x4000),
+        &[peer(5)],
+    );
+    assert_eq!(r.code(), Some(400), "no channels on a TCP relay");
+    let r = h.send(
+        client(1),
         method::CONNECT,
         [7; 12],
         Some(&c),
