@@ -358,8 +358,13 @@ impl TcpRelay {
         let task = tokio::spawn(
             async move {
                 loop {
-                    let Ok((stream, peer)) = l.accept().await else {
-                        continue;
+                    let (stream, peer) = match l.accept().await {
+                        Ok(x) => x,
+                        Err(_) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
                     };
                     let view = v.load();
                     let sink = k.load();
