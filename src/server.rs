@@ -111,6 +111,8 @@ pub struct TurnShared {
     pub settings: Arc<crate::turn::core::Settings>,
     /// Allocation quotas, used relay ports and the nonce key.
     pub pool: Arc<crate::turn::core::Pool>,
+    /// RFC 6062 peer connections waiting for ConnectionBind.
+    pub conns: Arc<crate::turn::relay::Conns>,
 }
 
 impl TurnShared {
@@ -128,6 +130,7 @@ impl TurnShared {
                 allow_loopback,
             )),
             pool: Arc::new(crate::turn::core::Pool::new()),
+            conns: Arc::new(crate::turn::relay::Conns::default()),
         }
     }
 }

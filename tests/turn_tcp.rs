@@ -187,3 +187,28 @@ async fn a_stalled_tcp_client_does_not_slow_another() {
     flood.abort();
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc6062_tcp_relay_between_two_uclient_sessions() {
+    let server = start("max_allocations_per_user = 100").await;
+    // -T: TCP allocations, client-to-client through Connect / ConnectionAttempt /
+    // ConnectionBind, a data connection per peer.
+    let r = uclient_to(
+        tcp_addr(&server),
+        "127.0.0.1",
+        1,
+        &[
+            "-T", "-W", SECRET, "-m", "2", "-n", "20", "-l", "120", "-z", "5",
+        ],
+    )
+    .await;
+    assert_clean(&r, 40);
+    let text = server.shared().metrics.render();
+    assert!(
+        metric(
+            &text,
+            "switchboard_turn_relayed_bytes_total{direction=\"to_peer\"}"
+        ) > 0
+    );
+    server.shutdown();
+}

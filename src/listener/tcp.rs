@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 use crate::server::{shutdown_signal, Shared};
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::{binding, Message};
+use crate::turn::core::Outcome;
 use crate::turn::core::{DeleteReason, Env, Table};
-use crate::turn::relay::{ClientSink, StreamSink, UdpRelay};
+use crate::turn::relay::{AnyRelay, ClientSink, StreamSink};
 
 /// Bind a TCP listener with SO_REUSEADDR so restarts do not wait for TIME_WAIT.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -115,7 +116,7 @@ pub async fn serve_stream<S>(
     local: Option<SocketAddr>,
     transport: &'static str,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, wr) = tokio::io::split(stream);
     let sink = Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
@@ -129,16 +130,22 @@ pub async fn serve_stream<S>(
     let m = shared.metrics.clone();
     let send_full = m.drops.with_label_values(&["client_send_full"]);
     let no_route = m.drops.with_label_values(&["no_permission"]);
-    let mut table: Option<Table<UdpRelay>> = shared.config.turn.relay.then(|| {
-        Table::new(
+    let mut table: Option<Table<AnyRelay>> = shared.config.turn.relay.then(|| {
+        let mut t = Table::new(
             shared.turn.settings.clone(),
             shared.auth.clone(),
             m.clone(),
             shared.turn.pool.clone(),
             transport,
             ClientSink::Stream(sink.clone()),
-        )
+        );
+        t.set_stream();
+        t
     });
+    // RFC 6062 Connect results come back from connect tasks; a successful ConnectionBind
+    // turns this connection into a raw data pipe to `data_peer`.
+    let (connect_tx, mut connect_rx) = tokio::sync::mpsc::channel::<Option<u32>>(4);
+    let mut data_peer: Option<tokio::net::TcpStream> = None;
     let env = |shared: &Shared| Env {
         now: Instant::now(),
         unix: crate::auth::unix_now(),
@@ -197,9 +204,50 @@ pub async fn serve_stream<S>(
                             m.stun_requests.with_label_values(&[o.label()]).inc();
                         }
                     } else if let Some(t) = table.as_mut() {
-                        let metrics = m.clone();
-                        let mut bind = |a: SocketAddr| UdpRelay::bind(a, metrics.clone());
-                        t.handle_request(env(&shared), peer, &msg, &mut out, &mut bind);
+                        let conns = shared.turn.conns.clone();
+                        let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
+                        match t.handle_request(env(&shared), peer, &msg, &mut out, &mut bind) {
+                            Outcome::Connect(to) => {
+                                let tx = connect_tx.clone();
+                                let conns = shared.turn.conns.clone();
+                                tokio::spawn(async move {
+                                    let c = tokio::time::timeout(
+                                        Duration::from_secs(10),
+                                        tokio::net::TcpStream::connect(to),
+                                    )
+                                    .await;
+                                    let id = match c {
+                                        Ok(Ok(s)) => Some(conns.insert(s)),
+                                        _ => None,
+                                    };
+                                    let _ = tx.send(id).await;
+                                });
+                            }
+                            Outcome::ConnectionBind(id) => match shared.turn.conns.take(id) {
+                                Some(s) => {
+                                    data_peer = Some(s);
+                                    if !sink.push(&out) {
+                                        send_full.inc();
+                                    }
+                                    buf.drain(..off);
+                                    break 'conn;
+                                }
+                                None => {
+                                    out.clear();
+                                    let tid = msg.transaction_id();
+                                    let mut e = Encoder::new(
+                                        &mut out,
+                                        method::CONNECTION_BIND,
+                                        Class::Error,
+                                        &tid,
+                                    );
+                                    e.error_code(400, "Bad Request: unknown CONNECTION-ID");
+                                    e.finish();
+                                    m.turn_errors.with_label_values(&["400"]).inc();
+                                }
+                            },
+                            _ => {}
+                        }
                     } else if msg.class() == Class::Request {
                         let tid = msg.transaction_id();
                         let mut e = Encoder::new(&mut out, msg.method(), Class::Error, &tid);
@@ -252,6 +300,16 @@ pub async fn serve_stream<S>(
                     break;
                 }
             },
+            Some(id) = connect_rx.recv() => {
+                if let Some(t) = table.as_mut() {
+                    out.clear();
+                    t.connect_done(peer, id, &mut out);
+                    if !out.is_empty() && !sink.push(&out) {
+                        send_full.inc();
+                    }
+                }
+                continue;
+            }
             _ = &mut timer, if armed.is_some() => {
                 if let Some(t) = table.as_mut() {
                     t.handle_timeout(env(&shared));
@@ -271,7 +329,28 @@ pub async fn serve_stream<S>(
         t.clear(DeleteReason::Closed);
     }
     sink.close();
-    let _ = writer.await;
+    let Some(wr) = writer.await.ok().flatten() else {
+        return;
+    };
+    if let Some(mut to_peer) = data_peer {
+        // RFC 6062 data connection: bytes after ConnectionBind are application data.
+        use tokio::io::AsyncWriteExt;
+        let mut client = rd.unsplit(wr);
+        if !buf.is_empty() && to_peer.write_all(&buf).await.is_err() {
+            return;
+        }
+        let r = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut to_peer) => r,
+            _ = &mut shutdown => return,
+        };
+        if let Ok((up, down)) = r {
+            m.relay_bytes_to_peer.inc_by(up);
+            m.relay_bytes_to_client.inc_by(down);
+        }
+    } else {
+        use tokio::io::AsyncWriteExt;
+        let _ = rd.unsplit(wr).shutdown().await;
+    }
 }
 
 #[cfg(test)]

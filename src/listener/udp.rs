@@ -12,7 +12,7 @@ use crate::server::{shutdown_signal, Shared};
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::{binding, Message};
 use crate::turn::core::{Env, Table};
-use crate::turn::relay::{ClientSink, UdpRelay};
+use crate::turn::relay::{AnyRelay, ClientSink};
 
 /// Largest datagram we read; bigger ones are truncated by the kernel and then fail to parse.
 pub const MAX_DATAGRAM: usize = 65_536;
@@ -46,7 +46,7 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
     let malformed = m.stun_requests.with_label_values(&["malformed"]);
     let not_stun = m.drops.with_label_values(&["not_stun"]);
     let no_route = m.drops.with_label_values(&["no_permission"]);
-    let mut table: Option<Table<UdpRelay>> = shared.config.turn.relay.then(|| {
+    let mut table: Option<Table<AnyRelay>> = shared.config.turn.relay.then(|| {
         Table::new(
             shared.turn.settings.clone(),
             shared.auth.clone(),
@@ -145,8 +145,8 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
                             m.stun_requests.with_label_values(&[outcome.label()]).inc();
                         }
                     } else if let Some(t) = table.as_mut() {
-                        let metrics = m.clone();
-                        let mut bind = |a: SocketAddr| UdpRelay::bind(a, metrics.clone());
+                        let conns = shared.turn.conns.clone();
+                        let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
                         t.handle_request(env(&shared), src, &msg, &mut out, &mut bind);
                     } else if msg.class() == Class::Request {
                         // Relay disabled: TURN methods are unknown methods here (RFC 8489 §6.3.1).

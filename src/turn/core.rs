@@ -44,6 +44,17 @@ const ALG_MD5: u16 = 0x0001;
 const ALG_SHA256: u16 = 0x0002;
 /// UDP in REQUESTED-TRANSPORT.
 const PROTO_UDP: u8 = 17;
+/// TCP in REQUESTED-TRANSPORT (RFC 6062).
+const PROTO_TCP: u8 = 6;
+
+/// What kind of relay socket an allocation needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayKind {
+    /// A UDP socket (RFC 8656).
+    Udp,
+    /// A TCP listening socket with a data connection per peer (RFC 6062).
+    Tcp,
+}
 
 /// Attributes a TURN request may carry that this table understands.
 const KNOWN: &[u16] = &[
@@ -66,6 +77,7 @@ const KNOWN: &[u16] = &[
     attr::FINGERPRINT,
     attr::PRIORITY,
     attr::PADDING,
+    attr::CONNECTION_ID,
 ];
 
 /// What the caller knows about "now"; the table never reads a clock.
@@ -301,6 +313,9 @@ struct Chan {
 
 struct Alloc<R> {
     relay: R,
+    kind: RelayKind,
+    /// Connect request waiting for the shell's TCP connect: transaction id, fingerprint, alg.
+    pending_connect: Option<([u8; 12], bool, Alg)>,
     advertised: SocketAddr,
     expires: Instant,
     key: Key,
@@ -348,6 +363,12 @@ pub enum Outcome {
     Retransmit,
     /// Nothing to answer.
     Ignored,
+    /// RFC 6062 Connect accepted: the shell opens a TCP connection to this peer and reports
+    /// back with [`Table::connect_done`]; nothing was written yet.
+    Connect(SocketAddr),
+    /// RFC 6062 ConnectionBind authenticated: a success response was written; the shell must
+    /// claim this connection id (or answer 400 instead) and turn the stream into a data pipe.
+    ConnectionBind(u32),
 }
 
 /// An early answer: error code and whether the request was authenticated.
@@ -371,6 +392,8 @@ pub struct Table<R: Relay> {
     /// Reservations this table made, for its deadline and clean-up.
     reserved: Vec<([u8; 8], Instant)>,
     sink: R::Sink,
+    /// The client reaches this table over a stream (TCP/TLS), so TCP relays are allowed.
+    stream: bool,
     deadline: Option<Instant>,
 }
 
@@ -393,8 +416,14 @@ impl<R: Relay> Table<R> {
             allocs: HashMap::new(),
             reserved: Vec::new(),
             sink,
+            stream: false,
             deadline: None,
         }
+    }
+
+    /// Mark this table as serving a stream connection, which may ask for TCP relays.
+    pub fn set_stream(&mut self) {
+        self.stream = true;
     }
 
     /// Number of live allocations in this table.
@@ -425,16 +454,22 @@ impl<R: Relay> Table<R> {
         client: SocketAddr,
         msg: &Message<'_>,
         out: &mut Vec<u8>,
-        bind: &mut dyn FnMut(SocketAddr) -> std::io::Result<R>,
+        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
     ) -> Outcome {
         if msg.class() != Class::Request {
             return Outcome::Ignored;
         }
         let m = msg.method();
-        if !matches!(
-            m,
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
-        ) {
+        let tcp_methods = self.stream && matches!(m, method::CONNECT | method::CONNECTION_BIND);
+        if !tcp_methods
+            && !matches!(
+                m,
+                method::ALLOCATE
+                    | method::REFRESH
+                    | method::CREATE_PERMISSION
+                    | method::CHANNEL_BIND
+            )
+        {
             return self.error(out, msg, None, Alg::Md5, reject(400, "Bad Request"), env);
         }
         // A retransmitted Allocate gets the cached response before anything else.
@@ -461,6 +496,24 @@ impl<R: Relay> Table<R> {
             finish(e, msg);
             self.count_error(420);
             return Outcome::Error(420);
+        }
+        if m == method::CONNECT {
+            return match self.connect(env, client, msg, alg) {
+                Ok(peer) => Outcome::Connect(peer),
+                Err(rej) => self.error(out, msg, Some(&key), alg, rej, env),
+            };
+        }
+        if m == method::CONNECTION_BIND {
+            let id = match msg.get(attr::CONNECTION_ID).map(decode_u32) {
+                Some(Ok(id)) if self.allocs.is_empty() => id,
+                _ => return self.error(out, msg, Some(&key), alg, reject(400, "Bad Request"), env),
+            };
+            let tid = msg.transaction_id();
+            let mut e = Encoder::new(out, method::CONNECTION_BIND, Class::Success, &tid);
+            e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+            sign(&mut e, &key, alg);
+            finish(e, msg);
+            return Outcome::ConnectionBind(id);
         }
         let r = match m {
             method::ALLOCATE => self.allocate(env, client, msg, &key, alg, out, bind),
@@ -649,7 +702,7 @@ impl<R: Relay> Table<R> {
         key: &Key,
         alg: Alg,
         out: &mut Vec<u8>,
-        bind: &mut dyn FnMut(SocketAddr) -> std::io::Result<R>,
+        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
     ) -> Result<(), Reject> {
         if self.allocs.contains_key(&client) {
             return Err(reject(437, "Allocation Mismatch"));
@@ -660,8 +713,17 @@ impl<R: Relay> Table<R> {
         if proto.len() != 4 {
             return Err(reject(400, "Bad Request"));
         }
-        if proto[0] != PROTO_UDP {
-            return Err(reject(442, "Unsupported Transport Protocol"));
+        let kind = match proto[0] {
+            PROTO_UDP => RelayKind::Udp,
+            PROTO_TCP if self.stream => RelayKind::Tcp,
+            _ => return Err(reject(442, "Unsupported Transport Protocol")),
+        };
+        if kind == RelayKind::Tcp
+            && (msg.get(attr::DONT_FRAGMENT).is_some()
+                || msg.get(attr::EVEN_PORT).is_some()
+                || msg.get(attr::RESERVATION_TOKEN).is_some())
+        {
+            return Err(reject(400, "Bad Request"));
         }
         if let Some(df) = msg.get(attr::DONT_FRAGMENT) {
             if !df.is_empty() {
@@ -745,7 +807,7 @@ impl<R: Relay> Table<R> {
                 }
             }
             None => self
-                .open_relay(env, bind_ip, even.is_some(), reserve_next, bind)
+                .open_relay(env, bind_ip, kind, even.is_some(), reserve_next, bind)
                 .map(|(r, t)| {
                     new_token = t;
                     r
@@ -789,6 +851,8 @@ impl<R: Relay> Table<R> {
         }
         let a = Alloc {
             relay,
+            kind,
+            pending_connect: None,
             advertised,
             expires: env.now + Duration::from_secs(lifetime as u64),
             key: key.clone(),
@@ -833,9 +897,10 @@ impl<R: Relay> Table<R> {
         &mut self,
         env: Env,
         ip: IpAddr,
+        kind: RelayKind,
         even: bool,
         pair: bool,
-        bind: &mut dyn FnMut(SocketAddr) -> std::io::Result<R>,
+        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
     ) -> Result<(R, Option<[u8; 8]>), Reject> {
         let (lo, hi) = (self.settings.port_min as u32, self.settings.port_max as u32);
         let span = hi - lo + 1;
@@ -866,7 +931,7 @@ impl<R: Relay> Table<R> {
                 }
                 port
             };
-            let r = match bind(SocketAddr::new(ip, picked)) {
+            let r = match bind(SocketAddr::new(ip, picked), kind) {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(port = picked, error = %e, "relay port busy, trying another");
@@ -881,7 +946,7 @@ impl<R: Relay> Table<R> {
             };
             let mut token = None;
             if pair {
-                match bind(SocketAddr::new(ip, picked + 1)) {
+                match bind(SocketAddr::new(ip, picked + 1), kind) {
                     Ok(second) => {
                         let t: [u8; 8] = rand::random();
                         let exp = env.now + RESERVATION_LIFETIME;
@@ -1036,6 +1101,10 @@ impl<R: Relay> Table<R> {
         let Some(a) = self.allocs.get(&client) else {
             return Err(reject(437, "Allocation Mismatch"));
         };
+        if a.kind != RelayKind::Udp {
+            // Channels carry datagrams; a TCP relay uses data connections (RFC 6062 §5).
+            return Err(reject(400, "Bad Request"));
+        }
         let num = msg
             .get(attr::CHANNEL_NUMBER)
             .ok_or(reject(400, "Bad Request"))?;
@@ -1103,6 +1172,96 @@ impl<R: Relay> Table<R> {
         sign(&mut e, key, alg);
         finish(e, msg);
         Ok(())
+    }
+
+    /// RFC 6062 §5.2 Connect: validate, install a permission for the peer, and leave the TCP
+    /// connect to the shell.
+    fn connect(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        alg: Alg,
+    ) -> Result<SocketAddr, Reject> {
+        let Some(a) = self.allocs.get(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        if a.kind != RelayKind::Tcp {
+            return Err(reject(400, "Bad Request"));
+        }
+        let peer = msg
+            .xor_address(attr::XOR_PEER_ADDRESS)
+            .ok_or(reject(400, "Bad Request"))?
+            .map_err(|_| reject(400, "Bad Request"))?;
+        self.check_peer(a, peer)?;
+        if a.pending_connect.is_some() {
+            return Err(reject(446, "Connection Already Exists"));
+        }
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let exp = env.now + PERMISSION_LIFETIME;
+        match a.perms.iter_mut().find(|(p, _)| *p == peer.ip()) {
+            Some(p) => p.1 = p.1.max(exp),
+            None => {
+                if a.perms.len() >= MAX_PERMISSIONS {
+                    return Err(reject(508, "Insufficient Capacity"));
+                }
+                a.perms.push((peer.ip(), exp));
+                self.metrics.turn_permissions_active.inc();
+            }
+        }
+        a.pending_connect = Some((msg.transaction_id(), msg.has_fingerprint(), alg));
+        if let Some(a) = self.allocs.get(&client) {
+            self.publish(client, a);
+        }
+        self.recompute_deadline();
+        Ok(peer)
+    }
+
+    /// The shell's TCP connect for a Connect request finished: answer with CONNECTION-ID, or
+    /// 447 Connection Timeout or Failure.
+    pub fn connect_done(
+        &mut self,
+        client: SocketAddr,
+        result: Option<u32>,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Outcome::Ignored;
+        };
+        let Some((tid, fp, alg)) = a.pending_connect.take() else {
+            return Outcome::Ignored;
+        };
+        let key = a.key.clone();
+        let (class, code) = match result {
+            Some(_) => (Class::Success, None),
+            None => (Class::Error, Some(447)),
+        };
+        let mut e = Encoder::new(out, method::CONNECT, class, &tid);
+        match (result, code) {
+            (Some(id), _) => {
+                e.u32_attr(attr::CONNECTION_ID, id);
+            }
+            (None, Some(c)) => {
+                e.error_code(c, "Connection Timeout or Failure");
+            }
+            _ => {}
+        }
+        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        sign(&mut e, &key, alg);
+        if fp {
+            e.finish_with_fingerprint();
+        } else {
+            e.finish();
+        }
+        match code {
+            Some(c) => {
+                self.count_error(c);
+                Outcome::Error(c)
+            }
+            None => Outcome::Success,
+        }
     }
 
     fn publish(&self, client: SocketAddr, a: &Alloc<R>) {

@@ -91,8 +91,9 @@ impl StreamSink {
         self.notify.notify_one();
     }
 
-    /// Write queued bytes to `w` until the sink is closed or a write fails.
-    pub async fn run_writer<W: tokio::io::AsyncWrite + Unpin>(&self, mut w: W) {
+    /// Write queued bytes to `w` until the sink is closed or a write fails; gives the writer
+    /// back after a clean close (an RFC 6062 data connection then takes the raw stream).
+    pub async fn run_writer<W: tokio::io::AsyncWrite + Unpin>(&self, mut w: W) -> Option<W> {
         use tokio::io::AsyncWriteExt;
         let mut local: Vec<u8> = Vec::with_capacity(64 * 1024);
         loop {
@@ -109,11 +110,11 @@ impl StreamSink {
             }
             if w.write_all(&local).await.is_err() {
                 self.close();
-                break;
+                return None;
             }
             local.clear();
         }
-        let _ = w.shutdown().await;
+        Some(w)
     }
 }
 
@@ -284,6 +285,177 @@ async fn peer_to_client(
         }
         if !drained {
             tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Peer TCP connections waiting for the client's ConnectionBind (RFC 6062), by connection id.
+/// Shared by every listener because the client binds on a new connection. Control path only.
+#[derive(Debug, Default)]
+pub struct Conns {
+    map: std::sync::Mutex<std::collections::HashMap<u32, (tokio::net::TcpStream, Instant)>>,
+}
+
+/// How long a peer connection waits for its ConnectionBind (RFC 6062 §5.3: 30 seconds).
+const CONNECTION_BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Conns {
+    /// Park a peer connection and return its new CONNECTION-ID; stale entries are dropped.
+    pub fn insert(&self, s: tokio::net::TcpStream) -> u32 {
+        let now = Instant::now();
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (_, t)| now.duration_since(*t) < CONNECTION_BIND_WAIT);
+        loop {
+            let id: u32 = rand::random();
+            if id != 0 && !m.contains_key(&id) {
+                m.insert(id, (s, now));
+                return id;
+            }
+        }
+    }
+    /// Take the peer connection for `id`, if it is still waiting.
+    pub fn take(&self, id: u32) -> Option<tokio::net::TcpStream> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(&id)
+            .filter(|(_, t)| t.elapsed() < CONNECTION_BIND_WAIT)
+            .map(|(s, _)| s)
+    }
+}
+
+/// An RFC 6062 TCP relay: a listening socket whose accepted peer connections are announced to
+/// the client with ConnectionAttempt. Dropping it stops listening.
+pub struct TcpRelay {
+    addr: SocketAddr,
+    view: Arc<ArcSwap<View>>,
+    sink: Arc<arc_swap::ArcSwapOption<ClientSink>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TcpRelay {
+    /// Listen on `addr` and announce permitted incoming peers. Must run inside tokio.
+    pub fn bind(addr: SocketAddr, conns: Arc<Conns>) -> std::io::Result<TcpRelay> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(64)?;
+        let l = tokio::net::TcpListener::from_std(s.into())?;
+        let local = l.local_addr()?;
+        let view = Arc::new(ArcSwap::from_pointee(View::default()));
+        let sink = Arc::new(arc_swap::ArcSwapOption::<ClientSink>::empty());
+        let (v, k) = (view.clone(), sink.clone());
+        let span = tracing::debug_span!("tcp_relay", relay = %local);
+        let task = tokio::spawn(
+            async move {
+                loop {
+                    let (stream, peer) = match l.accept().await {
+                        Ok(x) => x,
+                        Err(_) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let view = v.load();
+                    let sink = k.load();
+                    let (Some(client), Some(sink)) = (view.client, sink.as_deref()) else {
+                        continue;
+                    };
+                    if !view.permits(peer.ip(), Instant::now()) {
+                        tracing::debug!(%peer, "peer connection without permission refused");
+                        continue;
+                    }
+                    let id = conns.insert(stream);
+                    let mut out = Vec::with_capacity(64);
+                    let tid: [u8; 12] = rand::random();
+                    let mut e = Encoder::new(
+                        &mut out,
+                        method::CONNECTION_ATTEMPT,
+                        Class::Indication,
+                        &tid,
+                    );
+                    e.xor_address(attr::XOR_PEER_ADDRESS, peer);
+                    e.u32_attr(attr::CONNECTION_ID, id);
+                    e.finish();
+                    sink.deliver(&out, client);
+                }
+            }
+            .instrument(span),
+        )
+        .abort_handle();
+        Ok(TcpRelay {
+            addr: local,
+            view,
+            sink,
+            task,
+        })
+    }
+}
+
+/// Either kind of relay socket, as the allocation table holds it.
+pub enum AnyRelay {
+    /// UDP relay (RFC 8656).
+    Udp(UdpRelay),
+    /// TCP relay (RFC 6062).
+    Tcp(TcpRelay),
+}
+
+impl AnyRelay {
+    /// Open a relay of `kind` on `addr`.
+    pub fn bind(
+        addr: SocketAddr,
+        kind: crate::turn::core::RelayKind,
+        metrics: &Arc<Metrics>,
+        conns: &Arc<Conns>,
+    ) -> std::io::Result<AnyRelay> {
+        match kind {
+            crate::turn::core::RelayKind::Udp => {
+                UdpRelay::bind(addr, metrics.clone()).map(AnyRelay::Udp)
+            }
+            crate::turn::core::RelayKind::Tcp => {
+                TcpRelay::bind(addr, conns.clone()).map(AnyRelay::Tcp)
+            }
+        }
+    }
+
+    /// Client-to-peer datagram; TCP relays carry data on data connections, not here.
+    pub fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
+        match self {
+            AnyRelay::Udp(u) => u.send_to_peer(payload, peer),
+            AnyRelay::Tcp(_) => false,
+        }
+    }
+}
+
+impl Relay for AnyRelay {
+    type Sink = ClientSink;
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            AnyRelay::Udp(u) => u.addr,
+            AnyRelay::Tcp(t) => t.addr,
+        }
+    }
+    fn attach(&self, sink: &ClientSink) {
+        let s = Some(Arc::new(sink.clone()));
+        match self {
+            AnyRelay::Udp(u) => u.sink.store(s),
+            AnyRelay::Tcp(t) => t.sink.store(s),
+        }
+    }
+    fn publish(&self, view: Arc<View>) {
+        match self {
+            AnyRelay::Udp(u) => u.view.store(view),
+            AnyRelay::Tcp(t) => t.view.store(view),
         }
     }
 }
