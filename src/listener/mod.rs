@@ -24,3 +24,35 @@ pub fn classify(buf: &[u8]) -> Kind {
         _ => Kind::Other,
     }
 }
+
+/// Answer a Binding request into `out`, counting the outcome.
+pub(crate) fn answer_binding(
+    metrics: &crate::metrics::Metrics,
+    msg: &crate::stun::Message<'_>,
+    src: std::net::SocketAddr,
+    local: Option<std::net::SocketAddr>,
+    software: &str,
+    out: &mut Vec<u8>,
+) {
+    let o = crate::stun::binding::respond(msg, src, local, software, out);
+    if o != crate::stun::binding::Outcome::Ignored {
+        metrics.stun_requests.with_label_values(&[o.label()]).inc();
+    }
+}
+
+/// With `turn.relay = false`, TURN methods are unknown methods (RFC 8489 §6.3.1): 400.
+pub(crate) fn refuse_relay_disabled(
+    metrics: &crate::metrics::Metrics,
+    msg: &crate::stun::Message<'_>,
+    out: &mut Vec<u8>,
+) {
+    use crate::stun::{Class, Encoder};
+    if msg.class() != Class::Request {
+        return;
+    }
+    let tid = msg.transaction_id();
+    let mut e = Encoder::new(out, msg.method(), Class::Error, &tid);
+    e.error_code(400, "Bad Request: TURN relay disabled");
+    e.finish();
+    metrics.turn_errors.with_label_values(&["400"]).inc();
+}

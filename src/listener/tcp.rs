@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::server::{shutdown_signal, Shared};
 use crate::stun::codec::{method, Class, Encoder};
-use crate::stun::{binding, Message};
+use crate::stun::Message;
 use crate::turn::core::Outcome;
 use crate::turn::core::{DeleteReason, Env, Table};
 use crate::turn::relay::{AnyRelay, ClientSink, StreamSink};
@@ -199,10 +199,7 @@ pub async fn serve_stream<S>(
                     }
                     out.clear();
                     if msg.method() == method::BINDING {
-                        let o = binding::respond(&msg, peer, local, &software, &mut out);
-                        if o != binding::Outcome::Ignored {
-                            m.stun_requests.with_label_values(&[o.label()]).inc();
-                        }
+                        super::answer_binding(&m, &msg, peer, local, &software, &mut out);
                     } else if let Some(t) = table.as_mut() {
                         let conns = shared.turn.conns.clone();
                         let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
@@ -248,12 +245,8 @@ pub async fn serve_stream<S>(
                             },
                             _ => {}
                         }
-                    } else if msg.class() == Class::Request {
-                        let tid = msg.transaction_id();
-                        let mut e = Encoder::new(&mut out, msg.method(), Class::Error, &tid);
-                        e.error_code(400, "Bad Request: TURN relay disabled");
-                        e.finish();
-                        m.turn_errors.with_label_values(&["400"]).inc();
+                    } else {
+                        super::refuse_relay_disabled(&m, &msg, &mut out);
                     }
                     if !out.is_empty() && !sink.push(&out) {
                         send_full.inc();
@@ -362,7 +355,7 @@ mod tests {
         assert_eq!(next_frame(&[]), Ok(None));
         assert_eq!(next_frame(&[0x00, 0x01, 0x00]), Ok(None));
         let mut req = Vec::new();
-        binding::request(&[1; 12], false, &mut req);
+        crate::stun::binding::request(&[1; 12], false, &mut req);
         assert_eq!(next_frame(&req), Ok(Some(Frame::Stun(20))));
         assert_eq!(next_frame(&req[..10]), Ok(None));
         // ChannelData of 5 payload bytes is padded to 12 on streams.

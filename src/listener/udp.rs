@@ -9,8 +9,8 @@ use tokio::net::UdpSocket;
 
 use super::{classify, Kind};
 use crate::server::{shutdown_signal, Shared};
-use crate::stun::codec::{method, Class, Encoder};
-use crate::stun::{binding, Message};
+use crate::stun::codec::{method, Class};
+use crate::stun::Message;
 use crate::turn::core::{Env, Table};
 use crate::turn::relay::{AnyRelay, ClientSink};
 
@@ -140,21 +140,13 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
                     }
                     out.clear();
                     if msg.method() == method::BINDING {
-                        let outcome = binding::respond(&msg, src, local, &software, &mut out);
-                        if outcome != binding::Outcome::Ignored {
-                            m.stun_requests.with_label_values(&[outcome.label()]).inc();
-                        }
+                        super::answer_binding(&m, &msg, src, local, &software, &mut out);
                     } else if let Some(t) = table.as_mut() {
                         let conns = shared.turn.conns.clone();
                         let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
                         t.handle_request(env(&shared), src, &msg, &mut out, &mut bind);
-                    } else if msg.class() == Class::Request {
-                        // Relay disabled: TURN methods are unknown methods here (RFC 8489 §6.3.1).
-                        let tid = msg.transaction_id();
-                        let mut e = Encoder::new(&mut out, msg.method(), Class::Error, &tid);
-                        e.error_code(400, "Bad Request: TURN relay disabled");
-                        e.finish();
-                        m.turn_errors.with_label_values(&["400"]).inc();
+                    } else {
+                        super::refuse_relay_disabled(&m, &msg, &mut out);
                     }
                     if !out.is_empty() {
                         if let Err(e) = sock.try_send_to(&out, src) {
