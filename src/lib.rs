@@ -13,6 +13,7 @@ pub mod ice;
 pub mod listener;
 pub mod metrics;
 pub mod server;
+pub mod signaling;
 pub mod stun;
 pub mod tls;
 pub mod turn;

@@ -94,6 +94,8 @@ pub struct Shared {
     pub bound: std::sync::OnceLock<Bound>,
     /// Login backends.
     pub login: crate::auth::login::Login,
+    /// Room signaling.
+    pub signaling: Arc<crate::signaling::conn::Signaling>,
     /// Per-IP login attempt limiter.
     pub login_limiter: crate::auth::login::RateLimiter,
     /// The certificate of every TLS listener, when any is configured; reloaded on SIGHUP.
@@ -206,6 +208,7 @@ impl Server {
         }
         let shared = Arc::new(Shared {
             login,
+            signaling: Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),
             auth: Arc::new(Auth::new(&config.auth)),
@@ -314,6 +317,7 @@ impl Server {
             ));
         }
 
+        tasks.spawn(shared.signaling.clone().run_timers(shared.clone()));
         let _ = shared.bound.set(bound);
         shared.lifecycle.ready.store(true, Ordering::Release);
         Ok(RunningServer { shared, tasks })

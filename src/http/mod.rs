@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::server::{shutdown_signal, Shared};
 
 pub mod login;
+pub mod ws;
 
 /// Serve `make_router(shared)` on `listener` (plain TCP or TLS) until shutdown.
 pub async fn serve<L>(shared: Arc<Shared>, listener: L, make_router: fn(Arc<Shared>) -> Router)
@@ -40,6 +41,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/info", get(info))
         .route("/metrics", get(metrics))
         .merge(login::routes())
+        .merge(ws::routes())
         .layer(cors(shared.clone()))
         .with_state(shared)
 }

@@ -1,0 +1,62 @@
+//! `GET /v1/ws`: checks Origin, takes the session token from `Sec-WebSocket-Protocol` when
+//! offered there (never from the URL), and hands the socket to the signaling service.
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tracing::Instrument;
+
+use crate::server::Shared;
+
+/// The WebSocket subprotocol of this signaling protocol version.
+pub const PROTOCOL: &str = "switchboard.v1";
+
+/// The signaling route.
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new().route("/v1/ws", get(upgrade))
+}
+
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        if !shared.origin_allowed(origin) {
+            shared.metrics.drops.with_label_values(&["ws_origin"]).inc();
+            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        }
+    }
+    // `Sec-WebSocket-Protocol: switchboard.v1, <session token>` keeps the token out of URLs.
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_string())
+        .collect();
+    let token = offered.iter().find(|p| p.starts_with("sb1.")).cloned();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let limit = shared.config.signaling.max_frame_bytes;
+    // Frames up to 4x the limit are read and answered with a typed `too_large` error;
+    // beyond that the socket is closed with 1009.
+    let hard = limit.saturating_mul(4).max(1 << 20);
+    let sig = shared.signaling.clone();
+    let span = tracing::debug_span!("ws", peer = %peer);
+    ws.protocols([PROTOCOL])
+        .max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(move |socket| {
+            crate::signaling::conn::serve(sig, shared, socket, peer.ip(), token, host)
+                .instrument(span)
+        })
+}
