@@ -42,8 +42,47 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .merge(login::routes())
         .merge(ws::routes())
+        .merge(web_routes(shared.config.http.demo))
         .layer(cors(shared.clone()))
         .with_state(shared)
+}
+
+/// The demo page and the JS client, embedded in the binary.
+fn web_routes(demo: bool) -> Router<Arc<Shared>> {
+    fn file(ct: &'static str, body: &'static str) -> Response {
+        ([(header::CONTENT_TYPE, ct)], body).into_response()
+    }
+    // The client library is useful without the demo page, so it is always served.
+    let r = Router::new().route(
+        "/switchboard.js",
+        get(|| async {
+            file(
+                "text/javascript; charset=utf-8",
+                include_str!("../../web/switchboard.js"),
+            )
+        }),
+    );
+    if !demo {
+        return r;
+    }
+    r.route(
+        "/",
+        get(|| async {
+            file(
+                "text/html; charset=utf-8",
+                include_str!("../../web/index.html"),
+            )
+        }),
+    )
+    .route(
+        "/demo.js",
+        get(|| async {
+            file(
+                "text/javascript; charset=utf-8",
+                include_str!("../../web/demo.js"),
+            )
+        }),
+    )
 }
 
 /// CORS for browser apps on other origins, following `http.allowed_origins` (reloadable).

@@ -336,7 +336,7 @@ pub async fn serve(
                 if !matches!(w, Ok(Ok(()))) { break; }
             }
             _ = tokio::time::sleep(ice_sleep), if conn.ice_due.is_some() => {
-                if let Some(f) = ice_frame(&shared, &mut conn, "refresh") {
+                if let Some(f) = ice_frame(&shared, &mut conn) {
                     if !send(&mut ws, &m, &f, write_timeout).await { break; }
                 }
             }
@@ -377,20 +377,26 @@ async fn send(
     )
 }
 
-/// Mint fresh `iceServers` and schedule the next push before these expire.
-fn ice_frame(shared: &Shared, conn: &mut Conn, _why: &str) -> Option<Value> {
+/// Mint fresh `iceServers` and a fresh session token, and schedule the next push: before the
+/// TURN credentials expire, and at half the session-token lifetime so a resume can always
+/// authenticate.
+fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Value> {
     let member = conn.member.as_ref()?;
     let now = unix_now();
     let ice = crate::ice::ice_config(shared, conn.host.as_deref(), &member.user, now);
     let before = shared.config.signaling.ice_refresh_before_secs;
-    conn.ice_due = ice.credentials.as_ref().map(|c| {
-        let in_secs = c
-            .expires_at
-            .saturating_sub(now)
-            .saturating_sub(before)
-            .max(1);
-        Instant::now() + Duration::from_secs(in_secs)
-    });
+    let in_secs = ice
+        .credentials
+        .as_ref()
+        .map(|c| c.expires_at.saturating_sub(now).saturating_sub(before))
+        .unwrap_or(u64::MAX)
+        .min(shared.auth.session_ttl() / 2)
+        .max(1);
+    conn.ice_due = Some(Instant::now() + Duration::from_secs(in_secs));
+    let (token, session) =
+        shared
+            .auth
+            .issue_session(&member.user, member.room_limit.as_deref(), now);
     if ice.credentials.is_some() {
         shared
             .metrics
@@ -403,6 +409,8 @@ fn ice_frame(shared: &Shared, conn: &mut Conn, _why: &str) -> Option<Value> {
         "iceServers": ice.servers,
         "ttl": ice.credentials.as_ref().map(|c| c.ttl),
         "expiresAt": ice.credentials.as_ref().map(|c| c.expires_at),
+        "token": token,
+        "tokenExpiresAt": session.expires_at,
     }))
 }
 
@@ -427,7 +435,7 @@ fn hello(
                 json!({"type": "welcome", "userId": s.user, "room": s.room, "protocol": "switchboard.v1"}),
                 id,
             )];
-            out.extend(ice_frame(shared, conn, "welcome"));
+            out.extend(ice_frame(shared, conn));
             out
         }
         Err(e) => {
@@ -584,7 +592,9 @@ fn handle(
             ) else {
                 return vec![error_frame("bad_request", "resume needs `resumeToken`", id)];
             };
-            let r = sig.apply(shared, |h, out| h.resume(cid, &member, token, last, out));
+            let r = sig.apply(shared, |h, out| {
+                h.resume(cid, &member, token, last, id, out)
+            });
             let outcome = if r.is_ok() { "resumed" } else { "rejected" };
             m.resumes.with_label_values(&[outcome]).inc();
             match r {

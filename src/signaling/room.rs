@@ -427,6 +427,7 @@ impl Hub {
         member: &Member,
         token: &str,
         last_seq: u64,
+        reply_id: Option<&Value>,
         out: &mut Vec<Action>,
     ) -> Result<(), RoomError> {
         if self.seats.contains_key(&conn) {
@@ -458,17 +459,18 @@ impl Hub {
         let first_kept = me.buffer.front().map(|(s, _)| *s).unwrap_or(me.next_seq);
         let complete = last_seq + 1 >= first_kept;
         let roster = Self::roster(room, &peer_id);
-        out.push(Action::Send(
-            conn,
-            json!({
-                "type": "resumed",
-                "room": room_id,
-                "peerId": peer_id,
-                "peers": roster,
-                "replayed": missed.len(),
-                "complete": complete,
-            }),
-        ));
+        let mut resumed = json!({
+            "type": "resumed",
+            "room": room_id,
+            "peerId": peer_id,
+            "peers": roster,
+            "replayed": missed.len(),
+            "complete": complete,
+        });
+        if let Some(id) = reply_id {
+            resumed["id"] = id.clone();
+        }
+        out.push(Action::Send(conn, resumed));
         for f in missed {
             out.push(Action::Send(conn, f));
         }
@@ -679,10 +681,10 @@ mod tests {
         out.clear();
         let tok = b["resumeToken"].as_str().unwrap();
         assert_eq!(
-            h.resume(5, &m("mallory"), tok, 0, &mut out),
+            h.resume(5, &m("mallory"), tok, 0, None, &mut out),
             Err(RoomError::BadResume)
         );
-        h.resume(3, &m("b"), tok, 0, &mut out).unwrap();
+        h.resume(3, &m("b"), tok, 0, None, &mut out).unwrap();
         let got = sent_to(&out, 3);
         assert_eq!(got[0]["type"], "resumed");
         assert_eq!(got[0]["peerId"], bid.as_str());
@@ -717,7 +719,7 @@ mod tests {
         assert_eq!(h.peer_count(), 1);
         let tok = b["resumeToken"].as_str().unwrap();
         assert_eq!(
-            h.resume(3, &m("b"), tok, 0, &mut out),
+            h.resume(3, &m("b"), tok, 0, None, &mut out),
             Err(RoomError::BadResume)
         );
         // Last peer leaves: the room lingers for its grace, then closes.
@@ -756,7 +758,7 @@ mod tests {
         }
         let mut o2 = Vec::new();
         let a_tok = h.rooms[&room].peers[&aid].resume_token.clone();
-        h.resume(4, &m("a"), &a_tok, 0, &mut o2).unwrap();
+        h.resume(4, &m("a"), &a_tok, 0, None, &mut o2).unwrap();
         let got = sent_to(&o2, 4);
         assert_eq!(got[0]["complete"], false);
         assert_eq!(got.len(), 1 + 4);
