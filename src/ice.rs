@@ -102,7 +102,8 @@ pub fn ice_config(
     let has_tcp = c.turn.tcp && !c.turn.listen.is_empty();
 
     let mut servers = Vec::with_capacity(2);
-    if has_udp || has_tcp {
+    // Browsers speak `stun:` over UDP only; a TCP-only listener gets no STUN entry.
+    if has_udp {
         servers.push(IceServer {
             urls: vec![format!("stun:{host}:{port}")],
             username: None,

@@ -1,0 +1,303 @@
+//! End to end in real browsers: two headless Chromium pages (Debian's chromium, driven through
+//! chromedriver's W3C WebDriver API) run the demo page, log in, meet in a room and send video
+//! to each other through switchboard's TURN relay, then survive a signaling drop.
+//!
+//! The server listens on loopback with UDP off, so Chromium reaches TURN over
+//! `turn:…?transport=tcp` and every packet stays on 127.0.0.1.
+
+use serde_json::{json, Value};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use switchboard::{Config, RunningServer, Server};
+
+struct Driver {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver is installed (scripts/install-test-deps.sh)");
+        let d = Driver {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..100 {
+            if let Ok(r) = d.http.get(format!("{}/status", d.base)).send().await {
+                if r.status().is_success() {
+                    return d;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("chromedriver did not start");
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let v: Value = r
+            .send()
+            .await
+            .expect("webdriver call")
+            .json()
+            .await
+            .expect("json");
+        v["value"].clone()
+    }
+
+    async fn session(&self, profile: &std::path::Path) -> String {
+        let args = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-quic",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(std::iter::once(format!(
+            "--user-data-dir={}",
+            profile.display()
+        )))
+        .collect::<Vec<_>>();
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/session",
+                Some(json!({"capabilities": {"alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
+                }}})),
+            )
+            .await;
+        v["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("new session: {v}"))
+            .to_string()
+    }
+
+    async fn go(&self, s: &str, url: &str) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/session/{s}/url"),
+            Some(json!({"url": url})),
+        )
+        .await;
+    }
+
+    async fn js(&self, s: &str, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/session/{s}/execute/sync"),
+            Some(json!({"script": script, "args": []})),
+        )
+        .await
+    }
+
+    async fn state(&self, s: &str) -> Value {
+        self.js(s, "return window.sbState || {}").await
+    }
+
+    /// Poll the page state until `pred` holds (60 s budget for slow CI machines).
+    async fn wait_for(&self, s: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..240 {
+            last = self.state(s).await;
+            if pred(&last) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("timed out waiting for {what}; last page state: {last}");
+    }
+
+    async fn quit(&self, s: &str) {
+        self.call(reqwest::Method::DELETE, &format!("/session/{s}"), None)
+            .await;
+    }
+}
+
+async fn start_server() -> RunningServer {
+    let cfg = Config::from_toml(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\nudp = false\n",
+    )
+    .expect("valid config");
+    Server::new(cfg).start().await.expect("server starts")
+}
+
+fn frames(v: &Value) -> u64 {
+    v["framesDecoded"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop() {
+    let srv = start_server().await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    let pa = tempfile::tempdir().unwrap();
+    let pb = tempfile::tempdir().unwrap();
+
+    let a = d.session(pa.path()).await;
+    d.go(&a, &format!("{base}/?name=A&auto=1&relay=1")).await;
+    let st = d
+        .wait_for(&a, "A to create a room", |v| v["room"].is_string())
+        .await;
+    let room = st["room"].as_str().unwrap().to_string();
+
+    let b = d.session(pb.path()).await;
+    d.go(&b, &format!("{base}/?name=B&auto=1&relay=1&room={room}"))
+        .await;
+    let sb = d
+        .wait_for(&b, "B to decode video through the relay", |v| {
+            v["connectionType"] == "relay" && frames(v) > 0
+        })
+        .await;
+    assert_eq!(sb["error"], Value::Null);
+    let sa = d
+        .wait_for(&a, "A to decode B's video", |v| frames(v) > 0)
+        .await;
+    assert_eq!(sa["connectionType"], "relay");
+
+    // The relay really carried it: TURN allocations over TCP and relayed packets both ways.
+    let m = srv.shared().metrics.render();
+    let metric = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        metric("switchboard_turn_allocations_created_total{transport=\"tcp\"}") >= 2.0,
+        "{m}"
+    );
+    assert!(
+        metric("switchboard_turn_relayed_packets_total{direction=\"to_peer\"}") > 50.0,
+        "{m}"
+    );
+    assert!(
+        metric("switchboard_turn_relayed_packets_total{direction=\"to_client\"}") > 50.0,
+        "{m}"
+    );
+
+    // B's signaling socket drops mid-call: it resumes and the call goes on.
+    let before = frames(&d.state(&b).await);
+    d.js(&b, "window.sb.dropSocket(); return true").await;
+    d.wait_for(&b, "B to resume its seat", |v| {
+        v["resumes"].as_u64() >= Some(1)
+    })
+    .await;
+    d.wait_for(&b, "video to keep flowing after the resume", |v| {
+        frames(v) > before + 30 && v["connectionType"] == "relay"
+    })
+    .await;
+    let after = d.state(&a).await;
+    assert_eq!(after["error"], Value::Null, "{after}");
+    let m = srv.shared().metrics.render();
+    assert!(
+        m.contains("switchboard_resumes_total{outcome=\"resumed\"} 1"),
+        "{m}"
+    );
+
+    d.quit(&a).await;
+    d.quit(&b).await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_page_shows_clear_errors_for_unknown_and_full_rooms() {
+    let srv = start_server().await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    let p = tempfile::tempdir().unwrap();
+    let s = d.session(p.path()).await;
+    d.go(&s, &format!("{base}/?name=C&auto=1&room=no-such-room"))
+        .await;
+    let st = d.wait_for(&s, "an error", |v| v["error"].is_string()).await;
+    assert_eq!(st["error"], "unknown_room");
+    let text = d
+        .js(&s, "return document.getElementById('error').textContent")
+        .await;
+    assert!(text.as_str().unwrap().contains("No such room"), "{text}");
+    d.quit(&s).await;
+
+    // Fill a two-seat room with two signaling clients; the page must say it is full.
+    let _seats = fill_room(&srv, "pair").await;
+    let p2 = tempfile::tempdir().unwrap();
+    let s = d.session(p2.path()).await;
+    d.go(&s, &format!("{base}/?name=D&auto=1&room=pair")).await;
+    let st = d.wait_for(&s, "an error", |v| v["error"].is_string()).await;
+    assert_eq!(st["error"], "room_full");
+    let text = d
+        .js(&s, "return document.getElementById('error').textContent")
+        .await;
+    assert!(text.as_str().unwrap().contains("full"), "{text}");
+    d.quit(&s).await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Create room `name` with two seats and occupy both with WebSocket clients.
+async fn fill_room(srv: &RunningServer, name: &str) -> Vec<Ws> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seats = Vec::new();
+    for (i, user) in ["x", "y"].iter().enumerate() {
+        let (tok, _) = srv
+            .shared()
+            .auth
+            .issue_session(user, None, switchboard::auth::unix_now());
+        let url = format!("ws://{}/v1/ws", srv.http_addr());
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let mut frames = vec![json!({"type": "hello", "token": tok})];
+        if i == 0 {
+            frames.push(json!({"type": "create", "name": name, "capacity": 2}));
+        }
+        frames.push(json!({"type": "join", "room": name, "id": "j"}));
+        for f in frames {
+            ws.send(Message::Text(f.to_string().into())).await.unwrap();
+        }
+        loop {
+            let m = ws.next().await.unwrap().unwrap();
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                assert_ne!(v["type"], "error", "{v}");
+                if v["type"] == "joined" {
+                    break;
+                }
+            }
+        }
+        seats.push(ws);
+    }
+    seats
+}
