@@ -185,6 +185,18 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
         .await;
     assert_eq!(sa["connectionType"], "relay");
 
+    // The data channel crosses the relay too.
+    let sent = d
+        .js(&b, "return window.sb.sendMessage('hello from B')")
+        .await;
+    assert_eq!(sent, 1);
+    d.wait_for(&a, "A to get B's data-channel message", |v| {
+        v["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x == "hello from B"))
+    })
+    .await;
+
     // The relay really carried it: TURN allocations over TCP and relayed packets both ways.
     let m = srv.shared().metrics.render();
     let metric = |name: &str| -> f64 {

@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const relayOnly = params.get("relay") === "1";
 // Exposed for tests and for poking around in the console.
-window.sbState = { state: "idle", room: null, connectionType: null, framesDecoded: 0, resumes: 0, error: null };
+window.sbState = { state: "idle", room: null, connectionType: null, framesDecoded: 0, resumes: 0, error: null, messages: [] };
 
 if (params.get("name")) $("name").value = params.get("name");
 if (params.get("room")) $("room").value = params.get("room");
@@ -39,6 +39,7 @@ async function start(roomToJoin) {
     sb.addEventListener("disconnected", () => show("reconnecting"));
     sb.addEventListener("resumed", () => { window.sbState.resumes = sb.resumes; show("in call"); });
     sb.addEventListener("error", (ev) => fail(ev.detail));
+    sb.addEventListener("message", (ev) => window.sbState.messages.push(ev.detail.data));
     show("logging in");
     await sb.connect();
     const room = roomToJoin || (await sb.createRoom());

@@ -106,6 +106,18 @@ export class Switchboard extends EventTarget {
     for (const id of [...this.peers.keys()]) this._closePeer(id);
   }
 
+  /** Send an app message to every peer over the data channels that are open. */
+  sendMessage(data) {
+    let n = 0;
+    for (const { channel } of this.peers.values()) {
+      if (channel?.readyState === "open") {
+        channel.send(data);
+        n++;
+      }
+    }
+    return n;
+  }
+
   /** Drop the socket without leaving, as a network failure would (used by tests and demos). */
   dropSocket() {
     this.ws?.close();
@@ -190,6 +202,10 @@ export class Switchboard extends EventTarget {
     const st = { pc, polite, makingOffer: false, ignoreOffer: false };
     this.peers.set(peerId, st);
     if (this.stream) for (const t of this.stream.getTracks()) pc.addTrack(t, this.stream);
+    // A pre-negotiated data channel (same id on both sides) for app messages.
+    st.channel = pc.createDataChannel("switchboard", { negotiated: true, id: 0 });
+    st.channel.onmessage = (ev) => this._emit("message", { peerId, data: ev.data });
+    st.channel.onopen = () => this._emit("channel-open", { peerId });
     pc.onnegotiationneeded = async () => {
       try {
         st.makingOffer = true;
