@@ -67,6 +67,10 @@ impl Driver {
     }
 
     async fn session(&self, profile: &std::path::Path) -> String {
+        self.session_with(profile, &[]).await
+    }
+
+    async fn session_with(&self, profile: &std::path::Path, extra: &[&str]) -> String {
         let args = [
             "--headless=new",
             "--no-sandbox",
@@ -81,6 +85,7 @@ impl Driver {
             "--disable-features=WebRtcHideLocalIpsWithMdns",
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .chain(std::iter::once(format!(
             "--user-data-dir={}",
@@ -145,11 +150,44 @@ impl Driver {
 }
 
 async fn start_server() -> RunningServer {
-    let cfg = Config::from_toml(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\nudp = false\n",
-    )
+    start_with("udp = false\n", "").await
+}
+
+async fn start_with(turn: &str, extra: &str) -> RunningServer {
+    let cfg = Config::from_toml(&format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n{turn}\n{extra}"
+    ))
     .expect("valid config");
     Server::new(cfg).start().await.expect("server starts")
+}
+
+/// Two pages meet in a room with `?relay=1` and wait for relayed video both ways.
+/// Returns both session ids and the profile directories, which must outlive the browsers.
+async fn relayed_call(
+    d: &Driver,
+    base: &str,
+    extra: &[&str],
+) -> (String, String, [tempfile::TempDir; 2]) {
+    let pa = tempfile::tempdir().unwrap();
+    let pb = tempfile::tempdir().unwrap();
+    let a = d.session_with(pa.path(), extra).await;
+    d.go(&a, &format!("{base}/?name=A&auto=1&relay=1")).await;
+    let st = d
+        .wait_for(&a, "A to create a room", |v| v["room"].is_string())
+        .await;
+    let room = st["room"].as_str().unwrap().to_string();
+    let b = d.session_with(pb.path(), extra).await;
+    d.go(&b, &format!("{base}/?name=B&auto=1&relay=1&room={room}"))
+        .await;
+    for s in [&a, &b] {
+        let v = d
+            .wait_for(s, "relayed video", |v| {
+                v["connectionType"] == "relay" && frames(v) > 0
+            })
+            .await;
+        assert_eq!(v["error"], Value::Null);
+    }
+    (a, b, [pa, pb])
 }
 
 fn frames(v: &Value) -> u64 {
@@ -312,4 +350,55 @@ async fn fill_room(srv: &RunningServer, name: &str) -> Vec<Ws> {
         seats.push(ws);
     }
     seats
+}
+
+/// `turns:` only: Chromium reaches the relay over TLS. It must be told to accept the test's
+/// self-signed certificate (`--ignore-certificate-errors`); with the flag off it refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_call_over_turns_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl runs");
+    assert!(st.success());
+    let srv = start_with(
+        "udp = false\ntcp = false\ntls_listen = [\"127.0.0.1:0\"]\n",
+        &format!(
+            "[tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    let (a, b, _profiles) = relayed_call(&d, &base, &["--ignore-certificate-errors"]).await;
+    let m = srv.shared().metrics.render();
+    assert!(
+        m.lines().any(|l| l
+            .starts_with("switchboard_turn_allocations_created_total{transport=\"tls\"}")
+            && !l.ends_with(" 0")),
+        "{m}"
+    );
+    d.quit(&a).await;
+    d.quit(&b).await;
+    srv.shutdown();
+    srv.wait().await;
 }
