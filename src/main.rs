@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use switchboard::config::{Config, LogFormat};
 use switchboard::Server;
@@ -80,7 +81,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config);
-    match run(config) {
+    let path = cli.config.clone();
+    match run(config, path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -102,44 +104,108 @@ fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(config.log.level.clone()));
-    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    use std::io::IsTerminal;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match config.log.format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
+        let drain_timeout = Duration::from_secs(config.server.drain_timeout_secs);
         let server = Server::new(config).start().await?;
         tracing::info!("switchboard ready");
-        wait_for_signal().await?;
-        tracing::info!("shutting down");
+        lifecycle(&server, path.as_deref(), drain_timeout).await?;
         server.shutdown();
         server.wait().await;
+        tracing::info!("stopped");
         Ok(())
     })
 }
 
+/// Signals: SIGHUP reloads; SIGTERM drains (readiness off, no new allocations or joins,
+/// existing ones go on until they end or `drain_timeout` passes); a second SIGTERM, or
+/// SIGINT, stops at once.
 #[cfg(unix)]
-async fn wait_for_signal() -> anyhow::Result<()> {
+async fn lifecycle(
+    server: &switchboard::RunningServer,
+    path: Option<&std::path::Path>,
+    drain_timeout: Duration,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let shared = server.shared();
+    loop {
+        tokio::select! {
+            _ = hup.recv() => reload(shared, path),
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping now");
+                return Ok(());
+            }
+            _ = term.recv() => break,
+        }
     }
-    Ok(())
+    shared.lifecycle.begin_drain();
+    tracing::info!(
+        timeout_secs = drain_timeout.as_secs(),
+        active = shared.active_work(),
+        "SIGTERM: draining (readiness off, new allocations and joins refused)"
+    );
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {
+                if shared.active_work() <= 0 {
+                    tracing::info!("drained: no allocations or signaling connections left");
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::info!(active = shared.active_work(), "drain timeout reached");
+                return Ok(());
+            }
+            _ = hup.recv() => reload(shared, path),
+            _ = term.recv() => {
+                tracing::info!("second SIGTERM: stopping now");
+                return Ok(());
+            }
+            _ = int.recv() => return Ok(()),
+        }
+    }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> anyhow::Result<()> {
+async fn lifecycle(
+    _server: &switchboard::RunningServer,
+    _path: Option<&std::path::Path>,
+    _drain_timeout: Duration,
+) -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("cannot listen for Ctrl-C")
+}
+
+/// Re-read the config file and environment and apply what can change at run time.
+fn reload(shared: &switchboard::server::Shared, path: Option<&std::path::Path>) {
+    let env = std::env::vars().filter(|(k, _)| k != "SWITCHBOARD_CONFIG");
+    let result = Config::load(path, env)
+        .map_err(switchboard::server::ReloadError::from)
+        .and_then(|c| shared.reload(&c));
+    match result {
+        Ok(()) => tracing::info!("SIGHUP: reloaded secrets, allowed origins and certificate"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: reload refused; the running configuration stays")
+        }
+    }
 }

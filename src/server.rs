@@ -137,7 +137,42 @@ impl TurnShared {
     }
 }
 
+/// Why a reload was refused (the running configuration stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The new certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
 impl Shared {
+    /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
+    /// keys), the allowed origins and the TLS certificate. Everything is checked before
+    /// anything is swapped, so a bad reload changes nothing; live sessions are untouched.
+    pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
+        new.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.reload()?;
+        }
+        self.auth.reload(&new.auth);
+        self.origins
+            .store(Arc::new(new.http.allowed_origins.clone()));
+        Ok(())
+    }
+
+    /// Work that a drain waits for: TURN allocations and signaling connections.
+    pub fn active_work(&self) -> i64 {
+        let m = &self.metrics;
+        let allocs: i64 = ["udp", "tcp", "tls"]
+            .iter()
+            .map(|t| m.turn_allocations_active.with_label_values(&[t]).get())
+            .sum();
+        allocs + m.ws_connections_active.get()
+    }
+
     /// Whether a browser `Origin` may use the HTTP API and signaling.
     pub fn origin_allowed(&self, origin: &str) -> bool {
         let list = self.origins.load();

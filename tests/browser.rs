@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use switchboard::{Config, RunningServer, Server};
 
+#[path = "support/cert.rs"]
+mod cert;
+
 struct Driver {
     child: Child,
     base: String,
@@ -357,27 +360,7 @@ async fn fill_room(srv: &RunningServer, name: &str) -> Vec<Ws> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_call_over_turns_tls() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl runs");
-    assert!(st.success());
+    let (cert, key) = cert::make_cert(dir.path(), "localhost");
     let srv = start_with(
         "udp = false\ntcp = false\ntls_listen = [\"127.0.0.1:0\"]\n",
         &format!(

@@ -5,7 +5,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard::stun::{attr, binding, Message};
@@ -14,32 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// A fresh self-signed certificate for localhost/127.0.0.1, made by `openssl`.
-fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    let st = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs (scripts/install-test-deps.sh installs it)");
-    assert!(st.success());
-    (cert, key)
-}
+#[path = "support/cert.rs"]
+mod cert;
+use cert::make_cert;
 
 fn connector(ca: &Path) -> TlsConnector {
     let mut roots = RootCertStore::empty();
