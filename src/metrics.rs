@@ -211,6 +211,50 @@ impl Metrics {
         for r in ["success", "error", "malformed"] {
             m.stun_requests.with_label_values(&[r]);
         }
+        for r in [
+            "missing",
+            "malformed",
+            "expired",
+            "bad_signature",
+            "unknown_user",
+            "wrong_credentials",
+        ] {
+            m.auth_failures.with_label_values(&[r]);
+        }
+        for r in ["expired", "refreshed_zero", "quota", "shutdown", "closed"] {
+            m.turn_allocations_deleted.with_label_values(&[r]);
+        }
+        for c in [
+            "400", "401", "403", "437", "438", "441", "442", "486", "508",
+        ] {
+            m.turn_errors.with_label_values(&[c]);
+        }
+        for b in ["open", "users", "jwt"] {
+            for r in ["ok", "denied", "bad_request", "rate_limited"] {
+                m.logins.with_label_values(&[b, r]);
+            }
+        }
+        for v in ["login", "ice_servers", "rest_api", "refresh"] {
+            m.turn_credentials_issued.with_label_values(&[v]);
+        }
+        for r in [
+            "not_stun",
+            "no_permission",
+            "client_send_full",
+            "stream_idle",
+            "stream_garbage",
+            "ws_rate_limited",
+            "ws_frame_too_large",
+            "ws_connections_per_ip",
+        ] {
+            m.drops.with_label_values(&[r]);
+        }
+        for o in ["resumed", "rejected", "expired"] {
+            m.resumes.with_label_values(&[o]);
+        }
+        for d in ["in", "out"] {
+            m.signaling_frames.with_label_values(&[d, "signal"]);
+        }
         m
     }
 

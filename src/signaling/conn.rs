@@ -135,7 +135,14 @@ impl Signaling {
                 _ = &mut stop => return,
             }
             let now = Instant::now();
-            self.apply(&shared, |h, out| h.tick(now, out));
+            let expired = self.apply(&shared, |h, out| h.tick(now, out));
+            if expired > 0 {
+                shared
+                    .metrics
+                    .resumes
+                    .with_label_values(&["expired"])
+                    .inc_by(expired as u64);
+            }
         }
     }
 

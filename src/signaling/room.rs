@@ -488,8 +488,9 @@ impl Hub {
         Ok(())
     }
 
-    /// Expire resume windows (`peer-left timeout`) and close rooms empty past their grace.
-    pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+    /// Expire resume windows (`peer-left timeout`) and close rooms empty past their grace;
+    /// returns how many dropped peers never came back.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) -> usize {
         let mut expired = Vec::new();
         for (rid, room) in &self.rooms {
             for (pid, p) in &room.peers {
@@ -500,6 +501,7 @@ impl Hub {
                 }
             }
         }
+        let n = expired.len();
         for (rid, pid) in expired {
             self.remove_peer(now, &rid, &pid, "timeout", out);
         }
@@ -509,6 +511,7 @@ impl Hub {
                 && r.empty_since
                     .is_some_and(|t| now.saturating_duration_since(t) >= grace))
         });
+        n
     }
 
     /// When `tick` next has work.
