@@ -20,7 +20,12 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// chromedriver runs in its own process group with every browser it started: end them
+    /// all, even when a test panicked before quitting its sessions.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -32,8 +37,10 @@ impl Driver {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        use std::os::unix::process::CommandExt;
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
