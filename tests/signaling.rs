@@ -266,6 +266,19 @@ async fn token_in_subprotocol_header_and_origin_check() {
         .insert("origin", "https://evil.example.net".parse().unwrap());
     let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
     assert!(err.to_string().contains("403"), "{err}");
+    // An Origin that is not text is refused, not mistaken for a non-browser client.
+    let mut req = format!("ws://{}/v1/ws", srv.http_addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "origin",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(
+            b"https://app.example.com\xff",
+        )
+        .unwrap(),
+    );
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
     let mut req = format!("ws://{}/v1/ws", srv.http_addr())
         .into_client_request()
         .unwrap();
@@ -473,6 +486,82 @@ async fn fresh_ice_servers_are_pushed_before_credentials_expire() {
     assert!(user(&first).ends_with(":long-call"));
     assert!(second["expiresAt"].as_u64() >= first["expiresAt"].as_u64());
     assert_eq!(second["ttl"], 3);
+    srv.shutdown();
+    srv.wait().await;
+}
+
+#[tokio::test]
+async fn request_errors_not_covered_elsewhere_and_ping_pong() {
+    let srv = start("max_rooms = 1\nroom_capacity = 3\n", "").await;
+    let mut a = hello(&srv, "a").await;
+    send(&mut a, json!({"type": "ping", "id": "p"})).await;
+    let p = recv(&mut a).await;
+    assert_eq!(
+        (p["type"].clone(), p["id"].clone()),
+        (json!("pong"), json!("p"))
+    );
+    send(
+        &mut a,
+        json!({"type": "hello", "token": token(&srv, "a", None)}),
+    )
+    .await;
+    assert_eq!(recv(&mut a).await["code"], "bad_request");
+    send(&mut a, json!({"type": "join", "id": 3})).await;
+    let e = recv(&mut a).await;
+    assert_eq!(
+        (e["code"].clone(), e["id"].clone()),
+        (json!("bad_request"), json!(3))
+    );
+    send(&mut a, json!({"type": "create", "capacity": 4})).await;
+    assert_eq!(recv(&mut a).await["code"], "bad_request");
+    a.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(recv(&mut a).await["code"], "bad_request");
+    send(&mut a, json!({"type": "leave", "id": 4})).await;
+    assert_eq!(recv(&mut a).await["code"], "not_in_room");
+
+    let room = create(&mut a, Some("only")).await;
+    send(&mut a, json!({"type": "create", "name": "second"})).await;
+    assert_eq!(recv(&mut a).await["code"], "too_many_rooms");
+    join(&mut a, &room).await;
+    send(&mut a, json!({"type": "join", "room": room})).await;
+    assert_eq!(recv(&mut a).await["code"], "already_in_room");
+    // Still a working member after all of that.
+    let mut b = hello(&srv, "b").await;
+    let jb = join(&mut b, &room).await;
+    assert_eq!(jb["peers"].as_array().map(Vec::len), Some(1));
+    send(&mut a, json!({"type": "signal", "data": "hi"})).await;
+    assert_eq!(recv_type(&mut b, "signal").await["data"], "hi");
+    srv.shutdown();
+    srv.wait().await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_after_the_dead_peer_timeout_and_then_times_out() {
+    let srv = start(
+        "ping_interval_secs = 1\ndead_peer_timeout_secs = 2\nresume_grace_secs = 1\n",
+        "",
+    )
+    .await;
+    let mut a = hello(&srv, "a").await;
+    let room = create(&mut a, None).await;
+    join(&mut a, &room).await;
+    let mut b = hello(&srv, "b").await;
+    let jb = join(&mut b, &room).await;
+    recv_type(&mut a, "peer-joined").await;
+    // B stops reading: it answers no pings and sends nothing, but its TCP connection stays open.
+    let r = recv_type(&mut a, "peer-reconnecting").await;
+    assert_eq!(r["peerId"], jb["peerId"]);
+    let l = recv_type(&mut a, "peer-left").await;
+    assert_eq!(
+        (l["peerId"].clone(), l["reason"].clone()),
+        (jb["peerId"].clone(), json!("timeout"))
+    );
+    let m = srv.shared().metrics.render();
+    assert!(
+        m.contains("switchboard_dropped_total{reason=\"ws_dead_peer\"} 1"),
+        "{m}"
+    );
+    drop(b);
     srv.shutdown();
     srv.wait().await;
 }

@@ -27,8 +27,9 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
-        if !shared.origin_allowed(origin) {
+    // A present but unreadable Origin is refused, not treated as "no Origin".
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        if !origin.to_str().is_ok_and(|o| shared.origin_allowed(o)) {
             shared.metrics.drops.with_label_values(&["ws_origin"]).inc();
             return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
         }
