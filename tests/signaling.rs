@@ -565,3 +565,82 @@ async fn a_silent_peer_is_dropped_after_the_dead_peer_timeout_and_then_times_out
     srv.shutdown();
     srv.wait().await;
 }
+
+#[tokio::test]
+async fn a_reader_that_falls_behind_is_closed_and_resumes_without_a_gap() {
+    let srv = start(
+        "rate_per_sec = 100000\nrate_burst = 100000\nresume_buffer_frames = 20000\n\
+         dead_peer_timeout_secs = 120\nping_interval_secs = 60\n",
+        "",
+    )
+    .await;
+    let mut a = hello(&srv, "a").await;
+    let room = create(&mut a, None).await;
+    let ja = join(&mut a, &room).await;
+    let mut b = hello(&srv, "b").await;
+    join(&mut b, &room).await;
+    recv_type(&mut a, "peer-joined").await;
+    // A stops reading; B keeps writing until A's outbox overflows.
+    let pad = "p".repeat(16 * 1024);
+    let overflowed = |srv: &RunningServer| {
+        srv.shared()
+            .metrics
+            .render()
+            .lines()
+            .any(|l| l.starts_with("switchboard_dropped_total{reason=\"ws_outbox_full\"}"))
+    };
+    let mut sent = 0u64;
+    while !overflowed(&srv) {
+        assert!(sent < 20_000, "the outbox never filled");
+        for _ in 0..50 {
+            send(
+                &mut b,
+                json!({"type": "signal", "to": ja["peerId"], "data": {"n": sent, "pad": pad}}),
+            )
+            .await;
+            sent += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A reads on: every frame in order up to the close, then resumes and gets the rest.
+    let mut next = 0u64;
+    let mut last_seq = 0u64;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), a.next())
+            .await
+            .expect("A gets frames or a close")
+            .expect("socket open")
+            .expect("frame ok");
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "signal" {
+                    assert_eq!(v["data"]["n"], next, "no frame skipped");
+                    next += 1;
+                    last_seq = v["seq"].as_u64().unwrap();
+                }
+            }
+            Message::Close(f) => {
+                assert_eq!(f.map(|f| u16::from(f.code)), Some(4002));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(next < sent, "the close came before the gap");
+    let mut a2 = hello(&srv, "a").await;
+    send(
+        &mut a2,
+        json!({"type": "resume", "resumeToken": ja["resumeToken"], "lastSeq": last_seq}),
+    )
+    .await;
+    let r = recv_type(&mut a2, "resumed").await;
+    assert_eq!(r["complete"], true, "{r}");
+    while next < sent {
+        let v = recv_type(&mut a2, "signal").await;
+        assert_eq!(v["data"]["n"], next);
+        next += 1;
+    }
+    srv.shutdown();
+    srv.wait().await;
+}

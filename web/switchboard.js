@@ -66,9 +66,9 @@ export class Switchboard extends EventTarget {
         if (msg.type === "error" && !welcomed) reject(new SwitchboardError(msg.code, msg.message));
         this._onFrame(msg);
       };
-      ws.onclose = () => {
+      ws.onclose = (ev) => {
         if (!welcomed) reject(new SwitchboardError("closed", "signaling socket closed"));
-        this._onClose(ws);
+        this._onClose(ws, ev.code);
       };
     });
   }
@@ -169,8 +169,15 @@ export class Switchboard extends EventTarget {
     }
   }
 
-  _onClose(ws) {
+  _onClose(ws, code) {
     if (ws !== this.ws || this.closed) return;
+    if (code === 4001) {
+      // Replaced by a newer connection of the same user: resuming would fight it.
+      this.closed = true;
+      for (const id of [...this.peers.keys()]) this._closePeer(id);
+      this._emit("error", { code: "replaced", message: "this call continued in another window" });
+      return;
+    }
     this._emit("disconnected", {});
     if (this.room) setTimeout(() => this._resume(), 300);
   }

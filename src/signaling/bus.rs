@@ -22,7 +22,9 @@ pub trait Bus: Send + Sync + 'static {
     fn attach(&self, conn: ConnId, tx: mpsc::Sender<Outbound>);
     /// Forget a connection.
     fn detach(&self, conn: ConnId);
-    /// Deliver actions; a full outbox drops the frame (the peer can resume to catch up).
+    /// Deliver actions and return how many were dropped. A connection whose outbox is full
+    /// is detached: its task sends what is queued, then closes so the client resumes and gets
+    /// the rest replayed in order, rather than silently missing frames.
     fn deliver(&self, actions: Vec<Action>) -> usize;
 }
 
@@ -51,7 +53,7 @@ impl Bus for LocalBus {
     }
 
     fn deliver(&self, actions: Vec<Action>) -> usize {
-        let map = self.map();
+        let mut map = self.map();
         let mut dropped = 0;
         for a in actions {
             let (conn, msg) = match a {
@@ -59,9 +61,14 @@ impl Bus for LocalBus {
                 Action::Close(c) => (c, Outbound::Close),
             };
             if let Some(tx) = map.get(&conn) {
-                if tx.try_send(msg).is_err() {
+                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(msg) {
                     dropped += 1;
+                    // Dropping the only sender ends the task's outbox after what is queued.
+                    map.remove(&conn);
                 }
+            } else if matches!(msg, Outbound::Frame(_)) {
+                // Detached after an overflow: the frame waits in the resume buffer.
+                dropped += 1;
             }
         }
         dropped

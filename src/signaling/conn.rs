@@ -326,7 +326,14 @@ pub async fn serve(
                         let w = tokio::time::timeout(write_timeout, ws.send(Message::Text(text.into()))).await;
                         if !matches!(w, Ok(Ok(()))) { break; }
                     }
-                    Some(Outbound::Close) | None => {
+                    None => {
+                        // The outbox overflowed (a reader slower than its room): close so the
+                        // client resumes and the missed frames are replayed in order.
+                        m.drops.with_label_values(&["ws_slow_consumer"]).inc();
+                        let _ = ws.send(Message::Close(Some(CloseFrame { code: 4002, reason: "too slow; resume".into() }))).await;
+                        break;
+                    }
+                    Some(Outbound::Close) => {
                         // Replaced by a newer connection: the seat is gone, nothing to resume.
                         left_cleanly = true;
                         let _ = ws.send(Message::Close(Some(CloseFrame { code: 4001, reason: "replaced".into() }))).await;
