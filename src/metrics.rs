@@ -246,6 +246,7 @@ impl Metrics {
             "ws_rate_limited",
             "ws_frame_too_large",
             "ws_connections_per_ip",
+            "ws_slow_consumer",
         ] {
             m.drops.with_label_values(&[r]);
         }
