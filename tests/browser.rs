@@ -13,6 +13,16 @@ use switchboard::{Config, RunningServer, Server};
 #[path = "support/cert.rs"]
 mod cert;
 
+/// One browser pair at a time: six Chromium instances encoding video would starve two cores.
+static BROWSERS: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+
+async fn browser_slot() -> tokio::sync::MutexGuard<'static, ()> {
+    BROWSERS
+        .get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
 struct Driver {
     child: Child,
     base: String,
@@ -206,6 +216,7 @@ fn frames(v: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop() {
+    let _slot = browser_slot().await;
     let srv = start_server().await;
     let base = format!("http://{}", srv.http_addr());
     let d = Driver::start().await;
@@ -293,6 +304,7 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_page_shows_clear_errors_for_unknown_and_full_rooms() {
+    let _slot = browser_slot().await;
     let srv = start_server().await;
     let base = format!("http://{}", srv.http_addr());
     let d = Driver::start().await;
@@ -366,6 +378,7 @@ async fn fill_room(srv: &RunningServer, name: &str) -> Vec<Ws> {
 /// self-signed certificate (`--ignore-certificate-errors`); with the flag off it refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_call_over_turns_tls() {
+    let _slot = browser_slot().await;
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = cert::make_cert(dir.path(), "localhost");
     let srv = start_with(
