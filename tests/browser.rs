@@ -163,6 +163,19 @@ impl Driver {
         panic!("timed out waiting for {what}; last page state: {last}");
     }
 
+    /// Poll `script` until it returns something other than null or false.
+    async fn wait_js(&self, s: &str, what: &str, script: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..240 {
+            last = self.js(s, script).await;
+            if !last.is_null() && last != Value::Bool(false) {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("timed out waiting for {what}; last value: {last}");
+    }
+
     async fn quit(&self, s: &str) {
         self.call(reqwest::Method::DELETE, &format!("/session/{s}"), None)
             .await;
@@ -277,12 +290,32 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
         "{m}"
     );
 
-    // B's signaling socket drops mid-call: it resumes and the call goes on.
+    // B's signaling socket drops mid-call, and B restarts ICE while it is down: it resumes,
+    // the offer made during the drop still reaches A, and the call goes on.
     let before = frames(&d.state(&b).await);
-    d.js(&b, "window.sb.dropSocket(); return true").await;
+    let ufrag = "const [st] = window.sb.peers.values(); \
+                 const d = st && st.pc.currentRemoteDescription; \
+                 return d ? d.sdp.match(/a=ice-ufrag:(\\S+)/)[1] : null;";
+    let old_ufrag = d.js(&b, ufrag).await;
+    assert!(old_ufrag.is_string(), "{old_ufrag}");
+    d.js(
+        &b,
+        "window.sb.dropSocket(); for (const st of window.sb.peers.values()) st.pc.restartIce(); return true",
+    )
+    .await;
     d.wait_for(&b, "B to resume its seat", |v| {
         v["resumes"].as_u64() >= Some(1)
     })
+    .await;
+    d.wait_js(
+        &b,
+        "A's answer to the ICE restart offered during the drop",
+        &format!(
+            "const [st] = window.sb.peers.values(); \
+             const d = st.pc.currentRemoteDescription; \
+             return st.pc.signalingState === 'stable' && !d.sdp.includes('a=ice-ufrag:' + {old_ufrag} + '\\r');"
+        ),
+    )
     .await;
     d.wait_for(&b, "video to keep flowing after the resume", |v| {
         frames(v) > before + 30 && v["connectionType"] == "relay"

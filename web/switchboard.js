@@ -27,6 +27,7 @@ export class Switchboard extends EventTarget {
     this.pending = new Map(); // request id -> {resolve, reject}
     this.nextId = 1;
     this.lastSeq = 0;
+    this.outbox = []; // signals made while the socket is down, sent after the resume
     this.resumes = 0;
     this.closed = false;
   }
@@ -75,6 +76,9 @@ export class Switchboard extends EventTarget {
 
   _send(frame) {
     if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
+    // An offer or candidate made during a signaling drop must not be lost: keep it for the
+    // resume (bounded; beyond that ICE restarts on failure).
+    else if (frame.type === "signal" && this.room && !this.closed && this.outbox.length < 500) this.outbox.push(frame);
   }
 
   _request(frame) {
@@ -186,11 +190,14 @@ export class Switchboard extends EventTarget {
     try {
       await this._open();
       const r = await this._request({ type: "resume", resumeToken: this.resumeToken, lastSeq: this.lastSeq });
+      const queued = this.outbox.splice(0);
+      for (const f of queued) if (!f.to || this.peers.has(f.to)) this._send(f);
       return r;
     } catch (e) {
       if (e.code === "bad_resume") {
         // Window closed: start over as a new peer.
         for (const id of [...this.peers.keys()]) this._closePeer(id);
+        this.outbox = [];
         const room = this.room;
         this.room = null;
         return this.join(room);
