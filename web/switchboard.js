@@ -213,7 +213,7 @@ export class Switchboard extends EventTarget {
   _peer(peerId, polite) {
     if (this.peers.has(peerId)) return this.peers.get(peerId);
     const pc = new RTCPeerConnection(this._config());
-    const st = { pc, polite, makingOffer: false, ignoreOffer: false };
+    const st = { pc, polite, makingOffer: false, ignoreOffer: false, early: [] };
     this.peers.set(peerId, st);
     if (this.stream) for (const t of this.stream.getTracks()) pc.addTrack(t, this.stream);
     // A pre-negotiated data channel (same id on both sides) for app messages.
@@ -253,11 +253,19 @@ export class Switchboard extends EventTarget {
         st.ignoreOffer = !st.polite && collision;
         if (st.ignoreOffer) return;
         await pc.setRemoteDescription(d);
+        // Candidates that came with an offer we ignored in a glare still name the peer's
+        // addresses (the polite side keeps its ICE agent through the rollback). With relay
+        // only they are the sole way our TURN allocation learns whom to permit, so add them now.
+        for (const c of st.early.splice(0)) pc.addIceCandidate(c).catch(() => {});
         if (d.type === "offer") {
           await pc.setLocalDescription();
           this._send({ type: "signal", to: from, data: { description: pc.localDescription } });
         }
       } else if (data.candidate) {
+        if (!pc.remoteDescription || st.ignoreOffer) {
+          if (st.early.length < 100) st.early.push(data.candidate);
+          return;
+        }
         try {
           await pc.addIceCandidate(data.candidate);
         } catch (e) {
