@@ -163,6 +163,25 @@ impl Driver {
         panic!("timed out waiting for {what}; last page state: {last}");
     }
 
+    /// [`Driver::wait_for`], and on timeout also show the other page's state.
+    async fn wait_for_or_show(
+        &self,
+        s: &str,
+        other: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        for _ in 0..240 {
+            let v = self.state(s).await;
+            if pred(&v) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (mine, theirs) = (self.state(s).await, self.state(other).await);
+        panic!("timed out waiting for {what}; this page: {mine}; the other: {theirs}");
+    }
+
     /// Poll `script` until it returns something other than null or false.
     async fn wait_js(&self, s: &str, what: &str, script: &str) -> Value {
         let mut last = Value::Null;
@@ -213,8 +232,9 @@ async fn relayed_call(
     d.go(&b, &format!("{base}/?name=B&auto=1&relay=1&room={room}"))
         .await;
     for s in [&a, &b] {
+        let other = if s == &a { &b } else { &a };
         let v = d
-            .wait_for(s, "relayed video", |v| {
+            .wait_for_or_show(s, other, "relayed video", |v| {
                 v["connectionType"] == "relay" && frames(v) > 0
             })
             .await;

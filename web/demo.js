@@ -54,7 +54,13 @@ async function start(roomToJoin) {
     show(sb.peers.size ? "in call" : "waiting for a peer");
     setInterval(async () => {
       const [peerId] = sb.peers.keys();
+      window.sbState.peers = sb.peers.size;
       if (!peerId) return;
+      const { pc } = sb.peers.get(peerId);
+      window.sbState.signalingState = pc.signalingState;
+      window.sbState.iceState = pc.iceConnectionState;
+      window.sbState.gathering = pc.iceGatheringState;
+      window.sbState.descriptions = [pc.localDescription?.type, pc.remoteDescription?.type];
       const t = await sb.connectionType(peerId);
       const f = await sb.framesDecoded(peerId);
       window.sbState.connectionType = t;
