@@ -59,6 +59,10 @@ async fn scrape_after_real_traffic_passes_promtool_and_counts_right() {
         }
     }
 
+    // Relay counters are flushed once per batch, just after the packets go out: let the
+    // last batch land before scraping.
+    let to_client_sample = "switchboard_turn_relayed_packets_total{direction=\"to_client\"}";
+    turn_common::metric_reaches(&srv, to_client_sample, r.received).await;
     let text = reqwest::get(format!("http://{http}/metrics"))
         .await
         .unwrap()

@@ -508,11 +508,7 @@ impl<R: Relay> Table<R> {
                 Some(Ok(id)) if self.allocs.is_empty() => id,
                 _ => return self.error(out, msg, Some(&key), alg, reject(400, "Bad Request"), env),
             };
-            let tid = msg.transaction_id();
-            let mut e = Encoder::new(out, method::CONNECTION_BIND, Class::Success, &tid);
-            e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
-            sign(&mut e, &key, alg);
-            finish(e, msg);
+            self.signed_success(out, method::CONNECTION_BIND, None, msg, &key, alg);
             return Outcome::ConnectionBind(id);
         }
         let r = match m {
@@ -1013,12 +1009,7 @@ impl<R: Relay> Table<R> {
             a.span
                 .in_scope(|| tracing::debug!(lifetime, "allocation refreshed"));
         }
-        let tid = msg.transaction_id();
-        let mut e = Encoder::new(out, method::REFRESH, Class::Success, &tid);
-        e.u32_attr(attr::LIFETIME, lifetime);
-        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
-        sign(&mut e, key, alg);
-        finish(e, msg);
+        self.signed_success(out, method::REFRESH, Some(lifetime), msg, key, alg);
         Ok(())
     }
 
@@ -1081,12 +1072,28 @@ impl<R: Relay> Table<R> {
         if let Some(a) = self.allocs.get(&client) {
             self.publish(client, a);
         }
-        let tid = msg.transaction_id();
-        let mut e = Encoder::new(out, method::CREATE_PERMISSION, Class::Success, &tid);
+        self.signed_success(out, method::CREATE_PERMISSION, None, msg, key, alg);
+        Ok(())
+    }
+
+    /// A success response carrying only LIFETIME (if given) and SOFTWARE, signed with the
+    /// allocation's key and closed like the request (FINGERPRINT when it had one).
+    fn signed_success(
+        &self,
+        out: &mut Vec<u8>,
+        m: u16,
+        lifetime: Option<u32>,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+    ) {
+        let mut e = Encoder::new(out, m, Class::Success, &msg.transaction_id());
+        if let Some(l) = lifetime {
+            e.u32_attr(attr::LIFETIME, l);
+        }
         e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
         sign(&mut e, key, alg);
         finish(e, msg);
-        Ok(())
     }
 
     fn channel_bind(
@@ -1166,11 +1173,7 @@ impl<R: Relay> Table<R> {
         if let Some(a) = self.allocs.get(&client) {
             self.publish(client, a);
         }
-        let tid = msg.transaction_id();
-        let mut e = Encoder::new(out, method::CHANNEL_BIND, Class::Success, &tid);
-        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
-        sign(&mut e, key, alg);
-        finish(e, msg);
+        self.signed_success(out, method::CHANNEL_BIND, None, msg, key, alg);
         Ok(())
     }
 

@@ -319,7 +319,7 @@ pub fn metric(text: &str, sample: &str) -> u64 {
 /// batch, just after the packets themselves), and return the last value seen.
 pub async fn metric_reaches(server: &RunningServer, sample: &str, want: u64) -> u64 {
     let mut v = 0;
-    for _ in 0..40 {
+    for _ in 0..100 {
         v = metric(&server.shared().metrics.render(), sample);
         if v >= want {
             break;
