@@ -162,6 +162,9 @@ export class Switchboard extends EventTarget {
         break;
       case "resumed":
         this.resumes++;
+        // Some frames were evicted from the server's buffer: candidates may be missing, so
+        // renegotiate ICE rather than trust a partial exchange.
+        if (msg.complete === false) for (const { pc } of this.peers.values()) pc.restartIce();
         this._emit("resumed", msg);
         break;
       case "signal":

@@ -268,7 +268,7 @@ pub async fn serve(
     let mut left_cleanly = false;
 
     if let Some(t) = token {
-        let replies = hello(&sig, &shared, &mut conn, &t, None);
+        let replies = hello(&shared, &mut conn, &t, None);
         let fatal = replies.iter().any(|v| v["type"] == "error");
         for r in replies {
             if !send(&mut ws, &m, &r, write_timeout).await {
@@ -428,14 +428,7 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Value> {
     }))
 }
 
-fn hello(
-    sig: &Signaling,
-    shared: &Shared,
-    conn: &mut Conn,
-    token: &str,
-    id: Option<&Value>,
-) -> Vec<Value> {
-    let _ = sig;
+fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&Value>) -> Vec<Value> {
     if conn.member.is_some() {
         return vec![error_frame("bad_request", "already authenticated", id)];
     }
@@ -516,7 +509,7 @@ fn handle(
         let Some(token) = v.get("token").and_then(Value::as_str) else {
             return vec![error_frame("bad_request", "hello needs `token`", id)];
         };
-        return hello(sig, shared, conn, token, id);
+        return hello(shared, conn, token, id);
     }
     if t == "ping" {
         return vec![with_id(json!({"type": "pong"}), id)];
