@@ -127,6 +127,8 @@ pub struct HttpConfig {
     pub allowed_origins: Vec<String>,
     /// Serve the demo page and JS client at `/`.
     pub demo: bool,
+    /// Reverse proxies (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers are believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -137,6 +139,7 @@ impl Default for HttpConfig {
             tls: false,
             allowed_origins: vec!["*".into()],
             demo: true,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -159,8 +162,10 @@ pub struct TurnConfig {
     pub realm: String,
     /// IP that relay sockets bind to; defaults to the first listen IP.
     pub relay_bind: Option<IpAddr>,
-    /// IP reported in XOR-RELAYED-ADDRESS (public IP behind NAT); defaults to `relay_bind`.
-    pub relay_ip: Option<IpAddr>,
+    /// Public addresses reported in XOR-RELAYED-ADDRESS behind 1:1 NAT: `public` or
+    /// `public/private` pairs (coturn's `external-ip`); a string or a list in TOML.
+    #[serde(deserialize_with = "one_or_many")]
+    pub relay_ip: Vec<RelayIp>,
     /// IPv6 address that relay sockets bind to for IPv6 allocations.
     pub relay_bind_v6: Option<IpAddr>,
     /// Lowest relay port.
@@ -203,7 +208,7 @@ impl Default for TurnConfig {
             relay: true,
             realm: "switchboard".into(),
             relay_bind: None,
-            relay_ip: None,
+            relay_ip: Vec::new(),
             relay_bind_v6: None,
             relay_port_min: 49152,
             relay_port_max: 65535,
@@ -221,6 +226,84 @@ impl Default for TurnConfig {
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
     }
+}
+
+/// One `turn.relay_ip` entry: the public address clients reach a relay at, for relay sockets
+/// bound to `private` (or to any address of that family when `private` is absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayIp {
+    /// Address written into XOR-RELAYED-ADDRESS and `iceServers`.
+    pub public: IpAddr,
+    /// Local address this mapping applies to; `None` maps every local address of the family.
+    pub private: Option<IpAddr>,
+}
+
+impl std::str::FromStr for RelayIp {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RelayIp, String> {
+        let (p, l) = match s.split_once('/') {
+            Some((p, l)) => (p, Some(l)),
+            None => (s, None),
+        };
+        let ip = |x: &str| {
+            x.trim()
+                .parse::<IpAddr>()
+                .map_err(|_| format!("`{s}` is not `public` or `public/private` (IP addresses)"))
+        };
+        let public = ip(p)?;
+        let private = l.map(ip).transpose()?;
+        if private.is_some_and(|l| l.is_ipv4() != public.is_ipv4()) {
+            return Err(format!("`{s}` maps between address families"));
+        }
+        if public.is_unspecified() || public.is_multicast() {
+            return Err(format!(
+                "`{s}`: the public address must be a unicast address"
+            ));
+        }
+        if private.is_some_and(|l| l.is_unspecified()) {
+            return Err(format!(
+                "`{s}`: leave out the private part to map every local address"
+            ));
+        }
+        Ok(RelayIp { public, private })
+    }
+}
+
+impl std::fmt::Display for RelayIp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.private {
+            Some(l) => write!(f, "{}/{}", self.public, l),
+            None => write!(f, "{}", self.public),
+        }
+    }
+}
+
+impl Serialize for RelayIp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayIp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RelayIp, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Accept one value or a list (`relay_ip = "203.0.113.10"` and `relay_ip = ["…", "…"]`).
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let v = toml::Value::deserialize(d)?;
+    if let toml::Value::Array(_) = v {
+        return Vec::<T>::deserialize(v).map_err(serde::de::Error::custom);
+    }
+    T::deserialize(v)
+        .map(|t| vec![t])
+        .map_err(serde::de::Error::custom)
 }
 
 /// Login backend kinds.
@@ -480,6 +563,7 @@ impl Config {
             crate::turn::policy::Cidr::parse(c)
                 .map_err(|m| ConfigError::key(format!("turn.allow_peers[{i}]"), m))?;
         }
+        validate_relay_addresses(t)?;
         for (i, c) in t.deny_peers.iter().enumerate() {
             crate::turn::policy::Cidr::parse(c)
                 .map_err(|m| ConfigError::key(format!("turn.deny_peers[{i}]"), m))?;
@@ -497,6 +581,10 @@ impl Config {
                     "required when turn.tls_listen or http.tls is set",
                 ));
             }
+        }
+        for (i, c) in self.http.trusted_proxies.iter().enumerate() {
+            crate::turn::policy::Cidr::parse(c)
+                .map_err(|m| ConfigError::key(format!("http.trusted_proxies[{i}]"), m))?;
         }
         let a = &self.auth;
         if a.backends.is_empty() {
@@ -597,6 +685,56 @@ impl Config {
     }
 }
 
+/// Relay addressing: every relay socket must have an address that clients can be told.
+fn validate_relay_addresses(t: &TurnConfig) -> Result<(), ConfigError> {
+    for (i, a) in t.relay_ip.iter().enumerate() {
+        let clash = t.relay_ip[..i].iter().any(|b| {
+            b.private == a.private
+                && (a.private.is_some() || b.public.is_ipv4() == a.public.is_ipv4())
+        });
+        if clash {
+            return Err(ConfigError::key(
+                format!("turn.relay_ip[{i}]"),
+                format!("`{a}` maps a local address that an earlier entry already maps"),
+            ));
+        }
+    }
+    let catch_all = |v4: bool| {
+        t.relay_ip
+            .iter()
+            .any(|r| r.private.is_none() && r.public.is_ipv4() == v4)
+    };
+    if let Some(b) = t.relay_bind {
+        if b.is_unspecified() && !catch_all(b.is_ipv4()) {
+            return Err(ConfigError::key(
+                "turn.relay_ip",
+                format!(
+                    "turn.relay_bind = \"{b}\" binds relay sockets to every interface, so no \
+                     relayed address is known: set turn.relay_ip to the address clients reach, \
+                     or leave turn.relay_bind unset to bind the address each request reached"
+                ),
+            ));
+        }
+    }
+    if let Some(b) = t.relay_bind_v6 {
+        if !b.is_ipv6() {
+            return Err(ConfigError::key(
+                "turn.relay_bind_v6",
+                "must be an IPv6 address",
+            ));
+        }
+        if b.is_unspecified() && !catch_all(false) {
+            return Err(ConfigError::key(
+                "turn.relay_ip",
+                "turn.relay_bind_v6 = \"::\" binds relay sockets to every interface, so no \
+                 relayed address is known: set turn.relay_ip to the IPv6 address clients reach, \
+                 or leave turn.relay_bind_v6 unset",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Apply `SWITCHBOARD_SECTION__KEY=value` overrides to a parsed TOML table.
 ///
 /// The value is read as a TOML value when it parses as one (numbers, booleans, arrays),
@@ -691,6 +829,38 @@ mod tests {
         assert!(e.contains("turn.relay_port_min"), "{e}");
         let e = err_of("[turn]\nallow_peers = [\"10.0.0.0/33\"]\n");
         assert!(e.contains("turn.allow_peers[0]"), "{e}");
+    }
+
+    #[test]
+    fn relay_ip_takes_one_or_many_pairs_and_wildcards_need_it() {
+        let c = Config::from_toml("[turn]\nrelay_ip = \"203.0.113.10\"\n").unwrap();
+        assert_eq!(c.turn.relay_ip.len(), 1);
+        assert_eq!(c.turn.relay_ip[0].private, None);
+        let c = Config::from_toml(
+            "[turn]\nrelay_ip = [\"203.0.113.10/10.0.0.5\", \"2001:db8::10/fd00::5\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.turn.relay_ip[1].to_string(), "2001:db8::10/fd00::5");
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+        let e = err_of("[turn]\nrelay_ip = [\"203.0.113.10/fd00::5\"]\n");
+        assert!(e.contains("turn.relay_ip"), "{e}");
+        let e = err_of("[turn]\nrelay_ip = \"0.0.0.0\"\n");
+        assert!(e.contains("turn.relay_ip"), "{e}");
+        let e =
+            err_of("[turn]\nrelay_ip = [\"198.51.100.1/10.0.0.5\", \"198.51.100.2/10.0.0.5\"]\n");
+        assert!(e.contains("turn.relay_ip[1]"), "{e}");
+        // A wildcard relay bind has nothing true to report without relay_ip.
+        let e = err_of("[turn]\nrelay_bind = \"0.0.0.0\"\n");
+        assert!(e.contains("turn.relay_ip"), "{e}");
+        Config::from_toml("[turn]\nrelay_bind = \"0.0.0.0\"\nrelay_ip = \"203.0.113.10\"\n")
+            .unwrap();
+        let env = vec![(
+            "SWITCHBOARD_TURN__RELAY_IP".to_string(),
+            "203.0.113.10".to_string(),
+        )];
+        assert_eq!(Config::load(None, env).unwrap().turn.relay_ip.len(), 1);
+        let e = err_of("[http]\ntrusted_proxies = [\"10.0.0.0/40\"]\n");
+        assert!(e.contains("http.trusted_proxies[0]"), "{e}");
     }
 
     #[test]

@@ -126,11 +126,23 @@ impl TurnShared {
                  the TURN relay allows loopback peers (127.0.0.0/8, ::1) for local use"
             );
         }
+        let mut settings = crate::turn::core::Settings::from_config(&config.turn, allow_loopback);
+        let t = &config.turn;
+        let mut own = crate::listener::host_addresses();
+        own.extend(t.listen.iter().chain(&t.tls_listen).map(|a| a.ip()));
+        own.extend(t.relay_bind.iter().chain(&t.relay_bind_v6));
+        own.extend(
+            t.relay_ip
+                .iter()
+                .flat_map(|r| [Some(r.public), r.private])
+                .flatten(),
+        );
+        own.push(config.http.listen.ip());
+        settings
+            .policy
+            .set_own(&own, t.relay_port_min..=t.relay_port_max);
         TurnShared {
-            settings: Arc::new(crate::turn::core::Settings::from_config(
-                &config.turn,
-                allow_loopback,
-            )),
+            settings: Arc::new(settings),
             pool: Arc::new(crate::turn::core::Pool::new()),
             conns: Arc::new(crate::turn::relay::Conns::default()),
         }

@@ -5,6 +5,22 @@ pub mod tcp;
 pub mod tls;
 pub mod udp;
 
+/// Every address on this host's interfaces, for the peer policy's "own addresses" rule.
+/// Best effort: an enumeration error yields only what the configuration names.
+pub fn host_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|i| i.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip().into()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())))
+        })
+        .collect()
+}
+
 /// What the first bytes of a packet on the STUN/TURN port are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

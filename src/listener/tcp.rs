@@ -150,6 +150,8 @@ pub async fn serve_stream<S>(
         now: Instant::now(),
         unix: crate::auth::unix_now(),
         draining: shared.lifecycle.is_draining(),
+        // The accepted socket's own address: what a wildcard listener's client reached.
+        local: local.map(|a| a.ip()),
     };
     let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut timer = std::pin::pin!(tokio::time::sleep_until(far()));

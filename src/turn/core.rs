@@ -89,6 +89,9 @@ pub struct Env {
     pub unix: u64,
     /// The server is draining: new allocations are refused.
     pub draining: bool,
+    /// The local address the request reached (IP_PKTINFO, or the accepted socket's address):
+    /// relays bind it when the listener is a wildcard, and UDP replies leave from it.
+    pub local: Option<IpAddr>,
 }
 
 /// A relay socket as the table sees it: an address and a place to publish what it may relay.
@@ -116,6 +119,8 @@ pub struct View {
     pub channels: Vec<(SocketAddr, u16, Instant)>,
     /// Bandwidth cap in bytes per second, 0 = unlimited.
     pub max_bps: u64,
+    /// The server address the client sends to, so peer data reaches it from that address.
+    pub local: Option<IpAddr>,
 }
 
 impl View {
@@ -226,10 +231,12 @@ impl Pool {
 pub struct Settings {
     /// Realm of the long-term credential mechanism.
     pub realm: String,
-    /// Bind IP and advertised IP for IPv4 relays.
-    pub relay_v4: Option<(IpAddr, IpAddr)>,
-    /// Bind IP and advertised IP for IPv6 relays.
-    pub relay_v6: Option<(IpAddr, IpAddr)>,
+    /// Where IPv4 relay sockets bind; `None`: no IPv4 relays.
+    pub relay_v4: Option<RelayBind>,
+    /// Where IPv6 relay sockets bind; `None`: no IPv6 relays.
+    pub relay_v6: Option<RelayBind>,
+    /// `turn.relay_ip`: public address per local relay address (`None`: every local address).
+    pub relay_map: Vec<(IpAddr, Option<IpAddr>)>,
     /// Relay port range.
     pub port_min: u16,
     /// Relay port range.
@@ -261,16 +268,22 @@ impl Settings {
         let ips = || t.listen.iter().chain(t.tls_listen.iter()).map(|a| a.ip());
         let listen_v4 = ips().find(|i| i.is_ipv4());
         let listen_v6 = ips().find(|i| i.is_ipv6());
-        let bind_v4 = t.relay_bind.filter(|i| i.is_ipv4()).or(listen_v4);
-        let bind_v6 = t
-            .relay_bind_v6
-            .or(t.relay_bind.filter(|i| i.is_ipv6()))
-            .or(listen_v6);
-        let adv = |bind: IpAddr, v4: bool| t.relay_ip.filter(|i| i.is_ipv4() == v4).unwrap_or(bind);
+        // An unspecified listen address means "bind what the request reached"; an explicit
+        // wildcard relay_bind stays a wildcard (config validation demands a relay_ip then).
+        let how = |explicit: Option<IpAddr>, listen: Option<IpAddr>| match (explicit, listen) {
+            (Some(b), _) => Some(RelayBind::Fixed(b)),
+            (None, Some(l)) if l.is_unspecified() => Some(RelayBind::Local),
+            (None, Some(l)) => Some(RelayBind::Fixed(l)),
+            (None, None) => None,
+        };
         Settings {
             realm: t.realm.clone(),
-            relay_v4: bind_v4.map(|b| (b, adv(b, true))),
-            relay_v6: bind_v6.map(|b| (b, adv(b, false))),
+            relay_v4: how(t.relay_bind.filter(|i| i.is_ipv4()), listen_v4),
+            relay_v6: how(
+                t.relay_bind_v6.or(t.relay_bind.filter(|i| i.is_ipv6())),
+                listen_v6,
+            ),
+            relay_map: t.relay_ip.iter().map(|r| (r.public, r.private)).collect(),
             port_min: t.relay_port_min,
             port_max: t.relay_port_max,
             default_lifetime: t.default_lifetime_secs,
@@ -284,6 +297,44 @@ impl Settings {
             software: t.software.clone(),
         }
     }
+}
+
+impl Settings {
+    /// Bind address and advertised address for a new relay of one family, for a client whose
+    /// request reached `local`; `None` when no relay of that family can be offered.
+    pub fn relay_addr(&self, v6: bool, local: Option<IpAddr>) -> Option<(IpAddr, IpAddr)> {
+        let bind = match (if v6 { self.relay_v6 } else { self.relay_v4 })? {
+            RelayBind::Fixed(ip) => ip,
+            RelayBind::Local => local
+                .map(crate::turn::policy::canonical)
+                .filter(|l| l.is_ipv6() == v6 && !l.is_unspecified())?,
+        };
+        Some((bind, self.advertised(bind)?))
+    }
+
+    /// The address clients are told for a relay bound to `bind`: its `relay_ip` mapping,
+    /// else `bind` itself; `None` for an unmapped wildcard (refused by config validation).
+    pub fn advertised(&self, bind: IpAddr) -> Option<IpAddr> {
+        let exact = self.relay_map.iter().find(|(_, l)| *l == Some(bind));
+        let any = || {
+            self.relay_map
+                .iter()
+                .find(|(p, l)| l.is_none() && p.is_ipv4() == bind.is_ipv4())
+        };
+        match exact.or_else(any) {
+            Some((p, _)) => Some(*p),
+            None => (!bind.is_unspecified()).then_some(bind),
+        }
+    }
+}
+
+/// How relay sockets of one address family find their local address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayBind {
+    /// Always this address (`turn.relay_bind`, or a specific listen address).
+    Fixed(IpAddr),
+    /// The address the client's request reached (wildcard listeners), as the kernel says.
+    Local,
 }
 
 /// The long-term key an allocation was created with; later requests on it are checked
@@ -317,6 +368,8 @@ struct Alloc<R> {
     /// Connect request waiting for the shell's TCP connect: transaction id, fingerprint, alg.
     pending_connect: Option<([u8; 12], bool, Alg)>,
     advertised: SocketAddr,
+    /// The server address the client sends to (its replies and peer data leave from it).
+    client_local: Option<IpAddr>,
     expires: Instant,
     key: Key,
     quota_user: String,
@@ -760,14 +813,10 @@ impl<R: Relay> Table<R> {
         }
         let (bind_ip, adv_ip) = match token {
             Some(_) => (IpAddr::from([0u8; 4]), IpAddr::from([0u8; 4])),
-            None => {
-                let fam = if v6 {
-                    self.settings.relay_v6
-                } else {
-                    self.settings.relay_v4
-                };
-                fam.ok_or(reject(440, "Address Family not Supported"))?
-            }
+            None => self
+                .settings
+                .relay_addr(v6, env.local)
+                .ok_or(reject(440, "Address Family not Supported"))?,
         };
         let quota_user = quota_name(&key.username).to_string();
         {
@@ -819,12 +868,7 @@ impl<R: Relay> Table<R> {
         relay.attach(&self.sink);
         let local = relay.local_addr();
         let adv_ip = if token.is_some() {
-            if local.is_ipv4() {
-                self.settings.relay_v4.map(|x| x.1)
-            } else {
-                self.settings.relay_v6.map(|x| x.1)
-            }
-            .unwrap_or(local.ip())
+            self.settings.advertised(local.ip()).unwrap_or(local.ip())
         } else {
             adv_ip
         };
@@ -850,6 +894,7 @@ impl<R: Relay> Table<R> {
             kind,
             pending_connect: None,
             advertised,
+            client_local: env.local,
             expires: env.now + Duration::from_secs(lifetime as u64),
             key: key.clone(),
             quota_user,
@@ -1018,7 +1063,7 @@ impl<R: Relay> Table<R> {
         if peer.is_ipv6() != a.advertised.is_ipv6() {
             return Err(reject(443, "Peer Address Family Mismatch"));
         }
-        if !self.settings.policy.permits(peer.ip()) {
+        if !self.settings.policy.permits_peer(peer) {
             return Err(reject(403, "Forbidden"));
         }
         Ok(())
@@ -1278,6 +1323,7 @@ impl<R: Relay> Table<R> {
                 .map(|c| (c.peer, c.num, c.expires))
                 .collect(),
             max_bps: self.settings.max_bps,
+            local: a.client_local,
         };
         a.relay.publish(Arc::new(view));
     }
@@ -1295,7 +1341,9 @@ impl<R: Relay> Table<R> {
         let a = self.allocs.get_mut(&client)?;
         let peer = msg.xor_address(attr::XOR_PEER_ADDRESS)?.ok()?;
         let data = msg.get(attr::DATA)?;
-        if !a.perms.iter().any(|(p, e)| *p == peer.ip() && *e > now) {
+        if !a.perms.iter().any(|(p, e)| *p == peer.ip() && *e > now)
+            || !self.settings.policy.port_ok(peer)
+        {
             return None;
         }
         if !a.bucket.allow(now, data.len()) {

@@ -41,6 +41,8 @@ struct H {
     auth: Arc<Auth>,
     nonce: Vec<u8>,
     busy: HashSet<u16>,
+    /// The address the last relay socket was bound to.
+    last_bind: Arc<StdMutex<Option<SocketAddr>>>,
 }
 
 fn cfg() -> TurnConfig {
@@ -75,6 +77,7 @@ fn harness(t: TurnConfig) -> H {
             now: Instant::now(),
             unix: 1_700_000_000,
             draining: false,
+            local: None,
         },
         open: Default::default(),
         views: Default::default(),
@@ -82,6 +85,7 @@ fn harness(t: TurnConfig) -> H {
         auth,
         nonce: Vec::new(),
         busy: HashSet::new(),
+        last_bind: Default::default(),
     }
 }
 
@@ -131,10 +135,12 @@ impl H {
         let open = self.open.clone();
         let views = self.views.clone();
         let busy = self.busy.clone();
+        let last = self.last_bind.clone();
         move |a: SocketAddr, _| {
             if busy.contains(&a.port()) || !open.lock().unwrap().insert(a.port()) {
                 return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
             }
+            *last.lock().unwrap() = Some(a);
             Ok(Fake {
                 addr: a,
                 view: views.clone(),
@@ -955,7 +961,7 @@ fn draining_refuses_new_allocations() {
 fn advertised_relay_ip_differs_from_bind_ip() {
     let mut t = cfg();
     t.relay_bind = Some("127.0.0.1".parse().unwrap());
-    t.relay_ip = Some("203.0.113.10".parse().unwrap());
+    t.relay_ip = vec!["203.0.113.10".parse().unwrap()];
     let mut h = harness(t);
     let c = rest(&h, 3600);
     let r = h.allocate(client(1), &c, 1);
@@ -966,6 +972,106 @@ fn advertised_relay_ip_differs_from_bind_ip() {
         .unwrap();
     assert_eq!(relayed.ip(), "203.0.113.10".parse::<IpAddr>().unwrap());
     assert_eq!(h.view_relay().port(), relayed.port());
+}
+
+#[test]
+fn wildcard_listener_binds_and_reports_the_address_the_request_reached() {
+    let mut t = cfg();
+    t.listen = vec!["0.0.0.0:3478".parse().unwrap()];
+    let mut h = harness(t.clone());
+    let c = rest(&h, 3600);
+    // No local address known: nothing truthful to report, so no relay (never 0.0.0.0).
+    assert_eq!(h.allocate(client(1), &c, 1).code(), Some(440));
+    for (n, local) in [(10, "203.0.113.10"), (11, "203.0.113.11")] {
+        h.env.local = Some(local.parse().unwrap());
+        let r = h.allocate(client(n), &c, 2);
+        let relayed = r
+            .msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap();
+        assert_eq!(relayed.ip().to_string(), local);
+        assert_eq!(
+            *h.last_bind.lock().unwrap(),
+            Some(relayed),
+            "bound where reported"
+        );
+        assert_eq!(h.view().local, Some(local.parse().unwrap()));
+    }
+    // 1:1 NAT: the private address the request reached maps to its public pair.
+    t.relay_ip = vec![
+        "198.51.100.1/10.0.0.5".parse().unwrap(),
+        "198.51.100.2/10.0.1.5".parse().unwrap(),
+    ];
+    let mut h = harness(t);
+    let c = rest(&h, 3600);
+    for (n, local, public) in [
+        (20, "10.0.0.5", "198.51.100.1"),
+        (21, "10.0.1.5", "198.51.100.2"),
+    ] {
+        h.env.local = Some(local.parse().unwrap());
+        let r = h.allocate(client(n), &c, 3);
+        let relayed = r
+            .msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap();
+        assert_eq!(relayed.ip().to_string(), public);
+        let bound = h.last_bind.lock().unwrap().unwrap();
+        assert_eq!(bound.ip().to_string(), local);
+    }
+}
+
+#[test]
+fn relay_to_own_address_only_on_relay_ports() {
+    let mut t = cfg();
+    t.allow_peers.push("203.0.113.0/24".into());
+    let mut s = Settings::from_config(&t, false);
+    s.policy
+        .set_own(&["203.0.113.10".parse().unwrap()], 50000..=50009);
+    let mut h = harness(t);
+    h.t.settings = Arc::new(s);
+    let c = rest(&h, 3600);
+    h.allocate(client(1), &c, 1);
+    let own_http: SocketAddr = "203.0.113.10:8080".parse().unwrap();
+    let own_relay: SocketAddr = "203.0.113.10:50003".parse().unwrap();
+    let r = h.send(
+        client(1),
+        method::CREATE_PERMISSION,
+        [2; 12],
+        Some(&c),
+        &[],
+        &[own_http],
+    );
+    assert_eq!(r.code(), Some(403));
+    let r = h.send(
+        client(1),
+        method::CREATE_PERMISSION,
+        [3; 12],
+        Some(&c),
+        &[],
+        &[own_relay],
+    );
+    assert_eq!(r.code(), None);
+    let ch = vec![(attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])];
+    let r = h.send(
+        client(1),
+        method::CHANNEL_BIND,
+        [4; 12],
+        Some(&c),
+        &ch,
+        &[own_http],
+    );
+    assert_eq!(r.code(), Some(403));
+    // A Send indication to the permitted IP but a non-relay port is dropped.
+    let mut buf = Vec::new();
+    let mut e = Encoder::new(&mut buf, method::SEND, Class::Indication, &[5; 12]);
+    e.xor_address(attr::XOR_PEER_ADDRESS, own_http);
+    e.attr(attr::DATA, b"GET / HTTP/1.0");
+    e.finish();
+    let m = Message::parse(&buf).unwrap();
+    let now = h.env.now;
+    assert!(h.t.send_indication(now, client(1), &m).is_none());
 }
 
 #[test]

@@ -116,6 +116,10 @@ pub const LOOPBACK: &[&str] = &["127.0.0.0/8", "::1/128"];
 pub struct PeerPolicy {
     allow: Vec<Cidr>,
     deny: Vec<Cidr>,
+    /// The server's own non-loopback addresses: reachable only on relay ports (relay-to-relay),
+    /// never on its HTTP, SSH or metrics ports.
+    own: Vec<IpAddr>,
+    relay_ports: std::ops::RangeInclusive<u16>,
 }
 
 impl PeerPolicy {
@@ -131,7 +135,48 @@ impl PeerPolicy {
             .chain(deny.iter().cloned())
             .filter_map(|c| Cidr::parse(&c).ok())
             .collect();
-        PeerPolicy { allow, deny }
+        PeerPolicy {
+            allow,
+            deny,
+            own: Vec::new(),
+            relay_ports: 1..=0,
+        }
+    }
+
+    /// Deny the server's own addresses except on `relay_ports`, so relaying into the server
+    /// itself (an SSRF) is refused while two clients on this server can still relay to each
+    /// other. Loopback stays under the ordinary rules (denied unless allowed).
+    pub fn set_own(&mut self, own: &[IpAddr], relay_ports: std::ops::RangeInclusive<u16>) {
+        let mut v: Vec<IpAddr> = own
+            .iter()
+            .map(|i| canonical(*i))
+            .filter(|i| !i.is_loopback() && !i.is_unspecified())
+            .collect();
+        v.sort();
+        v.dedup();
+        self.own = v;
+        self.relay_ports = relay_ports;
+    }
+
+    /// Whether `ip` is one of the server's own addresses.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.own.contains(&ip)
+    }
+
+    /// Whether relaying to `peer` (address and port) is permitted: the IP rules, and for the
+    /// server's own addresses, only its relay ports.
+    pub fn permits_peer(&self, peer: std::net::SocketAddr) -> bool {
+        if self.is_own(peer.ip()) {
+            return self.relay_ports.contains(&peer.port());
+        }
+        self.permits(peer.ip())
+    }
+
+    /// The per-packet half of [`PeerPolicy::permits_peer`]: a permission is per IP, so a Send
+    /// indication to one of our own addresses must still name a relay port.
+    pub fn port_ok(&self, peer: std::net::SocketAddr) -> bool {
+        self.own.is_empty() || !self.is_own(peer.ip()) || self.relay_ports.contains(&peer.port())
     }
 
     /// Whether relaying to `ip` is permitted.
@@ -214,6 +259,33 @@ mod tests {
         assert!(lo.permits(ip("127.0.0.1")));
         assert!(lo.permits(ip("::1")));
         assert!(!lo.permits(ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn own_addresses_only_on_relay_ports() {
+        let mut p = PeerPolicy::new(&["203.0.113.0/24".into()], &[], true);
+        p.set_own(
+            &[ip("203.0.113.10"), ip("10.0.0.5"), ip("127.0.0.1")],
+            49152..=65535,
+        );
+        let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert!(!p.permits_peer(sa("203.0.113.10:8080")), "own HTTP port");
+        assert!(!p.permits_peer(sa("203.0.113.10:22")));
+        assert!(!p.permits_peer(sa("[::ffff:203.0.113.10]:8080")));
+        assert!(p.permits_peer(sa("203.0.113.10:50000")), "relay-to-relay");
+        assert!(
+            p.permits_peer(sa("10.0.0.5:50000")),
+            "our relay on a private address"
+        );
+        assert!(!p.permits_peer(sa("10.0.0.6:50000")));
+        assert!(p.permits_peer(sa("203.0.113.11:8080")), "another host");
+        assert!(
+            p.permits_peer(sa("127.0.0.1:3480")),
+            "loopback keeps its own rule"
+        );
+        assert!(!p.port_ok(sa("203.0.113.10:9100")));
+        assert!(p.port_ok(sa("203.0.113.10:49152")));
+        assert!(p.port_ok(sa("198.51.100.1:9100")));
     }
 
     #[test]

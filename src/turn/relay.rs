@@ -25,17 +25,22 @@ const BATCH: usize = 64;
 /// Where peer data for an allocation is delivered (the client's transport).
 #[derive(Clone)]
 pub enum ClientSink {
-    /// The shared UDP listener socket the client talks to.
-    Udp(Arc<UdpSocket>),
+    /// The shared UDP listener socket the client talks to; `true` when it is a wildcard
+    /// bind, so frames leave from the address the client sent to (IP_PKTINFO).
+    Udp(Arc<UdpSocket>, bool),
     /// The bounded outgoing buffer of the client's TCP/TLS connection.
     Stream(Arc<StreamSink>),
 }
 
 impl ClientSink {
-    /// Deliver one frame (STUN message or ChannelData) to `client`; false when dropped.
-    fn deliver(&self, frame: &[u8], client: SocketAddr) -> bool {
+    /// Deliver one frame (STUN message or ChannelData) to `client`, from `local` on a
+    /// wildcard UDP listener; false when dropped.
+    fn deliver(&self, frame: &[u8], client: SocketAddr, local: Option<std::net::IpAddr>) -> bool {
         match self {
-            ClientSink::Udp(s) => s.try_send_to(frame, client).is_ok(),
+            ClientSink::Udp(s, true) => {
+                crate::listener::udp::pktinfo::try_send(s, frame, client, local).is_ok()
+            }
+            ClientSink::Udp(s, false) => s.try_send_to(frame, client).is_ok(),
             ClientSink::Stream(s) => s.push(frame),
         }
     }
@@ -260,7 +265,7 @@ async fn peer_to_client(
                     &out
                 }
             };
-            let sent = sink.deliver(frame, client);
+            let sent = sink.deliver(frame, client, v.local);
             if sent {
                 pkts += 1;
                 bytes += n as u64;
@@ -387,7 +392,7 @@ impl TcpRelay {
                     e.xor_address(attr::XOR_PEER_ADDRESS, peer);
                     e.u32_attr(attr::CONNECTION_ID, id);
                     e.finish();
-                    sink.deliver(&out, client);
+                    sink.deliver(&out, client, view.local);
                 }
             }
             .instrument(span),
