@@ -32,19 +32,32 @@ pub struct IceConfig {
     pub credentials: Option<TurnCredentials>,
 }
 
-/// Host to put in URIs: `public.host`, else the bound IP unless it is unspecified, else the
-/// host the client used to reach the HTTP API, else loopback.
+/// Host to put in URIs, always one a remote client can use:
+/// 1. `public.host`;
+/// 2. a specific STUN/TURN listen address, through its `turn.relay_ip` mapping;
+/// 3. on a wildcard listener, the host the client used to reach the HTTP API (an IP literal
+///    through its `turn.relay_ip` mapping; never `0.0.0.0` or `::`);
+/// 4. a `turn.relay_ip` that maps every address; else loopback (local development).
 pub fn public_host(shared: &Shared, request_host: Option<&str>) -> String {
     if let Some(h) = &shared.config.public.host {
         return h.clone();
     }
+    let s = &shared.turn.settings;
+    let mapped = |ip: IpAddr| host_of(s.advertised(ip).unwrap_or(ip));
     let bound = shared.bound.get();
     let first = bound.and_then(|b| b.udp.first().or(b.tcp.first()).or(b.tls.first()).copied());
     if let Some(a) = first.filter(|a| !a.ip().is_unspecified()) {
-        return host_of(a.ip());
+        return mapped(a.ip());
     }
     if let Some(h) = request_host.and_then(strip_port) {
-        return h;
+        match h.trim_matches(['[', ']']).parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => return mapped(ip),
+            Ok(_) => {}
+            Err(_) => return h,
+        }
+    }
+    if let Some((public, _)) = s.relay_map.iter().find(|(_, private)| private.is_none()) {
+        return host_of(*public);
     }
     "127.0.0.1".into()
 }

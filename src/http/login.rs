@@ -235,9 +235,11 @@ async fn login_inner(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(LoginResponse, &'static str), (ApiError, &'static str)> {
+    let client =
+        super::client_ip::client_ip(peer.ip(), headers, &shared.config.http.trusted_proxies);
     shared
         .login_limiter
-        .check(peer.ip(), Instant::now())
+        .check(super::client_ip::limit_key(client), Instant::now())
         .map_err(|d| (ApiError::RateLimited(d), "none"))?;
     let p = presented(shared, headers, &body).map_err(|e| (e, "none"))?;
     let label = match &p {

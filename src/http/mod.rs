@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::server::{shutdown_signal, Shared};
 
+pub mod client_ip;
 pub mod login;
 pub mod ws;
 

@@ -51,13 +51,16 @@ async fn upgrade(
     // Frames up to 4x the limit are read and answered with a typed `too_large` error;
     // beyond that the socket is closed with 1009.
     let hard = limit.saturating_mul(4).max(1 << 20);
+    // Connection limits key on the real client behind a trusted proxy, IPv6 by its /64.
+    let client =
+        super::client_ip::client_ip(peer.ip(), &headers, &shared.config.http.trusted_proxies);
+    let key = super::client_ip::limit_key(client);
     let sig = shared.signaling.clone();
-    let span = tracing::debug_span!("ws", peer = %peer);
+    let span = tracing::debug_span!("ws", peer = %peer, client = %client);
     ws.protocols([PROTOCOL])
         .max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| {
-            crate::signaling::conn::serve(sig, shared, socket, peer.ip(), token, host)
-                .instrument(span)
+            crate::signaling::conn::serve(sig, shared, socket, key, token, host).instrument(span)
         })
 }
