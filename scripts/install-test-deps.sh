@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs from Debian's packages: coturn's turnutils_* clients and
 # turnserver (interop and the side-by-side benchmark), promtool (metrics format check),
-# and Chromium with its driver (browser end-to-end tests). Idempotent; safe to re-run.
+# and Chromium with its driver (browser end-to-end tests); iproute2, iptables and nginx for the
+# network lab (tests/lab: namespaces, NAT routers, a reverse proxy). Idempotent; safe to re-run.
 set -euo pipefail
 
 need=()
@@ -11,6 +12,9 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: installing ${need[*]}"
@@ -21,4 +25,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # The coturn package must not leave a daemon holding 3478 behind.
 if pgrep -x turnserver >/dev/null 2>&1; then pkill -x turnserver || true; fi
+# Nor may the nginx package leave its default site holding port 80 (the lab runs its own).
+if [ -f /run/nginx.pid ]; then nginx -s stop 2>/dev/null || true; fi
 echo "install-test-deps: ok"

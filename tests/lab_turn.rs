@@ -325,3 +325,23 @@ async fn ice_servers_carry_the_address_a_remote_client_used() {
         );
     }
 }
+
+/// Needs no lab: a wildcard relay bind with nothing to report stops the start-up (exit 2).
+#[test]
+fn wildcard_relay_bind_without_relay_ip_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[turn]\nlisten = [\"0.0.0.0:0\"]\nrelay_bind = \"0.0.0.0\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("turn.relay_ip"), "{err}");
+}

@@ -139,7 +139,8 @@ impl PeerPolicy {
             allow,
             deny,
             own: Vec::new(),
-            relay_ports: 1..=0,
+            // No own addresses yet, so the range is never consulted.
+            relay_ports: 0..=u16::MAX,
         }
     }
 
