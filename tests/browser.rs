@@ -6,12 +6,14 @@
 //! `turn:…?transport=tcp` and every packet stays on 127.0.0.1.
 
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use switchboard::{Config, RunningServer, Server};
 
 #[path = "support/cert.rs"]
 mod cert;
+#[path = "support/webdriver.rs"]
+mod webdriver;
+use webdriver::{Browser, Driver};
 
 /// One browser pair at a time: six Chromium instances encoding video would starve two cores.
 static BROWSERS: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
@@ -23,182 +25,46 @@ async fn browser_slot() -> tokio::sync::MutexGuard<'static, ()> {
         .await
 }
 
-struct Driver {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
+/// Poll the page state until `pred` holds (60 s budget for slow CI machines).
+async fn wait_for(b: &Browser, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..240 {
+        last = state(b).await;
+        if pred(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out waiting for {what}; last page state: {last}");
 }
 
-impl Drop for Driver {
-    /// chromedriver runs in its own process group with every browser it started: end them
-    /// all, even when a test panicked before quitting its sessions.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{}", self.child.id())])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// [`wait_for`], and on timeout also show the other page's state.
+async fn wait_for_or_show(
+    b: &Browser,
+    other: &Browser,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    for _ in 0..240 {
+        let v = state(b).await;
+        if pred(&v) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let (mine, theirs) = (state(b).await, state(other).await);
+    panic!("timed out waiting for {what}; this page: {mine}; the other: {theirs}");
 }
 
-impl Driver {
-    async fn start() -> Driver {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver is installed (scripts/install-test-deps.sh)");
-        let d = Driver {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::new(),
-        };
-        for _ in 0..100 {
-            if let Ok(r) = d.http.get(format!("{}/status", d.base)).send().await {
-                if r.status().is_success() {
-                    return d;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("chromedriver did not start");
-    }
+async fn state(b: &Browser) -> Value {
+    b.js("return window.sbState || {}").await
+}
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut r = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let v: Value = r
-            .send()
-            .await
-            .expect("webdriver call")
-            .json()
-            .await
-            .expect("json");
-        v["value"].clone()
-    }
-
-    async fn session(&self, profile: &std::path::Path) -> String {
-        self.session_with(profile, &[]).await
-    }
-
-    async fn session_with(&self, profile: &std::path::Path, extra: &[&str]) -> String {
-        let args = [
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--use-fake-device-for-media-stream",
-            "--use-fake-ui-for-media-stream",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--disable-quic",
-            "--disable-features=WebRtcHideLocalIpsWithMdns",
-        ]
-        .iter()
-        .chain(extra)
-        .map(|s| s.to_string())
-        .chain(std::iter::once(format!(
-            "--user-data-dir={}",
-            profile.display()
-        )))
-        .collect::<Vec<_>>();
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                "/session",
-                Some(json!({"capabilities": {"alwaysMatch": {
-                    "browserName": "chrome",
-                    "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}
-                }}})),
-            )
-            .await;
-        v["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("new session: {v}"))
-            .to_string()
-    }
-
-    async fn go(&self, s: &str, url: &str) {
-        self.call(
-            reqwest::Method::POST,
-            &format!("/session/{s}/url"),
-            Some(json!({"url": url})),
-        )
-        .await;
-    }
-
-    async fn js(&self, s: &str, script: &str) -> Value {
-        self.call(
-            reqwest::Method::POST,
-            &format!("/session/{s}/execute/sync"),
-            Some(json!({"script": script, "args": []})),
-        )
+/// Poll `script` until it returns something other than null or false.
+async fn wait_js(b: &Browser, what: &str, script: &str) -> Value {
+    b.poll(script, Duration::from_secs(60))
         .await
-    }
-
-    async fn state(&self, s: &str) -> Value {
-        self.js(s, "return window.sbState || {}").await
-    }
-
-    /// Poll the page state until `pred` holds (60 s budget for slow CI machines).
-    async fn wait_for(&self, s: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
-        for _ in 0..240 {
-            last = self.state(s).await;
-            if pred(&last) {
-                return last;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("timed out waiting for {what}; last page state: {last}");
-    }
-
-    /// [`Driver::wait_for`], and on timeout also show the other page's state.
-    async fn wait_for_or_show(
-        &self,
-        s: &str,
-        other: &str,
-        what: &str,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Value {
-        for _ in 0..240 {
-            let v = self.state(s).await;
-            if pred(&v) {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let (mine, theirs) = (self.state(s).await, self.state(other).await);
-        panic!("timed out waiting for {what}; this page: {mine}; the other: {theirs}");
-    }
-
-    /// Poll `script` until it returns something other than null or false.
-    async fn wait_js(&self, s: &str, what: &str, script: &str) -> Value {
-        let mut last = Value::Null;
-        for _ in 0..240 {
-            last = self.js(s, script).await;
-            if !last.is_null() && last != Value::Bool(false) {
-                return last;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        panic!("timed out waiting for {what}; last value: {last}");
-    }
-
-    async fn quit(&self, s: &str) {
-        self.call(reqwest::Method::DELETE, &format!("/session/{s}"), None)
-            .await;
-    }
+        .unwrap_or_else(|last| panic!("timed out waiting for {what}; last value: {last}"))
 }
 
 async fn start_server() -> RunningServer {
@@ -214,30 +80,26 @@ async fn start_with(turn: &str, extra: &str) -> RunningServer {
 }
 
 /// Two pages meet in a room with `?relay=1` and wait for relayed video both ways.
-/// Returns both session ids and the profile directories, which must outlive the browsers.
+/// Returns both browsers and the profile directories, which must outlive the browsers.
 async fn relayed_call(
     d: &Driver,
     base: &str,
     extra: &[&str],
-) -> (String, String, [tempfile::TempDir; 2]) {
+) -> (Browser, Browser, [tempfile::TempDir; 2]) {
     let pa = tempfile::tempdir().unwrap();
     let pb = tempfile::tempdir().unwrap();
-    let a = d.session_with(pa.path(), extra).await;
-    d.go(&a, &format!("{base}/?name=A&auto=1&relay=1")).await;
-    let st = d
-        .wait_for(&a, "A to create a room", |v| v["room"].is_string())
-        .await;
+    let a = d.browser("A", pa.path(), extra).await;
+    a.go(&format!("{base}/?name=A&auto=1&relay=1")).await;
+    let st = wait_for(&a, "A to create a room", |v| v["room"].is_string()).await;
     let room = st["room"].as_str().unwrap().to_string();
-    let b = d.session_with(pb.path(), extra).await;
-    d.go(&b, &format!("{base}/?name=B&auto=1&relay=1&room={room}"))
+    let b = d.browser("B", pb.path(), extra).await;
+    b.go(&format!("{base}/?name=B&auto=1&relay=1&room={room}"))
         .await;
-    for s in [&a, &b] {
-        let other = if s == &a { &b } else { &a };
-        let v = d
-            .wait_for_or_show(s, other, "relayed video", |v| {
-                v["connectionType"] == "relay" && frames(v) > 0
-            })
-            .await;
+    for (s, other) in [(&a, &b), (&b, &a)] {
+        let v = wait_for_or_show(s, other, "relayed video", |v| {
+            v["connectionType"] == "relay" && frames(v) > 0
+        })
+        .await;
         assert_eq!(v["error"], Value::Null);
     }
     (a, b, [pa, pb])
@@ -256,33 +118,26 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
     let pa = tempfile::tempdir().unwrap();
     let pb = tempfile::tempdir().unwrap();
 
-    let a = d.session(pa.path()).await;
-    d.go(&a, &format!("{base}/?name=A&auto=1&relay=1")).await;
-    let st = d
-        .wait_for(&a, "A to create a room", |v| v["room"].is_string())
-        .await;
+    let a = d.browser("A", pa.path(), &[]).await;
+    a.go(&format!("{base}/?name=A&auto=1&relay=1")).await;
+    let st = wait_for(&a, "A to create a room", |v| v["room"].is_string()).await;
     let room = st["room"].as_str().unwrap().to_string();
 
-    let b = d.session(pb.path()).await;
-    d.go(&b, &format!("{base}/?name=B&auto=1&relay=1&room={room}"))
+    let b = d.browser("B", pb.path(), &[]).await;
+    b.go(&format!("{base}/?name=B&auto=1&relay=1&room={room}"))
         .await;
-    let sb = d
-        .wait_for(&b, "B to decode video through the relay", |v| {
-            v["connectionType"] == "relay" && frames(v) > 0
-        })
-        .await;
+    let sb = wait_for(&b, "B to decode video through the relay", |v| {
+        v["connectionType"] == "relay" && frames(v) > 0
+    })
+    .await;
     assert_eq!(sb["error"], Value::Null);
-    let sa = d
-        .wait_for(&a, "A to decode B's video", |v| frames(v) > 0)
-        .await;
+    let sa = wait_for(&a, "A to decode B's video", |v| frames(v) > 0).await;
     assert_eq!(sa["connectionType"], "relay");
 
     // The data channel crosses the relay too.
-    let sent = d
-        .js(&b, "return window.sb.sendMessage('hello from B')")
-        .await;
+    let sent = b.js("return window.sb.sendMessage('hello from B')").await;
     assert_eq!(sent, 1);
-    d.wait_for(&a, "A to get B's data-channel message", |v| {
+    wait_for(&a, "A to get B's data-channel message", |v| {
         v["messages"]
             .as_array()
             .is_some_and(|m| m.iter().any(|x| x == "hello from B"))
@@ -312,23 +167,20 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
 
     // B's signaling socket drops mid-call, and B restarts ICE while it is down: it resumes,
     // the offer made during the drop still reaches A, and the call goes on.
-    let before = frames(&d.state(&b).await);
+    let before = frames(&state(&b).await);
     let ufrag = "const [st] = window.sb.peers.values(); \
                  const d = st && st.pc.currentRemoteDescription; \
                  return d ? d.sdp.match(/a=ice-ufrag:(\\S+)/)[1] : null;";
-    let old_ufrag = d.js(&b, ufrag).await;
+    let old_ufrag = b.js(ufrag).await;
     assert!(old_ufrag.is_string(), "{old_ufrag}");
-    d.js(
-        &b,
-        "window.sb.dropSocket(); for (const st of window.sb.peers.values()) st.pc.restartIce(); return true",
+    b.js("window.sb.dropSocket(); for (const st of window.sb.peers.values()) st.pc.restartIce(); return true",
     )
     .await;
-    d.wait_for(&b, "B to resume its seat", |v| {
+    wait_for(&b, "B to resume its seat", |v| {
         v["resumes"].as_u64() >= Some(1)
     })
     .await;
-    d.wait_js(
-        &b,
+    wait_js(&b,
         "A's answer to the ICE restart offered during the drop",
         &format!(
             "const [st] = window.sb.peers.values(); \
@@ -337,11 +189,11 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
         ),
     )
     .await;
-    d.wait_for(&b, "video to keep flowing after the resume", |v| {
+    wait_for(&b, "video to keep flowing after the resume", |v| {
         frames(v) > before + 30 && v["connectionType"] == "relay"
     })
     .await;
-    let after = d.state(&a).await;
+    let after = state(&a).await;
     assert_eq!(after["error"], Value::Null, "{after}");
     let m = srv.shared().metrics.render();
     assert!(
@@ -349,8 +201,8 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
         "{m}"
     );
 
-    d.quit(&a).await;
-    d.quit(&b).await;
+    a.quit().await;
+    b.quit().await;
     srv.shutdown();
     srv.wait().await;
 }
@@ -362,29 +214,29 @@ async fn demo_page_shows_clear_errors_for_unknown_and_full_rooms() {
     let base = format!("http://{}", srv.http_addr());
     let d = Driver::start().await;
     let p = tempfile::tempdir().unwrap();
-    let s = d.session(p.path()).await;
-    d.go(&s, &format!("{base}/?name=C&auto=1&room=no-such-room"))
+    let s = d.browser("C", p.path(), &[]).await;
+    s.go(&format!("{base}/?name=C&auto=1&room=no-such-room"))
         .await;
-    let st = d.wait_for(&s, "an error", |v| v["error"].is_string()).await;
+    let st = wait_for(&s, "an error", |v| v["error"].is_string()).await;
     assert_eq!(st["error"], "unknown_room");
-    let text = d
-        .js(&s, "return document.getElementById('error').textContent")
+    let text = s
+        .js("return document.getElementById('error').textContent")
         .await;
     assert!(text.as_str().unwrap().contains("No such room"), "{text}");
-    d.quit(&s).await;
+    s.quit().await;
 
     // Fill a two-seat room with two signaling clients; the page must say it is full.
     let _seats = fill_room(&srv, "pair").await;
     let p2 = tempfile::tempdir().unwrap();
-    let s = d.session(p2.path()).await;
-    d.go(&s, &format!("{base}/?name=D&auto=1&room=pair")).await;
-    let st = d.wait_for(&s, "an error", |v| v["error"].is_string()).await;
+    let s = d.browser("2", p2.path(), &[]).await;
+    s.go(&format!("{base}/?name=D&auto=1&room=pair")).await;
+    let st = wait_for(&s, "an error", |v| v["error"].is_string()).await;
     assert_eq!(st["error"], "room_full");
-    let text = d
-        .js(&s, "return document.getElementById('error').textContent")
+    let text = s
+        .js("return document.getElementById('error').textContent")
         .await;
     assert!(text.as_str().unwrap().contains("full"), "{text}");
-    d.quit(&s).await;
+    s.quit().await;
     srv.shutdown();
     srv.wait().await;
 }
@@ -453,8 +305,8 @@ async fn browsers_call_over_turns_tls() {
             && !l.ends_with(" 0")),
         "{m}"
     );
-    d.quit(&a).await;
-    d.quit(&b).await;
+    a.quit().await;
+    b.quit().await;
     srv.shutdown();
     srv.wait().await;
 }
