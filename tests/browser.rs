@@ -1,9 +1,14 @@
-//! End to end in real browsers: two headless Chromium pages (Debian's chromium, driven through
-//! chromedriver's W3C WebDriver API) run the demo page, log in, meet in a room and send video
-//! to each other through switchboard's TURN relay, then survive a signaling drop.
+//! End to end in real browsers: separate headless Chromium instances (Debian's chromium, each
+//! with its own profile, driven through chromedriver's W3C WebDriver API) use the demo page as
+//! a person would: type a name, start a call, open the shared link, join, hang up.
 //!
-//! The server listens on loopback with UDP off, so Chromium reaches TURN over
-//! `turn:…?transport=tcp` and every packet stays on 127.0.0.1.
+//! An init script wraps `RTCPeerConnection` so that the tests read the page's real connections
+//! through getStats rather than trusting what the page says.
+//!
+//! Everything stays on 127.0.0.1. Over UDP, Chromium is started with
+//! [`webdriver::LOOPBACK_UDP_FLAG`] so that it binds the wildcard address and its packets to the
+//! server come from loopback; the tests that do not pass it turn UDP off and reach TURN over
+//! TCP or TLS.
 
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -13,7 +18,7 @@ use switchboard::{Config, RunningServer, Server};
 mod cert;
 #[path = "support/webdriver.rs"]
 mod webdriver;
-use webdriver::{Browser, Driver};
+use webdriver::{Browser, Driver, LOOPBACK_UDP_FLAG};
 
 /// One browser pair at a time: six Chromium instances encoding video would starve two cores.
 static BROWSERS: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
@@ -215,8 +220,9 @@ async fn demo_page_shows_clear_errors_for_unknown_and_full_rooms() {
     let d = Driver::start().await;
     let p = tempfile::tempdir().unwrap();
     let s = d.browser("C", p.path(), &[]).await;
-    s.go(&format!("{base}/?name=C&auto=1&room=no-such-room"))
-        .await;
+    // A shared link to a room that does not exist: give a name, press Enter.
+    s.go(&format!("{base}/?room=no-such-room")).await;
+    s.type_into("#name", "Cleo\u{E007}").await;
     let st = wait_for(&s, "an error", |v| v["error"].is_string()).await;
     assert_eq!(st["error"], "unknown_room");
     let text = s
@@ -229,7 +235,8 @@ async fn demo_page_shows_clear_errors_for_unknown_and_full_rooms() {
     let _seats = fill_room(&srv, "pair").await;
     let p2 = tempfile::tempdir().unwrap();
     let s = d.browser("2", p2.path(), &[]).await;
-    s.go(&format!("{base}/?name=D&auto=1&room=pair")).await;
+    s.go(&format!("{base}/?room=pair")).await;
+    s.click("#go").await;
     let st = wait_for(&s, "an error", |v| v["error"].is_string()).await;
     assert_eq!(st["error"], "room_full");
     let text = s
@@ -307,6 +314,384 @@ async fn browsers_call_over_turns_tls() {
     );
     a.quit().await;
     b.quit().await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// Wraps `RTCPeerConnection` before the page's scripts run: every connection the page makes is
+/// kept in `window.__pcs`. With `window.__sbTest.badTurn`, TURN credentials are spoiled on the
+/// way in, as a stale or mistyped credential would be.
+const PC_WRAPPER: &str = r#"(() => {
+  const Orig = window.RTCPeerConnection;
+  const spoil = (cfg) => (window.__sbTest || {}).badTurn && cfg && cfg.iceServers
+    ? { ...cfg, iceServers: cfg.iceServers.map((s) => s.credential ? { ...s, credential: "not-the-password" } : s) }
+    : cfg;
+  window.__pcs = [];
+  window.RTCPeerConnection = class extends Orig {
+    constructor(cfg, ...rest) {
+      super(spoil(cfg), ...rest);
+      window.__pcs.push(this);
+      this.__cands = [];
+      this.addEventListener("icecandidate", ({ candidate: c }) => {
+        if (c) this.__cands.push({ type: c.type, address: c.address, relatedAddress: c.relatedAddress, line: c.candidate });
+      });
+    }
+    setConfiguration(cfg) { return super.setConfiguration(spoil(cfg)); }
+  };
+})();"#;
+
+/// The newest open connection on the page, read through getStats, with what the page shows.
+const PC_STATS: &str = r#"
+  const pcs = (window.__pcs || []).filter((p) => p.signalingState !== "closed");
+  const pc = pcs[pcs.length - 1];
+  const s = window.sbState || {};
+  const page = { page: s.state, pagePath: s.path, error: s.error, notice: s.notice, restarts: s.restarts,
+                 errorText: document.getElementById("error")?.textContent };
+  if (!pc) return { ...page, pcs: 0 };
+  const stats = await pc.getStats();
+  let sel = null, frames = 0;
+  stats.forEach((r) => {
+    if (r.type === "transport" && r.selectedCandidatePairId) sel = stats.get(r.selectedCandidatePairId);
+    if (r.type === "inbound-rtp" && r.kind === "video") frames += r.framesDecoded || 0;
+  });
+  const local = sel && stats.get(sel.localCandidateId);
+  const remote = sel && stats.get(sel.remoteCandidateId);
+  return { ...page, pcs: pcs.length, ice: pc.iceConnectionState, signaling: pc.signalingState, frames,
+           localType: local?.candidateType, relayProtocol: local?.relayProtocol,
+           localAddress: local?.address, relatedAddress: local?.relatedAddress,
+           remoteType: remote?.candidateType, remoteAddress: remote?.address,
+           gathered: pc.__cands,
+           ufrag: pc.remoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null };
+"#;
+
+async fn pc_stats(b: &Browser) -> Value {
+    b.js(PC_STATS).await
+}
+
+/// A Chromium instance with its own profile and the connection wrapper installed.
+async fn person(d: &Driver, label: &str, profile: &tempfile::TempDir, test: Value) -> Browser {
+    let b = d.browser(label, profile.path(), &[LOOPBACK_UDP_FLAG]).await;
+    b.add_init_script(&format!("window.__sbTest = {test};"))
+        .await;
+    b.add_init_script(PC_WRAPPER).await;
+    b
+}
+
+/// Media flows: ICE connected, video decoded, and the page says "in call".
+fn in_call(v: &Value) -> bool {
+    matches!(v["ice"].as_str(), Some("connected" | "completed"))
+        && v["frames"].as_u64() > Some(0)
+        && v["page"] == "in call"
+        && v["pagePath"].is_string()
+}
+
+/// The server's own log of TURN allocations ("allocation created", with the client address
+/// it saw), captured from `switchboard::turn` at debug level for the whole test binary.
+fn turn_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf: &'static std::sync::Mutex<Vec<u8>> =
+            Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+        struct W(&'static std::sync::Mutex<Vec<u8>>);
+        impl std::io::Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "switchboard::turn=debug",
+            ))
+            .with_ansi(false)
+            .with_writer(move || W(buf))
+            .try_init();
+        buf
+    })
+}
+
+/// Client addresses of the UDP allocations the server logged since `from` (a log offset).
+fn udp_allocation_clients(from: usize) -> Vec<String> {
+    let log = turn_log().lock().unwrap();
+    String::from_utf8_lossy(&log[from.min(log.len())..])
+        .lines()
+        .filter(|l| l.contains("allocation created") && l.contains("transport=\"udp\""))
+        .filter_map(|l| l.split("client=").nth(1))
+        .filter_map(|rest| rest.split([' ', '}']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The page may only say "in call" when its connection really is connected.
+fn assert_honest(who: &str, v: &Value) {
+    if v["page"] == "in call" {
+        assert!(
+            matches!(v["ice"].as_str(), Some("connected" | "completed")),
+            "page {who} says in call while ICE is not connected: {v}"
+        );
+    }
+}
+
+/// Wait until both pages are in a call, checking on every poll that neither page claims more
+/// than its connection shows. `Err` carries both pages' last stats.
+async fn until_both_in_call(a: &Browser, b: &Browser, budget: Duration) -> Result<(), String> {
+    let end = tokio::time::Instant::now() + budget;
+    loop {
+        let (sa, sb) = tokio::join!(pc_stats(a), pc_stats(b));
+        assert_honest("A", &sa);
+        assert_honest("B", &sb);
+        if in_call(&sa) && in_call(&sb) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= end {
+            return Err(format!("A: {sa}\nB: {sb}"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A starts a call from the home page by typing a name and clicking; B opens the shared link,
+/// types a name and presses Enter. Returns the time from B's Enter until both pages are in the
+/// call with video decoded.
+async fn ui_call(a: &Browser, b: &Browser, base: &str, query: &str) -> Result<Duration, String> {
+    a.go(&format!("{base}/{query}")).await;
+    a.type_into("#name", "Ann").await;
+    a.click("#go").await;
+    let link = match a
+        .poll("return window.sbState.link", Duration::from_secs(15))
+        .await
+    {
+        Ok(l) => l,
+        Err(v) => {
+            return Err(format!(
+                "A shows no shared link: {v}; {}",
+                pc_stats(a).await
+            ))
+        }
+    };
+    let link = link.as_str().unwrap_or_default().to_string();
+    b.go(&link).await;
+    let button = b.text("#go").await;
+    assert_eq!(
+        button, "Join the call",
+        "a shared link offers one button to join"
+    );
+    let t0 = std::time::Instant::now();
+    b.type_into("#name", "Bob\u{E007}").await;
+    until_both_in_call(a, b, Duration::from_secs(20)).await?;
+    Ok(t0.elapsed())
+}
+
+/// Both hang up with the visible button; the camera is released and the page says so.
+async fn hang_up(a: &Browser, b: &Browser) {
+    for p in [a, b] {
+        p.click("#leave").await;
+        let v = p
+            .poll(
+                "return window.sbState.state === 'left the call' && \
+                 document.getElementById('local').srcObject === null && window.sb === null",
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(v.is_ok(), "page {} did not hang up: {v:?}", p.label());
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// 20 calls in a row, each between two separate Chromium instances driven through the page:
+/// 10 relay-only (TURN over UDP) and 10 default (a direct path). Every one must connect within
+/// 20 s with video decoded on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_calls_in_a_row_all_connect() {
+    let _slot = browser_slot().await;
+    let log_start = turn_log().lock().unwrap().len();
+    // TURN over UDP only, so that a relayed call can only take the UDP path.
+    let srv = start_with("tcp = false\n", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    d.screenshots_on_panic("twenty_calls", async {
+        let mut times = Vec::new();
+        let mut failures = Vec::new();
+        for (batch, query) in [("relay", "?relay=1"), ("default", "")] {
+            // A fresh pair of browsers per batch; each call in the batch is a fresh page load.
+            let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let a = person(&d, "A", &pa, json!({})).await;
+            let b = person(&d, "B", &pb, json!({})).await;
+            for i in 1..=10 {
+                match ui_call(&a, &b, &base, query).await {
+                    Ok(t) => {
+                        let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
+                        println!(
+                            "call {batch} {i:2}: connected in {:5} ms; A path {} ({}), B path {} ({})",
+                            t.as_millis(),
+                            sa["pagePath"],
+                            sa["localType"],
+                            sb["pagePath"],
+                            sb["localType"]
+                        );
+                        for (who, s) in [("A", &sa), ("B", &sb)] {
+                            if batch == "relay" {
+                                // TURN over UDP (the server's view of the client is checked
+                                // in its log below: Chromium redacts a relay's raddr).
+                                assert_eq!(s["localType"], "relay", "{who}: {s}");
+                                assert_eq!(s["relayProtocol"], "udp", "{who}: {s}");
+                                assert_eq!(s["pagePath"], "relay over UDP", "{who}: {s}");
+                            } else {
+                                assert_eq!(s["pagePath"], "direct", "{who}: {s}");
+                                assert_ne!(s["localType"], "relay", "{who}: {s}");
+                            }
+                        }
+                        times.push(t);
+                    }
+                    Err(e) => {
+                        println!("call {batch} {i:2}: did NOT connect within 20 s\n{e}");
+                        d.screenshot_all(&format!("twenty_calls-{batch}-{i}")).await;
+                        failures.push(format!("{batch} {i}"));
+                    }
+                }
+                hang_up(&a, &b).await;
+            }
+            a.quit().await;
+            b.quit().await;
+        }
+        let mut sorted = times.clone();
+        sorted.sort();
+        if !sorted.is_empty() {
+            println!(
+                "time to connect over {} calls: p50 {} ms, max {} ms",
+                sorted.len(),
+                percentile(&sorted, 0.5).as_millis(),
+                sorted[sorted.len() - 1].as_millis()
+            );
+        }
+        assert!(failures.is_empty(), "calls that did not connect: {failures:?}");
+        // The server saw every browser's UDP allocation come from loopback.
+        let clients = udp_allocation_clients(log_start);
+        assert!(clients.len() >= 20, "UDP allocations logged: {clients:?}");
+        assert!(
+            clients.iter().all(|c| c.starts_with("127.0.0.1:")),
+            "UDP allocations from outside loopback: {clients:?}"
+        );
+        println!(
+            "server saw {} UDP allocations, all from 127.0.0.1",
+            clients.len()
+        );
+        let m = srv.shared().metrics.render();
+        assert!(
+            m.lines().any(|l| l
+                .starts_with("switchboard_turn_allocations_created_total{transport=\"udp\"}")
+                && !l.ends_with(" 0")),
+            "{m}"
+        );
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// Both pages offer at once at the start of the call (the newcomer does not wait), then both
+/// restart ICE at the same moment mid-call: perfect negotiation sorts out both collisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glare_both_offer_at_once_and_the_call_connects() {
+    let _slot = browser_slot().await;
+    let srv = start_with("", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    d.screenshots_on_panic("glare", async {
+        let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = person(&d, "A", &pa, json!({})).await;
+        let b = person(&d, "B", &pb, json!({})).await;
+        for i in 1..=3 {
+            let t = ui_call(&a, &b, &base, "?relay=1&glare=1")
+                .await
+                .unwrap_or_else(|e| panic!("glare call {i} did not connect: {e}"));
+            let sb = pc_stats(&b).await;
+            println!(
+                "glare call {i}: connected in {} ms, B restarted ICE {} times",
+                t.as_millis(),
+                sb["restarts"]
+            );
+            if i == 3 {
+                // Both restart ICE in the same instant: a real collision mid-call.
+                let before = (pc_stats(&a).await["ufrag"].clone(), sb["ufrag"].clone());
+                let restart = "for (const p of window.__pcs) if (p.signalingState !== 'closed') p.restartIce(); return true";
+                tokio::join!(a.js(restart), b.js(restart));
+                let end = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
+                    if in_call(&sa)
+                        && in_call(&sb)
+                        && sa["ufrag"] != before.0
+                        && sb["ufrag"] != before.1
+                        && sa["signaling"] == "stable"
+                        && sb["signaling"] == "stable"
+                    {
+                        break;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < end,
+                        "no call after simultaneous ICE restarts:\nA: {sa}\nB: {sb}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            hang_up(&a, &b).await;
+        }
+        a.quit().await;
+        b.quit().await;
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// A wrong TURN credential with relay only: the page says in words that the TURN server refused
+/// the credentials, gives the camera back, and does not sit in "connecting".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_turn_credential_shows_a_clear_error() {
+    let _slot = browser_slot().await;
+    let srv = start_with("", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    d.screenshots_on_panic("wrong_turn_credential", async {
+        let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = person(&d, "A", &pa, json!({})).await;
+        let b = person(&d, "B", &pb, json!({"badTurn": true})).await;
+        let r = ui_call(&a, &b, &base, "?relay=1").await;
+        assert!(
+            r.is_err(),
+            "a call with a wrong TURN credential cannot connect"
+        );
+        let v = b
+            .poll(
+                "return window.sbState.state === 'error' && window.sbState.error",
+                Duration::from_secs(40),
+            )
+            .await;
+        let sb = pc_stats(&b).await;
+        assert!(v.is_ok(), "page B shows no error: {sb}");
+        let text = b.text("#error").await;
+        println!("page B says: {text}");
+        assert!(
+            text.contains("refused the TURN credentials (401 Unauthorized)"),
+            "{text}"
+        );
+        let cam = b
+            .js("return document.getElementById('local').srcObject === null")
+            .await;
+        assert_eq!(cam, true, "the camera is released after the error");
+        a.quit().await;
+        b.quit().await;
+    })
+    .await;
     srv.shutdown();
     srv.wait().await;
 }

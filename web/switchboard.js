@@ -1,6 +1,46 @@
 // switchboard.js — a small ES module (no build step) for the switchboard signaling protocol
 // (docs/protocol.md): login, WebSocket, rooms, perfect negotiation with the roles the server
 // assigns, automatic resume, and refreshed iceServers applied with setConfiguration.
+//
+// Who offers first: the peer already in the room offers when `peer-joined` arrives; the
+// newcomer waits for that offer (a fresh Chromium that offers and then rolls back for a remote
+// offer may never start gathering). Perfect negotiation still resolves renegotiation, ICE
+// restarts and real collisions. A watchdog restarts ICE when a connection gathers nothing or
+// stays in `new`/`checking`, a bounded number of times, then reports why it gave up.
+
+/** How often the watchdog looks at each connection. */
+const WATCH_EVERY_MS = 1000;
+/** Both descriptions set and no candidate gathered for this long: restart ICE. */
+const NO_CANDIDATE_MS = 4000;
+/** ICE still `new`/`checking` (or `disconnected`) this long after both descriptions are set:
+ * restart. The polite side waits longer so that the two sides rarely restart at once. */
+const STUCK_MS = { impolite: 5000, polite: 7000 };
+/** The newcomer offers itself if the first offer has not come after this long. */
+const FIRST_OFFER_MS = 6000;
+/** ICE restarts per outage before giving up with an error. */
+export const MAX_ICE_RESTARTS = 3;
+
+/** An `icecandidateerror` in words a person can act on. */
+export function describeIceError(e) {
+  const where = e.url || "the ICE server";
+  const text = e.errorText ? ` ${e.errorText}` : "";
+  switch (e.errorCode) {
+    case 401:
+      return `${where} refused the TURN credentials (401 Unauthorized)`;
+    case 403:
+      return `${where} refused the request (403 Forbidden)`;
+    case 437:
+      return `${where} lost this relay allocation (437 Allocation Mismatch)`;
+    case 486:
+      return `${where} allows no more relays for this user (486 Allocation Quota Reached)`;
+    case 508:
+      return `${where} is out of relay capacity (508 Insufficient Capacity)`;
+    case 701:
+      return `${where} could not be reached (701${text})`;
+    default:
+      return `${where} answered ${e.errorCode}${text}`;
+  }
+}
 
 export class SwitchboardError extends Error {
   constructor(code, message) {
@@ -16,19 +56,23 @@ export class Switchboard extends EventTarget {
    * @param {object} opts.credentials Login body, e.g. {name} or {username, password}.
    * @param {MediaStream} [opts.stream] Local media to send.
    * @param {boolean} [opts.relayOnly] iceTransportPolicy 'relay'.
+   * @param {boolean} [opts.offerOnJoin] Also offer as the newcomer, so that both sides offer
+   *   at once (a deliberate glare, to exercise collision handling; off in normal use).
    */
-  constructor({ base = "", credentials, stream = null, relayOnly = false }) {
+  constructor({ base = "", credentials, stream = null, relayOnly = false, offerOnJoin = false }) {
     super();
     this.base = base;
     this.credentials = credentials;
     this.stream = stream;
     this.relayOnly = relayOnly;
+    this.offerOnJoin = offerOnJoin;
     this.peers = new Map(); // peerId -> {pc, polite, makingOffer, ignoreOffer}
     this.pending = new Map(); // request id -> {resolve, reject}
     this.nextId = 1;
     this.lastSeq = 0;
     this.outbox = []; // signals made while the socket is down, sent after the resume
     this.resumes = 0;
+    this.resuming = false;
     this.closed = false;
   }
 
@@ -99,7 +143,8 @@ export class Switchboard extends EventTarget {
     this.room = j.room;
     this.peerId = j.peerId;
     this.resumeToken = j.resumeToken;
-    for (const p of j.peers) this._peer(p.peerId, p.polite);
+    // We are the newcomer: every peer already here offers to us.
+    for (const p of j.peers) this._peer(p.peerId, p.polite, { initiator: this.offerOnJoin, userId: p.userId });
     this._emit("joined", j);
     return j;
   }
@@ -108,6 +153,14 @@ export class Switchboard extends EventTarget {
     this.closed = true;
     this._send({ type: "leave" });
     for (const id of [...this.peers.keys()]) this._closePeer(id);
+  }
+
+  /** Leave the room (if in one) and close the signaling socket. */
+  close() {
+    if (!this.closed && this.room) this.leave();
+    this.closed = true;
+    for (const id of [...this.peers.keys()]) this._closePeer(id);
+    this.ws?.close();
   }
 
   /** Send an app message to every peer over the data channels that are open. */
@@ -149,7 +202,8 @@ export class Switchboard extends EventTarget {
         }
         break;
       case "peer-joined":
-        this._peer(msg.peerId, msg.polite);
+        // We were here first: we make the first offer.
+        this._peer(msg.peerId, msg.polite, { initiator: true, userId: msg.userId });
         this._emit("peer-joined", msg);
         break;
       case "peer-left":
@@ -162,6 +216,7 @@ export class Switchboard extends EventTarget {
         break;
       case "resumed":
         this.resumes++;
+        this.resuming = false;
         // Some frames were evicted from the server's buffer: candidates may be missing, so
         // renegotiate ICE rather than trust a partial exchange.
         if (msg.complete === false) for (const { pc } of this.peers.values()) pc.restartIce();
@@ -185,6 +240,7 @@ export class Switchboard extends EventTarget {
       this._emit("error", { code: "replaced", message: "this call continued in another window" });
       return;
     }
+    if (this.room) this.resuming = true;
     this._emit("disconnected", {});
     if (this.room) setTimeout(() => this._resume(), 300);
   }
@@ -203,6 +259,7 @@ export class Switchboard extends EventTarget {
         this.outbox = [];
         const room = this.room;
         this.room = null;
+        this.resuming = false;
         return this.join(room);
       }
       if (attempt < 20) setTimeout(() => this._resume(attempt + 1), Math.min(5000, 300 * 2 ** attempt));
@@ -213,41 +270,158 @@ export class Switchboard extends EventTarget {
     return { iceServers: this.iceServers, iceTransportPolicy: this.relayOnly ? "relay" : "all" };
   }
 
-  _peer(peerId, polite) {
+  /**
+   * The connection to one peer. `initiator`: we make the first offer (we were in the room
+   * first); otherwise we wait for the peer's offer.
+   */
+  _peer(peerId, polite, { initiator = false, userId = null } = {}) {
     if (this.peers.has(peerId)) return this.peers.get(peerId);
     const pc = new RTCPeerConnection(this._config());
-    const st = { pc, polite, makingOffer: false, ignoreOffer: false, early: [] };
+    const st = {
+      pc,
+      polite,
+      userId,
+      makingOffer: false,
+      ignoreOffer: false,
+      early: [],
+      mayOffer: initiator,
+      created: performance.now(),
+      gathered: 0, // candidates gathered since the last (re)start of ICE
+      restarts: 0, // ICE restarts in this outage
+      restarting: false,
+      stuckSince: null,
+      iceErrors: [], // recent icecandidateerror texts, newest last
+      failed: false,
+      phase: "connecting",
+    };
     this.peers.set(peerId, st);
     if (this.stream) for (const t of this.stream.getTracks()) pc.addTrack(t, this.stream);
     // A pre-negotiated data channel (same id on both sides) for app messages.
     st.channel = pc.createDataChannel("switchboard", { negotiated: true, id: 0 });
     st.channel.onmessage = (ev) => this._emit("message", { peerId, data: ev.data });
     st.channel.onopen = () => this._emit("channel-open", { peerId });
-    pc.onnegotiationneeded = async () => {
-      try {
-        st.makingOffer = true;
-        await pc.setLocalDescription();
-        this._send({ type: "signal", to: peerId, data: { description: pc.localDescription } });
-      } catch (e) {
-        this._emit("error", { code: "negotiation", message: String(e) });
-      } finally {
-        st.makingOffer = false;
-      }
+    pc.onnegotiationneeded = () => {
+      // The newcomer's own tracks go into its answer to the first offer.
+      if (st.mayOffer) this._negotiate(peerId, st);
     };
     pc.onicecandidate = ({ candidate }) => {
-      if (candidate) this._send({ type: "signal", to: peerId, data: { candidate } });
+      if (candidate) {
+        st.gathered++;
+        this._send({ type: "signal", to: peerId, data: { candidate } });
+      }
     };
-    pc.ontrack = ({ streams }) => this._emit("track", { peerId, stream: streams[0] });
+    pc.onicecandidateerror = (e) => {
+      const message = describeIceError(e);
+      if (!st.iceErrors.includes(message)) st.iceErrors = [...st.iceErrors.slice(-4), message];
+      this._emit("ice-error", { peerId, code: e.errorCode, url: e.url, message });
+    };
+    pc.ontrack = ({ track, streams }) => {
+      track.onunmute = () => this._updatePhase(peerId, st);
+      track.onmute = () => this._updatePhase(peerId, st);
+      this._emit("track", { peerId, stream: streams[0] });
+    };
     pc.oniceconnectionstatechange = () => {
-      if (pc.iceConnectionState === "failed") pc.restartIce();
-      this._emit("ice-state", { peerId, state: pc.iceConnectionState });
+      const ice = pc.iceConnectionState;
+      if (ice === "connected" || ice === "completed") {
+        st.restarts = 0;
+        st.restarting = false;
+        st.stuckSince = null;
+      } else if (ice === "failed") {
+        this._restartIce(peerId, st, "the connectivity checks failed");
+      }
+      this._emit("ice-state", { peerId, state: ice });
+      this._updatePhase(peerId, st);
     };
-    this._emit("peer", { peerId, pc, polite });
+    st.watch = setInterval(() => this._watch(peerId, st), WATCH_EVERY_MS);
+    this._emit("peer", { peerId, pc, polite, userId });
     return st;
+  }
+
+  async _negotiate(peerId, st) {
+    const { pc } = st;
+    try {
+      st.makingOffer = true;
+      await pc.setLocalDescription();
+      this._send({ type: "signal", to: peerId, data: { description: pc.localDescription } });
+    } catch (e) {
+      this._emit("error", { code: "negotiation", message: String(e) });
+    } finally {
+      st.makingOffer = false;
+    }
+  }
+
+  /** Watchdog tick: restart ICE on a connection that is not getting anywhere. */
+  _watch(peerId, st) {
+    const { pc } = st;
+    if (st.failed || pc.signalingState === "closed") return;
+    const now = performance.now();
+    if (!st.mayOffer && !pc.remoteDescription && now - st.created > FIRST_OFFER_MS) {
+      // The first offer never came (lost, or the other side is an older client): offer.
+      st.mayOffer = true;
+      this._negotiate(peerId, st);
+      return;
+    }
+    const ice = pc.iceConnectionState;
+    const settled = pc.signalingState === "stable" && pc.localDescription && pc.remoteDescription;
+    if (!settled || ice === "connected" || ice === "completed") {
+      st.stuckSince = null;
+      return;
+    }
+    st.stuckSince ??= now;
+    const waited = now - st.stuckSince;
+    if (st.gathered === 0 && pc.iceGatheringState === "complete" && waited >= WATCH_EVERY_MS) {
+      this._restartIce(peerId, st, "no ICE candidate was gathered");
+    } else if (st.gathered === 0 && waited >= NO_CANDIDATE_MS) {
+      this._restartIce(peerId, st, "no ICE candidate was gathered");
+    } else if (waited >= (st.polite ? STUCK_MS.polite : STUCK_MS.impolite)) {
+      this._restartIce(peerId, st, `ICE stayed "${ice}"`);
+    }
+  }
+
+  _restartIce(peerId, st, reason) {
+    if (st.failed) return;
+    if (st.restarts >= MAX_ICE_RESTARTS) {
+      st.failed = true;
+      clearInterval(st.watch);
+      const why = st.iceErrors.length ? st.iceErrors.join("; ") : reason;
+      const message = `Could not connect to ${st.userId || "the other person"}: ${why} (after ${st.restarts} ICE restarts).`;
+      this._updatePhase(peerId, st);
+      this._emit("error", { code: "ice_failed", message, peerId });
+      return;
+    }
+    st.restarts++;
+    st.restarting = true;
+    st.stuckSince = null;
+    st.gathered = 0;
+    st.mayOffer = true;
+    this._emit("ice-restart", { peerId, attempt: st.restarts, reason });
+    this._updatePhase(peerId, st);
+    st.pc.restartIce();
+  }
+
+  /** Recompute a peer's phase: connecting, in call, reconnecting or failed. */
+  _updatePhase(peerId, st) {
+    const { pc } = st;
+    const ice = pc.iceConnectionState;
+    const receivers = pc.getReceivers().map((r) => r.track);
+    const video = receivers.filter((t) => t.kind === "video");
+    const flowing = (video.length ? video : receivers).some((t) => !t.muted && t.readyState === "live");
+    let phase;
+    if (st.failed) phase = "failed";
+    else if ((ice === "connected" || ice === "completed") && flowing) phase = "in call";
+    else if (st.restarting || ice === "disconnected" || ((ice === "connected" || ice === "completed") && st.wasInCall))
+      phase = "reconnecting";
+    else phase = "connecting";
+    if (phase === "in call") st.wasInCall = true;
+    if (phase !== st.phase) {
+      st.phase = phase;
+      this._emit("peer-state", { peerId, phase });
+    }
   }
 
   async _onSignal(from, data) {
     const st = this.peers.get(from) ?? this._peer(from, true);
+    if (st.failed) return;
     const { pc } = st;
     try {
       if (data.description) {
@@ -263,6 +437,8 @@ export class Switchboard extends EventTarget {
         if (d.type === "offer") {
           await pc.setLocalDescription();
           this._send({ type: "signal", to: from, data: { description: pc.localDescription } });
+          // Our answer carried our tracks; from now on we renegotiate like any peer.
+          st.mayOffer = true;
         }
       } else if (data.candidate) {
         if (!pc.remoteDescription || st.ignoreOffer) {
@@ -283,6 +459,7 @@ export class Switchboard extends EventTarget {
   _closePeer(peerId) {
     const st = this.peers.get(peerId);
     if (!st) return;
+    clearInterval(st.watch);
     st.pc.close();
     this.peers.delete(peerId);
   }
@@ -300,6 +477,26 @@ export class Switchboard extends EventTarget {
     if (!pair) return null;
     const local = stats.get(pair.localCandidateId);
     return local ? local.candidateType : null;
+  }
+
+  /**
+   * The selected path to a peer in words: "direct", "relay over UDP", "relay over TCP" or
+   * "relay over TLS" (null before a pair is selected).
+   */
+  async path(peerId) {
+    const st = this.peers.get(peerId);
+    if (!st) return null;
+    const stats = await st.pc.getStats();
+    let pair = null;
+    stats.forEach((r) => {
+      if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+    });
+    if (!pair) return null;
+    const local = stats.get(pair.localCandidateId);
+    const remote = stats.get(pair.remoteCandidateId);
+    if (local?.candidateType === "relay") return `relay over ${(local.relayProtocol || "udp").toUpperCase()}`;
+    if (remote?.candidateType === "relay") return "relay (the other side's)";
+    return "direct";
   }
 
   /** Frames decoded from a peer's video, for health displays and tests. */

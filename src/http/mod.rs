@@ -75,6 +75,9 @@ fn web_routes(demo: bool) -> Router<Arc<Shared>> {
             )
         }),
     )
+    .route("/favicon.svg", get(favicon))
+    // Browsers ask for /favicon.ico on their own; an SVG answered there is drawn just as well.
+    .route("/favicon.ico", get(favicon))
     .route(
         "/demo.js",
         get(|| async {
@@ -84,6 +87,18 @@ fn web_routes(demo: bool) -> Router<Arc<Shared>> {
             )
         }),
     )
+}
+
+/// The demo page's icon, so that browsers do not log a 404 for every visit.
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        include_str!("../../web/favicon.svg"),
+    )
+        .into_response()
 }
 
 /// CORS for browser apps on other origins, following `http.allowed_origins` (reloadable).
