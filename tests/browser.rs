@@ -178,6 +178,8 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
                  return d ? d.sdp.match(/a=ice-ufrag:(\\S+)/)[1] : null;";
     let old_ufrag = b.js(ufrag).await;
     assert!(old_ufrag.is_string(), "{old_ufrag}");
+    // Record every state the page shows from here on.
+    b.js("window.__shown = []; new MutationObserver(() => window.__shown.push(document.getElementById('state').textContent)).observe(document.getElementById('state'), {childList: true, characterData: true, subtree: true}); return true").await;
     b.js("window.sb.dropSocket(); for (const st of window.sb.peers.values()) st.pc.restartIce(); return true",
     )
     .await;
@@ -200,6 +202,14 @@ async fn two_browsers_call_through_the_turn_relay_and_survive_a_signaling_drop()
     .await;
     let after = state(&a).await;
     assert_eq!(after["error"], Value::Null, "{after}");
+    // The page said "reconnecting" while its socket was down, and is back in the call.
+    let shown = wait_js(
+        &b,
+        "B's page to be back in the call",
+        "return window.__shown.includes('reconnecting') && document.getElementById('state').textContent === 'in call' && window.__shown",
+    )
+    .await;
+    println!("page B showed, from the drop on: {shown}");
     let m = srv.shared().metrics.render();
     assert!(
         m.contains("switchboard_resumes_total{outcome=\"resumed\"} 1"),
@@ -332,6 +342,12 @@ const PC_WRAPPER: &str = r#"(() => {
       super(spoil(cfg), ...rest);
       window.__pcs.push(this);
       this.__cands = [];
+      this.__sdp = []; // "local offer", "remote offer", "local answer", ... in order
+      this.addEventListener("signalingstatechange", () => {
+        const st = this.signalingState;
+        if (st === "have-local-offer") this.__sdp.push("local offer");
+        if (st === "have-remote-offer") this.__sdp.push("remote offer");
+      });
       this.addEventListener("icecandidate", ({ candidate: c }) => {
         if (c) this.__cands.push({ type: c.type, address: c.address, relatedAddress: c.relatedAddress, line: c.candidate });
       });
@@ -360,7 +376,8 @@ const PC_STATS: &str = r#"
            localType: local?.candidateType, relayProtocol: local?.relayProtocol,
            localAddress: local?.address, relatedAddress: local?.relatedAddress,
            remoteType: remote?.candidateType, remoteAddress: remote?.address,
-           gathered: pc.__cands,
+           gathered: pc.__cands.length, sdp: pc.__sdp,
+           receivers: pc.getTransceivers().map((t) => [t.mid, t.direction, t.currentDirection, t.receiver.track.kind, t.receiver.track.muted]),
            ufrag: pc.remoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null };
 "#;
 
@@ -609,14 +626,23 @@ async fn glare_both_offer_at_once_and_the_call_connects() {
         let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let a = person(&d, "A", &pa, json!({})).await;
         let b = person(&d, "B", &pb, json!({})).await;
+        let mut glares = 0;
         for i in 1..=3 {
             let t = ui_call(&a, &b, &base, "?relay=1&glare=1")
                 .await
                 .unwrap_or_else(|e| panic!("glare call {i} did not connect: {e}"));
-            let sb = pc_stats(&b).await;
+            let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
+            // Both made an offer before either saw the other's: a glare. B (polite) went from
+            // its own offer to A's (an implicit rollback); A ignored B's offer.
+            let first = |v: &Value| v["sdp"][0].as_str().map(str::to_string);
+            let glare = first(&sa).as_deref() == Some("local offer")
+                && first(&sb).as_deref() == Some("local offer");
+            glares += usize::from(glare);
             println!(
-                "glare call {i}: connected in {} ms, B restarted ICE {} times",
+                "glare call {i}: connected in {} ms, both offered first: {glare}, signaling A {} B {}, B restarted ICE {} times",
                 t.as_millis(),
+                sa["sdp"],
+                sb["sdp"],
                 sb["restarts"]
             );
             if i == 3 {
@@ -645,6 +671,7 @@ async fn glare_both_offer_at_once_and_the_call_connects() {
             }
             hang_up(&a, &b).await;
         }
+        assert!(glares > 0, "no call started with both sides offering");
         a.quit().await;
         b.quit().await;
     })

@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const relayOnly = params.get("relay") === "1";
 const invitedTo = params.get("room");
+const glare = params.get("glare") === "1";
 // Exposed for tests and for poking around in the console.
 window.sbState = {
   state: "idle",
@@ -136,7 +137,7 @@ async function start(roomToJoin) {
     $("local").srcObject = stream;
     const name = $("name").value.trim() || "guest";
     $("local-label").textContent = `You (${name})`;
-    sb = new Switchboard({ credentials: { name }, stream, relayOnly, offerOnJoin: params.get("glare") === "1" });
+    sb = new Switchboard({ credentials: { name }, stream, relayOnly, offerOnJoin: glare });
     window.sb = sb;
     sb.addEventListener("peer", (ev) => {
       $("remote-label").textContent = ev.detail.userId || "The other person";
@@ -171,7 +172,7 @@ async function start(roomToJoin) {
     const room = roomToJoin || (await sb.createRoom());
     await sb.join(room);
     window.sbState.room = room;
-    const link = `${location.origin}/?room=${encodeURIComponent(room)}${relayOnly ? "&relay=1" : ""}`;
+    const link = `${location.origin}/?room=${encodeURIComponent(room)}${relayOnly ? "&relay=1" : ""}${glare ? "&glare=1" : ""}`;
     window.sbState.link = link;
     $("share").innerHTML = "";
     const a = document.createElement("a");

@@ -354,6 +354,21 @@ export class Switchboard extends EventTarget {
   _watch(peerId, st) {
     const { pc } = st;
     if (st.failed || pc.signalingState === "closed") return;
+    // Chromium can leave a remote track muted for good after a rollback (a glare) while media
+    // flows: count inbound RTP packets as well, and recheck the phase on every tick.
+    const ice = pc.iceConnectionState;
+    if (ice === "connected" || ice === "completed") {
+      pc.getStats().then((stats) => {
+        let n = 0;
+        stats.forEach((r) => { if (r.type === "inbound-rtp") n += r.packetsReceived || 0; });
+        st.packetsFlowing = n > (st.packets ?? n);
+        st.packets = n;
+        this._updatePhase(peerId, st);
+      }, () => {});
+    } else {
+      st.packetsFlowing = false;
+      this._updatePhase(peerId, st);
+    }
     const now = performance.now();
     if (!st.mayOffer && !pc.remoteDescription && now - st.created > FIRST_OFFER_MS) {
       // The first offer never came (lost, or the other side is an older client): offer.
@@ -361,7 +376,6 @@ export class Switchboard extends EventTarget {
       this._negotiate(peerId, st);
       return;
     }
-    const ice = pc.iceConnectionState;
     const settled = pc.signalingState === "stable" && pc.localDescription && pc.remoteDescription;
     if (!settled || ice === "connected" || ice === "completed") {
       st.stuckSince = null;
@@ -405,7 +419,8 @@ export class Switchboard extends EventTarget {
     const ice = pc.iceConnectionState;
     const receivers = pc.getReceivers().map((r) => r.track);
     const video = receivers.filter((t) => t.kind === "video");
-    const flowing = (video.length ? video : receivers).some((t) => !t.muted && t.readyState === "live");
+    const unmuted = (video.length ? video : receivers).some((t) => !t.muted && t.readyState === "live");
+    const flowing = unmuted || st.packetsFlowing;
     let phase;
     if (st.failed) phase = "failed";
     else if ((ice === "connected" || ice === "completed") && flowing) phase = "in call";
