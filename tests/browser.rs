@@ -228,6 +228,12 @@ async fn demo_page_shows_clear_errors_for_unknown_and_full_rooms() {
     let srv = start_server().await;
     let base = format!("http://{}", srv.http_addr());
     let d = Driver::start().await;
+    // The page's icon is served (browsers ask for /favicon.ico on every visit).
+    for path in ["/favicon.svg", "/favicon.ico"] {
+        let r = reqwest::get(format!("{base}{path}")).await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["content-type"], "image/svg+xml", "{path}");
+    }
     let p = tempfile::tempdir().unwrap();
     let s = d.browser("C", p.path(), &[]).await;
     // A shared link to a room that does not exist: give a name, press Enter.
