@@ -104,6 +104,8 @@ pub struct Shared {
     pub origins: arc_swap::ArcSwap<Vec<String>>,
     /// TURN relay settings and the process-wide quota/port pool.
     pub turn: TurnShared,
+    /// Global and per-IP caps on TCP/TLS connections to the STUN/TURN ports.
+    pub streams: Arc<crate::listener::tcp::StreamLimits>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -264,6 +266,10 @@ impl Server {
             bound: std::sync::OnceLock::new(),
             origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
             turn: TurnShared::new(&config),
+            streams: crate::listener::tcp::StreamLimits::new(
+                config.turn.max_stream_connections,
+                config.turn.max_stream_connections_per_ip,
+            ),
             config: config.clone(),
         });
         let mut tasks = JoinSet::new();
@@ -294,20 +300,10 @@ impl Server {
                     source,
                 })?;
                 let local = l.local_addr().unwrap_or(addr);
-                let l = crate::tls::TlsListener::new(
-                    l,
-                    cert.server_config(&[])?,
-                    handshake_timeout,
-                    shutdown_signal(shared.lifecycle.subscribe()),
-                )
-                .map_err(|source| StartError::Bind {
-                    what: "STUN/TURN TLS",
-                    addr,
-                    source,
-                })?;
+                let turns_config = cert.server_config(&[])?;
                 tracing::info!(addr = %local, "STUN/TURN listening on TLS");
                 bound.tls.push(local);
-                tasks.spawn(crate::listener::tls::serve(shared.clone(), l));
+                tasks.spawn(crate::listener::tls::serve(shared.clone(), l, turns_config));
             }
         }
 
@@ -326,6 +322,8 @@ impl Server {
                     http,
                     cert.server_config(&[b"http/1.1"])?,
                     handshake_timeout,
+                    config.tls.max_concurrent_handshakes,
+                    shared.metrics.tls_handshakes_active.with_label_values(&["https"]),
                     shutdown_signal(shared.lifecycle.subscribe()),
                 )
                 .map_err(|source| StartError::Bind {

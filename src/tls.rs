@@ -122,19 +122,30 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Start handshaking connections from `tcp` until `shutdown` resolves.
+    /// Start handshaking connections from `tcp` until `shutdown` resolves, at most
+    /// `max_handshakes` at once (accepting pauses beyond), counted in `in_flight`.
     pub fn new(
         tcp: TcpListener,
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
+        max_handshakes: usize,
+        in_flight: prometheus::IntGauge,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(256);
         let acceptor = TlsAcceptor::from(config);
+        let limit = Arc::new(tokio::sync::Semaphore::new(max_handshakes.max(1)));
         tokio::spawn(async move {
             let mut shutdown = std::pin::pin!(shutdown);
             loop {
+                let permit = tokio::select! {
+                    p = limit.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    _ = &mut shutdown => break,
+                };
                 let (stream, peer) = tokio::select! {
                     r = tcp.accept() => match r {
                         Ok(x) => x,
@@ -149,8 +160,13 @@ impl TlsListener {
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let in_flight = in_flight.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    in_flight.inc();
+                    let r = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
+                    in_flight.dec();
+                    drop(permit);
+                    match r {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
