@@ -323,7 +323,10 @@ impl Server {
                     cert.server_config(&[b"http/1.1"])?,
                     handshake_timeout,
                     config.tls.max_concurrent_handshakes,
-                    shared.metrics.tls_handshakes_active.with_label_values(&["https"]),
+                    shared
+                        .metrics
+                        .tls_handshakes_active
+                        .with_label_values(&["https"]),
                     shutdown_signal(shared.lifecycle.subscribe()),
                 )
                 .map_err(|source| StartError::Bind {

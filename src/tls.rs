@@ -114,6 +114,33 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
+/// Run one server handshake under a shared cap: the permit is taken only once the client has
+/// sent something (a silent socket costs no handshake slot) and given back when the
+/// handshake ends. Waiting for a permit and the handshake itself may each take `deadline`;
+/// either running out is a `TimedOut` error.
+pub async fn bounded_handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    limit: &tokio::sync::Semaphore,
+    in_flight: &prometheus::IntGauge,
+    deadline: Duration,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let _permit = tokio::time::timeout(deadline, async {
+        stream.readable().await?;
+        limit
+            .acquire()
+            .await
+            .map_err(|_| std::io::Error::other("handshake limiter closed"))
+    })
+    .await
+    .map_err(|_| timed_out())??;
+    in_flight.inc();
+    let r = tokio::time::timeout(deadline, acceptor.accept(stream)).await;
+    in_flight.dec();
+    r.map_err(|_| timed_out())?
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
 /// handshake never delays the next client; yields finished streams.
 pub struct TlsListener {
@@ -123,7 +150,7 @@ pub struct TlsListener {
 
 impl TlsListener {
     /// Start handshaking connections from `tcp` until `shutdown` resolves, at most
-    /// `max_handshakes` at once (accepting pauses beyond), counted in `in_flight`.
+    /// `max_handshakes` at once (see [`bounded_handshake`]), counted in `in_flight`.
     pub fn new(
         tcp: TcpListener,
         config: Arc<ServerConfig>,
@@ -139,13 +166,6 @@ impl TlsListener {
         tokio::spawn(async move {
             let mut shutdown = std::pin::pin!(shutdown);
             loop {
-                let permit = tokio::select! {
-                    p = limit.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    _ = &mut shutdown => break,
-                };
                 let (stream, peer) = tokio::select! {
                     r = tcp.accept() => match r {
                         Ok(x) => x,
@@ -161,17 +181,21 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 let in_flight = in_flight.clone();
+                let limit = limit.clone();
                 tokio::spawn(async move {
-                    in_flight.inc();
-                    let r = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await;
-                    in_flight.dec();
-                    drop(permit);
-                    match r {
-                        Ok(Ok(tls)) => {
+                    match bounded_handshake(
+                        &acceptor,
+                        stream,
+                        &limit,
+                        &in_flight,
+                        handshake_timeout,
+                    )
+                    .await
+                    {
+                        Ok(tls) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     }
                 });
             }

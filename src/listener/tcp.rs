@@ -147,7 +147,11 @@ impl StreamLimits {
 
     /// Take a global slot without waiting, if one is free.
     pub fn try_slot(&self) -> Option<StreamSlot> {
-        self.global.clone().try_acquire_owned().ok().map(|p| StreamSlot { _permit: p })
+        self.global
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| StreamSlot { _permit: p })
     }
 
     /// Wait for a global slot.
@@ -312,13 +316,7 @@ pub async fn serve_stream<S>(
     let mut wr = Some(wr);
     let mut session: Option<Session> = None;
     let idle = Duration::from_secs(shared.config.turn.tcp_idle_timeout_secs.max(1));
-    let first = Duration::from_secs(
-        shared
-            .config
-            .turn
-            .stream_first_message_timeout_secs
-            .max(1),
-    );
+    let first = Duration::from_secs(shared.config.turn.stream_first_message_timeout_secs.max(1));
     let mut idle_at = tokio::time::Instant::now() + first;
     let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
     let software = shared.config.turn.software.clone();
@@ -371,7 +369,8 @@ pub async fn serve_stream<S>(
                     };
                     idle_at = tokio::time::Instant::now() + idle;
                     let s = session.get_or_insert_with(|| {
-                        let sink = Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
+                        let sink =
+                            Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
                         let writer = {
                             let sink = sink.clone();
                             let wr = wr.take();

@@ -12,11 +12,12 @@ use crate::server::{shutdown_signal, Shared};
 
 /// Accept, handshake and serve STUN/TURN over TLS until shutdown.
 ///
-/// Before each `accept` the loop takes a global stream slot and a handshake permit (the
-/// mini-redis shape), so neither open sockets nor concurrent handshakes can exceed their
-/// caps; a connection over its address's cap is closed at once. The handshake must finish
-/// within `turn.stream_first_message_timeout_secs`, and its permit is returned as soon as it
-/// does.
+/// Before each `accept` the loop takes a global stream slot (the mini-redis shape), and a
+/// connection over its address's cap is closed at once. A handshake permit is taken only once
+/// the client has sent its first bytes, so silent sockets never hold one, and is returned as
+/// soon as the handshake ends. Waiting for the permit and the handshake may each take
+/// `turn.stream_first_message_timeout_secs`, so a stalled handshake holds a permit at most
+/// that long.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustls::ServerConfig>) {
     let bound = listener.local_addr().ok();
     let acceptor = TlsAcceptor::from(config);
@@ -32,13 +33,6 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustl
     loop {
         let Some(slot) = super::tcp::take_slot(&shared, &mut shutdown).await else {
             break;
-        };
-        let hs = tokio::select! {
-            p = handshakes.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -65,25 +59,25 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustl
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let in_flight = in_flight.clone();
+        let handshakes = handshakes.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = super::tcp::OpenGuard::new(&shared.metrics, "tls");
-            in_flight.inc();
-            let r = tokio::time::timeout(deadline, acceptor.accept(stream)).await;
-            in_flight.dec();
-            drop(hs);
+            let r =
+                crate::tls::bounded_handshake(&acceptor, stream, &handshakes, &in_flight, deadline)
+                    .await;
             let reason = match r {
-                Ok(Ok(tls)) => {
+                Ok(tls) => {
                     super::tcp::serve_stream(shared, tls, peer, local, "tls").await;
                     return;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    "tls_handshake_failed"
-                }
-                Err(_) => {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     tracing::debug!(%peer, "TLS handshake timed out");
                     "tls_handshake_timeout"
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    "tls_handshake_failed"
                 }
             };
             shared.metrics.drops.with_label_values(&[reason]).inc();
