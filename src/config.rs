@@ -381,6 +381,18 @@ pub struct AuthConfig {
     pub api_keys: Vec<String>,
     /// Login attempts allowed per client IP per minute.
     pub login_rate_per_minute: u32,
+    /// Password hashes checked at once; 0 means one per CPU core. Beyond, logins get 503.
+    pub max_concurrent_password_checks: usize,
+}
+
+impl AuthConfig {
+    /// Effective number of concurrent password checks (`0` = the number of cores).
+    pub fn password_check_slots(&self) -> usize {
+        match self.max_concurrent_password_checks {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -397,6 +409,7 @@ impl Default for AuthConfig {
             jwt: JwtConfig::default(),
             api_keys: Vec::new(),
             login_rate_per_minute: 30,
+            max_concurrent_password_checks: 0,
         }
     }
 }

@@ -92,8 +92,10 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Addresses actually bound, filled in at start.
     pub bound: std::sync::OnceLock<Bound>,
-    /// Login backends.
-    pub login: crate::auth::login::Login,
+    /// Login backends; swapped on SIGHUP (JWT keys and static users).
+    pub login: arc_swap::ArcSwap<crate::auth::login::Login>,
+    /// Password checks allowed at once (`auth.max_concurrent_password_checks`).
+    pub password_checks: Arc<tokio::sync::Semaphore>,
     /// Room signaling.
     pub signaling: Arc<crate::signaling::conn::Signaling>,
     /// Per-IP login attempt limiter.
@@ -256,7 +258,10 @@ impl Server {
             );
         }
         let shared = Arc::new(Shared {
-            login,
+            login: arc_swap::ArcSwap::from_pointee(login),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                config.auth.password_check_slots(),
+            )),
             signaling: Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),

@@ -122,7 +122,7 @@ impl Drop for StreamPermit {
 }
 
 /// The per-IP key: the address itself for IPv4, the /64 for IPv6 (one subscriber's prefix).
-fn ip_key(ip: IpAddr) -> IpAddr {
+pub fn ip_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
