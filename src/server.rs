@@ -162,17 +162,23 @@ pub enum ReloadError {
     /// The new certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The new JWT public key cannot be used.
+    #[error(transparent)]
+    JwtKey(#[from] crate::auth::jwt::KeyError),
 }
 
 impl Shared {
     /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
-    /// keys), the allowed origins and the TLS certificate. Everything is checked before
-    /// anything is swapped, so a bad reload changes nothing; live sessions are untouched.
+    /// keys), the login backends (static users, JWT keys), the allowed origins and the TLS
+    /// certificate. Everything is checked before anything is swapped, so a bad reload
+    /// changes nothing; live sessions are untouched.
     pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         new.validate()?;
+        let login = crate::auth::login::Login::new(&new.auth)?;
         if let Some(tls) = &self.tls {
             tls.reload()?;
         }
+        self.login.store(Arc::new(login));
         self.auth.reload(&new.auth);
         self.origins
             .store(Arc::new(new.http.allowed_origins.clone()));
