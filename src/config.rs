@@ -190,8 +190,15 @@ pub struct TurnConfig {
     pub deny_peers: Vec<String>,
     /// Answer new Allocates with 300 ALTERNATE-SERVER to this address while draining.
     pub alternate_server: Option<SocketAddr>,
-    /// Close TCP/TLS connections with no allocation after this many idle seconds.
+    /// Close TCP/TLS connections with no allocation after this many seconds without a
+    /// complete STUN message (stray bytes do not count).
     pub tcp_idle_timeout_secs: u64,
+    /// Seconds a new TCP/TLS connection has to send its first valid STUN message.
+    pub stream_first_message_timeout_secs: u64,
+    /// TCP and TLS connections open at once on the STUN/TURN ports; accepting pauses beyond.
+    pub max_stream_connections: usize,
+    /// TCP and TLS connections open at once from one client IP (one /64 for IPv6).
+    pub max_stream_connections_per_ip: usize,
     /// Bytes queued to one stream client before its packets are dropped.
     pub tcp_send_buffer_bytes: usize,
     /// SOFTWARE attribute value.
@@ -222,6 +229,9 @@ impl Default for TurnConfig {
             deny_peers: Vec::new(),
             alternate_server: None,
             tcp_idle_timeout_secs: 30,
+            stream_first_message_timeout_secs: 10,
+            max_stream_connections: 10_000,
+            max_stream_connections_per_ip: 64,
             tcp_send_buffer_bytes: 256 * 1024,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
@@ -371,6 +381,18 @@ pub struct AuthConfig {
     pub api_keys: Vec<String>,
     /// Login attempts allowed per client IP per minute.
     pub login_rate_per_minute: u32,
+    /// Password hashes checked at once; 0 means one per CPU core. Beyond, logins get 503.
+    pub max_concurrent_password_checks: usize,
+}
+
+impl AuthConfig {
+    /// Effective number of concurrent password checks (`0` = the number of cores).
+    pub fn password_check_slots(&self) -> usize {
+        match self.max_concurrent_password_checks {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -387,6 +409,7 @@ impl Default for AuthConfig {
             jwt: JwtConfig::default(),
             api_keys: Vec::new(),
             login_rate_per_minute: 30,
+            max_concurrent_password_checks: 0,
         }
     }
 }
@@ -406,13 +429,25 @@ pub struct PublicConfig {
 }
 
 /// Certificate and key, PEM.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificate chain PEM file.
     pub cert_file: Option<PathBuf>,
     /// Private key PEM file.
     pub key_file: Option<PathBuf>,
+    /// TLS handshakes in progress at once on each TLS listener; accepting pauses beyond.
+    pub max_concurrent_handshakes: usize,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            max_concurrent_handshakes: 128,
+        }
+    }
 }
 
 /// Room signaling limits and timers.
@@ -558,6 +593,25 @@ impl Config {
                 "turn.realm",
                 "must be 1 to 127 characters",
             ));
+        }
+        for (key, v) in [
+            ("turn.max_stream_connections", t.max_stream_connections),
+            (
+                "turn.max_stream_connections_per_ip",
+                t.max_stream_connections_per_ip,
+            ),
+            (
+                "turn.stream_first_message_timeout_secs",
+                t.stream_first_message_timeout_secs as usize,
+            ),
+            (
+                "tls.max_concurrent_handshakes",
+                self.tls.max_concurrent_handshakes,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::key(key, "must be positive"));
+            }
         }
         for (i, c) in t.allow_peers.iter().enumerate() {
             crate::turn::policy::Cidr::parse(c)

@@ -203,7 +203,9 @@ fn reload(shared: &switchboard::server::Shared, path: Option<&std::path::Path>) 
         .map_err(switchboard::server::ReloadError::from)
         .and_then(|c| shared.reload(&c));
     match result {
-        Ok(()) => tracing::info!("SIGHUP: reloaded secrets, allowed origins and certificate"),
+        Ok(()) => tracing::info!(
+            "SIGHUP: reloaded secrets, login users, JWT keys, allowed origins and certificate"
+        ),
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: reload refused; the running configuration stays")
         }

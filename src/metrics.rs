@@ -55,6 +55,12 @@ pub struct Metrics {
     pub drops: IntCounterVec,
     /// Resume attempts by outcome (`resumed|expired|rejected`).
     pub resumes: IntCounterVec,
+    /// Open TCP/TLS connections on the STUN/TURN ports, by transport (`tcp|tls`).
+    pub stream_connections_active: IntGaugeVec,
+    /// TLS handshakes in progress, by listener (`turns|https`).
+    pub tls_handshakes_active: IntGaugeVec,
+    /// Password hashes being checked right now (bounded by `auth.max_concurrent_password_checks`).
+    pub password_checks_active: IntGauge,
 }
 
 impl Metrics {
@@ -201,8 +207,31 @@ impl Metrics {
                 "Signaling resume attempts by outcome.",
                 &["outcome"],
             ),
+            stream_connections_active: gv(
+                r,
+                "stream_connections_active",
+                "Open TCP/TLS connections on the STUN/TURN ports.",
+                &["transport"],
+            ),
+            tls_handshakes_active: gv(
+                r,
+                "tls_handshakes_active",
+                "TLS handshakes in progress.",
+                &["listener"],
+            ),
+            password_checks_active: g(
+                r,
+                "password_checks_active",
+                "Password hashes being verified right now.",
+            ),
             registry,
         };
+        for t in ["tcp", "tls"] {
+            m.stream_connections_active.with_label_values(&[t]);
+        }
+        for l in ["turns", "https"] {
+            m.tls_handshakes_active.with_label_values(&[l]);
+        }
         // Pre-create the common label values so dashboards show zeros, not gaps.
         for t in ["udp", "tcp", "tls"] {
             m.turn_allocations_active.with_label_values(&[t]);
@@ -230,7 +259,7 @@ impl Metrics {
             m.turn_errors.with_label_values(&[c]);
         }
         for b in ["open", "users", "jwt"] {
-            for r in ["ok", "denied", "bad_request", "rate_limited"] {
+            for r in ["ok", "denied", "bad_request", "rate_limited", "busy"] {
                 m.logins.with_label_values(&[b, r]);
             }
         }
@@ -243,6 +272,11 @@ impl Metrics {
             "client_send_full",
             "stream_idle",
             "stream_garbage",
+            "stream_first_message_timeout",
+            "stream_per_ip_limit",
+            "stream_global_limit",
+            "tls_handshake_failed",
+            "tls_handshake_timeout",
             "ws_rate_limited",
             "ws_frame_too_large",
             "ws_connections_per_ip",

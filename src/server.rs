@@ -92,8 +92,10 @@ pub struct Shared {
     pub lifecycle: Lifecycle,
     /// Addresses actually bound, filled in at start.
     pub bound: std::sync::OnceLock<Bound>,
-    /// Login backends.
-    pub login: crate::auth::login::Login,
+    /// Login backends; swapped on SIGHUP (JWT keys and static users).
+    pub login: arc_swap::ArcSwap<crate::auth::login::Login>,
+    /// Password checks allowed at once (`auth.max_concurrent_password_checks`).
+    pub password_checks: Arc<tokio::sync::Semaphore>,
     /// Room signaling.
     pub signaling: Arc<crate::signaling::conn::Signaling>,
     /// Per-IP login attempt limiter.
@@ -104,6 +106,8 @@ pub struct Shared {
     pub origins: arc_swap::ArcSwap<Vec<String>>,
     /// TURN relay settings and the process-wide quota/port pool.
     pub turn: TurnShared,
+    /// Global and per-IP caps on TCP/TLS connections to the STUN/TURN ports.
+    pub streams: Arc<crate::listener::tcp::StreamLimits>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -158,17 +162,23 @@ pub enum ReloadError {
     /// The new certificate or key cannot be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The new JWT public key cannot be used.
+    #[error(transparent)]
+    JwtKey(#[from] crate::auth::jwt::KeyError),
 }
 
 impl Shared {
     /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
-    /// keys), the allowed origins and the TLS certificate. Everything is checked before
-    /// anything is swapped, so a bad reload changes nothing; live sessions are untouched.
+    /// keys), the login backends (static users, JWT keys), the allowed origins and the TLS
+    /// certificate. Everything is checked before anything is swapped, so a bad reload
+    /// changes nothing; live sessions are untouched.
     pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         new.validate()?;
+        let login = crate::auth::login::Login::new(&new.auth)?;
         if let Some(tls) = &self.tls {
             tls.reload()?;
         }
+        self.login.store(Arc::new(login));
         self.auth.reload(&new.auth);
         self.origins
             .store(Arc::new(new.http.allowed_origins.clone()));
@@ -254,7 +264,10 @@ impl Server {
             );
         }
         let shared = Arc::new(Shared {
-            login,
+            login: arc_swap::ArcSwap::from_pointee(login),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                config.auth.password_check_slots(),
+            )),
             signaling: Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),
@@ -264,6 +277,10 @@ impl Server {
             bound: std::sync::OnceLock::new(),
             origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
             turn: TurnShared::new(&config),
+            streams: crate::listener::tcp::StreamLimits::new(
+                config.turn.max_stream_connections,
+                config.turn.max_stream_connections_per_ip,
+            ),
             config: config.clone(),
         });
         let mut tasks = JoinSet::new();
@@ -294,20 +311,10 @@ impl Server {
                     source,
                 })?;
                 let local = l.local_addr().unwrap_or(addr);
-                let l = crate::tls::TlsListener::new(
-                    l,
-                    cert.server_config(&[])?,
-                    handshake_timeout,
-                    shutdown_signal(shared.lifecycle.subscribe()),
-                )
-                .map_err(|source| StartError::Bind {
-                    what: "STUN/TURN TLS",
-                    addr,
-                    source,
-                })?;
+                let turns_config = cert.server_config(&[])?;
                 tracing::info!(addr = %local, "STUN/TURN listening on TLS");
                 bound.tls.push(local);
-                tasks.spawn(crate::listener::tls::serve(shared.clone(), l));
+                tasks.spawn(crate::listener::tls::serve(shared.clone(), l, turns_config));
             }
         }
 
@@ -326,6 +333,11 @@ impl Server {
                     http,
                     cert.server_config(&[b"http/1.1"])?,
                     handshake_timeout,
+                    config.tls.max_concurrent_handshakes,
+                    shared
+                        .metrics
+                        .tls_handshakes_active
+                        .with_label_values(&["https"]),
                     shutdown_signal(shared.lifecycle.subscribe()),
                 )
                 .map_err(|source| StartError::Bind {

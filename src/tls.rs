@@ -114,6 +114,33 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
+/// Run one server handshake under a shared cap: the permit is taken only once the client has
+/// sent something (a silent socket costs no handshake slot) and given back when the
+/// handshake ends. Waiting for a permit and the handshake itself may each take `deadline`;
+/// either running out is a `TimedOut` error.
+pub async fn bounded_handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    limit: &tokio::sync::Semaphore,
+    in_flight: &prometheus::IntGauge,
+    deadline: Duration,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+    let _permit = tokio::time::timeout(deadline, async {
+        stream.readable().await?;
+        limit
+            .acquire()
+            .await
+            .map_err(|_| std::io::Error::other("handshake limiter closed"))
+    })
+    .await
+    .map_err(|_| timed_out())??;
+    in_flight.inc();
+    let r = tokio::time::timeout(deadline, acceptor.accept(stream)).await;
+    in_flight.dec();
+    r.map_err(|_| timed_out())?
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
 /// handshake never delays the next client; yields finished streams.
 pub struct TlsListener {
@@ -122,16 +149,20 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Start handshaking connections from `tcp` until `shutdown` resolves.
+    /// Start handshaking connections from `tcp` until `shutdown` resolves, at most
+    /// `max_handshakes` at once (see [`bounded_handshake`]), counted in `in_flight`.
     pub fn new(
         tcp: TcpListener,
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
+        max_handshakes: usize,
+        in_flight: prometheus::IntGauge,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(256);
         let acceptor = TlsAcceptor::from(config);
+        let limit = Arc::new(tokio::sync::Semaphore::new(max_handshakes.max(1)));
         tokio::spawn(async move {
             let mut shutdown = std::pin::pin!(shutdown);
             loop {
@@ -149,13 +180,22 @@ impl TlsListener {
                 let _ = stream.set_nodelay(true);
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
+                let in_flight = in_flight.clone();
+                let limit = limit.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
+                    match bounded_handshake(
+                        &acceptor,
+                        stream,
+                        &limit,
+                        &in_flight,
+                        handshake_timeout,
+                    )
+                    .await
+                    {
+                        Ok(tls) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     }
                 });
             }

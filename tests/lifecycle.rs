@@ -424,3 +424,68 @@ async fn sighup_reloads_the_tls_certificate_without_harming_live_sessions() {
         .expect("new clients get the new certificate");
     assert_binding(&mut live).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_keeps_random_secrets_and_reloads_login_users() {
+    let dir = tempfile::tempdir().unwrap();
+    let ann = switchboard::auth::login::hash_password("ann-pass").unwrap();
+    let bob = switchboard::auth::login::hash_password("bob-pass").unwrap();
+    let users = |name: &str, hash: &str| {
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+             [auth]\nbackends = [\"users\"]\n[[auth.users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n"
+        )
+    };
+    let cfg = dir.path().join("switchboard.toml");
+    std::fs::write(&cfg, users("ann", &ann)).unwrap();
+    let mut p = Proc::start(&cfg);
+    let http = p.http;
+    let post = |u: &'static str, pw: &'static str| async move {
+        let r = reqwest::Client::new()
+            .post(format!("http://{http}/v1/login"))
+            .json(&json!({"username": u, "password": pw}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let (s, v) = post("ann", "ann-pass").await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let turn = v["iceServers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s.get("username").is_some())
+        .unwrap()
+        .clone();
+    assert_eq!(post("bob", "bob-pass").await.0, 401);
+
+    // No secrets are configured: the random ones made at start must survive the reload.
+    std::fs::write(&cfg, users("bob", &bob)).unwrap();
+    p.signal("-HUP");
+    p.wait_log("SIGHUP: reloaded");
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/v1/ice-servers", p.http))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the session survives the reload");
+    assert_eq!(
+        Raw::new(p.udp)
+            .await
+            .allocate(
+                turn["username"].as_str().unwrap(),
+                turn["credential"].as_str().unwrap()
+            )
+            .await
+            .code(),
+        None,
+        "TURN credentials handed out before the reload still work"
+    );
+    // The user list was reloaded.
+    assert_eq!(post("bob", "bob-pass").await.0, 200);
+    assert_eq!(post("ann", "ann-pass").await.0, 401);
+}

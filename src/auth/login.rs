@@ -3,10 +3,15 @@
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::Quota;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::jwt::{JwtError, JwtVerifier, KeyError};
 use crate::config::{AuthConfig, Backend};
@@ -173,49 +178,78 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     }
 }
 
-/// Per-IP token bucket: `per_minute` attempts, refilled continuously.
-#[derive(Debug)]
-pub struct RateLimiter {
-    per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+/// Per-IP login limiter (GCRA from `governor`): `per_minute` attempts, refilled
+/// continuously, keyed by address (IPv6 by /64).
+///
+/// Memory stays bounded: once the table holds [`MAX_KEYS`] addresses, keys whose state is
+/// back to "fresh" (their tokens refilled) are dropped, at most once a second.
+pub struct RateLimiter<C: Clock + Clone = DefaultClock> {
+    inner: governor::RateLimiter<IpAddr, HashMapStateStore<IpAddr>, C, NoOpMiddleware<C::Instant>>,
+    clock: C,
+    last_prune: Mutex<Option<C::Instant>>,
 }
 
-/// Buckets kept before idle ones are pruned.
-const MAX_BUCKETS: usize = 100_000;
+impl<C: Clock + Clone> std::fmt::Debug for RateLimiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("keys", &self.inner.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Addresses tracked before fresh ones are pruned.
+pub const MAX_KEYS: usize = 100_000;
 
 impl RateLimiter {
     /// Allow `per_minute` attempts per IP.
     pub fn new(per_minute: u32) -> RateLimiter {
+        RateLimiter::with_clock(per_minute, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimiter<C> {
+    /// Allow `per_minute` attempts per IP, on an explicit clock (tests use a fake one).
+    pub fn with_clock(per_minute: u32, clock: C) -> RateLimiter<C> {
+        let n = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
         RateLimiter {
-            per_minute: per_minute.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            inner: governor::RateLimiter::new(
+                Quota::per_minute(n),
+                HashMapStateStore::default(),
+                clock.clone(),
+            ),
+            clock,
+            last_prune: Mutex::new(None),
         }
     }
 
     /// Take one attempt; `Err(retry_after)` when the IP is over its rate.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
-        let cap = self.per_minute as f64;
-        let rate = cap / 60.0;
-        let mut b = match self.buckets.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
-        if b.len() >= MAX_BUCKETS {
-            b.retain(|_, (tokens, at)| {
-                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < cap
-            });
+    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
+        if self.inner.len() >= MAX_KEYS {
+            let now = self.clock.now();
+            let mut last = self.last_prune.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last
+                .is_none_or(|l| Duration::from(now.duration_since(l)) >= Duration::from_secs(1));
+            if due {
+                *last = Some(now);
+                self.inner.retain_recent();
+            }
         }
-        let (tokens, at) = b.entry(ip).or_insert((cap, now));
-        *tokens = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * rate).min(cap);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                ((1.0 - *tokens) / rate).ceil().max(1.0),
-            ))
-        }
+        let key = crate::listener::tcp::ip_key(ip);
+        self.inner.check_key(&key).map_err(|not_until| {
+            not_until
+                .wait_time_from(self.clock.now())
+                .max(Duration::from_secs(1))
+        })
+    }
+
+    /// Addresses tracked now.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether no address is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
     }
 }
 
@@ -283,14 +317,35 @@ mod tests {
 
     #[test]
     fn rate_limiter_refills() {
-        let r = RateLimiter::new(2);
+        let clock = governor::clock::FakeRelativeClock::default();
+        let r = RateLimiter::with_clock(2, clock.clone());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let t0 = Instant::now();
-        assert!(r.check(ip, t0).is_ok());
-        assert!(r.check(ip, t0).is_ok());
-        let wait = r.check(ip, t0).unwrap_err();
+        assert!(r.check(ip).is_ok());
+        assert!(r.check(ip).is_ok());
+        let wait = r.check(ip).unwrap_err();
         assert_eq!(wait, Duration::from_secs(30));
-        assert!(r.check("192.0.2.2".parse().unwrap(), t0).is_ok());
-        assert!(r.check(ip, t0 + Duration::from_secs(31)).is_ok());
+        assert!(r.check("192.0.2.2".parse().unwrap()).is_ok());
+        clock.advance(Duration::from_secs(31));
+        assert!(r.check(ip).is_ok());
+        // One IPv6 /64 is one key.
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let b: IpAddr = "2001:db8::2".parse().unwrap();
+        assert!(r.check(a).is_ok());
+        assert!(r.check(b).is_ok());
+        assert!(r.check(a).is_err());
+    }
+
+    #[test]
+    fn rate_limiter_memory_is_bounded() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let r = RateLimiter::with_clock(30, clock.clone());
+        for i in 0..MAX_KEYS as u32 {
+            let _ = r.check(IpAddr::from(i.to_be_bytes()));
+        }
+        assert_eq!(r.len(), MAX_KEYS);
+        // Every one of those is fresh again once refilled, so one more check prunes.
+        clock.advance(Duration::from_secs(61));
+        assert!(r.check("198.51.100.1".parse().unwrap()).is_ok());
+        assert!(r.len() <= 1, "{}", r.len());
     }
 }

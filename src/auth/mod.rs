@@ -147,8 +147,20 @@ impl Auth {
     }
 
     /// Replace secrets at run time; sessions signed with keys still listed stay valid.
+    ///
+    /// Where the configuration lists no TURN secret or no session key, the random ones made
+    /// at start stay in force: a reload (for a new certificate, say) must not log everyone
+    /// out or invalidate every TURN credential handed out so far.
     pub fn reload(&self, cfg: &AuthConfig) {
-        self.secrets.store(Arc::new(Secrets::from_config(cfg)));
+        let old = self.secrets.load_full();
+        let mut new = Secrets::from_config(cfg);
+        if cfg.turn_secrets.is_empty() {
+            new.turn = old.turn.clone();
+        }
+        if cfg.session_keys.is_empty() {
+            new.session = old.session.clone();
+        }
+        self.secrets.store(Arc::new(new));
     }
 
     /// Current secrets snapshot.
@@ -372,6 +384,26 @@ mod tests {
             .turn_passwords(&c.username, Some(11))
             .unwrap()
             .contains(&c.password));
+    }
+
+    #[test]
+    fn reload_without_configured_secrets_keeps_the_random_ones() {
+        let a = Auth::new(&AuthConfig::default());
+        let (tok, _) = a.issue_session("ann", None, 100);
+        let c = a.turn_credentials(Some("ann"), 100);
+        a.reload(&AuthConfig::default());
+        assert!(a.verify_session(&tok, 101).is_ok());
+        assert!(a
+            .turn_passwords(&c.username, Some(101))
+            .unwrap()
+            .contains(&c.password));
+        // Configuring secrets does replace them.
+        a.reload(&AuthConfig {
+            turn_secrets: vec!["configured".into()],
+            session_keys: vec!["a-configured-key-16".into()],
+            ..Default::default()
+        });
+        assert_eq!(a.verify_session(&tok, 101), Err(AuthError::BadSignature));
     }
 
     #[test]

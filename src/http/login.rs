@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 429: too many attempts from this address.
     #[error("too many login attempts; retry later")]
     RateLimited(Duration),
+    /// 503: every password-check slot is busy; retry after the given time.
+    #[error("the server is busy checking other logins; retry shortly")]
+    Busy(Duration),
     /// 500: something on our side.
     #[error("internal error")]
     Internal,
@@ -58,6 +61,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -70,7 +74,7 @@ impl IntoResponse for ApiError {
             "error": { "code": code, "message": self.to_string() }
         }));
         let mut r = (status, body).into_response();
-        if let ApiError::RateLimited(d) = self {
+        if let ApiError::RateLimited(d) | ApiError::Busy(d) = self {
             if let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string()) {
                 r.headers_mut().insert(header::RETRY_AFTER, v);
             }
@@ -193,10 +197,10 @@ fn presented(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Presen
     if obj.contains_key("name") {
         return Ok(Presented::Name(field(obj, "name")?.to_string()));
     }
-    if shared.login.enabled(crate::config::Backend::Users) {
+    if shared.login.load().enabled(crate::config::Backend::Users) {
         return Err(ApiError::BadRequest("missing field `username`".into()));
     }
-    if shared.login.enabled(crate::config::Backend::Open) {
+    if shared.login.load().enabled(crate::config::Backend::Open) {
         return Err(ApiError::BadRequest("missing field `name`".into()));
     }
     Err(ApiError::Unauthorized(
@@ -219,6 +223,7 @@ async fn login(
         Err((e, backend)) => {
             let result = match e {
                 ApiError::RateLimited(_) => "rate_limited",
+                ApiError::Busy(_) => "busy",
                 ApiError::Unauthorized(_) => "denied",
                 ApiError::Internal => "error",
                 _ => "bad_request",
@@ -239,7 +244,7 @@ async fn login_inner(
         super::client_ip::client_ip(peer.ip(), headers, &shared.config.http.trusted_proxies);
     shared
         .login_limiter
-        .check(super::client_ip::limit_key(client), Instant::now())
+        .check(super::client_ip::limit_key(client))
         .map_err(|d| (ApiError::RateLimited(d), "none"))?;
     let p = presented(shared, headers, &body).map_err(|e| (e, "none"))?;
     let label = match &p {
@@ -248,21 +253,35 @@ async fn login_inner(
         Presented::Bearer(_) => "jwt",
     };
     let now = unix_now();
-    // argon2 is deliberately slow: keep it off the async workers.
-    let s = shared.clone();
-    let identity = tokio::task::spawn_blocking(move || {
-        let c = match &p {
-            Presented::Name(n) => Credentials::Name(n),
-            Presented::Password(u, pw) => Credentials::Password {
-                username: u,
-                password: pw,
-            },
-            Presented::Bearer(t) => Credentials::Bearer(t),
-        };
-        s.login.authenticate(&c, now)
-    })
-    .await
-    .map_err(|_| (ApiError::Internal, label))?
+    let login = shared.login.load_full();
+    let identity = match p {
+        // argon2 is deliberately slow: keep it off the async workers, and run at most
+        // `auth.max_concurrent_password_checks` at once; beyond, answer 503 at once rather
+        // than queue blocking threads (each argon2id check holds about 19 MiB).
+        Presented::Password(u, pw) => {
+            let Ok(permit) = shared.password_checks.clone().try_acquire_owned() else {
+                return Err((ApiError::Busy(Duration::from_secs(1)), label));
+            };
+            let active = shared.metrics.password_checks_active.clone();
+            active.inc();
+            let r = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                login.authenticate(
+                    &Credentials::Password {
+                        username: &u,
+                        password: &pw,
+                    },
+                    now,
+                )
+            })
+            .await;
+            active.dec();
+            r.map_err(|_| (ApiError::Internal, label))?
+        }
+        // A name check and a signature check take microseconds: no thread hop needed.
+        Presented::Name(n) => login.authenticate(&Credentials::Name(&n), now),
+        Presented::Bearer(t) => login.authenticate(&Credentials::Bearer(&t), now),
+    }
     .map_err(|e| {
         tracing::info!(backend = label, error = %e, "login refused");
         (ApiError::from(e), label)

@@ -1,11 +1,13 @@
 //! The TCP shell of the STUN/TURN port: stream framing (RFC 8489 §6.2.2 / RFC 8656 §12.5),
 //! one task per connection, idle timeouts so slow or silent clients cannot pile up.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::server::{shutdown_signal, Shared};
 use crate::stun::codec::{method, Class, Encoder};
@@ -78,10 +80,138 @@ pub fn next_frame(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
     }
 }
 
+/// Admission control for TCP and TLS connections on the STUN/TURN ports: a global cap and a
+/// per-IP cap, so idle strangers cannot hold unbounded sockets and tasks.
+///
+/// The global slot is taken *before* `accept` (the mini-redis shape): at the cap the server
+/// stops accepting and the kernel's backlog absorbs the rest, instead of accepting and closing
+/// in a tight loop. The per-IP check happens right after `accept`, since only then is the
+/// address known; the per-IP table holds only addresses with a connection open, so its size
+/// is bounded by the global cap.
+#[derive(Debug)]
+pub struct StreamLimits {
+    global: Arc<Semaphore>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_per_ip: usize,
+}
+
+/// A global slot taken before `accept`, not yet tied to an address.
+#[derive(Debug)]
+pub struct StreamSlot {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One admitted stream connection; dropping it frees its global and per-IP places.
+#[derive(Debug)]
+pub struct StreamPermit {
+    _slot: StreamSlot,
+    key: IpAddr,
+    limits: Arc<StreamLimits>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut map = self.limits.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The per-IP key: the address itself for IPv4, the /64 for IPv6 (one subscriber's prefix).
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl StreamLimits {
+    /// Allow `max` connections in all and `max_per_ip` from one address.
+    pub fn new(max: usize, max_per_ip: usize) -> Arc<StreamLimits> {
+        Arc::new(StreamLimits {
+            global: Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS))),
+            per_ip: Mutex::new(HashMap::new()),
+            max_per_ip: max_per_ip.max(1),
+        })
+    }
+
+    /// Take a global slot without waiting, if one is free.
+    pub fn try_slot(&self) -> Option<StreamSlot> {
+        self.global
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(|p| StreamSlot { _permit: p })
+    }
+
+    /// Wait for a global slot.
+    pub async fn slot(&self) -> StreamSlot {
+        match self.global.clone().acquire_owned().await {
+            Ok(p) => StreamSlot { _permit: p },
+            // The semaphore is never closed; wait forever rather than admit past the cap.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Tie a slot to a client address, or refuse when that address is at its cap.
+    pub fn admit(self: &Arc<Self>, slot: StreamSlot, ip: IpAddr) -> Option<StreamPermit> {
+        let key = ip_key(ip);
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(StreamPermit {
+            _slot: slot,
+            key,
+            limits: self.clone(),
+        })
+    }
+
+    /// Connections open now (for tests and metrics).
+    pub fn open(&self) -> usize {
+        let map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().sum()
+    }
+}
+
+/// Take a global slot, counting the time the cap was hit; `None` on shutdown.
+pub(crate) async fn take_slot(
+    shared: &Shared,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Option<StreamSlot> {
+    if let Some(s) = shared.streams.try_slot() {
+        return Some(s);
+    }
+    shared
+        .metrics
+        .drops
+        .with_label_values(&["stream_global_limit"])
+        .inc();
+    tokio::select! {
+        s = shared.streams.slot() => Some(s),
+        _ = shutdown.as_mut() => None,
+    }
+}
+
 /// Accept connections until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
     loop {
+        let Some(slot) = take_slot(&shared, &mut shutdown).await else {
+            break;
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -94,14 +224,72 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             },
             _ = &mut shutdown => break,
         };
+        let Some(permit) = shared.streams.admit(slot, peer.ip()) else {
+            shared
+                .metrics
+                .drops
+                .with_label_values(&["stream_per_ip_limit"])
+                .inc();
+            // Dropping the stream closes it; the slot goes back with it.
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let _open = OpenGuard::new(&shared.metrics, "tcp");
             serve_stream(shared, stream, peer, local, "tcp").await;
         });
     }
 }
+
+/// Keeps `turn_stream_connections_active{transport}` in step with live connection tasks.
+pub(crate) struct OpenGuard(prometheus::IntGauge);
+
+impl OpenGuard {
+    pub(crate) fn new(m: &crate::metrics::Metrics, transport: &str) -> OpenGuard {
+        let g = m.stream_connections_active.with_label_values(&[transport]);
+        g.inc();
+        OpenGuard(g)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Largest first message read before the connection has sent one valid STUN message: an
+/// Allocate with every attribute fits easily, and a stranger cannot make us buffer 64 KiB.
+pub const FIRST_MESSAGE_MAX: usize = 4096;
+
+/// Bytes to reserve before the next read: exactly what the pending frame still needs while
+/// the connection is unproven (so an idle stranger costs a few bytes), generous once it has
+/// spoken STUN.
+fn read_reserve(buf: &[u8], proven: bool) -> usize {
+    if proven {
+        return 16 * 1024;
+    }
+    let need = match buf.len() {
+        0..=3 => 20,
+        _ => 20 + u16::from_be_bytes([buf[2], buf[3]]) as usize,
+    };
+    need.saturating_sub(buf.len()).clamp(1, FIRST_MESSAGE_MAX)
+}
+
+/// The parts of a stream connection that exist only once it has sent valid STUN: the
+/// bounded writer and the allocation table. Strangers that never speak STUN never get them.
+struct Session {
+    sink: Arc<StreamSink>,
+    writer: tokio::task::JoinHandle<Option<tokio::io::WriteHalf<Box<dyn Stream>>>>,
+    table: Option<Table<AnyRelay>>,
+}
+
+/// A byte stream the STUN/TURN port can serve (TCP or TLS), boxed so sessions have one type.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Serve STUN and TURN over one framed stream (TCP or TLS) until it closes, idles out or errs.
 ///
@@ -109,6 +297,11 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 /// handled here; every write (responses and relayed peer data) goes through a bounded
 /// [`StreamSink`] drained by a writer task, so a client that stops reading only loses its own
 /// packets.
+///
+/// Deadlines: the first valid STUN message must arrive within
+/// `turn.stream_first_message_timeout_secs` of the start; afterwards a connection without an
+/// allocation must send a complete STUN message at least every `turn.tcp_idle_timeout_secs`.
+/// Stray bytes never move a deadline, so trickling one byte at a time keeps nothing alive.
 pub async fn serve_stream<S>(
     shared: Arc<Shared>,
     stream: S,
@@ -118,30 +311,18 @@ pub async fn serve_stream<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
-    let sink = Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
-    let writer = {
-        let sink = sink.clone();
-        tokio::spawn(async move { sink.run_writer(wr).await })
-    };
+    let boxed: Box<dyn Stream> = Box::new(stream);
+    let (mut rd, wr) = tokio::io::split(boxed);
+    let mut wr = Some(wr);
+    let mut session: Option<Session> = None;
     let idle = Duration::from_secs(shared.config.turn.tcp_idle_timeout_secs.max(1));
+    let first = Duration::from_secs(shared.config.turn.stream_first_message_timeout_secs.max(1));
+    let mut idle_at = tokio::time::Instant::now() + first;
     let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
     let software = shared.config.turn.software.clone();
     let m = shared.metrics.clone();
     let send_full = m.drops.with_label_values(&["client_send_full"]);
     let no_route = m.drops.with_label_values(&["no_permission"]);
-    let mut table: Option<Table<AnyRelay>> = shared.config.turn.relay.then(|| {
-        let mut t = Table::new(
-            shared.turn.settings.clone(),
-            shared.auth.clone(),
-            m.clone(),
-            shared.turn.pool.clone(),
-            transport,
-            ClientSink::Stream(sink.clone()),
-        );
-        t.set_stream();
-        t
-    });
     // RFC 6062 Connect results come back from connect tasks; a successful ConnectionBind
     // turns this connection into a raw data pipe to `data_peer`.
     let (connect_tx, mut connect_rx) = tokio::sync::mpsc::channel::<Option<u32>>(4);
@@ -155,10 +336,11 @@ pub async fn serve_stream<S>(
     };
     let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut timer = std::pin::pin!(tokio::time::sleep_until(far()));
+    let mut idle_timer = std::pin::pin!(tokio::time::sleep_until(idle_at));
     let mut armed: Option<Instant> = None;
-    let mut buf: Vec<u8> = Vec::with_capacity(8192);
-    let mut out = Vec::with_capacity(512);
-    let mut chunk = vec![0u8; 16 * 1024];
+    // Buffers grow only as bytes arrive (see `read_reserve`).
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
     'conn: loop {
         // Handle every complete frame already buffered.
         let mut off = 0;
@@ -185,6 +367,40 @@ pub async fn serve_stream<S>(
                             continue;
                         }
                     };
+                    idle_at = tokio::time::Instant::now() + idle;
+                    let s = session.get_or_insert_with(|| {
+                        let sink =
+                            Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
+                        let writer = {
+                            let sink = sink.clone();
+                            let wr = wr.take();
+                            tokio::spawn(async move {
+                                match wr {
+                                    Some(wr) => sink.run_writer(wr).await,
+                                    None => None,
+                                }
+                            })
+                        };
+                        let table = shared.config.turn.relay.then(|| {
+                            let mut t = Table::new(
+                                shared.turn.settings.clone(),
+                                shared.auth.clone(),
+                                m.clone(),
+                                shared.turn.pool.clone(),
+                                transport,
+                                ClientSink::Stream(sink.clone()),
+                            );
+                            t.set_stream();
+                            t
+                        });
+                        Session {
+                            sink,
+                            writer,
+                            table,
+                        }
+                    });
+                    let sink = &s.sink;
+                    let table = &mut s.table;
                     if msg.method() == method::SEND && msg.class() == Class::Indication {
                         match table
                             .as_mut()
@@ -257,8 +473,9 @@ pub async fn serve_stream<S>(
                 Frame::ChannelData { consumed, len } => {
                     let pkt = &buf[off..off + len];
                     off += consumed;
-                    match table
+                    match session
                         .as_mut()
+                        .and_then(|s| s.table.as_mut())
                         .and_then(|t| t.channel_data(now, peer, pkt))
                         .map(|(r, to, data)| (r.send_to_peer(data, to), data.len()))
                     {
@@ -276,6 +493,7 @@ pub async fn serve_stream<S>(
             m.relay_packets_to_peer.inc_by(pkts);
             m.relay_bytes_to_peer.inc_by(bytes);
         }
+        let table = session.as_mut().and_then(|s| s.table.as_mut());
         let want = table.as_ref().and_then(|t| t.next_deadline());
         if want != armed {
             armed = want;
@@ -285,28 +503,39 @@ pub async fn serve_stream<S>(
         }
         // Connections without an allocation idle out; an allocation keeps its connection.
         let has_alloc = table.as_ref().is_some_and(|t| !t.is_empty());
-        let n = tokio::select! {
-            r = tokio::time::timeout(idle, rd.read(&mut chunk)) => match r {
-                Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(n)) => n,
-                Err(_) if has_alloc => continue,
-                Err(_) => {
-                    m.drops.with_label_values(&["stream_idle"]).inc();
-                    break;
-                }
+        if idle_timer.deadline() != idle_at {
+            idle_timer.as_mut().reset(idle_at);
+        }
+        let proven = session.is_some();
+        if !proven && buf.len() >= FIRST_MESSAGE_MAX {
+            m.drops.with_label_values(&["stream_garbage"]).inc();
+            break;
+        }
+        buf.reserve(read_reserve(&buf, proven));
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             },
+            _ = &mut idle_timer, if !has_alloc => {
+                let reason = if proven { "stream_idle" } else { "stream_first_message_timeout" };
+                m.drops.with_label_values(&[reason]).inc();
+                break;
+            }
             Some(id) = connect_rx.recv() => {
-                if let Some(t) = table.as_mut() {
-                    out.clear();
-                    t.connect_done(peer, id, &mut out);
-                    if !out.is_empty() && !sink.push(&out) {
-                        send_full.inc();
+                if let Some(s) = session.as_mut() {
+                    if let Some(t) = s.table.as_mut() {
+                        out.clear();
+                        t.connect_done(peer, id, &mut out);
+                        if !out.is_empty() && !s.sink.push(&out) {
+                            send_full.inc();
+                        }
                     }
                 }
                 continue;
             }
             _ = &mut timer, if armed.is_some() => {
-                if let Some(t) = table.as_mut() {
+                if let Some(t) = session.as_mut().and_then(|s| s.table.as_mut()) {
                     t.handle_timeout(env(&shared));
                 }
                 armed = None;
@@ -314,18 +543,26 @@ pub async fn serve_stream<S>(
             }
             _ = &mut shutdown => break,
         };
-        if buf.len() + n > 2 * 65_536 + 8 {
+        if buf.len() > 2 * 65_536 + 8 {
             // More than two maximal frames unparsed: framing is broken.
             break;
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
-    if let Some(mut t) = table.take() {
-        t.clear(DeleteReason::Closed);
-    }
-    sink.close();
-    let Some(wr) = writer.await.ok().flatten() else {
-        return;
+    let wr = match session {
+        Some(mut s) => {
+            if let Some(mut t) = s.table.take() {
+                t.clear(DeleteReason::Closed);
+            }
+            s.sink.close();
+            match s.writer.await.ok().flatten() {
+                Some(wr) => wr,
+                None => return,
+            }
+        }
+        None => match wr {
+            Some(wr) => wr,
+            None => return,
+        },
     };
     if let Some(mut to_peer) = data_peer {
         // RFC 6062 data connection: bytes after ConnectionBind are application data.

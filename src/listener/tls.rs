@@ -1,20 +1,86 @@
-//! The TLS shell of the STUN/TURN port (`turns:`): handshakes concurrently, then serves each
-//! stream with the same framing and logic as plain TCP.
+//! The TLS shell of the STUN/TURN port (`turns:`): admits connections under the same caps as
+//! plain TCP, handshakes a bounded number at once, then serves each stream with the same
+//! framing and logic as plain TCP.
 
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
-use crate::server::Shared;
-use crate::tls::TlsListener;
+use crate::server::{shutdown_signal, Shared};
 
-/// Serve STUN/TURN over every handshaken TLS stream until the listener shuts down.
-pub async fn serve(shared: Arc<Shared>, mut listener: TlsListener) {
-    let bound = axum::serve::Listener::local_addr(&listener).ok();
-    while let Some((stream, peer)) = listener.next().await {
+/// Accept, handshake and serve STUN/TURN over TLS until shutdown.
+///
+/// Before each `accept` the loop takes a global stream slot (the mini-redis shape), and a
+/// connection over its address's cap is closed at once. A handshake permit is taken only once
+/// the client has sent its first bytes, so silent sockets never hold one, and is returned as
+/// soon as the handshake ends. Waiting for the permit and the handshake may each take
+/// `turn.stream_first_message_timeout_secs`, so a stalled handshake holds a permit at most
+/// that long.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustls::ServerConfig>) {
+    let bound = listener.local_addr().ok();
+    let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(
+        shared.config.tls.max_concurrent_handshakes.max(1),
+    ));
+    let deadline = Duration::from_secs(shared.config.turn.stream_first_message_timeout_secs.max(1));
+    let in_flight = shared
+        .metrics
+        .tls_handshakes_active
+        .with_label_values(&["turns"]);
+    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    loop {
+        let Some(slot) = super::tcp::take_slot(&shared, &mut shutdown).await else {
+            break;
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS accept error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Some(permit) = shared.streams.admit(slot, peer.ip()) else {
+            shared
+                .metrics
+                .drops
+                .with_label_values(&["stream_per_ip_limit"])
+                .inc();
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
         // The accepted socket's address, not the (possibly wildcard) listener's.
-        let local = stream.get_ref().0.local_addr().ok().or(bound);
+        let local = stream.local_addr().ok().or(bound);
         let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let in_flight = in_flight.clone();
+        let handshakes = handshakes.clone();
         tokio::spawn(async move {
-            super::tcp::serve_stream(shared, stream, peer, local, "tls").await;
+            let _permit = permit;
+            let _open = super::tcp::OpenGuard::new(&shared.metrics, "tls");
+            let r =
+                crate::tls::bounded_handshake(&acceptor, stream, &handshakes, &in_flight, deadline)
+                    .await;
+            let reason = match r {
+                Ok(tls) => {
+                    super::tcp::serve_stream(shared, tls, peer, local, "tls").await;
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    "tls_handshake_timeout"
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    "tls_handshake_failed"
+                }
+            };
+            shared.metrics.drops.with_label_values(&[reason]).inc();
         });
     }
 }
