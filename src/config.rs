@@ -474,6 +474,22 @@ pub struct SignalingConfig {
     pub resume_grace_secs: u64,
     /// Frames kept per peer for replay on resume.
     pub resume_buffer_frames: usize,
+    /// Bytes kept per peer for replay on resume.
+    pub resume_buffer_bytes: usize,
+    /// Bytes kept for replay by all peers of the node together.
+    pub resume_total_bytes: usize,
+    /// Frames queued for one connection before it counts as too slow (closed with 4002).
+    pub outbox_frames: usize,
+    /// Bytes queued for one connection before it counts as too slow (closed with 4002).
+    pub outbox_bytes: usize,
+    /// Bytes queued for all connections of the node together.
+    pub outbox_total_bytes: usize,
+    /// Seconds a connection without a token in its header has to send `hello`.
+    pub hello_timeout_secs: u64,
+    /// Open rooms one user may have created.
+    pub max_rooms_per_user: usize,
+    /// Independent shards of the room table (0: four per CPU).
+    pub hub_shards: usize,
     /// Seconds an empty room stays open.
     pub empty_room_grace_secs: u64,
     /// Push fresh `ice-servers` this many seconds before TURN credentials expire.
@@ -493,6 +509,14 @@ impl Default for SignalingConfig {
             dead_peer_timeout_secs: 30,
             resume_grace_secs: 30,
             resume_buffer_frames: 256,
+            resume_buffer_bytes: 256 * 1024,
+            resume_total_bytes: 256 * 1024 * 1024,
+            outbox_frames: 512,
+            outbox_bytes: 1024 * 1024,
+            outbox_total_bytes: 256 * 1024 * 1024,
+            hello_timeout_secs: 10,
+            max_rooms_per_user: 16,
+            hub_shards: 0,
             empty_room_grace_secs: 30,
             ice_refresh_before_secs: 300,
         }
@@ -716,6 +740,19 @@ impl Config {
             return Err(ConfigError::key(
                 "signaling.room_capacity",
                 "must be at least 2",
+            ));
+        }
+        if s.outbox_bytes < 4 * s.max_frame_bytes {
+            return Err(ConfigError::key(
+                "signaling.outbox_bytes",
+                "must be at least 4 × signaling.max_frame_bytes (a connection must be able to \
+                 queue a few frames of the largest size)",
+            ));
+        }
+        if s.max_rooms_per_user == 0 {
+            return Err(ConfigError::key(
+                "signaling.max_rooms_per_user",
+                "must be at least 1",
             ));
         }
         if s.rate_per_sec == 0 {

@@ -68,6 +68,16 @@ async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
     }
 }
 
+/// The value of one metric series, 0 when absent.
+fn metric(srv: &RunningServer, series: &str) -> f64 {
+    srv.shared()
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 async fn hello(srv: &RunningServer, user: &str) -> Ws {
     let mut ws = connect(srv).await;
     send(
@@ -570,7 +580,7 @@ async fn a_silent_peer_is_dropped_after_the_dead_peer_timeout_and_then_times_out
 async fn a_reader_that_falls_behind_is_closed_and_resumes_without_a_gap() {
     let srv = start(
         "rate_per_sec = 100000\nrate_burst = 100000\nresume_buffer_frames = 20000\n\
-         dead_peer_timeout_secs = 120\nping_interval_secs = 60\n",
+         resume_buffer_bytes = 67108864\ndead_peer_timeout_secs = 120\nping_interval_secs = 60\n",
         "",
     )
     .await;
@@ -583,11 +593,7 @@ async fn a_reader_that_falls_behind_is_closed_and_resumes_without_a_gap() {
     // A stops reading; B keeps writing until A's outbox overflows.
     let pad = "p".repeat(16 * 1024);
     let overflowed = |srv: &RunningServer| {
-        srv.shared()
-            .metrics
-            .render()
-            .lines()
-            .any(|l| l.starts_with("switchboard_dropped_total{reason=\"ws_outbox_full\"}"))
+        metric(srv, "switchboard_dropped_total{reason=\"ws_outbox_full\"}") > 0.0
     };
     let mut sent = 0u64;
     while !overflowed(&srv) {
@@ -641,6 +647,442 @@ async fn a_reader_that_falls_behind_is_closed_and_resumes_without_a_gap() {
         assert_eq!(v["data"]["n"], next);
         next += 1;
     }
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// Limits that let the ordering tests push thousands of frames without hitting a bound.
+const UNBOUNDED: &str = "rate_per_sec = 1000000\nrate_burst = 1000000\n\
+    resume_buffer_frames = 1000000\nresume_buffer_bytes = 1073741824\n\
+    resume_total_bytes = 1073741824\noutbox_frames = 1000000\noutbox_bytes = 1073741824\n\
+    outbox_total_bytes = 2147483648\n";
+
+type Tx = futures_util::stream::SplitSink<Ws, Message>;
+type Rx = futures_util::stream::SplitStream<Ws>;
+
+/// Read room events until `signals` signal frames arrived; checks that `seq` goes up by exactly
+/// 1 from `last_seq`. Returns every (seq, frame) seen, or stops early after `stop_after`
+/// signals (to simulate a drop).
+async fn read_in_order(
+    rx: &mut Rx,
+    mut last_seq: u64,
+    signals: usize,
+    stop_after: Option<usize>,
+) -> Vec<(u64, Value)> {
+    let mut seen = Vec::new();
+    let mut n = 0;
+    while n < signals && stop_after.is_none_or(|s| n < s) {
+        let m = tokio::time::timeout(Duration::from_secs(20), rx.next())
+            .await
+            .expect("frames keep coming")
+            .expect("socket open")
+            .expect("frame ok");
+        let Message::Text(t) = m else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        let Some(seq) = v["seq"].as_u64() else {
+            continue;
+        };
+        assert_eq!(seq, last_seq + 1, "seq must go up by exactly 1: {v}");
+        last_seq = seq;
+        if v["type"] == "signal" {
+            n += 1;
+        }
+        seen.push((seq, v));
+    }
+    seen
+}
+
+/// Every sender's frames arrive complete and in its own order.
+fn check_per_sender(frames: &[(u64, Value)], senders: usize, per_sender: u64) {
+    let mut next: std::collections::HashMap<String, u64> = Default::default();
+    for (_, v) in frames.iter().filter(|(_, v)| v["type"] == "signal") {
+        let from = v["data"]["u"].as_str().unwrap().to_string();
+        let i = v["data"]["i"].as_u64().unwrap();
+        let e = next.entry(from).or_insert(0);
+        assert_eq!(i, *e, "per-sender order");
+        *e += 1;
+    }
+    assert_eq!(next.len(), senders);
+    assert!(next.values().all(|n| *n == per_sender), "{next:?}");
+}
+
+async fn send_round(txs: Vec<(String, Tx)>, round: u64, k: u64) -> Vec<(String, Tx)> {
+    let tasks: Vec<_> = txs
+        .into_iter()
+        .map(|(u, mut tx)| {
+            tokio::spawn(async move {
+                for i in 0..k {
+                    let f = json!({"type": "signal", "data": {"u": u, "i": round * k + i}});
+                    tx.send(Message::Text(f.to_string().into())).await.unwrap();
+                }
+                (u, tx)
+            })
+        })
+        .collect();
+    let mut back = Vec::new();
+    for t in tasks {
+        back.push(t.await.unwrap());
+    }
+    back
+}
+
+/// Several peers broadcast at once from separate tasks: every recipient still sees `seq`
+/// strictly increasing by 1 on the wire (frames enter each outbox in `seq` order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_broadcasts_reach_every_recipient_in_seq_order() {
+    let srv = start(UNBOUNDED, "").await;
+    const PEERS: usize = 4;
+    const K: u64 = 800;
+    const ROUNDS: u64 = 3;
+    let mut first = hello(&srv, "u0").await;
+    let room = create(&mut first, None).await;
+    let mut socks = vec![first];
+    for i in 1..PEERS {
+        socks.push(hello(&srv, &format!("u{i}")).await);
+    }
+    for s in socks.iter_mut() {
+        join(s, &room).await;
+    }
+    let mut txs = Vec::new();
+    let mut readers = Vec::new();
+    for (i, s) in socks.into_iter().enumerate() {
+        let (tx, mut rx) = s.split();
+        txs.push((format!("u{i}"), tx));
+        let expect = (PEERS - 1) * (K * ROUNDS) as usize;
+        readers.push(tokio::spawn(async move {
+            read_in_order(&mut rx, 0, expect, None).await
+        }));
+    }
+    for round in 0..ROUNDS {
+        txs = send_round(txs, round, K).await;
+    }
+    for r in readers {
+        let frames = r.await.expect("reader saw every frame in seq order");
+        check_per_sender(&frames, PEERS - 1, K * ROUNDS);
+    }
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// The same with a recipient that drops in the middle and resumes: the frames it got before
+/// the drop plus the replayed and later frames are exactly 1..N, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_that_drops_mid_stream_resumes_with_each_frame_exactly_once() {
+    let srv = start(&format!("{UNBOUNDED}resume_grace_secs = 60\n"), "").await;
+    const SENDERS: usize = 3;
+    const K: u64 = 1000;
+    const ROUNDS: u64 = 3;
+    let mut first = hello(&srv, "u0").await;
+    let room = create(&mut first, None).await;
+    let mut socks = vec![first];
+    for i in 1..SENDERS {
+        socks.push(hello(&srv, &format!("u{i}")).await);
+    }
+    for s in socks.iter_mut() {
+        join(s, &room).await;
+    }
+    let mut d = hello(&srv, "dropper").await;
+    let jd = join(&mut d, &room).await;
+    let mut txs = Vec::new();
+    for (i, s) in socks.into_iter().enumerate() {
+        let (tx, mut rx) = s.split();
+        txs.push((format!("u{i}"), tx));
+        // Senders' own readers must keep up (and check order) so their outboxes drain.
+        tokio::spawn(async move {
+            loop {
+                if rx.next().await.is_none() {
+                    break;
+                }
+            }
+        });
+    }
+    let total = SENDERS * (K * ROUNDS) as usize;
+    let srv_addr = srv.http_addr();
+    let tok = token(&srv, "dropper", None);
+    let dropper = tokio::spawn(async move {
+        let (dtx, mut drx) = d.split();
+        let before = read_in_order(&mut drx, 0, total, Some(total / 3)).await;
+        // The network dies: no close frame.
+        drop(dtx);
+        drop(drx);
+        let last = before.last().map(|(s, _)| *s).unwrap_or(0);
+        let url = format!("ws://{srv_addr}/v1/ws");
+        let (mut d2, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        send(&mut d2, json!({"type": "hello", "token": tok})).await;
+        recv_type(&mut d2, "ice-servers").await;
+        send(
+            &mut d2,
+            json!({"type": "resume", "resumeToken": jd["resumeToken"], "lastSeq": last}),
+        )
+        .await;
+        let (_tx2, mut rx2) = d2.split();
+        // Skip to `resumed`; everything after it is seq-checked from `last`.
+        loop {
+            let m = rx2.next().await.unwrap().unwrap();
+            if let Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "resumed" {
+                    assert_eq!(v["complete"], true, "{v}");
+                    break;
+                }
+            }
+        }
+        let got_before = before.iter().filter(|(_, v)| v["type"] == "signal").count();
+        let after = read_in_order(&mut rx2, last, total - got_before, None).await;
+        (before, after)
+    });
+    for round in 0..ROUNDS {
+        txs = send_round(txs, round, K).await;
+    }
+    let (before, after) = dropper
+        .await
+        .expect("dropper saw every frame once, in order");
+    let all: Vec<(u64, Value)> = before.into_iter().chain(after).collect();
+    let seqs: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
+    let n = seqs.len() as u64;
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "exactly 1..N once each");
+    check_per_sender(&all, SENDERS, K * ROUNDS);
+    drop(txs);
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// `data` is relayed byte for byte: big integers, exact decimals and key order survive.
+#[tokio::test]
+async fn signal_data_is_relayed_untouched() {
+    let srv = start("", "").await;
+    let mut a = hello(&srv, "a").await;
+    let room = create(&mut a, None).await;
+    join(&mut a, &room).await;
+    let mut b = hello(&srv, "b").await;
+    join(&mut b, &room).await;
+    let data = r#"{"z":123456789012345678901234567890,"a":1e-400,"m":0.1000000000000000000001,"k":[{"y":1,"b":2}]}"#;
+    let frame = format!(r#"{{"type":"signal","data":{data},"id":98765432109876543210}}"#);
+    a.send(Message::Text(frame.into())).await.unwrap();
+    let ack = loop {
+        let m = a.next().await.unwrap().unwrap();
+        if let Message::Text(t) = m {
+            if t.contains("\"ack\"") {
+                break t.to_string();
+            }
+        }
+    };
+    assert!(ack.contains(r#""id":98765432109876543210"#), "{ack}");
+    let got = loop {
+        let m = b.next().await.unwrap().unwrap();
+        if let Message::Text(t) = m {
+            if t.contains("\"signal\"") {
+                break t.to_string();
+            }
+        }
+    };
+    assert!(got.contains(&format!(r#""data":{data}"#)), "{got}");
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// The deviations a client written from docs/protocol.md found: field types, the 1009 close,
+/// and `id` on `too_large` and `rate_limited`.
+#[tokio::test]
+async fn protocol_edges_match_the_document() {
+    let srv = start(
+        "max_frame_bytes = 1024\nrate_per_sec = 1\nrate_burst = 3\n",
+        "",
+    )
+    .await;
+    let mut a = hello(&srv, "a").await;
+    for (req, what) in [
+        (json!({"type": "create", "name": 5, "id": "n"}), "name"),
+        (
+            json!({"type": "create", "capacity": 2.5, "id": "n"}),
+            "capacity",
+        ),
+    ] {
+        send(&mut a, req).await;
+        let e = recv(&mut a).await;
+        assert_eq!(e["code"], "bad_request", "{e}");
+        assert_eq!(e["id"], "n");
+        assert!(e["message"].as_str().unwrap().contains(what), "{e}");
+    }
+    // Between the limit and 4x: a typed error that echoes the id, and the socket stays open.
+    let pad = "x".repeat(2000);
+    send(&mut a, json!({"type": "ping", "id": "big", "pad": pad})).await;
+    let e = recv(&mut a).await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("too_large"), Some("big"))
+    );
+    // The bucket is empty now: the next request is rate limited, with its id.
+    send(&mut a, json!({"type": "ping", "id": 77})).await;
+    let e = recv(&mut a).await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    assert_eq!(e["id"], 77);
+    // Over 4x the limit: a real close frame with 1009.
+    let huge = "y".repeat(4 * 1024 + 1);
+    a.send(Message::Text(huge.into())).await.unwrap();
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(5), a.next())
+            .await
+            .expect("a close within 5 s")
+        {
+            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1009));
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// Sockets that never send `hello` are closed at the deadline; a client that authenticated
+/// is served throughout.
+#[tokio::test]
+async fn connections_without_hello_are_closed_at_the_deadline() {
+    let srv = start("hello_timeout_secs = 1\n", "").await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(connect(&srv).await);
+    }
+    let mut a = hello(&srv, "a").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for mut s in idle {
+        let e = recv(&mut s).await;
+        assert_eq!(e["code"], "unauthenticated", "{e}");
+        let end = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap();
+        assert!(
+            matches!(end, Some(Ok(Message::Close(Some(ref f)))) if u16::from(f.code) == 1008),
+            "{end:?}"
+        );
+    }
+    send(&mut a, json!({"type": "ping", "id": 1})).await;
+    assert_eq!(recv(&mut a).await["type"], "pong");
+    assert_eq!(
+        metric(
+            &srv,
+            "switchboard_dropped_total{reason=\"ws_hello_timeout\"}"
+        ),
+        20.0
+    );
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// One user cannot fill the node with rooms; others still create, and a closed room frees
+/// its creator's quota.
+#[tokio::test]
+async fn rooms_per_user_are_capped() {
+    let srv = start("max_rooms_per_user = 3\nempty_room_grace_secs = 1\n", "").await;
+    let mut m = hello(&srv, "mallory").await;
+    for _ in 0..3 {
+        create(&mut m, None).await;
+    }
+    send(&mut m, json!({"type": "create", "id": 4})).await;
+    let e = recv(&mut m).await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_u64()),
+        (Some("too_many_rooms"), Some(4))
+    );
+    let mut a = hello(&srv, "alice").await;
+    create(&mut a, Some("alices")).await;
+    assert_eq!(
+        metric(
+            &srv,
+            "switchboard_dropped_total{reason=\"ws_rooms_per_user\"}"
+        ),
+        1.0
+    );
+    // The empty rooms close after their grace, which frees mallory's quota.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    create(&mut m, None).await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// A flood at a dropped peer is held to the per-peer and node-wide resume byte bounds; a
+/// flood at readers that do not read is held to the per-connection and node-wide outbox
+/// bounds. Another pair keeps relaying meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_outbox_bytes_are_bounded_under_a_flood() {
+    let srv = start(
+        "max_frame_bytes = 16384\nrate_per_sec = 100000\nrate_burst = 100000\n\
+         resume_buffer_frames = 100000\nresume_buffer_bytes = 65536\nresume_total_bytes = 131072\n\
+         outbox_bytes = 65536\noutbox_total_bytes = 98304\nmax_connections_per_ip = 64\n\
+         resume_grace_secs = 60\n",
+        "",
+    )
+    .await;
+    let pad = "p".repeat(8000);
+    let (resume_max, outbox_max) = (131_072 + 16_384, 98_304);
+    // Three rooms: an attacker and a victim that dropped (its frames go to the resume buffer).
+    let mut attackers = Vec::new();
+    for i in 0..3 {
+        let mut x = hello(&srv, &format!("x{i}")).await;
+        let room = create(&mut x, None).await;
+        join(&mut x, &room).await;
+        let mut v = hello(&srv, &format!("v{i}")).await;
+        let jv = join(&mut v, &room).await;
+        drop(v);
+        recv_type(&mut x, "peer-reconnecting").await;
+        attackers.push((x, jv["peerId"].clone()));
+    }
+    // Three rooms where the victim is connected but never reads, with a tiny receive window.
+    for i in 0..3 {
+        let mut x = hello(&srv, &format!("y{i}")).await;
+        let room = create(&mut x, None).await;
+        join(&mut x, &room).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let tcp = sock.connect(srv.http_addr()).await.unwrap();
+        let url = format!("ws://{}/v1/ws", srv.http_addr());
+        let (mut v, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+        send(
+            &mut v,
+            json!({"type": "hello", "token": token(&srv, &format!("w{i}"), None)}),
+        )
+        .await;
+        recv_type(&mut v, "ice-servers").await;
+        let jv = join(&mut v, &room).await;
+        recv_type(&mut x, "peer-joined").await;
+        attackers.push((x, jv["peerId"].clone()));
+        // `v` is kept open and never read.
+        std::mem::forget(v);
+    }
+    let mut a = hello(&srv, "alice").await;
+    let room = create(&mut a, None).await;
+    join(&mut a, &room).await;
+    let mut b = hello(&srv, "bob").await;
+    join(&mut b, &room).await;
+    recv_type(&mut a, "peer-joined").await;
+    for round in 0..40 {
+        for (x, to) in attackers.iter_mut() {
+            for _ in 0..5 {
+                send(x, json!({"type": "signal", "to": to, "data": pad})).await;
+            }
+        }
+        let (outbox, resume) = srv.shared().signaling.buffered_bytes();
+        assert!(resume <= resume_max, "resume bytes {resume}");
+        assert!(outbox <= outbox_max, "outbox bytes {outbox}");
+        send(&mut a, json!({"type": "signal", "data": {"round": round}})).await;
+        let s = recv_type(&mut b, "signal").await;
+        assert_eq!(s["data"]["round"], round, "the legitimate pair is served");
+    }
+    assert!(
+        metric(
+            &srv,
+            "switchboard_dropped_total{reason=\"ws_resume_evicted\"}"
+        ) > 0.0
+    );
+    let refused = metric(&srv, "switchboard_dropped_total{reason=\"ws_outbox_full\"}")
+        + metric(
+            &srv,
+            "switchboard_dropped_total{reason=\"ws_outbox_total\"}",
+        );
+    assert!(refused > 0.0);
     srv.shutdown();
     srv.wait().await;
 }

@@ -16,6 +16,11 @@ use crate::server::Shared;
 /// The WebSocket subprotocol of this signaling protocol version.
 pub const PROTOCOL: &str = "switchboard.v1";
 
+/// Read buffer per WebSocket: a few typical signaling frames.
+const READ_BUFFER: usize = 4 * 1024;
+/// Bytes buffered before a write goes to the socket (a flush writes earlier).
+const WRITE_BUFFER: usize = 16 * 1024;
+
 /// The signaling route.
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new().route("/v1/ws", get(upgrade))
@@ -48,9 +53,9 @@ async fn upgrade(
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
     let limit = shared.config.signaling.max_frame_bytes;
-    // Frames up to 4x the limit are read and answered with a typed `too_large` error;
-    // beyond that the socket is closed with 1009.
-    let hard = limit.saturating_mul(4).max(1 << 20);
+    // Frames up to 4x the limit are read and answered with a typed `too_large` error; a
+    // larger one is refused from its header (nothing buffered) and closed with 1009.
+    let hard = limit.saturating_mul(4);
     // Connection limits key on the real client behind a trusted proxy, IPv6 by its /64.
     let client =
         super::client_ip::client_ip(peer.ip(), &headers, &shared.config.http.trusted_proxies);
@@ -58,6 +63,13 @@ async fn upgrade(
     let sig = shared.signaling.clone();
     let span = tracing::debug_span!("ws", peer = %peer, client = %client);
     ws.protocols([PROTOCOL])
+        // Signaling frames are small: a 4 KiB read buffer per idle connection instead of the
+        // 128 KiB default (which is also zero-filled before every read). A larger frame grows
+        // it as needed, up to `hard`.
+        .read_buffer_size(READ_BUFFER)
+        // Frames queued together are flushed in one write once this much is buffered.
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + 2 * limit)
         .max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| {

@@ -1,192 +1,116 @@
-//! The signaling service shell: one task per WebSocket connection that authenticates,
-//! enforces limits, feeds requests to the room core and writes out what the bus delivers.
+//! The per-connection WebSocket task: authenticates, enforces limits, parses each request
+//! once, feeds it to the room core and writes out what the bus delivers.
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
 
-use super::bus::{Bus, LocalBus, Outbound};
-use super::room::{Action, ConnId, Hub, Limits, Member, RoomError};
+use super::bus::Outbound;
+use super::room::{new_room_id, token_room, valid_name, ConnId, Member, RoomError};
+use super::service::Counters;
+pub use super::service::Signaling;
 use crate::auth::{unix_now, AuthError};
-use crate::config::SignalingConfig;
 use crate::server::{shutdown_signal, Shared};
 
-/// Frame types counted by name; anything else is counted as `unknown`.
-const KNOWN_TYPES: &[&str] = &[
-    "hello",
-    "welcome",
-    "create",
-    "created",
-    "join",
-    "joined",
-    "leave",
-    "left",
-    "signal",
-    "resume",
-    "resumed",
-    "peer-joined",
-    "peer-left",
-    "peer-reconnecting",
-    "peer-resumed",
-    "ice-servers",
-    "ping",
-    "pong",
-    "ack",
-    "error",
-];
+/// Outbox frames written per flush: bounds one connection's turn on the runtime.
+const WRITE_BATCH: usize = 64;
 
-fn type_label(t: &str) -> &'static str {
-    KNOWN_TYPES
-        .iter()
-        .find(|k| **k == t)
-        .copied()
-        .unwrap_or("unknown")
+/// One request frame, parsed once. `data` stays raw JSON, relayed byte for byte.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Request<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    capacity: Option<u64>,
+    #[serde(borrow)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow, deserialize_with = "raw_keep_null")]
+    data: Option<&'a RawValue>,
+    #[serde(rename = "resumeToken", borrow)]
+    resume_token: Option<Cow<'a, str>>,
+    #[serde(rename = "lastSeq")]
+    last_seq: Option<u64>,
 }
 
-/// The node's signaling service: the room core behind a lock, and the bus to connections.
-pub struct Signaling {
-    hub: Mutex<Hub>,
-    bus: Box<dyn Bus>,
-    next_conn: AtomicU64,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    wake: Notify,
-    cfg: SignalingConfig,
+/// `data: null` is data (relayed as `null`), not a missing field.
+fn raw_keep_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
-impl std::fmt::Debug for Signaling {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signaling").finish_non_exhaustive()
-    }
+/// Only the request `id`, for answering a frame that is not processed (too large, rate
+/// limited, malformed fields).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct IdOnly<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
 }
 
-impl Signaling {
-    /// A service with the in-process bus.
-    pub fn new(cfg: &SignalingConfig) -> Signaling {
-        Signaling {
-            hub: Mutex::new(Hub::new(Limits {
-                room_capacity: cfg.room_capacity,
-                max_rooms: cfg.max_rooms,
-                resume_grace: Duration::from_secs(cfg.resume_grace_secs),
-                resume_buffer: cfg.resume_buffer_frames.max(1),
-                empty_room_grace: Duration::from_secs(cfg.empty_room_grace_secs),
-            })),
-            bus: Box::new(LocalBus::default()),
-            next_conn: AtomicU64::new(1),
-            per_ip: Mutex::new(HashMap::new()),
-            wake: Notify::new(),
-            cfg: cfg.clone(),
-        }
-    }
-
-    /// Run `f` on the room core, then deliver what it produced and refresh the gauges.
-    fn apply<R>(&self, shared: &Shared, f: impl FnOnce(&mut Hub, &mut Vec<Action>) -> R) -> R {
-        let mut out = Vec::new();
-        let (r, rooms, peers) = {
-            let mut hub = match self.hub.lock() {
-                Ok(h) => h,
-                Err(p) => p.into_inner(),
-            };
-            let r = f(&mut hub, &mut out);
-            (r, hub.room_count(), hub.peer_count())
-        };
-        let m = &shared.metrics;
-        m.rooms_active.set(rooms as i64);
-        m.peers_active.set(peers as i64);
-        for a in &out {
-            if let Action::Send(_, v) = a {
-                let t = v.get("type").and_then(Value::as_str).unwrap_or("");
-                m.signaling_frames
-                    .with_label_values(&["out", type_label(t)])
-                    .inc();
-            }
-        }
-        let dropped = self.bus.deliver(out);
-        if dropped > 0 {
-            m.drops
-                .with_label_values(&["ws_outbox_full"])
-                .inc_by(dropped as u64);
-        }
-        self.wake.notify_one();
-        r
-    }
-
-    /// Drive resume windows and empty-room grace until shutdown.
-    pub async fn run_timers(self: Arc<Self>, shared: Arc<Shared>) {
-        let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
-        loop {
-            let next = {
-                let hub = match self.hub.lock() {
-                    Ok(h) => h,
-                    Err(p) => p.into_inner(),
-                };
-                hub.next_deadline()
-            };
-            let wait = next
-                .map(|d| d.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_secs(3600));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.wake.notified() => continue,
-                _ = &mut stop => return,
-            }
-            let now = Instant::now();
-            let expired = self.apply(&shared, |h, out| h.tick(now, out));
-            if expired > 0 {
-                shared
-                    .metrics
-                    .resumes
-                    .with_label_values(&["expired"])
-                    .inc_by(expired as u64);
-            }
-        }
-    }
-
-    /// Count a new connection from `ip`; `false` when the IP is at its limit.
-    pub fn admit(&self, ip: IpAddr) -> bool {
-        let mut m = match self.per_ip.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.cfg.max_connections_per_ip {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    fn release(&self, ip: IpAddr) {
-        let mut m = match self.per_ip.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(n) = m.get_mut(&ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&ip);
-            }
-        }
-    }
+/// A request `id` is echoed only when it is a string or a number.
+fn valid_id(id: Option<&RawValue>) -> Option<&RawValue> {
+    id.filter(|r| {
+        r.get()
+            .as_bytes()
+            .first()
+            .is_some_and(|b| *b == b'"' || *b == b'-' || b.is_ascii_digit())
+    })
 }
 
-fn error_frame(code: &str, message: &str, id: Option<&Value>) -> Value {
-    let mut v = json!({"type": "error", "code": code, "message": message});
+fn request_id(text: &str) -> Option<&RawValue> {
+    valid_id(serde_json::from_str::<IdOnly<'_>>(text).ok()?.id)
+}
+
+/// A frame to write, with its type for metrics.
+struct Reply {
+    kind: &'static str,
+    text: String,
+}
+
+/// Serialize `v` and add the request `id` exactly as the client wrote it.
+fn with_id_text(v: &Value, id: Option<&RawValue>) -> String {
+    let mut s = v.to_string();
     if let Some(id) = id {
-        v["id"] = id.clone();
+        s.pop();
+        s.push_str(",\"id\":");
+        s.push_str(id.get());
+        s.push('}');
     }
-    v
+    s
 }
 
-fn with_id(mut v: Value, id: Option<&Value>) -> Value {
-    if let Some(id) = id {
-        v["id"] = id.clone();
+fn reply(kind: &'static str, v: Value, id: Option<&RawValue>) -> Reply {
+    Reply {
+        kind,
+        text: with_id_text(&v, id),
     }
-    v
+}
+
+fn error_frame(code: &str, message: &str, id: Option<&RawValue>) -> Reply {
+    reply(
+        "error",
+        json!({"type": "error", "code": code, "message": message}),
+        id,
+    )
+}
+
+fn room_err(e: &RoomError, id: Option<&RawValue>) -> Reply {
+    error_frame(e.code(), &e.to_string(), id)
 }
 
 /// Per-connection token bucket for incoming frames.
@@ -217,8 +141,25 @@ struct Conn {
     id: ConnId,
     member: Option<Member>,
     host: Option<String>,
+    /// The room this connection holds a seat in, which names the hub shard to ask.
+    room: Option<String>,
     /// When the next `ice-servers` push is due.
     ice_due: Option<Instant>,
+}
+
+/// Whether a read error is tungstenite refusing a message over the size limit.
+fn too_big(e: axum::Error) -> bool {
+    e.into_inner()
+        .downcast_ref::<tungstenite::Error>()
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+async fn close(ws: &mut WebSocket, code: u16, reason: &'static str, timeout: Duration) {
+    let f = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
+    let _ = tokio::time::timeout(timeout, ws.send(f)).await;
 }
 
 /// Serve one upgraded WebSocket until it closes, idles out or is replaced.
@@ -231,6 +172,10 @@ pub async fn serve(
     host: Option<String>,
 ) {
     let m = shared.metrics.clone();
+    let c = sig.counters(&m);
+    let cfg = &sig.cfg;
+    let dead_after = Duration::from_secs(cfg.dead_peer_timeout_secs.max(1));
+    let write_timeout = dead_after;
     if !sig.admit(ip) {
         m.drops.with_label_values(&["ws_connections_per_ip"]).inc();
         let f = error_frame(
@@ -238,21 +183,19 @@ pub async fn serve(
             "too many connections from this address",
             None,
         );
-        let _ = ws.send(Message::Text(f.to_string().into())).await;
-        let _ = ws.send(Message::Close(None)).await;
+        let _ = send(&mut ws, c, f, write_timeout).await;
+        close(&mut ws, 1008, "too many connections", write_timeout).await;
         return;
     }
     m.ws_connections_active.inc();
-    let id = sig.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(512);
-    sig.bus.attach(id, tx);
+    let (id, outbox) = sig.open();
     let mut conn = Conn {
         id,
         member: None,
         host,
+        room: None,
         ice_due: None,
     };
-    let cfg = &sig.cfg;
     let mut rate = RateLimit {
         tokens: cfg.rate_burst as f64,
         rate: cfg.rate_per_sec as f64,
@@ -260,42 +203,60 @@ pub async fn serve(
         at: Instant::now(),
     };
     let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
-    let mut ping = tokio::time::interval(Duration::from_secs(cfg.ping_interval_secs.max(1)));
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(cfg.ping_interval_secs.max(1)),
+        Duration::from_secs(cfg.ping_interval_secs.max(1)),
+    );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let dead_after = Duration::from_secs(cfg.dead_peer_timeout_secs.max(1));
     let mut last_heard = Instant::now();
-    let write_timeout = dead_after;
     let mut left_cleanly = false;
+    // A token not offered in the header must arrive in `hello` within the deadline.
+    let hello_timeout = Duration::from_secs(cfg.hello_timeout_secs.max(1));
+    let hello_timer = tokio::time::sleep(hello_timeout);
+    let mut hello_timer = std::pin::pin!(hello_timer);
+    let far = Duration::from_secs(86_400 * 365);
+    let ice_timer = tokio::time::sleep(far);
+    let mut ice_timer = std::pin::pin!(ice_timer);
 
     if let Some(t) = token {
         let replies = hello(&shared, &mut conn, &t, None);
-        let fatal = replies.iter().any(|v| v["type"] == "error");
+        let fatal = replies.iter().any(|r| r.kind == "error");
         for r in replies {
-            if !send(&mut ws, &m, &r, write_timeout).await {
+            if !send(&mut ws, c, r, write_timeout).await {
                 break;
             }
         }
         if fatal {
-            let _ = ws.send(Message::Close(None)).await;
-            finish(&sig, &shared, &conn, ip, false);
+            close(&mut ws, 1008, "unauthenticated", write_timeout).await;
+            finish(&sig, &shared, &conn, ip, true);
             return;
         }
     }
 
     loop {
-        let ice_sleep = conn
-            .ice_due
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(86_400));
+        if let Some(due) = conn.ice_due.take() {
+            ice_timer.as_mut().reset(due.into());
+        }
         tokio::select! {
             incoming = ws.recv() => {
-                let Some(Ok(msg)) = incoming else { break };
+                let msg = match incoming {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => {
+                        if too_big(e) {
+                            m.drops.with_label_values(&["ws_frame_too_large"]).inc();
+                            close(&mut ws, 1009, "frame too large", write_timeout).await;
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 last_heard = Instant::now();
                 let text = match msg {
                     Message::Text(t) => t,
                     Message::Binary(_) => {
+                        c.count_in("unknown");
                         let f = error_frame("bad_request", "send JSON text frames", None);
-                        if !send(&mut ws, &m, &f, write_timeout).await { break; }
+                        if !send(&mut ws, c, f, write_timeout).await { break; }
                         continue;
                     }
                     Message::Close(_) => break,
@@ -303,40 +264,46 @@ pub async fn serve(
                 };
                 if text.len() > cfg.max_frame_bytes {
                     m.drops.with_label_values(&["ws_frame_too_large"]).inc();
-                    let f = error_frame("too_large", &format!("frames are limited to {} bytes", cfg.max_frame_bytes), None);
-                    if !send(&mut ws, &m, &f, write_timeout).await { break; }
+                    let f = error_frame(
+                        "too_large",
+                        &format!("frames are limited to {} bytes", cfg.max_frame_bytes),
+                        request_id(text.as_str()),
+                    );
+                    if !send(&mut ws, c, f, write_timeout).await { break; }
                     continue;
                 }
                 if !rate.allow(last_heard) {
                     m.drops.with_label_values(&["ws_rate_limited"]).inc();
-                    let f = error_frame("rate_limited", "too many frames; slow down", None);
-                    if !send(&mut ws, &m, &f, write_timeout).await { break; }
+                    let f = error_frame(
+                        "rate_limited",
+                        "too many frames; slow down",
+                        request_id(text.as_str()),
+                    );
+                    if !send(&mut ws, c, f, write_timeout).await { break; }
                     continue;
                 }
-                let replies = handle(&sig, &shared, &mut conn, text.as_str(), &mut left_cleanly);
+                let replies = handle(&sig, &shared, c, &mut conn, text.as_str(), &mut left_cleanly);
                 let mut ok = true;
                 for r in replies {
-                    if !send(&mut ws, &m, &r, write_timeout).await { ok = false; break; }
+                    if !send(&mut ws, c, r, write_timeout).await { ok = false; break; }
                 }
                 if !ok { break; }
             }
-            out = rx.recv() => {
-                match out {
-                    Some(Outbound::Frame(text)) => {
-                        let w = tokio::time::timeout(write_timeout, ws.send(Message::Text(text.into()))).await;
-                        if !matches!(w, Ok(Ok(()))) { break; }
-                    }
-                    None => {
-                        // The outbox overflowed (a reader slower than its room): close so the
-                        // client resumes and the missed frames are replayed in order.
-                        m.drops.with_label_values(&["ws_slow_consumer"]).inc();
-                        let _ = ws.send(Message::Close(Some(CloseFrame { code: 4002, reason: "too slow; resume".into() }))).await;
-                        break;
-                    }
-                    Some(Outbound::Close) => {
+            out = outbox.recv() => {
+                let Some(first) = out else {
+                    // The outbox overflowed (a reader slower than its room): close so the
+                    // client resumes and the missed frames are replayed in order.
+                    m.drops.with_label_values(&["ws_slow_consumer"]).inc();
+                    close(&mut ws, 4002, "too slow; resume", write_timeout).await;
+                    break;
+                };
+                match write_batch(&mut ws, &outbox, first, write_timeout).await {
+                    Batch::Written => {}
+                    Batch::Failed => break,
+                    Batch::Replaced => {
                         // Replaced by a newer connection: the seat is gone, nothing to resume.
                         left_cleanly = true;
-                        let _ = ws.send(Message::Close(Some(CloseFrame { code: 4001, reason: "replaced".into() }))).await;
+                        close(&mut ws, 4001, "replaced", write_timeout).await;
                         break;
                     }
                 }
@@ -349,13 +316,25 @@ pub async fn serve(
                 let w = tokio::time::timeout(write_timeout, ws.send(Message::Ping(Vec::new().into()))).await;
                 if !matches!(w, Ok(Ok(()))) { break; }
             }
-            _ = tokio::time::sleep(ice_sleep), if conn.ice_due.is_some() => {
+            _ = &mut hello_timer, if conn.member.is_none() => {
+                c.hello_timeout.inc();
+                let f = error_frame(
+                    "unauthenticated",
+                    &format!("no hello within {} s", hello_timeout.as_secs()),
+                    None,
+                );
+                let _ = send(&mut ws, c, f, write_timeout).await;
+                close(&mut ws, 1008, "no hello", write_timeout).await;
+                break;
+            }
+            _ = &mut ice_timer, if conn.member.is_some() => {
+                ice_timer.as_mut().reset((Instant::now() + far).into());
                 if let Some(f) = ice_frame(&shared, &mut conn) {
-                    if !send(&mut ws, &m, &f, write_timeout).await { break; }
+                    if !send(&mut ws, c, f, write_timeout).await { break; }
                 }
             }
             _ = &mut stop => {
-                let _ = ws.send(Message::Close(Some(CloseFrame { code: 1001, reason: "server shutting down".into() }))).await;
+                close(&mut ws, 1001, "server shutting down", write_timeout).await;
                 break;
             }
         }
@@ -363,30 +342,64 @@ pub async fn serve(
     finish(&sig, &shared, &conn, ip, left_cleanly);
 }
 
+enum Batch {
+    Written,
+    Failed,
+    Replaced,
+}
+
+/// Write `first` and whatever else is queued (up to a batch), then flush once.
+async fn write_batch(
+    ws: &mut WebSocket,
+    outbox: &super::bus::Outbox,
+    first: Outbound,
+    timeout: Duration,
+) -> Batch {
+    let mut item = Some(first);
+    let mut n = 0;
+    let mut replaced = false;
+    let w = tokio::time::timeout(timeout, async {
+        while let Some(it) = item.take() {
+            match it {
+                Outbound::Frame(f) => {
+                    ws.feed(Message::Text(f.render().into())).await?;
+                    n += 1;
+                }
+                Outbound::Close => {
+                    replaced = true;
+                    break;
+                }
+            }
+            if n < WRITE_BATCH {
+                item = outbox.try_pop().ok().flatten();
+            }
+        }
+        ws.flush().await
+    })
+    .await;
+    match w {
+        Ok(Ok(())) if replaced => Batch::Replaced,
+        Ok(Ok(())) => Batch::Written,
+        _ => Batch::Failed,
+    }
+}
+
 fn finish(sig: &Signaling, shared: &Shared, conn: &Conn, ip: IpAddr, left_cleanly: bool) {
     let now = Instant::now();
     let id = conn.id;
-    if !left_cleanly {
+    if let (false, Some(room)) = (left_cleanly, conn.room.as_deref()) {
         // An unexpected drop keeps the seat for the resume window.
-        sig.apply(shared, |h, out| h.disconnect(now, id, out));
+        sig.apply(shared, room, |h, out| h.disconnect(now, id, out));
     }
     sig.bus.detach(id);
     sig.release(ip);
     shared.metrics.ws_connections_active.dec();
 }
 
-async fn send(
-    ws: &mut WebSocket,
-    m: &crate::metrics::Metrics,
-    v: &Value,
-    timeout: Duration,
-) -> bool {
-    let t = v.get("type").and_then(Value::as_str).unwrap_or("");
-    m.signaling_frames
-        .with_label_values(&["out", type_label(t)])
-        .inc();
+async fn send(ws: &mut WebSocket, c: &Counters, r: Reply, timeout: Duration) -> bool {
+    c.count_out(r.kind);
     matches!(
-        tokio::time::timeout(timeout, ws.send(Message::Text(v.to_string().into()))).await,
+        tokio::time::timeout(timeout, ws.send(Message::Text(r.text.into()))).await,
         Ok(Ok(()))
     )
 }
@@ -394,7 +407,7 @@ async fn send(
 /// Mint fresh `iceServers` and a fresh session token, and schedule the next push: before the
 /// TURN credentials expire, and at half the session-token lifetime so a resume can always
 /// authenticate.
-fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Value> {
+fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Reply> {
     let member = conn.member.as_ref()?;
     let now = unix_now();
     let ice = crate::ice::ice_config(shared, conn.host.as_deref(), &member.user, now);
@@ -418,17 +431,21 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Value> {
             .with_label_values(&["refresh"])
             .inc();
     }
-    Some(json!({
-        "type": "ice-servers",
-        "iceServers": ice.servers,
-        "ttl": ice.credentials.as_ref().map(|c| c.ttl),
-        "expiresAt": ice.credentials.as_ref().map(|c| c.expires_at),
-        "token": token,
-        "tokenExpiresAt": session.expires_at,
-    }))
+    Some(reply(
+        "ice-servers",
+        json!({
+            "type": "ice-servers",
+            "iceServers": ice.servers,
+            "ttl": ice.credentials.as_ref().map(|c| c.ttl),
+            "expiresAt": ice.credentials.as_ref().map(|c| c.expires_at),
+            "token": token,
+            "tokenExpiresAt": session.expires_at,
+        }),
+        None,
+    ))
 }
 
-fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&Value>) -> Vec<Value> {
+fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&RawValue>) -> Vec<Reply> {
     if conn.member.is_some() {
         return vec![error_frame("bad_request", "already authenticated", id)];
     }
@@ -438,7 +455,8 @@ fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&Value>) -> V
                 user: s.user.clone(),
                 room_limit: s.room.clone(),
             });
-            let mut out = vec![with_id(
+            let mut out = vec![reply(
+                "welcome",
                 json!({"type": "welcome", "userId": s.user, "room": s.room, "protocol": "switchboard.v1"}),
                 id,
             )];
@@ -465,54 +483,69 @@ fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&Value>) -> V
     }
 }
 
-fn room_err(e: &RoomError, id: Option<&Value>) -> Value {
-    error_frame(e.code(), &e.to_string(), id)
+/// Parse a request frame once. A syntax error is `bad_json`; valid JSON of the wrong shape
+/// (not an object, a field of the wrong type, a duplicate field) is `bad_request`.
+fn parse(text: &str) -> Result<Request<'_>, Reply> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let r: Result<Request<'_>, _> = serde_path_to_error::deserialize(&mut de);
+    let req = r.map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let id = request_id(text);
+                if path.is_empty() || path == "." {
+                    error_frame(
+                        "bad_request",
+                        "frames are JSON objects with a string `type`",
+                        id,
+                    )
+                } else {
+                    error_frame("bad_request", &format!("`{path}`: {inner}"), id)
+                }
+            }
+            _ => error_frame("bad_json", &format!("malformed JSON: {inner}"), None),
+        }
+    })?;
+    de.end()
+        .map_err(|e| error_frame("bad_json", &format!("malformed JSON: {e}"), None))?;
+    Ok(req)
 }
 
 /// One request frame in, reply frames out (room events travel through the bus).
 fn handle(
     sig: &Signaling,
     shared: &Shared,
+    c: &Counters,
     conn: &mut Conn,
     text: &str,
     left_cleanly: &mut bool,
-) -> Vec<Value> {
-    let m = &shared.metrics;
-    let v: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
+) -> Vec<Reply> {
+    let req = match parse(text) {
+        Ok(r) => r,
         Err(e) => {
-            m.signaling_frames
-                .with_label_values(&["in", "unknown"])
-                .inc();
-            return vec![error_frame(
-                "bad_json",
-                &format!("malformed JSON: {e}"),
-                None,
-            )];
+            c.count_in("unknown");
+            return vec![e];
         }
     };
-    let id = v.get("id").filter(|i| i.is_string() || i.is_number());
-    let Some(t) = v.get("type").and_then(Value::as_str) else {
-        m.signaling_frames
-            .with_label_values(&["in", "unknown"])
-            .inc();
+    let id = valid_id(req.id);
+    let Some(t) = req.ty.as_deref() else {
+        c.count_in("unknown");
         return vec![error_frame(
             "bad_request",
             "frames are JSON objects with a string `type`",
             id,
         )];
     };
-    m.signaling_frames
-        .with_label_values(&["in", type_label(t)])
-        .inc();
+    c.count_in(t);
     if t == "hello" {
-        let Some(token) = v.get("token").and_then(Value::as_str) else {
+        let Some(token) = req.token.as_deref() else {
             return vec![error_frame("bad_request", "hello needs `token`", id)];
         };
         return hello(shared, conn, token, id);
     }
     if t == "ping" {
-        return vec![with_id(json!({"type": "pong"}), id)];
+        return vec![reply("pong", json!({"type": "pong"}), id)];
     }
     let Some(member) = conn.member.clone() else {
         return vec![error_frame(
@@ -533,21 +566,39 @@ fn handle(
                     id,
                 )];
             }
-            let name = v.get("name").and_then(Value::as_str);
-            let cap = v
-                .get("capacity")
-                .and_then(Value::as_u64)
-                .map(|c| c as usize);
+            let name = req.name.as_deref();
             if member.room_limit.is_some() && name.is_some() && name != member.room_limit.as_deref()
             {
                 return vec![room_err(&RoomError::ForbiddenRoom, id)];
             }
-            match sig.apply(shared, |h, _| h.create(now, name, cap)) {
-                Ok((room, capacity)) => vec![with_id(
+            let room = match name {
+                Some(n) if !valid_name(n) => {
+                    return vec![room_err(
+                        &RoomError::BadRequest(
+                            "room names are 1 to 64 of A-Z a-z 0-9 - _ .".into(),
+                        ),
+                        id,
+                    )]
+                }
+                Some(n) => n.to_string(),
+                None => new_room_id(),
+            };
+            if let Err(e) = sig.take_room(shared, &member.user) {
+                return vec![room_err(&e, id)];
+            }
+            let r = sig.apply(shared, &room, |h, _| {
+                h.create(now, &member.user, &room, req.capacity)
+            });
+            match r {
+                Ok((room, capacity)) => vec![reply(
+                    "created",
                     json!({"type": "created", "room": room, "capacity": capacity}),
                     id,
                 )],
-                Err(e) => vec![room_err(&e, id)],
+                Err(e) => {
+                    sig.release_room(&member.user);
+                    vec![room_err(&e, id)]
+                }
             }
         }
         "join" => {
@@ -558,54 +609,68 @@ fn handle(
                     id,
                 )];
             }
-            let Some(room) = v.get("room").and_then(Value::as_str) else {
+            let Some(room) = req.room.as_deref() else {
                 return vec![error_frame("bad_request", "join needs `room`", id)];
             };
-            match sig.apply(shared, |h, out| h.join(cid, &member, room, out)) {
+            if conn.room.is_some() {
+                return vec![room_err(&RoomError::AlreadyInRoom, id)];
+            }
+            match sig.apply(shared, room, |h, out| h.join(cid, &member, room, out)) {
                 Ok(j) => {
+                    conn.room = Some(room.to_string());
                     *left_cleanly = false;
-                    vec![with_id(j, id)]
+                    vec![reply("joined", j, id)]
                 }
                 Err(e) => vec![room_err(&e, id)],
             }
         }
-        "leave" => match sig.apply(shared, |h, out| h.leave(now, cid, out)) {
-            Ok(()) => {
-                *left_cleanly = true;
-                vec![with_id(json!({"type": "left"}), id)]
+        "leave" => {
+            let Some(room) = conn.room.take() else {
+                return vec![room_err(&RoomError::NotInRoom, id)];
+            };
+            match sig.apply(shared, &room, |h, out| h.leave(now, cid, out)) {
+                Ok(()) => {
+                    *left_cleanly = true;
+                    vec![reply("left", json!({"type": "left"}), id)]
+                }
+                Err(e) => vec![room_err(&e, id)],
             }
-            Err(e) => vec![room_err(&e, id)],
-        },
+        }
         "signal" => {
-            let Some(data) = v.get("data").cloned() else {
+            let Some(data) = req.data else {
                 return vec![error_frame("bad_request", "signal needs `data`", id)];
             };
-            let to = match v.get("to") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.as_str()),
-                Some(_) => return vec![error_frame("bad_request", "`to` must be a peer id", id)],
+            let Some(room) = conn.room.as_deref() else {
+                return vec![room_err(&RoomError::NotInRoom, id)];
             };
-            match sig.apply(shared, |h, out| h.signal(cid, to, data, out)) {
+            let to = req.to.as_deref();
+            match sig.apply(shared, room, |h, out| h.signal(cid, to, data, out)) {
                 Ok(()) => id
-                    .map(|i| vec![json!({"type": "ack", "id": i})])
+                    .map(|i| vec![reply("ack", json!({"type": "ack"}), Some(i))])
                     .unwrap_or_default(),
                 Err(e) => vec![room_err(&e, id)],
             }
         }
         "resume" => {
-            let (Some(token), last) = (
-                v.get("resumeToken").and_then(Value::as_str),
-                v.get("lastSeq").and_then(Value::as_u64).unwrap_or(0),
-            ) else {
+            let Some(token) = req.resume_token.as_deref() else {
                 return vec![error_frame("bad_request", "resume needs `resumeToken`", id)];
             };
-            let r = sig.apply(shared, |h, out| {
-                h.resume(cid, &member, token, last, id, out)
-            });
+            let last = req.last_seq.unwrap_or(0);
+            let r = if conn.room.is_some() {
+                Err(RoomError::AlreadyInRoom)
+            } else if let Some(room) = token_room(token) {
+                sig.apply(shared, room, |h, out| {
+                    h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
+                })
+                .map(|()| room.to_string())
+            } else {
+                Err(RoomError::BadResume)
+            };
             let outcome = if r.is_ok() { "resumed" } else { "rejected" };
-            m.resumes.with_label_values(&[outcome]).inc();
+            shared.metrics.resumes.with_label_values(&[outcome]).inc();
             match r {
-                Ok(()) => {
+                Ok(room) => {
+                    conn.room = Some(room);
                     *left_cleanly = false;
                     Vec::new()
                 }
@@ -617,5 +682,58 @@ fn handle(
             &format!("unknown frame type `{other}`"),
             id,
         )],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_keeps_data_raw_and_types_fields() {
+        let t = r#"{"type":"signal","data":{"z":123456789012345678901234567890,"a":1e-400},"id":12345678901234567890123}"#;
+        let r = parse(t).map_err(|e| e.text).unwrap();
+        assert_eq!(
+            r.data.unwrap().get(),
+            r#"{"z":123456789012345678901234567890,"a":1e-400}"#
+        );
+        assert_eq!(valid_id(r.id).unwrap().get(), "12345678901234567890123");
+        let r = parse(r#"{"type":"signal","data":null}"#)
+            .map_err(|e| e.text)
+            .unwrap();
+        assert_eq!(r.data.unwrap().get(), "null");
+        for (bad, code) in [
+            (r#"{"type":"create","name":5,"id":"x"}"#, "bad_request"),
+            (r#"{"type":"create","capacity":2.5}"#, "bad_request"),
+            (r#"{"type":"create","capacity":"3"}"#, "bad_request"),
+            (r#"[1,2]"#, "bad_request"),
+            (r#"{"type":"ping"} x"#, "bad_json"),
+            (r#"{"type":"#, "bad_json"),
+        ] {
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} must fail"));
+            let v: Value = serde_json::from_str(&e.text).unwrap();
+            assert_eq!(v["code"], code, "{bad}: {v}");
+        }
+        let e = parse(r#"{"type":"create","name":5,"id":"x"}"#)
+            .err()
+            .unwrap();
+        let v: Value = serde_json::from_str(&e.text).unwrap();
+        assert_eq!(v["id"], "x");
+        assert!(v["message"].as_str().unwrap().contains("name"), "{v}");
+    }
+
+    #[test]
+    fn ids_are_echoed_byte_for_byte_and_only_strings_or_numbers() {
+        let raw = RawValue::from_string("1e400".into()).unwrap();
+        let s = with_id_text(&json!({"type": "ack"}), valid_id(Some(&raw)));
+        assert_eq!(s, r#"{"type":"ack","id":1e400}"#);
+        let obj = RawValue::from_string("{}".into()).unwrap();
+        assert!(valid_id(Some(&obj)).is_none());
+        assert_eq!(
+            request_id(r#"{"id":"q","data":[1,2,3]}"#).map(|r| r.get()),
+            Some("\"q\"")
+        );
     }
 }

@@ -1,6 +1,8 @@
-//! Room signaling: a sans-IO room core (`room`), the `Bus` that routes its output to
-//! connections, and the per-connection WebSocket task (`conn`).
+//! Room signaling: a sans-IO room core (`room`), the `Bus` and outboxes that carry its output to
+//! connections (`bus`), the sharded service around the core (`service`), and the
+//! per-connection WebSocket task (`conn`).
 
 pub mod bus;
 pub mod conn;
 pub mod room;
+pub mod service;

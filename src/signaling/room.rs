@@ -1,20 +1,188 @@
-//! The sans-IO room state: rooms, peers, perfect-negotiation roles, per-peer sequence numbers
-//! and resume buffers. Requests and `now` go in; frames addressed to connections come out.
+//! The sans-IO room state: rooms, peers, perfect-negotiation roles, per-peer sequence numbers,
+//! resume buffers and a deadline queue. Requests and `now` go in; frames addressed to
+//! connections come out, already serialized once and shared by every recipient.
 
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A WebSocket connection, as the shell numbers them.
 pub type ConnId = u64;
 
+/// A room event serialized once and shared by every recipient and buffer that holds it.
+///
+/// The text is a JSON object without its closing brace, so that each recipient's own `seq` is
+/// appended when the frame is written: `{"type":"signal","from":"…","data":…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    kind: &'static str,
+    body: Arc<str>,
+}
+
+impl Event {
+    /// Serialize a server-built event object (rare events: joins, leaves, reconnects).
+    fn from_value(kind: &'static str, v: &Value) -> Event {
+        let mut s = v.to_string();
+        // `v` is always an object built by this module, so the last byte is `}`.
+        s.pop();
+        Event {
+            kind,
+            body: s.into(),
+        }
+    }
+
+    /// The relayed `signal`: `data` is copied byte for byte, never re-encoded.
+    fn signal(from: &str, data: &RawValue) -> Event {
+        let from = Value::from(from).to_string();
+        let mut s = String::with_capacity(34 + from.len() + data.get().len());
+        s.push_str("{\"type\":\"signal\",\"from\":");
+        s.push_str(&from);
+        s.push_str(",\"data\":");
+        s.push_str(data.get());
+        Event {
+            kind: "signal",
+            body: s.into(),
+        }
+    }
+
+    /// The frame `type`, for metrics.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Bytes this event occupies in a buffer (shared, so counted once per holder at most).
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether the serialized body is empty (never, for a built event).
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// The text one recipient gets: the shared body with its `seq` appended.
+    pub fn render(&self, seq: u64) -> String {
+        let mut s = String::with_capacity(self.body.len() + 28);
+        s.push_str(&self.body);
+        s.push_str(",\"seq\":");
+        s.push_str(itoa(seq).as_str());
+        s.push('}');
+        s
+    }
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+/// One frame for one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A room event with the recipient's sequence number.
+    Event {
+        /// Per-recipient sequence number.
+        seq: u64,
+        /// The shared serialized event.
+        event: Event,
+    },
+    /// A complete frame addressed to one connection (the `resumed` reply).
+    Text {
+        /// The frame `type`, for metrics.
+        kind: &'static str,
+        /// The whole JSON text.
+        text: Arc<str>,
+    },
+}
+
+impl Frame {
+    /// The frame `type`, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Event { event, .. } => event.kind,
+            Frame::Text { kind, .. } => kind,
+        }
+    }
+
+    /// Bytes counted against outbox budgets.
+    pub fn len(&self) -> usize {
+        match self {
+            Frame::Event { event, .. } => event.len() + 24,
+            Frame::Text { text, .. } => text.len(),
+        }
+    }
+
+    /// Whether the frame is empty (never, for a built frame).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The wire text.
+    pub fn render(&self) -> String {
+        match self {
+            Frame::Event { seq, event } => event.render(*seq),
+            Frame::Text { text, .. } => text.to_string(),
+        }
+    }
+}
+
 /// Something the shell must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Send a JSON frame on a connection.
-    Send(ConnId, Value),
+    /// Send a frame on a connection.
+    Send(ConnId, Frame),
     /// Close a connection after sending what was queued.
     Close(ConnId),
+}
+
+/// A byte budget shared by many buffers, so that their total stays bounded.
+#[derive(Debug, Default)]
+pub struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes.
+    pub fn new(max: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Take `n` bytes; `false` (and nothing taken) when that would pass the maximum.
+    pub fn try_take(&self, n: usize) -> bool {
+        let prev = self.used.fetch_add(n, Ordering::Relaxed);
+        if prev.saturating_add(n) > self.max {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            false
+        } else {
+            true
+        }
+    }
+
+    /// Take `n` bytes even past the maximum (the caller evicts until back under it).
+    pub fn take(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Return `n` bytes.
+    pub fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// Whether the budget is overdrawn.
+    pub fn over(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.max
+    }
+
+    /// Bytes in use.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
 }
 
 /// Limits and timers of the room core.
@@ -22,12 +190,14 @@ pub enum Action {
 pub struct Limits {
     /// Peers per room unless `create` asks for fewer.
     pub room_capacity: usize,
-    /// Rooms open at once.
-    pub max_rooms: usize,
     /// How long a dropped peer may resume.
     pub resume_grace: Duration,
     /// Frames kept per peer for replay.
-    pub resume_buffer: usize,
+    pub resume_buffer_frames: usize,
+    /// Bytes kept per peer for replay.
+    pub resume_buffer_bytes: usize,
+    /// All resume buffers of the node together (shared by every shard).
+    pub resume_total: Arc<Budget>,
     /// How long an empty room stays open.
     pub empty_room_grace: Duration,
 }
@@ -53,9 +223,12 @@ pub enum RoomError {
     /// The connection is already in a room.
     #[error("already in a room; leave first")]
     AlreadyInRoom,
-    /// Too many rooms open.
+    /// Too many rooms open on the node.
     #[error("too many rooms")]
     TooManyRooms,
+    /// This user has created as many open rooms as it may.
+    #[error("too many rooms created by this user")]
+    TooManyRoomsForUser,
     /// The session is limited to another room.
     #[error("this session may not join that room")]
     ForbiddenRoom,
@@ -77,7 +250,7 @@ impl RoomError {
             RoomError::UnknownPeer => "unknown_peer",
             RoomError::NotInRoom => "not_in_room",
             RoomError::AlreadyInRoom => "already_in_room",
-            RoomError::TooManyRooms => "too_many_rooms",
+            RoomError::TooManyRooms | RoomError::TooManyRoomsForUser => "too_many_rooms",
             RoomError::ForbiddenRoom => "forbidden_room",
             RoomError::BadResume => "bad_resume",
             RoomError::BadRequest(_) => "bad_request",
@@ -94,6 +267,57 @@ pub struct Member {
     pub room_limit: Option<String>,
 }
 
+/// Rooms open on the node, in total and per creating user: a stranger cannot fill the node.
+#[derive(Debug)]
+pub struct RoomQuota {
+    max_rooms: usize,
+    max_per_user: usize,
+    open: usize,
+    per_user: HashMap<String, usize>,
+}
+
+impl RoomQuota {
+    /// A quota of `max_rooms` open rooms, at most `max_per_user` created by one user.
+    pub fn new(max_rooms: usize, max_per_user: usize) -> RoomQuota {
+        RoomQuota {
+            max_rooms,
+            max_per_user,
+            open: 0,
+            per_user: HashMap::new(),
+        }
+    }
+
+    /// Reserve a room for `user`.
+    pub fn take(&mut self, user: &str) -> Result<(), RoomError> {
+        if self.open >= self.max_rooms {
+            return Err(RoomError::TooManyRooms);
+        }
+        let n = self.per_user.get(user).copied().unwrap_or(0);
+        if n >= self.max_per_user {
+            return Err(RoomError::TooManyRoomsForUser);
+        }
+        self.per_user.insert(user.to_string(), n + 1);
+        self.open += 1;
+        Ok(())
+    }
+
+    /// A room of `user` closed (or its creation failed).
+    pub fn release(&mut self, user: &str) {
+        self.open = self.open.saturating_sub(1);
+        if let Some(n) = self.per_user.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_user.remove(user);
+            }
+        }
+    }
+
+    /// Rooms reserved.
+    pub fn open(&self) -> usize {
+        self.open
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     user: String,
@@ -101,21 +325,44 @@ struct Peer {
     joined_order: u64,
     /// Next sequence number to stamp.
     next_seq: u64,
-    /// Recent frames for replay: (seq, frame).
-    buffer: VecDeque<(u64, Value)>,
-    /// Set while disconnected within the resume window.
-    dropped_at: Option<Instant>,
+    /// Recent frames for replay: (seq, shared event).
+    buffer: VecDeque<(u64, Event)>,
+    buffer_bytes: usize,
+    /// When the resume window closes, while disconnected.
+    deadline: Option<Instant>,
     resume_token: String,
 }
 
 #[derive(Debug)]
 struct Room {
     capacity: usize,
+    creator: String,
     peers: BTreeMap<String, Peer>,
-    empty_since: Option<Instant>,
+    /// When the room closes, while empty.
+    close_at: Option<Instant>,
 }
 
-/// All rooms of one node.
+/// What a deadline in the queue is for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A dropped peer's resume window.
+    Resume { room: String, peer: String },
+    /// An empty room's grace.
+    Close { room: String },
+}
+
+/// What `tick` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tick {
+    /// Dropped peers whose window closed.
+    pub expired: usize,
+    /// Creators of the rooms that closed (to release their quota).
+    pub closed: Vec<String>,
+}
+
+/// The rooms of one shard. The shell routes each room to one shard by its id, and runs every
+/// operation of a shard under one serialization, so a recipient's frames are produced (and
+/// delivered) in `seq` order.
 #[derive(Debug)]
 pub struct Hub {
     limits: Limits,
@@ -124,7 +371,12 @@ pub struct Hub {
     seats: HashMap<ConnId, (String, String)>,
     /// resume token → (room, peer id)
     tokens: HashMap<String, (String, String)>,
+    /// Every pending deadline, soonest first: no operation scans the rooms.
+    timers: BTreeSet<(Instant, Timer)>,
+    peers: usize,
     order: u64,
+    /// Frames evicted from resume buffers by a byte or frame bound.
+    evicted: u64,
 }
 
 fn random_id(bytes: usize) -> String {
@@ -133,11 +385,23 @@ fn random_id(bytes: usize) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
 }
 
-fn valid_name(n: &str) -> bool {
+/// An unguessable room id (also a valid room name).
+pub fn new_room_id() -> String {
+    random_id(12)
+}
+
+/// Whether a client-chosen room name is acceptable.
+pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The room a resume token belongs to (tokens are `<room>.<random>`), so the shell can route
+/// a `resume` to the room's shard without a node-wide table.
+pub fn token_room(token: &str) -> Option<&str> {
+    token.rsplit_once('.').map(|(room, _)| room)
 }
 
 impl Hub {
@@ -148,7 +412,10 @@ impl Hub {
             rooms: HashMap::new(),
             seats: HashMap::new(),
             tokens: HashMap::new(),
+            timers: BTreeSet::new(),
+            peers: 0,
             order: 0,
+            evicted: 0,
         }
     }
 
@@ -159,7 +426,12 @@ impl Hub {
 
     /// Peers in rooms, connected or within their resume window.
     pub fn peer_count(&self) -> usize {
-        self.rooms.values().map(|r| r.peers.len()).sum()
+        self.peers
+    }
+
+    /// Frames evicted from resume buffers so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
     }
 
     /// Whether a connection holds a seat.
@@ -167,59 +439,94 @@ impl Hub {
         self.seats.contains_key(&conn)
     }
 
-    /// `create`: open a room (named, or with an unguessable id).
+    /// `create`: open room `id` (a validated client name or `new_room_id()`); the caller has
+    /// already reserved it in the `RoomQuota` for `creator`.
     pub fn create(
         &mut self,
         now: Instant,
-        name: Option<&str>,
-        capacity: Option<usize>,
+        creator: &str,
+        id: &str,
+        capacity: Option<u64>,
     ) -> Result<(String, usize), RoomError> {
-        if self.rooms.len() >= self.limits.max_rooms {
-            return Err(RoomError::TooManyRooms);
+        if !valid_name(id) {
+            return Err(RoomError::BadRequest(
+                "room names are 1 to 64 of A-Z a-z 0-9 - _ .".into(),
+            ));
         }
-        let id = match name {
-            Some(n) if !valid_name(n) => {
-                return Err(RoomError::BadRequest(
-                    "room names are 1 to 64 of A-Z a-z 0-9 - _ .".into(),
-                ))
-            }
-            Some(n) if self.rooms.contains_key(n) => return Err(RoomError::RoomExists),
-            Some(n) => n.to_string(),
-            None => random_id(12),
-        };
+        if self.rooms.contains_key(id) {
+            return Err(RoomError::RoomExists);
+        }
+        let max = self.limits.room_capacity;
         let capacity = match capacity {
-            None => self.limits.room_capacity,
-            Some(c) if (2..=self.limits.room_capacity).contains(&c) => c,
+            None => max,
+            Some(c) if (2..=max as u64).contains(&c) => c as usize,
             Some(_) => {
                 return Err(RoomError::BadRequest(format!(
-                    "capacity must be between 2 and {}",
-                    self.limits.room_capacity
+                    "capacity must be an integer between 2 and {max}"
                 )))
             }
         };
+        let close_at = now + self.limits.empty_room_grace;
+        self.timers
+            .insert((close_at, Timer::Close { room: id.into() }));
         self.rooms.insert(
-            id.clone(),
+            id.to_string(),
             Room {
                 capacity,
+                creator: creator.to_string(),
                 peers: BTreeMap::new(),
-                empty_since: Some(now),
+                close_at: Some(close_at),
             },
         );
-        Ok((id, capacity))
+        Ok((id.to_string(), capacity))
     }
 
-    /// Stamp a frame with the recipient's next sequence number, keep it for replay, send it if
-    /// the recipient is connected.
-    fn deliver(limits: &Limits, peer: &mut Peer, mut frame: Value, out: &mut Vec<Action>) {
+    /// Stamp an event with the recipient's next sequence number, keep it for replay within
+    /// the byte and frame bounds, and send it if the recipient is connected.
+    fn deliver(
+        limits: &Limits,
+        evicted: &mut u64,
+        peer: &mut Peer,
+        event: &Event,
+        out: &mut Vec<Action>,
+    ) {
         let seq = peer.next_seq;
         peer.next_seq += 1;
-        frame["seq"] = json!(seq);
-        if peer.buffer.len() >= limits.resume_buffer {
-            peer.buffer.pop_front();
+        let n = event.len();
+        limits.resume_total.take(n);
+        peer.buffer_bytes += n;
+        peer.buffer.push_back((seq, event.clone()));
+        while peer.buffer.len() > 1
+            && (peer.buffer.len() > limits.resume_buffer_frames
+                || peer.buffer_bytes > limits.resume_buffer_bytes
+                || limits.resume_total.over())
+        {
+            if let Some((_, old)) = peer.buffer.pop_front() {
+                peer.buffer_bytes -= old.len();
+                limits.resume_total.give(old.len());
+                *evicted += 1;
+            }
         }
-        peer.buffer.push_back((seq, frame.clone()));
         if let Some(c) = peer.conn {
-            out.push(Action::Send(c, frame));
+            out.push(Action::Send(
+                c,
+                Frame::Event {
+                    seq,
+                    event: event.clone(),
+                },
+            ));
+        }
+    }
+
+    /// Deliver one event to every peer of `room` except `except`.
+    fn broadcast(&mut self, room_id: &str, except: &str, event: &Event, out: &mut Vec<Action>) {
+        let Some(room) = self.rooms.get_mut(room_id) else {
+            return;
+        };
+        for (id, p) in room.peers.iter_mut() {
+            if id != except {
+                Self::deliver(&self.limits, &mut self.evicted, p, event, out);
+            }
         }
     }
 
@@ -238,6 +545,12 @@ impl Hub {
                 })
             })
             .collect()
+    }
+
+    fn drop_buffer(limits: &Limits, p: &mut Peer) {
+        limits.resume_total.give(p.buffer_bytes);
+        p.buffer_bytes = 0;
+        p.buffer.clear();
     }
 
     /// `join`: take a seat; others see `peer-joined`. A seat held by the same user is replaced.
@@ -264,55 +577,80 @@ impl Hub {
         if old.is_none() && room.peers.len() >= room.capacity {
             return Err(RoomError::RoomFull);
         }
+        if let Some(close_at) = room.close_at.take() {
+            self.timers.remove(&(
+                close_at,
+                Timer::Close {
+                    room: room_id.into(),
+                },
+            ));
+        }
         if let Some(old_id) = old {
-            if let Some(p) = room.peers.remove(&old_id) {
+            if let Some(mut p) = room.peers.remove(&old_id) {
+                self.peers -= 1;
                 self.tokens.remove(&p.resume_token);
+                Self::drop_buffer(&self.limits, &mut p);
+                if let Some(d) = p.deadline {
+                    self.timers.remove(&(
+                        d,
+                        Timer::Resume {
+                            room: room_id.into(),
+                            peer: old_id.clone(),
+                        },
+                    ));
+                }
                 if let Some(c) = p.conn {
                     self.seats.remove(&c);
+                    let ev = Event::from_value(
+                        "peer-left",
+                        &json!({"type": "peer-left", "peerId": old_id, "reason": "replaced"}),
+                    );
                     out.push(Action::Send(
                         c,
-                        json!({"type": "peer-left", "peerId": old_id, "reason": "replaced"}),
+                        Frame::Event {
+                            seq: p.next_seq,
+                            event: ev,
+                        },
                     ));
                     out.push(Action::Close(c));
                 }
             }
-            for p in room.peers.values_mut() {
-                Self::deliver(
-                    &self.limits,
-                    p,
-                    json!({"type": "peer-left", "peerId": old_id, "reason": "replaced"}),
-                    out,
-                );
-            }
+            let ev = Event::from_value(
+                "peer-left",
+                &json!({"type": "peer-left", "peerId": old_id, "reason": "replaced"}),
+            );
+            self.broadcast(room_id, "", &ev, out);
         }
         self.order += 1;
         let peer_id = random_id(6);
-        let token = random_id(18);
-        let newcomer = Peer {
-            user: member.user.clone(),
-            conn: Some(conn),
-            joined_order: self.order,
-            next_seq: 1,
-            buffer: VecDeque::new(),
-            dropped_at: None,
-            resume_token: token.clone(),
-        };
-        for p in room.peers.values_mut() {
-            Self::deliver(
-                &self.limits,
-                p,
-                json!({
-                    "type": "peer-joined",
-                    "peerId": peer_id,
-                    "userId": member.user,
-                    // Existing peers joined earlier: impolite towards the newcomer.
-                    "polite": false,
-                }),
-                out,
-            );
-        }
-        room.peers.insert(peer_id.clone(), newcomer);
-        room.empty_since = None;
+        let token = format!("{room_id}.{}", random_id(18));
+        let joined_ev = Event::from_value(
+            "peer-joined",
+            &json!({
+                "type": "peer-joined",
+                "peerId": peer_id,
+                "userId": member.user,
+                // Existing peers joined earlier: impolite towards the newcomer.
+                "polite": false,
+            }),
+        );
+        self.broadcast(room_id, "", &joined_ev, out);
+        let room = self.rooms.get_mut(room_id).ok_or(RoomError::UnknownRoom)?;
+        room.peers.insert(
+            peer_id.clone(),
+            Peer {
+                user: member.user.clone(),
+                conn: Some(conn),
+                joined_order: self.order,
+                next_seq: 1,
+                buffer: VecDeque::new(),
+                buffer_bytes: 0,
+                deadline: None,
+                resume_token: token.clone(),
+            },
+        );
+        self.peers += 1;
+        let roster = Self::roster(room, &peer_id);
         self.seats
             .insert(conn, (room_id.to_string(), peer_id.clone()));
         self.tokens
@@ -322,12 +660,12 @@ impl Hub {
             "room": room_id,
             "peerId": peer_id,
             "resumeToken": token,
-            "peers": Self::roster(room, &peer_id),
+            "peers": roster,
             "seq": 0,
         }))
     }
 
-    /// `leave` or a kick: free the seat, tell the others.
+    /// `leave`: give up the seat; others see `peer-left`.
     pub fn leave(
         &mut self,
         now: Instant,
@@ -350,45 +688,63 @@ impl Hub {
         let Some(room) = self.rooms.get_mut(room_id) else {
             return;
         };
-        if let Some(p) = room.peers.remove(peer_id) {
-            self.tokens.remove(&p.resume_token);
-        }
-        for p in room.peers.values_mut() {
-            Self::deliver(
-                &self.limits,
-                p,
-                json!({"type": "peer-left", "peerId": peer_id, "reason": reason}),
-                out,
-            );
+        let Some(mut p) = room.peers.remove(peer_id) else {
+            return;
+        };
+        self.peers -= 1;
+        self.tokens.remove(&p.resume_token);
+        Self::drop_buffer(&self.limits, &mut p);
+        if let Some(d) = p.deadline {
+            self.timers.remove(&(
+                d,
+                Timer::Resume {
+                    room: room_id.into(),
+                    peer: peer_id.into(),
+                },
+            ));
         }
         if room.peers.is_empty() {
-            room.empty_since = Some(now);
+            let close_at = now + self.limits.empty_room_grace;
+            room.close_at = Some(close_at);
+            self.timers.insert((
+                close_at,
+                Timer::Close {
+                    room: room_id.into(),
+                },
+            ));
+            return;
         }
+        let ev = Event::from_value(
+            "peer-left",
+            &json!({"type": "peer-left", "peerId": peer_id, "reason": reason}),
+        );
+        self.broadcast(room_id, "", &ev, out);
     }
 
-    /// `signal`: relay opaque `data` from the sender to one peer or all others.
+    /// `signal`: relay opaque `data` from the sender to one peer or all others. The event is
+    /// serialized once and shared by every recipient.
     pub fn signal(
         &mut self,
         conn: ConnId,
         to: Option<&str>,
-        data: Value,
+        data: &RawValue,
         out: &mut Vec<Action>,
     ) -> Result<(), RoomError> {
         let (room_id, from) = self.seats.get(&conn).ok_or(RoomError::NotInRoom)?;
         let room = self.rooms.get_mut(room_id).ok_or(RoomError::NotInRoom)?;
-        let frame = json!({"type": "signal", "from": from, "data": data});
         match to {
             Some(t) if t == from => Err(RoomError::UnknownPeer),
             Some(t) => {
                 let p = room.peers.get_mut(t).ok_or(RoomError::UnknownPeer)?;
-                Self::deliver(&self.limits, p, frame, out);
+                let ev = Event::signal(from, data);
+                Self::deliver(&self.limits, &mut self.evicted, p, &ev, out);
                 Ok(())
             }
             None => {
-                let from = from.clone();
+                let ev = Event::signal(from, data);
                 for (id, p) in room.peers.iter_mut() {
-                    if *id != from {
-                        Self::deliver(&self.limits, p, frame.clone(), out);
+                    if id != from {
+                        Self::deliver(&self.limits, &mut self.evicted, p, &ev, out);
                     }
                 }
                 Ok(())
@@ -406,28 +762,40 @@ impl Hub {
         };
         if let Some(p) = room.peers.get_mut(&peer_id) {
             p.conn = None;
-            p.dropped_at = Some(now);
-        }
-        for (id, p) in room.peers.iter_mut() {
-            if *id != peer_id {
-                Self::deliver(
-                    &self.limits,
-                    p,
-                    json!({"type": "peer-reconnecting", "peerId": peer_id}),
-                    out,
-                );
+            let d = now + self.limits.resume_grace;
+            if let Some(old) = p.deadline.replace(d) {
+                self.timers.remove(&(
+                    old,
+                    Timer::Resume {
+                        room: room_id.clone(),
+                        peer: peer_id.clone(),
+                    },
+                ));
             }
+            self.timers.insert((
+                d,
+                Timer::Resume {
+                    room: room_id.clone(),
+                    peer: peer_id.clone(),
+                },
+            ));
         }
+        let ev = Event::from_value(
+            "peer-reconnecting",
+            &json!({"type": "peer-reconnecting", "peerId": peer_id}),
+        );
+        self.broadcast(&room_id, &peer_id, &ev, out);
     }
 
     /// `resume`: a dropped peer takes its seat back and gets every frame after `last_seq`.
+    /// `reply` builds the `resumed` frame text (the shell adds the request `id` there).
     pub fn resume(
         &mut self,
         conn: ConnId,
         member: &Member,
         token: &str,
         last_seq: u64,
-        reply_id: Option<&Value>,
+        reply: impl FnOnce(Value) -> String,
         out: &mut Vec<Action>,
     ) -> Result<(), RoomError> {
         if self.seats.contains_key(&conn) {
@@ -449,96 +817,99 @@ impl Hub {
             out.push(Action::Close(old));
         }
         me.conn = Some(conn);
-        me.dropped_at = None;
-        let missed: Vec<Value> = me
+        if let Some(d) = me.deadline.take() {
+            self.timers.remove(&(
+                d,
+                Timer::Resume {
+                    room: room_id.clone(),
+                    peer: peer_id.clone(),
+                },
+            ));
+        }
+        let missed: Vec<Frame> = me
             .buffer
             .iter()
             .filter(|(s, _)| *s > last_seq)
-            .map(|(_, f)| f.clone())
+            .map(|(seq, event)| Frame::Event {
+                seq: *seq,
+                event: event.clone(),
+            })
             .collect();
         let first_kept = me.buffer.front().map(|(s, _)| *s).unwrap_or(me.next_seq);
         let complete = last_seq + 1 >= first_kept;
         let roster = Self::roster(room, &peer_id);
-        let mut resumed = json!({
+        let resumed = reply(json!({
             "type": "resumed",
             "room": room_id,
             "peerId": peer_id,
             "peers": roster,
             "replayed": missed.len(),
             "complete": complete,
-        });
-        if let Some(id) = reply_id {
-            resumed["id"] = id.clone();
-        }
-        out.push(Action::Send(conn, resumed));
+        }));
+        out.push(Action::Send(
+            conn,
+            Frame::Text {
+                kind: "resumed",
+                text: resumed.into(),
+            },
+        ));
         for f in missed {
             out.push(Action::Send(conn, f));
         }
-        for (id, p) in room.peers.iter_mut() {
-            if *id != peer_id {
-                Self::deliver(
-                    &self.limits,
-                    p,
-                    json!({"type": "peer-resumed", "peerId": peer_id}),
-                    out,
-                );
-            }
-        }
+        let ev = Event::from_value(
+            "peer-resumed",
+            &json!({"type": "peer-resumed", "peerId": peer_id}),
+        );
+        self.broadcast(&room_id, &peer_id, &ev, out);
         self.seats.insert(conn, (room_id, peer_id));
         Ok(())
     }
 
-    /// Expire resume windows (`peer-left timeout`) and close rooms empty past their grace;
-    /// returns how many dropped peers never came back.
-    pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) -> usize {
-        let mut expired = Vec::new();
-        for (rid, room) in &self.rooms {
-            for (pid, p) in &room.peers {
-                if p.dropped_at
-                    .is_some_and(|t| now.saturating_duration_since(t) >= self.limits.resume_grace)
-                {
-                    expired.push((rid.clone(), pid.clone()));
+    /// Run every deadline due at `now`: close resume windows (`peer-left timeout`) and rooms
+    /// empty past their grace. Only due entries of the queue are touched.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Action>) -> Tick {
+        let mut done = Tick::default();
+        while let Some((at, _)) = self.timers.first() {
+            if *at > now {
+                break;
+            }
+            let Some((_, timer)) = self.timers.pop_first() else {
+                break;
+            };
+            match timer {
+                Timer::Resume { room, peer } => {
+                    let due = self
+                        .rooms
+                        .get(&room)
+                        .and_then(|r| r.peers.get(&peer))
+                        .is_some_and(|p| p.conn.is_none() && p.deadline.is_some());
+                    if due {
+                        if let Some(p) = self
+                            .rooms
+                            .get_mut(&room)
+                            .and_then(|r| r.peers.get_mut(&peer))
+                        {
+                            p.deadline = None;
+                        }
+                        done.expired += 1;
+                        self.remove_peer(now, &room, &peer, "timeout", out);
+                    }
+                }
+                Timer::Close { room } => {
+                    if self.rooms.get(&room).is_some_and(|r| r.peers.is_empty()) {
+                        if let Some(r) = self.rooms.remove(&room) {
+                            done.closed.push(r.creator);
+                        }
+                    }
                 }
             }
         }
-        let n = expired.len();
-        for (rid, pid) in expired {
-            self.remove_peer(now, &rid, &pid, "timeout", out);
-        }
-        let grace = self.limits.empty_room_grace;
-        self.rooms.retain(|_, r| {
-            !(r.peers.is_empty()
-                && r.empty_since
-                    .is_some_and(|t| now.saturating_duration_since(t) >= grace))
-        });
-        n
+        done
     }
 
-    /// When `tick` next has work.
+    /// When `tick` next has work: the head of the deadline queue.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.rooms
-            .values()
-            .flat_map(|r| {
-                let peers = r
-                    .peers
-                    .values()
-                    .filter_map(|p| p.dropped_at.map(|t| t + self.limits.resume_grace));
-                let empty = r
-                    .peers
-                    .is_empty()
-                    .then_some(r.empty_since)
-                    .flatten()
-                    .map(|t| t + self.limits.empty_room_grace);
-                peers.chain(empty)
-            })
-            .min()
-    }
-
-    /// Drop every seat of a connection that will not come back (closed by policy).
-    pub fn kick(&mut self, now: Instant, conn: ConnId, out: &mut Vec<Action>) {
-        if let Some((room_id, peer_id)) = self.seats.remove(&conn) {
-            self.remove_peer(now, &room_id, &peer_id, "kicked", out);
-        }
+        self.timers.first().map(|(t, _)| *t)
     }
 }
 
@@ -546,14 +917,19 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn hub() -> Hub {
-        Hub::new(Limits {
+    fn limits(frames: usize, bytes: usize, total: usize) -> Limits {
+        Limits {
             room_capacity: 3,
-            max_rooms: 2,
             resume_grace: Duration::from_secs(10),
-            resume_buffer: 4,
+            resume_buffer_frames: frames,
+            resume_buffer_bytes: bytes,
+            resume_total: Arc::new(Budget::new(total)),
             empty_room_grace: Duration::from_secs(5),
-        })
+        }
+    }
+
+    fn hub() -> Hub {
+        Hub::new(limits(4, 1 << 20, 1 << 30))
     }
 
     fn m(u: &str) -> Member {
@@ -563,20 +939,28 @@ mod tests {
         }
     }
 
-    fn sent_to(out: &[Action], c: ConnId) -> Vec<&Value> {
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    fn sent_to(out: &[Action], c: ConnId) -> Vec<Value> {
         out.iter()
             .filter_map(|a| match a {
-                Action::Send(x, v) if *x == c => Some(v),
+                Action::Send(x, f) if *x == c => Some(serde_json::from_str(&f.render()).unwrap()),
                 _ => None,
             })
             .collect()
+    }
+
+    fn plain(v: Value) -> String {
+        v.to_string()
     }
 
     #[test]
     fn join_assigns_exactly_one_polite_side_and_announces() {
         let mut h = hub();
         let t = Instant::now();
-        let (room, _) = h.create(t, Some("r1"), None).unwrap();
+        let (room, _) = h.create(t, "a", "r1", None).unwrap();
         let mut out = Vec::new();
         let a = h.join(1, &m("a"), &room, &mut out).unwrap();
         assert_eq!(a["peers"].as_array().unwrap().len(), 0);
@@ -589,20 +973,55 @@ mod tests {
         assert_eq!(to_a[0]["polite"], false, "the earlier peer is impolite");
         assert_eq!(to_a[0]["peerId"], b["peerId"]);
         assert_eq!(to_a[0]["seq"], 1);
+        assert_eq!(token_room(b["resumeToken"].as_str().unwrap()), Some("r1"));
     }
 
     #[test]
-    fn signal_stamps_from_preserves_order_and_checks_target() {
+    fn signal_data_is_relayed_byte_for_byte_and_shared() {
         let mut h = hub();
         let t = Instant::now();
-        let (room, _) = h.create(t, None, None).unwrap();
+        let (room, _) = h.create(t, "a", &new_room_id(), None).unwrap();
+        let mut out = Vec::new();
+        h.join(1, &m("a"), &room, &mut out).unwrap();
+        h.join(2, &m("b"), &room, &mut out).unwrap();
+        h.join(3, &m("c"), &room, &mut out).unwrap();
+        out.clear();
+        let data = r#"{"z":123456789012345678901234567890,"a":1e-400,"m":0.10000000000000000001}"#;
+        h.signal(1, None, &raw(data), &mut out).unwrap();
+        let frames: Vec<&Frame> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(_, f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(frames.len(), 2);
+        for f in &frames {
+            let text = f.render();
+            assert!(text.contains(&format!("\"data\":{data}")), "{text}");
+        }
+        // One serialization shared by both recipients.
+        match (frames[0], frames[1]) {
+            (Frame::Event { event: e1, .. }, Frame::Event { event: e2, .. }) => {
+                assert!(Arc::ptr_eq(&e1.body, &e2.body))
+            }
+            _ => panic!("events expected"),
+        }
+    }
+
+    #[test]
+    fn signal_preserves_order_and_checks_target() {
+        let mut h = hub();
+        let t = Instant::now();
+        let (room, _) = h.create(t, "a", "r", None).unwrap();
         let mut out = Vec::new();
         let a = h.join(1, &m("a"), &room, &mut out).unwrap();
         let b = h.join(2, &m("b"), &room, &mut out).unwrap();
         out.clear();
         let bid = b["peerId"].as_str().unwrap();
         for i in 0..3 {
-            h.signal(1, Some(bid), json!({"n": i}), &mut out).unwrap();
+            h.signal(1, Some(bid), &raw(&format!("{{\"n\":{i}}}")), &mut out)
+                .unwrap();
         }
         let got = sent_to(&out, 2);
         assert_eq!(got.len(), 3);
@@ -612,32 +1031,39 @@ mod tests {
         }
         assert!(sent_to(&out, 1).is_empty());
         assert_eq!(
-            h.signal(1, Some("nobody"), json!(1), &mut out),
+            h.signal(1, Some("nobody"), &raw("1"), &mut out),
             Err(RoomError::UnknownPeer)
         );
         assert_eq!(
-            h.signal(9, None, json!(1), &mut out),
+            h.signal(9, None, &raw("1"), &mut out),
             Err(RoomError::NotInRoom)
         );
     }
 
     #[test]
-    fn capacity_rooms_and_limits() {
+    fn capacity_names_and_quota() {
         let mut h = hub();
         let t = Instant::now();
-        let (room, cap) = h.create(t, Some("x"), Some(2)).unwrap();
+        let (room, cap) = h.create(t, "a", "x", Some(2)).unwrap();
         assert_eq!(cap, 2);
-        assert_eq!(h.create(t, Some("x"), None), Err(RoomError::RoomExists));
+        assert_eq!(h.create(t, "a", "x", None), Err(RoomError::RoomExists));
         assert!(matches!(
-            h.create(t, Some("bad name!"), None),
+            h.create(t, "a", "bad name!", None),
             Err(RoomError::BadRequest(_))
         ));
         assert!(matches!(
-            h.create(t, None, Some(9)),
+            h.create(t, "a", "y", Some(9)),
             Err(RoomError::BadRequest(_))
         ));
-        h.create(t, None, None).unwrap();
-        assert_eq!(h.create(t, None, None), Err(RoomError::TooManyRooms));
+        let mut q = RoomQuota::new(3, 2);
+        q.take("a").unwrap();
+        q.take("a").unwrap();
+        assert_eq!(q.take("a"), Err(RoomError::TooManyRoomsForUser));
+        q.take("b").unwrap();
+        assert_eq!(q.take("c"), Err(RoomError::TooManyRooms));
+        q.release("a");
+        q.take("c").unwrap();
+        assert_eq!(q.open(), 3);
         let mut out = Vec::new();
         h.join(1, &m("a"), &room, &mut out).unwrap();
         h.join(2, &m("b"), &room, &mut out).unwrap();
@@ -667,7 +1093,7 @@ mod tests {
     fn drop_resume_replays_missed_frames_in_order() {
         let mut h = hub();
         let t = Instant::now();
-        let (room, _) = h.create(t, None, None).unwrap();
+        let (room, _) = h.create(t, "a", "r", None).unwrap();
         let mut out = Vec::new();
         h.join(1, &m("a"), &room, &mut out).unwrap();
         let b = h.join(2, &m("b"), &room, &mut out).unwrap();
@@ -675,8 +1101,8 @@ mod tests {
         out.clear();
         h.disconnect(t, 2, &mut out);
         assert_eq!(sent_to(&out, 1)[0]["type"], "peer-reconnecting");
-        h.signal(1, Some(&bid), json!("x1"), &mut out).unwrap();
-        h.signal(1, Some(&bid), json!("x2"), &mut out).unwrap();
+        h.signal(1, Some(&bid), &raw("\"x1\""), &mut out).unwrap();
+        h.signal(1, Some(&bid), &raw("\"x2\""), &mut out).unwrap();
         assert!(
             sent_to(&out, 2).is_empty(),
             "nothing sent to a dropped connection"
@@ -684,10 +1110,10 @@ mod tests {
         out.clear();
         let tok = b["resumeToken"].as_str().unwrap();
         assert_eq!(
-            h.resume(5, &m("mallory"), tok, 0, None, &mut out),
+            h.resume(5, &m("mallory"), tok, 0, plain, &mut out),
             Err(RoomError::BadResume)
         );
-        h.resume(3, &m("b"), tok, 0, None, &mut out).unwrap();
+        h.resume(3, &m("b"), tok, 0, plain, &mut out).unwrap();
         let got = sent_to(&out, 3);
         assert_eq!(got[0]["type"], "resumed");
         assert_eq!(got[0]["peerId"], bid.as_str());
@@ -695,19 +1121,21 @@ mod tests {
         assert_eq!(got[2]["data"], "x2");
         assert!(got[1]["seq"].as_u64() < got[2]["seq"].as_u64());
         assert_eq!(sent_to(&out, 1)[0]["type"], "peer-resumed");
-        // After resuming, new frames flow to the new connection.
+        assert_eq!(h.next_deadline(), None, "the resume window is cancelled");
         out.clear();
-        h.signal(1, Some(&bid), json!("x3"), &mut out).unwrap();
+        h.signal(1, Some(&bid), &raw("\"x3\""), &mut out).unwrap();
         assert_eq!(sent_to(&out, 3)[0]["data"], "x3");
     }
 
     #[test]
-    fn resume_window_expiry_and_empty_room_grace() {
+    fn resume_window_expiry_and_empty_room_grace_run_from_the_queue() {
         let mut h = hub();
         let t = Instant::now();
-        let (room, _) = h.create(t, None, None).unwrap();
+        let (room, _) = h.create(t, "a", "r", None).unwrap();
+        assert_eq!(h.next_deadline(), Some(t + Duration::from_secs(5)));
         let mut out = Vec::new();
         h.join(1, &m("a"), &room, &mut out).unwrap();
+        assert_eq!(h.next_deadline(), None, "an occupied room has no timer");
         let b = h.join(2, &m("b"), &room, &mut out).unwrap();
         out.clear();
         h.disconnect(t, 2, &mut out);
@@ -715,32 +1143,33 @@ mod tests {
         h.tick(t + Duration::from_secs(9), &mut out);
         assert_eq!(h.peer_count(), 2);
         out.clear();
-        h.tick(t + Duration::from_secs(10), &mut out);
+        let done = h.tick(t + Duration::from_secs(10), &mut out);
+        assert_eq!(done.expired, 1);
         let left = sent_to(&out, 1);
         assert_eq!(left[0]["type"], "peer-left");
         assert_eq!(left[0]["reason"], "timeout");
         assert_eq!(h.peer_count(), 1);
         let tok = b["resumeToken"].as_str().unwrap();
         assert_eq!(
-            h.resume(3, &m("b"), tok, 0, None, &mut out),
+            h.resume(3, &m("b"), tok, 0, plain, &mut out),
             Err(RoomError::BadResume)
         );
-        // Last peer leaves: the room lingers for its grace, then closes.
         let t2 = t + Duration::from_secs(20);
         h.leave(t2, 1, &mut out).unwrap();
         assert_eq!(h.room_count(), 1);
         h.tick(t2 + Duration::from_secs(4), &mut out);
         assert_eq!(h.room_count(), 1);
-        h.tick(t2 + Duration::from_secs(5), &mut out);
+        let done = h.tick(t2 + Duration::from_secs(5), &mut out);
+        assert_eq!(done.closed, vec!["a".to_string()]);
         assert_eq!(h.room_count(), 0);
         assert_eq!(h.next_deadline(), None);
     }
 
     #[test]
-    fn same_identity_replaces_and_buffer_is_bounded() {
+    fn same_identity_replaces_and_buffers_are_bounded_in_frames_and_bytes() {
         let mut h = hub();
         let t = Instant::now();
-        let (room, _) = h.create(t, None, None).unwrap();
+        let (room, _) = h.create(t, "a", "r", None).unwrap();
         let mut out = Vec::new();
         h.join(1, &m("a"), &room, &mut out).unwrap();
         let b1 = h.join(2, &m("b"), &room, &mut out).unwrap();
@@ -753,17 +1182,43 @@ mod tests {
         assert_eq!(to_a[0]["reason"], "replaced");
         assert_eq!(to_a[1]["type"], "peer-joined");
         assert_eq!(h.peer_count(), 2, "no ghost peer");
-        // Resume buffer keeps only the newest frames.
         let aid = h.seats[&1].1.clone();
         h.disconnect(t, 1, &mut out);
         for i in 0..10 {
-            h.signal(3, Some(&aid), json!(i), &mut out).unwrap();
+            h.signal(3, Some(&aid), &raw(&i.to_string()), &mut out)
+                .unwrap();
         }
         let mut o2 = Vec::new();
         let a_tok = h.rooms[&room].peers[&aid].resume_token.clone();
-        h.resume(4, &m("a"), &a_tok, 0, None, &mut o2).unwrap();
+        h.resume(4, &m("a"), &a_tok, 0, plain, &mut o2).unwrap();
         let got = sent_to(&o2, 4);
         assert_eq!(got[0]["complete"], false);
-        assert_eq!(got.len(), 1 + 4);
+        assert_eq!(got.len(), 1 + 4, "frame bound");
+
+        // Byte bounds: per peer, and the node-wide total.
+        let total = Arc::new(Budget::new(1000));
+        let mut h = Hub::new(Limits {
+            resume_total: total.clone(),
+            ..limits(1000, 400, 0)
+        });
+        let (room, _) = h.create(t, "a", "r", None).unwrap();
+        h.join(1, &m("a"), &room, &mut out).unwrap();
+        let b = h.join(2, &m("b"), &room, &mut out).unwrap();
+        let bid = b["peerId"].as_str().unwrap().to_string();
+        let pad = format!("\"{}\"", "p".repeat(100));
+        for _ in 0..20 {
+            h.signal(1, Some(&bid), &raw(&pad), &mut out).unwrap();
+        }
+        let p = &h.rooms[&room].peers[&bid];
+        assert!(
+            p.buffer_bytes <= 400 && p.buffer.len() == 2,
+            "{}",
+            p.buffer_bytes
+        );
+        assert!(total.used() <= 1000);
+        assert!(h.evicted() > 0);
+        h.leave(t, 2, &mut out).unwrap();
+        h.leave(t, 1, &mut out).unwrap();
+        assert_eq!(total.used(), 0, "removing a peer returns its bytes");
     }
 }
