@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Signaling benchmark: switchboard vs the PeerJS server (npm `peer`, run with node), side by
+# side in one run through the same load tool (benches/sigload.rs). Not part of the test suite.
+#
+#   benches/signaling_bench.sh                       # 19,000 idle connections, 5k and 20k msgs/s
+#   N=2000 RATES=5000 SECS=5 benches/signaling_bench.sh   # quicker run
+#
+# Both servers listen on loopback. The tool holds N WebSockets in rooms (pairs) of two, reads
+# each server's RSS from /proc/<pid>/status, then, with the N still connected, relays paced
+# ~200-byte signals between PAIRS pairs at each rate in RATES for SECS seconds and reports
+# latency percentiles, loss, reordering, alteration and the server's CPU (utime+stime from
+# /proc/<pid>/stat) per 1,000 relayed messages. Each process may open 20,000 files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N=${N:-19000}
+PAIRS=${PAIRS:-250}
+RATES=${RATES:-5000,20000}
+SECS=${SECS:-10}
+BASE=${BASE_PORT:-$((20000 + RANDOM % 20000))}
+SB_PORT=$BASE
+TURN_PORT=$((BASE + 1))
+PJ_PORT=$((BASE + 2))
+PEERJS_DIR=${PEERJS_DIR:-$(mktemp -d)}
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+cargo build --release --bin switchboard
+cargo bench --bench sigload --no-run
+
+if [ ! -f "$PEERJS_DIR/node_modules/peer/dist/bin/peerjs.js" ]; then
+  (cd "$PEERJS_DIR" && npm init -y >/dev/null && npm install --no-audit --no-fund peer@1 >/dev/null)
+fi
+echo "PeerJS server $(node -p "require('$PEERJS_DIR/node_modules/peer/package.json').version"), node $(node --version)"
+
+# Defaults except what a load test from one address needs: connections and logins per IP,
+# rooms, and the per-user room quota (every tool user creates one room).
+SWITCHBOARD_HTTP__LISTEN=127.0.0.1:$SB_PORT \
+SWITCHBOARD_TURN__LISTEN="[\"127.0.0.1:$TURN_PORT\"]" \
+SWITCHBOARD_HTTP__DEMO=false \
+SWITCHBOARD_LOG__LEVEL=warn \
+SWITCHBOARD_SIGNALING__MAX_CONNECTIONS_PER_IP=100000 \
+SWITCHBOARD_SIGNALING__MAX_ROOMS=100000 \
+SWITCHBOARD_AUTH__LOGIN_RATE_PER_MINUTE=100000000 \
+  "$CARGO_TARGET_DIR/release/switchboard" &
+SB_PID=$!
+PIDS+=("$SB_PID")
+node "$PEERJS_DIR/node_modules/peer/dist/bin/peerjs.js" --port "$PJ_PORT" --host 127.0.0.1 \
+  --concurrent_limit 100000 --alive_timeout 600000 >/dev/null &
+PJ_PID=$!
+PIDS+=("$PJ_PID")
+for _ in $(seq 50); do
+  if curl -sf "http://127.0.0.1:$SB_PORT/livez" >/dev/null && curl -s "http://127.0.0.1:$PJ_PORT/" >/dev/null; then break; fi
+  sleep 0.2
+done
+
+cargo bench --bench sigload -- compare \
+  --sb "127.0.0.1:$SB_PORT/$SB_PID" --peerjs "127.0.0.1:$PJ_PORT/$PJ_PID" \
+  --n "$N" --pairs "$PAIRS" --rate "$RATES" --secs "$SECS"
