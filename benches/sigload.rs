@@ -82,8 +82,8 @@ async fn login(s: &Server, name: &str) -> Result<String, Error> {
     t.read_to_end(&mut buf).await?;
     let text = String::from_utf8_lossy(&buf);
     let (_, json) = text.split_once("\r\n\r\n").ok_or("no HTTP body")?;
-    let v: Value = serde_json::from_str(json.trim())
-        .map_err(|e| format!("login answer {text:?}: {e}"))?;
+    let v: Value =
+        serde_json::from_str(json.trim()).map_err(|e| format!("login answer {text:?}: {e}"))?;
     Ok(v["token"].as_str().ok_or("no token in login")?.to_string())
 }
 
@@ -94,7 +94,8 @@ async fn open_ws(s: &Server, path: &str, protocol: Option<String>) -> Result<Ws,
             .insert("Sec-WebSocket-Protocol", p.parse()?);
     }
     let stream = tcp(s).await?;
-    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config())).await?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config())).await?;
     Ok(ws)
 }
 
@@ -266,6 +267,8 @@ const PAD: &str = "v=0 o=- 4611731400430051336 2 IN IP4 127.0.0.1 s=- t=0 0 a=gr
 
 struct Shared {
     start: Instant,
+    /// Messages scheduled before this are counted for loss and order but not for latency.
+    warm_until_ns: AtomicU64,
     lat_ns: Mutex<Vec<u64>>,
     received: AtomicU64,
     reordered: AtomicU64,
@@ -299,6 +302,9 @@ fn reader(mut rx: Rx, target: Target, sh: Arc<Shared>) -> tokio::task::JoinHandl
             }
             last = Some(seq);
             sh.received.fetch_add(1, Ordering::Relaxed);
+            if ts < sh.warm_until_ns.load(Ordering::Relaxed) {
+                continue;
+            }
             if let Ok(mut l) = sh.lat_ns.lock() {
                 l.push(now.saturating_sub(ts));
             }
@@ -339,8 +345,12 @@ async fn latency(
     secs: f64,
     tag: &str,
 ) -> Result<LatencyReport, Error> {
+    let start = Instant::now();
+    // The first second (or tenth of a short run) warms up connections and allocators.
+    let warm = Duration::from_secs_f64((secs / 10.0).min(1.0));
     let sh = Arc::new(Shared {
-        start: Instant::now(),
+        start,
+        warm_until_ns: AtomicU64::new(u64::MAX),
         lat_ns: Mutex::new(Vec::with_capacity((rate as f64 * secs) as usize + 16)),
         received: AtomicU64::new(0),
         reordered: AtomicU64::new(0),
@@ -361,6 +371,10 @@ async fn latency(
     }
     let cpu0 = cpu_ticks(s.pid).unwrap_or(0);
     let t0 = Instant::now();
+    sh.warm_until_ns.store(
+        (t0 + warm).saturating_duration_since(start).as_nanos() as u64,
+        Ordering::Relaxed,
+    );
     let total = (rate as f64 * secs) as u64;
     let mut seqs = vec![0u64; senders.len()];
     let mut sent = 0u64;
@@ -476,8 +490,14 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     let servers = [
-        ("switchboard", parse_server(Target::Switchboard, &get("sb", ""), "127.0.10.1")?),
-        ("PeerJS", parse_server(Target::PeerJs, &get("peerjs", ""), "127.0.20.1")?),
+        (
+            "switchboard",
+            parse_server(Target::Switchboard, &get("sb", ""), "127.0.10.1")?,
+        ),
+        (
+            "PeerJS",
+            parse_server(Target::PeerJs, &get("peerjs", ""), "127.0.20.1")?,
+        ),
     ];
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let mut results = Vec::new();
@@ -505,7 +525,13 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let (sb, pj) = (&results[0], &results[1]);
-    let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}×", a / b) } else { "–".into() };
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "–".into()
+        }
+    };
     rows.push((
         format!("RSS per idle connection ({} held), KiB", sb.1),
         vec![
@@ -522,7 +548,11 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
             ("p99 ms", a.p99_ms, b.p99_ms),
             ("p99.9 ms", a.p999_ms, b.p999_ms),
             ("max ms", a.max_ms, b.max_ms),
-            ("server CPU ms per 1,000 msgs", a.cpu_ms_per_1000, b.cpu_ms_per_1000),
+            (
+                "server CPU ms per 1,000 msgs",
+                a.cpu_ms_per_1000,
+                b.cpu_ms_per_1000,
+            ),
             ("achieved msgs/s", a.achieved_rate, b.achieved_rate),
         ] {
             rows.push((
@@ -533,8 +563,18 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
         rows.push((
             format!("{label}: lost / reordered / altered"),
             vec![
-                format!("{} / {} / {}", a.sent - a.received.min(a.sent), a.reordered, a.altered),
-                format!("{} / {} / {}", b.sent - b.received.min(b.sent), b.reordered, b.altered),
+                format!(
+                    "{} / {} / {}",
+                    a.sent - a.received.min(a.sent),
+                    a.reordered,
+                    a.altered
+                ),
+                format!(
+                    "{} / {} / {}",
+                    b.sent - b.received.min(b.sent),
+                    b.reordered,
+                    b.altered
+                ),
                 String::new(),
             ],
         ));
@@ -621,7 +661,10 @@ fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let bench = argv.iter().any(|a| a == "--bench");
     let rest: Vec<&String> = argv.iter().filter(|a| *a != "--bench").collect();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runtime: {e}");

@@ -16,8 +16,8 @@ use crate::server::Shared;
 /// The WebSocket subprotocol of this signaling protocol version.
 pub const PROTOCOL: &str = "switchboard.v1";
 
-/// Read buffer per WebSocket: a few typical signaling frames.
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer per WebSocket: a few ICE candidates; an SDP frame grows it.
+const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write goes to the socket (a flush writes earlier).
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -63,7 +63,7 @@ async fn upgrade(
     let sig = shared.signaling.clone();
     let span = tracing::debug_span!("ws", peer = %peer, client = %client);
     ws.protocols([PROTOCOL])
-        // Signaling frames are small: a 4 KiB read buffer per idle connection instead of the
+        // Signaling frames are small: a 1 KiB read buffer per idle connection instead of the
         // 128 KiB default (which is also zero-filled before every read). A larger frame grows
         // it as needed, up to `hard`.
         .read_buffer_size(READ_BUFFER)
