@@ -16,8 +16,11 @@ use switchboard::{Config, RunningServer, Server};
 
 #[path = "support/cert.rs"]
 mod cert;
+#[path = "support/rtc_stats.rs"]
+mod rtc_stats;
 #[path = "support/webdriver.rs"]
 mod webdriver;
+use rtc_stats::{PC_STATS, PC_WRAPPER};
 use webdriver::{Browser, Driver, LOOPBACK_UDP_FLAG};
 
 /// One browser pair at a time: six Chromium instances encoding video would starve two cores.
@@ -333,59 +336,6 @@ async fn browsers_call_over_turns_tls() {
     srv.shutdown();
     srv.wait().await;
 }
-
-/// Wraps `RTCPeerConnection` before the page's scripts run: every connection the page makes is
-/// kept in `window.__pcs`. With `window.__sbTest.badTurn`, TURN credentials are spoiled on the
-/// way in, as a stale or mistyped credential would be.
-const PC_WRAPPER: &str = r#"(() => {
-  const Orig = window.RTCPeerConnection;
-  const spoil = (cfg) => (window.__sbTest || {}).badTurn && cfg && cfg.iceServers
-    ? { ...cfg, iceServers: cfg.iceServers.map((s) => s.credential ? { ...s, credential: "not-the-password" } : s) }
-    : cfg;
-  window.__pcs = [];
-  window.RTCPeerConnection = class extends Orig {
-    constructor(cfg, ...rest) {
-      super(spoil(cfg), ...rest);
-      window.__pcs.push(this);
-      this.__cands = [];
-      this.__sdp = []; // "local offer", "remote offer", "local answer", ... in order
-      this.addEventListener("signalingstatechange", () => {
-        const st = this.signalingState;
-        if (st === "have-local-offer") this.__sdp.push("local offer");
-        if (st === "have-remote-offer") this.__sdp.push("remote offer");
-      });
-      this.addEventListener("icecandidate", ({ candidate: c }) => {
-        if (c) this.__cands.push({ type: c.type, address: c.address, relatedAddress: c.relatedAddress, line: c.candidate });
-      });
-    }
-    setConfiguration(cfg) { return super.setConfiguration(spoil(cfg)); }
-  };
-})();"#;
-
-/// The newest open connection on the page, read through getStats, with what the page shows.
-const PC_STATS: &str = r#"
-  const pcs = (window.__pcs || []).filter((p) => p.signalingState !== "closed");
-  const pc = pcs[pcs.length - 1];
-  const s = window.sbState || {};
-  const page = { page: s.state, pagePath: s.path, error: s.error, notice: s.notice, restarts: s.restarts,
-                 errorText: document.getElementById("error")?.textContent };
-  if (!pc) return { ...page, pcs: 0 };
-  const stats = await pc.getStats();
-  let sel = null, frames = 0;
-  stats.forEach((r) => {
-    if (r.type === "transport" && r.selectedCandidatePairId) sel = stats.get(r.selectedCandidatePairId);
-    if (r.type === "inbound-rtp" && r.kind === "video") frames += r.framesDecoded || 0;
-  });
-  const local = sel && stats.get(sel.localCandidateId);
-  const remote = sel && stats.get(sel.remoteCandidateId);
-  return { ...page, pcs: pcs.length, ice: pc.iceConnectionState, signaling: pc.signalingState, frames,
-           localType: local?.candidateType, relayProtocol: local?.relayProtocol,
-           localAddress: local?.address, relatedAddress: local?.relatedAddress,
-           remoteType: remote?.candidateType, remoteAddress: remote?.address,
-           gathered: pc.__cands.length, sdp: pc.__sdp,
-           receivers: pc.getTransceivers().map((t) => [t.mid, t.direction, t.currentDirection, t.receiver.track.kind, t.receiver.track.muted]),
-           ufrag: pc.remoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null };
-"#;
 
 async fn pc_stats(b: &Browser) -> Value {
     b.js(PC_STATS).await

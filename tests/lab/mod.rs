@@ -4,12 +4,17 @@
 //! ```text
 //!                       wan (bridge br0, 203.0.113.0/24, documentation range)
 //!   ┌──────────────┬──────────────┬──────────────┬──────────────┬──────────────┐
-//!  server         peer          proxy         router1        router2
-//!  .10 (+ .11)    .30           .40           .21            .22
-//!                                              │ NAT          │ NAT (MASQUERADE --random-fully:
-//!                                             home1          home2  endpoint-dependent mapping)
-//!                                             192.168.1.10   192.168.2.10
+//!  server         peer          proxy         router1        router2        router3
+//!  .10 (+ .11)    .30           .40           .21            .22            .23
+//!                                              │ NAT          │ NAT          │ full-cone NAT
+//!                                             home1          home2          home3
+//!                                             192.168.1.10   192.168.2.10   192.168.3.10
 //! ```
+//!
+//! Routers 1 and 2 MASQUERADE with `--random-fully` (endpoint-dependent mapping) and drop
+//! anything unsolicited, so no direct path joins home 1 and home 2. Router 3 is a full cone:
+//! SNAT that keeps the port (one mapping for every destination) and DNAT of any inbound UDP
+//! back to home 3, so a host anywhere can reach home 3 at its server-reflexive address.
 //!
 //! Every namespace is named `sblab-p<pid>n<counter>-<role>`, so labs of two tests or two
 //! processes never collide; veth pairs are created inside the namespaces, so their names never
@@ -26,7 +31,8 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The server's (first) public address.
@@ -45,6 +51,10 @@ pub const ROUTER2: &str = "203.0.113.22";
 pub const HOME1: &str = "192.168.1.10";
 /// The private address of the host in home 2.
 pub const HOME2: &str = "192.168.2.10";
+/// The public (full-cone NAT) address of home 3.
+pub const ROUTER3: &str = "203.0.113.23";
+/// The private address of the host in home 3.
+pub const HOME3: &str = "192.168.3.10";
 
 /// A host of the lab.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +75,13 @@ pub enum Host {
     Router2,
     /// Client host in home 2.
     Home2,
+    /// Full-cone NAT router of home 3.
+    Router3,
+    /// Client host in home 3.
+    Home3,
 }
 
-const ALL: [Host; 8] = [
+const ALL: [Host; 10] = [
     Host::Wan,
     Host::Server,
     Host::Peer,
@@ -76,6 +90,8 @@ const ALL: [Host; 8] = [
     Host::Home1,
     Host::Router2,
     Host::Home2,
+    Host::Router3,
+    Host::Home3,
 ];
 
 impl Host {
@@ -89,6 +105,8 @@ impl Host {
             Host::Home1 => "home1",
             Host::Router2 => "router2",
             Host::Home2 => "home2",
+            Host::Router3 => "router3",
+            Host::Home3 => "home3",
         }
     }
 }
@@ -106,6 +124,7 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     etc: Vec<PathBuf>,
     built: Vec<String>,
+    forwards: Vec<(SocketAddr, Arc<AtomicBool>)>,
 }
 
 /// Whether a lab that cannot be built must fail the test instead of skipping it.
@@ -186,6 +205,7 @@ impl Lab {
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             etc: Vec::new(),
             built: Vec::new(),
+            forwards: Vec::new(),
         };
         // From here on, Drop cleans up whatever was made, also when a step fails.
         for h in ALL {
@@ -203,6 +223,7 @@ impl Lab {
             (Host::Proxy, PROXY, "p-proxy"),
             (Host::Router1, ROUTER1, "p-r1"),
             (Host::Router2, ROUTER2, "p-r2"),
+            (Host::Router3, ROUTER3, "p-r3"),
         ] {
             let ns = lab.ns(h);
             run_ok(
@@ -219,6 +240,7 @@ impl Lab {
         for (router, home, lan) in [
             (Host::Router1, Host::Home1, "192.168.1"),
             (Host::Router2, Host::Home2, "192.168.2"),
+            (Host::Router3, Host::Home3, "192.168.3"),
         ] {
             let (r, h) = (lab.ns(router), lab.ns(home));
             run_ok(
@@ -234,6 +256,10 @@ impl Lab {
             lab.ip(home, "link set e0 up")?;
             lab.ip(home, &format!("route add default via {lan}.1"))?;
             lab.exec_ok(router, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            if router == Host::Router3 {
+                lab.full_cone(router, HOME3, ROUTER3)?;
+                continue;
+            }
             // Endpoint-dependent mapping: a new random port per destination, so a srflx
             // address learnt from the server is useless to the other home.
             lab.exec_ok(
@@ -271,6 +297,51 @@ impl Lab {
             )?;
         }
         Ok(lab)
+    }
+
+    /// Full-cone NAT on `router`: outgoing UDP keeps its port behind `public` whatever the
+    /// destination (endpoint-independent mapping), and any inbound UDP to `public` goes to
+    /// `inside` on the same port (endpoint-independent filtering). Other traffic is
+    /// masqueraded and filtered like the other homes.
+    fn full_cone(&self, router: Host, inside: &str, public: &str) -> Result<(), String> {
+        let nat = |args: &[&str]| {
+            let mut a = vec!["-t", "nat", "-A"];
+            a.extend_from_slice(args);
+            self.exec_ok(router, "iptables", &a)
+        };
+        nat(&[
+            "POSTROUTING", "-o", "e0", "-p", "udp", "-s", inside, "-j", "SNAT",
+            "--to-source", public,
+        ])?;
+        nat(&["POSTROUTING", "-o", "e0", "-j", "MASQUERADE"])?;
+        nat(&[
+            "PREROUTING", "-i", "e0", "-p", "udp", "-d", public, "-j", "DNAT",
+            "--to-destination", inside,
+        ])?;
+        self.exec_ok(
+            router,
+            "iptables",
+            &[
+                "-A", "FORWARD", "-i", "e0", "-p", "udp", "-d", inside, "-j", "ACCEPT",
+            ],
+        )?;
+        self.exec_ok(
+            router,
+            "iptables",
+            &[
+                "-A",
+                "FORWARD",
+                "-i",
+                "e0",
+                "-m",
+                "conntrack",
+                "!",
+                "--ctstate",
+                "ESTABLISHED,RELATED",
+                "-j",
+                "DROP",
+            ],
+        )
     }
 
     /// The namespace name of `h`.
@@ -361,6 +432,40 @@ impl Lab {
         .expect("namespace thread")
     }
 
+    /// A TCP port on the test's own loopback that leads to `127.0.0.1:port` inside `h`: each
+    /// accepted connection is matched by one opened inside `h`, and bytes are copied both ways.
+    /// This is how a test reaches a control port inside a lab host (chromedriver) without
+    /// routing anything into the lab; the traffic of the lab hosts stays inside it.
+    pub fn forward_tcp(&mut self, h: Host, port: u16) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("forward listener");
+        let local = listener.local_addr().expect("forward address");
+        let stop = Arc::new(AtomicBool::new(false));
+        self.forwards.push((local, stop.clone()));
+        let ns = format!("/run/netns/{}", self.ns(h));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(outer) = conn else { continue };
+                let ns = ns.clone();
+                std::thread::spawn(move || {
+                    let inner = std::thread::spawn(move || {
+                        use std::os::fd::AsRawFd;
+                        let fd = std::fs::File::open(&ns)?;
+                        nix::sched::setns(fd.as_raw_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(std::io::Error::from)?;
+                        std::net::TcpStream::connect(("127.0.0.1", port))
+                    })
+                    .join();
+                    let Ok(Ok(inner)) = inner else { return };
+                    splice(outer, inner);
+                });
+            }
+        });
+        local
+    }
+
     /// A UDP socket bound in `h` (port 0 = any), as a tokio socket.
     pub fn udp(&self, h: Host, bind: &str) -> tokio::net::UdpSocket {
         let bind: SocketAddr = bind.parse().expect("bind address");
@@ -429,6 +534,13 @@ impl Lab {
             .stdout(f.try_clone().expect("log"))
             .stderr(f)
             .process_group(0);
+        // The test's own SWITCHBOARD_* variables (SWITCHBOARD_LAB=require in CI) are not
+        // config overrides: the server sees only `env`.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SWITCHBOARD_") {
+                cmd.env_remove(k);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -450,10 +562,31 @@ impl Lab {
     }
 }
 
+/// Copy bytes both ways between two connections until either side closes.
+fn splice(a: std::net::TcpStream, b: std::net::TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let one = std::thread::spawn(move || {
+        let (mut from, to) = (a, b2);
+        let _ = std::io::copy(&mut from, &mut &to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut from, to) = (b, a2);
+    let _ = std::io::copy(&mut from, &mut &to);
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    let _ = one.join();
+}
+
 use std::os::unix::process::CommandExt;
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for (addr, stop) in &self.forwards {
+            // Wake the accept loop so that it sees the flag and ends.
+            stop.store(true, Ordering::Relaxed);
+            let _ = std::net::TcpStream::connect_timeout(addr, Duration::from_millis(200));
+        }
         for (_, c) in &mut self.children {
             // Each child leads its own process group: take `ip netns exec`'s child with it.
             let _ = nix::sys::signal::killpg(

@@ -1,0 +1,57 @@
+//! Scripts that let a test read a page's real WebRTC connections through getStats instead of
+//! trusting what the page says; shared by the tests that drive Chromium.
+//!
+//! Included with `#[path = "support/rtc_stats.rs"] mod rtc_stats;`.
+
+/// Wraps `RTCPeerConnection` before the page's scripts run: every connection the page makes is
+/// kept in `window.__pcs`. With `window.__sbTest.badTurn`, TURN credentials are spoiled on the
+/// way in, as a stale or mistyped credential would be.
+pub const PC_WRAPPER: &str = r#"(() => {
+  const Orig = window.RTCPeerConnection;
+  const spoil = (cfg) => (window.__sbTest || {}).badTurn && cfg && cfg.iceServers
+    ? { ...cfg, iceServers: cfg.iceServers.map((s) => s.credential ? { ...s, credential: "not-the-password" } : s) }
+    : cfg;
+  window.__pcs = [];
+  window.RTCPeerConnection = class extends Orig {
+    constructor(cfg, ...rest) {
+      super(spoil(cfg), ...rest);
+      window.__pcs.push(this);
+      this.__cands = [];
+      this.__sdp = []; // "local offer", "remote offer", "local answer", ... in order
+      this.addEventListener("signalingstatechange", () => {
+        const st = this.signalingState;
+        if (st === "have-local-offer") this.__sdp.push("local offer");
+        if (st === "have-remote-offer") this.__sdp.push("remote offer");
+      });
+      this.addEventListener("icecandidate", ({ candidate: c }) => {
+        if (c) this.__cands.push({ type: c.type, address: c.address, relatedAddress: c.relatedAddress, line: c.candidate });
+      });
+    }
+    setConfiguration(cfg) { return super.setConfiguration(spoil(cfg)); }
+  };
+})();"#;
+
+/// The newest open connection on the page, read through getStats, with what the page shows.
+pub const PC_STATS: &str = r#"
+  const pcs = (window.__pcs || []).filter((p) => p.signalingState !== "closed");
+  const pc = pcs[pcs.length - 1];
+  const s = window.sbState || {};
+  const page = { page: s.state, pagePath: s.path, error: s.error, notice: s.notice, restarts: s.restarts,
+                 errorText: document.getElementById("error")?.textContent };
+  if (!pc) return { ...page, pcs: 0 };
+  const stats = await pc.getStats();
+  let sel = null, frames = 0;
+  stats.forEach((r) => {
+    if (r.type === "transport" && r.selectedCandidatePairId) sel = stats.get(r.selectedCandidatePairId);
+    if (r.type === "inbound-rtp" && r.kind === "video") frames += r.framesDecoded || 0;
+  });
+  const local = sel && stats.get(sel.localCandidateId);
+  const remote = sel && stats.get(sel.remoteCandidateId);
+  return { ...page, pcs: pcs.length, ice: pc.iceConnectionState, signaling: pc.signalingState, frames,
+           localType: local?.candidateType, relayProtocol: local?.relayProtocol,
+           localAddress: local?.address, relatedAddress: local?.relatedAddress,
+           remoteType: remote?.candidateType, remoteAddress: remote?.address,
+           gathered: pc.__cands.length, sdp: pc.__sdp,
+           receivers: pc.getTransceivers().map((t) => [t.mid, t.direction, t.currentDirection, t.receiver.track.kind, t.receiver.track.muted]),
+           ufrag: pc.remoteDescription?.sdp.match(/a=ice-ufrag:(\S+)/)?.[1] ?? null };
+"#;
