@@ -18,7 +18,7 @@ mod rtc_stats;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
-use lab::{sa, Host, Lab, HOME1, HOME2, ROUTER3, SERVER};
+use lab::{sa, Host, Lab, ROUTER3, SERVER};
 use rtc_stats::{PC_STATS, PC_WRAPPER};
 use serde_json::Value;
 use std::time::Duration;
@@ -118,11 +118,12 @@ async fn stats(b: &Browser) -> Value {
     b.js(PC_STATS).await
 }
 
-/// Media flows: ICE connected, video decoded, and the page says "in call".
+/// Media flows: ICE connected, video decoded, and the page says "in call" and names its path.
 fn in_call(v: &Value) -> bool {
     matches!(v["ice"].as_str(), Some("connected" | "completed"))
         && v["frames"].as_u64() > Some(0)
         && v["page"] == "in call"
+        && v["pagePath"].is_string()
 }
 
 /// A opens the page and starts a room; B opens the room's link. Returns the room.
@@ -142,7 +143,11 @@ async fn meet(a: &Browser, b: &Browser) -> String {
 }
 
 /// Wait until both pages are in the call; `Err` carries both pages' last stats.
-async fn both_in_call(a: &Browser, b: &Browser, budget: Duration) -> Result<(Value, Value), String> {
+async fn both_in_call(
+    a: &Browser,
+    b: &Browser,
+    budget: Duration,
+) -> Result<(Value, Value), String> {
     let end = tokio::time::Instant::now() + budget;
     loop {
         let (sa, sb) = tokio::join!(stats(a), stats(b));
@@ -178,23 +183,48 @@ async fn chromium_in_two_natted_homes_calls_over_the_relay_with_the_shipped_conf
     let drivers = [&h1.driver, &h2.driver];
     screenshots_on_panic(&drivers, "lab_relay", async {
         meet(&a, &b).await;
-        let (sa, sb) = both_in_call(&a, &b, Duration::from_secs(45))
+        both_in_call(&a, &b, Duration::from_secs(45))
             .await
             .unwrap_or_else(|e| panic!("no call between the NATed homes through TURN:\n{e}"));
+        // Video keeps coming: a couple of seconds of it on both sides.
+        let end = tokio::time::Instant::now() + Duration::from_secs(20);
+        let (sa, sb) = loop {
+            let (sa, sb) = tokio::join!(stats(&a), stats(&b));
+            if sa["frames"].as_u64() > Some(60) && sb["frames"].as_u64() > Some(60) {
+                break (sa, sb);
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "video stalled:\nhome1: {sa}\nhome2: {sb}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
         println!("home1: {sa}\nhome2: {sb}");
         for (who, s) in [("home1", &sa), ("home2", &sb)] {
-            // ICE chose the relay by itself: the page did not ask for relay only.
-            assert_eq!(s["localType"], "relay", "{who}: {s}");
-            assert_eq!(s["relayProtocol"], "udp", "{who}: {s}");
-            assert_eq!(s["pagePath"], "relay over UDP", "{who}: {s}");
-            // The relayed address handed out is the server's public one, on both ends.
-            assert_eq!(s["localAddress"], SERVER, "{who}: {s}");
-            assert_eq!(s["remoteAddress"], SERVER, "{who}: {s}");
+            // ICE chose the relay by itself (the page did not ask for relay only): the pair
+            // has a relay candidate on one end or both (Chromium often sends from its NAT
+            // mapping straight to the other side's relay), and every relay is the server's
+            // public address.
+            let local_relay = s["localType"] == "relay";
+            let remote_relay = s["remoteType"] == "relay";
+            assert!(
+                local_relay || remote_relay,
+                "{who}: no relay in the pair: {s}"
+            );
+            if local_relay {
+                assert_eq!(s["localAddress"], SERVER, "{who}: {s}");
+                assert_eq!(s["relayProtocol"], "udp", "{who}: {s}");
+            }
+            if remote_relay {
+                assert_eq!(s["remoteAddress"], SERVER, "{who}: {s}");
+            }
+            let path = if local_relay {
+                "relay over UDP"
+            } else {
+                "relay (the other side's)"
+            };
+            assert_eq!(s["pagePath"], path, "{who}: {s}");
             assert_eq!(s["error"], Value::Null, "{who}: {s}");
-        }
-        // Both homes' private and NAT addresses were offered, and none was chosen.
-        for (s, private) in [(&sa, HOME1), (&sb, HOME2)] {
-            assert_ne!(s["remoteAddress"], private, "{s}");
         }
     })
     .await;
@@ -250,7 +280,11 @@ async fn without_turn_natted_homes_cannot_call_but_a_full_cone_home_connects_dir
         };
         println!("without TURN:\nhome1: {sa}\nhome2: {sb}");
         assert!(seen_pcs, "both pages tried to connect");
-        let failed = if sa["error"] == "ice_failed" { &sa } else { &sb };
+        let failed = if sa["error"] == "ice_failed" {
+            &sa
+        } else {
+            &sb
+        };
         let text = failed["errorText"].as_str().unwrap_or_default();
         assert!(
             text.starts_with("Could not connect to") && text.contains("ICE restarts"),
@@ -279,7 +313,10 @@ async fn without_turn_natted_homes_cannot_call_but_a_full_cone_home_connects_dir
     .await;
     let (_, m) = lab.http(Host::Peer, sa(SERVER, 8080), "GET", "/metrics", &[], "");
     assert_eq!(
-        metric(&m, "switchboard_turn_allocations_created_total{transport=\"udp\"}"),
+        metric(
+            &m,
+            "switchboard_turn_allocations_created_total{transport=\"udp\"}"
+        ),
         0.0,
         "no relay without TURN"
     );

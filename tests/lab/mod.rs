@@ -310,13 +310,31 @@ impl Lab {
             self.exec_ok(router, "iptables", &a)
         };
         nat(&[
-            "POSTROUTING", "-o", "e0", "-p", "udp", "-s", inside, "-j", "SNAT",
-            "--to-source", public,
+            "POSTROUTING",
+            "-o",
+            "e0",
+            "-p",
+            "udp",
+            "-s",
+            inside,
+            "-j",
+            "SNAT",
+            "--to-source",
+            public,
         ])?;
         nat(&["POSTROUTING", "-o", "e0", "-j", "MASQUERADE"])?;
         nat(&[
-            "PREROUTING", "-i", "e0", "-p", "udp", "-d", public, "-j", "DNAT",
-            "--to-destination", inside,
+            "PREROUTING",
+            "-i",
+            "e0",
+            "-p",
+            "udp",
+            "-d",
+            public,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            inside,
         ])?;
         self.exec_ok(
             router,
