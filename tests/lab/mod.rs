@@ -552,7 +552,7 @@ impl Lab {
             .stdout(f.try_clone().expect("log"))
             .stderr(f)
             .process_group(0);
-        // The test's own SWITCHBOARD_* variables (SWITCHBOARD_LAB=require in CI) are not
+        // The test's own SWITCHBOARD_* variables (SWITCHBOARD_LAB=require) are not
         // config overrides: the server sees only `env`.
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("SWITCHBOARD_") {
