@@ -336,7 +336,8 @@ fn wildcard_relay_bind_without_relay_ip_is_a_config_error() {
         "[turn]\nlisten = [\"0.0.0.0:0\"]\nrelay_bind = \"0.0.0.0\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    // SWITCHBOARD_LAB (set by CI) is the test's switch, not a config override.
+    // SWITCHBOARD_LAB (set by hand to require the lab) is the test's switch, not a config
+    // override.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .arg("--config")
         .arg(&path)
