@@ -356,22 +356,18 @@ async fn turn_credentials(
     headers: HeaderMap,
     Query(q): Query<RestQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let keys = &shared.config.auth.api_keys;
     let key = q
         .key
         .as_deref()
         .ok_or_else(|| ApiError::Unauthorized("missing query parameter `key`".into()))?;
-    // Compare against every key so timing does not reveal which prefix matched.
-    let ok = keys.iter().fold(false, |acc, k| {
-        acc | crate::auth::secret_eq(k.as_bytes(), key.as_bytes())
-    });
-    if !ok {
+    // Compared against every key so timing does not reveal which prefix matched.
+    if !shared.auth.api_key_ok(key) {
         shared
             .metrics
             .auth_failures
             .with_label_values(&[AuthError::BadSignature.reason()])
             .inc();
-        return Err(if keys.is_empty() {
+        return Err(if !shared.auth.has_api_keys() {
             ApiError::Forbidden("no API keys are configured (auth.api_keys)".into())
         } else {
             ApiError::Unauthorized("invalid API key".into())

@@ -59,7 +59,7 @@ fn cfg() -> TurnConfig {
 fn harness(t: TurnConfig) -> H {
     let auth = Arc::new(Auth::new(&AuthConfig {
         turn_secrets: vec![SECRET.into()],
-        turn_users: [("alice".to_string(), "wonder".to_string())].into(),
+        turn_users: [("alice".to_string(), "wonder".into())].into(),
         ..Default::default()
     }));
     let metrics = Arc::new(Metrics::new());
