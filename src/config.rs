@@ -179,6 +179,8 @@ pub struct TurnConfig {
     pub default_lifetime_secs: u32,
     /// Longest allocation lifetime granted (seconds).
     pub max_lifetime_secs: u32,
+    /// Absolute cap on an allocation's age, however often it is refreshed (seconds).
+    pub max_allocation_age_secs: u64,
     /// How long a NONCE stays valid before 438 Stale Nonce (seconds).
     pub nonce_lifetime_secs: u32,
     /// Allocations one username may hold at once (486 beyond).
@@ -204,6 +206,10 @@ pub struct TurnConfig {
     pub max_stream_connections_per_ip: usize,
     /// Bytes queued to one stream client before its packets are dropped.
     pub tcp_send_buffer_bytes: usize,
+    /// RFC 6062 peer connections of one allocation waiting for ConnectionBind at once.
+    pub max_pending_connections_per_allocation: usize,
+    /// Seconds an RFC 6062 data connection may carry no byte either way before it closes.
+    pub data_connection_idle_timeout_secs: u64,
     /// SOFTWARE attribute value.
     pub software: String,
 }
@@ -224,6 +230,7 @@ impl Default for TurnConfig {
             relay_port_max: 65535,
             default_lifetime_secs: 600,
             max_lifetime_secs: 3600,
+            max_allocation_age_secs: 12 * 3600,
             nonce_lifetime_secs: 600,
             max_allocations_per_user: 10,
             max_allocations: 10_000,
@@ -236,6 +243,8 @@ impl Default for TurnConfig {
             max_stream_connections: 10_000,
             max_stream_connections_per_ip: 64,
             tcp_send_buffer_bytes: 256 * 1024,
+            max_pending_connections_per_allocation: 8,
+            data_connection_idle_timeout_secs: 300,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
     }
@@ -762,6 +771,18 @@ impl Config {
             (
                 "turn.stream_first_message_timeout_secs",
                 t.stream_first_message_timeout_secs as usize,
+            ),
+            (
+                "turn.max_allocation_age_secs",
+                t.max_allocation_age_secs as usize,
+            ),
+            (
+                "turn.max_pending_connections_per_allocation",
+                t.max_pending_connections_per_allocation,
+            ),
+            (
+                "turn.data_connection_idle_timeout_secs",
+                t.data_connection_idle_timeout_secs as usize,
             ),
             (
                 "tls.max_concurrent_handshakes",
