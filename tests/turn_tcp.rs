@@ -402,3 +402,32 @@ async fn rfc6062_connection_bind_hijack_is_refused_and_the_owner_still_served() 
     assert_eq!(metric_reaches(&server, gone, 1).await, 1);
     server.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc6062_data_connection_keeps_the_allocation_bandwidth_cap() {
+    let server = start("max_allocations_per_user = 100\nmax_bps_per_allocation = 50000").await;
+    let srv = tcp_addr(&server);
+    let peer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut owner = TcpTurn::connect_as(srv, "bulk").await;
+    let relay = owner
+        .tcp_allocation(peer_listener.local_addr().unwrap())
+        .await;
+    let mut peer = TcpStream::connect(relay).await.unwrap();
+    let id = connection_id(&owner.indication(method::CONNECTION_ATTEMPT).await);
+    let mut data = TcpTurn::connect_as(srv, "bulk").await;
+    assert_eq!(data.bind(id).await, None);
+    // 150 kB at 50 kB/s with one second of burst: at least 2 s, where loopback takes ms.
+    let t0 = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        data.s.write_all(&vec![7u8; 150_000]).await.unwrap();
+        data
+    });
+    let mut got = vec![0u8; 150_000];
+    peer.read_exact(&mut got).await.unwrap();
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(1800), "took {took:?}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert!(got.iter().all(|b| *b == 7));
+    let _data = writer.await.unwrap();
+    server.shutdown();
+}

@@ -374,6 +374,9 @@ async fn peer_to_client(
     }
 }
 
+/// Bandwidth buckets of one TCP allocation's data connections: client-to-peer, peer-to-client.
+pub type PipeBuckets = Arc<[std::sync::Mutex<Bucket>; 2]>;
+
 /// What an RFC 6062 peer connection inherits from its allocation: who may claim it, the
 /// allocation's bandwidth cap, and a signal that fires when the allocation is deleted.
 #[derive(Clone)]
@@ -385,7 +388,7 @@ pub struct PipeOwner {
     /// Closed (the sender dropped) when the allocation's relay socket is dropped.
     pub alive: tokio::sync::watch::Receiver<()>,
     /// Buckets shared by every data connection of the allocation: client-to-peer and back.
-    pub buckets: Option<Arc<[std::sync::Mutex<Bucket>; 2]>>,
+    pub buckets: Option<PipeBuckets>,
 }
 
 impl std::fmt::Debug for PipeOwner {
@@ -640,7 +643,7 @@ pub struct TcpRelay {
     task: tokio::task::AbortHandle,
     /// Dropped with the relay: parked and piped peer connections see the allocation end.
     alive: tokio::sync::watch::Sender<()>,
-    buckets: Arc<std::sync::OnceLock<Option<Arc<[std::sync::Mutex<Bucket>; 2]>>>>,
+    buckets: Arc<std::sync::OnceLock<Option<PipeBuckets>>>,
 }
 
 /// The owner record for a TCP relay's peer connections, from its published view.
@@ -648,7 +651,7 @@ fn pipe_owner(
     addr: SocketAddr,
     view: &View,
     alive: &tokio::sync::watch::Sender<()>,
-    buckets: &std::sync::OnceLock<Option<Arc<[std::sync::Mutex<Bucket>; 2]>>>,
+    buckets: &std::sync::OnceLock<Option<PipeBuckets>>,
 ) -> Option<PipeOwner> {
     let user = view.owner.clone()?;
     let buckets = buckets
@@ -828,5 +831,55 @@ impl Relay for AnyRelay {
             // Allocate refuses DONT-FRAGMENT with a TCP transport before binding.
             AnyRelay::Tcp(_) => Err(std::io::ErrorKind::Unsupported.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_datagrams_too_large_for_a_data_indication_are_refused() {
+        let mut out = Vec::new();
+        let tid = [3u8; 12];
+        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+        // The largest IPv4 UDP payload fits (12-byte address attribute).
+        assert!(data_indication(&mut out, &tid, v4, &vec![0u8; 65_507]).is_ok());
+        assert_eq!(out.len(), 20 + 12 + 4 + 65_508);
+        // The largest IPv6 one does not (24-byte address attribute): refused, nothing left.
+        assert!(data_indication(&mut out, &tid, v6, &vec![0u8; 65_527]).is_err());
+        assert!(out.is_empty());
+        assert!(data_indication(&mut out, &tid, v6, &[1, 2, 3]).is_ok());
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[allow(unsafe_code)]
+    #[tokio::test]
+    async fn dont_fragment_sets_pmtudisc_do() {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        let m = Arc::new(Metrics::new());
+        let r = UdpRelay::bind("127.0.0.1:0".parse().unwrap(), m).unwrap();
+        let get = |sock: &UdpSocket| {
+            let mut v: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: the socket is open while borrowed; `v` and `len` are live locals of
+            // the sizes passed, which getsockopt writes.
+            let rc = unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            v
+        };
+        assert_ne!(get(&r.sock), libc::IP_PMTUDISC_DO);
+        r.set_dont_fragment().unwrap();
+        assert_eq!(get(&r.sock), libc::IP_PMTUDISC_DO);
     }
 }
