@@ -599,7 +599,8 @@ pub async fn serve_stream<S>(
         }
         let idle = Duration::from_secs(shared.config.turn.data_connection_idle_timeout_secs.max(1));
         let ended = tokio::select! {
-            r = crate::turn::relay::data_pipe(client, to_peer, owner, idle, &m) => r,
+            // Boxed: its state is needed only by data connections, not by every stream task.
+            r = Box::pin(crate::turn::relay::data_pipe(client, to_peer, owner, idle, &m)) => r,
             _ = &mut shutdown => return,
         };
         if let Some(reason) = ended {
