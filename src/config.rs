@@ -4,7 +4,10 @@
 //! Unknown keys, unparsable values and out-of-range numbers are errors that name the key.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+
+use crate::secret::Secret;
 use std::path::{Path, PathBuf};
 
 /// Why a configuration was rejected; the message always names the offending key.
@@ -176,6 +179,8 @@ pub struct TurnConfig {
     pub default_lifetime_secs: u32,
     /// Longest allocation lifetime granted (seconds).
     pub max_lifetime_secs: u32,
+    /// Absolute cap on an allocation's age, however often it is refreshed (seconds).
+    pub max_allocation_age_secs: u64,
     /// How long a NONCE stays valid before 438 Stale Nonce (seconds).
     pub nonce_lifetime_secs: u32,
     /// Allocations one username may hold at once (486 beyond).
@@ -201,6 +206,10 @@ pub struct TurnConfig {
     pub max_stream_connections_per_ip: usize,
     /// Bytes queued to one stream client before its packets are dropped.
     pub tcp_send_buffer_bytes: usize,
+    /// RFC 6062 peer connections of one allocation waiting for ConnectionBind at once.
+    pub max_pending_connections_per_allocation: usize,
+    /// Seconds an RFC 6062 data connection may carry no byte either way before it closes.
+    pub data_connection_idle_timeout_secs: u64,
     /// SOFTWARE attribute value.
     pub software: String,
 }
@@ -221,6 +230,7 @@ impl Default for TurnConfig {
             relay_port_max: 65535,
             default_lifetime_secs: 600,
             max_lifetime_secs: 3600,
+            max_allocation_age_secs: 12 * 3600,
             nonce_lifetime_secs: 600,
             max_allocations_per_user: 10,
             max_allocations: 10_000,
@@ -233,6 +243,8 @@ impl Default for TurnConfig {
             max_stream_connections: 10_000,
             max_stream_connections_per_ip: 64,
             tcp_send_buffer_bytes: 256 * 1024,
+            max_pending_connections_per_allocation: 8,
+            data_connection_idle_timeout_secs: 300,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
     }
@@ -334,8 +346,9 @@ pub enum Backend {
 pub struct UserEntry {
     /// Login name, which becomes the user id.
     pub name: String,
-    /// Argon2id PHC string from `switchboard hash-password`.
-    pub password_hash: String,
+    /// Argon2id PHC string from `switchboard hash-password` (redacted when printed: a
+    /// leaked hash invites offline guessing).
+    pub password_hash: Secret,
 }
 
 /// JWT verification settings for the `jwt` backend.
@@ -343,9 +356,13 @@ pub struct UserEntry {
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
     /// Shared secret for HS256.
-    pub hs256_secret: Option<String>,
-    /// PEM public key file for RS256 or EdDSA.
+    pub hs256_secret: Option<Secret>,
+    /// File holding the HS256 secret (instead of `hs256_secret`).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public key file for RS256, ES256 or EdDSA.
     pub public_key_file: Option<PathBuf>,
+    /// Further keys, each with the `kid` that tokens signed with it name in their header.
+    pub keys: Vec<JwtKeyConfig>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud`, if set.
@@ -354,19 +371,42 @@ pub struct JwtConfig {
     pub leeway_secs: u64,
 }
 
+/// One `[[auth.jwt.keys]]` entry: a verification key selected by the token's `kid`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtKeyConfig {
+    /// Key id that tokens name in their header.
+    pub kid: String,
+    /// Shared secret for HS256.
+    pub hs256_secret: Option<Secret>,
+    /// File holding the HS256 secret.
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public key file for RS256, ES256 or EdDSA.
+    pub public_key_file: Option<PathBuf>,
+}
+
 /// Secrets, login backends and credential lifetimes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// TURN REST shared secrets (coturn `static-auth-secret`); the first signs, all verify.
     /// Empty means a random secret per process.
-    pub turn_secrets: Vec<String>,
+    pub turn_secrets: Vec<Secret>,
+    /// File with the TURN REST secrets, one per line (instead of `turn_secrets`).
+    pub turn_secrets_file: Option<PathBuf>,
     /// Static TURN users (`name = "password"`) for tools that take a plain user and password.
-    pub turn_users: std::collections::BTreeMap<String, String>,
+    pub turn_users: BTreeMap<String, Secret>,
+    /// File with static TURN users, `name:password` per line (instead of `turn_users`).
+    pub turn_users_file: Option<PathBuf>,
     /// Keys that sign session tokens; the first signs, all verify. Empty means random per process.
-    pub session_keys: Vec<String>,
+    pub session_keys: Vec<Secret>,
+    /// File with the session keys, one per line (instead of `session_keys`).
+    pub session_keys_file: Option<PathBuf>,
     /// Session token lifetime in seconds.
     pub session_ttl_secs: u64,
+    /// Longest time a login stays good, in seconds: refreshed session tokens (and the TURN
+    /// credentials pushed with them) never reach past the original login plus this.
+    pub max_session_age_secs: u64,
     /// TURN credential lifetime in seconds.
     pub turn_credential_ttl_secs: u64,
     /// Enabled login backends.
@@ -378,7 +418,9 @@ pub struct AuthConfig {
     /// Settings of the `jwt` backend.
     pub jwt: JwtConfig,
     /// API keys accepted by `GET /v1/turn-credentials`.
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<Secret>,
+    /// File with the API keys, one per line (instead of `api_keys`).
+    pub api_keys_file: Option<PathBuf>,
     /// Login attempts allowed per client IP per minute.
     pub login_rate_per_minute: u32,
     /// Password hashes checked at once; 0 means one per CPU core. Beyond, logins get 503.
@@ -399,15 +441,20 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             turn_secrets: Vec::new(),
+            turn_secrets_file: None,
             turn_users: Default::default(),
+            turn_users_file: None,
             session_keys: Vec::new(),
+            session_keys_file: None,
             session_ttl_secs: 600,
-            turn_credential_ttl_secs: 86_400,
+            max_session_age_secs: 12 * 3600,
+            turn_credential_ttl_secs: 3600,
             backends: vec![Backend::Open],
             allow_open_on_public: false,
             users: Vec::new(),
             jwt: JwtConfig::default(),
             api_keys: Vec::new(),
+            api_keys_file: None,
             login_rate_per_minute: 30,
             max_concurrent_password_checks: 0,
         }
@@ -567,13 +614,110 @@ impl Config {
             let key = e.path().to_string();
             ConfigError::key(key, e.into_inner().to_string())
         })?;
+        let mut cfg = cfg;
+        cfg.read_secret_files()?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Render the effective configuration as TOML (for `--print-config`).
+    /// Fill each secret that has a `*_file` key from that file (at start and on every
+    /// reload). Setting both a secret and its file is an error naming the file key.
+    pub fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        use crate::secret::{read_list, read_one};
+        fn both(key: &str) -> ConfigError {
+            let inline = key.trim_end_matches("_file");
+            ConfigError::key(key, format!("set either {inline} or {key}, not both"))
+        }
+        let file_err =
+            |key: &str, e: crate::secret::SecretFileError| ConfigError::key(key, e.to_string());
+        let a = &mut self.auth;
+        if let Some(p) = &a.turn_secrets_file {
+            if !a.turn_secrets.is_empty() {
+                return Err(both("auth.turn_secrets_file"));
+            }
+            a.turn_secrets = read_list(p).map_err(|e| file_err("auth.turn_secrets_file", e))?;
+        }
+        if let Some(p) = &a.session_keys_file {
+            if !a.session_keys.is_empty() {
+                return Err(both("auth.session_keys_file"));
+            }
+            a.session_keys = read_list(p).map_err(|e| file_err("auth.session_keys_file", e))?;
+        }
+        if let Some(p) = &a.api_keys_file {
+            if !a.api_keys.is_empty() {
+                return Err(both("auth.api_keys_file"));
+            }
+            a.api_keys = read_list(p).map_err(|e| file_err("auth.api_keys_file", e))?;
+        }
+        if let Some(p) = &a.turn_users_file {
+            let key = "auth.turn_users_file";
+            if !a.turn_users.is_empty() {
+                return Err(both(key));
+            }
+            for (i, line) in read_list(p)
+                .map_err(|e| file_err(key, e))?
+                .iter()
+                .enumerate()
+            {
+                // Never echo the line: it holds a password.
+                let (name, pass) = line.expose().split_once(':').ok_or_else(|| {
+                    ConfigError::key(key, format!("entry {} is not `name:password`", i + 1))
+                })?;
+                if name.trim().is_empty() || pass.is_empty() {
+                    return Err(ConfigError::key(
+                        key,
+                        format!("entry {} has an empty name or password", i + 1),
+                    ));
+                }
+                a.turn_users
+                    .insert(name.trim().to_string(), Secret::from(pass));
+            }
+        }
+        if let Some(p) = &a.jwt.hs256_secret_file {
+            if a.jwt.hs256_secret.is_some() {
+                return Err(both("auth.jwt.hs256_secret_file"));
+            }
+            a.jwt.hs256_secret =
+                Some(read_one(p).map_err(|e| file_err("auth.jwt.hs256_secret_file", e))?);
+        }
+        for (i, k) in a.jwt.keys.iter_mut().enumerate() {
+            if let Some(p) = &k.hs256_secret_file {
+                let key = format!("auth.jwt.keys[{i}].hs256_secret_file");
+                if k.hs256_secret.is_some() {
+                    return Err(both(&key));
+                }
+                k.hs256_secret = Some(read_one(p).map_err(|e| file_err(&key, e))?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Render the effective configuration as TOML (for `--print-config`). Secrets print as
+    /// `[redacted]`; secrets read from a `*_file` key are left out, the file key stays.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut c = self.clone();
+        let a = &mut c.auth;
+        if a.turn_secrets_file.is_some() {
+            a.turn_secrets.clear();
+        }
+        if a.session_keys_file.is_some() {
+            a.session_keys.clear();
+        }
+        if a.api_keys_file.is_some() {
+            a.api_keys.clear();
+        }
+        if a.turn_users_file.is_some() {
+            a.turn_users.clear();
+        }
+        if a.jwt.hs256_secret_file.is_some() {
+            a.jwt.hs256_secret = None;
+        }
+        for k in &mut a.jwt.keys {
+            if k.hs256_secret_file.is_some() {
+                k.hs256_secret = None;
+            }
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
     /// Check relations between keys that types alone cannot express.
@@ -627,6 +771,18 @@ impl Config {
             (
                 "turn.stream_first_message_timeout_secs",
                 t.stream_first_message_timeout_secs as usize,
+            ),
+            (
+                "turn.max_allocation_age_secs",
+                t.max_allocation_age_secs as usize,
+            ),
+            (
+                "turn.max_pending_connections_per_allocation",
+                t.max_pending_connections_per_allocation,
+            ),
+            (
+                "turn.data_connection_idle_timeout_secs",
+                t.data_connection_idle_timeout_secs as usize,
             ),
             (
                 "tls.max_concurrent_handshakes",
@@ -687,11 +843,88 @@ impl Config {
         if a.backends.contains(&Backend::Jwt)
             && a.jwt.hs256_secret.is_none()
             && a.jwt.public_key_file.is_none()
+            && a.jwt.keys.is_empty()
         {
             return Err(ConfigError::key(
                 "auth.jwt",
-                "the jwt backend needs hs256_secret or public_key_file",
+                "the jwt backend needs hs256_secret, public_key_file or keys",
             ));
+        }
+        for (i, k) in a.jwt.keys.iter().enumerate() {
+            if k.kid.is_empty() {
+                return Err(ConfigError::key(
+                    format!("auth.jwt.keys[{i}].kid"),
+                    "must not be empty",
+                ));
+            }
+            if a.jwt.keys[..i].iter().any(|o| o.kid == k.kid) {
+                return Err(ConfigError::key(
+                    format!("auth.jwt.keys[{i}].kid"),
+                    "an earlier key has the same kid",
+                ));
+            }
+            if k.hs256_secret.is_some() == k.public_key_file.is_some() {
+                return Err(ConfigError::key(
+                    format!("auth.jwt.keys[{i}]"),
+                    "set exactly one of hs256_secret, hs256_secret_file, public_key_file",
+                ));
+            }
+        }
+        if a.max_session_age_secs < a.session_ttl_secs {
+            return Err(ConfigError::key(
+                "auth.max_session_age_secs",
+                "must be at least auth.session_ttl_secs",
+            ));
+        }
+        let mut secrets: Vec<(String, &Secret)> = Vec::new();
+        secrets.extend(
+            a.turn_secrets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("auth.turn_secrets[{i}]"), s)),
+        );
+        secrets.extend(
+            a.session_keys
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("auth.session_keys[{i}]"), s)),
+        );
+        secrets.extend(
+            a.api_keys
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("auth.api_keys[{i}]"), s)),
+        );
+        secrets.extend(
+            a.turn_users
+                .iter()
+                .map(|(n, s)| (format!("auth.turn_users.{n}"), s)),
+        );
+        secrets.extend(
+            a.users
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (format!("auth.users[{i}].password_hash"), &u.password_hash)),
+        );
+        secrets.extend(
+            a.jwt
+                .hs256_secret
+                .iter()
+                .map(|s| ("auth.jwt.hs256_secret".to_string(), s)),
+        );
+        secrets.extend(a.jwt.keys.iter().enumerate().filter_map(|(i, k)| {
+            k.hs256_secret
+                .as_ref()
+                .map(|s| (format!("auth.jwt.keys[{i}].hs256_secret"), s))
+        }));
+        for (key, s) in secrets {
+            if s.is_placeholder() {
+                return Err(ConfigError::key(
+                    key,
+                    "is the `[redacted]` placeholder that --print-config writes; \
+                     put the real secret here or in the matching *_file key",
+                ));
+            }
         }
         if a.session_ttl_secs == 0 {
             return Err(ConfigError::key(
@@ -984,7 +1217,7 @@ mod tests {
         let c = Config::load(None, env).unwrap();
         assert_eq!(c.turn.relay_port_min, 50000);
         assert_eq!(c.turn.realm, "example.org");
-        assert_eq!(c.auth.turn_secrets, vec!["a", "b"]);
+        assert_eq!(c.auth.turn_secrets, vec!["a".into(), "b".into()]);
     }
 
     #[test]
@@ -1016,5 +1249,136 @@ mod tests {
             Config::default(),
             "config/switchboard.toml documents the defaults"
         );
+    }
+
+    /// Every kind of secret, set inline.
+    const SECRETS_TOML: &str = "[auth]\n\
+        turn_secrets = [\"TS-one-secret\"]\n\
+        session_keys = [\"SK-0123456789abcdef\"]\n\
+        api_keys = [\"AK-api-key\"]\n\
+        backends = [\"open\", \"jwt\"]\n\
+        [auth.turn_users]\nalice = \"TU-alice-pass\"\n\
+        [[auth.users]]\nname = \"ann\"\npassword_hash = \"PH-$argon2id$x\"\n\
+        [auth.jwt]\nhs256_secret = \"JW-hs-secret\"\n\
+        [[auth.jwt.keys]]\nkid = \"k1\"\nhs256_secret = \"JK-kid-secret\"\n";
+    const SECRET_VALUES: [&str; 8] = [
+        "TS-one-secret",
+        "SK-0123456789abcdef",
+        "AK-api-key",
+        "TU-alice-pass",
+        "PH-$argon2id$x",
+        "JW-hs-secret",
+        "JK-kid-secret",
+        "0123456789abcdef",
+    ];
+
+    #[test]
+    fn print_config_and_debug_show_no_secret() {
+        let c = Config::from_toml(SECRETS_TOML).unwrap();
+        assert_eq!(c.auth.turn_users["alice"].expose(), "TU-alice-pass");
+        let printed = c.to_toml();
+        let debug = format!("{c:?} {c:#?}");
+        for s in SECRET_VALUES {
+            assert!(!printed.contains(s), "print-config leaks {s}:\n{printed}");
+            assert!(!debug.contains(s), "Debug leaks {s}");
+        }
+        assert!(printed.contains("[redacted]"), "{printed}");
+        // Fed back as is, the placeholder is refused and named.
+        let e = err_of(&printed);
+        assert!(
+            e.contains("auth.turn_secrets[0]") && e.contains("placeholder"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_files_fill_every_secret_and_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |name: &str, body: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, body).unwrap();
+            p
+        };
+        let text = format!(
+            "[auth]\nturn_secrets_file = {:?}\nsession_keys_file = {:?}\napi_keys_file = {:?}\n\
+             turn_users_file = {:?}\nbackends = [\"jwt\"]\n[auth.jwt]\nhs256_secret_file = {:?}\n\
+             [[auth.jwt.keys]]\nkid = \"k1\"\nhs256_secret_file = {:?}\n",
+            f("turn", "# newest first\nTS-new\nTS-old\n"),
+            f("session", "SK-0123456789abcdef\n"),
+            f("api", "AK-1\n"),
+            f("users", "alice:TU-a:b\n"),
+            f("jwt", "JW-secret\n"),
+            f("kid", "JK-secret"),
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let a = &c.auth;
+        assert_eq!(
+            a.turn_secrets
+                .iter()
+                .map(Secret::expose)
+                .collect::<Vec<_>>(),
+            ["TS-new", "TS-old"]
+        );
+        assert_eq!(a.session_keys[0].expose(), "SK-0123456789abcdef");
+        assert_eq!(a.api_keys[0].expose(), "AK-1");
+        assert_eq!(a.turn_users["alice"].expose(), "TU-a:b");
+        assert_eq!(a.jwt.hs256_secret.as_ref().unwrap().expose(), "JW-secret");
+        assert_eq!(
+            a.jwt.keys[0].hs256_secret.as_ref().unwrap().expose(),
+            "JK-secret"
+        );
+        // print-config keeps the file keys, shows no secret, and reads back the same.
+        let printed = c.to_toml();
+        for s in [
+            "TS-new",
+            "SK-0123",
+            "AK-1",
+            "TU-a",
+            "JW-secret",
+            "JK-secret",
+        ] {
+            assert!(!printed.contains(s), "{printed}");
+        }
+        assert_eq!(Config::from_toml(&printed).unwrap(), c);
+
+        // Errors name the key; a missing file, an empty one, a bad line, both set.
+        let e = err_of("[auth]\nturn_secrets_file = \"/nonexistent/turn\"\n");
+        assert!(
+            e.contains("auth.turn_secrets_file") && e.contains("/nonexistent/turn"),
+            "{e}"
+        );
+        let empty = f("empty", "\n# nothing\n");
+        let e = err_of(&format!("[auth]\nsession_keys_file = {empty:?}\n"));
+        assert!(e.contains("auth.session_keys_file"), "{e}");
+        let bad = f("bad", "no-colon-here\n");
+        let e = err_of(&format!("[auth]\nturn_users_file = {bad:?}\n"));
+        assert!(
+            e.contains("auth.turn_users_file") && !e.contains("no-colon-here"),
+            "{e}"
+        );
+        let one = f("one", "x\n");
+        let e = err_of(&format!(
+            "[auth]\napi_keys = [\"y\"]\napi_keys_file = {one:?}\n"
+        ));
+        assert!(e.contains("auth.api_keys_file"), "{e}");
+        let e = err_of(&format!(
+            "[auth.jwt]\nhs256_secret = \"y\"\nhs256_secret_file = {one:?}\n"
+        ));
+        assert!(e.contains("auth.jwt.hs256_secret_file"), "{e}");
+    }
+
+    #[test]
+    fn session_age_and_jwt_keys_are_validated() {
+        let e = err_of("[auth]\nsession_ttl_secs = 600\nmax_session_age_secs = 60\n");
+        assert!(e.contains("auth.max_session_age_secs"), "{e}");
+        let e = err_of("[[auth.jwt.keys]]\nkid = \"\"\nhs256_secret = \"x\"\n");
+        assert!(e.contains("auth.jwt.keys[0].kid"), "{e}");
+        let e = err_of(
+            "[[auth.jwt.keys]]\nkid = \"a\"\nhs256_secret = \"x\"\n\
+             [[auth.jwt.keys]]\nkid = \"a\"\nhs256_secret = \"y\"\n",
+        );
+        assert!(e.contains("auth.jwt.keys[1].kid"), "{e}");
+        let e = err_of("[[auth.jwt.keys]]\nkid = \"a\"\n");
+        assert!(e.contains("auth.jwt.keys[0]"), "{e}");
     }
 }

@@ -94,6 +94,18 @@ pub fn ice_config(
     user: &str,
     now_unix: u64,
 ) -> IceConfig {
+    ice_config_until(shared, request_host, user, now_unix, None)
+}
+
+/// Like [`ice_config`], with TURN credentials that expire no later than `not_after` (Unix
+/// time): the end of the login they are handed to.
+pub fn ice_config_until(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    now_unix: u64,
+    not_after: Option<u64>,
+) -> IceConfig {
     let c = &shared.config;
     let host = public_host(shared, request_host);
     let bound = shared.bound.get().cloned().unwrap_or_default();
@@ -139,7 +151,14 @@ pub fn ice_config(
         let room = MAX_URLS.saturating_sub(servers.iter().map(|s| s.urls.len()).sum());
         urls.truncate(room);
         if !urls.is_empty() {
-            let cred = shared.auth.turn_credentials(Some(user), now_unix);
+            let ttl = not_after.map_or(shared.auth.turn_ttl(), |end| {
+                shared
+                    .auth
+                    .turn_ttl()
+                    .min(end.saturating_sub(now_unix))
+                    .max(1)
+            });
+            let cred = shared.auth.turn_credentials_for(Some(user), now_unix, ttl);
             servers.push(IceServer {
                 urls,
                 username: Some(cred.username.clone()),

@@ -12,6 +12,7 @@ pub mod http;
 pub mod ice;
 pub mod listener;
 pub mod metrics;
+pub mod secret;
 pub mod server;
 pub mod signaling;
 pub mod stun;

@@ -121,14 +121,46 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the tokio runtime")?;
     rt.block_on(async move {
         let drain_timeout = Duration::from_secs(config.server.drain_timeout_secs);
+        // Handlers first: a SIGHUP right after "ready" must reload, not kill the process.
+        let signals = Signals::new()?;
         let server = Server::new(config).start().await?;
         tracing::info!("switchboard ready");
-        lifecycle(&server, path.as_deref(), drain_timeout).await?;
+        lifecycle(&server, signals, path.as_deref(), drain_timeout).await?;
         server.shutdown();
         server.wait().await;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// The signals the process handles, installed before the server reports ready.
+#[cfg(unix)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+        })
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals)
+    }
 }
 
 /// Signals: SIGHUP reloads; SIGTERM drains (readiness off, no new allocations or joins,
@@ -137,13 +169,15 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
 #[cfg(unix)]
 async fn lifecycle(
     server: &switchboard::RunningServer,
+    signals: Signals,
     path: Option<&std::path::Path>,
     drain_timeout: Duration,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     let shared = server.shared();
     loop {
         tokio::select! {
@@ -188,6 +222,7 @@ async fn lifecycle(
 #[cfg(not(unix))]
 async fn lifecycle(
     _server: &switchboard::RunningServer,
+    _signals: Signals,
     _path: Option<&std::path::Path>,
     _drain_timeout: Duration,
 ) -> anyhow::Result<()> {

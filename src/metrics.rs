@@ -247,14 +247,22 @@ impl Metrics {
             "bad_signature",
             "unknown_user",
             "wrong_credentials",
+            "too_old",
         ] {
             m.auth_failures.with_label_values(&[r]);
         }
-        for r in ["expired", "refreshed_zero", "quota", "shutdown", "closed"] {
+        for r in [
+            "expired",
+            "refreshed_zero",
+            "quota",
+            "shutdown",
+            "closed",
+            "max_age",
+        ] {
             m.turn_allocations_deleted.with_label_values(&[r]);
         }
         for c in [
-            "400", "401", "403", "437", "438", "441", "442", "486", "508",
+            "400", "401", "403", "420", "437", "438", "441", "442", "486", "508",
         ] {
             m.turn_errors.with_label_values(&[c]);
         }
@@ -281,6 +289,11 @@ impl Metrics {
             "ws_frame_too_large",
             "ws_connections_per_ip",
             "ws_slow_consumer",
+            "peer_datagram_oversized",
+            "peer_connections_per_allocation",
+            "connection_bind_refused",
+            "data_connection_idle",
+            "data_connection_allocation_gone",
         ] {
             m.drops.with_label_values(&[r]);
         }

@@ -148,7 +148,9 @@ impl TurnShared {
         TurnShared {
             settings: Arc::new(settings),
             pool: Arc::new(crate::turn::core::Pool::new()),
-            conns: Arc::new(crate::turn::relay::Conns::default()),
+            conns: Arc::new(crate::turn::relay::Conns::new(
+                config.turn.max_pending_connections_per_allocation,
+            )),
         }
     }
 }

@@ -489,3 +489,92 @@ async fn sighup_keeps_random_secrets_and_reloads_login_users() {
     assert_eq!(post("bob", "bob-pass").await.0, 200);
     assert_eq!(post("ann", "ann-pass").await.0, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_files_are_read_at_start_and_on_sighup_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("turn_secrets");
+    let key_file = dir.path().join("api_keys");
+    std::fs::write(&secret_file, "file-secret-one\n").unwrap();
+    std::fs::write(&key_file, "file-api-key-1\n").unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[auth]\nturn_secrets_file = {secret_file:?}\napi_keys_file = {key_file:?}\n\
+             session_keys = [\"inline-session-key-0123\"]\n"
+        ),
+    );
+
+    // --print-config: file keys shown, no secret (file or inline or environment).
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--print-config")
+        .env("SWITCHBOARD_AUTH__TURN_USERS__ALICE", "env-turn-password")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    for s in [
+        "file-secret-one",
+        "file-api-key-1",
+        "inline-session-key-0123",
+        "env-turn-password",
+    ] {
+        assert!(!printed.contains(s), "--print-config shows {s}:\n{printed}");
+    }
+    assert!(printed.contains("turn_secrets_file"), "{printed}");
+    assert!(printed.contains("[redacted]"), "{printed}");
+
+    // An unreadable secret file at start: exit 2, the key named.
+    let bad_dir = dir.path().join("bad");
+    std::fs::create_dir(&bad_dir).unwrap();
+    let bad = write_config(
+        &bad_dir,
+        "[auth]\nsession_keys_file = \"/nonexistent/switchboard-keys\"\n",
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auth.session_keys_file"), "{err}");
+
+    let mut p = Proc::start(&cfg);
+    let (u1, pw1) = rest_creds("file-secret-one");
+    assert_eq!(Raw::new(p.udp).await.allocate(&u1, &pw1).await.code(), None);
+    let http = p.http;
+    let rest = |key: &'static str| async move {
+        reqwest::get(format!("http://{http}/v1/turn-credentials?key={key}"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(rest("file-api-key-1").await, 200);
+
+    // Rotate both files (as a Kubernetes Secret update does), then SIGHUP.
+    std::fs::write(&secret_file, "file-secret-two\nfile-secret-one\n").unwrap();
+    std::fs::write(&key_file, "file-api-key-2\n").unwrap();
+    p.signal("-HUP");
+    p.wait_log("SIGHUP: reloaded");
+    let (u2, pw2) = rest_creds("file-secret-two");
+    assert_eq!(Raw::new(p.udp).await.allocate(&u2, &pw2).await.code(), None);
+    assert_eq!(rest("file-api-key-2").await, 200);
+    assert_eq!(rest("file-api-key-1").await, 401, "old API key dropped");
+
+    // A file that vanished: the reload is refused naming the key, the old secrets stay.
+    std::fs::remove_file(&key_file).unwrap();
+    p.signal("-HUP");
+    let l = p.wait_log("reload refused");
+    assert!(l.contains("auth.api_keys_file"), "{l}");
+    assert_eq!(rest("file-api-key-2").await, 200);
+
+    // Nothing logged so far carries a secret.
+    let log = p.log.join("\n");
+    for s in ["file-secret", "file-api-key", "inline-session-key"] {
+        assert!(!log.contains(s), "log shows {s}:\n{log}");
+    }
+}

@@ -88,7 +88,7 @@ async fn open_login_returns_every_address_in_browser_shape() {
     let (expiry, who) = user.split_once(':').unwrap();
     assert!(expiry.parse::<u64>().unwrap() > now());
     assert!(who.starts_with("Ann#"));
-    assert_eq!(v["ttl"], 86400);
+    assert_eq!(v["ttl"], 3600);
     assert_eq!(v["signalingUrl"], format!("ws://{}/v1/ws", srv.http_addr()));
     // The session token verifies and names the same user.
     let token = v["token"].as_str().unwrap();
@@ -574,7 +574,7 @@ async fn issued_credentials_allocate_with_turnutils_uclient() {
         .json()
         .await
         .unwrap();
-    assert_eq!(rest["ttl"], 86400);
+    assert_eq!(rest["ttl"], 3600);
     assert!(rest["uris"].as_array().unwrap().len() >= 2);
     let (u, pw) = (
         rest["username"].as_str().unwrap(),

@@ -1086,3 +1086,61 @@ async fn replay_and_outbox_bytes_are_bounded_under_a_flood() {
     srv.shutdown();
     srv.wait().await;
 }
+
+#[tokio::test]
+async fn renewals_stop_at_the_maximum_login_age_and_the_socket_closes() {
+    // Renewed every second (half the 2 s session TTL); the login may last 4 s in all.
+    let srv = start(
+        "",
+        "[auth]\nsession_ttl_secs = 2\nmax_session_age_secs = 4\n\
+         turn_credential_ttl_secs = 3600\n",
+    )
+    .await;
+    let login = switchboard::auth::unix_now();
+    let mut ws = connect(&srv).await;
+    send(
+        &mut ws,
+        json!({"type": "hello", "token": token(&srv, "stays-forever", None)}),
+    )
+    .await;
+    recv_type(&mut ws, "welcome").await;
+    let mut pushes = 0;
+    let closed_with = loop {
+        let m = tokio::time::timeout(Duration::from_secs(8), ws.next())
+            .await
+            .expect("a frame or the close within 8 s")
+            .expect("socket open")
+            .expect("frame ok");
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "ice-servers" {
+                    pushes += 1;
+                    // Neither the session token nor the TURN credential reaches past the
+                    // login's end, although the TURN TTL is an hour.
+                    assert!(v["tokenExpiresAt"].as_u64().unwrap() <= login + 5, "{v}");
+                    assert!(v["expiresAt"].as_u64().unwrap() <= login + 5, "{v}");
+                    // The renewed token itself is refused once the login is too old.
+                    let tok = v["token"].as_str().unwrap();
+                    let s = srv.shared().auth.verify_session(tok, login + 5);
+                    assert!(s.is_err(), "{s:?}");
+                } else {
+                    assert_eq!(v["type"], "error", "{v}");
+                    assert_eq!(v["code"], "expired_token", "{v}");
+                }
+            }
+            Message::Close(Some(f)) => break u16::from(f.code),
+            Message::Close(None) => panic!("closed without a code"),
+            _ => {}
+        }
+    };
+    assert_eq!(closed_with, 4003);
+    assert!(pushes >= 3, "renewed while the login was young: {pushes}");
+    let elapsed = switchboard::auth::unix_now() - login;
+    assert!((3..=6).contains(&elapsed), "closed after {elapsed} s");
+    assert!(metric(&srv, "switchboard_auth_failures_total{reason=\"too_old\"}") >= 1.0);
+    // A fresh login is served at once.
+    let _ws = hello(&srv, "stays-forever").await;
+    srv.shutdown();
+    srv.wait().await;
+}

@@ -241,6 +241,10 @@ async fn idle_tcp_connections_time_out() {
     let srv = Server::new(cfg).start().await.unwrap();
     let server = srv.bound().tcp[0];
     let mut s = TcpStream::connect(server).await.unwrap();
+    // One valid message, then silence: the idle timeout (not the first-message deadline).
+    let req = binding_request();
+    s.write_all(&req.raw).await.unwrap();
+    read_stun(&mut s).await;
     let mut buf = [0u8; 4];
     // Generous bound: the server must close the silent connection on its own.
     let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;

@@ -1,27 +1,29 @@
-//! Verification of JWTs minted by the operator's own app backend: HS256 with a shared
-//! secret, RS256 or EdDSA (Ed25519) with a PEM public key. The algorithm is fixed by the
-//! configured key, never by the token, so `none` and algorithm confusion are refused.
+//! Verification of JWTs minted by the operator's own app backend, on the `jsonwebtoken`
+//! crate: HS256 with a shared secret, RS256, ES256 or EdDSA with a PEM public key. Each
+//! configured key has one pinned `Validation` whose only algorithm is fixed by the key,
+//! never by the token, so `none` and algorithm confusion are refused. A token that names a
+//! `kid` is checked only against the key configured with that id.
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-use ring::signature::{UnparsedPublicKey, ED25519, RSA_PKCS1_2048_8192_SHA256};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::SubjectPublicKeyInfoDer;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use std::path::Path;
-use subtle::ConstantTimeEq;
 
 use crate::config::JwtConfig;
+use crate::secret::Secret;
 
 /// Why a JWT was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
-    /// Not three base64url parts, or unparsable JSON.
+    /// Not three base64url parts, unparsable JSON, or an algorithm nobody implements.
     #[error("malformed token")]
     Malformed,
-    /// `alg` does not match the configured key.
+    /// `alg` does not match any configured key.
     #[error("token algorithm {0} is not accepted")]
     Algorithm(String),
+    /// The token names a `kid` that no configured key has.
+    #[error("token key id is not configured")]
+    UnknownKey,
     /// The signature does not verify.
     #[error("bad signature")]
     Signature,
@@ -47,19 +49,28 @@ pub struct KeyError {
     message: String,
 }
 
-#[derive(Debug, Clone)]
-enum Key {
-    Hs256(Vec<u8>),
-    Rs256(Vec<u8>),
-    Ed25519(Vec<u8>),
+/// One configured key with its pinned validation.
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+    validation: Validation,
 }
 
-/// A verifier built once from config.
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // DecodingKey holds the HS256 secret: never print it.
+        f.debug_struct("Key")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verifier built once from config (and again on SIGHUP).
+#[derive(Debug)]
 pub struct JwtVerifier {
     keys: Vec<Key>,
-    issuer: Option<String>,
-    audience: Option<String>,
     leeway: u64,
 }
 
@@ -75,114 +86,99 @@ pub struct Claims {
 }
 
 #[derive(Deserialize)]
-struct Header {
-    alg: String,
-}
-
-#[derive(Deserialize)]
 struct RawClaims {
     sub: Option<String>,
     exp: Option<u64>,
     nbf: Option<u64>,
-    iss: Option<String>,
-    #[serde(default)]
-    aud: Option<Audience>,
     room: Option<String>,
 }
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Audience {
-    One(String),
-    Many(Vec<String>),
-}
-
-const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
-const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 
 impl JwtVerifier {
     /// Load keys from config; a bad key file is an error naming it.
     pub fn from_config(cfg: &JwtConfig) -> Result<JwtVerifier, KeyError> {
         let mut keys = Vec::new();
-        if let Some(s) = &cfg.hs256_secret {
-            keys.push(Key::Hs256(s.as_bytes().to_vec()));
-        }
-        if let Some(p) = &cfg.public_key_file {
-            keys.push(load_public_key(p)?);
+        let mut add = |kid: Option<&str>, secret: Option<&Secret>, file: Option<&Path>| {
+            let (alg, key) = match (secret, file) {
+                (Some(s), _) => (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(s.expose().as_bytes()),
+                ),
+                (None, Some(p)) => load_public_key(p)?,
+                (None, None) => return Ok(()),
+            };
+            keys.push(Key {
+                kid: kid.map(str::to_string),
+                alg,
+                key,
+                validation: validation(cfg, alg),
+            });
+            Ok::<(), KeyError>(())
+        };
+        add(None, cfg.hs256_secret.as_ref(), None)?;
+        add(None, None, cfg.public_key_file.as_deref())?;
+        for k in &cfg.keys {
+            add(
+                Some(&k.kid),
+                k.hs256_secret.as_ref(),
+                k.public_key_file.as_deref(),
+            )?;
         }
         Ok(JwtVerifier {
             keys,
-            issuer: cfg.issuer.clone(),
-            audience: cfg.audience.clone(),
             leeway: cfg.leeway_secs,
         })
     }
 
     /// Verify signature and claims at `now_unix`.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, JwtError> {
-        let mut parts = token.trim().split('.');
-        let (Some(h), Some(p), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(JwtError::Malformed);
+        let token = token.trim();
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        // A named kid picks its key; keys configured without a kid stand in for unknown ids.
+        let by_kid: Vec<&Key> = match &header.kid {
+            Some(kid) => {
+                let named: Vec<&Key> = self
+                    .keys
+                    .iter()
+                    .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                    .collect();
+                if named.is_empty() {
+                    self.keys.iter().filter(|k| k.kid.is_none()).collect()
+                } else {
+                    named
+                }
+            }
+            None => self.keys.iter().collect(),
         };
-        let header: Header = decode_json(h)?;
-        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed)?;
-        let signed = &token.trim()[..h.len() + 1 + p.len()];
-        let mut alg_known = false;
-        let mut ok = false;
-        for k in &self.keys {
-            match (k, header.alg.as_str()) {
-                (Key::Hs256(secret), "HS256") => {
-                    alg_known = true;
-                    let want = super::hmac_sha256(secret, signed.as_bytes());
-                    ok |= bool::from(want.as_slice().ct_eq(&sig));
+        if by_kid.is_empty() {
+            return Err(JwtError::UnknownKey);
+        }
+        let mut last = None;
+        for k in by_kid.iter().filter(|k| k.alg == header.alg) {
+            match jsonwebtoken::decode::<RawClaims>(token, &k.key, &k.validation) {
+                Ok(data) => return self.check_time(data.claims, now_unix),
+                Err(e) => {
+                    let e = map_error(e.kind());
+                    // A signature that verifies under one key outranks a mismatch under another.
+                    if last.is_none() || e != JwtError::Signature {
+                        last = Some(e);
+                    }
                 }
-                (Key::Rs256(der), "RS256") => {
-                    alg_known = true;
-                    ok |= UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
-                        .verify(signed.as_bytes(), &sig)
-                        .is_ok();
-                }
-                (Key::Ed25519(raw), "EdDSA") => {
-                    alg_known = true;
-                    ok |= UnparsedPublicKey::new(&ED25519, raw)
-                        .verify(signed.as_bytes(), &sig)
-                        .is_ok();
-                }
-                _ => {}
             }
         }
-        if !alg_known {
-            return Err(JwtError::Algorithm(header.alg));
-        }
-        if !ok {
-            return Err(JwtError::Signature);
-        }
-        let c: RawClaims = decode_json(p)?;
+        Err(last.unwrap_or_else(|| JwtError::Algorithm(format!("{:?}", header.alg))))
+    }
+
+    /// `exp`/`nbf` against the caller's clock (the crate also checks its own, at the
+    /// same leeway), and the subject.
+    fn check_time(&self, c: RawClaims, now_unix: u64) -> Result<Claims, JwtError> {
         let exp = c.exp.ok_or(JwtError::Expired)?;
         if exp.saturating_add(self.leeway) <= now_unix {
             return Err(JwtError::Expired);
         }
-        if let Some(nbf) = c.nbf {
-            if nbf > now_unix.saturating_add(self.leeway) {
-                return Err(JwtError::NotYetValid);
-            }
-        }
-        if let Some(iss) = &self.issuer {
-            if c.iss.as_deref() != Some(iss.as_str()) {
-                return Err(JwtError::Claims);
-            }
-        }
-        if let Some(aud) = &self.audience {
-            let matches = match &c.aud {
-                Some(Audience::One(a)) => a == aud,
-                Some(Audience::Many(v)) => v.iter().any(|a| a == aud),
-                None => false,
-            };
-            if !matches {
-                return Err(JwtError::Claims);
-            }
+        if c.nbf
+            .is_some_and(|nbf| nbf > now_unix.saturating_add(self.leeway))
+        {
+            return Err(JwtError::NotYetValid);
         }
         let sub = c
             .sub
@@ -196,73 +192,69 @@ impl JwtVerifier {
     }
 }
 
-fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| JwtError::Malformed)?;
-    serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)
+/// The pinned validation for one key: its algorithm only, `exp` required, `nbf` checked,
+/// `iss`/`aud` required when configured (and a token with an `aud` refused when none is).
+fn validation(cfg: &JwtConfig, alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.leeway = cfg.leeway_secs;
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    if let Some(iss) = &cfg.issuer {
+        v.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    match &cfg.audience {
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => v.validate_aud = false,
+    }
+    v.set_required_spec_claims(&required);
+    v
 }
 
-fn load_public_key(path: &Path) -> Result<Key, KeyError> {
+fn map_error(kind: &ErrorKind) -> JwtError {
+    match kind {
+        ErrorKind::InvalidSignature => JwtError::Signature,
+        ErrorKind::InvalidAlgorithm => JwtError::Algorithm("mismatch".into()),
+        ErrorKind::ExpiredSignature => JwtError::Expired,
+        ErrorKind::ImmatureSignature => JwtError::NotYetValid,
+        ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => JwtError::Claims,
+        ErrorKind::MissingRequiredClaim(c) if c == "exp" => JwtError::Expired,
+        ErrorKind::MissingRequiredClaim(c) if c == "sub" => JwtError::NoSubject,
+        ErrorKind::MissingRequiredClaim(_) => JwtError::Claims,
+        _ => JwtError::Malformed,
+    }
+}
+
+/// A PEM public key: RSA (RS256), P-256 (ES256) or Ed25519 (EdDSA), by its own type.
+fn load_public_key(path: &Path) -> Result<(Algorithm, DecodingKey), KeyError> {
     let err = |message: String| KeyError {
         path: path.display().to_string(),
         message,
     };
-    let spki = SubjectPublicKeyInfoDer::from_pem_file(path)
-        .map_err(|e| err(format!("expected a PEM `PUBLIC KEY`: {e}")))?;
-    let (oid, key) = split_spki(spki.as_ref()).ok_or_else(|| err("malformed SPKI".into()))?;
-    if oid == OID_RSA {
-        Ok(Key::Rs256(key.to_vec()))
-    } else if oid == OID_ED25519 {
-        Ok(Key::Ed25519(key.to_vec()))
-    } else {
-        Err(err(
-            "only RSA (RS256) and Ed25519 (EdDSA) keys are supported".into(),
-        ))
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((Algorithm::RS256, k));
     }
-}
-
-/// One DER TLV: (tag, value, rest).
-fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = b.split_first()?;
-    let (&l0, rest) = rest.split_first()?;
-    let (len, rest) = if l0 < 0x80 {
-        (l0 as usize, rest)
-    } else {
-        let n = (l0 & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
-        return None;
+    if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+        return Ok((Algorithm::EdDSA, k));
     }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// SubjectPublicKeyInfo → (algorithm OID, subjectPublicKey bits without the unused-bits byte).
-fn split_spki(der: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (0x30, spki, _) = tlv(der)? else {
-        return None;
-    };
-    let (0x30, alg, rest) = tlv(spki)? else {
-        return None;
-    };
-    let (0x06, oid, _) = tlv(alg)? else {
-        return None;
-    };
-    let (0x03, bits, _) = tlv(rest)? else {
-        return None;
-    };
-    let (&unused, key) = bits.split_first()?;
-    (unused == 0).then_some((oid, key))
+    if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+        return Ok((Algorithm::ES256, k));
+    }
+    Err(err(
+        "expected a PEM public key: RSA (RS256), P-256 (ES256) or Ed25519 (EdDSA)".into(),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::JwtKeyConfig;
+    use jsonwebtoken::{encode, EncodingKey, Header};
 
     fn hs(secret: &str) -> JwtVerifier {
         JwtVerifier::from_config(&JwtConfig {
@@ -272,49 +264,61 @@ mod tests {
         .unwrap()
     }
 
-    fn mint_hs(secret: &str, header: &str, claims: &str) -> String {
-        let h = URL_SAFE_NO_PAD.encode(header);
-        let p = URL_SAFE_NO_PAD.encode(claims);
-        let sig = super::super::hmac_sha256(secret.as_bytes(), format!("{h}.{p}").as_bytes());
-        format!("{h}.{p}.{}", URL_SAFE_NO_PAD.encode(sig))
+    fn now() -> u64 {
+        crate::auth::unix_now()
+    }
+
+    fn mint(secret: &str, kid: Option<&str>, claims: serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = kid.map(str::to_string);
+        encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
     }
 
     #[test]
     fn hs256_round_trip_and_claim_checks() {
         let v = hs("s3cret");
-        let t = mint_hs(
+        let t0 = now();
+        let t = mint(
             "s3cret",
-            r#"{"alg":"HS256"}"#,
-            r#"{"sub":"u1","exp":200,"room":"r"}"#,
+            None,
+            serde_json::json!({"sub":"u1","exp":t0 + 100,"room":"r"}),
         );
-        let c = v.verify(&t, 100).unwrap();
+        let c = v.verify(&t, t0).unwrap();
         assert_eq!(c.sub, "u1");
         assert_eq!(c.room.as_deref(), Some("r"));
-        assert_eq!(v.verify(&t, 200), Err(JwtError::Expired));
-        assert_eq!(hs("other").verify(&t, 100), Err(JwtError::Signature));
-        let nbf = mint_hs(
+        assert_eq!(v.verify(&t, t0 + 100), Err(JwtError::Expired));
+        assert_eq!(hs("other").verify(&t, t0), Err(JwtError::Signature));
+        let nbf = mint(
             "s3cret",
-            r#"{"alg":"HS256"}"#,
-            r#"{"sub":"u","exp":500,"nbf":300}"#,
+            None,
+            serde_json::json!({"sub":"u","exp":t0 + 500,"nbf":t0 + 300}),
         );
-        assert_eq!(v.verify(&nbf, 100), Err(JwtError::NotYetValid));
-        let nosub = mint_hs("s3cret", r#"{"alg":"HS256"}"#, r#"{"exp":500}"#);
-        assert_eq!(v.verify(&nosub, 100), Err(JwtError::NoSubject));
-        let noexp = mint_hs("s3cret", r#"{"alg":"HS256"}"#, r#"{"sub":"u"}"#);
-        assert_eq!(v.verify(&noexp, 100), Err(JwtError::Expired));
+        assert_eq!(v.verify(&nbf, t0), Err(JwtError::NotYetValid));
+        let nosub = mint("s3cret", None, serde_json::json!({"exp":t0 + 500}));
+        assert_eq!(v.verify(&nosub, t0), Err(JwtError::NoSubject));
+        let noexp = mint("s3cret", None, serde_json::json!({"sub":"u"}));
+        assert_eq!(v.verify(&noexp, t0), Err(JwtError::Expired));
+        let old = mint("s3cret", None, serde_json::json!({"sub":"u","exp":t0 - 10}));
+        assert_eq!(
+            v.verify(&old, t0 - 20),
+            Err(JwtError::Expired),
+            "crate clock too"
+        );
     }
 
     #[test]
     fn none_and_confused_algorithms_are_refused() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
         let v = hs("s3cret");
         let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#);
-        let p = URL_SAFE_NO_PAD.encode(r#"{"sub":"u","exp":999}"#);
+        let p = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"u","exp":{}}}"#, now() + 99));
+        assert!(v.verify(&format!("{h}.{p}."), now()).is_err());
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#);
         assert_eq!(
-            v.verify(&format!("{h}.{p}."), 1),
-            Err(JwtError::Algorithm("none".into()))
+            v.verify(&format!("{h}.{p}.AAAA"), now()),
+            Err(JwtError::Algorithm("RS256".into()))
         );
-        let rs = mint_hs("s3cret", r#"{"alg":"RS256"}"#, r#"{"sub":"u","exp":999}"#);
-        assert_eq!(v.verify(&rs, 1), Err(JwtError::Algorithm("RS256".into())));
         assert_eq!(v.verify("a.b", 1), Err(JwtError::Malformed));
         assert_eq!(v.verify("!!.!!.!!", 1), Err(JwtError::Malformed));
     }
@@ -328,17 +332,63 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let good = mint_hs(
+        let exp = now() + 60;
+        let good = mint(
             "k",
-            r#"{"alg":"HS256"}"#,
-            r#"{"sub":"u","exp":9,"iss":"app","aud":["x","sb"]}"#,
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"iss":"app","aud":["x","sb"]}),
         );
-        assert!(v.verify(&good, 1).is_ok());
-        let bad = mint_hs(
+        assert!(v.verify(&good, now()).is_ok());
+        let bad = mint(
             "k",
-            r#"{"alg":"HS256"}"#,
-            r#"{"sub":"u","exp":9,"iss":"app","aud":"x"}"#,
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"iss":"app","aud":"x"}),
         );
-        assert_eq!(v.verify(&bad, 1), Err(JwtError::Claims));
+        assert_eq!(v.verify(&bad, now()), Err(JwtError::Claims));
+        let no_iss = mint(
+            "k",
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"aud":"sb"}),
+        );
+        assert_eq!(v.verify(&no_iss, now()), Err(JwtError::Claims));
+    }
+
+    #[test]
+    fn kid_selects_its_key_and_unknown_kids_are_refused() {
+        let v = JwtVerifier::from_config(&JwtConfig {
+            keys: vec![
+                JwtKeyConfig {
+                    kid: "a".into(),
+                    hs256_secret: Some("secret-a".into()),
+                    ..Default::default()
+                },
+                JwtKeyConfig {
+                    kid: "b".into(),
+                    hs256_secret: Some("secret-b".into()),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+        let c = serde_json::json!({"sub":"u","exp":now() + 60});
+        assert!(v
+            .verify(&mint("secret-a", Some("a"), c.clone()), now())
+            .is_ok());
+        assert!(v
+            .verify(&mint("secret-b", Some("b"), c.clone()), now())
+            .is_ok());
+        // Signed with b's secret but claiming a: only a's key is tried.
+        assert_eq!(
+            v.verify(&mint("secret-b", Some("a"), c.clone()), now()),
+            Err(JwtError::Signature)
+        );
+        assert_eq!(
+            v.verify(&mint("secret-a", Some("zz"), c.clone()), now()),
+            Err(JwtError::UnknownKey)
+        );
+        // No kid: every key is a candidate.
+        assert!(v.verify(&mint("secret-b", None, c), now()).is_ok());
+        assert!(!format!("{v:?}").contains("secret-a"));
     }
 }

@@ -73,7 +73,7 @@ pub fn backend_label(b: Backend) -> &'static str {
 #[derive(Debug)]
 pub struct Login {
     backends: Vec<Backend>,
-    users: HashMap<String, String>,
+    users: HashMap<String, crate::secret::Secret>,
     jwt: Option<JwtVerifier>,
     /// A valid hash verified when the user is unknown, so timing does not reveal names.
     dummy_hash: String,
@@ -132,7 +132,7 @@ impl Login {
                     return Err(LoginError::BackendDisabled("users"));
                 }
                 let (hash, known) = match self.users.get(username) {
-                    Some(h) => (h.as_str(), true),
+                    Some(h) => (h.expose(), true),
                     None => (self.dummy_hash.as_str(), false),
                 };
                 if verify_password(hash, password) && known {
@@ -266,7 +266,7 @@ mod tests {
             backends: vec![Backend::Users],
             users: vec![UserEntry {
                 name: "ann".into(),
-                password_hash: hash,
+                password_hash: hash.into(),
             }],
             ..Default::default()
         };

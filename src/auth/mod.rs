@@ -16,6 +16,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
+use crate::secret::Secret;
 
 /// Why a credential was refused; `reason()` gives a low-cardinality metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +36,9 @@ pub enum AuthError {
     /// The user is not known.
     #[error("unknown user")]
     UnknownUser,
+    /// The login is older than `auth.max_session_age_secs`; the user must log in again.
+    #[error("login too old; log in again")]
+    TooOld,
 }
 
 impl AuthError {
@@ -46,6 +50,7 @@ impl AuthError {
             AuthError::Expired => "expired",
             AuthError::BadSignature => "bad_signature",
             AuthError::UnknownUser => "unknown_user",
+            AuthError::TooOld => "too_old",
         }
     }
 }
@@ -54,43 +59,37 @@ impl AuthError {
 #[derive(Debug, Clone)]
 pub struct Secrets {
     /// TURN REST secrets: the first signs new credentials, all verify.
-    pub turn: Vec<Vec<u8>>,
+    pub turn: Vec<Secret>,
     /// Static TURN users and their plain passwords.
-    pub turn_users: BTreeMap<String, String>,
+    pub turn_users: BTreeMap<String, Secret>,
     /// Session-token keys: the first signs, all verify.
-    pub session: Vec<Vec<u8>>,
+    pub session: Vec<Secret>,
+    /// API keys for `GET /v1/turn-credentials`.
+    pub api_keys: Vec<Secret>,
 }
 
 impl Secrets {
     /// Build from config, generating random per-process secrets where none are set.
     pub fn from_config(cfg: &AuthConfig) -> Secrets {
-        let turn = if cfg.turn_secrets.is_empty() {
-            vec![random_secret()]
-        } else {
-            cfg.turn_secrets
-                .iter()
-                .map(|s| s.as_bytes().to_vec())
-                .collect()
-        };
-        let session = if cfg.session_keys.is_empty() {
-            vec![random_secret()]
-        } else {
-            cfg.session_keys
-                .iter()
-                .map(|s| s.as_bytes().to_vec())
-                .collect()
+        let or_random = |v: &Vec<Secret>| {
+            if v.is_empty() {
+                vec![random_secret()]
+            } else {
+                v.clone()
+            }
         };
         Secrets {
-            turn,
+            turn: or_random(&cfg.turn_secrets),
             turn_users: cfg.turn_users.clone(),
-            session,
+            session: or_random(&cfg.session_keys),
+            api_keys: cfg.api_keys.clone(),
         }
     }
 }
 
-fn random_secret() -> Vec<u8> {
+fn random_secret() -> Secret {
     let b: [u8; 32] = rand::random();
-    URL_SAFE_NO_PAD.encode(b).into_bytes()
+    Secret::new(URL_SAFE_NO_PAD.encode(b))
 }
 
 /// Time-limited TURN credentials handed to a client.
@@ -121,6 +120,23 @@ pub struct Session {
     /// Unix expiry.
     #[serde(rename = "e")]
     pub expires_at: u64,
+    /// Unix time of the login this session descends from; renewals carry it unchanged,
+    /// so `auth.max_session_age_secs` bounds the whole chain. 0 in tokens from before it
+    /// was recorded (then the token's own issue time stands in).
+    #[serde(rename = "l", default)]
+    pub login_at: u64,
+}
+
+impl Session {
+    /// When this login stops being renewable.
+    fn max_age_end(&self, session_ttl: u64, max_age: u64) -> u64 {
+        let login = if self.login_at == 0 {
+            self.expires_at.saturating_sub(session_ttl)
+        } else {
+            self.login_at
+        };
+        login.saturating_add(max_age)
+    }
 }
 
 /// The auth service shared by TURN, the HTTP API and signaling.
@@ -128,6 +144,7 @@ pub struct Auth {
     secrets: ArcSwap<Secrets>,
     session_ttl: u64,
     turn_ttl: u64,
+    max_session_age: u64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -143,6 +160,7 @@ impl Auth {
             secrets: ArcSwap::from_pointee(Secrets::from_config(cfg)),
             session_ttl: cfg.session_ttl_secs,
             turn_ttl: cfg.turn_credential_ttl_secs,
+            max_session_age: cfg.max_session_age_secs,
         }
     }
 
@@ -178,6 +196,24 @@ impl Auth {
         self.session_ttl
     }
 
+    /// Configured longest age of a login in seconds (`auth.max_session_age_secs`).
+    pub fn max_session_age(&self) -> u64 {
+        self.max_session_age
+    }
+
+    /// Whether `key` is one of the configured API keys (constant time over every key).
+    pub fn api_key_ok(&self, key: &str) -> bool {
+        let secrets = self.secrets.load();
+        secrets.api_keys.iter().fold(false, |acc, k| {
+            acc | secret_eq(k.expose().as_bytes(), key.as_bytes())
+        })
+    }
+
+    /// Whether any API key is configured.
+    pub fn has_api_keys(&self) -> bool {
+        !self.secrets.load().api_keys.is_empty()
+    }
+
     /// Mint coturn-compatible REST credentials for `user`, valid for the configured TTL.
     pub fn turn_credentials(&self, user: Option<&str>, now_unix: u64) -> TurnCredentials {
         self.turn_credentials_for(user, now_unix, self.turn_ttl)
@@ -197,7 +233,11 @@ impl Auth {
             _ => expires_at.to_string(),
         };
         let secrets = self.secrets.load();
-        let password = rest_password(&secrets.turn[0], &username);
+        let password = secrets
+            .turn
+            .first()
+            .map(|s| rest_password(s.expose().as_bytes(), &username))
+            .unwrap_or_default();
         TurnCredentials {
             username,
             password,
@@ -220,7 +260,7 @@ impl Auth {
         }
         let secrets = self.secrets.load();
         if let Some(p) = secrets.turn_users.get(username) {
-            return Ok(vec![p.clone()]);
+            return Ok(vec![p.expose().to_string()]);
         }
         let expiry_part = username.split(':').next().unwrap_or(username);
         let expiry: u64 = match expiry_part.parse() {
@@ -235,11 +275,11 @@ impl Auth {
         Ok(secrets
             .turn
             .iter()
-            .map(|s| rest_password(s, username))
+            .map(|s| rest_password(s.expose().as_bytes(), username))
             .collect())
     }
 
-    /// Sign a session token for `user`, optionally limited to one room.
+    /// Sign a session token for a fresh login of `user`, optionally limited to one room.
     pub fn issue_session(
         &self,
         user: &str,
@@ -251,16 +291,53 @@ impl Auth {
             user: user.to_string(),
             session_id: URL_SAFE_NO_PAD.encode(sid),
             room: room.map(str::to_string),
-            expires_at: now_unix.saturating_add(self.session_ttl),
+            expires_at: now_unix.saturating_add(self.session_ttl.min(self.max_session_age)),
+            login_at: now_unix,
         };
-        let payload = serde_json::to_vec(&session).unwrap_or_default();
+        (self.sign_session(&session), session)
+    }
+
+    /// Renew a live session: a new token for the same user, room and login time, expiring
+    /// one TTL from `now_unix` but never after the login's maximum age. Refused with
+    /// [`AuthError::TooOld`] once that age is reached, so only a new login goes on.
+    pub fn renew_session(
+        &self,
+        old: &Session,
+        now_unix: u64,
+    ) -> Result<(String, Session), AuthError> {
+        let end = old.max_age_end(self.session_ttl, self.max_session_age);
+        if end <= now_unix {
+            return Err(AuthError::TooOld);
+        }
+        let session = Session {
+            user: old.user.clone(),
+            session_id: old.session_id.clone(),
+            room: old.room.clone(),
+            expires_at: now_unix.saturating_add(self.session_ttl).min(end),
+            login_at: if old.login_at == 0 {
+                old.expires_at.saturating_sub(self.session_ttl)
+            } else {
+                old.login_at
+            },
+        };
+        Ok((self.sign_session(&session), session))
+    }
+
+    /// When a session must end for good (its login's maximum age), as Unix time.
+    pub fn session_end(&self, s: &Session) -> u64 {
+        s.max_age_end(self.session_ttl, self.max_session_age)
+    }
+
+    fn sign_session(&self, session: &Session) -> String {
+        let payload = serde_json::to_vec(session).unwrap_or_default();
         let body = URL_SAFE_NO_PAD.encode(&payload);
         let secrets = self.secrets.load();
-        let sig = hmac_sha256(&secrets.session[0], body.as_bytes());
-        (
-            format!("sb1.{body}.{}", URL_SAFE_NO_PAD.encode(sig)),
-            session,
-        )
+        let key = secrets
+            .session
+            .first()
+            .map_or(&[][..], |k| k.expose().as_bytes());
+        let sig = hmac_sha256(key, body.as_bytes());
+        format!("sb1.{body}.{}", URL_SAFE_NO_PAD.encode(sig))
     }
 
     /// Verify a session token's signature (any current key) and expiry.
@@ -279,7 +356,7 @@ impl Auth {
             .map_err(|_| AuthError::Malformed)?;
         let secrets = self.secrets.load();
         let ok = secrets.session.iter().fold(false, |acc, key| {
-            let want = hmac_sha256(key, body.as_bytes());
+            let want = hmac_sha256(key.expose().as_bytes(), body.as_bytes());
             acc | bool::from(want.as_slice().ct_eq(&sig))
         });
         if !ok {
@@ -292,6 +369,9 @@ impl Auth {
             serde_json::from_slice(&payload).map_err(|_| AuthError::Malformed)?;
         if session.expires_at <= now_unix {
             return Err(AuthError::Expired);
+        }
+        if self.session_end(&session) <= now_unix {
+            return Err(AuthError::TooOld);
         }
         Ok(session)
     }
@@ -337,7 +417,7 @@ mod tests {
 
     fn auth_with(secrets: &[&str]) -> Auth {
         let cfg = AuthConfig {
-            turn_secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            turn_secrets: secrets.iter().map(|&s| s.into()).collect(),
             session_keys: vec!["0123456789abcdef0123".into()],
             ..Default::default()
         };
@@ -428,5 +508,68 @@ mod tests {
             other.verify_session(&tok, 101),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn renewal_keeps_the_login_time_and_stops_at_the_max_age() {
+        let a = Auth::new(&AuthConfig {
+            session_ttl_secs: 600,
+            max_session_age_secs: 1000,
+            ..Default::default()
+        });
+        let (_, s0) = a.issue_session("ann", Some("r"), 10_000);
+        assert_eq!(s0.login_at, 10_000);
+        // Renewed every 300 s, as the WebSocket does: the chain never passes login + 1000.
+        let mut s = s0.clone();
+        let mut now = 10_000;
+        loop {
+            now += 300;
+            match a.renew_session(&s, now) {
+                Ok((tok, next)) => {
+                    assert_eq!(next.login_at, 10_000);
+                    assert_eq!(next.user, "ann");
+                    assert_eq!(next.room.as_deref(), Some("r"));
+                    assert!(next.expires_at <= 11_000, "{next:?}");
+                    assert_eq!(a.verify_session(&tok, now).unwrap(), next);
+                    s = next;
+                }
+                Err(e) => {
+                    assert_eq!(e, AuthError::TooOld);
+                    break;
+                }
+            }
+        }
+        assert_eq!(now, 11_200);
+        assert_eq!(s.expires_at, 11_000);
+        // A token minted before login times were recorded counts from its issue time.
+        let legacy = Session {
+            login_at: 0,
+            expires_at: 10_600,
+            ..s0
+        };
+        assert_eq!(a.session_end(&legacy), 11_000);
+        assert_eq!(a.renew_session(&legacy, 11_000), Err(AuthError::TooOld));
+    }
+
+    #[test]
+    fn debug_of_auth_secrets_shows_no_secret() {
+        let a = Auth::new(&AuthConfig {
+            turn_secrets: vec!["turn-secret-value".into()],
+            session_keys: vec!["session-key-value-0123".into()],
+            api_keys: vec!["api-key-value".into()],
+            turn_users: [("alice".to_string(), "alice-password".into())].into(),
+            ..Default::default()
+        });
+        let dump = format!("{:?} {:?}", a, a.secrets());
+        for s in [
+            "turn-secret-value",
+            "session-key-value-0123",
+            "api-key-value",
+            "alice-password",
+        ] {
+            assert!(!dump.contains(s), "{dump}");
+        }
+        assert!(a.api_key_ok("api-key-value"));
+        assert!(!a.api_key_ok("api-key-valuX"));
     }
 }

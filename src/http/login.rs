@@ -289,7 +289,13 @@ async fn login_inner(
     let (token, session) = shared
         .auth
         .issue_session(&identity.user, identity.room.as_deref(), now);
-    let ice = ice_config(shared, request_host(headers), &identity.user, now);
+    let ice = crate::ice::ice_config_until(
+        shared,
+        request_host(headers),
+        &identity.user,
+        now,
+        Some(shared.auth.session_end(&session)),
+    );
     if ice.credentials.is_some() {
         shared
             .metrics
@@ -329,7 +335,15 @@ async fn ice_servers(
             .inc();
         ApiError::Unauthorized(format!("session token refused: {e}"))
     })?;
-    let ice = ice_config(&shared, request_host(&headers), &session.user, now);
+    // TURN credentials never outlast the login they are handed to.
+    let end = shared.auth.session_end(&session);
+    let ice = crate::ice::ice_config_until(
+        &shared,
+        request_host(&headers),
+        &session.user,
+        now,
+        Some(end),
+    );
     shared
         .metrics
         .turn_credentials_issued
@@ -337,7 +351,7 @@ async fn ice_servers(
         .inc();
     Ok(Json(serde_json::json!({
         "iceServers": ice.servers,
-        "ttl": shared.auth.turn_ttl(),
+        "ttl": ice.credentials.as_ref().map_or(shared.auth.turn_ttl(), |c| c.ttl),
         "expiresAt": ice.credentials.map(|c| c.expires_at),
     })))
 }
@@ -356,22 +370,18 @@ async fn turn_credentials(
     headers: HeaderMap,
     Query(q): Query<RestQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let keys = &shared.config.auth.api_keys;
     let key = q
         .key
         .as_deref()
         .ok_or_else(|| ApiError::Unauthorized("missing query parameter `key`".into()))?;
-    // Compare against every key so timing does not reveal which prefix matched.
-    let ok = keys.iter().fold(false, |acc, k| {
-        acc | crate::auth::secret_eq(k.as_bytes(), key.as_bytes())
-    });
-    if !ok {
+    // Compared against every key so timing does not reveal which prefix matched.
+    if !shared.auth.api_key_ok(key) {
         shared
             .metrics
             .auth_failures
             .with_label_values(&[AuthError::BadSignature.reason()])
             .inc();
-        return Err(if keys.is_empty() {
+        return Err(if !shared.auth.has_api_keys() {
             ApiError::Forbidden("no API keys are configured (auth.api_keys)".into())
         } else {
             ApiError::Unauthorized("invalid API key".into())

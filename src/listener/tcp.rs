@@ -326,7 +326,7 @@ pub async fn serve_stream<S>(
     // RFC 6062 Connect results come back from connect tasks; a successful ConnectionBind
     // turns this connection into a raw data pipe to `data_peer`.
     let (connect_tx, mut connect_rx) = tokio::sync::mpsc::channel::<Option<u32>>(4);
-    let mut data_peer: Option<tokio::net::TcpStream> = None;
+    let mut data_peer: Option<(tokio::net::TcpStream, crate::turn::relay::PipeOwner)> = None;
     let env = |shared: &Shared| Env {
         now: Instant::now(),
         unix: crate::auth::unix_now(),
@@ -425,42 +425,67 @@ pub async fn serve_stream<S>(
                             Outcome::Connect(to) => {
                                 let tx = connect_tx.clone();
                                 let conns = shared.turn.conns.clone();
+                                let owner = match t.relay(peer) {
+                                    Some(AnyRelay::Tcp(r)) => r.owner(),
+                                    _ => None,
+                                };
+                                let over_cap = m
+                                    .drops
+                                    .with_label_values(&["peer_connections_per_allocation"]);
                                 tokio::spawn(async move {
                                     let c = tokio::time::timeout(
                                         Duration::from_secs(10),
                                         tokio::net::TcpStream::connect(to),
                                     )
                                     .await;
-                                    let id = match c {
-                                        Ok(Ok(s)) => Some(conns.insert(s)),
+                                    let id = match (c, owner) {
+                                        (Ok(Ok(s)), Some(o)) => {
+                                            let id = conns.insert(s, o);
+                                            if id.is_none() {
+                                                over_cap.inc();
+                                            }
+                                            id
+                                        }
                                         _ => None,
                                     };
                                     let _ = tx.send(id).await;
                                 });
                             }
-                            Outcome::ConnectionBind(id) => match shared.turn.conns.take(id) {
-                                Some(s) => {
-                                    data_peer = Some(s);
-                                    if !sink.push(&out) {
-                                        send_full.inc();
+                            Outcome::ConnectionBind(id) => {
+                                let user = t.bind_user().unwrap_or_default();
+                                match shared.turn.conns.take(id, user) {
+                                    Ok(claimed) => {
+                                        data_peer = Some(claimed);
+                                        if !sink.push(&out) {
+                                            send_full.inc();
+                                        }
+                                        buf.drain(..off);
+                                        break 'conn;
                                     }
-                                    buf.drain(..off);
-                                    break 'conn;
+                                    Err(e) => {
+                                        // One guess per connection: answer, then close.
+                                        tracing::debug!(%peer, error = %e, "ConnectionBind refused");
+                                        out.clear();
+                                        let tid = msg.transaction_id();
+                                        let mut enc = Encoder::new(
+                                            &mut out,
+                                            method::CONNECTION_BIND,
+                                            Class::Error,
+                                            &tid,
+                                        );
+                                        enc.error_code(400, "Bad Request: unknown CONNECTION-ID");
+                                        enc.finish();
+                                        m.turn_errors.with_label_values(&["400"]).inc();
+                                        m.drops
+                                            .with_label_values(&["connection_bind_refused"])
+                                            .inc();
+                                        if !sink.push(&out) {
+                                            send_full.inc();
+                                        }
+                                        break 'conn;
+                                    }
                                 }
-                                None => {
-                                    out.clear();
-                                    let tid = msg.transaction_id();
-                                    let mut e = Encoder::new(
-                                        &mut out,
-                                        method::CONNECTION_BIND,
-                                        Class::Error,
-                                        &tid,
-                                    );
-                                    e.error_code(400, "Bad Request: unknown CONNECTION-ID");
-                                    e.finish();
-                                    m.turn_errors.with_label_values(&["400"]).inc();
-                                }
-                            },
+                            }
                             _ => {}
                         }
                     } else {
@@ -564,20 +589,22 @@ pub async fn serve_stream<S>(
             None => return,
         },
     };
-    if let Some(mut to_peer) = data_peer {
-        // RFC 6062 data connection: bytes after ConnectionBind are application data.
+    if let Some((mut to_peer, owner)) = data_peer {
+        // RFC 6062 data connection: bytes after ConnectionBind are application data, under
+        // the allocation's bandwidth cap, idle timeout and lifetime.
         use tokio::io::AsyncWriteExt;
-        let mut client = rd.unsplit(wr);
+        let client = rd.unsplit(wr);
         if !buf.is_empty() && to_peer.write_all(&buf).await.is_err() {
             return;
         }
-        let r = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut to_peer) => r,
+        let idle = Duration::from_secs(shared.config.turn.data_connection_idle_timeout_secs.max(1));
+        let ended = tokio::select! {
+            // Boxed: its state is needed only by data connections, not by every stream task.
+            r = Box::pin(crate::turn::relay::data_pipe(client, to_peer, owner, idle, &m)) => r,
             _ = &mut shutdown => return,
         };
-        if let Ok((up, down)) = r {
-            m.relay_bytes_to_peer.inc_by(up);
-            m.relay_bytes_to_client.inc_by(down);
+        if let Some(reason) = ended {
+            m.drops.with_label_values(&[reason]).inc();
         }
     } else {
         use tokio::io::AsyncWriteExt;

@@ -145,6 +145,9 @@ struct Conn {
     room: Option<String>,
     /// When the next `ice-servers` push is due.
     ice_due: Option<Instant>,
+    /// The session this connection authenticated with, renewed on each `ice-servers` push;
+    /// it carries the login time that `auth.max_session_age_secs` counts from.
+    session: Option<crate::auth::Session>,
 }
 
 /// Whether a read error is tungstenite refusing a message over the size limit.
@@ -195,6 +198,7 @@ pub async fn serve(
         host,
         room: None,
         ice_due: None,
+        session: None,
     };
     let mut rate = RateLimit {
         tokens: cfg.rate_burst as f64,
@@ -329,8 +333,17 @@ pub async fn serve(
             }
             _ = &mut ice_timer, if conn.member.is_some() => {
                 ice_timer.as_mut().reset((Instant::now() + far).into());
-                if let Some(f) = ice_frame(&shared, &mut conn) {
-                    if !send(&mut ws, c, f, write_timeout).await { break; }
+                match ice_frame(&shared, &mut conn) {
+                    Ok(Some(f)) => {
+                        if !send(&mut ws, c, f, write_timeout).await { break; }
+                    }
+                    Ok(None) => {}
+                    Err(f) => {
+                        // The login reached auth.max_session_age_secs: no more renewals.
+                        let _ = send(&mut ws, c, f, write_timeout).await;
+                        close(&mut ws, 4003, "login expired", write_timeout).await;
+                        break;
+                    }
                 }
             }
             _ = &mut stop => {
@@ -404,13 +417,34 @@ async fn send(ws: &mut WebSocket, c: &Counters, r: Reply, timeout: Duration) -> 
     )
 }
 
-/// Mint fresh `iceServers` and a fresh session token, and schedule the next push: before the
-/// TURN credentials expire, and at half the session-token lifetime so a resume can always
-/// authenticate.
-fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Reply> {
-    let member = conn.member.as_ref()?;
+/// Mint fresh `iceServers` and a renewed session token, and schedule the next push: before
+/// the TURN credentials expire, and at half the session-token lifetime so a resume can always
+/// authenticate. Renewal keeps the original login time, so neither the token nor the TURN
+/// credentials reach past `auth.max_session_age_secs`; once there, the error frame to send
+/// before closing comes back instead.
+fn ice_frame(shared: &Shared, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
+    let (Some(member), Some(old)) = (conn.member.as_ref(), conn.session.as_ref()) else {
+        return Ok(None);
+    };
     let now = unix_now();
-    let ice = crate::ice::ice_config(shared, conn.host.as_deref(), &member.user, now);
+    let (token, session) = match shared.auth.renew_session(old, now) {
+        Ok(x) => x,
+        Err(e) => {
+            shared
+                .metrics
+                .auth_failures
+                .with_label_values(&[e.reason()])
+                .inc();
+            return Err(error_frame(
+                "expired_token",
+                "login older than auth.max_session_age_secs; log in again",
+                None,
+            ));
+        }
+    };
+    let end = shared.auth.session_end(&session);
+    let ice =
+        crate::ice::ice_config_until(shared, conn.host.as_deref(), &member.user, now, Some(end));
     let before = shared.config.signaling.ice_refresh_before_secs;
     let in_secs = ice
         .credentials
@@ -418,12 +452,10 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Reply> {
         .map(|c| c.expires_at.saturating_sub(now).saturating_sub(before))
         .unwrap_or(u64::MAX)
         .min(shared.auth.session_ttl() / 2)
+        .min(end.saturating_sub(now))
         .max(1);
     conn.ice_due = Some(Instant::now() + Duration::from_secs(in_secs));
-    let (token, session) =
-        shared
-            .auth
-            .issue_session(&member.user, member.room_limit.as_deref(), now);
+    conn.session = Some(session.clone());
     if ice.credentials.is_some() {
         shared
             .metrics
@@ -431,7 +463,7 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Reply> {
             .with_label_values(&["refresh"])
             .inc();
     }
-    Some(reply(
+    Ok(Some(reply(
         "ice-servers",
         json!({
             "type": "ice-servers",
@@ -442,7 +474,7 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Option<Reply> {
             "tokenExpiresAt": session.expires_at,
         }),
         None,
-    ))
+    )))
 }
 
 fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&RawValue>) -> Vec<Reply> {
@@ -455,12 +487,16 @@ fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&RawValue>) -
                 user: s.user.clone(),
                 room_limit: s.room.clone(),
             });
+            conn.session = Some(s.clone());
             let mut out = vec![reply(
                 "welcome",
                 json!({"type": "welcome", "userId": s.user, "room": s.room, "protocol": "switchboard.v1"}),
                 id,
             )];
-            out.extend(ice_frame(shared, conn));
+            match ice_frame(shared, conn) {
+                Ok(f) => out.extend(f),
+                Err(f) => out.push(f),
+            }
             out
         }
         Err(e) => {

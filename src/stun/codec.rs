@@ -516,7 +516,20 @@ pub fn decode_u32(v: &[u8]) -> Result<u32, AttrError> {
 pub struct Encoder<'b> {
     buf: &'b mut Vec<u8>,
     start: usize,
+    /// An attribute did not fit the 16-bit length fields; the message is dropped at finish.
+    overflow: bool,
 }
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// An attribute or the whole message is longer than its 16-bit length field can say.
+    #[error("STUN message longer than 65,535 bytes after the header")]
+    TooLong,
+}
+
+/// Largest message body (everything after the 20-byte header) a STUN length can describe.
+const MAX_BODY: usize = u16::MAX as usize;
 
 impl<'b> Encoder<'b> {
     /// Start a message at the end of `buf`.
@@ -526,12 +539,21 @@ impl<'b> Encoder<'b> {
         buf.extend_from_slice(&[0, 0]);
         buf.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
         buf.extend_from_slice(tid);
-        Encoder { buf, start }
+        Encoder {
+            buf,
+            start,
+            overflow: false,
+        }
     }
 
     fn set_len(&mut self) {
         let len = (self.buf.len() - self.start - HEADER_LEN) as u16;
         self.buf[self.start + 2..self.start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Whether `extra` more bytes still fit the body's 16-bit length.
+    fn fits(&self, extra: usize) -> bool {
+        self.buf.len() - self.start - HEADER_LEN + extra <= MAX_BODY
     }
 
     fn cookie_tid(&self) -> [u8; 16] {
@@ -540,13 +562,19 @@ impl<'b> Encoder<'b> {
         x
     }
 
-    /// Append an attribute with padding.
+    /// Append an attribute with padding. A value that would not fit the message's 16-bit
+    /// length is never truncated: the encoder marks itself overflowed and `finish` drops the
+    /// whole message (see [`Encoder::try_finish`]).
     pub fn attr(&mut self, typ: u16, value: &[u8]) -> &mut Self {
-        let len = value.len().min(u16::MAX as usize - 4);
+        let len = value.len();
+        let pad = (4 - len % 4) % 4;
+        if self.overflow || len > MAX_BODY - 4 || !self.fits(4 + len + pad) {
+            self.overflow = true;
+            return self;
+        }
         self.buf.extend_from_slice(&typ.to_be_bytes());
         self.buf.extend_from_slice(&(len as u16).to_be_bytes());
-        self.buf.extend_from_slice(&value[..len]);
-        let pad = (4 - len % 4) % 4;
+        self.buf.extend_from_slice(value);
         self.buf.extend_from_slice(&[0u8; 3][..pad]);
         self
     }
@@ -655,13 +683,28 @@ impl<'b> Encoder<'b> {
         self.attr(attr::MESSAGE_INTEGRITY_SHA256, &tag)
     }
 
-    /// Close the message without FINGERPRINT.
-    pub fn finish(mut self) {
-        self.set_len();
+    /// Close the message without FINGERPRINT; a message that overflowed is removed from the
+    /// buffer instead (use [`Encoder::try_finish`] where that can happen).
+    pub fn finish(self) {
+        let _ = self.try_finish();
     }
 
-    /// Close the message with FINGERPRINT.
+    /// Close the message without FINGERPRINT, or remove it and say why it cannot be sent.
+    pub fn try_finish(mut self) -> Result<(), EncodeError> {
+        if self.overflow {
+            self.buf.truncate(self.start);
+            return Err(EncodeError::TooLong);
+        }
+        self.set_len();
+        Ok(())
+    }
+
+    /// Close the message with FINGERPRINT (an overflowed message is removed, as in `finish`).
     pub fn finish_with_fingerprint(mut self) {
+        if self.overflow || !self.fits(8) {
+            self.buf.truncate(self.start);
+            return;
+        }
         let off = self.buf.len();
         let len = (off - self.start - HEADER_LEN + 8) as u16;
         self.buf[self.start + 2..self.start + 4].copy_from_slice(&len.to_be_bytes());
@@ -950,5 +993,32 @@ mod tests {
             decode_error_code(m.get(attr::ERROR_CODE).unwrap()).unwrap(),
             (438, "Stale Nonce")
         );
+    }
+
+    #[test]
+    fn oversized_attributes_are_an_error_not_a_wrapped_length() {
+        let tid = [7u8; 12];
+        // The largest DATA that fits: body = 4 + 65_528 + 0 padding = 65_532 <= 65_535.
+        let mut buf = vec![0xAA];
+        let mut e = Encoder::new(&mut buf, method::DATA, Class::Indication, &tid);
+        e.attr(attr::DATA, &vec![1u8; 65_528]);
+        assert_eq!(e.try_finish(), Ok(()));
+        let m = Message::parse(&buf[1..]).unwrap();
+        assert_eq!(m.get(attr::DATA).unwrap().len(), 65_528);
+        // An IPv6 peer address plus 65_527 bytes does not fit: an error, and nothing is left
+        // in the buffer for a stream client to misread as further frames.
+        let mut buf = vec![0xAA];
+        let mut e = Encoder::new(&mut buf, method::DATA, Class::Indication, &tid);
+        e.xor_address(
+            attr::XOR_PEER_ADDRESS,
+            "[2001:db8::1]:5000".parse().unwrap(),
+        );
+        e.attr(attr::DATA, &vec![1u8; 65_527]);
+        assert_eq!(e.try_finish(), Err(EncodeError::TooLong));
+        assert_eq!(buf, vec![0xAA]);
+        let mut e = Encoder::new(&mut buf, method::DATA, Class::Indication, &tid);
+        e.attr(attr::DATA, &vec![1u8; 70_000]);
+        e.finish_with_fingerprint();
+        assert_eq!(buf, vec![0xAA]);
     }
 }

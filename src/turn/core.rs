@@ -105,6 +105,11 @@ pub trait Relay: Send + 'static {
     fn attach(&self, sink: &Self::Sink);
     /// Make a new permission/channel snapshot visible to the peer-to-client path.
     fn publish(&self, view: Arc<View>);
+    /// Set the DF bit on everything relayed to peers (DONT-FRAGMENT); an error makes the
+    /// Allocate fail with 420, as RFC 8656 §7.2 asks of servers that cannot.
+    fn set_dont_fragment(&self) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// Immutable snapshot of one allocation's permissions and channels, read by the relay task
@@ -121,6 +126,9 @@ pub struct View {
     pub max_bps: u64,
     /// The server address the client sends to, so peer data reaches it from that address.
     pub local: Option<IpAddr>,
+    /// Username of the credential the allocation was made with: only a ConnectionBind
+    /// authenticated as the same user may claim its RFC 6062 peer connections.
+    pub owner: Option<Arc<str>>,
 }
 
 impl View {
@@ -153,6 +161,10 @@ impl Bucket {
             tokens: rate,
             last: now,
         }
+    }
+    /// The rate in bytes per second (0: no cap).
+    pub fn rate(&self) -> u64 {
+        self.rate
     }
     /// Take `n` bytes if the budget allows.
     pub fn allow(&mut self, now: Instant, n: usize) -> bool {
@@ -245,6 +257,8 @@ pub struct Settings {
     pub default_lifetime: u32,
     /// Longest lifetime granted per Allocate/Refresh.
     pub max_lifetime: u32,
+    /// Absolute cap on an allocation's age, however often it is refreshed (seconds).
+    pub max_age: u64,
     /// Nonce validity.
     pub nonce_lifetime: u64,
     /// Per-user allocation quota.
@@ -288,6 +302,7 @@ impl Settings {
             port_max: t.relay_port_max,
             default_lifetime: t.default_lifetime_secs,
             max_lifetime: t.max_lifetime_secs,
+            max_age: t.max_allocation_age_secs,
             nonce_lifetime: t.nonce_lifetime_secs as u64,
             max_per_user: t.max_allocations_per_user,
             max_total: t.max_allocations,
@@ -371,6 +386,8 @@ struct Alloc<R> {
     /// The server address the client sends to (its replies and peer data leave from it).
     client_local: Option<IpAddr>,
     expires: Instant,
+    /// Creation time: `turn.max_allocation_age_secs` counts from here.
+    born: Instant,
     key: Key,
     quota_user: String,
     perms: Vec<(IpAddr, Instant)>,
@@ -392,6 +409,8 @@ pub enum DeleteReason {
     Shutdown,
     /// The client's connection closed (stream transports).
     Closed,
+    /// It reached `turn.max_allocation_age_secs`.
+    MaxAge,
 }
 
 impl DeleteReason {
@@ -401,6 +420,7 @@ impl DeleteReason {
             DeleteReason::RefreshedZero => "refreshed_zero",
             DeleteReason::Shutdown => "shutdown",
             DeleteReason::Closed => "closed",
+            DeleteReason::MaxAge => "max_age",
         }
     }
 }
@@ -448,6 +468,8 @@ pub struct Table<R: Relay> {
     /// The client reaches this table over a stream (TCP/TLS), so TCP relays are allowed.
     stream: bool,
     deadline: Option<Instant>,
+    /// Username that the last ConnectionBind on this (data) connection authenticated as.
+    bind_user: Option<String>,
 }
 
 impl<R: Relay> Table<R> {
@@ -471,6 +493,7 @@ impl<R: Relay> Table<R> {
             sink,
             stream: false,
             deadline: None,
+            bind_user: None,
         }
     }
 
@@ -492,6 +515,18 @@ impl<R: Relay> Table<R> {
     /// The earliest instant at which [`Table::handle_timeout`] has work to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadline
+    }
+
+    /// The relay socket of `client`'s allocation (the shell hands its RFC 6062 peer
+    /// connections the allocation's limits and lifetime).
+    pub fn relay(&self, client: SocketAddr) -> Option<&R> {
+        self.allocs.get(&client).map(|a| &a.relay)
+    }
+
+    /// The username the last successful ConnectionBind authenticated as: the shell lets it
+    /// claim only connections of an allocation made by the same user.
+    pub fn bind_user(&self) -> Option<&str> {
+        self.bind_user.as_deref()
     }
 
     /// The relayed address advertised for the allocation of `client`, if any.
@@ -562,6 +597,7 @@ impl<R: Relay> Table<R> {
                 _ => return self.error(out, msg, Some(&key), alg, reject(400, "Bad Request"), env),
             };
             self.signed_success(out, method::CONNECTION_BIND, None, msg, &key, alg);
+            self.bind_user = Some(key.username.clone());
             return Outcome::ConnectionBind(id);
         }
         let r = match m {
@@ -617,6 +653,10 @@ impl<R: Relay> Table<R> {
                 if let Some(alt) = self.settings.alternate {
                     e.address(attr::ALTERNATE_SERVER, alt);
                 }
+            }
+            // Only DONT-FRAGMENT reaches here as an unsupported attribute.
+            420 => {
+                e.unknown_attributes(&[attr::DONT_FRAGMENT]);
             }
             _ => {}
         }
@@ -803,7 +843,9 @@ impl<R: Relay> Table<R> {
             }
             Some(_) => return Err(reject(400, "Bad Request")),
         };
-        let lifetime = self.lifetime(msg)?;
+        let lifetime = self
+            .lifetime(msg)?
+            .min(self.settings.max_age.min(u32::MAX as u64) as u32);
         if env.draining {
             return Err(if self.settings.alternate.is_some() {
                 reject(300, "Try Alternate")
@@ -865,6 +907,16 @@ impl<R: Relay> Table<R> {
                 return Err(e);
             }
         };
+        if msg.get(attr::DONT_FRAGMENT).is_some() {
+            if let Err(e) = relay.set_dont_fragment() {
+                tracing::debug!(error = %e, "DONT-FRAGMENT cannot be applied; 420");
+                let port = relay.local_addr().port();
+                drop(relay);
+                self.release_port(port);
+                self.unquota(&quota_user);
+                return Err(reject(420, "Unknown Attribute"));
+            }
+        }
         relay.attach(&self.sink);
         let local = relay.local_addr();
         let adv_ip = if token.is_some() {
@@ -896,6 +948,7 @@ impl<R: Relay> Table<R> {
             advertised,
             client_local: env.local,
             expires: env.now + Duration::from_secs(lifetime as u64),
+            born: env.now,
             key: key.clone(),
             quota_user,
             perms: Vec::new(),
@@ -1047,10 +1100,18 @@ impl<R: Relay> Table<R> {
                 return Err(reject(443, "Peer Address Family Mismatch"));
             }
         }
+        // However often it is refreshed, an allocation ends at its maximum age.
+        let end = a.born + Duration::from_secs(self.settings.max_age);
+        let left = end.saturating_duration_since(env.now).as_secs();
+        if lifetime > 0 && left == 0 {
+            self.delete(client, DeleteReason::MaxAge);
+            return Err(reject(437, "Allocation Mismatch: maximum age reached"));
+        }
+        let lifetime = (lifetime as u64).min(left) as u32;
         if lifetime == 0 {
             self.delete(client, DeleteReason::RefreshedZero);
         } else {
-            a.expires = env.now + Duration::from_secs(lifetime as u64);
+            a.expires = (env.now + Duration::from_secs(lifetime as u64)).min(end);
             a.span
                 .in_scope(|| tracing::debug!(lifetime, "allocation refreshed"));
         }
@@ -1324,6 +1385,7 @@ impl<R: Relay> Table<R> {
                 .collect(),
             max_bps: self.settings.max_bps,
             local: a.client_local,
+            owner: Some(Arc::from(a.key.username.as_str())),
         };
         a.relay.publish(Arc::new(view));
     }
@@ -1383,14 +1445,25 @@ impl<R: Relay> Table<R> {
     /// Expire allocations, permissions, channels and reservations due at `env.now`.
     pub fn handle_timeout(&mut self, env: Env) {
         let now = env.now;
-        let dead: Vec<SocketAddr> = self
+        let max_age = Duration::from_secs(self.settings.max_age);
+        let dead: Vec<(SocketAddr, DeleteReason)> = self
             .allocs
             .iter()
             .filter(|(_, a)| a.expires <= now)
-            .map(|(c, _)| *c)
+            .map(|(c, a)| {
+                let aged = now.saturating_duration_since(a.born) >= max_age;
+                (
+                    *c,
+                    if aged {
+                        DeleteReason::MaxAge
+                    } else {
+                        DeleteReason::Expired
+                    },
+                )
+            })
             .collect();
-        for c in dead {
-            self.delete(c, DeleteReason::Expired);
+        for (c, reason) in dead {
+            self.delete(c, reason);
         }
         let mut changed = Vec::new();
         let mut perms_gone = 0i64;

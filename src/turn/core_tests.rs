@@ -10,6 +10,8 @@ struct Fake {
     addr: SocketAddr,
     view: Arc<StdMutex<Option<Arc<View>>>>,
     open: Arc<StdMutex<HashSet<u16>>>,
+    /// Whether DF can be set on this socket.
+    df: bool,
 }
 
 impl Relay for Fake {
@@ -20,6 +22,13 @@ impl Relay for Fake {
     fn attach(&self, _: &()) {}
     fn publish(&self, view: Arc<View>) {
         *self.view.lock().unwrap() = Some(view);
+    }
+    fn set_dont_fragment(&self) -> std::io::Result<()> {
+        if self.df {
+            Ok(())
+        } else {
+            Err(std::io::ErrorKind::Unsupported.into())
+        }
     }
 }
 
@@ -43,6 +52,8 @@ struct H {
     busy: HashSet<u16>,
     /// The address the last relay socket was bound to.
     last_bind: Arc<StdMutex<Option<SocketAddr>>>,
+    /// Relay sockets refuse DF.
+    no_df: bool,
 }
 
 fn cfg() -> TurnConfig {
@@ -59,7 +70,7 @@ fn cfg() -> TurnConfig {
 fn harness(t: TurnConfig) -> H {
     let auth = Arc::new(Auth::new(&AuthConfig {
         turn_secrets: vec![SECRET.into()],
-        turn_users: [("alice".to_string(), "wonder".to_string())].into(),
+        turn_users: [("alice".to_string(), "wonder".into())].into(),
         ..Default::default()
     }));
     let metrics = Arc::new(Metrics::new());
@@ -86,6 +97,7 @@ fn harness(t: TurnConfig) -> H {
         nonce: Vec::new(),
         busy: HashSet::new(),
         last_bind: Default::default(),
+        no_df: false,
     }
 }
 
@@ -136,6 +148,7 @@ impl H {
         let views = self.views.clone();
         let busy = self.busy.clone();
         let last = self.last_bind.clone();
+        let df = !self.no_df;
         move |a: SocketAddr, _| {
             if busy.contains(&a.port()) || !open.lock().unwrap().insert(a.port()) {
                 return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
@@ -145,6 +158,7 @@ impl H {
                 addr: a,
                 view: views.clone(),
                 open: open.clone(),
+                df,
             })
         }
     }
@@ -1257,4 +1271,85 @@ fn tcp_relays_only_over_streams_and_connect_flow() {
         &[],
     );
     assert_eq!(r.code(), Some(401));
+}
+
+#[test]
+fn dont_fragment_is_applied_or_answered_420() {
+    let mut h = harness(cfg());
+    let c = rest(&h, 3600);
+    let mut a = udp();
+    a.push((attr::DONT_FRAGMENT, vec![]));
+    h.challenge(client(1));
+    let r = h.send(client(1), method::ALLOCATE, [1; 12], Some(&c), &a, &[]);
+    assert_eq!(r.outcome, Outcome::Success, "DF set on the relay socket");
+    // A relay that cannot set DF: 420 naming DONT-FRAGMENT, nothing kept.
+    h.no_df = true;
+    h.challenge(client(2));
+    let r = h.send(client(2), method::ALLOCATE, [2; 12], Some(&c), &a, &[]);
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(attr::UNKNOWN_ATTRIBUTES).unwrap(),
+        &[0x00, 0x1A]
+    );
+    assert!(r
+        .msg()
+        .verify_integrity(&long_term_key(&c.user, REALM, &c.pass)));
+    assert_eq!(h.t.len(), 1);
+    assert_eq!(
+        h.open.lock().unwrap().len(),
+        1,
+        "the refused relay socket is closed"
+    );
+    // Without DF the same client is served, and the quota was given back.
+    let r = h.send(client(2), method::ALLOCATE, [3; 12], Some(&c), &udp(), &[]);
+    assert_eq!(r.outcome, Outcome::Success);
+    assert!(h.metric("switchboard_turn_error_responses_total{code=\"420\"} 1"));
+}
+
+#[test]
+fn refresh_never_extends_an_allocation_past_its_maximum_age() {
+    let mut t = cfg();
+    t.max_allocation_age_secs = 1000;
+    let mut h = harness(t);
+    let c = rest(&h, 3600);
+    h.allocate(client(1), &c, 1);
+    h.allocate(client(2), &c, 2);
+    let life = vec![(attr::LIFETIME, 600u32.to_be_bytes().to_vec())];
+    // Refreshed every 300 s, as a client does: granted lifetimes shrink to the cap.
+    let mut granted = Vec::new();
+    for i in 0..3u8 {
+        h.env.now += Duration::from_secs(300);
+        let r = h.send(
+            client(1),
+            method::REFRESH,
+            [10 + i; 12],
+            Some(&c),
+            &life,
+            &[],
+        );
+        assert_eq!(r.outcome, Outcome::Success);
+        granted.push(decode_u32(r.msg().get(attr::LIFETIME).unwrap()).unwrap());
+        let r = h.send(
+            client(2),
+            method::REFRESH,
+            [20 + i; 12],
+            Some(&c),
+            &life,
+            &[],
+        );
+        assert_eq!(r.outcome, Outcome::Success);
+    }
+    assert_eq!(granted, [600, 400, 100]);
+    // At the cap a refresh is refused and the allocation is gone.
+    h.env.now += Duration::from_secs(100);
+    let r = h.send(client(1), method::REFRESH, [30; 12], Some(&c), &life, &[]);
+    assert_eq!(r.code(), Some(437));
+    assert_eq!(h.t.relayed_address(client(1)), None);
+    // The other one, not refreshed again, expires at the cap on its timer.
+    h.t.handle_timeout(h.env);
+    assert!(h.t.is_empty());
+    assert!(h.metric("switchboard_turn_allocations_deleted_total{reason=\"max_age\"} 2"));
+    // A fresh Allocate with valid credentials is served at once.
+    let r = h.allocate(client(1), &c, 40);
+    assert_eq!(r.outcome, Outcome::Success);
 }

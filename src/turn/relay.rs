@@ -193,6 +193,78 @@ impl UdpRelay {
     pub fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
         self.sock.try_send_to(payload, peer).is_ok()
     }
+
+    /// Send with the DF bit and never fragment locally (DONT-FRAGMENT, RFC 8656 §7.2).
+    pub fn set_dont_fragment(&self) -> std::io::Result<()> {
+        dont_fragment::set(&*self.sock, self.addr.is_ipv6())
+    }
+}
+
+/// `IP_MTU_DISCOVER` / `IPV6_MTU_DISCOVER` = `*_PMTUDISC_DO`: the kernel sets DF and
+/// refuses (EMSGSIZE) what exceeds the path MTU rather than fragmenting it.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+mod dont_fragment {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+
+    /// Set the option on `sock`'s descriptor.
+    pub fn set(sock: &impl AsRawFd, v6: bool) -> std::io::Result<()> {
+        let (level, name, val) = if v6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_DO,
+            )
+        } else {
+            (
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                libc::IP_PMTUDISC_DO,
+            )
+        };
+        let v: libc::c_int = val;
+        // SAFETY: the descriptor is open for the lifetime of `sock`, which the caller
+        // borrows; the option value points to a live `c_int` whose exact size is passed,
+        // and setsockopt only reads it.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod dont_fragment {
+    /// Not available here: DONT-FRAGMENT is answered with 420.
+    pub fn set<T>(_sock: &T, _v6: bool) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Encode a Data indication carrying a peer datagram; a payload too large for the message's
+/// 16-bit length is an error and leaves `out` empty.
+pub fn data_indication(
+    out: &mut Vec<u8>,
+    tid: &[u8; 12],
+    peer: SocketAddr,
+    payload: &[u8],
+) -> Result<(), crate::stun::codec::EncodeError> {
+    out.clear();
+    let mut e = Encoder::new(out, method::DATA, Class::Indication, tid);
+    e.xor_address(attr::XOR_PEER_ADDRESS, peer);
+    e.attr(attr::DATA, payload);
+    e.try_finish()
 }
 
 async fn peer_to_client(
@@ -204,6 +276,9 @@ async fn peer_to_client(
     let no_perm = metrics.drops.with_label_values(&["no_permission"]);
     let over_cap = metrics.drops.with_label_values(&["bandwidth_cap"]);
     let send_full = metrics.drops.with_label_values(&["client_send_full"]);
+    let oversized = metrics
+        .drops
+        .with_label_values(&["peer_datagram_oversized"]);
     let mut buf = vec![0u8; HEADROOM + MAX_PAYLOAD + 4];
     let mut out: Vec<u8> = Vec::with_capacity(2048);
     let mut bucket: Option<Bucket> = None;
@@ -224,7 +299,7 @@ async fn peer_to_client(
             bucket = Some(Bucket::new(v.max_bps, now));
         }
         let (mut pkts, mut bytes) = (0u64, 0u64);
-        let (mut denied, mut capped, mut full) = (0u64, 0u64, 0u64);
+        let (mut denied, mut capped, mut full, mut big) = (0u64, 0u64, 0u64, 0u64);
         let mut drained = false;
         for _ in 0..BATCH {
             let (n, peer) = match sock.try_recv_from(&mut buf[HEADROOM..HEADROOM + MAX_PAYLOAD]) {
@@ -258,10 +333,12 @@ async fn peer_to_client(
                     tid_state ^= tid_state << 17;
                     let mut tid = [0u8; 12];
                     tid[..8].copy_from_slice(&tid_state.to_le_bytes());
-                    let mut e = Encoder::new(&mut out, method::DATA, Class::Indication, &tid);
-                    e.xor_address(attr::XOR_PEER_ADDRESS, peer);
-                    e.attr(attr::DATA, &buf[HEADROOM..HEADROOM + n]);
-                    e.finish();
+                    if data_indication(&mut out, &tid, peer, &buf[HEADROOM..HEADROOM + n]).is_err()
+                    {
+                        // Too large for a Data indication's 16-bit length: dropped whole.
+                        big += 1;
+                        continue;
+                    }
                     &out
                 }
             };
@@ -288,43 +365,273 @@ async fn peer_to_client(
         if full > 0 {
             send_full.inc_by(full);
         }
+        if big > 0 {
+            oversized.inc_by(big);
+        }
         if !drained {
             tokio::task::yield_now().await;
         }
     }
 }
 
+/// Bandwidth buckets of one TCP allocation's data connections: client-to-peer, peer-to-client.
+pub type PipeBuckets = Arc<[std::sync::Mutex<Bucket>; 2]>;
+
+/// What an RFC 6062 peer connection inherits from its allocation: who may claim it, the
+/// allocation's bandwidth cap, and a signal that fires when the allocation is deleted.
+#[derive(Clone)]
+pub struct PipeOwner {
+    /// Username of the credential the allocation was made with.
+    pub user: Arc<str>,
+    /// The allocation's relay address: one per allocation, so it keys the pending cap.
+    pub relay: SocketAddr,
+    /// Closed (the sender dropped) when the allocation's relay socket is dropped.
+    pub alive: tokio::sync::watch::Receiver<()>,
+    /// Buckets shared by every data connection of the allocation: client-to-peer and back.
+    pub buckets: Option<PipeBuckets>,
+}
+
+impl std::fmt::Debug for PipeOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipeOwner")
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Parked {
+    stream: tokio::net::TcpStream,
+    at: Instant,
+    owner: PipeOwner,
+}
+
+#[derive(Default)]
+struct ConnsInner {
+    parked: std::collections::HashMap<u32, Parked>,
+    per_relay: std::collections::HashMap<SocketAddr, usize>,
+}
+
+impl ConnsInner {
+    fn remove(&mut self, id: u32) -> Option<Parked> {
+        let p = self.parked.remove(&id)?;
+        if let Some(n) = self.per_relay.get_mut(&p.owner.relay) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_relay.remove(&p.owner.relay);
+            }
+        }
+        Some(p)
+    }
+}
+
 /// Peer TCP connections waiting for the client's ConnectionBind (RFC 6062), by connection id.
 /// Shared by every listener because the client binds on a new connection. Control path only.
-#[derive(Debug, Default)]
 pub struct Conns {
-    map: std::sync::Mutex<std::collections::HashMap<u32, (tokio::net::TcpStream, Instant)>>,
+    inner: std::sync::Mutex<ConnsInner>,
+    max_per_relay: usize,
+}
+
+impl std::fmt::Debug for Conns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conns")
+            .field("max_per_relay", &self.max_per_relay)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a peer connection waits for its ConnectionBind (RFC 6062 §5.3: 30 seconds).
 const CONNECTION_BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Why a ConnectionBind could not claim a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    /// No connection waits under that id (never did, taken, timed out, or its allocation
+    /// is gone).
+    #[error("unknown CONNECTION-ID")]
+    Unknown,
+    /// The connection belongs to an allocation of another user.
+    #[error("CONNECTION-ID of another allocation")]
+    NotOwner,
+}
+
 impl Conns {
-    /// Park a peer connection and return its new CONNECTION-ID; stale entries are dropped.
-    pub fn insert(&self, s: tokio::net::TcpStream) -> u32 {
+    /// An empty table allowing `max_per_relay` waiting connections per allocation.
+    pub fn new(max_per_relay: usize) -> Conns {
+        Conns {
+            inner: std::sync::Mutex::new(ConnsInner::default()),
+            max_per_relay: max_per_relay.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Park a peer connection for its allocation and return its new CONNECTION-ID; `None`
+    /// (the stream is dropped) when that allocation already has its cap of waiting ones.
+    /// Stale entries, and those of deleted allocations, are dropped first.
+    pub fn insert(&self, s: tokio::net::TcpStream, owner: PipeOwner) -> Option<u32> {
         let now = Instant::now();
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, (_, t)| now.duration_since(*t) < CONNECTION_BIND_WAIT);
+        let mut m = self.lock();
+        let stale: Vec<u32> = m
+            .parked
+            .iter()
+            .filter(|(_, p)| {
+                now.duration_since(p.at) >= CONNECTION_BIND_WAIT
+                    || p.owner.alive.has_changed().is_err()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            m.remove(id);
+        }
+        if m.per_relay.get(&owner.relay).copied().unwrap_or(0) >= self.max_per_relay {
+            return None;
+        }
+        *m.per_relay.entry(owner.relay).or_insert(0) += 1;
         loop {
             let id: u32 = rand::random();
-            if id != 0 && !m.contains_key(&id) {
-                m.insert(id, (s, now));
-                return id;
+            if id != 0 && !m.parked.contains_key(&id) {
+                m.parked.insert(
+                    id,
+                    Parked {
+                        stream: s,
+                        at: now,
+                        owner,
+                    },
+                );
+                return Some(id);
             }
         }
     }
-    /// Take the peer connection for `id`, if it is still waiting.
-    pub fn take(&self, id: u32) -> Option<tokio::net::TcpStream> {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(&id)
-            .filter(|(_, t)| t.elapsed() < CONNECTION_BIND_WAIT)
-            .map(|(s, _)| s)
+
+    /// Claim the peer connection `id` for a ConnectionBind authenticated as `user`.
+    ///
+    /// A connection of another user's allocation stays parked for its owner; the caller
+    /// closes the client connection that asked, so each guess costs a new connection.
+    pub fn take(
+        &self,
+        id: u32,
+        user: &str,
+    ) -> Result<(tokio::net::TcpStream, PipeOwner), BindError> {
+        let mut m = self.lock();
+        let p = m.parked.get(&id).ok_or(BindError::Unknown)?;
+        if p.at.elapsed() >= CONNECTION_BIND_WAIT || p.owner.alive.has_changed().is_err() {
+            m.remove(id);
+            return Err(BindError::Unknown);
+        }
+        if &*p.owner.user != user {
+            return Err(BindError::NotOwner);
+        }
+        let p = m.remove(id).ok_or(BindError::Unknown)?;
+        Ok((p.stream, p.owner))
     }
+
+    /// Connections waiting now (all allocations).
+    pub fn len(&self) -> usize {
+        self.lock().parked.len()
+    }
+
+    /// Whether no connection waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Relay an RFC 6062 data connection with its allocation's limits: the shared bandwidth
+/// buckets, an idle timeout, and an end when the allocation is deleted. Returns why it was
+/// cut as a metrics label, or `None` when a side closed.
+pub async fn data_pipe<C, P>(
+    client: C,
+    peer: P,
+    owner: PipeOwner,
+    idle: std::time::Duration,
+    metrics: &Metrics,
+) -> Option<&'static str>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let start = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut crd, mut cwr) = tokio::io::split(client);
+    let (mut prd, mut pwr) = tokio::io::split(peer);
+    let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let up = copy_capped(
+        &mut crd,
+        &mut pwr,
+        owner.buckets.as_ref().map(|b| &b[0]),
+        &touch,
+        &metrics.relay_bytes_to_peer,
+    );
+    let down = copy_capped(
+        &mut prd,
+        &mut cwr,
+        owner.buckets.as_ref().map(|b| &b[1]),
+        &touch,
+        &metrics.relay_bytes_to_client,
+    );
+    let idle_out = async {
+        loop {
+            let at = start + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            if tokio::time::Instant::now() >= at {
+                return;
+            }
+            tokio::time::sleep_until(at).await;
+        }
+    };
+    let mut alive = owner.alive.clone();
+    tokio::select! {
+        _ = async { tokio::join!(up, down) } => None,
+        _ = idle_out => Some("data_connection_idle"),
+        _ = alive.changed() => Some("data_connection_allocation_gone"),
+    }
+}
+
+/// Copy one direction, at most the bucket's rate, marking activity; on EOF the write side
+/// is shut down so the other end sees the half-close.
+async fn copy_capped<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    bucket: Option<&std::sync::Mutex<Bucket>>,
+    touch: &impl Fn(),
+    bytes: &prometheus::IntCounter,
+) where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    // A read never asks for more than one second's budget, so the bucket can always pay.
+    let chunk = bucket
+        .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).rate())
+        .filter(|r| *r > 0)
+        .map_or(buf.len(), |r| (r as usize).clamp(1, buf.len()));
+    loop {
+        let n = match rd.read(&mut buf[..chunk]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        touch();
+        if let Some(b) = bucket {
+            loop {
+                let ok = b
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .allow(Instant::now(), n);
+                if ok {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        if wr.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        bytes.inc_by(n as u64);
+    }
+    let _ = wr.shutdown().await;
 }
 
 /// An RFC 6062 TCP relay: a listening socket whose accepted peer connections are announced to
@@ -334,6 +641,36 @@ pub struct TcpRelay {
     view: Arc<ArcSwap<View>>,
     sink: Arc<arc_swap::ArcSwapOption<ClientSink>>,
     task: tokio::task::AbortHandle,
+    /// Dropped with the relay: parked and piped peer connections see the allocation end.
+    alive: tokio::sync::watch::Sender<()>,
+    buckets: Arc<std::sync::OnceLock<Option<PipeBuckets>>>,
+}
+
+/// The owner record for a TCP relay's peer connections, from its published view.
+fn pipe_owner(
+    addr: SocketAddr,
+    view: &View,
+    alive: &tokio::sync::watch::Sender<()>,
+    buckets: &std::sync::OnceLock<Option<PipeBuckets>>,
+) -> Option<PipeOwner> {
+    let user = view.owner.clone()?;
+    let buckets = buckets
+        .get_or_init(|| {
+            (view.max_bps > 0).then(|| {
+                let now = Instant::now();
+                Arc::new([
+                    std::sync::Mutex::new(Bucket::new(view.max_bps, now)),
+                    std::sync::Mutex::new(Bucket::new(view.max_bps, now)),
+                ])
+            })
+        })
+        .clone();
+    Some(PipeOwner {
+        user,
+        relay: addr,
+        alive: alive.subscribe(),
+        buckets,
+    })
 }
 
 impl Drop for TcpRelay {
@@ -343,8 +680,18 @@ impl Drop for TcpRelay {
 }
 
 impl TcpRelay {
+    /// Who may claim this allocation's peer connections, and with what limits; `None`
+    /// until the allocation has published its view.
+    pub fn owner(&self) -> Option<PipeOwner> {
+        pipe_owner(self.addr, &self.view.load(), &self.alive, &self.buckets)
+    }
+
     /// Listen on `addr` and announce permitted incoming peers. Must run inside tokio.
-    pub fn bind(addr: SocketAddr, conns: Arc<Conns>) -> std::io::Result<TcpRelay> {
+    pub fn bind(
+        addr: SocketAddr,
+        conns: Arc<Conns>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<TcpRelay> {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         if addr.is_ipv6() {
@@ -359,6 +706,12 @@ impl TcpRelay {
         let view = Arc::new(ArcSwap::from_pointee(View::default()));
         let sink = Arc::new(arc_swap::ArcSwapOption::<ClientSink>::empty());
         let (v, k) = (view.clone(), sink.clone());
+        let alive = tokio::sync::watch::channel(()).0;
+        let buckets = Arc::new(std::sync::OnceLock::new());
+        let (alive2, buckets2) = (alive.clone(), buckets.clone());
+        let over_cap = metrics
+            .drops
+            .with_label_values(&["peer_connections_per_allocation"]);
         let span = tracing::debug_span!("tcp_relay", relay = %local);
         let task = tokio::spawn(
             async move {
@@ -380,7 +733,14 @@ impl TcpRelay {
                         tracing::debug!(%peer, "peer connection without permission refused");
                         continue;
                     }
-                    let id = conns.insert(stream);
+                    let Some(owner) = pipe_owner(local, &view, &alive2, &buckets2) else {
+                        continue;
+                    };
+                    let Some(id) = conns.insert(stream, owner) else {
+                        over_cap.inc();
+                        tracing::debug!(%peer, "peer connection over the per-allocation cap closed");
+                        continue;
+                    };
                     let mut out = Vec::with_capacity(64);
                     let tid: [u8; 12] = rand::random();
                     let mut e = Encoder::new(
@@ -403,6 +763,8 @@ impl TcpRelay {
             view,
             sink,
             task,
+            alive,
+            buckets,
         })
     }
 }
@@ -428,7 +790,7 @@ impl AnyRelay {
                 UdpRelay::bind(addr, metrics.clone()).map(AnyRelay::Udp)
             }
             crate::turn::core::RelayKind::Tcp => {
-                TcpRelay::bind(addr, conns.clone()).map(AnyRelay::Tcp)
+                TcpRelay::bind(addr, conns.clone(), metrics.clone()).map(AnyRelay::Tcp)
             }
         }
     }
@@ -462,5 +824,62 @@ impl Relay for AnyRelay {
             AnyRelay::Udp(u) => u.view.store(view),
             AnyRelay::Tcp(t) => t.view.store(view),
         }
+    }
+    fn set_dont_fragment(&self) -> std::io::Result<()> {
+        match self {
+            AnyRelay::Udp(u) => u.set_dont_fragment(),
+            // Allocate refuses DONT-FRAGMENT with a TCP transport before binding.
+            AnyRelay::Tcp(_) => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_datagrams_too_large_for_a_data_indication_are_refused() {
+        let mut out = Vec::new();
+        let tid = [3u8; 12];
+        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+        // The largest IPv4 UDP payload fits (12-byte address attribute).
+        assert!(data_indication(&mut out, &tid, v4, &vec![0u8; 65_507]).is_ok());
+        assert_eq!(out.len(), 20 + 12 + 4 + 65_508);
+        // The largest IPv6 one does not (24-byte address attribute): refused, nothing left.
+        assert!(data_indication(&mut out, &tid, v6, &vec![0u8; 65_527]).is_err());
+        assert!(out.is_empty());
+        assert!(data_indication(&mut out, &tid, v6, &[1, 2, 3]).is_ok());
+    }
+
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[allow(unsafe_code)]
+    #[tokio::test]
+    async fn dont_fragment_sets_pmtudisc_do() {
+        use nix::libc;
+        use std::os::fd::AsRawFd;
+        let m = Arc::new(Metrics::new());
+        let r = UdpRelay::bind("127.0.0.1:0".parse().unwrap(), m).unwrap();
+        let get = |sock: &UdpSocket| {
+            let mut v: libc::c_int = -1;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: the socket is open while borrowed; `v` and `len` are live locals of
+            // the sizes passed, which getsockopt writes.
+            let rc = unsafe {
+                libc::getsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            v
+        };
+        assert_ne!(get(&r.sock), libc::IP_PMTUDISC_DO);
+        r.set_dont_fragment().unwrap();
+        assert_eq!(get(&r.sock), libc::IP_PMTUDISC_DO);
     }
 }
