@@ -201,6 +201,8 @@ pub struct TurnConfig {
     pub max_stream_connections_per_ip: usize,
     /// Bytes queued to one stream client before its packets are dropped.
     pub tcp_send_buffer_bytes: usize,
+    /// Kernel (eBPF at TC ingress) fast path for ChannelData: off, auto or on.
+    pub kernel_offload: crate::turn::offload::OffloadMode,
     /// SOFTWARE attribute value.
     pub software: String,
 }
@@ -233,6 +235,7 @@ impl Default for TurnConfig {
             max_stream_connections: 10_000,
             max_stream_connections_per_ip: 64,
             tcp_send_buffer_bytes: 256 * 1024,
+            kernel_offload: crate::turn::offload::OffloadMode::Off,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
     }

@@ -30,6 +30,9 @@ pub enum StartError {
     /// The JWT public key could not be loaded.
     #[error(transparent)]
     JwtKey(#[from] crate::auth::jwt::KeyError),
+    /// `turn.kernel_offload = "on"` and the kernel fast path cannot start.
+    #[error("turn.kernel_offload = \"on\": {0}")]
+    Offload(#[from] crate::turn::offload::OffloadError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -108,6 +111,8 @@ pub struct Shared {
     pub turn: TurnShared,
     /// Global and per-IP caps on TCP/TLS connections to the STUN/TURN ports.
     pub streams: Arc<crate::listener::tcp::StreamLimits>,
+    /// The kernel fast path for ChannelData, when `turn.kernel_offload` enabled it.
+    pub offload: Option<Arc<crate::turn::offload::Offload>>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -254,6 +259,14 @@ impl Server {
             None
         };
         let login = crate::auth::login::Login::new(&config.auth)?;
+        let offload = if config.turn.relay && config.turn.udp {
+            let mut addrs: Vec<std::net::IpAddr> =
+                config.turn.listen.iter().map(|a| a.ip()).collect();
+            addrs.extend(config.turn.relay_bind);
+            crate::turn::offload::Offload::enable(config.turn.kernel_offload, &addrs)?.map(Arc::new)
+        } else {
+            None
+        };
         if config.auth.backends.contains(&crate::config::Backend::Open)
             && !config.http.listen.ip().is_loopback()
         {
@@ -281,6 +294,7 @@ impl Server {
                 config.turn.max_stream_connections,
                 config.turn.max_stream_connections_per_ip,
             ),
+            offload,
             config: config.clone(),
         });
         let mut tasks = JoinSet::new();

@@ -3,3 +3,4 @@
 pub mod core;
 pub mod policy;
 pub mod relay;
+pub mod offload;
