@@ -360,7 +360,7 @@ static __always_inline int downstream(struct __sk_buff *skb, struct headers *h, 
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 }
 
-SEC("tc")
+SEC("classifier")
 int turn_ingress(struct __sk_buff *skb)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP))

@@ -31,7 +31,7 @@ pub enum StartError {
     #[error(transparent)]
     JwtKey(#[from] crate::auth::jwt::KeyError),
     /// `turn.kernel_offload = "on"` and the kernel fast path cannot start.
-    #[error("turn.kernel_offload = \"on\": {0}")]
+    #[error("turn.kernel_offload = \"on\" but the kernel fast path cannot start")]
     Offload(#[from] crate::turn::offload::OffloadError),
 }
 
