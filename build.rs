@@ -24,7 +24,9 @@ fn main() {
         other => other,
     };
     let status = Command::new(&clang)
-        .args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"])
+        .args([
+            "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
+        ])
         .arg(format!("-I/usr/include/{multiarch}"))
         .args(["-c", "bpf/turn_offload.c", "-o"])
         .arg(out.join("turn_offload.o"))

@@ -268,9 +268,12 @@ mod kernel {
         let sizes = [1usize, 2, 3, 4, 5, 17, 100, 333, 1000, 1400];
         for (i, &n) in sizes.iter().enumerate() {
             let payload: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
-            home.send_to(&channel_data(CHANNEL, &payload, i % 2 == 1), sa(SERVER, 3478))
-                .await
-                .unwrap();
+            home.send_to(
+                &channel_data(CHANNEL, &payload, i % 2 == 1),
+                sa(SERVER, 3478),
+            )
+            .await
+            .unwrap();
             let (got, from) = recv(&peer, "ChannelData relayed to the peer").await;
             assert_eq!(got, payload, "payload of {n} bytes");
             assert_eq!(from, sa(SERVER, RELAY_PORT), "sent from the relay address");
@@ -287,10 +290,16 @@ mod kernel {
         let mut down_bytes = 0u64;
         for (i, &n) in sizes.iter().enumerate() {
             let payload: Vec<u8> = (0..n).map(|b| (b * 3 + i) as u8).collect();
-            peer.send_to(&payload, sa(SERVER, RELAY_PORT)).await.unwrap();
+            peer.send_to(&payload, sa(SERVER, RELAY_PORT))
+                .await
+                .unwrap();
             let (got, from) = recv(&home, "ChannelData framed for the client").await;
             assert_eq!(from, sa(SERVER, 3478), "sent from the listener address");
-            assert_eq!(got, channel_data(CHANNEL, &payload, false), "{n} bytes framed");
+            assert_eq!(
+                got,
+                channel_data(CHANNEL, &payload, false),
+                "{n} bytes framed"
+            );
             down_bytes += n as u64;
         }
 
@@ -325,7 +334,10 @@ mod kernel {
             (c.up_packets, c.up_bytes, c.down_packets, c.down_bytes),
             (sizes.len() as u64, up_bytes, sizes.len() as u64, down_bytes)
         );
-        assert!(offload.take_deltas().is_empty(), "a second read has no delta");
+        assert!(
+            offload.take_deltas().is_empty(),
+            "a second read has no delta"
+        );
 
         // One more each way, then removal: what was not yet read comes back with it.
         home.send_to(&channel_data(CHANNEL, b"last", false), sa(SERVER, 3478))

@@ -339,6 +339,12 @@ impl Offload {
     fn kernel_forget(&self, _: u32) {}
 }
 
+// The handle is shared between the listener and relay tasks.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Offload>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,16 +393,12 @@ mod tests {
     fn without_the_feature_auto_falls_back_and_on_fails() {
         let addrs = ["127.0.0.1".parse().unwrap()];
         assert!(Offload::enable(OffloadMode::Off, &addrs).unwrap().is_none());
-        assert!(Offload::enable(OffloadMode::Auto, &addrs).unwrap().is_none());
+        assert!(Offload::enable(OffloadMode::Auto, &addrs)
+            .unwrap()
+            .is_none());
         assert!(matches!(
             Offload::enable(OffloadMode::On, &addrs),
             Err(OffloadError::NotBuilt)
         ));
     }
 }
-
-// The handle is shared between the listener and relay tasks.
-const _: fn() = || {
-    fn shared<T: Send + Sync>() {}
-    shared::<Offload>();
-};
