@@ -282,6 +282,17 @@ impl Offload {
         out
     }
 
+    /// Add what the kernel relayed to the relay metrics (`turn_relayed_packets_total`,
+    /// `turn_relayed_bytes_total`), so dashboards count offloaded traffic like any other.
+    /// The control plane calls this with the same deltas it credits to allocations.
+    pub fn record_metrics(deltas: &[(ChannelRoute, ChannelCounters)], m: &crate::metrics::Metrics) {
+        let t = Offload::sum(deltas);
+        m.relay_packets_to_peer.inc_by(t.up_packets);
+        m.relay_bytes_to_peer.inc_by(t.up_bytes);
+        m.relay_packets_to_client.inc_by(t.down_packets);
+        m.relay_bytes_to_client.inc_by(t.down_bytes);
+    }
+
     /// Totals of everything the kernel relayed, summed over `take_deltas` results; a
     /// convenience for callers that keep no accounting of their own.
     pub fn sum(deltas: &[(ChannelRoute, ChannelCounters)]) -> ChannelCounters {
@@ -369,6 +380,29 @@ mod tests {
         assert_eq!(d.down_packets, 2, "evicted slot restarted from zero");
         assert_eq!(d.down_bytes, 100);
         assert!(ChannelCounters::delta(b, b).is_zero());
+    }
+
+    #[test]
+    fn kernel_deltas_land_in_the_relay_metrics() {
+        let m = crate::metrics::Metrics::new();
+        let route = ChannelRoute {
+            client: "203.0.113.21:40000".parse().unwrap(),
+            listener: "203.0.113.10:3478".parse().unwrap(),
+            channel: 0x4001,
+            relay: "203.0.113.10:50000".parse().unwrap(),
+            peer: "203.0.113.30:3480".parse().unwrap(),
+        };
+        let d = ChannelCounters {
+            up_packets: 3,
+            up_bytes: 300,
+            down_packets: 2,
+            down_bytes: 40,
+        };
+        Offload::record_metrics(&[(route, d), (route, d)], &m);
+        assert_eq!(m.relay_packets_to_peer.get(), 6);
+        assert_eq!(m.relay_bytes_to_peer.get(), 600);
+        assert_eq!(m.relay_packets_to_client.get(), 4);
+        assert_eq!(m.relay_bytes_to_client.get(), 80);
     }
 
     #[test]
