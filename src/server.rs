@@ -391,10 +391,38 @@ impl Server {
         }
 
         tasks.spawn(shared.signaling.clone().run_timers(shared.clone()));
+        if let Some(offload) = shared.offload.clone() {
+            tasks.spawn(offload_counters(
+                offload,
+                shared.metrics.clone(),
+                shared.lifecycle.subscribe(),
+            ));
+        }
         let _ = shared.bound.set(bound);
         shared.lifecycle.ready.store(true, Ordering::Release);
         Ok(RunningServer { shared, tasks })
     }
+}
+
+/// Once a second, add what the kernel fast path relayed to the relay metrics, until shutdown.
+async fn offload_counters(
+    offload: Arc<crate::turn::offload::Offload>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let stop = shutdown_signal(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let deltas = offload.take_deltas();
+        crate::turn::offload::Offload::record_metrics(&deltas, &metrics);
+    }
+    // The last second's worth, so a drain's final scrape is complete.
+    crate::turn::offload::Offload::record_metrics(&offload.take_deltas(), &metrics);
 }
 
 /// Bind UDP and TCP on the same port; with port 0 the TCP side follows the port UDP got.

@@ -399,6 +399,118 @@ mod kernel {
         assert_eq!(silent(&peer, Duration::from_millis(200)).await, Ok(()));
     }
 
+    /// The control plane's side: published views go into the kernel, and a permission
+    /// expiry, a channel expiry and the allocation's delete each take the route back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn published_views_drive_the_kernel_entries() {
+        use std::sync::Arc;
+        use std::time::Instant;
+        use switchboard::metrics::Metrics;
+        use switchboard::turn::core::View;
+        use switchboard::turn::offload::ChannelSync;
+
+        let Some(lab) = Lab::start("offload_views_drive_entries") else {
+            return;
+        };
+        for h in [Host::Home1, Host::Peer] {
+            lab.exec_ok(h, "ethtool", &["-K", "e0", "tx", "off"])
+                .expect("ethtool -K e0 tx off");
+        }
+        let listener = lab.udp(Host::Server, &format!("{SERVER}:3478"));
+        let relay = lab.udp(Host::Server, &format!("{SERVER}:{RELAY_PORT}"));
+        let home = lab.udp(Host::Home1, "0.0.0.0:0");
+        let peer = lab.udp(Host::Peer, &format!("{PEER}:40000"));
+        let offload = Arc::new(start_offload(&lab, "0.0.0.0"));
+        let metrics = Arc::new(Metrics::new());
+        home.send_to(b"hello", sa(SERVER, 3478)).await.unwrap();
+        let (_, client) = recv(&listener, "hello").await;
+
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let live = View {
+            client: Some(client),
+            perms: vec![(PEER.parse().unwrap(), now + hour)],
+            channels: vec![(sa(PEER, 40000), CHANNEL, now + hour)],
+            max_bps: 0,
+            local: Some(SERVER.parse().unwrap()),
+        };
+        // The wildcard listener, as in the shipped configs.
+        let sync = ChannelSync::new(
+            offload.clone(),
+            Some(metrics.clone()),
+            sa(SERVER, RELAY_PORT),
+            "0.0.0.0:3478".parse().unwrap(),
+        );
+        let frame = channel_data(CHANNEL, b"via the view", false);
+        let kernel_relays = |expect: bool, what: &'static str| {
+            let (home, peer, listener, frame) = (&home, &peer, &listener, frame.clone());
+            async move {
+                home.send_to(&frame, sa(SERVER, 3478)).await.unwrap();
+                if expect {
+                    let (got, _) = recv(peer, what).await;
+                    assert_eq!(got, b"via the view", "{what}");
+                    assert_eq!(
+                        silent(listener, Duration::from_millis(100)).await,
+                        Ok(()),
+                        "{what}"
+                    );
+                } else {
+                    let (got, _) = recv(listener, what).await;
+                    assert_eq!(got, frame, "{what}");
+                    assert_eq!(
+                        silent(peer, Duration::from_millis(100)).await,
+                        Ok(()),
+                        "{what}"
+                    );
+                }
+            }
+        };
+
+        sync.publish(&live, Instant::now());
+        assert_eq!(sync.installed().len(), 1);
+        kernel_relays(true, "ChannelBind published: the kernel relays").await;
+        // Published again unchanged (a refresh): the route and its counters stay.
+        sync.publish(&live, Instant::now());
+        kernel_relays(true, "refreshed: still the kernel").await;
+
+        // The permission is gone (expired, republished): user space would drop, so the
+        // kernel must not relay either.
+        let mut no_perm = live.clone();
+        no_perm.perms.clear();
+        sync.publish(&no_perm, Instant::now());
+        assert!(offload.is_empty());
+        kernel_relays(false, "permission gone: back to user space").await;
+        // The two kernel-relayed datagrams reached the metrics when the route was removed.
+        assert_eq!(metrics.relay_packets_to_peer.get(), 2);
+
+        // Bound again, then the channel expires: published views carry only live channels,
+        // and one that has run out is not installed even before the table republishes.
+        sync.publish(&live, Instant::now());
+        kernel_relays(true, "bound again after removal").await;
+        let mut expiring = live.clone();
+        expiring.channels[0].2 = Instant::now() + Duration::from_millis(300);
+        sync.publish(&expiring, Instant::now());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sync.publish(&expiring, Instant::now());
+        assert!(offload.is_empty());
+        kernel_relays(false, "channel expired: back to user space").await;
+
+        // Allocation deleted: the relay drops its sync and every route goes.
+        sync.publish(&live, Instant::now());
+        assert_eq!(offload.len(), 1);
+        kernel_relays(true, "bound once more").await;
+        drop(sync);
+        assert!(offload.is_empty());
+        kernel_relays(false, "allocation deleted: back to user space").await;
+        assert_eq!(metrics.relay_packets_to_peer.get(), 4);
+        // And the relay socket gets peer data again.
+        peer.send_to(b"to the relay", sa(SERVER, RELAY_PORT))
+            .await
+            .unwrap();
+        let (got, _) = recv(&relay, "peer data in user space").await;
+        assert_eq!(got, b"to the relay");
+    }
+
     #[test]
     fn on_starts_with_the_program_attached_and_user_space_still_relays() {
         let Some(mut lab) = Lab::start("offload_on_starts") else {

@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "kernel-offload")]
 mod kernel;
+mod sync;
+
+pub use sync::{desired_routes, diff, ChannelSync};
 
 /// Whether to use the kernel fast path (`turn.kernel_offload`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
