@@ -255,6 +255,17 @@ mod kernel {
             relay: v4(sa(SERVER, RELAY_PORT)),
             peer: v4(sa(PEER, 40000)),
         };
+        // Relay to relay (a peer on this host) must be delivered locally: user space keeps it.
+        let local_peer = ChannelRoute {
+            peer: v4(sa(SERVER, RELAY_PORT + 1)),
+            channel: 0x4003,
+            ..route
+        };
+        assert!(matches!(
+            offload.install(&local_peer),
+            Err(switchboard::turn::offload::OffloadError::LocalPeer(_))
+        ));
+        assert!(offload.is_empty());
         offload.install(&route).expect("install");
         assert_eq!(offload.len(), 1);
         let csum_errors = (

@@ -193,6 +193,9 @@ impl Kernel {
     }
 
     pub(super) fn install(&self, r: &ChannelRoute, id: u32) -> Result<(), OffloadError> {
+        if self.ifindex.contains_key(r.peer.ip()) {
+            return Err(OffloadError::LocalPeer(*r.peer.ip()));
+        }
         let to_peer = self.egress(r.relay.ip())?;
         let to_client = self.egress(r.listener.ip())?;
         let up = UpVal {

@@ -125,6 +125,10 @@ pub enum OffloadError {
     /// No local interface holds this address, so the kernel cannot send from it.
     #[error("no interface holds {0}")]
     NoInterface(std::net::Ipv4Addr),
+    /// The peer is one of this host's own addresses (relay to relay): the datagram must be
+    /// delivered locally, which a redirect out of an interface cannot do.
+    #[error("peer {0} is a local address")]
+    LocalPeer(std::net::Ipv4Addr),
     /// A map update failed (the route stays with user space).
     #[error("map update failed: {0}")]
     Map(String),
