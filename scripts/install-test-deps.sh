@@ -2,7 +2,9 @@
 # Installs what the test suite needs from Debian's packages: coturn's turnutils_* clients and
 # turnserver (interop and the side-by-side benchmark), promtool (metrics format check),
 # and Chromium with its driver (browser end-to-end tests); iproute2, iptables and nginx for the
-# network lab (tests/lab: namespaces, NAT routers, a reverse proxy). Idempotent; safe to re-run.
+# network lab (tests/lab: namespaces, NAT routers, a reverse proxy); clang, libbpf-dev and the
+# kernel's UAPI headers to build the eBPF program of the kernel offload (--features
+# kernel-offload), ethtool for its lab test. Idempotent; safe to re-run.
 set -euo pipefail
 
 need=()
@@ -15,6 +17,11 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v clang >/dev/null 2>&1 || need+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+[ -f /usr/include/linux/bpf.h ] || need+=(linux-libc-dev)
+command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: installing ${need[*]}"

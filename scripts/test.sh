@@ -10,3 +10,7 @@ cargo clippy --all-targets --locked -- -D warnings
 # behaviour. It is not exported here: the server refuses unknown SWITCHBOARD_* variables, and
 # tests that start the binary would inherit it.
 cargo test --all-targets --locked
+# The kernel offload's eBPF half is built only with its feature: lint that code and run its
+# lab tests (the verifier on this kernel, relaying in the kernel, fallback) with it.
+cargo clippy --lib --features kernel-offload --locked -- -D warnings
+cargo test --features kernel-offload --locked --test lab_offload

@@ -210,6 +210,8 @@ pub struct TurnConfig {
     pub max_pending_connections_per_allocation: usize,
     /// Seconds an RFC 6062 data connection may carry no byte either way before it closes.
     pub data_connection_idle_timeout_secs: u64,
+    /// Kernel (eBPF at TC ingress) fast path for ChannelData: off, auto or on.
+    pub kernel_offload: crate::turn::offload::OffloadMode,
     /// SOFTWARE attribute value.
     pub software: String,
 }
@@ -245,6 +247,7 @@ impl Default for TurnConfig {
             tcp_send_buffer_bytes: 256 * 1024,
             max_pending_connections_per_allocation: 8,
             data_connection_idle_timeout_secs: 300,
+            kernel_offload: crate::turn::offload::OffloadMode::Off,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
     }

@@ -93,6 +93,7 @@ fn main() -> ExitCode {
                 Some(
                     switchboard::server::StartError::Tls(_)
                         | switchboard::server::StartError::JwtKey(_)
+                        | switchboard::server::StartError::Offload(_)
                 )
             );
             ExitCode::from(if config_error { 2 } else { 1 })

@@ -30,6 +30,9 @@ pub enum StartError {
     /// The JWT public key could not be loaded.
     #[error(transparent)]
     JwtKey(#[from] crate::auth::jwt::KeyError),
+    /// `turn.kernel_offload = "on"` and the kernel fast path cannot start.
+    #[error("turn.kernel_offload = \"on\" but the kernel fast path cannot start")]
+    Offload(#[from] crate::turn::offload::OffloadError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -108,6 +111,8 @@ pub struct Shared {
     pub turn: TurnShared,
     /// Global and per-IP caps on TCP/TLS connections to the STUN/TURN ports.
     pub streams: Arc<crate::listener::tcp::StreamLimits>,
+    /// The kernel fast path for ChannelData, when `turn.kernel_offload` enabled it.
+    pub offload: Option<Arc<crate::turn::offload::Offload>>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -256,6 +261,14 @@ impl Server {
             None
         };
         let login = crate::auth::login::Login::new(&config.auth)?;
+        let offload = if config.turn.relay && config.turn.udp {
+            let mut addrs: Vec<std::net::IpAddr> =
+                config.turn.listen.iter().map(|a| a.ip()).collect();
+            addrs.extend(config.turn.relay_bind);
+            crate::turn::offload::Offload::enable(config.turn.kernel_offload, &addrs)?.map(Arc::new)
+        } else {
+            None
+        };
         if config.auth.backends.contains(&crate::config::Backend::Open)
             && !config.http.listen.ip().is_loopback()
         {
@@ -283,6 +296,7 @@ impl Server {
                 config.turn.max_stream_connections,
                 config.turn.max_stream_connections_per_ip,
             ),
+            offload,
             config: config.clone(),
         });
         let mut tasks = JoinSet::new();
@@ -379,10 +393,38 @@ impl Server {
         }
 
         tasks.spawn(shared.signaling.clone().run_timers(shared.clone()));
+        if let Some(offload) = shared.offload.clone() {
+            tasks.spawn(offload_counters(
+                offload,
+                shared.metrics.clone(),
+                shared.lifecycle.subscribe(),
+            ));
+        }
         let _ = shared.bound.set(bound);
         shared.lifecycle.ready.store(true, Ordering::Release);
         Ok(RunningServer { shared, tasks })
     }
+}
+
+/// Once a second, add what the kernel fast path relayed to the relay metrics, until shutdown.
+async fn offload_counters(
+    offload: Arc<crate::turn::offload::Offload>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let stop = shutdown_signal(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let deltas = offload.take_deltas();
+        crate::turn::offload::Offload::record_metrics(&deltas, &metrics);
+    }
+    // The last second's worth, so a drain's final scrape is complete.
+    crate::turn::offload::Offload::record_metrics(&offload.take_deltas(), &metrics);
 }
 
 /// Bind UDP and TCP on the same port; with port 0 the TCP side follows the port UDP got.

@@ -57,6 +57,63 @@ fn systemd_unit_verifies_and_is_hardened() {
     assert!(score < 2.5, "{line}");
 }
 
+#[test]
+fn kernel_offload_drop_in_verifies_and_stays_hardened() {
+    // The unit plus deploy/systemd/kernel-offload.conf as an operator installs it.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/switchboard.service")).unwrap();
+    let unit = unit.replace(
+        "/usr/local/bin/switchboard",
+        env!("CARGO_BIN_EXE_switchboard"),
+    );
+    let path = dir.path().join("switchboard.service");
+    std::fs::write(&path, unit).unwrap();
+    let d = dir.path().join("switchboard.service.d");
+    std::fs::create_dir(&d).unwrap();
+    let drop_in =
+        std::fs::read_to_string(root().join("deploy/systemd/kernel-offload.conf")).unwrap();
+    for cap in ["CAP_BPF", "CAP_NET_ADMIN"] {
+        assert!(drop_in.contains(cap), "the drop-in grants {cap}");
+    }
+    std::fs::write(d.join("kernel-offload.conf"), drop_in).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze is installed (scripts/install-test-deps.sh)");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify with the drop-in: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    // The drop-in is in force: the report sees the capabilities and the bpf() call.
+    assert!(
+        text.contains("CapabilityBoundingSet=~CAP_BPF") && text.contains("bpf is allowed"),
+        "the drop-in was not applied:\n{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure line:\n{text}"));
+    let score: f64 = line
+        .rsplit(':')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10.0);
+    assert!(
+        line.contains(" OK") || line.contains(" SAFE"),
+        "exposure with the offload drop-in must stay OK: {line}"
+    );
+    assert!(score < 2.5, "{line}");
+}
+
 fn manifests() -> Vec<Yaml> {
     let mut docs = Vec::new();
     let dir = root().join("deploy/kubernetes");

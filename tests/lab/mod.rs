@@ -428,6 +428,17 @@ impl Lab {
             .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// The exit code of a process started with [`Lab::spawn`] once it has exited; -1 while
+    /// it runs or when a signal ended it.
+    pub fn exit_code(&mut self, name: &str) -> i32 {
+        self.children
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, c)| c.try_wait().ok().flatten())
+            .and_then(|s| s.code())
+            .unwrap_or(-1)
+    }
+
     /// A file mounted over `/etc/<name>` for processes started in `h` (e.g. `hosts`).
     pub fn etc_file(&mut self, h: Host, name: &str, text: &str) {
         let d = PathBuf::from(format!("/etc/netns/{}", self.ns(h)));

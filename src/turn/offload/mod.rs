@@ -1,0 +1,445 @@
+//! Kernel fast path for ChannelData (`turn.kernel_offload`): an eBPF program at TC ingress
+//! relays bound channels between client and peer without waking user space, which stays
+//! the fallback for everything else (requests, Send/Data indications, TCP/TLS, IPv6,
+//! bandwidth-capped allocations, and any packet the program does not own).
+//!
+//! The control plane drives it through a narrow API: [`Offload::install`] on ChannelBind
+//! (and on a refresh that re-creates an expired binding), [`Offload::remove`] on channel
+//! expiry, allocation delete or refresh failure, and [`Offload::take_deltas`] to fold the
+//! kernel's per-channel counters into metrics and bandwidth accounting. The maps are LRU
+//! caches: an evicted entry sends packets back to user space, never to a drop. The kernel
+//! never checks lifetimes, so removing entries on time is the control plane's job.
+//!
+//! Without the `kernel-offload` cargo feature the kernel half is not built; `auto` then
+//! falls back at start-up and `on` refuses to start.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "kernel-offload")]
+mod kernel;
+mod sync;
+
+pub use sync::{desired_routes, diff, ChannelSync};
+
+/// Whether to use the kernel fast path (`turn.kernel_offload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadMode {
+    /// User space relays everything.
+    #[default]
+    Off,
+    /// Use the kernel when it loads; otherwise log once and relay in user space.
+    Auto,
+    /// Require the kernel path: start-up fails (exit 2) when it cannot load.
+    On,
+}
+
+/// One channel binding as the kernel forwards it (IPv4 over UDP only): what arrives from
+/// the client and where it goes, and the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChannelRoute {
+    /// The client's address as the server sees it (after any NAT).
+    pub client: SocketAddrV4,
+    /// The local address the client sends to: a concrete address, never a wildcard.
+    pub listener: SocketAddrV4,
+    /// The channel number (0x4000–0x4FFF).
+    pub channel: u16,
+    /// The relay socket's local (bound) address; peers send to it.
+    pub relay: SocketAddrV4,
+    /// The peer bound to the channel.
+    pub peer: SocketAddrV4,
+}
+
+/// Packets and payload bytes relayed by the kernel for one channel, per direction
+/// (`up`: client to peer, `down`: peer to client). Bytes count application data, as the
+/// user-space relay does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChannelCounters {
+    /// Datagrams from the client relayed to the peer.
+    pub up_packets: u64,
+    /// Their payload bytes.
+    pub up_bytes: u64,
+    /// Datagrams from the peer relayed to the client.
+    pub down_packets: u64,
+    /// Their payload bytes.
+    pub down_bytes: u64,
+}
+
+impl ChannelCounters {
+    /// What moved between `last` and `now`, taking a counter that went down as a reset
+    /// (the kernel's slot was evicted and started again from zero).
+    pub fn delta(last: ChannelCounters, now: ChannelCounters) -> ChannelCounters {
+        fn d(last: u64, now: u64) -> u64 {
+            if now >= last {
+                now - last
+            } else {
+                now
+            }
+        }
+        ChannelCounters {
+            up_packets: d(last.up_packets, now.up_packets),
+            up_bytes: d(last.up_bytes, now.up_bytes),
+            down_packets: d(last.down_packets, now.down_packets),
+            down_bytes: d(last.down_bytes, now.down_bytes),
+        }
+    }
+
+    /// Whether nothing moved.
+    pub fn is_zero(&self) -> bool {
+        *self == ChannelCounters::default()
+    }
+
+    fn add(&mut self, o: ChannelCounters) {
+        self.up_packets += o.up_packets;
+        self.up_bytes += o.up_bytes;
+        self.down_packets += o.down_packets;
+        self.down_bytes += o.down_bytes;
+    }
+}
+
+/// Why the kernel path cannot be used (start-up) or cannot take a binding (install).
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// This binary was built without the `kernel-offload` feature.
+    #[error("this build has no kernel offload (built without the kernel-offload feature)")]
+    NotBuilt,
+    /// The program or its maps could not be loaded (no CAP_BPF/CAP_NET_ADMIN, old kernel,
+    /// verifier refusal).
+    #[error("cannot load the eBPF program: {0}")]
+    Load(String),
+    /// The program could not be attached at TC ingress of an interface.
+    #[error("cannot attach to {iface}: {reason}")]
+    Attach {
+        /// Interface name.
+        iface: String,
+        /// What the kernel said.
+        reason: String,
+    },
+    /// No interface to attach to carries the listener addresses.
+    #[error("no interface carries the listener addresses {0:?}")]
+    NoInterfaces(Vec<IpAddr>),
+    /// No local interface holds this address, so the kernel cannot send from it.
+    #[error("no interface holds {0}")]
+    NoInterface(std::net::Ipv4Addr),
+    /// The peer is one of this host's own addresses (relay to relay): the datagram must be
+    /// delivered locally, which a redirect out of an interface cannot do.
+    #[error("peer {0} is a local address")]
+    LocalPeer(std::net::Ipv4Addr),
+    /// A map update failed (the route stays with user space).
+    #[error("map update failed: {0}")]
+    Map(String),
+}
+
+/// User-space state of one installed route: its counter slot and what was last read.
+#[derive(Debug)]
+struct Slot {
+    route: ChannelRoute,
+    id: u32,
+    last: ChannelCounters,
+}
+
+/// The loaded and attached kernel fast path; dropping it detaches the program.
+pub struct Offload {
+    #[cfg(feature = "kernel-offload")]
+    kernel: kernel::Kernel,
+    routes: Mutex<Routes>,
+}
+
+#[derive(Debug, Default)]
+struct Routes {
+    by_client: HashMap<(SocketAddrV4, SocketAddrV4, u16), Slot>,
+    next_id: u32,
+}
+
+impl std::fmt::Debug for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offload")
+            .field("interfaces", &self.interfaces())
+            .finish()
+    }
+}
+
+impl Offload {
+    /// Load the program and attach it at TC ingress of every interface that carries one of
+    /// `addrs` (a wildcard means every interface with an IPv4 address except loopback).
+    /// Needs CAP_BPF and CAP_NET_ADMIN (or root); runs in the caller's network namespace.
+    pub fn start(addrs: &[IpAddr]) -> Result<Offload, OffloadError> {
+        #[cfg(feature = "kernel-offload")]
+        {
+            let kernel = kernel::Kernel::start(addrs)?;
+            Ok(Offload {
+                kernel,
+                routes: Mutex::new(Routes::default()),
+            })
+        }
+        #[cfg(not(feature = "kernel-offload"))]
+        {
+            let _ = addrs;
+            Err(OffloadError::NotBuilt)
+        }
+    }
+
+    /// Apply `mode` at start-up: `Off` gives `None`; `Auto` gives `None` with one warning
+    /// when the kernel path cannot start; `On` turns that into an error (exit 2).
+    pub fn enable(mode: OffloadMode, addrs: &[IpAddr]) -> Result<Option<Offload>, OffloadError> {
+        match mode {
+            OffloadMode::Off => Ok(None),
+            OffloadMode::Auto => match Offload::start(addrs) {
+                Ok(o) => {
+                    tracing::info!(interfaces = ?o.interfaces(), "turn kernel offload active");
+                    Ok(Some(o))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "turn kernel offload unavailable; relaying in user space");
+                    Ok(None)
+                }
+            },
+            OffloadMode::On => {
+                let o = Offload::start(addrs)?;
+                tracing::info!(interfaces = ?o.interfaces(), "turn kernel offload active");
+                Ok(Some(o))
+            }
+        }
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn interfaces(&self) -> Vec<String> {
+        #[cfg(feature = "kernel-offload")]
+        {
+            self.kernel.interfaces()
+        }
+        #[cfg(not(feature = "kernel-offload"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// Hand a channel binding to the kernel (ChannelBind, or a refresh of one that had
+    /// been removed). Installing the same route again keeps its counters. On error the
+    /// binding simply stays with user space.
+    pub fn install(&self, route: &ChannelRoute) -> Result<(), OffloadError> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (route.client, route.listener, route.channel);
+        let (id, last) = match routes.by_client.get(&key) {
+            Some(old) => {
+                if old.route != *route {
+                    // Another peer or relay for the same channel: drop the old reverse entry.
+                    self.kernel_remove(&old.route, false);
+                }
+                (old.id, old.last)
+            }
+            None => {
+                routes.next_id = routes.next_id.wrapping_add(1);
+                (routes.next_id, ChannelCounters::default())
+            }
+        };
+        if let Err(e) = self.kernel_install(route, id) {
+            // Leave nothing half-installed: the binding goes back to user space whole.
+            if let Some(old) = routes.by_client.remove(&key) {
+                self.kernel_remove(&old.route, true);
+                self.kernel_forget(old.id);
+            }
+            self.kernel_remove(route, true);
+            return Err(e);
+        }
+        routes.by_client.insert(
+            key,
+            Slot {
+                route: *route,
+                id,
+                last,
+            },
+        );
+        Ok(())
+    }
+
+    /// Take a channel binding back to user space (expiry, delete, refresh failure,
+    /// permission loss). Returns what the kernel relayed for it since the last
+    /// [`Offload::take_deltas`], so accounting loses nothing; `None` if it was not installed.
+    pub fn remove(&self, route: &ChannelRoute) -> Option<ChannelCounters> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = routes
+            .by_client
+            .remove(&(route.client, route.listener, route.channel))?;
+        let now = self.kernel_read(slot.id);
+        self.kernel_remove(&slot.route, true);
+        self.kernel_forget(slot.id);
+        Some(ChannelCounters::delta(slot.last, now.unwrap_or(slot.last)))
+    }
+
+    /// Per installed route, what the kernel relayed since the previous call (routes with
+    /// no traffic are left out). Metrics and bandwidth accounting add these up.
+    pub fn take_deltas(&self) -> Vec<(ChannelRoute, ChannelCounters)> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for slot in routes.by_client.values_mut() {
+            let Some(now) = self.kernel_read(slot.id) else {
+                continue;
+            };
+            let d = ChannelCounters::delta(slot.last, now);
+            slot.last = now;
+            if !d.is_zero() {
+                out.push((slot.route, d));
+            }
+        }
+        out
+    }
+
+    /// Add what the kernel relayed to the relay metrics (`turn_relayed_packets_total`,
+    /// `turn_relayed_bytes_total`), so dashboards count offloaded traffic like any other.
+    /// The control plane calls this with the same deltas it credits to allocations.
+    pub fn record_metrics(deltas: &[(ChannelRoute, ChannelCounters)], m: &crate::metrics::Metrics) {
+        let t = Offload::sum(deltas);
+        m.relay_packets_to_peer.inc_by(t.up_packets);
+        m.relay_bytes_to_peer.inc_by(t.up_bytes);
+        m.relay_packets_to_client.inc_by(t.down_packets);
+        m.relay_bytes_to_client.inc_by(t.down_bytes);
+    }
+
+    /// Totals of everything the kernel relayed, summed over `take_deltas` results; a
+    /// convenience for callers that keep no accounting of their own.
+    pub fn sum(deltas: &[(ChannelRoute, ChannelCounters)]) -> ChannelCounters {
+        let mut t = ChannelCounters::default();
+        for (_, d) in deltas {
+            t.add(*d);
+        }
+        t
+    }
+
+    /// How many routes are installed.
+    pub fn len(&self) -> usize {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_client
+            .len()
+    }
+
+    /// Whether no route is installed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[cfg(feature = "kernel-offload")]
+    fn kernel_install(&self, route: &ChannelRoute, id: u32) -> Result<(), OffloadError> {
+        self.kernel.install(route, id)
+    }
+    #[cfg(not(feature = "kernel-offload"))]
+    fn kernel_install(&self, _: &ChannelRoute, _: u32) -> Result<(), OffloadError> {
+        Err(OffloadError::NotBuilt)
+    }
+
+    #[cfg(feature = "kernel-offload")]
+    fn kernel_remove(&self, route: &ChannelRoute, both: bool) {
+        self.kernel.remove(route, both)
+    }
+    #[cfg(not(feature = "kernel-offload"))]
+    fn kernel_remove(&self, _: &ChannelRoute, _: bool) {}
+
+    #[cfg(feature = "kernel-offload")]
+    fn kernel_read(&self, id: u32) -> Option<ChannelCounters> {
+        self.kernel.read(id)
+    }
+    #[cfg(not(feature = "kernel-offload"))]
+    fn kernel_read(&self, _: u32) -> Option<ChannelCounters> {
+        None
+    }
+
+    #[cfg(feature = "kernel-offload")]
+    fn kernel_forget(&self, id: u32) {
+        self.kernel.forget(id)
+    }
+    #[cfg(not(feature = "kernel-offload"))]
+    fn kernel_forget(&self, _: u32) {}
+}
+
+// The handle is shared between the listener and relay tasks.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Offload>();
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deltas_take_a_drop_as_a_reset() {
+        let a = ChannelCounters {
+            up_packets: 10,
+            up_bytes: 1000,
+            down_packets: 5,
+            down_bytes: 500,
+        };
+        let b = ChannelCounters {
+            up_packets: 12,
+            up_bytes: 1200,
+            down_packets: 2,
+            down_bytes: 100,
+        };
+        let d = ChannelCounters::delta(a, b);
+        assert_eq!(d.up_packets, 2);
+        assert_eq!(d.up_bytes, 200);
+        assert_eq!(d.down_packets, 2, "evicted slot restarted from zero");
+        assert_eq!(d.down_bytes, 100);
+        assert!(ChannelCounters::delta(b, b).is_zero());
+    }
+
+    #[test]
+    fn kernel_deltas_land_in_the_relay_metrics() {
+        let m = crate::metrics::Metrics::new();
+        let route = ChannelRoute {
+            client: "203.0.113.21:40000".parse().unwrap(),
+            listener: "203.0.113.10:3478".parse().unwrap(),
+            channel: 0x4001,
+            relay: "203.0.113.10:50000".parse().unwrap(),
+            peer: "203.0.113.30:3480".parse().unwrap(),
+        };
+        let d = ChannelCounters {
+            up_packets: 3,
+            up_bytes: 300,
+            down_packets: 2,
+            down_bytes: 40,
+        };
+        Offload::record_metrics(&[(route, d), (route, d)], &m);
+        assert_eq!(m.relay_packets_to_peer.get(), 6);
+        assert_eq!(m.relay_bytes_to_peer.get(), 600);
+        assert_eq!(m.relay_packets_to_client.get(), 4);
+        assert_eq!(m.relay_bytes_to_client.get(), 80);
+    }
+
+    #[test]
+    fn mode_parses_from_toml_strings() {
+        #[derive(Deserialize)]
+        struct T {
+            m: OffloadMode,
+        }
+        for (s, m) in [
+            ("off", OffloadMode::Off),
+            ("auto", OffloadMode::Auto),
+            ("on", OffloadMode::On),
+        ] {
+            let t: T = toml::from_str(&format!("m = \"{s}\"")).unwrap();
+            assert_eq!(t.m, m);
+        }
+        assert!(toml::from_str::<T>("m = \"yes\"").is_err());
+    }
+
+    #[cfg(not(feature = "kernel-offload"))]
+    #[test]
+    fn without_the_feature_auto_falls_back_and_on_fails() {
+        let addrs = ["127.0.0.1".parse().unwrap()];
+        assert!(Offload::enable(OffloadMode::Off, &addrs).unwrap().is_none());
+        assert!(Offload::enable(OffloadMode::Auto, &addrs)
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            Offload::enable(OffloadMode::On, &addrs),
+            Err(OffloadError::NotBuilt)
+        ));
+    }
+}
