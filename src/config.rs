@@ -68,6 +68,40 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Room signaling limits and timers.
     pub signaling: SignalingConfig,
+    /// Several nodes sharing rooms through Redis (off unless `redis_url` is set).
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode: rooms owned by one node each, with connections on any node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Redis URL (`redis://[:password@]host:port[/db]`); empty keeps the single-node mode.
+    pub redis_url: String,
+    /// This node's name, unique in the cluster; empty means the host name.
+    pub node_id: String,
+    /// Milliseconds a room lease lives without renewal (renewed every third of it).
+    pub lease_ms: u64,
+    /// Milliseconds a forwarded request waits for the owner before `cluster_unavailable`.
+    pub forward_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: String::new(),
+            node_id: String::new(),
+            lease_ms: 6000,
+            forward_timeout_ms: 2000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
 }
 
 /// Process lifecycle settings.
@@ -962,6 +996,49 @@ impl Config {
                 return Err(ConfigError::key(
                     format!("http.allowed_origins[{i}]"),
                     "must be `*` or an origin like https://app.example.com",
+                ));
+            }
+        }
+        let k = &self.cluster;
+        if k.enabled() {
+            if !(k.redis_url.starts_with("redis://") || k.redis_url.starts_with("redis+unix://")) {
+                return Err(ConfigError::key(
+                    "cluster.redis_url",
+                    "must be a redis:// URL (or redis+unix://)",
+                ));
+            }
+            // Nodes verify each other's session tokens and TURN credentials: a random key per
+            // process would make every cross-node resume and relay fail.
+            if a.session_keys.is_empty() {
+                return Err(ConfigError::key(
+                    "auth.session_keys",
+                    "cluster mode needs session keys shared by every node",
+                ));
+            }
+            if t.relay && a.turn_secrets.is_empty() {
+                return Err(ConfigError::key(
+                    "auth.turn_secrets",
+                    "cluster mode needs TURN secrets shared by every node",
+                ));
+            }
+            if k.lease_ms < 1000 {
+                return Err(ConfigError::key("cluster.lease_ms", "must be at least 1000"));
+            }
+            if k.forward_timeout_ms == 0 {
+                return Err(ConfigError::key(
+                    "cluster.forward_timeout_ms",
+                    "must be positive",
+                ));
+            }
+            if k.node_id.len() > 64
+                || !k
+                    .node_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(ConfigError::key(
+                    "cluster.node_id",
+                    "up to 64 of A-Z a-z 0-9 - _ .",
                 ));
             }
         }

@@ -94,6 +94,7 @@ fn main() -> ExitCode {
                     switchboard::server::StartError::Tls(_)
                         | switchboard::server::StartError::JwtKey(_)
                         | switchboard::server::StartError::Offload(_)
+                        | switchboard::server::StartError::Cluster(_)
                 )
             );
             ExitCode::from(if config_error { 2 } else { 1 })

@@ -61,6 +61,17 @@ pub struct Metrics {
     pub tls_handshakes_active: IntGaugeVec,
     /// Password hashes being checked right now (bounded by `auth.max_concurrent_password_checks`).
     pub password_checks_active: IntGauge,
+    /// Cluster bus messages by direction (`publish|receive`).
+    pub cluster_bus_messages: IntCounterVec,
+    /// Time from forwarding a request to the room's owner until its answer arrives.
+    pub cluster_forward_seconds: Histogram,
+    /// Rooms this node owns (holds the lease of).
+    pub cluster_rooms_owned: IntGauge,
+    /// Room ownership changes on this node, by event
+    /// (`acquired|takeover|reacquired|lost|released`).
+    pub cluster_ownership_changes: IntCounterVec,
+    /// 1 while Redis answers and this node's pub/sub subscription delivers; 0 otherwise.
+    pub cluster_redis_up: IntGauge,
 }
 
 impl Metrics {
@@ -107,6 +118,18 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
         r.register(Box::new(login_duration.clone()))
+            .expect("metric names are unique");
+        let cluster_forward_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cluster_forward_seconds",
+                "Time from forwarding a signaling request to the room's owner node until its answer.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(cluster_forward_seconds.clone()))
             .expect("metric names are unique");
         #[cfg(target_os = "linux")]
         {
@@ -224,6 +247,29 @@ impl Metrics {
                 "password_checks_active",
                 "Password hashes being verified right now.",
             ),
+            cluster_bus_messages: cv(
+                r,
+                "cluster_bus_messages_total",
+                "Messages between nodes over the Redis bus, by direction.",
+                &["direction"],
+            ),
+            cluster_forward_seconds,
+            cluster_rooms_owned: g(
+                r,
+                "cluster_rooms_owned",
+                "Rooms whose lease this node holds.",
+            ),
+            cluster_ownership_changes: cv(
+                r,
+                "cluster_ownership_changes_total",
+                "Room ownership changes on this node, by event.",
+                &["event"],
+            ),
+            cluster_redis_up: g(
+                r,
+                "cluster_redis_up",
+                "1 while Redis answers and this node's subscription delivers (0 in single-node mode).",
+            ),
             registry,
         };
         for t in ["tcp", "tls"] {
@@ -299,6 +345,19 @@ impl Metrics {
         }
         for o in ["resumed", "rejected", "expired"] {
             m.resumes.with_label_values(&[o]);
+        }
+        for d in ["publish", "receive"] {
+            m.cluster_bus_messages.with_label_values(&[d]);
+        }
+        for e in ["acquired", "takeover", "reacquired", "lost", "released"] {
+            m.cluster_ownership_changes.with_label_values(&[e]);
+        }
+        for r in [
+            "cluster_unavailable",
+            "cluster_publish_failed",
+            "cluster_stale_owner",
+        ] {
+            m.drops.with_label_values(&[r]);
         }
         for d in ["in", "out"] {
             m.signaling_frames.with_label_values(&[d, "signal"]);

@@ -33,6 +33,9 @@ pub enum StartError {
     /// `turn.kernel_offload = "on"` and the kernel fast path cannot start.
     #[error("turn.kernel_offload = \"on\" but the kernel fast path cannot start")]
     Offload(#[from] crate::turn::offload::OffloadError),
+    /// Cluster mode could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -101,6 +104,8 @@ pub struct Shared {
     pub password_checks: Arc<tokio::sync::Semaphore>,
     /// Room signaling.
     pub signaling: Arc<crate::signaling::conn::Signaling>,
+    /// This node's part of the cluster, in cluster mode.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Per-IP login attempt limiter.
     pub login_limiter: crate::auth::login::RateLimiter,
     /// The certificate of every TLS listener, when any is configured; reloaded on SIGHUP.
@@ -278,16 +283,27 @@ impl Server {
                  (auth.allow_open_on_public = true)"
             );
         }
+        let metrics = Arc::new(Metrics::new());
+        let (signaling, cluster) = if config.cluster.enabled() {
+            let (s, c) = crate::cluster::Cluster::build(&config, metrics.clone())?;
+            (s, Some(c))
+        } else {
+            (
+                Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
+                None,
+            )
+        };
         let shared = Arc::new(Shared {
             login: arc_swap::ArcSwap::from_pointee(login),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
                 config.auth.password_check_slots(),
             )),
-            signaling: Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
+            signaling,
+            cluster,
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),
             auth: Arc::new(Auth::new(&config.auth)),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             lifecycle: Lifecycle::new(),
             bound: std::sync::OnceLock::new(),
             origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
@@ -399,6 +415,9 @@ impl Server {
                 shared.metrics.clone(),
                 shared.lifecycle.subscribe(),
             ));
+        }
+        if let Some(c) = &shared.cluster {
+            tasks.spawn(c.clone().run(shared.clone()));
         }
         let _ = shared.bound.set(bound);
         shared.lifecycle.ready.store(true, Ordering::Release);

@@ -131,7 +131,15 @@ async fn livez() -> &'static str {
 
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.lifecycle.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
+        match &s.cluster {
+            // Still ready: local rooms work. The body says what does not.
+            Some(c) if !c.is_up() => (
+                StatusCode::OK,
+                "ready (degraded: cluster Redis unreachable; cross-node rooms unavailable)\n",
+            )
+                .into_response(),
+            _ => (StatusCode::OK, "ready\n").into_response(),
+        }
     } else if s.lifecycle.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {

@@ -15,6 +15,8 @@ pub enum Outbound {
     Frame(Frame),
     /// Close the connection (its seat was taken by a newer connection).
     Close,
+    /// Close the connection so that its client resumes: the room moved to another node.
+    Moved,
 }
 
 #[derive(Debug, Default)]
@@ -72,7 +74,7 @@ impl Outbox {
     pub fn push(&self, item: Outbound) -> Result<(), Refused> {
         let n = match &item {
             Outbound::Frame(f) => f.len(),
-            Outbound::Close => 0,
+            Outbound::Close | Outbound::Moved => 0,
         };
         let mut q = self.lock();
         if q.overflowed {
@@ -190,7 +192,8 @@ impl LocalBus {
         }
     }
 
-    fn outbox(&self, conn: ConnId) -> Option<Arc<Outbox>> {
+    /// The outbox of a connection of this node.
+    pub fn outbox(&self, conn: ConnId) -> Option<Arc<Outbox>> {
         self.map(conn).get(&conn).cloned()
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::bus::Outbound;
 use super::room::{new_room_id, token_room, valid_name, ConnId, Member, RoomError};
 use super::service::Counters;
+use crate::cluster::{Answer, Route};
 pub use super::service::Signaling;
 use crate::auth::{unix_now, AuthError};
 use crate::server::{shutdown_signal, Shared};
@@ -83,7 +84,7 @@ struct Reply {
 }
 
 /// Serialize `v` and add the request `id` exactly as the client wrote it.
-fn with_id_text(v: &Value, id: Option<&RawValue>) -> String {
+pub(crate) fn with_id_text(v: &Value, id: Option<&RawValue>) -> String {
     let mut s = v.to_string();
     if let Some(id) = id {
         s.pop();
@@ -286,7 +287,7 @@ pub async fn serve(
                     if !send(&mut ws, c, f, write_timeout).await { break; }
                     continue;
                 }
-                let replies = handle(&sig, &shared, c, &mut conn, text.as_str(), &mut left_cleanly);
+                let replies = handle(&sig, &shared, c, &mut conn, text.as_str(), &mut left_cleanly).await;
                 let mut ok = true;
                 for r in replies {
                     if !send(&mut ws, c, r, write_timeout).await { ok = false; break; }
@@ -304,6 +305,11 @@ pub async fn serve(
                 match write_batch(&mut ws, &outbox, first, write_timeout).await {
                     Batch::Written => {}
                     Batch::Failed => break,
+                    Batch::Moved => {
+                        // The room moved to another node: the client resumes there.
+                        close(&mut ws, 4003, "room moved; resume", write_timeout).await;
+                        break;
+                    }
                     Batch::Replaced => {
                         // Replaced by a newer connection: the seat is gone, nothing to resume.
                         left_cleanly = true;
@@ -359,6 +365,7 @@ enum Batch {
     Written,
     Failed,
     Replaced,
+    Moved,
 }
 
 /// Write `first` and whatever else is queued (up to a batch), then flush once.
@@ -371,6 +378,7 @@ async fn write_batch(
     let mut item = Some(first);
     let mut n = 0;
     let mut replaced = false;
+    let mut moved = false;
     let w = tokio::time::timeout(timeout, async {
         while let Some(it) = item.take() {
             match it {
@@ -380,6 +388,10 @@ async fn write_batch(
                 }
                 Outbound::Close => {
                     replaced = true;
+                    break;
+                }
+                Outbound::Moved => {
+                    moved = true;
                     break;
                 }
             }
@@ -392,6 +404,7 @@ async fn write_batch(
     .await;
     match w {
         Ok(Ok(())) if replaced => Batch::Replaced,
+        Ok(Ok(())) if moved => Batch::Moved,
         Ok(Ok(())) => Batch::Written,
         _ => Batch::Failed,
     }
@@ -400,7 +413,9 @@ async fn write_batch(
 fn finish(sig: &Signaling, shared: &Shared, conn: &Conn, ip: IpAddr, left_cleanly: bool) {
     let now = Instant::now();
     let id = conn.id;
-    if let (false, Some(room)) = (left_cleanly, conn.room.as_deref()) {
+    if let Some(cl) = shared.cluster.as_ref().filter(|cl| cl.is_remote(id)) {
+        cl.gone(id, left_cleanly);
+    } else if let (false, Some(room)) = (left_cleanly, conn.room.as_deref()) {
         // An unexpected drop keeps the seat for the resume window.
         sig.apply(shared, room, |h, out| h.disconnect(now, id, out));
     }
@@ -548,8 +563,9 @@ fn parse(text: &str) -> Result<Request<'_>, Reply> {
     Ok(req)
 }
 
-/// One request frame in, reply frames out (room events travel through the bus).
-fn handle(
+/// One request frame in, reply frames out (room events travel through the bus). In cluster
+/// mode a request for a room owned by another node waits for that node's answer.
+async fn handle(
     sig: &Signaling,
     shared: &Shared,
     c: &Counters,
@@ -622,9 +638,18 @@ fn handle(
             if let Err(e) = sig.take_room(shared, &member.user) {
                 return vec![room_err(&e, id)];
             }
+            if let Some(cl) = &shared.cluster {
+                if let Err(e) = cl.claim(&room).await {
+                    sig.release_room(&member.user);
+                    return vec![room_err(&e, id)];
+                }
+            }
             let r = sig.apply(shared, &room, |h, _| {
                 h.create(now, &member.user, &room, req.capacity)
             });
+            if let (Err(_), Some(cl)) = (&r, &shared.cluster) {
+                cl.unclaim(&room);
+            }
             match r {
                 Ok((room, capacity)) => vec![reply(
                     "created",
@@ -651,10 +676,27 @@ fn handle(
             if conn.room.is_some() {
                 return vec![room_err(&RoomError::AlreadyInRoom, id)];
             }
+            if let Some(cl) = &shared.cluster {
+                match cl.join(cid, &member, room).await {
+                    Err(e) => return vec![room_err(&e, id)],
+                    Ok(Route::Remote(Answer::Ok(j))) => {
+                        conn.room = Some(room.to_string());
+                        *left_cleanly = false;
+                        return vec![reply("joined", j, id)];
+                    }
+                    Ok(Route::Remote(Answer::Err(code, msg))) => {
+                        return vec![error_frame(&code, &msg, id)]
+                    }
+                    Ok(Route::Local) => {}
+                }
+            }
             match sig.apply(shared, room, |h, out| h.join(cid, &member, room, out)) {
                 Ok(j) => {
                     conn.room = Some(room.to_string());
                     *left_cleanly = false;
+                    if let Some(cl) = &shared.cluster {
+                        cl.mirror(room);
+                    }
                     vec![reply("joined", j, id)]
                 }
                 Err(e) => vec![room_err(&e, id)],
@@ -664,9 +706,20 @@ fn handle(
             let Some(room) = conn.room.take() else {
                 return vec![room_err(&RoomError::NotInRoom, id)];
             };
+            if let Some(cl) = shared.cluster.as_ref().filter(|cl| cl.is_remote(cid)) {
+                *left_cleanly = true;
+                return match cl.leave(cid).await {
+                    Ok(Answer::Ok(_)) => vec![reply("left", json!({"type": "left"}), id)],
+                    Ok(Answer::Err(code, msg)) => vec![error_frame(&code, &msg, id)],
+                    Err(e) => vec![room_err(&e, id)],
+                };
+            }
             match sig.apply(shared, &room, |h, out| h.leave(now, cid, out)) {
                 Ok(()) => {
                     *left_cleanly = true;
+                    if let Some(cl) = &shared.cluster {
+                        cl.mirror(&room);
+                    }
                     vec![reply("left", json!({"type": "left"}), id)]
                 }
                 Err(e) => vec![room_err(&e, id)],
@@ -680,6 +733,12 @@ fn handle(
                 return vec![room_err(&RoomError::NotInRoom, id)];
             };
             let to = req.to.as_deref();
+            if let Some(cl) = shared.cluster.as_ref().filter(|cl| cl.is_remote(cid)) {
+                return match cl.signal(cid, to, data.get(), id.map(|i| i.get())) {
+                    Ok(()) => Vec::new(),
+                    Err(e) => vec![room_err(&e, id)],
+                };
+            }
             match sig.apply(shared, room, |h, out| h.signal(cid, to, data, out)) {
                 Ok(()) => id
                     .map(|i| vec![reply("ack", json!({"type": "ack"}), Some(i))])
@@ -695,10 +754,30 @@ fn handle(
             let r = if conn.room.is_some() {
                 Err(RoomError::AlreadyInRoom)
             } else if let Some(room) = token_room(token) {
-                sig.apply(shared, room, |h, out| {
-                    h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
-                })
-                .map(|()| room.to_string())
+                let route = match &shared.cluster {
+                    Some(cl) => {
+                        let rid = id.map(|i| i.get().to_string());
+                        cl.resume(shared, cid, &member, room, token, last, rid).await
+                    }
+                    None => Ok(Route::Local),
+                };
+                match route {
+                    Err(e) => Err(e),
+                    Ok(Route::Remote(Answer::Ok(_))) => {
+                        shared.metrics.resumes.with_label_values(&["resumed"]).inc();
+                        conn.room = Some(room.to_string());
+                        *left_cleanly = false;
+                        return Vec::new();
+                    }
+                    Ok(Route::Remote(Answer::Err(code, msg))) => {
+                        shared.metrics.resumes.with_label_values(&["rejected"]).inc();
+                        return vec![error_frame(&code, &msg, id)];
+                    }
+                    Ok(Route::Local) => sig.apply(shared, room, |h, out| {
+                        h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
+                    })
+                    .map(|()| room.to_string()),
+                }
             } else {
                 Err(RoomError::BadResume)
             };

@@ -238,6 +238,9 @@ pub enum RoomError {
     /// A malformed field.
     #[error("{0}")]
     BadRequest(String),
+    /// The room lives on another node and the cluster cannot reach it right now.
+    #[error("the room's node cannot be reached right now; retry")]
+    ClusterUnavailable,
 }
 
 impl RoomError {
@@ -254,6 +257,7 @@ impl RoomError {
             RoomError::ForbiddenRoom => "forbidden_room",
             RoomError::BadResume => "bad_resume",
             RoomError::BadRequest(_) => "bad_request",
+            RoomError::ClusterUnavailable => "cluster_unavailable",
         }
     }
 }
@@ -331,6 +335,35 @@ struct Peer {
     /// When the resume window closes, while disconnected.
     deadline: Option<Instant>,
     resume_token: String,
+    /// Adopted from another node's mirror: the client's `lastSeq` at resume sets the numbering
+    /// (frames buffered meanwhile are renumbered after it).
+    seq_unknown: bool,
+}
+
+/// What another node needs to take a room over: its settings and seats, without buffers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoomState {
+    /// Room id.
+    pub room: String,
+    /// Peers allowed.
+    pub capacity: usize,
+    /// User that created it (quota).
+    pub creator: String,
+    /// Seats, in join order.
+    pub peers: Vec<SeatState>,
+}
+
+/// One seat of a `RoomState`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SeatState {
+    /// Peer id the others know.
+    pub peer: String,
+    /// Its user.
+    pub user: String,
+    /// Its resume token.
+    pub token: String,
+    /// Join order (roles: the later joiner is polite).
+    pub order: u64,
 }
 
 #[derive(Debug)]
@@ -358,6 +391,8 @@ pub struct Tick {
     pub expired: usize,
     /// Creators of the rooms that closed (to release their quota).
     pub closed: Vec<String>,
+    /// Ids of the rooms that closed.
+    pub closed_rooms: Vec<String>,
 }
 
 /// The rooms of one shard. The shell routes each room to one shard by its id, and runs every
@@ -647,6 +682,7 @@ impl Hub {
                 buffer_bytes: 0,
                 deadline: None,
                 resume_token: token.clone(),
+                seq_unknown: false,
             },
         );
         self.peers += 1;
@@ -826,6 +862,17 @@ impl Hub {
                 },
             ));
         }
+        let adopted = std::mem::take(&mut me.seq_unknown);
+        if adopted {
+            // Frames the previous owner sent after `last_seq` are lost; what this node buffered
+            // since it took the room over follows the client's numbering.
+            let mut seq = last_seq;
+            for (s, _) in me.buffer.iter_mut() {
+                seq += 1;
+                *s = seq;
+            }
+            me.next_seq = seq + 1;
+        }
         let missed: Vec<Frame> = me
             .buffer
             .iter()
@@ -836,7 +883,7 @@ impl Hub {
             })
             .collect();
         let first_kept = me.buffer.front().map(|(s, _)| *s).unwrap_or(me.next_seq);
-        let complete = last_seq + 1 >= first_kept;
+        let complete = !adopted && last_seq + 1 >= first_kept;
         let roster = Self::roster(room, &peer_id);
         let resumed = reply(json!({
             "type": "resumed",
@@ -899,12 +946,134 @@ impl Hub {
                     if self.rooms.get(&room).is_some_and(|r| r.peers.is_empty()) {
                         if let Some(r) = self.rooms.remove(&room) {
                             done.closed.push(r.creator);
+                            done.closed_rooms.push(room);
                         }
                     }
                 }
             }
         }
         done
+    }
+
+    /// Whether room `id` is open here.
+    pub fn has_room(&self, id: &str) -> bool {
+        self.rooms.contains_key(id)
+    }
+
+    /// The seats of room `id`, for another node to take it over from.
+    pub fn snapshot(&self, id: &str) -> Option<RoomState> {
+        let r = self.rooms.get(id)?;
+        let mut peers: Vec<SeatState> = r
+            .peers
+            .iter()
+            .map(|(pid, p)| SeatState {
+                peer: pid.clone(),
+                user: p.user.clone(),
+                token: p.resume_token.clone(),
+                order: p.joined_order,
+            })
+            .collect();
+        peers.sort_by_key(|p| p.order);
+        Some(RoomState {
+            room: id.to_string(),
+            capacity: r.capacity,
+            creator: r.creator.clone(),
+            peers,
+        })
+    }
+
+    /// Open a room taken over from a node that is gone: every seat waits for its peer to
+    /// resume within the window, and its numbering follows the `lastSeq` the peer presents.
+    pub fn adopt(&mut self, now: Instant, state: &RoomState) -> Result<(), RoomError> {
+        if self.rooms.contains_key(&state.room) {
+            return Err(RoomError::RoomExists);
+        }
+        let deadline = now + self.limits.resume_grace;
+        let mut peers = BTreeMap::new();
+        for s in &state.peers {
+            self.order = self.order.max(s.order);
+            peers.insert(
+                s.peer.clone(),
+                Peer {
+                    user: s.user.clone(),
+                    conn: None,
+                    joined_order: s.order,
+                    next_seq: 1,
+                    buffer: VecDeque::new(),
+                    buffer_bytes: 0,
+                    deadline: Some(deadline),
+                    resume_token: s.token.clone(),
+                    seq_unknown: true,
+                },
+            );
+            self.tokens
+                .insert(s.token.clone(), (state.room.clone(), s.peer.clone()));
+            self.timers.insert((
+                deadline,
+                Timer::Resume {
+                    room: state.room.clone(),
+                    peer: s.peer.clone(),
+                },
+            ));
+            self.peers += 1;
+        }
+        let close_at = peers.is_empty().then(|| now + self.limits.empty_room_grace);
+        if let Some(c) = close_at {
+            self.timers.insert((
+                c,
+                Timer::Close {
+                    room: state.room.clone(),
+                },
+            ));
+        }
+        self.rooms.insert(
+            state.room.clone(),
+            Room {
+                capacity: state.capacity.max(2),
+                creator: state.creator.clone(),
+                peers,
+                close_at,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drop room `id` at once (another node owns it now). Returns its creator (for the
+    /// quota) and the connections that were seated, which the shell closes so that their
+    /// clients resume where the room lives.
+    pub fn evict(&mut self, id: &str) -> Option<(String, Vec<ConnId>)> {
+        let room = self.rooms.remove(id)?;
+        if let Some(c) = room.close_at {
+            self.timers.remove(&(c, Timer::Close { room: id.into() }));
+        }
+        let mut conns = Vec::new();
+        for (pid, mut p) in room.peers {
+            self.peers -= 1;
+            self.tokens.remove(&p.resume_token);
+            Self::drop_buffer(&self.limits, &mut p);
+            if let Some(d) = p.deadline {
+                self.timers.remove(&(
+                    d,
+                    Timer::Resume {
+                        room: id.into(),
+                        peer: pid,
+                    },
+                ));
+            }
+            if let Some(c) = p.conn {
+                self.seats.remove(&c);
+                conns.push(c);
+            }
+        }
+        Some((room.creator, conns))
+    }
+
+    /// The connections seated in room `id` (for a node that must hand the room over).
+    pub fn conns_in(&self, id: &str) -> Vec<ConnId> {
+        self.rooms
+            .get(id)
+            .map(|r| r.peers.values().filter_map(|p| p.conn).collect())
+            .unwrap_or_default()
     }
 
     /// When `tick` next has work: the head of the deadline queue.

@@ -54,6 +54,12 @@ pub(crate) struct Counters {
     pub(crate) peers_active: IntGauge,
 }
 
+/// The static name of a frame type (`unknown` for anything else), for frames rendered on
+/// another node.
+pub(crate) fn static_kind(t: &str) -> &'static str {
+    KNOWN_TYPES[type_index(t)]
+}
+
 fn type_index(t: &str) -> usize {
     KNOWN_TYPES
         .iter()
@@ -132,6 +138,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Signaling {
     /// A service with the in-process bus.
     pub fn new(cfg: &SignalingConfig) -> Signaling {
+        Self::with_bus(cfg, Box::new(LocalBus::default()))
+    }
+
+    /// A service whose room output goes through `bus` (the cluster bus in cluster mode).
+    pub fn with_bus(cfg: &SignalingConfig, bus: Box<dyn Bus>) -> Signaling {
         let resume_total = Arc::new(Budget::new(cfg.resume_total_bytes));
         let limits = Limits {
             room_capacity: cfg.room_capacity,
@@ -154,7 +165,7 @@ impl Signaling {
                 .collect(),
             hasher: Default::default(),
             quota: Mutex::new(RoomQuota::new(cfg.max_rooms, cfg.max_rooms_per_user)),
-            bus: Box::new(LocalBus::default()),
+            bus,
             next_conn: AtomicU64::new(1),
             per_ip: Mutex::new(HashMap::new()),
             cfg: cfg.clone(),
@@ -183,6 +194,16 @@ impl Signaling {
         ));
         self.bus.attach(id, ob.clone());
         (id, ob)
+    }
+
+    /// A fresh connection id without an outbox (a connection of another node seated here).
+    pub(crate) fn new_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Read the shard of `room` without changing it.
+    pub(crate) fn peek<R>(&self, room: &str, f: impl FnOnce(&Hub) -> R) -> R {
+        f(&lock(&self.shards[self.shard_of(room)].hub))
     }
 
     fn shard_of(&self, room: &str) -> usize {
@@ -247,6 +268,11 @@ impl Signaling {
             }
             for creator in done.closed {
                 self.release_room(&creator);
+            }
+            if let Some(cl) = &shared.cluster {
+                for room in &done.closed_rooms {
+                    cl.closed(room);
+                }
             }
         }
     }

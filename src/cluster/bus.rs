@@ -1,0 +1,196 @@
+//! The cluster `Bus`: frames for connections on this node go to their outboxes as in the
+//! single-node mode; frames for connections on other nodes (seated here through a proxy id)
+//! are rendered and queued, in order, for the publisher, which sends them to that node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::mpsc;
+
+use super::wire::Wire;
+use crate::signaling::bus::{Bus, Delivery, LocalBus, Outbox};
+use crate::signaling::room::{Action, ConnId, RoomState};
+
+/// Messages queued for the publisher beyond this are dropped (Redis is too slow or away; the
+/// frames stay in resume buffers and their clients resume).
+const MAX_QUEUED: usize = 200_000;
+
+/// Work for the publisher task, in order.
+#[derive(Debug)]
+pub enum Out {
+    /// Send a message to a node.
+    Publish(Arc<str>, Wire),
+    /// Write (or delete) a room's mirror, fenced by its epoch.
+    Mirror(String, u64, Option<RoomState>),
+    /// Give a room's lease up (after what was queued before); `true` also deletes its mirror.
+    Release(String, u64, bool),
+}
+
+/// A connection of another node seated in a room owned here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// The edge node.
+    pub node: Arc<str>,
+    /// The connection id on that node.
+    pub conn: ConnId,
+    /// The room it sits in.
+    pub room: String,
+}
+
+#[derive(Debug, Default)]
+struct Proxies {
+    by_id: HashMap<ConnId, Proxy>,
+    by_edge: HashMap<(Arc<str>, ConnId), ConnId>,
+}
+
+/// The shared half of the cluster bus: the publisher queue and the proxy table.
+#[derive(Debug)]
+pub struct Remote {
+    tx: mpsc::UnboundedSender<Out>,
+    queued: Arc<AtomicUsize>,
+    proxies: Mutex<Proxies>,
+    /// Messages dropped because the queue was full.
+    pub dropped: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The receiving end of the publisher queue.
+#[derive(Debug)]
+pub struct Queue {
+    /// Queued work.
+    pub rx: mpsc::UnboundedReceiver<Out>,
+    /// Items queued and not yet taken (shared with `Remote`).
+    pub queued: Arc<AtomicUsize>,
+}
+
+impl Remote {
+    /// A proxy table and the publisher queue.
+    pub fn new() -> (Arc<Remote>, Queue) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            Arc::new(Remote {
+                tx,
+                queued: queued.clone(),
+                proxies: Mutex::default(),
+                dropped: AtomicUsize::new(0),
+            }),
+            Queue { rx, queued },
+        )
+    }
+
+    /// Queue work for the publisher; `false` when dropped.
+    pub fn send(&self, out: Out) -> bool {
+        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(out).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Queue a message for `node`.
+    pub fn publish(&self, node: &Arc<str>, w: Wire) -> bool {
+        self.send(Out::Publish(node.clone(), w))
+    }
+
+    /// The proxy id of an edge connection, if it is seated here.
+    pub fn proxy_of(&self, node: &Arc<str>, conn: ConnId) -> Option<ConnId> {
+        lock(&self.proxies).by_edge.get(&(node.clone(), conn)).copied()
+    }
+
+    /// The edge connection behind a proxy id.
+    pub fn proxy(&self, id: ConnId) -> Option<Proxy> {
+        lock(&self.proxies).by_id.get(&id).cloned()
+    }
+
+    /// Record a proxy.
+    pub fn add_proxy(&self, id: ConnId, p: Proxy) {
+        let mut t = lock(&self.proxies);
+        t.by_edge.insert((p.node.clone(), p.conn), id);
+        t.by_id.insert(id, p);
+    }
+
+    /// Forget a proxy.
+    pub fn remove_proxy(&self, id: ConnId) -> Option<Proxy> {
+        let mut t = lock(&self.proxies);
+        let p = t.by_id.remove(&id)?;
+        t.by_edge.remove(&(p.node.clone(), p.conn));
+        Some(p)
+    }
+
+    /// Every proxy (to drop them all when Redis is lost).
+    pub fn take_proxies(&self) -> Vec<(ConnId, Proxy)> {
+        let mut t = lock(&self.proxies);
+        t.by_edge.clear();
+        t.by_id.drain().collect()
+    }
+}
+
+/// The bus of a node in cluster mode.
+#[derive(Debug)]
+pub struct ClusterBus {
+    /// This node's connections.
+    pub local: Arc<LocalBus>,
+    /// Connections of other nodes.
+    pub remote: Arc<Remote>,
+}
+
+impl Bus for ClusterBus {
+    fn attach(&self, conn: ConnId, outbox: Arc<Outbox>) {
+        self.local.attach(conn, outbox);
+    }
+
+    fn detach(&self, conn: ConnId) {
+        self.local.detach(conn);
+    }
+
+    fn deliver(&self, actions: Vec<Action>) -> Delivery {
+        // Order is kept per recipient: local and remote recipients are disjoint.
+        let mut local = Vec::with_capacity(actions.len());
+        {
+            let t = lock(&self.remote.proxies);
+            if t.by_id.is_empty() {
+                drop(t);
+                return self.local.deliver(actions);
+            }
+            let mut closed = Vec::new();
+            for a in actions {
+                let c = match &a {
+                    Action::Send(c, _) | Action::Close(c) => *c,
+                };
+                let Some(p) = t.by_id.get(&c) else {
+                    local.push(a);
+                    continue;
+                };
+                let w = match a {
+                    Action::Send(_, f) => Wire::Frame {
+                        conn: p.conn,
+                        kind: f.kind().to_string(),
+                        text: f.render(),
+                    },
+                    Action::Close(_) => {
+                        closed.push(c);
+                        Wire::Close { conn: p.conn }
+                    }
+                };
+                self.remote.publish(&p.node, w);
+            }
+            drop(t);
+            for c in closed {
+                self.remote.remove_proxy(c);
+            }
+        }
+        self.local.deliver(local)
+    }
+}

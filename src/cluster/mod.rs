@@ -1,0 +1,529 @@
+//! Cluster mode: several nodes share rooms through Redis. Each room has one owner node (a
+//! lease with an epoch, `lease`), which runs the room core for it; connections live on any
+//! node, whose requests travel to the owner and whose frames come back over pub/sub (`wire`,
+//! `bus`, `link`). Without `cluster.redis_url` none of this runs.
+
+pub mod bus;
+pub mod lease;
+pub mod link;
+pub mod owner;
+pub mod wire;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, Notify};
+
+use self::bus::{ClusterBus, Out, Queue, Remote};
+use self::lease::{Acquired, Leases, Owner};
+use self::wire::{Who, Wire};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::server::Shared;
+use crate::signaling::bus::{LocalBus, Outbound};
+use crate::signaling::conn::Signaling;
+use crate::signaling::room::{ConnId, Member, RoomError};
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The Redis URL does not parse.
+    #[error("cluster.redis_url: {0}")]
+    Url(String),
+}
+
+/// The owner's answer to a forwarded request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Done; the `joined` object for a join.
+    Ok(Value),
+    /// Refused with this error code and message.
+    Err(String, String),
+}
+
+/// Where a room request runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// On this node's hub.
+    Local,
+    /// Forwarded; the owner answered.
+    Remote(Answer),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The host name, for `cluster.node_id` when none is configured.
+pub fn host_name() -> String {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let h: String = h
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(64)
+        .collect();
+    if h.is_empty() {
+        format!("node-{}", rand::random::<u32>())
+    } else {
+        h
+    }
+}
+
+/// One node's part of the cluster.
+pub struct Cluster {
+    node: Arc<str>,
+    client: redis::Client,
+    con: ConnectionManager,
+    leases: Leases,
+    remote: Arc<Remote>,
+    local: Arc<LocalBus>,
+    sig: Arc<Signaling>,
+    metrics: Arc<Metrics>,
+    up: AtomicBool,
+    forward_timeout: Duration,
+    lease_ttl: Duration,
+    /// Rooms whose lease this node holds, with its epoch.
+    owned: Mutex<HashMap<String, u64>>,
+    /// Connections of this node seated in rooms owned elsewhere: (room, owner).
+    seats: Mutex<HashMap<ConnId, (String, Owner)>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<(u64, Answer)>>>,
+    next_req: AtomicU64,
+    queue: Mutex<Option<Queue>>,
+    /// Wakes the heartbeat at once (Redis came back).
+    beat: Notify,
+    handed_over: AtomicBool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// The signaling service with the cluster bus, and the cluster around it. Nothing connects
+    /// yet: Redis may be away at start, and local rooms work without it.
+    pub fn build(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Arc<Signaling>, Arc<Cluster>), ClusterError> {
+        let k = &config.cluster;
+        let client =
+            redis::Client::open(k.redis_url.as_str()).map_err(|e| ClusterError::Url(e.to_string()))?;
+        let node: Arc<str> = if k.node_id.is_empty() {
+            host_name().into()
+        } else {
+            k.node_id.as_str().into()
+        };
+        let rto = Duration::from_millis((k.lease_ms / 4).clamp(250, 1000));
+        let mcfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(rto))
+            .set_response_timeout(Some(rto))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let con = ConnectionManager::new_lazy_with_config(client.clone(), mcfg)
+            .map_err(|e| ClusterError::Url(e.to_string()))?;
+        let local = Arc::new(LocalBus::default());
+        let (remote, queue) = Remote::new();
+        let sig = Arc::new(Signaling::with_bus(
+            &config.signaling,
+            Box::new(ClusterBus {
+                local: local.clone(),
+                remote: remote.clone(),
+            }),
+        ));
+        let grace = config.signaling.resume_grace_secs * 1000;
+        let cl = Arc::new(Cluster {
+            leases: Leases::new(&node, k.lease_ms, grace),
+            node,
+            client,
+            con,
+            remote,
+            local,
+            sig: sig.clone(),
+            metrics,
+            up: AtomicBool::new(false),
+            forward_timeout: Duration::from_millis(k.forward_timeout_ms),
+            lease_ttl: Duration::from_millis(k.lease_ms),
+            owned: Mutex::default(),
+            seats: Mutex::default(),
+            pending: Mutex::default(),
+            next_req: AtomicU64::new(1),
+            queue: Mutex::new(Some(queue)),
+            beat: Notify::new(),
+            handed_over: AtomicBool::new(false),
+        });
+        tracing::info!(node = %cl.node, "cluster mode: rooms are shared through Redis");
+        Ok((sig, cl))
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether Redis answers and this node's subscription delivers.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Rooms this node owns.
+    pub fn rooms_owned(&self) -> usize {
+        lock(&self.owned).len()
+    }
+
+    fn con(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+
+    fn has_room(&self, room: &str) -> bool {
+        self.sig.peek(room, |h| h.has_room(room))
+    }
+
+    fn set_owned(&self, room: &str, epoch: Option<u64>) {
+        let mut o = lock(&self.owned);
+        match epoch {
+            Some(e) => {
+                o.insert(room.to_string(), e);
+            }
+            None => {
+                o.remove(room);
+            }
+        }
+        self.metrics.cluster_rooms_owned.set(o.len() as i64);
+    }
+
+    fn change(&self, event: &str) {
+        self.metrics
+            .cluster_ownership_changes
+            .with_label_values(&[event])
+            .inc();
+    }
+
+    /// Before `create`: take the room's lease for this node.
+    pub async fn claim(&self, room: &str) -> Result<(), RoomError> {
+        if !self.is_up() {
+            return Err(RoomError::ClusterUnavailable);
+        }
+        match self.leases.acquire(&mut self.con(), room, false).await {
+            Ok(Acquired::Mine { epoch, fresh, .. }) => {
+                if !fresh && self.has_room(room) {
+                    return Err(RoomError::RoomExists);
+                }
+                self.set_owned(room, Some(epoch));
+                self.change("acquired");
+                Ok(())
+            }
+            Ok(Acquired::Theirs(_)) => Err(RoomError::RoomExists),
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot claim a room");
+                Err(RoomError::ClusterUnavailable)
+            }
+        }
+    }
+
+    /// A claimed room was not created after all: give its lease back.
+    pub fn unclaim(&self, room: &str) {
+        let e = lock(&self.owned).get(room).copied();
+        if let Some(e) = e {
+            self.set_owned(room, None);
+            self.remote.send(Out::Release(room.to_string(), e, true));
+            self.change("released");
+        }
+    }
+
+    /// A room owned here closed (empty past its grace).
+    pub fn closed(&self, room: &str) {
+        self.unclaim(room);
+    }
+
+    /// After a seat changed in a room owned here: mirror its seats for a node that may have to
+    /// take it over.
+    pub fn mirror(&self, room: &str) {
+        let Some(epoch) = lock(&self.owned).get(room).copied() else {
+            return;
+        };
+        let snap = self.sig.peek(room, |h| h.snapshot(room));
+        self.remote
+            .send(Out::Mirror(room.to_string(), epoch, snap));
+    }
+
+    async fn owner_of(&self, room: &str) -> Result<Option<Owner>, RoomError> {
+        let mut con = self.con();
+        let v: Option<String> = redis::cmd("GET")
+            .arg(lease::lease_key(room))
+            .query_async(&mut con)
+            .await
+            .map_err(|_| RoomError::ClusterUnavailable)?;
+        Ok(v.as_deref().and_then(Owner::parse))
+    }
+
+    /// Send a request to `owner` and wait for its answer.
+    async fn forward(&self, owner: &Owner, make: impl FnOnce(u64) -> Wire) -> Result<(u64, Answer), RoomError> {
+        if !self.is_up() {
+            return Err(RoomError::ClusterUnavailable);
+        }
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(req, tx);
+        let t0 = Instant::now();
+        let node: Arc<str> = owner.node.as_str().into();
+        self.remote.publish(&node, make(req));
+        let r = tokio::time::timeout(self.forward_timeout, rx).await;
+        lock(&self.pending).remove(&req);
+        match r {
+            Ok(Ok(a)) => {
+                self.metrics
+                    .cluster_forward_seconds
+                    .observe(t0.elapsed().as_secs_f64());
+                Ok(a)
+            }
+            _ => {
+                self.metrics
+                    .drops
+                    .with_label_values(&["cluster_unavailable"])
+                    .inc();
+                Err(RoomError::ClusterUnavailable)
+            }
+        }
+    }
+
+    fn who(m: &Member) -> Who {
+        Who {
+            user: m.user.clone(),
+            limit: m.room_limit.clone(),
+        }
+    }
+
+    /// `join` from a connection of this node: local when the room lives here, else forwarded
+    /// to its owner.
+    pub async fn join(&self, conn: ConnId, member: &Member, room: &str) -> Result<Route, RoomError> {
+        for attempt in 0..5u32 {
+            if self.has_room(room) {
+                return Ok(Route::Local);
+            }
+            if !self.is_up() {
+                return Err(RoomError::ClusterUnavailable);
+            }
+            let Some(owner) = self.owner_of(room).await? else {
+                return Err(RoomError::UnknownRoom);
+            };
+            if owner.node == *self.node {
+                return Err(RoomError::UnknownRoom);
+            }
+            let who = Self::who(member);
+            let (epoch, a) = self
+                .forward(&owner, |req| Wire::Join {
+                    req,
+                    conn,
+                    who,
+                    room: room.to_string(),
+                })
+                .await?;
+            match a {
+                Answer::Err(code, _) if code == "not_owner" => {
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Answer::Ok(v) => {
+                    self.seat(conn, room, Owner { epoch, node: owner.node });
+                    return Ok(Route::Remote(Answer::Ok(v)));
+                }
+                a => return Ok(Route::Remote(a)),
+            }
+        }
+        Err(RoomError::ClusterUnavailable)
+    }
+
+    /// `resume` from a connection of this node: local when the room lives here; forwarded to
+    /// its owner; or, when no node holds the room any more, taken over here from its mirror and
+    /// what the resuming peer presents.
+    pub async fn resume(
+        &self,
+        shared: &Shared,
+        conn: ConnId,
+        member: &Member,
+        room: &str,
+        token: &str,
+        last: u64,
+        id: Option<String>,
+    ) -> Result<Route, RoomError> {
+        for attempt in 0..5u32 {
+            if self.has_room(room) {
+                return Ok(Route::Local);
+            }
+            if !self.is_up() {
+                return Err(RoomError::ClusterUnavailable);
+            }
+            let owner = self.owner_of(room).await?;
+            let owner = match owner {
+                Some(o) if o.node != *self.node => o,
+                _ => {
+                    if shared.lifecycle.is_draining() {
+                        return Err(RoomError::ClusterUnavailable);
+                    }
+                    match self.take_over(shared, room).await? {
+                        Some(o) => o,
+                        None => return Ok(Route::Local),
+                    }
+                }
+            };
+            let who = Self::who(member);
+            let (epoch, a) = self
+                .forward(&owner, |req| Wire::Resume {
+                    req,
+                    conn,
+                    who,
+                    token: token.to_string(),
+                    last,
+                    id: id.clone(),
+                })
+                .await?;
+            match a {
+                Answer::Err(code, _) if code == "not_owner" => {
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Answer::Ok(v) => {
+                    self.seat(conn, room, Owner { epoch, node: owner.node });
+                    return Ok(Route::Remote(Answer::Ok(v)));
+                }
+                a => return Ok(Route::Remote(a)),
+            }
+        }
+        Err(RoomError::ClusterUnavailable)
+    }
+
+    /// Take a room over from its mirror; `Some(owner)` when another node won the race.
+    async fn take_over(&self, shared: &Shared, room: &str) -> Result<Option<Owner>, RoomError> {
+        let got = self
+            .leases
+            .acquire(&mut self.con(), room, true)
+            .await
+            .map_err(|_| RoomError::ClusterUnavailable)?;
+        let (epoch, mirror) = match got {
+            Acquired::Theirs(o) => return Ok(Some(o)),
+            Acquired::Mine { epoch, mirror, .. } => (epoch, mirror),
+        };
+        // Ours already (this node restarted under the same id): read the mirror itself.
+        let mirror = match mirror {
+            Some(m) => Some(m),
+            None => {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg(lease::mirror_key(room))
+                    .query_async(&mut self.con())
+                    .await
+                    .map_err(|_| RoomError::ClusterUnavailable)?;
+                v.and_then(|s| serde_json::from_str(&s).ok())
+            }
+        };
+        let Some(state) = mirror.filter(|s: &crate::signaling::room::RoomState| s.room == room)
+        else {
+            let _ = self.leases.release(&mut self.con(), room, epoch, true).await;
+            return Err(RoomError::BadResume);
+        };
+        let now = Instant::now();
+        let adopted = self.sig.apply(shared, room, |h, _| h.adopt(now, &state));
+        if adopted.is_ok() {
+            let _ = self.sig.take_room(shared, &state.creator);
+        }
+        self.set_owned(room, Some(epoch));
+        self.change("takeover");
+        tracing::info!(room_peers = state.peers.len(), epoch, "cluster: took a room over");
+        Ok(None)
+    }
+
+    fn seat(&self, conn: ConnId, room: &str, owner: Owner) {
+        lock(&self.seats).insert(conn, (room.to_string(), owner));
+    }
+
+    /// Whether a connection of this node is seated through another node.
+    pub fn is_remote(&self, conn: ConnId) -> bool {
+        lock(&self.seats).contains_key(&conn)
+    }
+
+    fn owner_node(&self, conn: ConnId) -> Option<Arc<str>> {
+        lock(&self.seats)
+            .get(&conn)
+            .map(|(_, o)| Arc::from(o.node.as_str()))
+    }
+
+    /// `signal` from a remote-seated connection: forwarded; the owner answers with `ack` or
+    /// `error` frames through the same ordered stream.
+    pub fn signal(
+        &self,
+        conn: ConnId,
+        to: Option<&str>,
+        data: &str,
+        id: Option<&str>,
+    ) -> Result<(), RoomError> {
+        if !self.is_up() {
+            return Err(RoomError::ClusterUnavailable);
+        }
+        let node = self.owner_node(conn).ok_or(RoomError::ClusterUnavailable)?;
+        self.remote.publish(
+            &node,
+            Wire::Signal {
+                conn,
+                to: to.map(str::to_string),
+                data: data.to_string(),
+                id: id.map(str::to_string),
+            },
+        );
+        Ok(())
+    }
+
+    /// `leave` from a remote-seated connection.
+    pub async fn leave(&self, conn: ConnId) -> Result<Answer, RoomError> {
+        let Some((_, owner)) = lock(&self.seats).get(&conn).cloned() else {
+            return Err(RoomError::NotInRoom);
+        };
+        let r = self.forward(&owner, |req| Wire::Leave { req, conn }).await;
+        lock(&self.seats).remove(&conn);
+        r.map(|(_, a)| a)
+    }
+
+    /// A connection of this node ended: a remote seat is kept for the resume window unless it
+    /// left cleanly.
+    pub fn gone(&self, conn: ConnId, cleanly: bool) {
+        let Some((_, owner)) = lock(&self.seats).remove(&conn) else {
+            return;
+        };
+        if !cleanly {
+            let node: Arc<str> = owner.node.as_str().into();
+            self.remote.publish(&node, Wire::Disconnect { conn });
+        }
+    }
+
+    fn push(&self, conn: ConnId, item: Outbound) {
+        if let Some(ob) = self.local.outbox(conn) {
+            let _ = ob.push(item);
+        }
+    }
+
+    /// Close connections so that their clients resume where their room lives now.
+    fn moved(&self, shared: &Shared, room: &str) {
+        let Some((creator, conns)) = self.sig.apply(shared, room, |h, _| h.evict(room)) else {
+            return;
+        };
+        self.sig.release_room(&creator);
+        for c in conns {
+            match self.remote.remove_proxy(c) {
+                Some(p) => {
+                    self.remote.publish(&p.node, Wire::Moved { conn: p.conn });
+                }
+                None => self.push(c, Outbound::Moved),
+            }
+        }
+    }
+}
