@@ -1,0 +1,478 @@
+//! Cluster mode with real processes: three switchboard binaries share one redis-server
+//! (Debian's, started on a free port with its own directory and killed on drop). Cross-node
+//! calls, the owner's death, and a Redis outage with an empty restart.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A redis-server of our own, killed on drop.
+struct Redis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// (Re)start on the same port with empty data.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/install-test-deps.sh)");
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "redis-server starts");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A switchboard process, killed on drop.
+struct Node {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(redis: &Redis, id: &str) -> Node {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("switchboard.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[http]\nlisten = \"127.0.0.1:{port}\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+                 [auth]\nsession_keys = [\"cluster-test-session-key-0123456789\"]\n\
+                 turn_secrets = [\"cluster-test-turn-secret\"]\n\
+                 [cluster]\nredis_url = \"{}\"\nnode_id = \"{id}\"\nlease_ms = 2000\n\
+                 forward_timeout_ms = 1000\n",
+                redis.url()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("binary starts");
+        Node {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn readyz(&self) -> Option<String> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/readyz", self.port))
+            .await
+            .ok()?;
+        r.text().await.ok()
+    }
+
+    /// Wait until the node is ready and its cluster link is up.
+    async fn wait_up(&self) {
+        let t = Instant::now();
+        loop {
+            if self.readyz().await.as_deref() == Some("ready\n") {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "node becomes ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn login(node: &Node, user: &str) -> String {
+    let v: Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/v1/login", node.port))
+        .json(&json!({"name": user}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["token"].as_str().expect("login returns a token").to_string()
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next JSON frame (pings and ice-servers skipped); `None` when the socket closed.
+async fn next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within 10 s");
+        match m {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] != "ice-servers" {
+                    return Some(v);
+                }
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            _ => continue,
+        }
+    }
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    next(ws).await.expect("socket open")
+}
+
+async fn hello(node: &Node, token: &str) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", node.port))
+        .await
+        .expect("ws connects");
+    send(&mut ws, json!({"type": "hello", "token": token})).await;
+    let w = recv(&mut ws).await;
+    assert_eq!(w["type"], "welcome", "{w}");
+    ws
+}
+
+/// A peer: its socket, resume token, id, and the last seq it saw.
+struct Peer {
+    ws: Ws,
+    token: String,
+    resume: String,
+    id: String,
+    last: u64,
+}
+
+impl Peer {
+    async fn recv(&mut self) -> Value {
+        let v = recv(&mut self.ws).await;
+        if let Some(s) = v["seq"].as_u64() {
+            assert!(s > self.last, "seq goes up: {s} after {}: {v}", self.last);
+            self.last = s;
+        }
+        v
+    }
+
+    async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
+        }
+    }
+
+    /// Resume on `node`, retrying while the cluster answers `cluster_unavailable`.
+    async fn resume(&mut self, node: &Node, within: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            let mut ws = hello(node, &self.token).await;
+            send(
+                &mut ws,
+                json!({"type": "resume", "resumeToken": self.resume, "lastSeq": self.last, "id": "r"}),
+            )
+            .await;
+            let v = next(&mut ws).await;
+            match v {
+                Some(v) if v["type"] == "resumed" => {
+                    assert_eq!(v["id"], "r");
+                    assert_eq!(v["peerId"], self.id.as_str());
+                    self.ws = ws;
+                    return v;
+                }
+                Some(v) if v["code"] == "cluster_unavailable" => {}
+                other => panic!("resume failed: {other:?}"),
+            }
+            assert!(t.elapsed() < within, "resumed within {within:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Wait until the server closes this socket.
+    async fn closed(&mut self) {
+        while next(&mut self.ws).await.is_some() {}
+    }
+}
+
+async fn create(node: &Node, user: &str) -> (Peer, String) {
+    let token = login(node, user).await;
+    let mut ws = hello(node, &token).await;
+    send(&mut ws, json!({"type": "create", "id": "c"})).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "created", "{v}");
+    let room = v["room"].as_str().unwrap().to_string();
+    let p = join_ws(ws, token, &room).await;
+    (p, room)
+}
+
+async fn join_ws(mut ws: Ws, token: String, room: &str) -> Peer {
+    send(&mut ws, json!({"type": "join", "room": room, "id": "j"})).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "joined", "{v}");
+    assert_eq!(v["id"], "j");
+    Peer {
+        ws,
+        token,
+        resume: v["resumeToken"].as_str().unwrap().to_string(),
+        id: v["peerId"].as_str().unwrap().to_string(),
+        last: 0,
+    }
+}
+
+async fn join(node: &Node, user: &str, room: &str) -> (Peer, Value) {
+    let token = login(node, user).await;
+    let mut ws = hello(node, &token).await;
+    send(&mut ws, json!({"type": "join", "room": room, "id": "j"})).await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "joined", "{v}");
+    let p = Peer {
+        ws,
+        token,
+        resume: v["resumeToken"].as_str().unwrap().to_string(),
+        id: v["peerId"].as_str().unwrap().to_string(),
+        last: 0,
+    };
+    (p, v)
+}
+
+/// `n` signals each way, in order, with the right `from`.
+async fn exchange(a: &mut Peer, b: &mut Peer, n: u64, tag: &str) {
+    for i in 0..n {
+        send(&mut a.ws, json!({"type": "signal", "to": b.id, "data": {"tag": tag, "n": i}})).await;
+        send(&mut b.ws, json!({"type": "signal", "to": a.id, "data": {"tag": tag, "n": i}})).await;
+    }
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    for (x, from) in [(&mut *a, bid), (&mut *b, aid)] {
+        let mut want = 0;
+        while want < n {
+            let v = x.recv().await;
+            if v["type"] != "signal" {
+                continue;
+            }
+            assert_eq!(v["from"], from.as_str(), "{v}");
+            assert_eq!(v["data"]["tag"], tag, "{v}");
+            assert_eq!(v["data"]["n"], want, "in order, none lost or repeated: {v}");
+            want += 1;
+        }
+    }
+}
+
+async fn three_nodes(redis: &Redis) -> Vec<Node> {
+    let nodes: Vec<Node> = (1..=3).map(|i| Node::start(redis, &format!("n{i}"))).collect();
+    for n in &nodes {
+        n.wait_up().await;
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_on_different_nodes_signal_in_order_with_roles() {
+    let redis = Redis::start();
+    let nodes = three_nodes(&redis).await;
+    let (mut a, room) = create(&nodes[0], "alice").await;
+    let (mut b, joined) = join(&nodes[1], "bob", &room).await;
+    let peers = joined["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0]["peerId"], a.id.as_str());
+    assert_eq!(peers[0]["polite"], true, "the newcomer is polite");
+    let pj = a.recv_type("peer-joined").await;
+    assert_eq!(pj["peerId"], b.id.as_str());
+    assert_eq!(pj["polite"], false, "the earlier peer is impolite");
+    exchange(&mut a, &mut b, 50, "x").await;
+
+    // A third peer on the third node: everyone hears of it, broadcasts reach everyone.
+    let (mut c, joined) = join(&nodes[2], "carol", &room).await;
+    assert_eq!(joined["peers"].as_array().unwrap().len(), 2);
+    a.recv_type("peer-joined").await;
+    b.recv_type("peer-joined").await;
+    send(&mut c.ws, json!({"type": "signal", "data": "hi all", "id": 5})).await;
+    let ack = c.recv_type("ack").await;
+    assert_eq!(ack["id"], 5);
+    for p in [&mut a, &mut b] {
+        let v = p.recv_type("signal").await;
+        assert_eq!(v["from"], c.id.as_str());
+        assert_eq!(v["data"], "hi all");
+    }
+    // Errors from the owner come back typed, with the request id.
+    send(&mut b.ws, json!({"type": "signal", "to": "nobody", "data": 1, "id": "e"})).await;
+    let e = b.recv_type("error").await;
+    assert_eq!(e["code"], "unknown_peer");
+    assert_eq!(e["id"], "e");
+    // A room that exists nowhere, asked on a node that is not its owner.
+    let t = login(&nodes[2], "dave").await;
+    let mut d = hello(&nodes[2], &t).await;
+    send(&mut d, json!({"type": "join", "room": "no-such-room", "id": 1})).await;
+    assert_eq!(recv(&mut d).await["code"], "unknown_room");
+    // The same name cannot be created on two nodes.
+    send(&mut d, json!({"type": "create", "name": room, "id": 2})).await;
+    assert_eq!(recv(&mut d).await["code"], "room_exists");
+
+    // Leaving through the edge reaches the owner.
+    send(&mut c.ws, json!({"type": "leave", "id": "l"})).await;
+    assert_eq!(c.recv_type("left").await["id"], "l");
+    let left = a.recv_type("peer-left").await;
+    assert_eq!(left["peerId"], c.id.as_str());
+    assert_eq!(nodes[0].metric("switchboard_cluster_rooms_owned").await, 1.0);
+    assert!(nodes[1].metric("switchboard_cluster_bus_messages_total{direction=\"publish\"}").await >= 50.0);
+    assert!(nodes[1].metric("switchboard_cluster_forward_seconds_count").await >= 1.0);
+    assert_eq!(nodes[0].metric("switchboard_cluster_redis_up").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_killed_peers_resume_on_survivors() {
+    let redis = Redis::start();
+    let mut nodes = three_nodes(&redis).await;
+    let (mut a, room) = create(&nodes[0], "alice").await;
+    let (mut b, _) = join(&nodes[1], "bob", &room).await;
+    a.recv_type("peer-joined").await;
+    exchange(&mut a, &mut b, 10, "before").await;
+
+    let t0 = Instant::now();
+    nodes[0].kill();
+    // B's node notices that the room's lease ran out and closes B's socket, so B resumes.
+    b.closed().await;
+    let rb = b.resume(&nodes[1], Duration::from_secs(15)).await;
+    // A's socket died with its node; A resumes on the third node.
+    let ra = a.resume(&nodes[2], Duration::from_secs(15)).await;
+    let took = t0.elapsed();
+    eprintln!("owner SIGKILL: both peers resumed after {took:?}");
+    for r in [&ra, &rb] {
+        assert_eq!(r["room"], room.as_str());
+    }
+    assert_eq!(rb["peers"][0]["peerId"], a.id.as_str(), "the new owner knows A: {rb}");
+    assert_eq!(ra["peers"][0]["peerId"], b.id.as_str());
+    exchange(&mut a, &mut b, 10, "after").await;
+    assert!(took < Duration::from_secs(15));
+    let owned = nodes[1].metric("switchboard_cluster_rooms_owned").await
+        + nodes[2].metric("switchboard_cluster_rooms_owned").await;
+    assert_eq!(owned, 1.0, "exactly one survivor owns the room");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_local_rooms_and_cross_node_rooms_recover() {
+    let mut redis = Redis::start();
+    let nodes = three_nodes(&redis).await;
+    // A local room: both peers on node 3.
+    let (mut c, local) = create(&nodes[2], "carol").await;
+    let (mut d, _) = join(&nodes[2], "dave", &local).await;
+    c.recv_type("peer-joined").await;
+    // A cross-node room.
+    let (mut a, room) = create(&nodes[0], "alice").await;
+    let (mut b, _) = join(&nodes[1], "bob", &room).await;
+    a.recv_type("peer-joined").await;
+    exchange(&mut a, &mut b, 5, "before").await;
+
+    redis.stop();
+    // The node notices within a few seconds and says so.
+    let t = Instant::now();
+    loop {
+        let body = nodes[2].readyz().await.unwrap_or_default();
+        if body.contains("degraded") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "readyz reports degraded: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(nodes[2].metric("switchboard_cluster_redis_up").await, 0.0);
+    // The local room works throughout the outage.
+    for round in 0..5 {
+        exchange(&mut c, &mut d, 5, &format!("outage{round}")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The cross-node seat is closed so that B resumes; meanwhile that is refused, typed.
+    b.closed().await;
+    let mut ws = hello(&nodes[1], &b.token).await;
+    send(&mut ws, json!({"type": "resume", "resumeToken": b.resume, "lastSeq": b.last})).await;
+    assert_eq!(recv(&mut ws).await["code"], "cluster_unavailable");
+    let mut e = hello(&nodes[1], &b.token).await;
+    send(&mut e, json!({"type": "create", "id": 1})).await;
+    assert_eq!(recv(&mut e).await["code"], "cluster_unavailable");
+
+    // Redis comes back empty: nodes re-register their rooms, B resumes, the call goes on.
+    redis.restart();
+    for n in &nodes {
+        n.wait_up().await;
+    }
+    b.resume(&nodes[1], Duration::from_secs(15)).await;
+    exchange(&mut a, &mut b, 5, "after").await;
+    exchange(&mut c, &mut d, 5, "after").await;
+    assert!(nodes[0].metric("switchboard_cluster_ownership_changes_total{event=\"reacquired\"}").await >= 1.0);
+    // The re-registered room is reachable from a node that never held it.
+    let (_e, j) = join(&nodes[2], "erin", &room).await;
+    assert_eq!(j["peers"].as_array().unwrap().len(), 2);
+}
