@@ -4,7 +4,8 @@
 # and Chromium with its driver (browser end-to-end tests); iproute2, iptables and nginx for the
 # network lab (tests/lab: namespaces, NAT routers, a reverse proxy); clang, libbpf-dev and the
 # kernel's UAPI headers to build the eBPF program of the kernel offload (--features
-# kernel-offload), ethtool for its lab test. Idempotent; safe to re-run.
+# kernel-offload), ethtool for its lab test; redis-server for the cluster-mode tests.
+# Idempotent; safe to re-run.
 set -euo pipefail
 
 need=()
@@ -22,6 +23,7 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 [ -f /usr/include/linux/bpf.h ] || need+=(linux-libc-dev)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: installing ${need[*]}"
@@ -32,6 +34,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # The coturn package must not leave a daemon holding 3478 behind.
 if pgrep -x turnserver >/dev/null 2>&1; then pkill -x turnserver || true; fi
+# Nor may the redis-server package leave its daemon on 6379 (cluster tests start their own).
+if pgrep -x redis-server >/dev/null 2>&1 && [ -f /run/redis/redis-server.pid ]; then
+  kill "$(cat /run/redis/redis-server.pid)" 2>/dev/null || true
+fi
 # Nor may the nginx package leave its default site holding port 80 (the lab runs its own).
 if [ -f /run/nginx.pid ]; then nginx -s stop 2>/dev/null || true; fi
 echo "install-test-deps: ok"

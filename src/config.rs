@@ -1022,7 +1022,10 @@ impl Config {
                 ));
             }
             if k.lease_ms < 1000 {
-                return Err(ConfigError::key("cluster.lease_ms", "must be at least 1000"));
+                return Err(ConfigError::key(
+                    "cluster.lease_ms",
+                    "must be at least 1000",
+                ));
             }
             if k.forward_timeout_ms == 0 {
                 return Err(ConfigError::key(

@@ -169,7 +169,10 @@ async fn login(node: &Node, user: &str) -> String {
         .json()
         .await
         .unwrap();
-    v["token"].as_str().expect("login returns a token").to_string()
+    v["token"]
+        .as_str()
+        .expect("login returns a token")
+        .to_string()
 }
 
 async fn send(ws: &mut Ws, v: Value) {
@@ -200,9 +203,10 @@ async fn recv(ws: &mut Ws) -> Value {
 }
 
 async fn hello(node: &Node, token: &str) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", node.port))
-        .await
-        .expect("ws connects");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{}/v1/ws", node.port))
+            .await
+            .expect("ws connects");
     send(&mut ws, json!({"type": "hello", "token": token})).await;
     let w = recv(&mut ws).await;
     assert_eq!(w["type"], "welcome", "{w}");
@@ -313,8 +317,16 @@ async fn join(node: &Node, user: &str, room: &str) -> (Peer, Value) {
 /// `n` signals each way, in order, with the right `from`.
 async fn exchange(a: &mut Peer, b: &mut Peer, n: u64, tag: &str) {
     for i in 0..n {
-        send(&mut a.ws, json!({"type": "signal", "to": b.id, "data": {"tag": tag, "n": i}})).await;
-        send(&mut b.ws, json!({"type": "signal", "to": a.id, "data": {"tag": tag, "n": i}})).await;
+        send(
+            &mut a.ws,
+            json!({"type": "signal", "to": b.id, "data": {"tag": tag, "n": i}}),
+        )
+        .await;
+        send(
+            &mut b.ws,
+            json!({"type": "signal", "to": a.id, "data": {"tag": tag, "n": i}}),
+        )
+        .await;
     }
     let (aid, bid) = (a.id.clone(), b.id.clone());
     for (x, from) in [(&mut *a, bid), (&mut *b, aid)] {
@@ -333,7 +345,9 @@ async fn exchange(a: &mut Peer, b: &mut Peer, n: u64, tag: &str) {
 }
 
 async fn three_nodes(redis: &Redis) -> Vec<Node> {
-    let nodes: Vec<Node> = (1..=3).map(|i| Node::start(redis, &format!("n{i}"))).collect();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| Node::start(redis, &format!("n{i}")))
+        .collect();
     for n in &nodes {
         n.wait_up().await;
     }
@@ -360,7 +374,11 @@ async fn peers_on_different_nodes_signal_in_order_with_roles() {
     assert_eq!(joined["peers"].as_array().unwrap().len(), 2);
     a.recv_type("peer-joined").await;
     b.recv_type("peer-joined").await;
-    send(&mut c.ws, json!({"type": "signal", "data": "hi all", "id": 5})).await;
+    send(
+        &mut c.ws,
+        json!({"type": "signal", "data": "hi all", "id": 5}),
+    )
+    .await;
     let ack = c.recv_type("ack").await;
     assert_eq!(ack["id"], 5);
     for p in [&mut a, &mut b] {
@@ -369,14 +387,22 @@ async fn peers_on_different_nodes_signal_in_order_with_roles() {
         assert_eq!(v["data"], "hi all");
     }
     // Errors from the owner come back typed, with the request id.
-    send(&mut b.ws, json!({"type": "signal", "to": "nobody", "data": 1, "id": "e"})).await;
+    send(
+        &mut b.ws,
+        json!({"type": "signal", "to": "nobody", "data": 1, "id": "e"}),
+    )
+    .await;
     let e = b.recv_type("error").await;
     assert_eq!(e["code"], "unknown_peer");
     assert_eq!(e["id"], "e");
     // A room that exists nowhere, asked on a node that is not its owner.
     let t = login(&nodes[2], "dave").await;
     let mut d = hello(&nodes[2], &t).await;
-    send(&mut d, json!({"type": "join", "room": "no-such-room", "id": 1})).await;
+    send(
+        &mut d,
+        json!({"type": "join", "room": "no-such-room", "id": 1}),
+    )
+    .await;
     assert_eq!(recv(&mut d).await["code"], "unknown_room");
     // The same name cannot be created on two nodes.
     send(&mut d, json!({"type": "create", "name": room, "id": 2})).await;
@@ -387,9 +413,22 @@ async fn peers_on_different_nodes_signal_in_order_with_roles() {
     assert_eq!(c.recv_type("left").await["id"], "l");
     let left = a.recv_type("peer-left").await;
     assert_eq!(left["peerId"], c.id.as_str());
-    assert_eq!(nodes[0].metric("switchboard_cluster_rooms_owned").await, 1.0);
-    assert!(nodes[1].metric("switchboard_cluster_bus_messages_total{direction=\"publish\"}").await >= 50.0);
-    assert!(nodes[1].metric("switchboard_cluster_forward_seconds_count").await >= 1.0);
+    assert_eq!(
+        nodes[0].metric("switchboard_cluster_rooms_owned").await,
+        1.0
+    );
+    assert!(
+        nodes[1]
+            .metric("switchboard_cluster_bus_messages_total{direction=\"publish\"}")
+            .await
+            >= 50.0
+    );
+    assert!(
+        nodes[1]
+            .metric("switchboard_cluster_forward_seconds_count")
+            .await
+            >= 1.0
+    );
     assert_eq!(nodes[0].metric("switchboard_cluster_redis_up").await, 1.0);
 }
 
@@ -414,7 +453,11 @@ async fn owner_killed_peers_resume_on_survivors() {
     for r in [&ra, &rb] {
         assert_eq!(r["room"], room.as_str());
     }
-    assert_eq!(rb["peers"][0]["peerId"], a.id.as_str(), "the new owner knows A: {rb}");
+    assert_eq!(
+        rb["peers"][0]["peerId"],
+        a.id.as_str(),
+        "the new owner knows A: {rb}"
+    );
     assert_eq!(ra["peers"][0]["peerId"], b.id.as_str());
     exchange(&mut a, &mut b, 10, "after").await;
     assert!(took < Duration::from_secs(15));
@@ -445,7 +488,10 @@ async fn redis_outage_keeps_local_rooms_and_cross_node_rooms_recover() {
         if body.contains("degraded") {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "readyz reports degraded: {body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "readyz reports degraded: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(nodes[2].metric("switchboard_cluster_redis_up").await, 0.0);
@@ -457,7 +503,11 @@ async fn redis_outage_keeps_local_rooms_and_cross_node_rooms_recover() {
     // The cross-node seat is closed so that B resumes; meanwhile that is refused, typed.
     b.closed().await;
     let mut ws = hello(&nodes[1], &b.token).await;
-    send(&mut ws, json!({"type": "resume", "resumeToken": b.resume, "lastSeq": b.last})).await;
+    send(
+        &mut ws,
+        json!({"type": "resume", "resumeToken": b.resume, "lastSeq": b.last}),
+    )
+    .await;
     assert_eq!(recv(&mut ws).await["code"], "cluster_unavailable");
     let mut e = hello(&nodes[1], &b.token).await;
     send(&mut e, json!({"type": "create", "id": 1})).await;
@@ -471,7 +521,12 @@ async fn redis_outage_keeps_local_rooms_and_cross_node_rooms_recover() {
     b.resume(&nodes[1], Duration::from_secs(15)).await;
     exchange(&mut a, &mut b, 5, "after").await;
     exchange(&mut c, &mut d, 5, "after").await;
-    assert!(nodes[0].metric("switchboard_cluster_ownership_changes_total{event=\"reacquired\"}").await >= 1.0);
+    assert!(
+        nodes[0]
+            .metric("switchboard_cluster_ownership_changes_total{event=\"reacquired\"}")
+            .await
+            >= 1.0
+    );
     // The re-registered room is reachable from a node that never held it.
     let (_e, j) = join(&nodes[2], "erin", &room).await;
     assert_eq!(j["peers"].as_array().unwrap().len(), 2);

@@ -106,7 +106,10 @@ impl Remote {
 
     /// The proxy id of an edge connection, if it is seated here.
     pub fn proxy_of(&self, node: &Arc<str>, conn: ConnId) -> Option<ConnId> {
-        lock(&self.proxies).by_edge.get(&(node.clone(), conn)).copied()
+        lock(&self.proxies)
+            .by_edge
+            .get(&(node.clone(), conn))
+            .copied()
     }
 
     /// The edge connection behind a proxy id.

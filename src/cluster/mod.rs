@@ -44,6 +44,17 @@ pub enum Answer {
     Err(String, String),
 }
 
+/// A `resume` as the client sent it.
+#[derive(Debug, Clone)]
+pub struct ResumeRequest<'a> {
+    /// Resume token (`<room>.<random>`).
+    pub token: &'a str,
+    /// The client's last seen `seq`.
+    pub last: u64,
+    /// The request `id`, raw JSON.
+    pub id: Option<String>,
+}
+
 /// Where a room request runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
@@ -120,8 +131,8 @@ impl Cluster {
         metrics: Arc<Metrics>,
     ) -> Result<(Arc<Signaling>, Arc<Cluster>), ClusterError> {
         let k = &config.cluster;
-        let client =
-            redis::Client::open(k.redis_url.as_str()).map_err(|e| ClusterError::Url(e.to_string()))?;
+        let client = redis::Client::open(k.redis_url.as_str())
+            .map_err(|e| ClusterError::Url(e.to_string()))?;
         let node: Arc<str> = if k.node_id.is_empty() {
             host_name().into()
         } else {
@@ -256,8 +267,7 @@ impl Cluster {
             return;
         };
         let snap = self.sig.peek(room, |h| h.snapshot(room));
-        self.remote
-            .send(Out::Mirror(room.to_string(), epoch, snap));
+        self.remote.send(Out::Mirror(room.to_string(), epoch, snap));
     }
 
     async fn owner_of(&self, room: &str) -> Result<Option<Owner>, RoomError> {
@@ -271,7 +281,11 @@ impl Cluster {
     }
 
     /// Send a request to `owner` and wait for its answer.
-    async fn forward(&self, owner: &Owner, make: impl FnOnce(u64) -> Wire) -> Result<(u64, Answer), RoomError> {
+    async fn forward(
+        &self,
+        owner: &Owner,
+        make: impl FnOnce(u64) -> Wire,
+    ) -> Result<(u64, Answer), RoomError> {
         if !self.is_up() {
             return Err(RoomError::ClusterUnavailable);
         }
@@ -309,7 +323,12 @@ impl Cluster {
 
     /// `join` from a connection of this node: local when the room lives here, else forwarded
     /// to its owner.
-    pub async fn join(&self, conn: ConnId, member: &Member, room: &str) -> Result<Route, RoomError> {
+    pub async fn join(
+        &self,
+        conn: ConnId,
+        member: &Member,
+        room: &str,
+    ) -> Result<Route, RoomError> {
         for attempt in 0..5u32 {
             if self.has_room(room) {
                 return Ok(Route::Local);
@@ -337,7 +356,14 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
                 Answer::Ok(v) => {
-                    self.seat(conn, room, Owner { epoch, node: owner.node });
+                    self.seat(
+                        conn,
+                        room,
+                        Owner {
+                            epoch,
+                            node: owner.node,
+                        },
+                    );
                     return Ok(Route::Remote(Answer::Ok(v)));
                 }
                 a => return Ok(Route::Remote(a)),
@@ -355,9 +381,7 @@ impl Cluster {
         conn: ConnId,
         member: &Member,
         room: &str,
-        token: &str,
-        last: u64,
-        id: Option<String>,
+        r: ResumeRequest<'_>,
     ) -> Result<Route, RoomError> {
         for attempt in 0..5u32 {
             if self.has_room(room) {
@@ -385,9 +409,9 @@ impl Cluster {
                     req,
                     conn,
                     who,
-                    token: token.to_string(),
-                    last,
-                    id: id.clone(),
+                    token: r.token.to_string(),
+                    last: r.last,
+                    id: r.id.clone(),
                 })
                 .await?;
             match a {
@@ -395,7 +419,14 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
                 Answer::Ok(v) => {
-                    self.seat(conn, room, Owner { epoch, node: owner.node });
+                    self.seat(
+                        conn,
+                        room,
+                        Owner {
+                            epoch,
+                            node: owner.node,
+                        },
+                    );
                     return Ok(Route::Remote(Answer::Ok(v)));
                 }
                 a => return Ok(Route::Remote(a)),
@@ -429,7 +460,10 @@ impl Cluster {
         };
         let Some(state) = mirror.filter(|s: &crate::signaling::room::RoomState| s.room == room)
         else {
-            let _ = self.leases.release(&mut self.con(), room, epoch, true).await;
+            let _ = self
+                .leases
+                .release(&mut self.con(), room, epoch, true)
+                .await;
             return Err(RoomError::BadResume);
         };
         let now = Instant::now();
@@ -439,7 +473,11 @@ impl Cluster {
         }
         self.set_owned(room, Some(epoch));
         self.change("takeover");
-        tracing::info!(room_peers = state.peers.len(), epoch, "cluster: took a room over");
+        tracing::info!(
+            room_peers = state.peers.len(),
+            epoch,
+            "cluster: took a room over"
+        );
         Ok(None)
     }
 

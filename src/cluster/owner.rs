@@ -34,8 +34,15 @@ impl Cluster {
             Ok(v) => (Some(v), None),
             Err(e) => (None, Some((e.code().to_string(), e.to_string()))),
         };
-        self.remote
-            .publish(node, Wire::Answer { req, epoch, ok, err });
+        self.remote.publish(
+            node,
+            Wire::Answer {
+                req,
+                epoch,
+                ok,
+                err,
+            },
+        );
     }
 
     fn not_owner(&self, node: &Arc<str>, req: u64) {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use super::bus::Outbound;
 use super::room::{new_room_id, token_room, valid_name, ConnId, Member, RoomError};
 use super::service::Counters;
-use crate::cluster::{Answer, Route};
 pub use super::service::Signaling;
 use crate::auth::{unix_now, AuthError};
+use crate::cluster::{Answer, Route};
 use crate::server::{shutdown_signal, Shared};
 
 /// Outbox frames written per flush: bounds one connection's turn on the runtime.
@@ -757,7 +757,12 @@ async fn handle(
                 let route = match &shared.cluster {
                     Some(cl) => {
                         let rid = id.map(|i| i.get().to_string());
-                        cl.resume(shared, cid, &member, room, token, last, rid).await
+                        let r = crate::cluster::ResumeRequest {
+                            token,
+                            last,
+                            id: rid,
+                        };
+                        cl.resume(shared, cid, &member, room, r).await
                     }
                     None => Ok(Route::Local),
                 };
@@ -770,13 +775,18 @@ async fn handle(
                         return Vec::new();
                     }
                     Ok(Route::Remote(Answer::Err(code, msg))) => {
-                        shared.metrics.resumes.with_label_values(&["rejected"]).inc();
+                        shared
+                            .metrics
+                            .resumes
+                            .with_label_values(&["rejected"])
+                            .inc();
                         return vec![error_frame(&code, &msg, id)];
                     }
-                    Ok(Route::Local) => sig.apply(shared, room, |h, out| {
-                        h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
-                    })
-                    .map(|()| room.to_string()),
+                    Ok(Route::Local) => sig
+                        .apply(shared, room, |h, out| {
+                            h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
+                        })
+                        .map(|()| room.to_string()),
                 }
             } else {
                 Err(RoomError::BadResume)
