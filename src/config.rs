@@ -733,6 +733,12 @@ impl Config {
     /// `[redacted]`; secrets read from a `*_file` key are left out, the file key stays.
     pub fn to_toml(&self) -> String {
         let mut c = self.clone();
+        // A Redis URL may carry a password (`redis://:pw@host`): print the host only.
+        if let Some((scheme, rest)) = c.cluster.redis_url.split_once("://") {
+            if let Some((_, host)) = rest.rsplit_once('@') {
+                c.cluster.redis_url = format!("{scheme}://{}@{host}", crate::secret::REDACTED);
+            }
+        }
         let a = &mut c.auth;
         if a.turn_secrets_file.is_some() {
             a.turn_secrets.clear();

@@ -28,6 +28,17 @@ fn invalid_configs_exit_2_and_name_the_key() {
         ("[turn]\nno_such_key = 1\n", "no_such_key"),
         ("[nonsense]\n", "nonsense"),
         ("[turn\n", "line 1"),
+        // Cluster mode: nodes must share session keys and TURN secrets.
+        (
+            "[cluster]\nredis_url = \"redis://127.0.0.1:1\"\n",
+            "auth.session_keys",
+        ),
+        (
+            "[cluster]\nredis_url = \"redis://127.0.0.1:1\"\n\
+             [auth]\nsession_keys = [\"0123456789abcdef0123\"]\n",
+            "auth.turn_secrets",
+        ),
+        ("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url"),
     ] {
         let f = config_file(text);
         let out = bin().arg("--config").arg(f.path()).output().unwrap();

@@ -307,7 +307,7 @@ pub async fn serve(
                     Batch::Failed => break,
                     Batch::Moved => {
                         // The room moved to another node: the client resumes there.
-                        close(&mut ws, 4003, "room moved; resume", write_timeout).await;
+                        close(&mut ws, 4004, "room moved; resume", write_timeout).await;
                         break;
                     }
                     Batch::Replaced => {
