@@ -19,6 +19,7 @@ pub mod signaling;
 pub mod stun;
 pub mod tls;
 pub mod turn;
+pub mod webhooks;
 
 pub use config::Config;
 pub use server::{RunningServer, Server};

@@ -36,6 +36,12 @@ pub enum StartError {
     /// Cluster mode could not be set up.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// A secret file or the webhook client could not be set up.
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::WebhookError),
+    /// A secret file named in the configuration could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -118,6 +124,10 @@ pub struct Shared {
     pub streams: Arc<crate::listener::tcp::StreamLimits>,
     /// The kernel fast path for ChannelData, when `turn.kernel_offload` enabled it.
     pub offload: Option<Arc<crate::turn::offload::Offload>>,
+    /// Webhook delivery to the app backend (a no-op handle when none is configured).
+    pub webhooks: crate::webhooks::Webhooks,
+    /// Bearer tokens of the server API (`auth.admin_tokens` plus `auth.admin_tokens_file`).
+    pub admin_tokens: Vec<String>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -293,6 +303,27 @@ impl Server {
                 None,
             )
         };
+        let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
+        let mut admin_tokens = config.auth.admin_tokens.clone();
+        if let Some(p) = &config.auth.admin_tokens_file {
+            admin_tokens.extend(crate::config::read_secrets_file(
+                "auth.admin_tokens_file",
+                p,
+            )?);
+        }
+        if config.http.admin_api && admin_tokens.is_empty() {
+            if !config.http.listen.ip().is_loopback() {
+                return Err(crate::config::ConfigError::Key {
+                    key: "auth.admin_tokens".into(),
+                    message: "http.admin_api is on off loopback and no admin token is set".into(),
+                }
+                .into());
+            }
+            tracing::warn!(
+                "the server API (/v1/admin/) is on without auth.admin_tokens: every local \
+                 process may use it (loopback only)"
+            );
+        }
         let shared = Arc::new(Shared {
             login: arc_swap::ArcSwap::from_pointee(login),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
@@ -300,6 +331,8 @@ impl Server {
             )),
             signaling,
             cluster,
+            webhooks,
+            admin_tokens,
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),
             auth: Arc::new(Auth::new(&config.auth)),
