@@ -3,6 +3,7 @@
 //! per-connection WebSocket task (`conn`).
 
 pub mod bus;
+pub mod admin;
 pub mod conn;
 pub mod room;
 pub mod service;
