@@ -363,6 +363,7 @@ impl Metrics {
             "unknown_user",
             "wrong_credentials",
             "too_old",
+            "revoked",
         ] {
             m.auth_failures.with_label_values(&[r]);
         }
