@@ -34,7 +34,7 @@ pub const DELIVERY_HEADER: &str = "switchboard-delivery";
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all_fields = "camelCase")]
 pub enum Event {
-    /// A room was created by its first join.
+    /// A room was created (`create`).
     #[serde(rename = "room.created")]
     RoomCreated {
         /// Room id.

@@ -367,3 +367,294 @@ async fn revoked_users_allocation_stops_relaying_within_a_second_and_usage_is_re
     assert!(!text.contains("mallory"));
     srv.shutdown();
 }
+
+// ---- signaling ----
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+
+async fn connect(srv: &RunningServer) -> Ws {
+    let url = format!("ws://{}/v1/ws", srv.http_addr());
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("ws connects")
+        .0
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next JSON frame, skipping pings; panics after 5 s or on close.
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("socket open")
+            .expect("frame ok");
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == ty {
+            return v;
+        }
+    }
+}
+
+/// Frames until the close frame; returns them and the close code.
+async fn until_close(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {
+    let mut frames = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("closed within 5 s");
+        match m {
+            Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(c))) => return (frames, c.map(|c| u16::from(c.code))),
+            Some(Ok(_)) => continue,
+            _ => return (frames, None),
+        }
+    }
+}
+
+async fn hello(srv: &RunningServer, user: &str) -> Ws {
+    let mut ws = connect(srv).await;
+    let token = srv
+        .shared()
+        .auth
+        .issue_session(user, None, switchboard::auth::unix_now())
+        .0;
+    send(&mut ws, json!({"type": "hello", "token": token})).await;
+    assert_eq!(recv(&mut ws).await["type"], "welcome");
+    ws
+}
+
+async fn join(ws: &mut Ws, room: &str) -> Value {
+    send(ws, json!({"type": "join", "room": room, "id": "j"})).await;
+    let v = recv_type(ws, "joined").await;
+    assert_eq!(v["id"], "j");
+    v
+}
+
+#[tokio::test]
+async fn room_events_in_order_kick_cannot_resume_and_close_room() {
+    let mut hooks = Receiver::start().await;
+    let srv = start(&hooks.url(), "[signaling]\nresume_grace_secs = 30\n").await;
+    let mut a = hello(&srv, "ann").await;
+    send(&mut a, json!({"type": "create", "name": "standup"})).await;
+    assert_eq!(recv_type(&mut a, "created").await["room"], "standup");
+    let ja = join(&mut a, "standup").await;
+    let mut b = hello(&srv, "bob").await;
+    let jb = join(&mut b, "standup").await;
+    recv_type(&mut a, "peer-joined").await;
+    let (pa, pb) = (ja["peerId"].clone(), jb["peerId"].clone());
+
+    let (code, rooms) = admin_get(&srv, "/rooms").await;
+    assert_eq!(code, 200);
+    let r = &rooms["rooms"][0];
+    assert_eq!(r["room"], "standup");
+    assert_eq!(r["peers"][0]["peer"], pa);
+    assert_eq!(r["peers"][0]["user"], "ann");
+    assert_eq!(r["peers"][1]["user"], "bob");
+    assert_eq!(r["peers"][1]["state"], "connected");
+
+    // B's network drops: reconnecting, visible in the API; then it resumes.
+    drop(b);
+    recv_type(&mut a, "peer-reconnecting").await;
+    let (_, one) = admin_get(&srv, "/rooms/standup").await;
+    assert_eq!(one["peers"][1]["state"], "reconnecting", "{one}");
+    let mut b2 = hello(&srv, "bob").await;
+    send(
+        &mut b2,
+        json!({"type": "resume", "resumeToken": jb["resumeToken"]}),
+    )
+    .await;
+    recv_type(&mut b2, "resumed").await;
+    recv_type(&mut a, "peer-resumed").await;
+
+    // Kick B: A sees peer-left kicked; B gets a typed error and close 4003; no resume.
+    let (code, v) = admin_post(&srv, &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap())).await;
+    assert_eq!(code, 200, "{v}");
+    let l = recv_type(&mut a, "peer-left").await;
+    assert_eq!((l["peerId"].clone(), l["reason"].clone()), (pb.clone(), json!("kicked")));
+    let (frames, close) = until_close(&mut b2).await;
+    assert!(
+        frames.iter().any(|f| f["type"] == "error" && f["code"] == "kicked"),
+        "{frames:?}"
+    );
+    assert_eq!(close, Some(4003));
+    let mut b3 = hello(&srv, "bob").await;
+    send(
+        &mut b3,
+        json!({"type": "resume", "resumeToken": jb["resumeToken"]}),
+    )
+    .await;
+    let e = recv_type(&mut b3, "error").await;
+    assert_eq!(e["code"], "bad_resume", "a kicked peer cannot resume");
+    let (code, _) = admin_post(&srv, &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap())).await;
+    assert_eq!(code, 404, "already gone");
+
+    // Close the room: A gets a typed error, room-closed, close 4004; the room is gone.
+    let (code, v) = admin_post(&srv, "/rooms/standup/close").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["peersRemoved"], 1);
+    let (frames, close) = until_close(&mut a).await;
+    assert!(
+        frames.iter().any(|f| f["type"] == "error" && f["code"] == "room_closed"),
+        "{frames:?}"
+    );
+    assert!(frames.iter().any(|f| f["type"] == "room-closed"), "{frames:?}");
+    assert_eq!(close, Some(4004));
+    assert_eq!(admin_get(&srv, "/rooms/standup").await.0, 404);
+    assert_eq!(admin_post(&srv, "/rooms/standup/close").await.0, 404);
+
+    // Every event of the room, signed, in order.
+    let want = [
+        ("room.created", None, None),
+        ("peer.joined", Some(&pa), None),
+        ("peer.joined", Some(&pb), None),
+        ("peer.reconnecting", Some(&pb), None),
+        ("peer.resumed", Some(&pb), None),
+        ("peer.left", Some(&pb), Some("kicked")),
+        ("peer.left", Some(&pa), Some("room-closed")),
+        ("room.closed", None, Some("closed")),
+    ];
+    let mut last_seq = 0;
+    for (ty, peer, reason) in want {
+        let v = hooks.next().await;
+        assert_eq!(v["type"], ty, "{v}");
+        assert_eq!(v["room"], "standup");
+        if let Some(p) = peer {
+            assert_eq!(&v["peer"], p, "{v}");
+            assert_eq!(v["user"], if *p == pa { "ann" } else { "bob" });
+        }
+        if let Some(r) = reason {
+            assert_eq!(v["reason"], r, "{v}");
+        }
+        let seq = v["seq"].as_u64().unwrap();
+        assert!(seq > last_seq, "seq increases within a room: {v}");
+        last_seq = seq;
+    }
+    srv.shutdown();
+}
+
+#[tokio::test]
+async fn revoking_a_user_removes_its_peers_and_refuses_its_session_tokens() {
+    let hooks = Receiver::start().await;
+    let srv = start(&hooks.url(), "").await;
+    let mut a = hello(&srv, "ann").await;
+    send(&mut a, json!({"type": "create", "name": "r1"})).await;
+    recv_type(&mut a, "created").await;
+    let ja = join(&mut a, "r1").await;
+    let mut m = hello(&srv, "mallory").await;
+    let jm = join(&mut m, "r1").await;
+    recv_type(&mut a, "peer-joined").await;
+    let old = srv
+        .shared()
+        .auth
+        .issue_session("mallory", None, switchboard::auth::unix_now())
+        .0;
+    let (code, v) = admin_post(&srv, "/users/mallory/revoke").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["peersRemoved"], 1);
+    let l = recv_type(&mut a, "peer-left").await;
+    assert_eq!((l["peerId"].clone(), l["reason"].clone()), (jm["peerId"].clone(), json!("revoked")));
+    let (_, close) = until_close(&mut m).await;
+    assert_eq!(close, Some(4003));
+    // The token issued before the revocation no longer opens a session.
+    let mut again = connect(&srv).await;
+    send(&mut again, json!({"type": "hello", "token": old})).await;
+    let e = recv(&mut again).await;
+    assert_eq!(e["type"], "error", "{e}");
+    let _ = ja;
+    srv.shutdown();
+}
+
+/// Median and 99th percentile of signal latencies A → B over `n` signals, while another
+/// connection joins and leaves rooms as fast as it can (every join/leave is a webhook event).
+async fn signal_latency(srv: &RunningServer, n: usize) -> (Duration, Duration) {
+    let mut a = hello(srv, "ann").await;
+    send(&mut a, json!({"type": "create", "name": "lat"})).await;
+    recv_type(&mut a, "created").await;
+    send(&mut a, json!({"type": "create", "name": "churn"})).await;
+    recv_type(&mut a, "created").await;
+    let ja = join(&mut a, "lat").await;
+    let mut b = hello(srv, "bob").await;
+    join(&mut b, "lat").await;
+    recv_type(&mut a, "peer-joined").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let mut c = hello(srv, "carol").await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                join(&mut c, "churn").await;
+                send(&mut c, json!({"type": "leave"})).await;
+                recv_type(&mut c, "left").await;
+                i += 1;
+            }
+            i
+        })
+    };
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        send(&mut b, json!({"type": "signal", "to": ja["peerId"], "data": {"n": i}})).await;
+        let s = recv_type(&mut a, "signal").await;
+        assert_eq!(s["data"]["n"], i);
+        lat.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let churned = churn.await.unwrap();
+    assert!(churned > 10, "the churn produced events ({churned} join/leave pairs)");
+    lat.sort();
+    (lat[n / 2], lat[n * 99 / 100])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_receiver_does_not_slow_signaling() {
+    // Baseline: the same server without webhooks.
+    let text = "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n";
+    let plain = Server::new(Config::from_toml(text).unwrap())
+        .start()
+        .await
+        .unwrap();
+    let (base50, base99) = signal_latency(&plain, 300).await;
+    plain.shutdown();
+
+    let hooks = Receiver::start().await;
+    hooks.hang.store(true, Ordering::SeqCst);
+    let srv = start(&hooks.url(), "queue_size = 64\ntimeout_secs = 30\n").await;
+    let (hang50, hang99) = signal_latency(&srv, 300).await;
+    let dropped = turn_common::metric(
+        &srv.shared().metrics.render(),
+        "switchboard_dropped_total{reason=\"webhook_queue_full\"}",
+    );
+    println!(
+        "signal latency p50/p99: no webhooks {base50:?}/{base99:?}; hanging receiver \
+         {hang50:?}/{hang99:?}; webhook events dropped {dropped}"
+    );
+    assert!(dropped > 0, "the receiver's queue filled up");
+    assert!(
+        hang50 < base50 * 3 + Duration::from_millis(5),
+        "median {hang50:?} vs {base50:?}"
+    );
+    assert!(hang99 < Duration::from_millis(100), "p99 {hang99:?}");
+    srv.shutdown();
+}
