@@ -85,9 +85,7 @@ pub struct Revoked {
 /// removed from their rooms (`peer-left {reason:"revoked"}`) and their connections closed.
 pub fn revoke_user(shared: &Shared, user: &str) -> Result<Revoked, AdminError> {
     if user.is_empty() || user.len() > 256 {
-        return Err(AdminError::BadRequest(
-            "user must be 1 to 256 bytes".into(),
-        ));
+        return Err(AdminError::BadRequest("user must be 1 to 256 bytes".into()));
     }
     let now = crate::auth::unix_now();
     shared.auth.revoke_user(user, now);
@@ -106,7 +104,10 @@ mod tests {
 
     #[test]
     fn bearer_tokens_are_checked() {
-        let t = vec!["0123456789abcdef".to_string(), "fedcba9876543210".to_string()];
+        let t = vec![
+            "0123456789abcdef".to_string(),
+            "fedcba9876543210".to_string(),
+        ];
         assert_eq!(authorize(&t, None), Err(AdminError::Unauthorized));
         assert_eq!(
             authorize(&t, Some(b"Bearer wrong-token-000000")),
@@ -116,7 +117,10 @@ mod tests {
             authorize(&t, Some(b"Basic 0123456789abcdef")),
             Err(AdminError::Unauthorized)
         );
-        assert_eq!(authorize(&t, Some(b"Bearer 0123456789abcde")), Err(AdminError::Unauthorized));
+        assert_eq!(
+            authorize(&t, Some(b"Bearer 0123456789abcde")),
+            Err(AdminError::Unauthorized)
+        );
         assert!(authorize(&t, Some(b"Bearer 0123456789abcdef")).is_ok());
         assert!(authorize(&t, Some(b"bearer fedcba9876543210")).is_ok());
         assert!(authorize(&[], None).is_ok());

@@ -1221,10 +1221,16 @@ impl Config {
             return Err(ConfigError::key("webhooks.queue_size", "must be positive"));
         }
         if w.timeout_secs == 0 {
-            return Err(ConfigError::key("webhooks.timeout_secs", "must be positive"));
+            return Err(ConfigError::key(
+                "webhooks.timeout_secs",
+                "must be positive",
+            ));
         }
         if w.max_attempts == 0 {
-            return Err(ConfigError::key("webhooks.max_attempts", "must be positive"));
+            return Err(ConfigError::key(
+                "webhooks.max_attempts",
+                "must be positive",
+            ));
         }
         Ok(())
     }

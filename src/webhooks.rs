@@ -389,12 +389,11 @@ fn http_client(cfg: &WebhooksConfig) -> Result<reqwest::Client, WebhookError> {
         .collect(),
     };
     for f in &files {
-        let certs = CertificateDer::pem_file_iter(f).map_err(|e| {
-            crate::config::ConfigError::Key {
+        let certs =
+            CertificateDer::pem_file_iter(f).map_err(|e| crate::config::ConfigError::Key {
                 key: "webhooks.ca_file".into(),
                 message: format!("cannot read {}: {e}", f.display()),
-            }
-        })?;
+            })?;
         for c in certs.flatten() {
             // A bundle may hold a certificate rustls cannot use; the others still count.
             let _ = roots.add(c);
@@ -518,7 +517,13 @@ pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
 /// Check a `Switchboard-Signature` header against `body`: the MAC must match (constant
 /// time) and `t` be within `tolerance_secs` of `now_unix`. The receiver side, for tests and
 /// for Rust receivers.
-pub fn verify(secret: &[u8], header: &str, body: &[u8], now_unix: u64, tolerance_secs: u64) -> bool {
+pub fn verify(
+    secret: &[u8],
+    header: &str,
+    body: &[u8],
+    now_unix: u64,
+    tolerance_secs: u64,
+) -> bool {
     let mut t = None;
     let mut v1 = Vec::new();
     for part in header.split(',') {
@@ -576,7 +581,13 @@ mod tests {
         assert!(!verify(b"0123456789abcdef", &h, b"{}", 1_700_000_010, 300));
         assert!(!verify(b"another-secret-xx", &h, body, 1_700_000_010, 300));
         assert!(!verify(b"0123456789abcdef", &h, body, 1_700_001_000, 300));
-        assert!(!verify(b"0123456789abcdef", "v1=00", body, 1_700_000_000, 300));
+        assert!(!verify(
+            b"0123456789abcdef",
+            "v1=00",
+            body,
+            1_700_000_000,
+            300
+        ));
     }
 
     #[test]

@@ -102,7 +102,9 @@ impl Receiver {
         ));
         let v = h.json();
         assert_eq!(
-            h.headers.get("switchboard-event").and_then(|v| v.to_str().ok()),
+            h.headers
+                .get("switchboard-event")
+                .and_then(|v| v.to_str().ok()),
             v["type"].as_str()
         );
         assert_eq!(
@@ -328,7 +330,10 @@ async fn revoked_users_allocation_stops_relaying_within_a_second_and_usage_is_re
         }
     }
     if let Some(t) = last_echo {
-        assert!(t < Duration::from_secs(1), "relayed {t:?} after the revocation");
+        assert!(
+            t < Duration::from_secs(1),
+            "relayed {t:?} after the revocation"
+        );
     }
     let (ended, _) = hooks.until("allocation.ended").await;
     assert_eq!(ended["allocation"], alloc_id.as_str());
@@ -374,9 +379,8 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(srv: &RunningServer) -> Ws {
     let url = format!("ws://{}/v1/ws", srv.http_addr());
@@ -487,13 +491,22 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
     recv_type(&mut a, "peer-resumed").await;
 
     // Kick B: A sees peer-left kicked; B gets a typed error and close 4003; no resume.
-    let (code, v) = admin_post(&srv, &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap())).await;
+    let (code, v) = admin_post(
+        &srv,
+        &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap()),
+    )
+    .await;
     assert_eq!(code, 200, "{v}");
     let l = recv_type(&mut a, "peer-left").await;
-    assert_eq!((l["peerId"].clone(), l["reason"].clone()), (pb.clone(), json!("kicked")));
+    assert_eq!(
+        (l["peerId"].clone(), l["reason"].clone()),
+        (pb.clone(), json!("kicked"))
+    );
     let (frames, close) = until_close(&mut b2).await;
     assert!(
-        frames.iter().any(|f| f["type"] == "error" && f["code"] == "kicked"),
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "kicked"),
         "{frames:?}"
     );
     assert_eq!(close, Some(4003));
@@ -505,7 +518,11 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
     .await;
     let e = recv_type(&mut b3, "error").await;
     assert_eq!(e["code"], "bad_resume", "a kicked peer cannot resume");
-    let (code, _) = admin_post(&srv, &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap())).await;
+    let (code, _) = admin_post(
+        &srv,
+        &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap()),
+    )
+    .await;
     assert_eq!(code, 404, "already gone");
 
     // Close the room: A gets a typed error, room-closed, close 4004; the room is gone.
@@ -514,10 +531,15 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
     assert_eq!(v["peersRemoved"], 1);
     let (frames, close) = until_close(&mut a).await;
     assert!(
-        frames.iter().any(|f| f["type"] == "error" && f["code"] == "room_closed"),
+        frames
+            .iter()
+            .any(|f| f["type"] == "error" && f["code"] == "room_closed"),
         "{frames:?}"
     );
-    assert!(frames.iter().any(|f| f["type"] == "room-closed"), "{frames:?}");
+    assert!(
+        frames.iter().any(|f| f["type"] == "room-closed"),
+        "{frames:?}"
+    );
     assert_eq!(close, Some(4004));
     assert_eq!(admin_get(&srv, "/rooms/standup").await.0, 404);
     assert_eq!(admin_post(&srv, "/rooms/standup/close").await.0, 404);
@@ -572,7 +594,10 @@ async fn revoking_a_user_removes_its_peers_and_refuses_its_session_tokens() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["peersRemoved"], 1);
     let l = recv_type(&mut a, "peer-left").await;
-    assert_eq!((l["peerId"].clone(), l["reason"].clone()), (jm["peerId"].clone(), json!("revoked")));
+    assert_eq!(
+        (l["peerId"].clone(), l["reason"].clone()),
+        (jm["peerId"].clone(), json!("revoked"))
+    );
     let (_, close) = until_close(&mut m).await;
     assert_eq!(close, Some(4003));
     // The token issued before the revocation no longer opens a session.
@@ -614,7 +639,11 @@ async fn signal_latency(srv: &RunningServer, n: usize) -> (Duration, Duration) {
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
-        send(&mut b, json!({"type": "signal", "to": ja["peerId"], "data": {"n": i}})).await;
+        send(
+            &mut b,
+            json!({"type": "signal", "to": ja["peerId"], "data": {"n": i}}),
+        )
+        .await;
         let s = recv_type(&mut a, "signal").await;
         assert_eq!(s["data"]["n"], i);
         lat.push(t.elapsed());
@@ -622,7 +651,10 @@ async fn signal_latency(srv: &RunningServer, n: usize) -> (Duration, Duration) {
     }
     stop.store(true, Ordering::Relaxed);
     let churned = churn.await.unwrap();
-    assert!(churned > 10, "the churn produced events ({churned} join/leave pairs)");
+    assert!(
+        churned > 10,
+        "the churn produced events ({churned} join/leave pairs)"
+    );
     lat.sort();
     (lat[n / 2], lat[n * 99 / 100])
 }

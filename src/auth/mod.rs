@@ -551,7 +551,12 @@ mod tests {
         // A login after the revocation second works again.
         let (fresh, _) = a.issue_session("mallory", None, 106);
         assert!(a.verify_session(&fresh, 107).is_ok());
-        assert!(a.turn_passwords(&a.turn_credentials(Some("mallory"), 106).username, Some(107)).is_ok());
+        assert!(a
+            .turn_passwords(
+                &a.turn_credentials(Some("mallory"), 106).username,
+                Some(107)
+            )
+            .is_ok());
     }
 
     #[test]

@@ -51,7 +51,10 @@ async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
     if let Err(e) = crate::admin::authorize(&s.admin_tokens, h) {
-        s.metrics.admin_requests.with_label_values(&[e.result()]).inc();
+        s.metrics
+            .admin_requests
+            .with_label_values(&[e.result()])
+            .inc();
         return e.into_response();
     }
     let r = next.run(req).await;
@@ -88,8 +91,9 @@ async fn kick_peer(
     Path((room, peer)): Path<(String, String)>,
 ) -> Response {
     match s.signaling.kick_peer(&room, &peer, &s) {
-        Ok(()) => Json(serde_json::json!({ "room": room, "peer": peer, "kicked": true }))
-            .into_response(),
+        Ok(()) => {
+            Json(serde_json::json!({ "room": room, "peer": peer, "kicked": true })).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

@@ -2,8 +2,8 @@
 //! connections (`bus`), the sharded service around the core (`service`), and the
 //! per-connection WebSocket task (`conn`).
 
-pub mod bus;
 pub mod admin;
+pub mod bus;
 pub mod conn;
 pub mod room;
 pub mod service;
