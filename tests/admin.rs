@@ -230,6 +230,32 @@ async fn admin_api_refuses_missing_and_wrong_tokens() {
 }
 
 #[tokio::test]
+async fn admin_tokens_rotate_on_reload() {
+    let hooks = Receiver::start().await;
+    let srv = start(&hooks.url(), "").await;
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.auth.admin_tokens = vec!["next-admin-token-000000".into()];
+    srv.shared().reload(&cfg).unwrap();
+    assert_eq!(
+        admin_get(&srv, "/rooms").await.0,
+        401,
+        "the old token is gone"
+    );
+    let r = reqwest::Client::new()
+        .get(admin_url(&srv, "/rooms"))
+        .bearer_auth("next-admin-token-000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A token file that cannot be read refuses the whole reload.
+    cfg.auth.admin_tokens_file = Some("/nonexistent/admin-tokens".into());
+    let e = srv.shared().reload(&cfg).unwrap_err().to_string();
+    assert!(e.contains("auth.admin_tokens_file"), "{e}");
+    srv.shutdown();
+}
+
+#[tokio::test]
 async fn admin_api_is_absent_unless_enabled() {
     let text = "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n";
     let srv = Server::new(Config::from_toml(text).unwrap())

@@ -50,7 +50,7 @@ async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    if let Err(e) = crate::admin::authorize(&s.admin_tokens, h) {
+    if let Err(e) = crate::admin::authorize(&s.admin_tokens.load(), h) {
         s.metrics
             .admin_requests
             .with_label_values(&[e.result()])
