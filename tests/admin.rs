@@ -38,24 +38,35 @@ struct Receiver {
     addr: SocketAddr,
     rx: mpsc::UnboundedReceiver<Hook>,
     hang: Arc<AtomicBool>,
+    /// Answer this many POSTs with 503 before accepting.
+    fail: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Receiver {
     async fn start() -> Receiver {
         let (tx, rx) = mpsc::unbounded_channel();
         let hang = Arc::new(AtomicBool::new(false));
+        let fail = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let h = hang.clone();
+        let f = fail.clone();
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: Bytes| {
                 let tx = tx.clone();
                 let h = h.clone();
+                let f = f.clone();
                 async move {
                     if h.load(Ordering::SeqCst) {
                         std::future::pending::<()>().await;
                     }
+                    let failing = f
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if failing {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
                     let _ = tx.send(Hook { headers, body });
-                    "ok"
+                    axum::http::StatusCode::OK
                 }
             }),
         );
@@ -64,7 +75,12 @@ impl Receiver {
         tokio::spawn(async move {
             let _ = axum::serve(l, app).await;
         });
-        Receiver { addr, rx, hang }
+        Receiver {
+            addr,
+            rx,
+            hang,
+            fail,
+        }
     }
 
     fn url(&self) -> String {
@@ -226,6 +242,56 @@ async fn admin_api_refuses_missing_and_wrong_tokens() {
             "switchboard_admin_requests_total{result=\"unauthorized\"}"
         ) >= 12
     );
+    srv.shutdown();
+}
+
+#[tokio::test]
+async fn failed_deliveries_are_retried_with_backoff_in_order() {
+    use switchboard::webhooks::Event;
+    let mut hooks = Receiver::start().await;
+    hooks.fail.store(2, Ordering::SeqCst);
+    let srv = start(&hooks.url(), "").await;
+    let w = &srv.shared().webhooks;
+    let t = Instant::now();
+    for i in 0..3 {
+        w.emit(
+            "r",
+            Event::PeerJoined {
+                room: "r".into(),
+                peer: format!("p{i}"),
+                user: "u".into(),
+            },
+        );
+    }
+    assert!(t.elapsed() < Duration::from_millis(50), "emit never waits");
+    let mut last = 0;
+    for i in 0..3 {
+        let v = hooks.next().await;
+        assert_eq!(v["peer"], format!("p{i}"), "order kept through retries");
+        assert!(v["seq"].as_u64().unwrap() > last);
+        last = v["seq"].as_u64().unwrap();
+    }
+    // Two 503s, each retried after 50 ms then 100 ms (less jitter).
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+    // The lane counts a delivery once the response is read, just after the receiver saw it.
+    turn_common::metric_reaches(
+        &srv,
+        "switchboard_webhook_events_total{outcome=\"delivered\"}",
+        3,
+    )
+    .await;
+    let text = srv.shared().metrics.render();
+    let m = |o: &str| {
+        turn_common::metric(
+            &text,
+            &format!("switchboard_webhook_events_total{{outcome=\"{o}\"}}"),
+        )
+    };
+    assert_eq!((m("delivered"), m("retried"), m("failed")), (3, 2, 0));
     srv.shutdown();
 }
 
