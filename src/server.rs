@@ -308,6 +308,7 @@ impl Server {
             )
         };
         let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
+        signaling.set_webhooks(webhooks.clone());
         let admin_tokens = admin_tokens(&config)?;
         if config.http.admin_api && admin_tokens.is_empty() {
             tracing::warn!(

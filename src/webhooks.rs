@@ -129,6 +129,20 @@ pub enum Event {
 }
 
 impl Event {
+    /// The ordering key: the room, or the allocation.
+    pub fn key(&self) -> &str {
+        match self {
+            Event::RoomCreated { room }
+            | Event::RoomClosed { room, .. }
+            | Event::PeerJoined { room, .. }
+            | Event::PeerLeft { room, .. }
+            | Event::PeerReconnecting { room, .. }
+            | Event::PeerResumed { room, .. } => room,
+            Event::AllocationCreated { allocation, .. }
+            | Event::AllocationEnded { allocation, .. } => allocation,
+        }
+    }
+
     /// The `type` string, also sent in the `Switchboard-Event` header.
     pub fn kind(&self) -> &'static str {
         match self {

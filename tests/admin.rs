@@ -724,6 +724,8 @@ async fn signal_latency(srv: &RunningServer, n: usize) -> (Duration, Duration) {
                 send(&mut c, json!({"type": "leave"})).await;
                 recv_type(&mut c, "left").await;
                 i += 1;
+                // Within the signaling rate limit.
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             i
         })
@@ -754,8 +756,10 @@ async fn signal_latency(srv: &RunningServer, n: usize) -> (Duration, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_webhook_receiver_does_not_slow_signaling() {
     // Baseline: the same server without webhooks.
-    let text = "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n";
-    let plain = Server::new(Config::from_toml(text).unwrap())
+    let limits = "[signaling]\nrate_per_sec = 2000\nrate_burst = 2000\n";
+    let text =
+        format!("[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n{limits}");
+    let plain = Server::new(Config::from_toml(&text).unwrap())
         .start()
         .await
         .unwrap();
@@ -764,7 +768,7 @@ async fn a_hanging_webhook_receiver_does_not_slow_signaling() {
 
     let hooks = Receiver::start().await;
     hooks.hang.store(true, Ordering::SeqCst);
-    let srv = start(&hooks.url(), "queue_size = 64\ntimeout_secs = 30\n").await;
+    let srv = start(&hooks.url(), &format!("queue_size = 64\n{limits}")).await;
     let (hang50, hang99) = signal_latency(&srv, 300).await;
     let dropped = turn_common::metric(
         &srv.shared().metrics.render(),
