@@ -45,7 +45,7 @@ pub enum Event {
     RoomClosed {
         /// Room id.
         room: String,
-        /// `empty`, `closed` (server API) or `shutdown`.
+        /// `empty` (its grace ran out) or `closed` (server API).
         reason: String,
     },
     /// A peer joined a room.
@@ -67,7 +67,7 @@ pub enum Event {
         peer: String,
         /// User id.
         user: String,
-        /// `left`, `timeout`, `kicked`, `replaced`, `room-closed` or `revoked`.
+        /// `left`, `timeout`, `kicked`, `revoked`, `room-closed` or `replaced`.
         reason: String,
     },
     /// A peer's connection dropped; it may resume within the grace window.
