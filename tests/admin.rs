@@ -786,3 +786,73 @@ async fn a_hanging_webhook_receiver_does_not_slow_signaling() {
     assert!(hang99 < Duration::from_millis(100), "p99 {hang99:?}");
     srv.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_allocations_report_usage_when_the_connection_closes() {
+    let mut hooks = Receiver::start().await;
+    let srv = start(&hooks.url(), "").await;
+    let peer = turn_common::start_peer().await;
+    let tcp = srv.bound().tcp[0];
+    let r = turn_common::uclient(
+        tcp,
+        peer.port,
+        &[
+            "-t",
+            "-W",
+            turn_common::SECRET,
+            "-u",
+            "carol",
+            "-n",
+            "20",
+            "-l",
+            "120",
+            "-z",
+            "5",
+        ],
+    )
+    .await;
+    assert!(r.received > 0, "{}", r.output);
+    // uclient allocates an RTP and an RTCP relay (and may probe first); every allocation ends
+    // when its connection closes.
+    let mut created = Vec::new();
+    let mut ended = Vec::new();
+    while ended.len() < 2 || ended.len() < created.len() {
+        let v = hooks.next().await;
+        match v["type"].as_str() {
+            Some("allocation.created") => created.push(v),
+            Some("allocation.ended") => ended.push(v),
+            _ => {}
+        }
+    }
+    assert!(created.len() >= 2);
+    for e in &ended {
+        assert_eq!(e["transport"], "tcp", "{e}");
+        assert_eq!(e["relayTransport"], "udp", "{e}");
+        // uclient deletes its allocations (Refresh 0) before it closes the connection.
+        assert!(
+            e["reason"] == "refreshed_zero" || e["reason"] == "closed",
+            "{e}"
+        );
+        assert!(e["user"].as_str().unwrap().ends_with("carol"), "{e}");
+        assert!(created.iter().any(|c| c["allocation"] == e["allocation"]));
+    }
+    let sum = |k: &str| ended.iter().map(|e| e[k].as_u64().unwrap()).sum::<u64>();
+    assert!(
+        sum("packetsToClient") >= r.received,
+        "{ended:?} vs {}",
+        r.received
+    );
+    assert!(sum("packetsToPeer") >= sum("packetsToClient"));
+    assert!(sum("bytesToClient") >= r.received * 120);
+    let text = srv.shared().metrics.render();
+    let by_transport = turn_common::metric(
+        &text,
+        "switchboard_turn_relayed_transport_bytes_total{direction=\"to_client\",transport=\"tcp\"}",
+    );
+    assert_eq!(
+        by_transport,
+        sum("bytesToClient"),
+        "metric and webhooks agree"
+    );
+    srv.shutdown();
+}
