@@ -582,7 +582,7 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
     recv_type(&mut b2, "resumed").await;
     recv_type(&mut a, "peer-resumed").await;
 
-    // Kick B: A sees peer-left kicked; B gets a typed error and close 4003; no resume.
+    // Kick B: A sees peer-left kicked; B gets a typed error and close 4005; no resume.
     let (code, v) = admin_post(
         &srv,
         &format!("/rooms/standup/peers/{}/kick", pb.as_str().unwrap()),
@@ -601,7 +601,7 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
             .any(|f| f["type"] == "error" && f["code"] == "kicked"),
         "{frames:?}"
     );
-    assert_eq!(close, Some(4003));
+    assert_eq!(close, Some(4005));
     let mut b3 = hello(&srv, "bob").await;
     send(
         &mut b3,
@@ -691,7 +691,7 @@ async fn revoking_a_user_removes_its_peers_and_refuses_its_session_tokens() {
         (jm["peerId"].clone(), json!("revoked"))
     );
     let (_, close) = until_close(&mut m).await;
-    assert_eq!(close, Some(4003));
+    assert_eq!(close, Some(4005));
     // The token issued before the revocation no longer opens a session.
     let mut again = connect(&srv).await;
     send(&mut again, json!({"type": "hello", "token": old})).await;

@@ -237,7 +237,7 @@ export class Switchboard extends EventTarget {
       // Replaced by a newer connection of the same user: resuming would fight it.
       4001: { code: "replaced", message: "this call continued in another window" },
       // Removed by the app's backend (kicked, or the user was revoked): the seat is gone.
-      4003: { code: "kicked", message: "removed from the room" },
+      4005: { code: "kicked", message: "removed from the room" },
       // The app's backend closed the room.
       4004: { code: "room_closed", message: "the room was closed" },
     }[code];

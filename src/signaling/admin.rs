@@ -47,7 +47,7 @@ impl Signaling {
     }
 
     /// Kick `peer` out of `room`: the others see `peer-left {reason:"kicked"}`, its connection
-    /// gets an `error` (`kicked`) and is closed with 4003, and its resume token is forgotten.
+    /// gets an `error` (`kicked`) and is closed with 4005, and its resume token is forgotten.
     pub fn kick_peer(&self, room: &str, peer: &str, shared: &Shared) -> Result<(), AdminError> {
         let now = Instant::now();
         self.apply(shared, room, |h, out| {

@@ -154,9 +154,11 @@ struct Conn {
 impl Conn {
     /// Whether the server API revoked this connection's user after its login.
     fn revoked(&self, shared: &Shared) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|s| shared.auth.is_revoked(&s.user, Some(shared.auth.login_time(s))))
+        self.session.as_ref().is_some_and(|s| {
+            shared
+                .auth
+                .is_revoked(&s.user, Some(shared.auth.login_time(s)))
+        })
     }
 }
 
@@ -334,7 +336,7 @@ pub async fn serve(
                     let f = error_frame("revoked", "the user was revoked", None);
                     let _ = send(&mut ws, c, f, write_timeout).await;
                     left_cleanly = true;
-                    close(&mut ws, 4003, "revoked", write_timeout).await;
+                    close(&mut ws, 4005, "revoked", write_timeout).await;
                     break;
                 }
                 if last_heard.elapsed() >= dead_after {

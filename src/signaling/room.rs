@@ -144,7 +144,7 @@ pub enum Action {
 pub enum CloseReason {
     /// A newer connection of the same identity took the seat (4001).
     Replaced,
-    /// Removed through the server API, or its user was revoked (4003).
+    /// Removed through the server API, or its user was revoked (4005).
     Kicked,
     /// Its room was closed through the server API (4004).
     RoomClosed,
@@ -155,7 +155,7 @@ impl CloseReason {
     pub fn code(self) -> u16 {
         match self {
             CloseReason::Replaced => 4001,
-            CloseReason::Kicked => 4003,
+            CloseReason::Kicked => 4005,
             CloseReason::RoomClosed => 4004,
         }
     }
@@ -621,7 +621,7 @@ impl Hub {
     }
 
     /// Remove `peer` from `room` for good (server API): it gets an `error` frame with `code`
-    /// and its connection is closed with 4003; its resume token is forgotten; the others see
+    /// and its connection is closed with 4005; its resume token is forgotten; the others see
     /// `peer-left` with `reason`.
     pub fn kick(
         &mut self,
