@@ -300,7 +300,9 @@ impl Offload {
         m.relay_bytes_to_client.inc_by(t.down_bytes);
         // Only ChannelData from UDP clients is offloaded.
         m.relay_bytes_by_transport.to_peer("udp").inc_by(t.up_bytes);
-        m.relay_bytes_by_transport.to_client("udp").inc_by(t.down_bytes);
+        m.relay_bytes_by_transport
+            .to_client("udp")
+            .inc_by(t.down_bytes);
     }
 
     /// Totals of everything the kernel relayed, summed over `take_deltas` results; a
