@@ -617,7 +617,7 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
     .await;
     assert_eq!(code, 404, "already gone");
 
-    // Close the room: A gets a typed error, room-closed, close 4004; the room is gone.
+    // Close the room: A gets a typed error, room-closed, close 4006; the room is gone.
     let (code, v) = admin_post(&srv, "/rooms/standup/close").await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["peersRemoved"], 1);
@@ -632,7 +632,7 @@ async fn room_events_in_order_kick_cannot_resume_and_close_room() {
         frames.iter().any(|f| f["type"] == "room-closed"),
         "{frames:?}"
     );
-    assert_eq!(close, Some(4004));
+    assert_eq!(close, Some(4006));
     assert_eq!(admin_get(&srv, "/rooms/standup").await.0, 404);
     assert_eq!(admin_post(&srv, "/rooms/standup/close").await.0, 404);
 

@@ -239,7 +239,7 @@ export class Switchboard extends EventTarget {
       // Removed by the app's backend (kicked, or the user was revoked): the seat is gone.
       4005: { code: "kicked", message: "removed from the room" },
       // The app's backend closed the room.
-      4004: { code: "room_closed", message: "the room was closed" },
+      4006: { code: "room_closed", message: "the room was closed" },
     }[code];
     if (ended) {
       this.closed = true;

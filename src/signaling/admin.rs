@@ -36,7 +36,7 @@ impl Signaling {
     }
 
     /// Close `room`: every peer gets an `error` (`room_closed`) and `room-closed`, and its
-    /// connection is closed with 4004; returns how many peers were removed.
+    /// connection is closed with 4006; returns how many peers were removed.
     pub fn close_room(&self, room: &str, shared: &Shared) -> Result<usize, AdminError> {
         let (n, creator) = self
             .apply(shared, room, |h, out| h.close_room(room, out))

@@ -146,7 +146,7 @@ pub enum CloseReason {
     Replaced,
     /// Removed through the server API, or its user was revoked (4005).
     Kicked,
-    /// Its room was closed through the server API (4004).
+    /// Its room was closed through the server API (4006).
     RoomClosed,
 }
 
@@ -156,7 +156,7 @@ impl CloseReason {
         match self {
             CloseReason::Replaced => 4001,
             CloseReason::Kicked => 4005,
-            CloseReason::RoomClosed => 4004,
+            CloseReason::RoomClosed => 4006,
         }
     }
 
@@ -650,7 +650,7 @@ impl Hub {
     }
 
     /// Close `room` now (server API): every connected peer gets an `error` frame
-    /// (`room_closed`) and `room-closed`, and is closed with 4004; seats, resume tokens and
+    /// (`room_closed`) and `room-closed`, and is closed with 4006; seats, resume tokens and
     /// timers go. Returns the number of peers removed and the room's creator (its quota).
     pub fn close_room(
         &mut self,
