@@ -68,6 +68,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Room signaling limits and timers.
     pub signaling: SignalingConfig,
+    /// Signed HTTP callbacks that tell the app backend what happens in rooms and relays.
+    pub webhooks: WebhooksConfig,
     /// Several nodes sharing rooms through Redis (off unless `redis_url` is set).
     pub cluster: ClusterConfig,
 }
@@ -166,6 +168,8 @@ pub struct HttpConfig {
     pub demo: bool,
     /// Reverse proxies (CIDRs) whose `X-Forwarded-For` / `Forwarded` headers are believed.
     pub trusted_proxies: Vec<String>,
+    /// Serve the server API for app backends under `/v1/admin/` (bearer `auth.admin_tokens`).
+    pub admin_api: bool,
 }
 
 impl Default for HttpConfig {
@@ -177,6 +181,7 @@ impl Default for HttpConfig {
             allowed_origins: vec!["*".into()],
             demo: true,
             trusted_proxies: Vec::new(),
+            admin_api: false,
         }
     }
 }
@@ -462,6 +467,10 @@ pub struct AuthConfig {
     pub login_rate_per_minute: u32,
     /// Password hashes checked at once; 0 means one per CPU core. Beyond, logins get 503.
     pub max_concurrent_password_checks: usize,
+    /// Bearer tokens accepted by the server API (`/v1/admin/`); any listed one is valid.
+    pub admin_tokens: Vec<String>,
+    /// File with more admin tokens, one per line, so they stay out of the config file.
+    pub admin_tokens_file: Option<PathBuf>,
 }
 
 impl AuthConfig {
@@ -494,6 +503,8 @@ impl Default for AuthConfig {
             api_keys_file: None,
             login_rate_per_minute: 30,
             max_concurrent_password_checks: 0,
+            admin_tokens: Vec::new(),
+            admin_tokens_file: None,
         }
     }
 }
@@ -605,6 +616,72 @@ impl Default for SignalingConfig {
             ice_refresh_before_secs: 300,
         }
     }
+}
+
+/// Webhook delivery to the app backend.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Endpoints that receive every event as a signed JSON POST; empty disables webhooks.
+    pub urls: Vec<String>,
+    /// HMAC-SHA256 signing secret shared with the receivers.
+    pub secret: Option<String>,
+    /// File holding the signing secret (first line), so it stays out of the config file.
+    pub secret_file: Option<PathBuf>,
+    /// Events queued per URL before new ones are dropped (and counted).
+    pub queue_size: usize,
+    /// Seconds one delivery attempt may take, connect included.
+    pub timeout_secs: u64,
+    /// Attempts per event before it is given up (and counted).
+    pub max_attempts: u32,
+    /// Wait before the first retry in milliseconds; doubles on every further retry.
+    pub retry_initial_ms: u64,
+    /// Longest wait between two retries in seconds.
+    pub retry_max_secs: u64,
+    /// PEM roots trusted for `https://` URLs; unset uses the system bundle.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            urls: Vec::new(),
+            secret: None,
+            secret_file: None,
+            queue_size: 4096,
+            timeout_secs: 5,
+            max_attempts: 6,
+            retry_initial_ms: 500,
+            retry_max_secs: 30,
+            ca_file: None,
+        }
+    }
+}
+
+/// Read a secret from `path` for config key `key`: the first line, trimmed; never empty.
+pub fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return Err(ConfigError::key(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(line.to_string())
+}
+
+/// Read secrets from `path` for config key `key`: one per non-empty line, trimmed.
+pub fn read_secrets_file(key: &str, path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect())
 }
 
 /// Prefix of environment overrides.
@@ -1051,6 +1128,29 @@ impl Config {
                 ));
             }
         }
+        for (i, t) in a.admin_tokens.iter().enumerate() {
+            if t.len() < 16 {
+                return Err(ConfigError::key(
+                    format!("auth.admin_tokens[{i}]"),
+                    "must be at least 16 characters",
+                ));
+            }
+        }
+        if self.http.admin_api
+            && a.admin_tokens.is_empty()
+            && a.admin_tokens_file.is_none()
+            && !self.http.listen.ip().is_loopback()
+        {
+            return Err(ConfigError::key(
+                "auth.admin_tokens",
+                format!(
+                    "http.admin_api is on and http.listen ({}) is not a loopback address: \
+                     set auth.admin_tokens or auth.admin_tokens_file",
+                    self.http.listen
+                ),
+            ));
+        }
+        self.validate_webhooks()?;
         let s = &self.signaling;
         if s.max_frame_bytes < 1024 {
             return Err(ConfigError::key(
@@ -1080,6 +1180,55 @@ impl Config {
         if s.rate_per_sec == 0 {
             return Err(ConfigError::key(
                 "signaling.rate_per_sec",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_webhooks(&self) -> Result<(), ConfigError> {
+        let w = &self.webhooks;
+        for (i, u) in w.urls.iter().enumerate() {
+            let ok = reqwest::Url::parse(u)
+                .map(|p| matches!(p.scheme(), "http" | "https") && p.host().is_some())
+                .unwrap_or(false);
+            if !ok {
+                return Err(ConfigError::key(
+                    format!("webhooks.urls[{i}]"),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if w.secret.is_some() && w.secret_file.is_some() {
+            return Err(ConfigError::key(
+                "webhooks.secret_file",
+                "set webhooks.secret or webhooks.secret_file, not both",
+            ));
+        }
+        if w.secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::key(
+                "webhooks.secret",
+                "must be at least 16 characters",
+            ));
+        }
+        if !w.urls.is_empty() && w.secret.is_none() && w.secret_file.is_none() {
+            return Err(ConfigError::key(
+                "webhooks.secret",
+                "webhooks.urls is set: a signing secret (webhooks.secret or webhooks.secret_file) is required",
+            ));
+        }
+        if w.queue_size == 0 {
+            return Err(ConfigError::key("webhooks.queue_size", "must be positive"));
+        }
+        if w.timeout_secs == 0 {
+            return Err(ConfigError::key(
+                "webhooks.timeout_secs",
+                "must be positive",
+            ));
+        }
+        if w.max_attempts == 0 {
+            return Err(ConfigError::key(
+                "webhooks.max_attempts",
                 "must be positive",
             ));
         }
@@ -1274,6 +1423,27 @@ mod tests {
         assert_eq!(Config::load(None, env).unwrap().turn.relay_ip.len(), 1);
         let e = err_of("[http]\ntrusted_proxies = [\"10.0.0.0/40\"]\n");
         assert!(e.contains("http.trusted_proxies[0]"), "{e}");
+    }
+
+    #[test]
+    fn admin_api_needs_a_token_off_loopback_and_webhooks_need_a_secret() {
+        let e = err_of("[http]\nadmin_api = true\nlisten = \"0.0.0.0:8080\"\n[auth]\nallow_open_on_public = true\n");
+        assert!(e.contains("auth.admin_tokens"), "{e}");
+        Config::from_toml("[http]\nadmin_api = true\n").unwrap();
+        Config::from_toml(
+            "[http]\nadmin_api = true\nlisten = \"0.0.0.0:8080\"\n[auth]\nallow_open_on_public = true\nadmin_tokens = [\"0123456789abcdef\"]\n",
+        )
+        .unwrap();
+        let e = err_of("[auth]\nadmin_tokens = [\"short\"]\n");
+        assert!(e.contains("auth.admin_tokens[0]"), "{e}");
+        let e = err_of("[webhooks]\nurls = [\"http://127.0.0.1:9/hook\"]\n");
+        assert!(e.contains("webhooks.secret"), "{e}");
+        let e = err_of("[webhooks]\nurls = [\"ftp://x/\"]\nsecret = \"0123456789abcdef\"\n");
+        assert!(e.contains("webhooks.urls[0]"), "{e}");
+        Config::from_toml(
+            "[webhooks]\nurls = [\"http://127.0.0.1:9/hook\"]\nsecret = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
     }
 
     #[test]

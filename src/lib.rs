@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod signaling;
 pub mod stun;
 pub mod tls;
 pub mod turn;
+pub mod webhooks;
 
 pub use config::Config;
 pub use server::{RunningServer, Server};

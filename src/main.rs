@@ -95,6 +95,8 @@ fn main() -> ExitCode {
                         | switchboard::server::StartError::JwtKey(_)
                         | switchboard::server::StartError::Offload(_)
                         | switchboard::server::StartError::Cluster(_)
+                        | switchboard::server::StartError::Webhooks(_)
+                        | switchboard::server::StartError::Config(_)
                 )
             );
             ExitCode::from(if config_error { 2 } else { 1 })

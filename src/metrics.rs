@@ -19,7 +19,7 @@ pub struct Metrics {
     pub turn_allocations_active: IntGaugeVec,
     /// Allocations created by transport.
     pub turn_allocations_created: IntCounterVec,
-    /// Allocations deleted by reason (`expired|refreshed_zero|quota|shutdown|closed`).
+    /// Allocations deleted by reason (`expired|refreshed_zero|quota|shutdown|closed|revoked`).
     pub turn_allocations_deleted: IntCounterVec,
     /// TURN requests answered with an error, by code.
     pub turn_errors: IntCounterVec,
@@ -72,6 +72,40 @@ pub struct Metrics {
     pub cluster_ownership_changes: IntCounterVec,
     /// 1 while Redis answers and this node's pub/sub subscription delivers; 0 otherwise.
     pub cluster_redis_up: IntGauge,
+    /// Relayed payload bytes by client transport (`udp|tcp|tls`) and direction.
+    pub relay_bytes_by_transport: ByTransport,
+    /// Webhook events by final outcome (`delivered|failed`), and retries (`retried`).
+    pub webhook_deliveries: IntCounterVec,
+    /// Time one webhook POST took, failures included.
+    pub webhook_latency: Histogram,
+    /// Server API requests by result (`ok|unauthorized|not_found|bad_request`).
+    pub admin_requests: IntCounterVec,
+}
+
+/// Pre-resolved relayed-byte counters for each client transport and direction, so the relay
+/// path adds to one without a label lookup.
+#[derive(Clone)]
+pub struct ByTransport {
+    to_peer: [IntCounter; 3],
+    to_client: [IntCounter; 3],
+}
+
+impl ByTransport {
+    fn index(transport: &str) -> usize {
+        match transport {
+            "tcp" => 1,
+            "tls" => 2,
+            _ => 0,
+        }
+    }
+    /// The client-to-peer byte counter of `transport` (`udp|tcp|tls`).
+    pub fn to_peer(&self, transport: &str) -> &IntCounter {
+        &self.to_peer[Self::index(transport)]
+    }
+    /// The peer-to-client byte counter of `transport`.
+    pub fn to_client(&self, transport: &str) -> &IntCounter {
+        &self.to_client[Self::index(transport)]
+    }
 }
 
 impl Metrics {
@@ -112,6 +146,27 @@ impl Metrics {
             "Payload bytes relayed through TURN allocations.",
             &["direction"],
         );
+        let by_transport = cv(
+            r,
+            "turn_relayed_transport_bytes_total",
+            "Payload bytes relayed through TURN allocations, by client transport and direction.",
+            &["transport", "direction"],
+        );
+        let relay_bytes_by_transport = ByTransport {
+            to_peer: ["udp", "tcp", "tls"].map(|t| by_transport.with_label_values(&[t, "to_peer"])),
+            to_client: ["udp", "tcp", "tls"]
+                .map(|t| by_transport.with_label_values(&[t, "to_client"])),
+        };
+        let webhook_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "webhook_post_duration_seconds",
+                "Time one webhook POST took, failures included.",
+            )
+            .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )
+        .expect("static metric definition is valid");
+        r.register(Box::new(webhook_latency.clone()))
+            .expect("metric names are unique");
         let login_duration = Histogram::with_opts(
             HistogramOpts::new("login_duration_seconds", "Time to answer POST /v1/login.")
                 .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
@@ -270,6 +325,20 @@ impl Metrics {
                 "cluster_redis_up",
                 "1 while Redis answers and this node's subscription delivers (0 in single-node mode).",
             ),
+            relay_bytes_by_transport,
+            webhook_deliveries: cv(
+                r,
+                "webhook_events_total",
+                "Webhook events by outcome: delivered, failed (given up), retried (per retry).",
+                &["outcome"],
+            ),
+            webhook_latency,
+            admin_requests: cv(
+                r,
+                "admin_requests_total",
+                "Server API requests by result.",
+                &["result"],
+            ),
             registry,
         };
         for t in ["tcp", "tls"] {
@@ -294,6 +363,7 @@ impl Metrics {
             "unknown_user",
             "wrong_credentials",
             "too_old",
+            "revoked",
         ] {
             m.auth_failures.with_label_values(&[r]);
         }
@@ -304,6 +374,7 @@ impl Metrics {
             "shutdown",
             "closed",
             "max_age",
+            "revoked",
         ] {
             m.turn_allocations_deleted.with_label_values(&[r]);
         }
@@ -340,8 +411,15 @@ impl Metrics {
             "connection_bind_refused",
             "data_connection_idle",
             "data_connection_allocation_gone",
+            "webhook_queue_full",
         ] {
             m.drops.with_label_values(&[r]);
+        }
+        for o in ["delivered", "failed", "retried"] {
+            m.webhook_deliveries.with_label_values(&[o]);
+        }
+        for o in ["ok", "unauthorized", "not_found", "bad_request"] {
+            m.admin_requests.with_label_values(&[o]);
         }
         for o in ["resumed", "rejected", "expired"] {
             m.resumes.with_label_values(&[o]);

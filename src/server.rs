@@ -36,6 +36,12 @@ pub enum StartError {
     /// Cluster mode could not be set up.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// A secret file or the webhook client could not be set up.
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::WebhookError),
+    /// A secret file named in the configuration could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Readiness and shutdown signals shared by every task.
@@ -118,6 +124,11 @@ pub struct Shared {
     pub streams: Arc<crate::listener::tcp::StreamLimits>,
     /// The kernel fast path for ChannelData, when `turn.kernel_offload` enabled it.
     pub offload: Option<Arc<crate::turn::offload::Offload>>,
+    /// Webhook delivery to the app backend (a no-op handle when none is configured).
+    pub webhooks: crate::webhooks::Webhooks,
+    /// Bearer tokens of the server API (`auth.admin_tokens` plus `auth.admin_tokens_file`);
+    /// swapped on SIGHUP so tokens can be rotated without a restart.
+    pub admin_tokens: arc_swap::ArcSwap<Vec<String>>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -181,15 +192,18 @@ pub enum ReloadError {
 
 impl Shared {
     /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
-    /// keys), the login backends (static users, JWT keys), the allowed origins and the TLS
+    /// keys), the login backends (static users, JWT keys), the server API tokens, the allowed
+    /// origins and the TLS
     /// certificate. Everything is checked before anything is swapped, so a bad reload
     /// changes nothing; live sessions are untouched.
     pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         new.validate()?;
         let login = crate::auth::login::Login::new(&new.auth)?;
+        let admin_tokens = admin_tokens(new)?;
         if let Some(tls) = &self.tls {
             tls.reload()?;
         }
+        self.admin_tokens.store(Arc::new(admin_tokens));
         self.login.store(Arc::new(login));
         self.auth.reload(&new.auth);
         self.origins
@@ -293,6 +307,15 @@ impl Server {
                 None,
             )
         };
+        let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
+        signaling.set_webhooks(webhooks.clone());
+        let admin_tokens = admin_tokens(&config)?;
+        if config.http.admin_api && admin_tokens.is_empty() {
+            tracing::warn!(
+                "the server API (/v1/admin/) is on without auth.admin_tokens: every local \
+                 process may use it (loopback only)"
+            );
+        }
         let shared = Arc::new(Shared {
             login: arc_swap::ArcSwap::from_pointee(login),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
@@ -300,6 +323,8 @@ impl Server {
             )),
             signaling,
             cluster,
+            webhooks,
+            admin_tokens: arc_swap::ArcSwap::from_pointee(admin_tokens),
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls: tls.clone(),
             auth: Arc::new(Auth::new(&config.auth)),
@@ -444,6 +469,34 @@ async fn offload_counters(
     }
     // The last second's worth, so a drain's final scrape is complete.
     crate::turn::offload::Offload::record_metrics(&offload.take_deltas(), &metrics);
+}
+
+/// The server API's tokens: `auth.admin_tokens` and the lines of `auth.admin_tokens_file`.
+/// Off loopback the API needs at least one (the file may turn out empty).
+fn admin_tokens(config: &Config) -> Result<Vec<String>, crate::config::ConfigError> {
+    let mut tokens = config.auth.admin_tokens.clone();
+    if let Some(p) = &config.auth.admin_tokens_file {
+        tokens.extend(crate::config::read_secrets_file(
+            "auth.admin_tokens_file",
+            p,
+        )?);
+    }
+    if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+        return Err(crate::config::ConfigError::Key {
+            key: "auth.admin_tokens_file".into(),
+            message: format!(
+                "a token of {} characters; at least 16 are required",
+                short.len()
+            ),
+        });
+    }
+    if config.http.admin_api && tokens.is_empty() && !config.http.listen.ip().is_loopback() {
+        return Err(crate::config::ConfigError::Key {
+            key: "auth.admin_tokens".into(),
+            message: "http.admin_api is on off loopback and no admin token is set".into(),
+        });
+    }
+    Ok(tokens)
 }
 
 /// Bind UDP and TCP on the same port; with port 0 the TCP side follows the port UDP got.

@@ -39,6 +39,25 @@ fn invalid_configs_exit_2_and_name_the_key() {
             "auth.turn_secrets",
         ),
         ("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url"),
+        (
+            "[http]\nlisten = \"0.0.0.0:0\"\nadmin_api = true\n[auth]\nallow_open_on_public = true\n",
+            "auth.admin_tokens",
+        ),
+        (
+            "[webhooks]\nurls = [\"http://127.0.0.1:9/hook\"]\n",
+            "webhooks.secret",
+        ),
+        (
+            "[turn]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [webhooks]\nurls = [\"http://127.0.0.1:9/hook\"]\n\
+             secret_file = \"/nonexistent/webhook-secret\"\n",
+            "webhooks.secret_file",
+        ),
+        (
+            "[turn]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [auth]\nadmin_tokens_file = \"/nonexistent/admin-tokens\"\n",
+            "auth.admin_tokens_file",
+        ),
     ] {
         let f = config_file(text);
         let out = bin().arg("--config").arg(f.path()).output().unwrap();

@@ -52,6 +52,8 @@ const WORDS = {
   room_full: "That room is full.",
   unknown_room: "No such room (it may have closed).",
   replaced: "This call continued in another window.",
+  kicked: "You were removed from the room.",
+  room_closed: "The room was closed.",
 };
 
 /** Show an error, hang up, and give the camera back. */
@@ -163,7 +165,7 @@ async function start(roomToJoin) {
       notice(`Restarting the connection (attempt ${ev.detail.attempt} of ${MAX_ICE_RESTARTS}): ${ev.detail.reason}.`);
     });
     sb.addEventListener("error", (ev) => {
-      if (ev.detail.code === "ice_failed" || ev.detail.code === "replaced") fail(ev.detail);
+      if (["ice_failed", "replaced", "kicked", "room_closed"].includes(ev.detail.code)) fail(ev.detail);
       else notice(ev.detail.message || ev.detail.code);
     });
     sb.addEventListener("message", (ev) => window.sbState.messages.push(ev.detail.data));

@@ -233,11 +233,18 @@ export class Switchboard extends EventTarget {
 
   _onClose(ws, code) {
     if (ws !== this.ws || this.closed) return;
-    if (code === 4001) {
+    const ended = {
       // Replaced by a newer connection of the same user: resuming would fight it.
+      4001: { code: "replaced", message: "this call continued in another window" },
+      // Removed by the app's backend (kicked, or the user was revoked): the seat is gone.
+      4005: { code: "kicked", message: "removed from the room" },
+      // The app's backend closed the room.
+      4006: { code: "room_closed", message: "the room was closed" },
+    }[code];
+    if (ended) {
       this.closed = true;
       for (const id of [...this.peers.keys()]) this._closePeer(id);
-      this._emit("error", { code: "replaced", message: "this call continued in another window" });
+      this._emit("error", ended);
       return;
     }
     if (this.room) this.resuming = true;

@@ -39,6 +39,9 @@ pub enum AuthError {
     /// The login is older than `auth.max_session_age_secs`; the user must log in again.
     #[error("login too old; log in again")]
     TooOld,
+    /// The user was revoked through the server API after this credential was issued.
+    #[error("credentials revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -51,6 +54,7 @@ impl AuthError {
             AuthError::BadSignature => "bad_signature",
             AuthError::UnknownUser => "unknown_user",
             AuthError::TooOld => "too_old",
+            AuthError::Revoked => "revoked",
         }
     }
 }
@@ -139,12 +143,22 @@ impl Session {
     }
 }
 
+/// Users revoked through the server API: credentials issued at or before the revocation
+/// second are refused. An entry lives as long as the longest credential it could cover.
+#[derive(Debug)]
+struct Revocations {
+    users: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Bumped on every revocation, so the TURN listeners sweep their tables.
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
 /// The auth service shared by TURN, the HTTP API and signaling.
 pub struct Auth {
     secrets: ArcSwap<Secrets>,
     session_ttl: u64,
     turn_ttl: u64,
     max_session_age: u64,
+    revoked: Revocations,
 }
 
 impl std::fmt::Debug for Auth {
@@ -161,6 +175,66 @@ impl Auth {
             session_ttl: cfg.session_ttl_secs,
             turn_ttl: cfg.turn_credential_ttl_secs,
             max_session_age: cfg.max_session_age_secs,
+            revoked: Revocations {
+                users: Default::default(),
+                generation: tokio::sync::watch::channel(0).0,
+            },
+        }
+    }
+
+    /// When the login a session descends from happened: renewed tokens keep it, so a
+    /// revocation ends the whole chain (older tokens without it: their own issue time).
+    pub fn login_time(&self, session: &Session) -> u64 {
+        if session.login_at == 0 {
+            session.expires_at.saturating_sub(self.session_ttl)
+        } else {
+            session.login_at
+        }
+    }
+
+    /// Revoke `user` at `now_unix`: session tokens and TURN credentials issued up to this
+    /// second stop verifying, and the TURN listeners are told to end the user's allocations.
+    pub fn revoke_user(&self, user: &str, now_unix: u64) {
+        {
+            let mut m = self.revoked.users.lock().unwrap_or_else(|p| p.into_inner());
+            // A renewed chain can outlive one token: keep the entry for the longest of them.
+            let keep = self
+                .session_ttl
+                .max(self.turn_ttl)
+                .max(self.max_session_age);
+            m.retain(|_, at| at.saturating_add(keep) > now_unix);
+            m.insert(user.to_string(), now_unix);
+        }
+        self.revoked.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes whenever a user is revoked; TURN listeners wait on it to sweep their tables.
+    pub fn revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.revoked.generation.subscribe()
+    }
+
+    /// Whether a credential of `user` issued at `issued_unix` (None: unknown, e.g. a static
+    /// TURN user) was revoked.
+    pub fn is_revoked(&self, user: &str, issued_unix: Option<u64>) -> bool {
+        let m = self.revoked.users.lock().unwrap_or_else(|p| p.into_inner());
+        match (m.get(user), issued_unix) {
+            (Some(at), Some(issued)) => issued <= *at,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// Whether the TURN username (`expiry:user` REST name, or a static user) was revoked.
+    pub fn turn_user_revoked(&self, username: &str) -> bool {
+        match username.split_once(':') {
+            Some((exp, user)) if !user.is_empty() => {
+                let issued = exp
+                    .parse::<u64>()
+                    .ok()
+                    .map(|e| e.saturating_sub(self.turn_ttl));
+                self.is_revoked(user, issued)
+            }
+            _ => self.is_revoked(username, None),
         }
     }
 
@@ -259,6 +333,9 @@ impl Auth {
             return Err(AuthError::Missing);
         }
         let secrets = self.secrets.load();
+        if self.turn_user_revoked(username) {
+            return Err(AuthError::Revoked);
+        }
         if let Some(p) = secrets.turn_users.get(username) {
             return Ok(vec![p.expose().to_string()]);
         }
@@ -373,6 +450,9 @@ impl Auth {
         if self.session_end(&session) <= now_unix {
             return Err(AuthError::TooOld);
         }
+        if self.is_revoked(&session.user, Some(self.login_time(&session))) {
+            return Err(AuthError::Revoked);
+        }
         Ok(session)
     }
 }
@@ -450,6 +530,33 @@ mod tests {
             a.turn_passwords("nobody", Some(0)),
             Err(AuthError::UnknownUser)
         );
+    }
+
+    #[test]
+    fn revoked_users_lose_sessions_and_turn_credentials_issued_before() {
+        let a = auth_with(&["s"]);
+        let (tok, _) = a.issue_session("mallory", None, 100);
+        let c = a.turn_credentials(Some("mallory"), 100);
+        let (other, _) = a.issue_session("alice", None, 100);
+        let mut rx = a.revocations();
+        a.revoke_user("mallory", 105);
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(a.verify_session(&tok, 106), Err(AuthError::Revoked));
+        assert_eq!(
+            a.turn_passwords(&c.username, Some(106)),
+            Err(AuthError::Revoked)
+        );
+        assert!(a.verify_session(&other, 106).is_ok());
+        // A login after the revocation second works again.
+        let (fresh, _) = a.issue_session("mallory", None, 106);
+        assert!(a.verify_session(&fresh, 107).is_ok());
+        assert!(a
+            .turn_passwords(
+                &a.turn_credentials(Some("mallory"), 106).username,
+                Some(107)
+            )
+            .is_ok());
     }
 
     #[test]

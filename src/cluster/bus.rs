@@ -170,7 +170,7 @@ impl Bus for ClusterBus {
             let mut closed = Vec::new();
             for a in actions {
                 let c = match &a {
-                    Action::Send(c, _) | Action::Close(c) => *c,
+                    Action::Send(c, _) | Action::Close(c, _) => *c,
                 };
                 let Some(p) = t.by_id.get(&c) else {
                     local.push(a);
@@ -182,9 +182,12 @@ impl Bus for ClusterBus {
                         kind: f.kind().to_string(),
                         text: f.render(),
                     },
-                    Action::Close(_) => {
+                    Action::Close(_, why) => {
                         closed.push(c);
-                        Wire::Close { conn: p.conn }
+                        Wire::Close {
+                            conn: p.conn,
+                            code: Some(why.code()),
+                        }
                     }
                 };
                 self.remote.publish(&p.node, w);

@@ -236,9 +236,12 @@ impl Cluster {
                     }),
                 );
             }
-            Wire::Close { conn } => {
+            Wire::Close { conn, code } => {
                 lock(&self.seats).remove(&conn);
-                self.push(conn, Outbound::Close);
+                let why = code
+                    .and_then(crate::signaling::room::CloseReason::from_code)
+                    .unwrap_or(crate::signaling::room::CloseReason::Replaced);
+                self.push(conn, Outbound::Close(why));
             }
             Wire::Moved { conn } => {
                 lock(&self.seats).remove(&conn);

@@ -87,10 +87,13 @@ pub enum Wire {
         /// Wire text.
         text: String,
     },
-    /// Close an edge connection: its seat was taken by a newer connection.
+    /// Close an edge connection: its seat is gone (replaced, kicked, room closed).
     Close {
         /// Edge connection.
         conn: ConnId,
+        /// The close code to use (4001 replaced when absent, from older nodes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<u16>,
     },
     /// Close an edge connection so that its client resumes: the room moved.
     Moved {

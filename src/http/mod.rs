@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::server::{shutdown_signal, Shared};
 
+pub mod admin;
 pub mod client_ip;
 pub mod login;
 pub mod ws;
@@ -43,6 +44,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .merge(login::routes())
         .merge(ws::routes())
+        .merge(admin::routes(shared.clone()))
         .merge(web_routes(shared.config.http.demo))
         .layer(cors(shared.clone()))
         .with_state(shared)

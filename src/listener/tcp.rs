@@ -323,6 +323,7 @@ pub async fn serve_stream<S>(
     let m = shared.metrics.clone();
     let send_full = m.drops.with_label_values(&["client_send_full"]);
     let no_route = m.drops.with_label_values(&["no_permission"]);
+    let mut revoked = shared.auth.revocations();
     // RFC 6062 Connect results come back from connect tasks; a successful ConnectionBind
     // turns this connection into a raw data pipe to `data_peer`.
     let (connect_tx, mut connect_rx) = tokio::sync::mpsc::channel::<Option<u32>>(4);
@@ -391,6 +392,7 @@ pub async fn serve_stream<S>(
                                 ClientSink::Stream(sink.clone()),
                             );
                             t.set_stream();
+                            t.set_events(shared.webhooks.clone());
                             t
                         });
                         Session {
@@ -517,6 +519,7 @@ pub async fn serve_stream<S>(
         if pkts > 0 {
             m.relay_packets_to_peer.inc_by(pkts);
             m.relay_bytes_to_peer.inc_by(bytes);
+            m.relay_bytes_by_transport.to_peer(transport).inc_by(bytes);
         }
         let table = session.as_mut().and_then(|s| s.table.as_mut());
         let want = table.as_ref().and_then(|t| t.next_deadline());
@@ -564,6 +567,15 @@ pub async fn serve_stream<S>(
                     t.handle_timeout(env(&shared));
                 }
                 armed = None;
+                continue;
+            }
+            Ok(()) = revoked.changed() => {
+                if let Some(t) = session.as_mut().and_then(|s| s.table.as_mut()) {
+                    if t.sweep_revoked() > 0 {
+                        // The connection carried the revoked allocation: close it too.
+                        break;
+                    }
+                }
                 continue;
             }
             _ = &mut shutdown => break,

@@ -178,15 +178,18 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
     let not_stun = m.drops.with_label_values(&["not_stun"]);
     let no_route = m.drops.with_label_values(&["no_permission"]);
     let mut table: Option<Table<AnyRelay>> = shared.config.turn.relay.then(|| {
-        Table::new(
+        let mut t = Table::new(
             shared.turn.settings.clone(),
             shared.auth.clone(),
             m.clone(),
             shared.turn.pool.clone(),
             "udp",
             ClientSink::Udp(sock.clone(), wildcard),
-        )
+        );
+        t.set_events(shared.webhooks.clone());
+        t
     });
+    let mut revoked = shared.auth.revocations();
     let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut timer = std::pin::pin!(tokio::time::sleep_until(far()));
     let mut armed: Option<Instant> = None;
@@ -214,6 +217,12 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
                     t.handle_timeout(env(&shared, None));
                 }
                 armed = None;
+                continue;
+            }
+            Ok(()) = revoked.changed() => {
+                if let Some(t) = table.as_mut() {
+                    t.sweep_revoked();
+                }
                 continue;
             }
             _ = &mut shutdown => break,
@@ -299,6 +308,7 @@ pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
         if pkts > 0 {
             m.relay_packets_to_peer.inc_by(pkts);
             m.relay_bytes_to_peer.inc_by(bytes);
+            m.relay_bytes_by_transport.to_peer("udp").inc_by(bytes);
         }
         if dropped > 0 {
             no_route.inc_by(dropped);

@@ -13,8 +13,8 @@ use super::room::{Action, Budget, ConnId, Frame};
 pub enum Outbound {
     /// Send this frame.
     Frame(Frame),
-    /// Close the connection (its seat was taken by a newer connection).
-    Close,
+    /// Close the connection: its seat is gone (replaced, kicked, room closed).
+    Close(super::room::CloseReason),
     /// Close the connection so that its client resumes: the room moved to another node.
     Moved,
 }
@@ -74,7 +74,7 @@ impl Outbox {
     pub fn push(&self, item: Outbound) -> Result<(), Refused> {
         let n = match &item {
             Outbound::Frame(f) => f.len(),
-            Outbound::Close | Outbound::Moved => 0,
+            Outbound::Close(_) | Outbound::Moved => 0,
         };
         let mut q = self.lock();
         if q.overflowed {
@@ -214,7 +214,7 @@ impl Bus for LocalBus {
         for a in actions {
             let (conn, item) = match a {
                 Action::Send(c, f) => (c, Outbound::Frame(f)),
-                Action::Close(c) => (c, Outbound::Close),
+                Action::Close(c, why) => (c, Outbound::Close(why)),
             };
             let ob = match &last {
                 Some((c, ob)) if *c == conn => ob.clone(),

@@ -151,6 +151,17 @@ struct Conn {
     session: Option<crate::auth::Session>,
 }
 
+impl Conn {
+    /// Whether the server API revoked this connection's user after its login.
+    fn revoked(&self, shared: &Shared) -> bool {
+        self.session.as_ref().is_some_and(|s| {
+            shared
+                .auth
+                .is_revoked(&s.user, Some(shared.auth.login_time(s)))
+        })
+    }
+}
+
 /// Whether a read error is tungstenite refusing a message over the size limit.
 fn too_big(e: axum::Error) -> bool {
     e.into_inner()
@@ -310,15 +321,24 @@ pub async fn serve(
                         close(&mut ws, 4004, "room moved; resume", write_timeout).await;
                         break;
                     }
-                    Batch::Replaced => {
-                        // Replaced by a newer connection: the seat is gone, nothing to resume.
+                    Batch::Closed(why) => {
+                        // Replaced, kicked or its room closed: the seat is gone, nothing to
+                        // resume; the close code says which.
                         left_cleanly = true;
-                        close(&mut ws, 4001, "replaced", write_timeout).await;
+                        close(&mut ws, why.code(), why.text(), write_timeout).await;
                         break;
                     }
                 }
             }
             _ = ping.tick() => {
+                if conn.revoked(&shared) {
+                    // Seated peers were removed at once; this catches the others.
+                    let f = error_frame("revoked", "the user was revoked", None);
+                    let _ = send(&mut ws, c, f, write_timeout).await;
+                    left_cleanly = true;
+                    close(&mut ws, 4005, "revoked", write_timeout).await;
+                    break;
+                }
                 if last_heard.elapsed() >= dead_after {
                     m.drops.with_label_values(&["ws_dead_peer"]).inc();
                     break;
@@ -364,8 +384,8 @@ pub async fn serve(
 enum Batch {
     Written,
     Failed,
-    Replaced,
     Moved,
+    Closed(super::room::CloseReason),
 }
 
 /// Write `first` and whatever else is queued (up to a batch), then flush once.
@@ -377,8 +397,8 @@ async fn write_batch(
 ) -> Batch {
     let mut item = Some(first);
     let mut n = 0;
-    let mut replaced = false;
     let mut moved = false;
+    let mut closed = None;
     let w = tokio::time::timeout(timeout, async {
         while let Some(it) = item.take() {
             match it {
@@ -386,8 +406,8 @@ async fn write_batch(
                     ws.feed(Message::Text(f.render().into())).await?;
                     n += 1;
                 }
-                Outbound::Close => {
-                    replaced = true;
+                Outbound::Close(why) => {
+                    closed = Some(why);
                     break;
                 }
                 Outbound::Moved => {
@@ -403,9 +423,11 @@ async fn write_batch(
     })
     .await;
     match w {
-        Ok(Ok(())) if replaced => Batch::Replaced,
         Ok(Ok(())) if moved => Batch::Moved,
-        Ok(Ok(())) => Batch::Written,
+        Ok(Ok(())) => match closed {
+            Some(why) => Batch::Closed(why),
+            None => Batch::Written,
+        },
         _ => Batch::Failed,
     }
 }
@@ -441,6 +463,10 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
     let (Some(member), Some(old)) = (conn.member.as_ref(), conn.session.as_ref()) else {
         return Ok(None);
     };
+    if conn.revoked(shared) {
+        // No renewal for a revoked user; the next ping closes the socket.
+        return Ok(None);
+    }
     let now = unix_now();
     let (token, session) = match shared.auth.renew_session(old, now) {
         Ok(x) => x,

@@ -2,6 +2,7 @@
 //! connections (`bus`), the sharded service around the core (`service`), and the
 //! per-connection WebSocket task (`conn`).
 
+pub mod admin;
 pub mod bus;
 pub mod conn;
 pub mod room;

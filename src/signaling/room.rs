@@ -133,8 +133,76 @@ impl Frame {
 pub enum Action {
     /// Send a frame on a connection.
     Send(ConnId, Frame),
-    /// Close a connection after sending what was queued.
-    Close(ConnId),
+    /// Close a connection after sending what was queued; its seat is gone, so it must not
+    /// resume.
+    Close(ConnId, CloseReason),
+}
+
+/// Why the server ends a connection whose seat is gone; each has its own close code, so a
+/// client knows not to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer connection of the same identity took the seat (4001).
+    Replaced,
+    /// Removed through the server API, or its user was revoked (4005).
+    Kicked,
+    /// Its room was closed through the server API (4006).
+    RoomClosed,
+}
+
+impl CloseReason {
+    /// WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::Replaced => 4001,
+            CloseReason::Kicked => 4005,
+            CloseReason::RoomClosed => 4006,
+        }
+    }
+
+    /// The reason a close code stands for (across the cluster bus).
+    pub fn from_code(code: u16) -> Option<CloseReason> {
+        [
+            CloseReason::Replaced,
+            CloseReason::Kicked,
+            CloseReason::RoomClosed,
+        ]
+        .into_iter()
+        .find(|r| r.code() == code)
+    }
+
+    /// Close frame reason text.
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::Replaced => "replaced",
+            CloseReason::Kicked => "kicked",
+            CloseReason::RoomClosed => "room closed",
+        }
+    }
+}
+
+/// One room as the server API shows it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomInfo {
+    /// Room id.
+    pub room: String,
+    /// Peers the room admits.
+    pub capacity: usize,
+    /// Its peers, in join order.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// One peer as the server API shows it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerInfo {
+    /// Peer id within the room.
+    pub peer: String,
+    /// User id it logged in as.
+    pub user: String,
+    /// `connected`, or `reconnecting` while within its resume window.
+    pub state: &'static str,
 }
 
 /// A byte budget shared by many buffers, so that their total stays bounded.
@@ -412,12 +480,34 @@ pub struct Hub {
     order: u64,
     /// Frames evicted from resume buffers by a byte or frame bound.
     evicted: u64,
+    /// Record room and peer events for webhooks (the shell drains them after each operation).
+    hooks_on: bool,
+    hooks: Vec<Hook>,
 }
+
+/// A room or peer event for webhooks.
+pub type Hook = crate::webhooks::Event;
 
 fn random_id(bytes: usize) -> String {
     use base64::Engine;
     let v: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+}
+
+/// A complete frame for one connection, outside the room's sequence (it will not resume).
+fn direct(kind: &'static str, v: &Value) -> Frame {
+    Frame::Text {
+        kind,
+        text: v.to_string().into(),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum PeerHook<'a> {
+    Joined,
+    Reconnecting,
+    Resumed,
+    Left(&'a str),
 }
 
 /// An unguessable room id (also a valid room name).
@@ -451,7 +541,172 @@ impl Hub {
             peers: 0,
             order: 0,
             evicted: 0,
+            hooks_on: false,
+            hooks: Vec::new(),
         }
+    }
+
+    /// Record webhook events from now on.
+    pub fn enable_hooks(&mut self) {
+        self.hooks_on = true;
+    }
+
+    /// The webhook events of the operations since the last call, in order.
+    pub fn take_hooks(&mut self) -> Vec<Hook> {
+        std::mem::take(&mut self.hooks)
+    }
+
+    fn hook(&mut self, make: impl FnOnce() -> Hook) {
+        if self.hooks_on {
+            self.hooks.push(make());
+        }
+    }
+
+    fn peer_hook(&mut self, room: &str, peer: &str, user: &str, kind: PeerHook<'_>) {
+        self.hook(|| {
+            let (room, peer, user) = (room.to_string(), peer.to_string(), user.to_string());
+            match kind {
+                PeerHook::Joined => Hook::PeerJoined { room, peer, user },
+                PeerHook::Reconnecting => Hook::PeerReconnecting { room, peer, user },
+                PeerHook::Resumed => Hook::PeerResumed { room, peer, user },
+                PeerHook::Left(reason) => Hook::PeerLeft {
+                    room,
+                    peer,
+                    user,
+                    reason: reason.to_string(),
+                },
+            }
+        });
+    }
+
+    /// Ids of the open rooms.
+    pub fn room_ids(&self) -> impl Iterator<Item = &str> {
+        self.rooms.keys().map(String::as_str)
+    }
+
+    /// A snapshot of `room` for the server API: peers in join order with their state.
+    pub fn room_info(&self, room_id: &str) -> Option<RoomInfo> {
+        let room = self.rooms.get(room_id)?;
+        let mut peers: Vec<(&String, &Peer)> = room.peers.iter().collect();
+        peers.sort_by_key(|(_, p)| p.joined_order);
+        Some(RoomInfo {
+            room: room_id.to_string(),
+            capacity: room.capacity,
+            peers: peers
+                .into_iter()
+                .map(|(id, p)| PeerInfo {
+                    peer: id.clone(),
+                    user: p.user.clone(),
+                    state: if p.conn.is_some() {
+                        "connected"
+                    } else {
+                        "reconnecting"
+                    },
+                })
+                .collect(),
+        })
+    }
+
+    /// Every `(room, peer)` seat of `user`, connected or reconnecting.
+    pub fn seats_of_user(&self, user: &str) -> Vec<(String, String)> {
+        self.rooms
+            .iter()
+            .flat_map(|(rid, r)| {
+                r.peers
+                    .iter()
+                    .filter(|(_, p)| p.user == user)
+                    .map(move |(pid, _)| (rid.clone(), pid.clone()))
+            })
+            .collect()
+    }
+
+    /// Remove `peer` from `room` for good (server API): it gets an `error` frame with `code`
+    /// and its connection is closed with 4005; its resume token is forgotten; the others see
+    /// `peer-left` with `reason`.
+    pub fn kick(
+        &mut self,
+        now: Instant,
+        room_id: &str,
+        peer_id: &str,
+        code: &str,
+        reason: &str,
+        out: &mut Vec<Action>,
+    ) -> Result<(), RoomError> {
+        let room = self.rooms.get(room_id).ok_or(RoomError::UnknownRoom)?;
+        let p = room.peers.get(peer_id).ok_or(RoomError::UnknownPeer)?;
+        if let Some(c) = p.conn {
+            self.seats.remove(&c);
+            out.push(Action::Send(
+                c,
+                direct(
+                    "error",
+                    &json!({"type": "error", "code": code, "message": format!("removed from the room ({reason})")}),
+                ),
+            ));
+            out.push(Action::Close(c, CloseReason::Kicked));
+        }
+        self.remove_peer(now, room_id, peer_id, reason, out);
+        Ok(())
+    }
+
+    /// Close `room` now (server API): every connected peer gets an `error` frame
+    /// (`room_closed`) and `room-closed`, and is closed with 4006; seats, resume tokens and
+    /// timers go. Returns the number of peers removed and the room's creator (its quota).
+    pub fn close_room(
+        &mut self,
+        room_id: &str,
+        out: &mut Vec<Action>,
+    ) -> Result<(usize, String), RoomError> {
+        let mut room = self.rooms.remove(room_id).ok_or(RoomError::UnknownRoom)?;
+        if let Some(at) = room.close_at.take() {
+            self.timers.remove(&(
+                at,
+                Timer::Close {
+                    room: room_id.into(),
+                },
+            ));
+        }
+        let mut peers: Vec<(String, Peer)> = std::mem::take(&mut room.peers).into_iter().collect();
+        peers.sort_by_key(|(_, p)| p.joined_order);
+        let n = peers.len();
+        for (pid, mut p) in peers {
+            self.peers -= 1;
+            self.tokens.remove(&p.resume_token);
+            Self::drop_buffer(&self.limits, &mut p);
+            if let Some(d) = p.deadline {
+                self.timers.remove(&(
+                    d,
+                    Timer::Resume {
+                        room: room_id.into(),
+                        peer: pid.clone(),
+                    },
+                ));
+            }
+            if let Some(c) = p.conn {
+                self.seats.remove(&c);
+                out.push(Action::Send(
+                    c,
+                    direct(
+                        "error",
+                        &json!({"type": "error", "code": "room_closed", "message": "the room was closed"}),
+                    ),
+                ));
+                out.push(Action::Send(
+                    c,
+                    direct(
+                        "room-closed",
+                        &json!({"type": "room-closed", "room": room_id}),
+                    ),
+                ));
+                out.push(Action::Close(c, CloseReason::RoomClosed));
+            }
+            self.peer_hook(room_id, &pid, &p.user, PeerHook::Left("room-closed"));
+        }
+        self.hook(|| Hook::RoomClosed {
+            room: room_id.to_string(),
+            reason: "closed".into(),
+        });
+        Ok((n, room.creator))
     }
 
     /// Open rooms.
@@ -513,6 +768,7 @@ impl Hub {
                 close_at: Some(close_at),
             },
         );
+        self.hook(|| Hook::RoomCreated { room: id.into() });
         Ok((id.to_string(), capacity))
     }
 
@@ -647,8 +903,10 @@ impl Hub {
                             event: ev,
                         },
                     ));
-                    out.push(Action::Close(c));
+                    out.push(Action::Close(c, CloseReason::Replaced));
                 }
+                let user = p.user.clone();
+                self.peer_hook(room_id, &old_id, &user, PeerHook::Left("replaced"));
             }
             let ev = Event::from_value(
                 "peer-left",
@@ -691,6 +949,7 @@ impl Hub {
             .insert(conn, (room_id.to_string(), peer_id.clone()));
         self.tokens
             .insert(token.clone(), (room_id.to_string(), peer_id.clone()));
+        self.peer_hook(room_id, &peer_id, &member.user, PeerHook::Joined);
         Ok(json!({
             "type": "joined",
             "room": room_id,
@@ -727,6 +986,7 @@ impl Hub {
         let Some(mut p) = room.peers.remove(peer_id) else {
             return;
         };
+        let user = std::mem::take(&mut p.user);
         self.peers -= 1;
         self.tokens.remove(&p.resume_token);
         Self::drop_buffer(&self.limits, &mut p);
@@ -748,8 +1008,10 @@ impl Hub {
                     room: room_id.into(),
                 },
             ));
+            self.peer_hook(room_id, peer_id, &user, PeerHook::Left(reason));
             return;
         }
+        self.peer_hook(room_id, peer_id, &user, PeerHook::Left(reason));
         let ev = Event::from_value(
             "peer-left",
             &json!({"type": "peer-left", "peerId": peer_id, "reason": reason}),
@@ -796,6 +1058,7 @@ impl Hub {
         let Some(room) = self.rooms.get_mut(&room_id) else {
             return;
         };
+        let user = room.peers.get(&peer_id).map(|p| p.user.clone());
         if let Some(p) = room.peers.get_mut(&peer_id) {
             p.conn = None;
             let d = now + self.limits.resume_grace;
@@ -815,6 +1078,9 @@ impl Hub {
                     peer: peer_id.clone(),
                 },
             ));
+        }
+        if let Some(u) = user {
+            self.peer_hook(&room_id, &peer_id, &u, PeerHook::Reconnecting);
         }
         let ev = Event::from_value(
             "peer-reconnecting",
@@ -850,7 +1116,7 @@ impl Hub {
         // A live connection for this seat (half-open socket) is taken over.
         if let Some(old) = me.conn.take() {
             self.seats.remove(&old);
-            out.push(Action::Close(old));
+            out.push(Action::Close(old, CloseReason::Replaced));
         }
         me.conn = Some(conn);
         if let Some(d) = me.deadline.take() {
@@ -903,6 +1169,7 @@ impl Hub {
         for f in missed {
             out.push(Action::Send(conn, f));
         }
+        self.peer_hook(&room_id, &peer_id, &member.user, PeerHook::Resumed);
         let ev = Event::from_value(
             "peer-resumed",
             &json!({"type": "peer-resumed", "peerId": peer_id}),
@@ -946,7 +1213,11 @@ impl Hub {
                     if self.rooms.get(&room).is_some_and(|r| r.peers.is_empty()) {
                         if let Some(r) = self.rooms.remove(&room) {
                             done.closed.push(r.creator);
-                            done.closed_rooms.push(room);
+                            done.closed_rooms.push(room.clone());
+                            self.hook(|| Hook::RoomClosed {
+                                room,
+                                reason: "empty".into(),
+                            });
                         }
                     }
                 }
@@ -1123,6 +1394,102 @@ mod tests {
 
     fn plain(v: Value) -> String {
         v.to_string()
+    }
+
+    #[test]
+    fn hooks_follow_the_room_and_kick_and_close_end_seats_for_good() {
+        let mut h = hub();
+        h.enable_hooks();
+        let t = Instant::now();
+        let mut out = Vec::new();
+        h.create(t, "a", "r", None).unwrap();
+        let ja = h.join(1, &m("a"), "r", &mut out).unwrap();
+        let jb = h.join(2, &m("b"), "r", &mut out).unwrap();
+        let (pa, pb) = (
+            ja["peerId"].as_str().unwrap().to_string(),
+            jb["peerId"].as_str().unwrap().to_string(),
+        );
+        h.disconnect(t, 2, &mut out);
+        let token = jb["resumeToken"].as_str().unwrap();
+        h.resume(3, &m("b"), token, 0, plain, &mut out).unwrap();
+        out.clear();
+        h.kick(t, "r", &pb, "kicked", "kicked", &mut out).unwrap();
+        assert!(out.contains(&Action::Close(3, CloseReason::Kicked)));
+        assert_eq!(sent_to(&out, 3)[0]["code"], "kicked");
+        let to_a = sent_to(&out, 1);
+        assert_eq!(
+            (to_a[0]["type"].as_str(), to_a[0]["reason"].as_str()),
+            (Some("peer-left"), Some("kicked"))
+        );
+        assert_eq!(
+            h.resume(4, &m("b"), token, 0, plain, &mut out),
+            Err(RoomError::BadResume),
+            "a kicked peer cannot resume"
+        );
+        assert_eq!(
+            h.kick(t, "r", &pb, "kicked", "kicked", &mut out),
+            Err(RoomError::UnknownPeer)
+        );
+        let info = h.room_info("r").unwrap();
+        assert_eq!(info.peers.len(), 1);
+        assert_eq!(
+            (info.peers[0].user.as_str(), info.peers[0].state),
+            ("a", "connected")
+        );
+        out.clear();
+        let (n, creator) = h.close_room("r", &mut out).unwrap();
+        assert_eq!((n, creator.as_str()), (1, "a"));
+        let to_a = sent_to(&out, 1);
+        assert_eq!(to_a[0]["code"], "room_closed");
+        assert_eq!(to_a[1]["type"], "room-closed");
+        assert!(out.contains(&Action::Close(1, CloseReason::RoomClosed)));
+        assert_eq!(h.room_count(), 0);
+        assert_eq!(h.peer_count(), 0);
+        assert_eq!(h.next_deadline(), None, "no timer left behind");
+        assert_eq!(h.close_room("r", &mut out), Err(RoomError::UnknownRoom));
+        // A room that empties and runs out its grace closes with reason `empty`.
+        h.create(t, "a", "e", None).unwrap();
+        h.tick(t + Duration::from_secs(6), &mut out);
+        let kinds: Vec<(String, Option<String>, Option<String>)> = h
+            .take_hooks()
+            .into_iter()
+            .map(|e| {
+                let v = serde_json::to_value(&e).unwrap();
+                (
+                    v["type"].as_str().unwrap().to_string(),
+                    v["peer"].as_str().map(str::to_string),
+                    v["reason"].as_str().map(str::to_string),
+                )
+            })
+            .collect();
+        let k = |t: &str, p: Option<&str>, r: Option<&str>| {
+            (t.to_string(), p.map(str::to_string), r.map(str::to_string))
+        };
+        assert_eq!(
+            kinds,
+            vec![
+                k("room.created", None, None),
+                k("peer.joined", Some(&pa), None),
+                k("peer.joined", Some(&pb), None),
+                k("peer.reconnecting", Some(&pb), None),
+                k("peer.resumed", Some(&pb), None),
+                k("peer.left", Some(&pb), Some("kicked")),
+                k("peer.left", Some(&pa), Some("room-closed")),
+                k("room.closed", None, Some("closed")),
+                k("room.created", None, None),
+                k("room.closed", None, Some("empty")),
+            ]
+        );
+        assert!(h.take_hooks().is_empty());
+    }
+
+    #[test]
+    fn hooks_are_not_recorded_unless_enabled() {
+        let mut h = hub();
+        let mut out = Vec::new();
+        h.create(Instant::now(), "a", "r", None).unwrap();
+        h.join(1, &m("a"), "r", &mut out).unwrap();
+        assert!(h.take_hooks().is_empty());
     }
 
     #[test]
@@ -1345,7 +1712,7 @@ mod tests {
         out.clear();
         let b2 = h.join(3, &m("b"), &room, &mut out).unwrap();
         assert_ne!(b1["peerId"], b2["peerId"]);
-        assert!(out.contains(&Action::Close(2)));
+        assert!(out.contains(&Action::Close(2, CloseReason::Replaced)));
         let to_a = sent_to(&out, 1);
         assert_eq!(to_a[0]["type"], "peer-left");
         assert_eq!(to_a[0]["reason"], "replaced");

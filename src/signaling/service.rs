@@ -38,6 +38,7 @@ pub(crate) const KNOWN_TYPES: &[&str] = &[
     "pong",
     "ack",
     "error",
+    "room-closed",
     "unknown",
 ];
 
@@ -118,6 +119,8 @@ pub struct Signaling {
     outbox_total: Arc<Budget>,
     resume_total: Arc<Budget>,
     counters: OnceLock<Counters>,
+    /// Where room and peer events go; unset (or a no-op handle) without webhook URLs.
+    webhooks: OnceLock<crate::webhooks::Webhooks>,
 }
 
 impl std::fmt::Debug for Signaling {
@@ -172,7 +175,41 @@ impl Signaling {
             outbox_total: Arc::new(Budget::new(cfg.outbox_total_bytes)),
             resume_total,
             counters: OnceLock::new(),
+            webhooks: OnceLock::new(),
         }
+    }
+
+    /// Report room and peer events to `webhooks` from now on (set once, at start-up).
+    pub fn set_webhooks(&self, webhooks: crate::webhooks::Webhooks) {
+        if webhooks.enabled() {
+            for s in &self.shards {
+                lock(&s.hub).enable_hooks();
+            }
+        }
+        let _ = self.webhooks.set(webhooks);
+    }
+
+    /// Run `f` on every shard in turn (server API: a user's seats may be anywhere).
+    pub(crate) fn apply_each(
+        &self,
+        shared: &Shared,
+        mut f: impl FnMut(&mut Hub, &mut Vec<Action>),
+    ) {
+        for i in 0..self.shards.len() {
+            self.apply_shard(shared, i, &mut f);
+        }
+    }
+
+    /// Read every shard in turn (server API listings); holds one shard lock at a time.
+    pub(crate) fn read_each(&self, mut f: impl FnMut(&Hub)) {
+        for s in &self.shards {
+            f(&lock(&s.hub));
+        }
+    }
+
+    /// Read the shard that owns `room`.
+    pub(crate) fn read<R>(&self, room: &str, f: impl FnOnce(&Hub) -> R) -> R {
+        f(&lock(&self.shards[self.shard_of(room)].hub))
     }
 
     pub(crate) fn counters(&self, m: &Metrics) -> &Counters {
@@ -294,6 +331,14 @@ impl Signaling {
             hub.evicted(),
         );
         let r = f(&mut hub, &mut out);
+        // Webhook events leave under the shard's serialization, so a room's stay in order;
+        // emitting never waits (a full queue drops and counts).
+        if let Some(w) = self.webhooks.get() {
+            for e in hub.take_hooks() {
+                let key = e.key().to_string();
+                w.emit(&key, e);
+            }
+        }
         for a in &out {
             if let Action::Send(_, fr) = a {
                 c.count_out(fr.kind());

@@ -129,6 +129,10 @@ pub struct View {
     /// Username of the credential the allocation was made with: only a ConnectionBind
     /// authenticated as the same user may claim its RFC 6062 peer connections.
     pub owner: Option<Arc<str>>,
+    /// The allocation's relay usage, for its `allocation.ended` webhook.
+    pub usage: Arc<crate::webhooks::Usage>,
+    /// The client's transport (`udp|tcp|tls`), for the relayed-bytes metric.
+    pub transport: &'static str,
 }
 
 impl View {
@@ -396,6 +400,10 @@ struct Alloc<R> {
     alloc_resp: Vec<u8>,
     bucket: Bucket,
     span: tracing::Span,
+    /// Id in webhook events.
+    id: String,
+    created: Instant,
+    usage: Arc<crate::webhooks::Usage>,
 }
 
 /// Why an allocation went away, as a metrics label.
@@ -411,6 +419,8 @@ pub enum DeleteReason {
     Closed,
     /// It reached `turn.max_allocation_age_secs`.
     MaxAge,
+    /// The user was revoked through the server API.
+    Revoked,
 }
 
 impl DeleteReason {
@@ -421,6 +431,7 @@ impl DeleteReason {
             DeleteReason::Shutdown => "shutdown",
             DeleteReason::Closed => "closed",
             DeleteReason::MaxAge => "max_age",
+            DeleteReason::Revoked => "revoked",
         }
     }
 }
@@ -470,6 +481,7 @@ pub struct Table<R: Relay> {
     deadline: Option<Instant>,
     /// Username that the last ConnectionBind on this (data) connection authenticated as.
     bind_user: Option<String>,
+    events: crate::webhooks::Webhooks,
 }
 
 impl<R: Relay> Table<R> {
@@ -494,7 +506,28 @@ impl<R: Relay> Table<R> {
             stream: false,
             deadline: None,
             bind_user: None,
+            events: crate::webhooks::Webhooks::disabled(),
         }
+    }
+
+    /// Report allocations created and ended (with their usage) to `events`.
+    pub fn set_events(&mut self, events: crate::webhooks::Webhooks) {
+        self.events = events;
+    }
+
+    /// End now every allocation whose user was revoked since its credential was issued;
+    /// returns how many ended.
+    pub fn sweep_revoked(&mut self) -> usize {
+        let gone: Vec<SocketAddr> = self
+            .allocs
+            .iter()
+            .filter(|(_, a)| self.auth.turn_user_revoked(&a.key.username))
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &gone {
+            self.delete(*c, DeleteReason::Revoked);
+        }
+        gone.len()
     }
 
     /// Mark this table as serving a stream connection, which may ask for TCP relays.
@@ -957,7 +990,21 @@ impl<R: Relay> Table<R> {
             alloc_resp: out[start..].to_vec(),
             bucket: Bucket::new(self.settings.max_bps, env.now),
             span,
+            id: crate::webhooks::new_id(),
+            created: env.now,
+            usage: Arc::default(),
         };
+        if self.events.enabled() {
+            self.events.emit(
+                &a.id,
+                crate::webhooks::Event::AllocationCreated {
+                    allocation: a.id.clone(),
+                    user: a.quota_user.clone(),
+                    transport: self.transport.to_string(),
+                    relay_transport: kind_label(kind).to_string(),
+                },
+            );
+        }
         self.publish(client, &a);
         self.allocs.insert(client, a);
         self.metrics
@@ -1386,6 +1433,8 @@ impl<R: Relay> Table<R> {
             max_bps: self.settings.max_bps,
             local: a.client_local,
             owner: Some(Arc::from(a.key.username.as_str())),
+            usage: a.usage.clone(),
+            transport: self.transport,
         };
         a.relay.publish(Arc::new(view));
     }
@@ -1411,6 +1460,7 @@ impl<R: Relay> Table<R> {
         if !a.bucket.allow(now, data.len()) {
             return None;
         }
+        a.usage.to_peer(1, data.len() as u64);
         Some((&a.relay, peer, data))
     }
 
@@ -1439,6 +1489,7 @@ impl<R: Relay> Table<R> {
         if !a.bucket.allow(now, payload.len()) {
             return None;
         }
+        a.usage.to_peer(1, payload.len() as u64);
         Some((&a.relay, peer, payload))
     }
 
@@ -1550,6 +1601,16 @@ impl<R: Relay> Table<R> {
             .dec();
         self.unquota(&a.quota_user);
         self.release_port(a.relay.local_addr().port());
+        self.events
+            .allocation_ended(crate::webhooks::AllocationEnd {
+                allocation: &a.id,
+                user: &a.quota_user,
+                transport: self.transport,
+                relay_transport: kind_label(a.kind),
+                reason: reason.label(),
+                created: a.created,
+                usage: &a.usage,
+            });
         drop(a);
         self.recompute_deadline();
         true
@@ -1585,6 +1646,13 @@ impl<R: Relay> Table<R> {
 impl<R: Relay> Drop for Table<R> {
     fn drop(&mut self) {
         self.clear(DeleteReason::Shutdown);
+    }
+}
+
+fn kind_label(k: RelayKind) -> &'static str {
+    match k {
+        RelayKind::Udp => "udp",
+        RelayKind::Tcp => "tcp",
     }
 }
 

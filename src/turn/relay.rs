@@ -350,12 +350,17 @@ async fn peer_to_client(
                 full += 1;
             }
         }
-        drop(v);
-        drop(s);
         if pkts > 0 {
             metrics.relay_packets_to_client.inc_by(pkts);
             metrics.relay_bytes_to_client.inc_by(bytes);
+            metrics
+                .relay_bytes_by_transport
+                .to_client(v.transport)
+                .inc_by(bytes);
+            v.usage.to_client(pkts, bytes);
         }
+        drop(v);
+        drop(s);
         if denied > 0 {
             no_perm.inc_by(denied);
         }
@@ -389,6 +394,10 @@ pub struct PipeOwner {
     pub alive: tokio::sync::watch::Receiver<()>,
     /// Buckets shared by every data connection of the allocation: client-to-peer and back.
     pub buckets: Option<PipeBuckets>,
+    /// The allocation's usage, so data connection bytes reach its `allocation.ended` webhook.
+    pub usage: Arc<crate::webhooks::Usage>,
+    /// The allocation's client transport, for the relayed-bytes-by-transport metric.
+    pub transport: &'static str,
 }
 
 impl std::fmt::Debug for PipeOwner {
@@ -558,19 +567,36 @@ where
     let (mut crd, mut cwr) = tokio::io::split(client);
     let (mut prd, mut pwr) = tokio::io::split(peer);
     let touch = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    // Byte streams have no packets: per-allocation usage counts their bytes only.
+    let count_up = |n: u64| {
+        metrics.relay_bytes_to_peer.inc_by(n);
+        metrics
+            .relay_bytes_by_transport
+            .to_peer(owner.transport)
+            .inc_by(n);
+        owner.usage.to_peer(0, n);
+    };
+    let count_down = |n: u64| {
+        metrics.relay_bytes_to_client.inc_by(n);
+        metrics
+            .relay_bytes_by_transport
+            .to_client(owner.transport)
+            .inc_by(n);
+        owner.usage.to_client(0, n);
+    };
     let up = copy_capped(
         &mut crd,
         &mut pwr,
         owner.buckets.as_ref().map(|b| &b[0]),
         &touch,
-        &metrics.relay_bytes_to_peer,
+        &count_up,
     );
     let down = copy_capped(
         &mut prd,
         &mut cwr,
         owner.buckets.as_ref().map(|b| &b[1]),
         &touch,
-        &metrics.relay_bytes_to_client,
+        &count_down,
     );
     let idle_out = async {
         loop {
@@ -596,7 +622,7 @@ async fn copy_capped<R, W>(
     wr: &mut W,
     bucket: Option<&std::sync::Mutex<Bucket>>,
     touch: &impl Fn(),
-    bytes: &prometheus::IntCounter,
+    count: &impl Fn(u64),
 ) where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -629,7 +655,7 @@ async fn copy_capped<R, W>(
         if wr.write_all(&buf[..n]).await.is_err() {
             break;
         }
-        bytes.inc_by(n as u64);
+        count(n as u64);
     }
     let _ = wr.shutdown().await;
 }
@@ -670,6 +696,8 @@ fn pipe_owner(
         relay: addr,
         alive: alive.subscribe(),
         buckets,
+        usage: view.usage.clone(),
+        transport: view.transport,
     })
 }
 

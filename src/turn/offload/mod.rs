@@ -298,6 +298,11 @@ impl Offload {
         m.relay_bytes_to_peer.inc_by(t.up_bytes);
         m.relay_packets_to_client.inc_by(t.down_packets);
         m.relay_bytes_to_client.inc_by(t.down_bytes);
+        // Only ChannelData from UDP clients is offloaded.
+        m.relay_bytes_by_transport.to_peer("udp").inc_by(t.up_bytes);
+        m.relay_bytes_by_transport
+            .to_client("udp")
+            .inc_by(t.down_bytes);
     }
 
     /// Totals of everything the kernel relayed, summed over `take_deltas` results; a

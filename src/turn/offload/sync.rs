@@ -196,6 +196,7 @@ mod tests {
             max_bps: 0,
             local: Some("203.0.113.10".parse().unwrap()),
             owner: None,
+            ..Default::default()
         }
     }
 

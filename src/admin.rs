@@ -1,0 +1,128 @@
+//! The server API for app backends: who may use it (bearer admin tokens, compared in
+//! constant time) and what its operations do across parts (signaling rooms, auth, TURN).
+//! The HTTP routes live in `http::admin`.
+
+use serde::Serialize;
+
+use crate::server::Shared;
+
+/// Why a server API request was refused; `code()` is the JSON `error.code`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// No `Authorization: Bearer` header, or a token that is not listed.
+    #[error("a valid admin bearer token is required")]
+    Unauthorized,
+    /// No such room.
+    #[error("unknown room")]
+    UnknownRoom,
+    /// No such peer in the room.
+    #[error("unknown peer")]
+    UnknownPeer,
+    /// A path parameter is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl AdminError {
+    /// Stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::Unauthorized => "unauthorized",
+            AdminError::UnknownRoom => "unknown_room",
+            AdminError::UnknownPeer => "unknown_peer",
+            AdminError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    /// Metrics label.
+    pub fn result(&self) -> &'static str {
+        match self {
+            AdminError::Unauthorized => "unauthorized",
+            AdminError::UnknownRoom | AdminError::UnknownPeer => "not_found",
+            AdminError::BadRequest(_) => "bad_request",
+        }
+    }
+}
+
+/// Check an `Authorization` header value against the admin tokens. Every token is compared
+/// (in constant time each), so timing tells nothing about which one nearly matched. With no
+/// token configured the API is open; start-up refuses that off loopback.
+pub fn authorize(tokens: &[String], authorization: Option<&[u8]>) -> Result<(), AdminError> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let Some(h) = authorization else {
+        return Err(AdminError::Unauthorized);
+    };
+    let presented = match h.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case(b"bearer ") => h[7..].trim_ascii(),
+        _ => return Err(AdminError::Unauthorized),
+    };
+    let ok = tokens.iter().fold(false, |acc, t| {
+        acc | crate::auth::secret_eq(t.as_bytes(), presented)
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(AdminError::Unauthorized)
+    }
+}
+
+/// What `POST /v1/admin/users/{user}/revoke` did.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    /// The user id.
+    pub user: String,
+    /// Unix second of the revocation: credentials issued up to it are refused.
+    pub revoked_at: u64,
+    /// Signaling peers of the user that were removed from their rooms.
+    pub peers_removed: usize,
+}
+
+/// Revoke `user` now: its session tokens and TURN credentials stop verifying, the TURN
+/// listeners end its allocations (they wake on the revocation), and its signaling peers are
+/// removed from their rooms (`peer-left {reason:"revoked"}`) and their connections closed.
+pub fn revoke_user(shared: &Shared, user: &str) -> Result<Revoked, AdminError> {
+    if user.is_empty() || user.len() > 256 {
+        return Err(AdminError::BadRequest("user must be 1 to 256 bytes".into()));
+    }
+    let now = crate::auth::unix_now();
+    shared.auth.revoke_user(user, now);
+    let peers_removed = shared.signaling.remove_user(user, shared);
+    tracing::info!(user, peers_removed, "user revoked through the server API");
+    Ok(Revoked {
+        user: user.to_string(),
+        revoked_at: now,
+        peers_removed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_checked() {
+        let t = vec![
+            "0123456789abcdef".to_string(),
+            "fedcba9876543210".to_string(),
+        ];
+        assert_eq!(authorize(&t, None), Err(AdminError::Unauthorized));
+        assert_eq!(
+            authorize(&t, Some(b"Bearer wrong-token-000000")),
+            Err(AdminError::Unauthorized)
+        );
+        assert_eq!(
+            authorize(&t, Some(b"Basic 0123456789abcdef")),
+            Err(AdminError::Unauthorized)
+        );
+        assert_eq!(
+            authorize(&t, Some(b"Bearer 0123456789abcde")),
+            Err(AdminError::Unauthorized)
+        );
+        assert!(authorize(&t, Some(b"Bearer 0123456789abcdef")).is_ok());
+        assert!(authorize(&t, Some(b"bearer fedcba9876543210")).is_ok());
+        assert!(authorize(&[], None).is_ok());
+    }
+}

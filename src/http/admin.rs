@@ -1,0 +1,106 @@
+//! `/v1/admin/…` routes: the server API for app backends (see docs/http-api.md). Each
+//! handler checks nothing itself: the bearer check is a layer, the work is in `admin` and
+//! `signaling`.
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use std::sync::Arc;
+
+use crate::admin::AdminError;
+use crate::server::Shared;
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::UnknownRoom | AdminError::UnknownPeer => StatusCode::NOT_FOUND,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        };
+        let body = Json(serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        }));
+        if status == StatusCode::UNAUTHORIZED {
+            return (status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response();
+        }
+        (status, body).into_response()
+    }
+}
+
+/// The server API routes, every one behind the admin bearer check; empty when
+/// `http.admin_api` is off.
+pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
+    if !shared.config.http.admin_api {
+        return Router::new();
+    }
+    Router::new()
+        .route("/v1/admin/rooms", get(list_rooms))
+        .route("/v1/admin/rooms/{room}", get(get_room))
+        .route("/v1/admin/rooms/{room}/close", post(close_room))
+        .route("/v1/admin/rooms/{room}/peers/{peer}/kick", post(kick_peer))
+        .route("/v1/admin/users/{user}/revoke", post(revoke_user))
+        .layer(axum::middleware::from_fn_with_state(shared, require_admin))
+}
+
+async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let h = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if let Err(e) = crate::admin::authorize(&s.admin_tokens.load(), h) {
+        s.metrics
+            .admin_requests
+            .with_label_values(&[e.result()])
+            .inc();
+        return e.into_response();
+    }
+    let r = next.run(req).await;
+    let result = match r.status() {
+        s if s.is_success() => "ok",
+        StatusCode::NOT_FOUND => "not_found",
+        _ => "bad_request",
+    };
+    s.metrics.admin_requests.with_label_values(&[result]).inc();
+    r
+}
+
+async fn list_rooms(State(s): State<Arc<Shared>>) -> Response {
+    Json(serde_json::json!({ "rooms": s.signaling.rooms() })).into_response()
+}
+
+async fn get_room(State(s): State<Arc<Shared>>, Path(room): Path<String>) -> Response {
+    match s.signaling.room(&room) {
+        Some(r) => Json(r).into_response(),
+        None => AdminError::UnknownRoom.into_response(),
+    }
+}
+
+async fn close_room(State(s): State<Arc<Shared>>, Path(room): Path<String>) -> Response {
+    match s.signaling.close_room(&room, &s) {
+        Ok(n) => Json(serde_json::json!({ "room": room, "closed": true, "peersRemoved": n }))
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn kick_peer(
+    State(s): State<Arc<Shared>>,
+    Path((room, peer)): Path<(String, String)>,
+) -> Response {
+    match s.signaling.kick_peer(&room, &peer, &s) {
+        Ok(()) => {
+            Json(serde_json::json!({ "room": room, "peer": peer, "kicked": true })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn revoke_user(State(s): State<Arc<Shared>>, Path(user): Path<String>) -> Response {
+    match crate::admin::revoke_user(&s, &user) {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
