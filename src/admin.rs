@@ -47,7 +47,10 @@ impl AdminError {
 /// Check an `Authorization` header value against the admin tokens. Every token is compared
 /// (in constant time each), so timing tells nothing about which one nearly matched. With no
 /// token configured the API is open; start-up refuses that off loopback.
-pub fn authorize(tokens: &[String], authorization: Option<&[u8]>) -> Result<(), AdminError> {
+pub fn authorize(
+    tokens: &[crate::secret::Secret],
+    authorization: Option<&[u8]>,
+) -> Result<(), AdminError> {
     if tokens.is_empty() {
         return Ok(());
     }
@@ -59,7 +62,7 @@ pub fn authorize(tokens: &[String], authorization: Option<&[u8]>) -> Result<(), 
         _ => return Err(AdminError::Unauthorized),
     };
     let ok = tokens.iter().fold(false, |acc, t| {
-        acc | crate::auth::secret_eq(t.as_bytes(), presented)
+        acc | crate::auth::secret_eq(t.expose().as_bytes(), presented)
     });
     if ok {
         Ok(())
@@ -105,8 +108,8 @@ mod tests {
     #[test]
     fn bearer_tokens_are_checked() {
         let t = vec![
-            "0123456789abcdef".to_string(),
-            "fedcba9876543210".to_string(),
+            crate::secret::Secret::from("0123456789abcdef"),
+            crate::secret::Secret::from("fedcba9876543210"),
         ];
         assert_eq!(authorize(&t, None), Err(AdminError::Unauthorized));
         assert_eq!(

@@ -468,7 +468,7 @@ pub struct AuthConfig {
     /// Password hashes checked at once; 0 means one per CPU core. Beyond, logins get 503.
     pub max_concurrent_password_checks: usize,
     /// Bearer tokens accepted by the server API (`/v1/admin/`); any listed one is valid.
-    pub admin_tokens: Vec<String>,
+    pub admin_tokens: Vec<Secret>,
     /// File with more admin tokens, one per line, so they stay out of the config file.
     pub admin_tokens_file: Option<PathBuf>,
 }
@@ -625,7 +625,7 @@ pub struct WebhooksConfig {
     /// Endpoints that receive every event as a signed JSON POST; empty disables webhooks.
     pub urls: Vec<String>,
     /// HMAC-SHA256 signing secret shared with the receivers.
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// File holding the signing secret (first line), so it stays out of the config file.
     pub secret_file: Option<PathBuf>,
     /// Events queued per URL before new ones are dropped (and counted).
@@ -656,32 +656,6 @@ impl Default for WebhooksConfig {
             ca_file: None,
         }
     }
-}
-
-/// Read a secret from `path` for config key `key`: the first line, trimmed; never empty.
-pub fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
-    let line = text.lines().next().unwrap_or("").trim();
-    if line.is_empty() {
-        return Err(ConfigError::key(
-            key,
-            format!("{} is empty", path.display()),
-        ));
-    }
-    Ok(line.to_string())
-}
-
-/// Read secrets from `path` for config key `key`: one per non-empty line, trimmed.
-pub fn read_secrets_file(key: &str, path: &Path) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::key(key, format!("cannot read {}: {e}", path.display())))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect())
 }
 
 /// Prefix of environment overrides.
@@ -1032,6 +1006,18 @@ impl Config {
                 .iter()
                 .map(|s| ("auth.jwt.hs256_secret".to_string(), s)),
         );
+        secrets.extend(
+            a.admin_tokens
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("auth.admin_tokens[{i}]"), s)),
+        );
+        secrets.extend(
+            self.webhooks
+                .secret
+                .iter()
+                .map(|s| ("webhooks.secret".to_string(), s)),
+        );
         secrets.extend(a.jwt.keys.iter().enumerate().filter_map(|(i, k)| {
             k.hs256_secret
                 .as_ref()
@@ -1205,7 +1191,7 @@ impl Config {
                 "set webhooks.secret or webhooks.secret_file, not both",
             ));
         }
-        if w.secret.as_deref().is_some_and(|s| s.len() < 16) {
+        if w.secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::key(
                 "webhooks.secret",
                 "must be at least 16 characters",
@@ -1516,11 +1502,15 @@ mod tests {
         session_keys = [\"SK-0123456789abcdef\"]\n\
         api_keys = [\"AK-api-key\"]\n\
         backends = [\"open\", \"jwt\"]\n\
+        admin_tokens = [\"AT-admin-token-0123\"]\n\
         [auth.turn_users]\nalice = \"TU-alice-pass\"\n\
         [[auth.users]]\nname = \"ann\"\npassword_hash = \"PH-$argon2id$x\"\n\
         [auth.jwt]\nhs256_secret = \"JW-hs-secret\"\n\
-        [[auth.jwt.keys]]\nkid = \"k1\"\nhs256_secret = \"JK-kid-secret\"\n";
-    const SECRET_VALUES: [&str; 8] = [
+        [[auth.jwt.keys]]\nkid = \"k1\"\nhs256_secret = \"JK-kid-secret\"\n\
+        [webhooks]\nsecret = \"WH-webhook-secret-01\"\n";
+    const SECRET_VALUES: [&str; 10] = [
+        "AT-admin-token-0123",
+        "WH-webhook-secret-01",
         "TS-one-secret",
         "SK-0123456789abcdef",
         "AK-api-key",

@@ -128,7 +128,7 @@ pub struct Shared {
     pub webhooks: crate::webhooks::Webhooks,
     /// Bearer tokens of the server API (`auth.admin_tokens` plus `auth.admin_tokens_file`);
     /// swapped on SIGHUP so tokens can be rotated without a restart.
-    pub admin_tokens: arc_swap::ArcSwap<Vec<String>>,
+    pub admin_tokens: arc_swap::ArcSwap<Vec<crate::secret::Secret>>,
 }
 
 /// TURN state shared by every STUN/TURN listener.
@@ -473,13 +473,15 @@ async fn offload_counters(
 
 /// The server API's tokens: `auth.admin_tokens` and the lines of `auth.admin_tokens_file`.
 /// Off loopback the API needs at least one (the file may turn out empty).
-fn admin_tokens(config: &Config) -> Result<Vec<String>, crate::config::ConfigError> {
+fn admin_tokens(config: &Config) -> Result<Vec<crate::secret::Secret>, crate::config::ConfigError> {
     let mut tokens = config.auth.admin_tokens.clone();
     if let Some(p) = &config.auth.admin_tokens_file {
-        tokens.extend(crate::config::read_secrets_file(
-            "auth.admin_tokens_file",
-            p,
-        )?);
+        tokens.extend(crate::secret::read_list(p).map_err(|e| {
+            crate::config::ConfigError::Key {
+                key: "auth.admin_tokens_file".into(),
+                message: e.to_string(),
+            }
+        })?);
     }
     if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
         return Err(crate::config::ConfigError::Key {

@@ -279,7 +279,12 @@ impl Webhooks {
         }
         let secret = match (&cfg.secret, &cfg.secret_file) {
             (Some(s), _) => s.clone(),
-            (None, Some(p)) => crate::config::read_secret_file("webhooks.secret_file", p)?,
+            (None, Some(p)) => {
+                crate::secret::read_one(p).map_err(|e| crate::config::ConfigError::Key {
+                    key: "webhooks.secret_file".into(),
+                    message: e.to_string(),
+                })?
+            }
             (None, None) => {
                 return Err(crate::config::ConfigError::Key {
                     key: "webhooks.secret".into(),
@@ -288,7 +293,7 @@ impl Webhooks {
                 .into())
             }
         };
-        let secret = Arc::new(secret.into_bytes());
+        let secret = Arc::new(secret.expose().as_bytes().to_vec());
         let client = http_client(cfg)?;
         let per_lane = (cfg.queue_size / LANES).max(1);
         let out = |o: &str| metrics.webhook_deliveries.with_label_values(&[o]);
