@@ -54,13 +54,7 @@ pub fn authorize(
     if tokens.is_empty() {
         return Ok(());
     }
-    let Some(h) = authorization else {
-        return Err(AdminError::Unauthorized);
-    };
-    let presented = match h.get(..7) {
-        Some(p) if p.eq_ignore_ascii_case(b"bearer ") => h[7..].trim_ascii(),
-        _ => return Err(AdminError::Unauthorized),
-    };
+    let presented = bearer(authorization).ok_or(AdminError::Unauthorized)?;
     let ok = tokens.iter().fold(false, |acc, t| {
         acc | crate::auth::secret_eq(t.expose().as_bytes(), presented)
     });
@@ -68,6 +62,15 @@ pub fn authorize(
         Ok(())
     } else {
         Err(AdminError::Unauthorized)
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header value.
+pub fn bearer(authorization: Option<&[u8]>) -> Option<&[u8]> {
+    let h = authorization?;
+    match h.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case(b"bearer ") => Some(h[7..].trim_ascii()),
+        _ => None,
     }
 }
 

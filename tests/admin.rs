@@ -856,3 +856,66 @@ async fn tcp_allocations_report_usage_when_the_connection_closes() {
     );
     srv.shutdown();
 }
+
+/// An app backend may call the server API with a short-lived JWT carrying `admin: true`,
+/// signed with a key of the `jwt` login backend; a user's login token (no admin claim), an
+/// expired one or one signed with another key is refused.
+#[tokio::test]
+async fn a_backend_jwt_with_the_admin_claim_is_accepted() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let hooks = Receiver::start().await;
+    let srv = start(
+        &hooks.url(),
+        "[auth.jwt]\nhs256_secret = \"app-backend-secret-0123\"\n",
+    )
+    .await;
+    // `start` names no backend list; the jwt one is added here.
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.auth.backends = vec![
+        switchboard::config::Backend::Open,
+        switchboard::config::Backend::Jwt,
+    ];
+    srv.shared().reload(&cfg).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |key: &str, admin: Option<bool>, exp: u64| {
+        let mut claims = serde_json::json!({"sub": "app-backend", "exp": exp});
+        if let Some(a) = admin {
+            claims["admin"] = a.into();
+        }
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap()
+    };
+    let get = |t: String| {
+        let url = admin_url(&srv, "/rooms");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(t)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let key = "app-backend-secret-0123";
+    assert_eq!(get(token(key, Some(true), now + 60)).await, 200);
+    assert_eq!(get(token(key, None, now + 60)).await, 401, "no admin claim");
+    assert_eq!(get(token(key, Some(false), now + 60)).await, 401);
+    assert_eq!(get(token(key, Some(true), now - 120)).await, 401, "expired");
+    assert_eq!(
+        get(token("another-secret-0123456", Some(true), now + 60)).await,
+        401,
+        "signed with another key"
+    );
+    // The static token still works beside it.
+    assert_eq!(admin_get(&srv, "/rooms").await.0, 200);
+    srv.shutdown();
+}

@@ -83,6 +83,8 @@ pub struct Claims {
     pub room: Option<String>,
     /// `exp`.
     pub exp: u64,
+    /// `admin: true`: the app backend grants this token the server API (`/v1/admin/`).
+    pub admin: bool,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +93,8 @@ struct RawClaims {
     exp: Option<u64>,
     nbf: Option<u64>,
     room: Option<String>,
+    #[serde(default)]
+    admin: Option<bool>,
 }
 
 impl JwtVerifier {
@@ -188,6 +192,7 @@ impl JwtVerifier {
             sub,
             room: c.room.filter(|r| !r.is_empty()),
             exp,
+            admin: c.admin == Some(true),
         })
     }
 }

@@ -80,6 +80,15 @@ pub struct Login {
 }
 
 impl Login {
+    /// Whether `token` is a valid JWT from the app backend that carries `admin: true`, so
+    /// a backend can call the server API with a short-lived token instead of a static one.
+    pub fn admin_jwt(&self, token: &str, now_unix: u64) -> bool {
+        self.jwt
+            .as_ref()
+            .and_then(|v| v.verify(token, now_unix).ok())
+            .is_some_and(|c| c.admin)
+    }
+
     /// Build from config; a bad JWT key file is an error naming it.
     pub fn new(cfg: &AuthConfig) -> Result<Login, KeyError> {
         let jwt = if cfg.backends.contains(&Backend::Jwt) {

@@ -50,7 +50,19 @@ async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    if let Err(e) = crate::admin::authorize(&s.admin_tokens.load(), h) {
+    // A listed admin token, or a JWT from the app backend with `admin: true`.
+    let by_jwt = || {
+        crate::admin::bearer(h)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .is_some_and(|t| s.login.load().admin_jwt(t, crate::auth::unix_now()))
+    };
+    if let Err(e) = crate::admin::authorize(&s.admin_tokens.load(), h).or_else(|e| {
+        if by_jwt() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }) {
         s.metrics
             .admin_requests
             .with_label_values(&[e.result()])
