@@ -21,6 +21,7 @@ pub mod stun;
 pub mod tls;
 pub mod turn;
 pub mod webhooks;
+pub mod udp_batch;
 
 pub use config::Config;
 pub use server::{RunningServer, Server};

@@ -1,0 +1,1036 @@
+//! TURN relay load generator: a bare recvmmsg/sendmmsg forwarder (no TURN, the physical
+//! reference), coturn and switchboard measured side by side in one run.
+//!
+//! `cargo bench --bench relay_load` runs the full measurement (see docs/performance.md);
+//! `cargo test --all-targets` runs this target without `--bench`, which is a smoke run of a
+//! few hundred packets through the bare forwarder.
+//!
+//! Options (after `--`): `--rates 50000,100000,200000` (packets per second each way),
+//! `--allocs 50`, `--secs 4`, `--size 120`, `--alloc-count 2000` (allocations-per-second
+//! phase), `--rss-count 10000` (memory phase), `--servers bare,coturn,switchboard`,
+//! `--bin PATH` (switchboard binary, default the release build next to this bench),
+//! `--shards N` (switchboard `turn.shards`).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+use switchboard::stun::codec::{attr, long_term_key, method, Class, Encoder, Message};
+use switchboard::udp_batch::{RecvBatch, SendQueue, UdpSocketState};
+
+const SECRET: &str = "bench-secret";
+const REALM: &str = "switchboard";
+const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+#[derive(Clone, Debug)]
+struct Opts {
+    rates: Vec<u64>,
+    allocs: usize,
+    secs: f64,
+    size: usize,
+    alloc_count: usize,
+    rss_count: usize,
+    servers: Vec<String>,
+    bin: Option<String>,
+    shards: Option<usize>,
+    smoke: bool,
+}
+
+fn parse_opts() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut o = Opts {
+        rates: vec![50_000, 100_000, 200_000],
+        allocs: 50,
+        secs: 4.0,
+        size: 120,
+        alloc_count: 2000,
+        rss_count: 10_000,
+        servers: vec!["bare".into(), "coturn".into(), "switchboard".into()],
+        bin: None,
+        shards: None,
+        smoke: !args.iter().any(|a| a == "--bench"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut v = || it.next().cloned().unwrap_or_default();
+        match a.as_str() {
+            "--rates" => o.rates = v().split(',').filter_map(|s| s.parse().ok()).collect(),
+            "--allocs" => o.allocs = v().parse().unwrap_or(o.allocs),
+            "--secs" => o.secs = v().parse().unwrap_or(o.secs),
+            "--size" => o.size = v().parse().unwrap_or(o.size),
+            "--alloc-count" => o.alloc_count = v().parse().unwrap_or(o.alloc_count),
+            "--rss-count" => o.rss_count = v().parse().unwrap_or(o.rss_count),
+            "--servers" => o.servers = v().split(',').map(String::from).collect(),
+            "--bin" => o.bin = Some(v()),
+            "--shards" => o.shards = v().parse().ok(),
+            _ => {}
+        }
+    }
+    o
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--forwarder") {
+        let port: u16 = args[2].parse().expect("port");
+        forwarder(port);
+        return;
+    }
+    raise_nofile(20_000);
+    let o = parse_opts();
+    if o.smoke {
+        smoke();
+        return;
+    }
+    if let Err(e) = run(&o) {
+        eprintln!("relay_load: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Keep open files under 20,000 per process, but allow that many (10k allocations need one
+/// client socket each here and one relay socket each in the server).
+fn raise_nofile(n: u64) {
+    #[allow(unsafe_code)]
+    // SAFETY: setrlimit reads a live local rlimit struct.
+    unsafe {
+        let r = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc readings
+
+fn clk_tck() -> f64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no memory effects.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// utime+stime of a process or thread stat file, in seconds.
+fn cpu_of(path: &str) -> f64 {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    // The command name may contain spaces; fields restart after the closing parenthesis.
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat are at 11 and 12 after the state field (field 3).
+    (t(11) + t(12)) / clk_tck()
+}
+
+fn proc_cpu(pid: u32) -> f64 {
+    cpu_of(&format!("/proc/{pid}/stat"))
+}
+
+/// Per-thread CPU seconds of a process, by thread name.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            v.push((
+                name.trim().to_string(),
+                cpu_of(&p.join("stat").to_string_lossy()),
+            ));
+        }
+    }
+    v
+}
+
+/// (busy, total) jiffies of the whole machine from /proc/stat.
+fn machine_cpu() -> (f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = s.lines().next().unwrap_or("");
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: f64 = f.iter().sum();
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / clk_tck(), total / clk_tck())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Echo peer: one socket, batched both ways.
+
+struct Echo {
+    addr: SocketAddr,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let sock = UdpSocket::bind((LO, 0)).expect("echo bind");
+        let sref = socket2::SockRef::from(&sock);
+        let _ = sref.set_recv_buffer_size(8 << 20);
+        let _ = sref.set_send_buffer_size(8 << 20);
+        let addr = sock.local_addr().expect("echo addr");
+        let state = UdpSocketState::new((&sock).into()).expect("echo state");
+        sock.set_nonblocking(true).expect("nonblocking");
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("echo".into())
+            .spawn(move || {
+                let mut poll = Poll::new().expect("poll");
+                let mut ms = mio::net::UdpSocket::from_std(sock);
+                poll.registry()
+                    .register(&mut ms, Token(0), Interest::READABLE)
+                    .expect("register");
+                let mut ev = Events::with_capacity(8);
+                let mut rb = RecvBatch::new(2048);
+                let mut q = SendQueue::new(2048);
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = poll.poll(&mut ev, Some(Duration::from_millis(50)));
+                    while let Ok(_n) = rb.recv(&state, &ms) {
+                        let mut k = 0;
+                        for (d, from, _) in rb.iter() {
+                            if q.is_full() {
+                                q.flush(&ms);
+                            }
+                            q.push(d, from, None);
+                            k += 1;
+                        }
+                        c.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
+                        q.flush(&ms);
+                    }
+                }
+            })
+            .expect("spawn echo");
+        Echo {
+            addr,
+            count,
+            stop,
+            thread: Some(thread),
+        }
+    }
+    fn received(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bare forwarder: the TURN data path's socket topology (one front socket, one relay socket per
+// client, batched syscalls) with no TURN at all.
+
+fn forwarder(port: u16) {
+    let front = UdpSocket::bind((LO, port)).expect("forwarder bind");
+    let sref = socket2::SockRef::from(&front);
+    let _ = sref.set_recv_buffer_size(4 << 20);
+    let _ = sref.set_send_buffer_size(4 << 20);
+    let state = UdpSocketState::new((&front).into()).expect("state");
+    front.set_nonblocking(true).expect("nonblocking");
+    let mut front = mio::net::UdpSocket::from_std(front);
+    let mut poll = Poll::new().expect("poll");
+    poll.registry()
+        .register(&mut front, Token(usize::MAX), Interest::READABLE)
+        .expect("register");
+    // client -> relay index; relay index -> (socket, client, peer)
+    let mut by_client: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut relays: Vec<(mio::net::UdpSocket, SocketAddr, Option<SocketAddr>)> = Vec::new();
+    let mut ev = Events::with_capacity(1024);
+    let mut rb = RecvBatch::new(2048);
+    let mut to_clients = SendQueue::new(2048);
+    let mut to_peer = SendQueue::new(2048);
+    let peer: SocketAddr = std::env::var("FWD_PEER")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("FWD_PEER");
+    loop {
+        let _ = poll.poll(&mut ev, None);
+        for e in ev.iter() {
+            let t = e.token().0;
+            if t == usize::MAX {
+                while rb.recv(&state, &front).is_ok() {
+                    for (d, from, _) in rb.iter() {
+                        if d.len() < 4 {
+                            continue;
+                        }
+                        let i = *by_client.entry(from).or_insert_with(|| {
+                            let s = UdpSocket::bind((LO, 0)).expect("relay bind");
+                            s.set_nonblocking(true).expect("nb");
+                            let mut s = mio::net::UdpSocket::from_std(s);
+                            poll.registry()
+                                .register(&mut s, Token(relays.len()), Interest::READABLE)
+                                .expect("register");
+                            relays.push((s, from, Some(peer)));
+                            relays.len() - 1
+                        });
+                        let (s, _, p) = &relays[i];
+                        if let Some(p) = p {
+                            to_peer.push(&d[4..], *p, None);
+                            to_peer.flush(s);
+                        }
+                    }
+                }
+            } else if let Some((s, client, _)) = relays.get(t) {
+                while rb.recv(&state, s).is_ok() {
+                    for (d, _, _) in rb.iter() {
+                        if to_clients.is_full() {
+                            to_clients.flush(&front);
+                        }
+                        if let Some(slot) = to_clients.slot_mut() {
+                            let n = d.len().min(slot.len() - 4);
+                            slot[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+                            slot[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                            slot[4..4 + n].copy_from_slice(&d[..n]);
+                            to_clients.commit(4 + n, *client, None);
+                        }
+                    }
+                }
+            }
+        }
+        to_clients.flush(&front);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TURN client (long-term credentials over REST usernames).
+
+struct Session {
+    sock: UdpSocket,
+    user: String,
+    key: [u8; 16],
+    nonce: Vec<u8>,
+    realm: Vec<u8>,
+}
+
+fn tid() -> [u8; 12] {
+    rand::random()
+}
+
+fn rest_user(i: usize) -> (String, String) {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    let user = format!("{exp}:b{i}");
+    let pass = switchboard::auth::rest_password(SECRET.as_bytes(), &user);
+    (user, pass)
+}
+
+/// One request/response on a blocking socket with retransmissions.
+fn transact(sock: &UdpSocket, req: &[u8], want_tid: &[u8; 12], buf: &mut [u8]) -> Option<usize> {
+    for _ in 0..4 {
+        sock.send(req).ok()?;
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            match sock.recv(buf) {
+                Ok(n) => {
+                    if let Ok(m) = Message::parse(&buf[..n]) {
+                        if &m.transaction_id() == want_tid {
+                            return Some(n);
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    None
+}
+
+fn error_code(m: &Message<'_>) -> Option<u16> {
+    m.get(attr::ERROR_CODE)
+        .filter(|v| v.len() >= 4)
+        .map(|v| (v[2] & 7) as u16 * 100 + v[3] as u16)
+}
+
+fn signed(s: &Session, meth: u16, t: &[u8; 12], f: impl FnOnce(&mut Encoder<'_>)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(200);
+    let mut e = Encoder::new(&mut out, meth, Class::Request, t);
+    f(&mut e);
+    e.attr(attr::USERNAME, s.user.as_bytes());
+    e.attr(attr::REALM, &s.realm);
+    e.attr(attr::NONCE, &s.nonce);
+    e.integrity(&s.key);
+    e.finish_with_fingerprint();
+    out
+}
+
+/// Allocate on `server` with the two-round long-term auth exchange.
+fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
+    let sock = UdpSocket::bind((LO, 0)).map_err(|e| e.to_string())?;
+    sock.connect(server).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let (user, pass) = rest_user(i);
+    let mut buf = vec![0u8; 2048];
+    let t = tid();
+    let mut req = Vec::new();
+    {
+        let mut e = Encoder::new(&mut req, method::ALLOCATE, Class::Request, &t);
+        e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        e.finish_with_fingerprint();
+    }
+    let n = transact(&sock, &req, &t, &mut buf).ok_or("no answer to Allocate")?;
+    let m = Message::parse(&buf[..n]).map_err(|e| e.to_string())?;
+    let realm = m.get(attr::REALM).ok_or("no REALM")?.to_vec();
+    let nonce = m.get(attr::NONCE).ok_or("no NONCE")?.to_vec();
+    let realm_s = String::from_utf8_lossy(&realm).to_string();
+    let key = long_term_key(&user, &realm_s, &pass);
+    let s = Session {
+        sock,
+        user,
+        key,
+        nonce,
+        realm,
+    };
+    let t = tid();
+    let req = signed(&s, method::ALLOCATE, &t, |e| {
+        e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    let n = transact(&s.sock, &req, &t, &mut buf).ok_or("no answer to signed Allocate")?;
+    let m = Message::parse(&buf[..n]).map_err(|e| e.to_string())?;
+    if m.class() != Class::Success {
+        return Err(format!("Allocate refused: {:?}", error_code(&m)));
+    }
+    Ok(s)
+}
+
+fn channel_bind(s: &Session, peer: SocketAddr) -> Result<(), String> {
+    let t = tid();
+    let req = signed(s, method::CHANNEL_BIND, &t, |e| {
+        e.u32_attr(attr::CHANNEL_NUMBER, 0x4000 << 16);
+        e.xor_address(attr::XOR_PEER_ADDRESS, peer);
+    });
+    let mut buf = vec![0u8; 2048];
+    let n = transact(&s.sock, &req, &t, &mut buf).ok_or("no answer to ChannelBind")?;
+    let m = Message::parse(&buf[..n]).map_err(|e| e.to_string())?;
+    if m.class() != Class::Success {
+        return Err(format!("ChannelBind refused: {:?}", error_code(&m)));
+    }
+    Ok(())
+}
+
+fn release(s: &Session) {
+    let t = tid();
+    let req = signed(s, method::REFRESH, &t, |e| {
+        e.u32_attr(attr::LIFETIME, 0);
+    });
+    let mut buf = vec![0u8; 2048];
+    let _ = transact(&s.sock, &req, &t, &mut buf);
+}
+
+/// Allocate `n` sessions with `threads` concurrent clients; returns them and the seconds taken.
+fn allocate_many(
+    server: SocketAddr,
+    n: usize,
+    base: usize,
+    threads: usize,
+) -> Result<(Vec<Session>, f64), String> {
+    let start = Instant::now();
+    let per = n.div_ceil(threads);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                for i in t * per..((t + 1) * per).min(n) {
+                    v.push(allocate(server, base + i)?);
+                }
+                Ok::<_, String>(v)
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(n);
+    for h in handles {
+        all.extend(h.join().map_err(|_| "allocator panicked")??);
+    }
+    Ok((all, start.elapsed().as_secs_f64()))
+}
+
+fn release_many(sessions: Vec<Session>, threads: usize) {
+    let per = sessions.len().div_ceil(threads).max(1);
+    let mut chunks: Vec<Vec<Session>> = Vec::new();
+    let mut it = sessions.into_iter().peekable();
+    while it.peek().is_some() {
+        chunks.push(it.by_ref().take(per).collect());
+    }
+    let hs: Vec<_> = chunks
+        .into_iter()
+        .map(|c| std::thread::spawn(move || c.iter().for_each(release)))
+        .collect();
+    for h in hs {
+        let _ = h.join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paced ChannelData traffic.
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Traffic {
+    sent: u64,
+    to_peer: u64,
+    back: u64,
+}
+
+/// Send `rate` ChannelData packets per second spread over `socks` for `secs`, count what the
+/// echo peer and the clients receive.
+fn traffic(socks: &[UdpSocket], echo: &Echo, rate: u64, secs: f64, size: usize) -> Traffic {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let back = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Receiver: all client sockets in one poll, batched reads.
+    let clones: Vec<UdpSocket> = socks.iter().map(|s| s.try_clone().expect("clone")).collect();
+    let (st, bk) = (stop.clone(), back.clone());
+    let rx = std::thread::Builder::new()
+        .name("rx".into())
+        .spawn(move || {
+            let mut poll = Poll::new().expect("poll");
+            let state = UdpSocketState::new((&clones[0]).into()).expect("state");
+            let mut ms: Vec<mio::net::UdpSocket> = clones
+                .into_iter()
+                .map(|s| {
+                    s.set_nonblocking(true).expect("nb");
+                    mio::net::UdpSocket::from_std(s)
+                })
+                .collect();
+            for (i, s) in ms.iter_mut().enumerate() {
+                poll.registry()
+                    .register(s, Token(i), Interest::READABLE)
+                    .expect("register");
+            }
+            let mut ev = Events::with_capacity(1024);
+            let mut rb = RecvBatch::new(2048);
+            let mut n = 0u64;
+            // Read what is already queued, then follow readiness.
+            for s in &ms {
+                while rb.recv(&state, s).is_ok() {
+                    n += rb.iter().count() as u64;
+                }
+            }
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = poll.poll(&mut ev, Some(Duration::from_millis(20)));
+                for e in ev.iter() {
+                    let s = &ms[e.token().0];
+                    while rb.recv(&state, s).is_ok() {
+                        n += rb.iter().count() as u64;
+                    }
+                }
+                bk.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            bk.store(n, std::sync::atomic::Ordering::Relaxed);
+        })
+        .expect("spawn rx");
+    let echo0 = echo.received();
+    let mut payload = vec![0u8; 4 + size];
+    payload[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+    payload[2..4].copy_from_slice(&(size as u16).to_be_bytes());
+    let mut queues: Vec<SendQueue> = socks.iter().map(|_| SendQueue::new(4 + size)).collect();
+    let peers: Vec<SocketAddr> = socks
+        .iter()
+        .map(|s| s.peer_addr().expect("connected"))
+        .collect();
+    let start = Instant::now();
+    let tick = Duration::from_micros(500);
+    let mut sent = 0u64;
+    let mut next = start;
+    let total = (rate as f64 * secs) as u64;
+    let mut rr = 0usize;
+    while sent < total {
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+        while sent < due {
+            let i = rr % socks.len();
+            rr += 1;
+            payload[4..12].copy_from_slice(&sent.to_be_bytes());
+            if queues[i].is_full() {
+                queues[i].flush(&socks[i]);
+            }
+            queues[i].push(&payload, peers[i], None);
+            sent += 1;
+        }
+        for (q, s) in queues.iter_mut().zip(socks) {
+            if !q.is_empty() {
+                q.flush(s);
+            }
+        }
+        next += tick;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+    }
+    // Drain: wait until nothing new arrives for 300 ms.
+    let mut last = (0, 0);
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = (echo.received(), back.load(std::sync::atomic::Ordering::Relaxed));
+        if now == last && now.1 >= sent {
+            break;
+        }
+        if now == last {
+            std::thread::sleep(Duration::from_millis(200));
+            let again = (echo.received(), back.load(std::sync::atomic::Ordering::Relaxed));
+            if again == now {
+                break;
+            }
+        }
+        last = now;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = rx.join();
+    Traffic {
+        sent,
+        to_peer: echo.received() - echo0,
+        back: back.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers under test.
+
+struct Server {
+    name: String,
+    addr: SocketAddr,
+    child: Child,
+    turn: bool,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    // Bind UDP and TCP on the same port so both servers' listeners fit.
+    for _ in 0..64 {
+        let u = UdpSocket::bind((LO, 0)).expect("bind");
+        let p = u.local_addr().expect("addr").port();
+        if std::net::TcpListener::bind((LO, p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port");
+}
+
+fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
+    let s = UdpSocket::bind((LO, 0)).expect("bind");
+    s.set_read_timeout(Some(Duration::from_millis(100))).ok();
+    let mut buf = [0u8; 1500];
+    for _ in 0..100 {
+        let t = tid();
+        let mut req = Vec::new();
+        if turn {
+            Encoder::new(&mut req, method::BINDING, Class::Request, &t).finish();
+        } else {
+            req.extend_from_slice(&[0x40, 0, 0, 0]);
+        }
+        if turn {
+            let _ = s.send_to(&req, addr);
+            if s.recv_from(&mut buf).is_ok() {
+                return true;
+            }
+        } else {
+            // The bare forwarder answers nothing; it is up once its port is taken.
+            if UdpSocket::bind(addr).is_err() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    false
+}
+
+fn start_bare(peer: SocketAddr, dir: &std::path::Path) -> Server {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("bare.log")).expect("log");
+    let child = Command::new(std::env::current_exe().expect("exe"))
+        .args(["--forwarder", &port.to_string()])
+        .env("FWD_PEER", peer.to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn forwarder");
+    let addr = SocketAddr::new(LO, port);
+    wait_udp(addr, false);
+    Server {
+        name: "bare".into(),
+        addr,
+        child,
+        turn: false,
+    }
+}
+
+fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
+    let port = free_port();
+    let log = dir.join("coturn.log");
+    let child = Command::new("turnserver")
+        .args([
+            "-n",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--no-tcp-relay",
+            "--listening-ip",
+            "127.0.0.1",
+            "--relay-ip",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--use-auth-secret",
+            &format!("--static-auth-secret={SECRET}"),
+            "-r",
+            REALM,
+            "--allow-loopback-peers",
+            "--min-port",
+            "49152",
+            "--max-port",
+            "65535",
+            "--no-stdout-log",
+            "--simple-log",
+            &format!("--log-file={}", log.display()),
+            &format!("--pidfile={}", dir.join("coturn.pid").display()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("turnserver: {e} (install coturn)"))?;
+    let addr = SocketAddr::new(LO, port);
+    if !wait_udp(addr, true) {
+        return Err("coturn did not answer".into());
+    }
+    Ok(Server {
+        name: "coturn".into(),
+        addr,
+        child,
+        turn: true,
+    })
+}
+
+fn start_switchboard(o: &Opts, dir: &std::path::Path) -> Result<Server, String> {
+    let bin = o.bin.clone().unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("exe");
+        // target/release/deps/relay_load-… → target/release/switchboard
+        exe.parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("switchboard").to_string_lossy().to_string())
+            .unwrap_or_default()
+    });
+    let port = free_port();
+    let http = free_port();
+    let shards = o
+        .shards
+        .map(|n| format!("shards = {n}\n"))
+        .unwrap_or_default();
+    let cfg = format!(
+        "[turn]\nlisten = [\"127.0.0.1:{port}\"]\nrealm = \"{REALM}\"\n\
+         max_allocations_per_user = 100000\nmax_allocations = 100000\n\
+         relay_port_min = 20000\nrelay_port_max = 32000\n{shards}\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n[log]\nlevel = \"warn\"\n\
+         [auth]\nturn_secrets = [\"{SECRET}\"]\n"
+    );
+    let path = dir.join("switchboard.toml");
+    std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
+    let log = std::fs::File::create(dir.join("switchboard.log")).map_err(|e| e.to_string())?;
+    let child = Command::new(&bin)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{bin}: {e} (run `cargo build --release` first)"))?;
+    let addr = SocketAddr::new(LO, port);
+    if !wait_udp(addr, true) {
+        return Err("switchboard did not answer".into());
+    }
+    Ok(Server {
+        name: "switchboard".into(),
+        addr,
+        child,
+        turn: true,
+    })
+}
+
+/// Sessions for the traffic phase: TURN allocations with a channel each, or plain sockets for
+/// the bare forwarder.
+fn setup(s: &Server, n: usize, echo: SocketAddr, base: usize) -> Result<Vec<Session>, String> {
+    if !s.turn {
+        return (0..n)
+            .map(|_| {
+                let sock = UdpSocket::bind((LO, 0)).map_err(|e| e.to_string())?;
+                sock.connect(s.addr).map_err(|e| e.to_string())?;
+                Ok(Session {
+                    sock,
+                    user: String::new(),
+                    key: [0; 16],
+                    nonce: Vec::new(),
+                    realm: Vec::new(),
+                })
+            })
+            .collect();
+    }
+    let (v, _) = allocate_many(s.addr, n, base, 4)?;
+    for sess in &v {
+        channel_bind(sess, echo)?;
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    server: String,
+    rate: u64,
+    t: Traffic,
+    cpu: f64,
+    busy: f64,
+    threads: Vec<(String, f64)>,
+}
+
+impl Row {
+    fn relayed(&self) -> u64 {
+        self.t.to_peer + self.t.back
+    }
+    fn loss(&self) -> f64 {
+        let want = 2 * self.t.sent;
+        if want == 0 {
+            0.0
+        } else {
+            (want.saturating_sub(self.relayed())) as f64 * 100.0 / want as f64
+        }
+    }
+    fn per_cpu(&self) -> f64 {
+        if self.cpu > 0.0 {
+            self.relayed() as f64 / self.cpu
+        } else {
+            0.0
+        }
+    }
+}
+
+fn measure(s: &Server, echo: &Echo, o: &Opts, rate: u64, base: usize) -> Result<Row, String> {
+    let sessions = setup(s, o.allocs, echo.addr, base)?;
+    let socks: Vec<UdpSocket> = sessions
+        .iter()
+        .map(|x| x.sock.try_clone().expect("clone"))
+        .collect();
+    for x in &socks {
+        x.set_nonblocking(true).ok();
+    }
+    let pid = s.child.id();
+    // Warm-up so the first packets' relay creation (bare) is not measured.
+    let _ = traffic(&socks, echo, 2000, 0.2, o.size);
+    let th0 = thread_cpu(pid);
+    let c0 = proc_cpu(pid);
+    let m0 = machine_cpu();
+    let t = traffic(&socks, echo, rate, o.secs, o.size);
+    let c1 = proc_cpu(pid);
+    let m1 = machine_cpu();
+    let th1 = thread_cpu(pid);
+    let mut threads: Vec<(String, f64)> = th1
+        .iter()
+        .map(|(n, c)| {
+            let before: f64 = th0.iter().filter(|x| &x.0 == n).map(|x| x.1).sum();
+            let after: f64 = th1.iter().filter(|x| &x.0 == n).map(|x| x.1).sum();
+            let _ = c;
+            (n.clone(), after - before)
+        })
+        .collect();
+    threads.sort_by(|a, b| a.0.cmp(&b.0));
+    threads.dedup_by(|a, b| a.0 == b.0);
+    threads.retain(|x| x.1 > 0.005);
+    drop(socks);
+    if s.turn {
+        release_many(sessions, 4);
+    }
+    Ok(Row {
+        server: s.name.clone(),
+        rate,
+        t,
+        cpu: c1 - c0,
+        busy: m1.0 - m0.0,
+        threads,
+    })
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn run(o: &Opts) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let echo = Echo::start();
+    let mut servers = Vec::new();
+    for name in &o.servers {
+        servers.push(match name.as_str() {
+            "bare" => start_bare(echo.addr, dir.path()),
+            "coturn" => start_coturn(dir.path())?,
+            "switchboard" => start_switchboard(o, dir.path())?,
+            other => return Err(format!("unknown server {other}")),
+        });
+    }
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    println!(
+        "machine: {} CPUs, {cpu_model}; load generator, echo peer and server share them",
+        num_cpus()
+    );
+    println!(
+        "load: {} allocations x 1 channel, {} B ChannelData, {} s per rate, echo peer",
+        o.allocs, o.size, o.secs
+    );
+    println!();
+    println!(
+        "| offered each way | server | sent | relayed (to peer + back) | loss | server CPU s | \
+         relayed / server CPU-s | server µs CPU / pkt | machine busy CPU-s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    let mut base = 0;
+    for &rate in &o.rates {
+        for s in &servers {
+            let r = measure(s, &echo, o, rate, base)?;
+            base += o.allocs;
+            println!(
+                "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} |",
+                rate / 1000,
+                r.server,
+                r.t.sent,
+                r.relayed(),
+                r.t.to_peer,
+                r.t.back,
+                r.loss(),
+                r.cpu,
+                r.per_cpu(),
+                if r.relayed() > 0 {
+                    r.cpu * 1e6 / r.relayed() as f64
+                } else {
+                    0.0
+                },
+                r.busy
+            );
+            let _ = std::io::stdout().flush();
+            rows.push(r);
+        }
+    }
+    println!();
+    println!("ratios of relayed packets per server CPU-second, same run:");
+    for &rate in &o.rates {
+        let get = |n: &str| {
+            rows.iter()
+                .find(|r| r.rate == rate && r.server == n)
+                .map(Row::per_cpu)
+        };
+        if let Some(sb) = get("switchboard") {
+            let b = get("bare").map(|b| format!("{:.2}", sb / b)).unwrap_or("-".into());
+            let c = get("coturn").map(|c| format!("{:.2}", sb / c)).unwrap_or("-".into());
+            println!("  {}k: switchboard/bare = {b}, switchboard/coturn = {c}", rate / 1000);
+        }
+    }
+    println!();
+    println!("per-thread server CPU seconds during each switchboard run:");
+    for r in rows.iter().filter(|r| r.server == "switchboard") {
+        let t: Vec<String> = r
+            .threads
+            .iter()
+            .map(|(n, c)| format!("{n}={c:.2}"))
+            .collect();
+        println!("  {}k: {}", r.rate / 1000, t.join(" "));
+    }
+    // Allocations per second and memory per allocation.
+    println!();
+    println!("| server | allocations/s (long-term auth, 4 clients) | RSS per allocation at {} allocations |", o.rss_count);
+    println!("|---|---|---|");
+    let mut aps = HashMap::new();
+    let mut rss = HashMap::new();
+    for s in servers.iter().filter(|s| s.turn) {
+        let (v, secs) = allocate_many(s.addr, o.alloc_count, base, 4)?;
+        base += o.alloc_count;
+        let rate = o.alloc_count as f64 / secs;
+        release_many(v, 4);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = rss_kib(s.child.id());
+        let (v, _) = allocate_many(s.addr, o.rss_count, base, 4)?;
+        base += o.rss_count;
+        std::thread::sleep(Duration::from_millis(300));
+        let after = rss_kib(s.child.id());
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / o.rss_count as f64;
+        release_many(v, 4);
+        println!("| {} | {:.0} | {:.0} B ({} → {} KiB) |", s.name, rate, per, before, after);
+        aps.insert(s.name.clone(), rate);
+        rss.insert(s.name.clone(), per);
+    }
+    if let (Some(a), Some(b)) = (aps.get("switchboard"), aps.get("coturn")) {
+        println!("allocations/s switchboard/coturn = {:.2}", a / b);
+    }
+    if let (Some(a), Some(b)) = (rss.get("switchboard"), rss.get("coturn")) {
+        if *b > 0.0 {
+            println!("memory per allocation switchboard/coturn = {:.2}", a / b);
+        }
+    }
+    Ok(())
+}
+
+/// Under `cargo test --all-targets`: a few hundred packets through the bare forwarder, so the
+/// generator, echo peer and forwarder are exercised without minutes of load.
+fn smoke() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let echo = Echo::start();
+    let s = start_bare(echo.addr, dir.path());
+    let o = Opts {
+        rates: vec![2000],
+        allocs: 4,
+        secs: 0.2,
+        size: 120,
+        alloc_count: 0,
+        rss_count: 0,
+        servers: vec![],
+        bin: None,
+        shards: None,
+        smoke: true,
+    };
+    let r = measure(&s, &echo, &o, 2000, 0).expect("smoke run");
+    assert!(r.t.sent >= 300, "{r:?}");
+    assert!(r.relayed() > r.t.sent, "{r:?}");
+    println!(
+        "relay_load smoke: sent {} relayed {} loss {:.2}%",
+        r.t.sent,
+        r.relayed(),
+        r.loss()
+    );
+}
