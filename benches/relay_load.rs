@@ -401,7 +401,10 @@ fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
     }
     let n = transact(&sock, &req, &t, &mut buf).ok_or("no answer to Allocate")?;
     let m = Message::parse(&buf[..n]).map_err(|e| e.to_string())?;
-    let realm = m.get(attr::REALM).ok_or("no REALM")?.to_vec();
+    let realm = m
+        .get(attr::REALM)
+        .ok_or_else(|| format!("no REALM in {:?} {:?}", m.class(), error_code(&m)))?
+        .to_vec();
     let nonce = m.get(attr::NONCE).ok_or("no NONCE")?.to_vec();
     let realm_s = String::from_utf8_lossy(&realm).to_string();
     let key = long_term_key(&user, &realm_s, &pass);

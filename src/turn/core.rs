@@ -7,7 +7,7 @@
 //! opened through a caller-supplied `bind` function and kept as an opaque [`Relay`] handle,
 //! so dropping an allocation frees its socket.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -404,6 +404,24 @@ struct Alloc<R> {
     id: String,
     created: Instant,
     usage: Arc<crate::webhooks::Usage>,
+    /// The deadline this allocation holds in the table's timer queue: the earliest of its
+    /// lifetime, permissions, channels and channel cool-downs.
+    timer: Option<Instant>,
+}
+
+impl<R> Alloc<R> {
+    /// Earliest instant at which something of this allocation expires. Bounded work: at most
+    /// [`MAX_PERMISSIONS`] + [`MAX_CHANNELS`] entries of this one allocation are looked at.
+    fn earliest(&self) -> Instant {
+        let mut d = self.expires;
+        for (_, e) in &self.perms {
+            d = d.min(*e);
+        }
+        for c in &self.chans {
+            d = d.min(c.cooldown_until.unwrap_or(c.expires));
+        }
+        d
+    }
 }
 
 /// Why an allocation went away, as a metrics label.
@@ -473,12 +491,15 @@ pub struct Table<R: Relay> {
     pool: Arc<Pool>,
     transport: &'static str,
     allocs: HashMap<SocketAddr, Alloc<R>>,
-    /// Reservations this table made, for its deadline and clean-up.
-    reserved: Vec<([u8; 8], Instant)>,
+    /// Reservations this table made, ordered by expiry, for their deadline and clean-up.
+    reserved: BTreeSet<(Instant, [u8; 8])>,
+    /// One entry per allocation: its earliest deadline. Why: finding the next deadline and
+    /// expiring what is due costs O(log n) per allocation instead of a scan of every
+    /// allocation, permission and channel after each request.
+    timers: BTreeSet<(Instant, SocketAddr)>,
     sink: R::Sink,
     /// The client reaches this table over a stream (TCP/TLS), so TCP relays are allowed.
     stream: bool,
-    deadline: Option<Instant>,
     /// Username that the last ConnectionBind on this (data) connection authenticated as.
     bind_user: Option<String>,
     events: crate::webhooks::Webhooks,
@@ -501,10 +522,10 @@ impl<R: Relay> Table<R> {
             pool,
             transport,
             allocs: HashMap::new(),
-            reserved: Vec::new(),
+            reserved: BTreeSet::new(),
+            timers: BTreeSet::new(),
             sink,
             stream: false,
-            deadline: None,
             bind_user: None,
             events: crate::webhooks::Webhooks::disabled(),
         }
@@ -547,7 +568,26 @@ impl<R: Relay> Table<R> {
 
     /// The earliest instant at which [`Table::handle_timeout`] has work to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadline
+        let a = self.timers.first().map(|(t, _)| *t);
+        let r = self.reserved.first().map(|(t, _)| *t);
+        match (a, r) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        }
+    }
+
+    /// Put the allocation of `client` in the timer queue at its current earliest deadline.
+    fn reschedule(&mut self, client: SocketAddr) {
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return;
+        };
+        let d = a.earliest();
+        if a.timer != Some(d) {
+            if let Some(old) = a.timer.replace(d) {
+                self.timers.remove(&(old, client));
+            }
+            self.timers.insert((d, client));
+        }
     }
 
     /// The relay socket of `client`'s allocation (the shell hands its RFC 6062 peer
@@ -639,7 +679,7 @@ impl<R: Relay> Table<R> {
             method::CREATE_PERMISSION => self.create_permission(env, client, msg, &key, alg, out),
             _ => self.channel_bind(env, client, msg, &key, alg, out),
         };
-        self.recompute_deadline();
+        self.reschedule(client);
         match r {
             Ok(()) => Outcome::Success,
             Err(rej) => self.error(out, msg, Some(&key), alg, rej, env),
@@ -993,6 +1033,7 @@ impl<R: Relay> Table<R> {
             id: crate::webhooks::new_id(),
             created: env.now,
             usage: Arc::default(),
+            timer: None,
         };
         if self.events.enabled() {
             self.events.emit(
@@ -1007,6 +1048,7 @@ impl<R: Relay> Table<R> {
         }
         self.publish(client, &a);
         self.allocs.insert(client, a);
+        self.reschedule(client);
         self.metrics
             .turn_allocations_created
             .with_label_values(&[self.transport])
@@ -1095,7 +1137,7 @@ impl<R: Relay> Table<R> {
                             .lock()
                             .reservations
                             .insert(t, (Box::new(second), picked + 1, exp));
-                        self.reserved.push((t, exp));
+                        self.reserved.insert((exp, t));
                         token = Some(t);
                     }
                     Err(_) => {
@@ -1371,7 +1413,7 @@ impl<R: Relay> Table<R> {
         if let Some(a) = self.allocs.get(&client) {
             self.publish(client, a);
         }
-        self.recompute_deadline();
+        self.reschedule(client);
         Ok(peer)
     }
 
@@ -1493,33 +1535,32 @@ impl<R: Relay> Table<R> {
         Some((&a.relay, peer, payload))
     }
 
-    /// Expire allocations, permissions, channels and reservations due at `env.now`.
+    /// Expire allocations, permissions, channels and reservations due at `env.now`. Only
+    /// allocations whose deadline has come are looked at; calling it early does nothing.
     pub fn handle_timeout(&mut self, env: Env) {
         let now = env.now;
-        let max_age = Duration::from_secs(self.settings.max_age);
-        let dead: Vec<(SocketAddr, DeleteReason)> = self
-            .allocs
-            .iter()
-            .filter(|(_, a)| a.expires <= now)
-            .map(|(c, a)| {
-                let aged = now.saturating_duration_since(a.born) >= max_age;
-                (
-                    *c,
-                    if aged {
-                        DeleteReason::MaxAge
-                    } else {
-                        DeleteReason::Expired
-                    },
-                )
-            })
-            .collect();
-        for (c, reason) in dead {
-            self.delete(c, reason);
-        }
-        let mut changed = Vec::new();
         let mut perms_gone = 0i64;
         let mut chans_gone = 0i64;
-        for (client, a) in self.allocs.iter_mut() {
+        while let Some(&(t, client)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(a) = self.allocs.get_mut(&client) else {
+                continue;
+            };
+            a.timer = None;
+            if a.expires <= now {
+                let aged = now.saturating_duration_since(a.born)
+                    >= Duration::from_secs(self.settings.max_age);
+                let reason = if aged {
+                    DeleteReason::MaxAge
+                } else {
+                    DeleteReason::Expired
+                };
+                self.delete(client, reason);
+                continue;
+            }
             let before = a.perms.len();
             a.perms.retain(|(_, e)| *e > now);
             let mut dirty = before != a.perms.len();
@@ -1534,45 +1575,25 @@ impl<R: Relay> Table<R> {
             a.chans
                 .retain(|c| c.cooldown_until.is_none_or(|until| until > now));
             if dirty {
-                changed.push(*client);
+                if let Some(a) = self.allocs.get(&client) {
+                    self.publish(client, a);
+                }
             }
+            self.reschedule(client);
         }
         self.metrics.turn_permissions_active.sub(perms_gone);
         self.metrics.turn_channels_active.sub(chans_gone);
-        for c in changed {
-            if let Some(a) = self.allocs.get(&c) {
-                self.publish(c, a);
+        let mut due = Vec::new();
+        while let Some(&(t, token)) = self.reserved.first() {
+            if t > now {
+                break;
             }
+            self.reserved.pop_first();
+            due.push(token);
         }
-        let due: Vec<[u8; 8]> = self
-            .reserved
-            .iter()
-            .filter(|(_, e)| *e <= now)
-            .map(|(t, _)| *t)
-            .collect();
-        self.reserved.retain(|(_, e)| *e > now);
-        self.drop_reservations(&due);
-        self.recompute_deadline();
-    }
-
-    fn recompute_deadline(&mut self) {
-        let mut d: Option<Instant> = None;
-        let mut consider = |t: Instant| {
-            d = Some(d.map_or(t, |x| x.min(t)));
-        };
-        for a in self.allocs.values() {
-            consider(a.expires);
-            for (_, e) in &a.perms {
-                consider(*e);
-            }
-            for c in &a.chans {
-                consider(c.cooldown_until.unwrap_or(c.expires));
-            }
+        if !due.is_empty() {
+            self.drop_reservations(&due);
         }
-        for (_, e) in &self.reserved {
-            consider(*e);
-        }
-        self.deadline = d;
     }
 
     /// Remove the allocation of `client` (connection closed, or shutdown), freeing its socket.
@@ -1611,8 +1632,10 @@ impl<R: Relay> Table<R> {
                 created: a.created,
                 usage: &a.usage,
             });
+        if let Some(t) = a.timer {
+            self.timers.remove(&(t, client));
+        }
         drop(a);
-        self.recompute_deadline();
         true
     }
 
@@ -1622,7 +1645,10 @@ impl<R: Relay> Table<R> {
         for c in all {
             self.delete(c, reason);
         }
-        let mine: Vec<[u8; 8]> = self.reserved.drain(..).map(|(t, _)| t).collect();
+        let mine: Vec<[u8; 8]> = std::mem::take(&mut self.reserved)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
         self.drop_reservations(&mine);
     }
 

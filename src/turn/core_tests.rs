@@ -1353,3 +1353,121 @@ fn refresh_never_extends_an_allocation_past_its_maximum_age() {
     let r = h.allocate(client(1), &c, 40);
     assert_eq!(r.outcome, Outcome::Success);
 }
+
+#[test]
+fn timer_queue_follows_each_allocations_earliest_deadline() {
+    let mut h = harness(cfg());
+    let c = rest(&h, 100_000);
+    let t0 = h.env.now;
+    h.allocate(client(1), &c, 1);
+    // Default lifetime is the only deadline.
+    let life = Duration::from_secs(cfg().default_lifetime_secs as u64);
+    assert_eq!(h.t.next_deadline(), Some(t0 + life));
+    h.env.now += Duration::from_secs(10);
+    h.allocate(client(2), &c, 2);
+    h.send(
+        client(2),
+        method::CREATE_PERMISSION,
+        [3; 12],
+        Some(&c),
+        &[],
+        &[peer(1)],
+    );
+    let perm_due = h.env.now + PERMISSION_LIFETIME;
+    assert_eq!(h.t.next_deadline(), Some((t0 + life).min(perm_due)));
+    // Early calls are harmless: nothing is due, nothing changes.
+    h.t.handle_timeout(h.env);
+    assert_eq!(h.t.len(), 2);
+    // Refresh of client 1 moves its deadline; the queue now shows client 2's.
+    h.send(
+        client(1),
+        method::REFRESH,
+        [4; 12],
+        Some(&c),
+        &[(attr::LIFETIME, 3600u32.to_be_bytes().to_vec())],
+        &[],
+    );
+    let c2_alloc = h.env.now - Duration::from_secs(0) + life;
+    assert_eq!(h.t.next_deadline(), Some(perm_due.min(c2_alloc)));
+    // Refresh 0 removes client 1's entry from the queue.
+    h.send(
+        client(1),
+        method::REFRESH,
+        [5; 12],
+        Some(&c),
+        &[(attr::LIFETIME, 0u32.to_be_bytes().to_vec())],
+        &[],
+    );
+    assert_eq!(h.t.len(), 1);
+    assert_eq!(h.t.next_deadline(), Some(perm_due.min(c2_alloc)));
+    h.env.now = c2_alloc.max(perm_due);
+    h.t.handle_timeout(h.env);
+    assert!(h.t.is_empty());
+    assert_eq!(h.t.next_deadline(), None);
+}
+
+#[test]
+fn mass_expiry_deletes_every_allocation_in_one_pass() {
+    let mut t = cfg();
+    t.relay_port_min = 40000;
+    t.relay_port_max = 49999;
+    t.max_allocations_per_user = 100_000;
+    let mut h = harness(t);
+    let c = rest(&h, 100_000);
+    let n = 3000u16;
+    for i in 0..n {
+        let r = h.allocate(client(1000 + i), &c, 1);
+        assert_eq!(r.outcome, Outcome::Success);
+    }
+    assert_eq!(h.t.len(), n as usize);
+    let due = h.t.next_deadline().unwrap();
+    h.env.now = due + Duration::from_secs(3600);
+    let start = std::time::Instant::now();
+    h.t.handle_timeout(h.env);
+    let took = start.elapsed();
+    assert!(h.t.is_empty());
+    assert_eq!(h.t.next_deadline(), None);
+    assert!(h.metric("switchboard_turn_allocations_deleted_total{reason=\"expired\"} 3000"));
+    // O(n log n): 3000 deletions take milliseconds, not the seconds a rescan per deletion did.
+    assert!(took < Duration::from_secs(2), "mass expiry took {took:?}");
+}
+
+#[test]
+fn channel_cooldown_is_a_deadline_of_its_own() {
+    let mut h = harness(cfg());
+    let c = rest(&h, 100_000);
+    h.allocate(client(1), &c, 1);
+    h.send(
+        client(1),
+        method::REFRESH,
+        [2; 12],
+        Some(&c),
+        &[(attr::LIFETIME, 3600u32.to_be_bytes().to_vec())],
+        &[],
+    );
+    h.send(
+        client(1),
+        method::CHANNEL_BIND,
+        [3; 12],
+        Some(&c),
+        &chan_attr(0x4001),
+        &[peer(7)],
+    );
+    let bound = h.env.now;
+    // The permission the channel installed expires first.
+    assert_eq!(h.t.next_deadline(), Some(bound + PERMISSION_LIFETIME));
+    h.env.now = bound + PERMISSION_LIFETIME;
+    h.t.handle_timeout(h.env);
+    assert_eq!(h.t.next_deadline(), Some(bound + CHANNEL_LIFETIME));
+    h.env.now = bound + CHANNEL_LIFETIME;
+    h.t.handle_timeout(h.env);
+    assert!(h.view().channels.is_empty());
+    // The expired binding stays reserved through its cool-down, which is the next deadline.
+    assert_eq!(
+        h.t.next_deadline(),
+        Some(bound + CHANNEL_LIFETIME + CHANNEL_COOLDOWN)
+    );
+    h.env.now = bound + CHANNEL_LIFETIME + CHANNEL_COOLDOWN;
+    h.t.handle_timeout(h.env);
+    assert_eq!(h.t.next_deadline(), Some(bound + Duration::from_secs(3600)));
+}
