@@ -251,6 +251,9 @@ pub struct TurnConfig {
     pub data_connection_idle_timeout_secs: u64,
     /// Kernel (eBPF at TC ingress) fast path for ChannelData: off, auto or on.
     pub kernel_offload: crate::turn::offload::OffloadMode,
+    /// UDP worker shards on each listen address, each a thread with its own SO_REUSEPORT
+    /// socket and its own allocations; 0 means one per CPU core.
+    pub shards: usize,
     /// SOFTWARE attribute value.
     pub software: String,
 }
@@ -287,6 +290,7 @@ impl Default for TurnConfig {
             max_pending_connections_per_allocation: 8,
             data_connection_idle_timeout_secs: 300,
             kernel_offload: crate::turn::offload::OffloadMode::Off,
+            shards: 0,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }
     }

@@ -508,7 +508,7 @@ fn bind_stun_pair(
     tcp: bool,
 ) -> Result<
     (
-        Option<tokio::net::UdpSocket>,
+        Option<std::net::UdpSocket>,
         Option<tokio::net::TcpListener>,
     ),
     StartError,

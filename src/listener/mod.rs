@@ -1,6 +1,7 @@
 //! Socket shells for the STUN/TURN port: they read bytes, hand them to the sans-IO
 //! cores, and write back what the cores decide. Nothing clever lives here.
 
+pub mod shard;
 pub mod tcp;
 pub mod tls;
 pub mod udp;

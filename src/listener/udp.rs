@@ -1,28 +1,20 @@
-//! The UDP shell of the STUN/TURN port: reads datagrams, hands STUN to the Binding responder
-//! or the TURN allocation table, relays ChannelData and Send indications, and drives the
-//! table's timers. This task exclusively owns its table, so the table needs no lock.
+//! The UDP shell of the STUN/TURN port: binds the port's sockets and hands them to the shard
+//! threads of [`super::shard`], which read datagrams in batches, answer STUN Binding, run the
+//! TURN allocation table and relay ChannelData and Send indications.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
 
-use super::{classify, Kind};
-use crate::server::{shutdown_signal, Shared};
-use crate::stun::codec::{method, Class};
-use crate::stun::Message;
-use crate::turn::core::{Env, Table};
-use crate::turn::relay::{AnyRelay, ClientSink};
+use crate::server::Shared;
 
-/// Largest datagram we read; bigger ones are truncated by the kernel and then fail to parse.
-pub const MAX_DATAGRAM: usize = 65_536;
-/// Datagrams handled per wake-up before timers and shutdown are looked at again.
-const BATCH: usize = 64;
+/// Bind a UDP socket on the STUN/TURN port with large buffers (relay bursts), IPV6_V6ONLY on
+/// v6 addresses and SO_REUSEPORT, so each shard can open its own socket on the same port.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    bind_std(addr)
+}
 
-/// Bind a UDP socket with large buffers (relay bursts) and IPV6_V6ONLY on v6 addresses.
-/// A wildcard bind also asks for IP_PKTINFO / IPV6_RECVPKTINFO, so each datagram says which
-/// local address it reached.
-pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// [`bind`], also used for the shards' sibling sockets on an already bound address.
+pub fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -31,12 +23,10 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     // Best effort: the kernel caps these at net.core.[rw]mem_max.
     let _ = sock.set_recv_buffer_size(4 << 20);
     let _ = sock.set_send_buffer_size(4 << 20);
+    sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    if addr.ip().is_unspecified() {
-        pktinfo::enable(&sock, addr.is_ipv6())?;
-    }
-    UdpSocket::from_std(sock.into())
+    Ok(sock.into())
 }
 
 /// Receiving and sending with the local address (IP_PKTINFO), for wildcard listeners: a
@@ -162,159 +152,17 @@ pub mod pktinfo {
     }
 }
 
-/// Serve STUN Binding, and TURN when `turn.relay` is on, on `sock` until shutdown.
-pub async fn serve(shared: Arc<Shared>, sock: UdpSocket) {
-    let sock = Arc::new(sock);
-    let bound = sock.local_addr().ok();
-    // On a wildcard bind each datagram carries the address it reached (IP_PKTINFO).
-    let wildcard = bound.is_some_and(|a| a.ip().is_unspecified());
-    let mut control = pktinfo::control_buffer();
-    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut out = Vec::with_capacity(1500);
-    let software = shared.config.turn.software.clone();
-    let m = shared.metrics.clone();
-    let malformed = m.stun_requests.with_label_values(&["malformed"]);
-    let not_stun = m.drops.with_label_values(&["not_stun"]);
-    let no_route = m.drops.with_label_values(&["no_permission"]);
-    let mut table: Option<Table<AnyRelay>> = shared.config.turn.relay.then(|| {
-        let mut t = Table::new(
-            shared.turn.settings.clone(),
-            shared.auth.clone(),
-            m.clone(),
-            shared.turn.pool.clone(),
-            "udp",
-            ClientSink::Udp(sock.clone(), wildcard),
-        );
-        t.set_events(shared.webhooks.clone());
-        t
-    });
-    let mut revoked = shared.auth.revocations();
-    let far = || tokio::time::Instant::now() + Duration::from_secs(86_400);
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(far()));
-    let mut armed: Option<Instant> = None;
-    let env = |shared: &Shared, local: Option<std::net::IpAddr>| Env {
-        now: Instant::now(),
-        unix: crate::auth::unix_now(),
-        draining: shared.lifecycle.is_draining(),
-        local,
+/// Serve STUN Binding, and TURN when `turn.relay` is on, on `sock` and `turn.shards - 1`
+/// sibling sockets until shutdown.
+pub async fn serve(shared: Arc<Shared>, sock: std::net::UdpSocket) {
+    let n = super::shard::shard_count(shared.config.turn.shards);
+    let mut socks = match super::shard::siblings(&sock, n) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open SO_REUSEPORT siblings; one shard only");
+            Vec::new()
+        }
     };
-    loop {
-        let want = table.as_ref().and_then(|t| t.next_deadline());
-        if want != armed {
-            armed = want;
-            let at = want.map(tokio::time::Instant::from_std).unwrap_or_else(far);
-            timer.as_mut().reset(at);
-        }
-        tokio::select! {
-            r = sock.readable() => {
-                if r.is_err() {
-                    continue;
-                }
-            }
-            _ = &mut timer, if armed.is_some() => {
-                if let Some(t) = table.as_mut() {
-                    t.handle_timeout(env(&shared, None));
-                }
-                armed = None;
-                continue;
-            }
-            Ok(()) = revoked.changed() => {
-                if let Some(t) = table.as_mut() {
-                    t.sweep_revoked();
-                }
-                continue;
-            }
-            _ = &mut shutdown => break,
-        }
-        let (mut pkts, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
-        let now = Instant::now();
-        for _ in 0..BATCH {
-            let got = if wildcard {
-                pktinfo::try_recv(&sock, &mut buf, &mut control)
-            } else {
-                sock.try_recv_from(&mut buf).map(|(n, src)| (n, src, None))
-            };
-            let (n, src, to) = match got {
-                Ok((n, src, to)) => (n, src, to.or(bound.map(|b| b.ip()))),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    // ICMP port unreachable and friends surface here on some platforms.
-                    tracing::debug!(error = %e, "udp recv error");
-                    continue;
-                }
-            };
-            let pkt = &buf[..n];
-            match classify(pkt) {
-                Kind::ChannelData => {
-                    let sent = table
-                        .as_mut()
-                        .and_then(|t| t.channel_data(now, src, pkt))
-                        .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
-                    match sent {
-                        Some((true, len)) => {
-                            pkts += 1;
-                            bytes += len as u64;
-                        }
-                        _ => dropped += 1,
-                    }
-                }
-                Kind::Stun => {
-                    let msg = match Message::parse(pkt) {
-                        Ok(msg) => msg,
-                        Err(e) => {
-                            malformed.inc();
-                            tracing::trace!(%src, error = %e, "malformed STUN datagram");
-                            continue;
-                        }
-                    };
-                    if msg.method() == method::SEND && msg.class() == Class::Indication {
-                        let sent = table
-                            .as_mut()
-                            .and_then(|t| t.send_indication(now, src, &msg))
-                            .map(|(relay, peer, data)| {
-                                (relay.send_to_peer(data, peer), data.len())
-                            });
-                        match sent {
-                            Some((true, len)) => {
-                                pkts += 1;
-                                bytes += len as u64;
-                            }
-                            _ => dropped += 1,
-                        }
-                        continue;
-                    }
-                    out.clear();
-                    if msg.method() == method::BINDING {
-                        let local = bound.map(|b| SocketAddr::new(to.unwrap_or(b.ip()), b.port()));
-                        super::answer_binding(&m, &msg, src, local, &software, &mut out);
-                    } else if let Some(t) = table.as_mut() {
-                        let conns = shared.turn.conns.clone();
-                        let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
-                        t.handle_request(env(&shared, to), src, &msg, &mut out, &mut bind);
-                    } else {
-                        super::refuse_relay_disabled(&m, &msg, &mut out);
-                    }
-                    if !out.is_empty() {
-                        let from = if wildcard { to } else { None };
-                        if let Err(e) = pktinfo::try_send(&sock, &out, src, from) {
-                            tracing::debug!(%src, error = %e, "udp send error");
-                        }
-                    }
-                }
-                Kind::Other => not_stun.inc(),
-            }
-        }
-        if pkts > 0 {
-            m.relay_packets_to_peer.inc_by(pkts);
-            m.relay_bytes_to_peer.inc_by(bytes);
-            m.relay_bytes_by_transport.to_peer("udp").inc_by(bytes);
-        }
-        if dropped > 0 {
-            no_route.inc_by(dropped);
-        }
-    }
-    if let Some(mut t) = table.take() {
-        t.clear(crate::turn::core::DeleteReason::Shutdown);
-    }
+    socks.insert(0, sock);
+    super::shard::serve(shared, socks).await;
 }

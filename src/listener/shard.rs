@@ -1,0 +1,628 @@
+//! The UDP data plane of the STUN/TURN port: N shard threads, each with its own SO_REUSEPORT
+//! socket on the port, its own allocation table and the relay sockets of the allocations it
+//! created, all driven by one event loop with batched syscalls.
+//!
+//! Why this shape (quinn's endpoint → connection, see docs/performance.md):
+//! - the kernel hashes each datagram's 4-tuple to one of the port's sockets, so a client's
+//!   5-tuple always reaches the same shard while the socket set is fixed; the shard that got
+//!   the Allocate owns the allocation, and nothing per packet is shared between cores;
+//! - reads are `recvmmsg` batches (quinn-udp, with each datagram's destination address), and
+//!   every turn's packets towards clients leave in one `sendmmsg`;
+//! - a relay socket costs an entry in the shard's poll set, not a task and a wake-up per packet.
+//!
+//! Control (auth, Allocate/Refresh/CreatePermission/ChannelBind, timers) stays in the sans-IO
+//! [`Table`]; it publishes each allocation's permissions and channels as an immutable [`View`]
+//! that the peer-to-client path reads without a lock.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::{classify, Kind};
+use crate::metrics::Metrics;
+use crate::server::Shared;
+use crate::stun::codec::{attr, method, Class, Encoder};
+use crate::stun::Message;
+use crate::turn::core::{Bucket, DeleteReason, Env, Relay, RelayKind, Table, View};
+use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
+
+/// Largest datagram read from any socket.
+const MAX_DATAGRAM: usize = 65_536;
+/// Room in front of a peer payload for the ChannelData header.
+const HEADROOM: usize = 4;
+/// Receive batches read from one socket per turn before the others get their go.
+const TURN_BUDGET: usize = 8;
+const TOKEN_LISTEN: Token = Token(0);
+const TOKEN_WAKER: Token = Token(1);
+/// Relay sockets use tokens from here on: token = FIRST_RELAY + slab index.
+const FIRST_RELAY: usize = 2;
+
+/// Relay sockets released by their allocation (possibly on another shard, for an EVEN-PORT
+/// reservation redeemed elsewhere) and not yet closed by the shard polling them.
+#[derive(Debug, Default)]
+struct Released {
+    any: AtomicBool,
+    tokens: Mutex<Vec<usize>>,
+}
+
+/// One relay socket: the state the data path reads on every peer datagram.
+struct RelaySock {
+    sock: mio::net::UdpSocket,
+    addr: SocketAddr,
+    view: ArcSwap<View>,
+    /// Local address the client reached us on, to answer from it on a wildcard listener.
+    reply_from: Option<IpAddr>,
+    /// Bandwidth cap state; only the owning shard takes it, and only when a cap is set.
+    bucket: Mutex<Option<Bucket>>,
+}
+
+/// A relay socket as the allocation table holds it. Dropping it hands the socket back to the
+/// shard polling it, which closes it.
+pub struct ShardRelay {
+    inner: Arc<RelaySock>,
+    token: usize,
+    released: Arc<Released>,
+    waker: Arc<Waker>,
+}
+
+impl std::fmt::Debug for ShardRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardRelay")
+            .field("addr", &self.inner.addr)
+            .finish()
+    }
+}
+
+impl Drop for ShardRelay {
+    fn drop(&mut self) {
+        self.released
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.token);
+        self.released.any.store(true, Ordering::Release);
+        // Another shard (EVEN-PORT redemption) may own the poll; make it look now.
+        let _ = self.waker.wake();
+    }
+}
+
+impl Relay for ShardRelay {
+    type Sink = ();
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+    fn attach(&self, _: &()) {}
+    fn publish(&self, view: Arc<View>) {
+        self.inner.view.store(view);
+    }
+}
+
+impl ShardRelay {
+    /// Client-to-peer datagram; a full socket buffer drops it, as UDP would.
+    fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
+        self.inner.sock.send_to(payload, peer).is_ok()
+    }
+}
+
+/// How many shards to run: the configured number, or one per core.
+pub fn shard_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}
+
+/// Open `n - 1` more SO_REUSEPORT sockets on the address of `first`.
+pub fn siblings(first: &std::net::UdpSocket, n: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let addr = first.local_addr()?;
+    let mut v = Vec::with_capacity(n.saturating_sub(1));
+    for _ in 1..n {
+        v.push(super::udp::bind_std(addr)?);
+    }
+    Ok(v)
+}
+
+/// Serve STUN and TURN on `socks` (one per shard, all bound to the same address with
+/// SO_REUSEPORT) until shutdown; returns when every shard thread has ended.
+pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut wakers = Vec::new();
+    let mut threads = Vec::new();
+    for (i, sock) in socks.into_iter().enumerate() {
+        let poll = match Poll::new() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a poll for a TURN shard");
+                continue;
+            }
+        };
+        let waker = match Waker::new(poll.registry(), TOKEN_WAKER) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a waker for a TURN shard");
+                continue;
+            }
+        };
+        wakers.push(waker.clone());
+        let (sh, st) = (shared.clone(), stop.clone());
+        let t = std::thread::Builder::new()
+            .name(format!("turn-shard-{i}"))
+            .spawn(move || {
+                if let Err(e) = Shard::new(sh, sock, poll, waker).and_then(|s| s.run(&st)) {
+                    tracing::error!(shard = i, error = %e, "TURN shard stopped");
+                }
+            });
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!(error = %e, "cannot start a TURN shard thread"),
+        }
+    }
+    crate::server::shutdown_signal(shared.lifecycle.subscribe()).await;
+    stop.store(true, Ordering::Release);
+    for w in &wakers {
+        let _ = w.wake();
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+}
+
+/// Per-turn counters, flushed to the registry once per turn instead of once per packet.
+#[derive(Default)]
+struct Counts {
+    to_peer: u64,
+    to_peer_bytes: u64,
+    to_client: u64,
+    to_client_bytes: u64,
+    no_route: u64,
+    no_perm: u64,
+    capped: u64,
+    send_full: u64,
+    not_stun: u64,
+}
+
+struct Shard {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    sock: mio::net::UdpSocket,
+    local: SocketAddr,
+    wildcard: bool,
+    state: UdpSocketState,
+    poll: Poll,
+    waker: Arc<Waker>,
+    table: Option<Table<ShardRelay>>,
+    relays: Vec<Option<Arc<RelaySock>>>,
+    free: Vec<usize>,
+    released: Arc<Released>,
+    tx: SendQueue,
+    out: Vec<u8>,
+    counts: Counts,
+    tid_state: u64,
+}
+
+impl Shard {
+    fn new(
+        shared: Arc<Shared>,
+        sock: std::net::UdpSocket,
+        poll: Poll,
+        waker: Arc<Waker>,
+    ) -> io::Result<Shard> {
+        let state = UdpSocketState::new((&sock).into())?;
+        let local = sock.local_addr()?;
+        crate::udp_batch::allow_fragmentation(&sock, local.is_ipv6());
+        let mut sock = mio::net::UdpSocket::from_std(sock);
+        poll.registry()
+            .register(&mut sock, TOKEN_LISTEN, Interest::READABLE)?;
+        let metrics = shared.metrics.clone();
+        let table = shared.config.turn.relay.then(|| {
+            Table::new(
+                shared.turn.settings.clone(),
+                shared.auth.clone(),
+                metrics.clone(),
+                shared.turn.pool.clone(),
+                "udp",
+                (),
+            )
+        });
+        Ok(Shard {
+            metrics,
+            local,
+            wildcard: local.ip().is_unspecified(),
+            sock,
+            state,
+            poll,
+            waker,
+            table,
+            relays: Vec::new(),
+            free: Vec::new(),
+            released: Arc::new(Released::default()),
+            tx: SendQueue::new(MAX_DATAGRAM + HEADROOM),
+            out: Vec::with_capacity(1500),
+            counts: Counts::default(),
+            tid_state: rand::random::<u64>() | 1,
+            shared,
+        })
+    }
+
+    fn env(&self, now: Instant) -> Env {
+        Env {
+            now,
+            unix: crate::auth::unix_now(),
+            draining: self.shared.lifecycle.is_draining(),
+        }
+    }
+
+    fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        // Sockets that still had data when their budget ran out: served again next turn.
+        let mut pending: Vec<Token> = Vec::new();
+        let mut ready: Vec<Token> = Vec::with_capacity(1024);
+        let mut rx = RecvBatch::new(MAX_DATAGRAM);
+        while !stop.load(Ordering::Acquire) {
+            let timeout = if !pending.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                self.table
+                    .as_ref()
+                    .and_then(|t| t.next_deadline())
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            ready.clear();
+            ready.append(&mut pending);
+            ready.extend(events.iter().map(|e| e.token()));
+            let now = Instant::now();
+            for &t in &ready {
+                let more = match t {
+                    TOKEN_LISTEN => self.serve_listener(&mut rx, now),
+                    TOKEN_WAKER => false,
+                    Token(n) => self.serve_relay(&mut rx, n - FIRST_RELAY, now),
+                };
+                if more && !pending.contains(&t) {
+                    pending.push(t);
+                }
+            }
+            self.flush();
+            if let Some(t) = self.table.as_mut() {
+                if t.next_deadline().is_some_and(|d| d <= now) {
+                    let env = Env {
+                        now,
+                        unix: crate::auth::unix_now(),
+                        draining: self.shared.lifecycle.is_draining(),
+                    };
+                    t.handle_timeout(env);
+                }
+            }
+            self.close_released();
+            self.count();
+        }
+        if let Some(mut t) = self.table.take() {
+            t.clear(DeleteReason::Shutdown);
+        }
+        self.close_released();
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        let f = self.tx.flush(&self.sock);
+        self.counts.send_full += f.dropped as u64;
+    }
+
+    /// Queue a datagram towards a client, flushing first if the batch is full.
+    fn queue(&mut self, bytes: &[u8], to: SocketAddr, from: Option<IpAddr>) -> bool {
+        if self.tx.is_full() {
+            self.flush();
+        }
+        self.tx.push(bytes, to, from)
+    }
+
+    /// Read the shared STUN/TURN socket; true when its budget ran out with data left.
+    fn serve_listener(&mut self, rx: &mut RecvBatch, now: Instant) -> bool {
+        for _ in 0..TURN_BUDGET {
+            let n = match rx.recv(&self.state, &self.sock) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    // ICMP errors surface here; the socket is still fine.
+                    tracing::debug!(error = %e, "udp recv error");
+                    continue;
+                }
+            };
+            for (pkt, src, dst) in rx.iter() {
+                let from = if self.wildcard { dst } else { None };
+                self.handle_datagram(now, pkt, src, from);
+            }
+            if n < RECV_BATCH {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn handle_datagram(&mut self, now: Instant, pkt: &[u8], src: SocketAddr, from: Option<IpAddr>) {
+        match classify(pkt) {
+            Kind::ChannelData => {
+                let sent = self
+                    .table
+                    .as_mut()
+                    .and_then(|t| t.channel_data(now, src, pkt))
+                    .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
+                self.count_to_peer(sent);
+            }
+            Kind::Stun => self.handle_stun(now, pkt, src, from),
+            Kind::Other => self.counts.not_stun += 1,
+        }
+    }
+
+    fn count_to_peer(&mut self, sent: Option<(bool, usize)>) {
+        match sent {
+            Some((true, len)) => {
+                self.counts.to_peer += 1;
+                self.counts.to_peer_bytes += len as u64;
+            }
+            _ => self.counts.no_route += 1,
+        }
+    }
+
+    fn handle_stun(&mut self, now: Instant, pkt: &[u8], src: SocketAddr, from: Option<IpAddr>) {
+        let msg = match Message::parse(pkt) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics
+                    .stun_requests
+                    .with_label_values(&["malformed"])
+                    .inc();
+                tracing::trace!(%src, error = %e, "malformed STUN datagram");
+                return;
+            }
+        };
+        if msg.method() == method::SEND && msg.class() == Class::Indication {
+            let sent = self
+                .table
+                .as_mut()
+                .and_then(|t| t.send_indication(now, src, &msg))
+                .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
+            self.count_to_peer(sent);
+            return;
+        }
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let local = Some(match from {
+            Some(ip) => SocketAddr::new(ip, self.local.port()),
+            None => self.local,
+        });
+        if msg.method() == method::BINDING {
+            let software = &self.shared.config.turn.software;
+            super::answer_binding(&self.metrics, &msg, src, local, software, &mut out);
+        } else if self.table.is_some() {
+            let env = self.env(now);
+            let Shard {
+                table,
+                poll,
+                relays,
+                free,
+                released,
+                waker,
+                ..
+            } = self;
+            let mut bind = |addr: SocketAddr, kind: RelayKind| -> io::Result<ShardRelay> {
+                if kind != RelayKind::Udp {
+                    return Err(io::Error::from(io::ErrorKind::Unsupported));
+                }
+                open_relay(addr, from, poll, relays, free, released, waker)
+            };
+            if let Some(t) = table.as_mut() {
+                t.handle_request(env, src, &msg, &mut out, &mut bind);
+            }
+        } else {
+            super::refuse_relay_disabled(&self.metrics, &msg, &mut out);
+        }
+        if !out.is_empty() {
+            self.queue(&out, src, from);
+        }
+        self.out = out;
+    }
+
+    /// Read one relay socket and queue what its permissions allow towards the client; true
+    /// when its budget ran out with data left.
+    fn serve_relay(&mut self, rx: &mut RecvBatch, slot: usize, now: Instant) -> bool {
+        let Some(Some(r)) = self.relays.get(slot).cloned() else {
+            return false;
+        };
+        let view = r.view.load();
+        let client = view.client;
+        for _ in 0..TURN_BUDGET {
+            let n = match rx.recv(&self.state, &r.sock) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => continue,
+            };
+            let Some(client) = client else {
+                // Reserved (EVEN-PORT) socket: nothing may be relayed yet; discard.
+                if n < RECV_BATCH {
+                    return false;
+                }
+                continue;
+            };
+            for (data, peer, _) in rx.iter() {
+                self.relay_to_client(&r, &view, now, data, peer, client);
+            }
+            if n < RECV_BATCH {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn relay_to_client(
+        &mut self,
+        r: &RelaySock,
+        view: &View,
+        now: Instant,
+        data: &[u8],
+        peer: SocketAddr,
+        client: SocketAddr,
+    ) {
+        if !view.permits(peer.ip(), now) {
+            self.counts.no_perm += 1;
+            return;
+        }
+        if view.max_bps > 0 {
+            let mut b = r.bucket.lock().unwrap_or_else(|p| p.into_inner());
+            let b = b.get_or_insert_with(|| Bucket::new(view.max_bps, now));
+            if !b.allow(now, data.len()) {
+                self.counts.capped += 1;
+                return;
+            }
+        }
+        let n = data.len();
+        if self.tx.is_full() {
+            self.flush();
+        }
+        let ok = match view.channel_for(peer, now) {
+            Some(ch) => match self.tx.slot_mut() {
+                Some(slot) if slot.len() >= HEADROOM + n => {
+                    slot[0..2].copy_from_slice(&ch.to_be_bytes());
+                    slot[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                    slot[HEADROOM..HEADROOM + n].copy_from_slice(data);
+                    self.tx.commit(HEADROOM + n, client, r.reply_from);
+                    true
+                }
+                _ => false,
+            },
+            None => {
+                let mut out = std::mem::take(&mut self.out);
+                out.clear();
+                self.tid_state ^= self.tid_state << 13;
+                self.tid_state ^= self.tid_state >> 7;
+                self.tid_state ^= self.tid_state << 17;
+                let mut tid = [0u8; 12];
+                tid[..8].copy_from_slice(&self.tid_state.to_le_bytes());
+                let mut e = Encoder::new(&mut out, method::DATA, Class::Indication, &tid);
+                e.xor_address(attr::XOR_PEER_ADDRESS, peer);
+                e.attr(attr::DATA, data);
+                e.finish();
+                let ok = self.tx.push(&out, client, r.reply_from);
+                self.out = out;
+                ok
+            }
+        };
+        if ok {
+            self.counts.to_client += 1;
+            self.counts.to_client_bytes += n as u64;
+        } else {
+            self.counts.send_full += 1;
+        }
+    }
+
+    /// Close relay sockets whose allocation is gone.
+    fn close_released(&mut self) {
+        if !self.released.any.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let gone: Vec<usize> = std::mem::take(
+            &mut *self
+                .released
+                .tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for t in gone {
+            let slot = t - FIRST_RELAY;
+            if let Some(r) = self.relays.get_mut(slot).and_then(Option::take) {
+                if let Ok(mut r) = Arc::try_unwrap(r) {
+                    let _ = self.poll.registry().deregister(&mut r.sock);
+                }
+                self.free.push(slot);
+            }
+        }
+    }
+
+    fn count(&mut self) {
+        let c = std::mem::take(&mut self.counts);
+        let m = &self.metrics;
+        if c.to_peer > 0 {
+            m.relay_packets_to_peer.inc_by(c.to_peer);
+            m.relay_bytes_to_peer.inc_by(c.to_peer_bytes);
+        }
+        if c.to_client > 0 {
+            m.relay_packets_to_client.inc_by(c.to_client);
+            m.relay_bytes_to_client.inc_by(c.to_client_bytes);
+        }
+        for (label, n) in [
+            ("no_permission", c.no_route + c.no_perm),
+            ("bandwidth_cap", c.capped),
+            ("client_send_full", c.send_full),
+            ("not_stun", c.not_stun),
+        ] {
+            if n > 0 {
+                m.drops.with_label_values(&[label]).inc_by(n);
+            }
+        }
+    }
+}
+
+/// Bind a relay socket on `addr` and add it to this shard's poll set.
+fn open_relay(
+    addr: SocketAddr,
+    reply_from: Option<IpAddr>,
+    poll: &Poll,
+    relays: &mut Vec<Option<Arc<RelaySock>>>,
+    free: &mut Vec<usize>,
+    released: &Arc<Released>,
+    waker: &Arc<Waker>,
+) -> io::Result<ShardRelay> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    let _ = s.set_recv_buffer_size(1 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    let std_sock: std::net::UdpSocket = s.into();
+    crate::udp_batch::allow_fragmentation(&std_sock, addr.is_ipv6());
+    let local = std_sock.local_addr()?;
+    let mut sock = mio::net::UdpSocket::from_std(std_sock);
+    let slot = free.pop().unwrap_or_else(|| {
+        relays.push(None);
+        relays.len() - 1
+    });
+    let token = slot + FIRST_RELAY;
+    if let Err(e) = poll
+        .registry()
+        .register(&mut sock, Token(token), Interest::READABLE)
+    {
+        free.push(slot);
+        return Err(e);
+    }
+    let inner = Arc::new(RelaySock {
+        sock,
+        addr: local,
+        view: ArcSwap::from_pointee(View::default()),
+        reply_from,
+        bucket: Mutex::new(None),
+    });
+    relays[slot] = Some(inner.clone());
+    Ok(ShardRelay {
+        inner,
+        token,
+        released: released.clone(),
+        waker: waker.clone(),
+    })
+}
