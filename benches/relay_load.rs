@@ -249,7 +249,33 @@ impl Drop for Echo {
 // client, batched syscalls) with no TURN at all.
 
 fn forwarder(port: u16) {
-    let front = UdpSocket::bind((LO, port)).expect("forwarder bind");
+    let n = num_cpus();
+    let socks: Vec<std::net::UdpSocket> = (0..n).map(|_| reuseport_bind(port)).collect();
+    let threads: Vec<_> = socks
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            std::thread::Builder::new()
+                .name(format!("fwd-{i}"))
+                .spawn(move || forwarder_shard(s))
+                .expect("spawn")
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn reuseport_bind(port: u16) -> UdpSocket {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+    s.set_reuse_port(true).expect("reuseport");
+    s.bind(&SocketAddr::new(LO, port).into()).expect("forwarder bind");
+    s.into()
+}
+
+/// One forwarder thread: its own SO_REUSEPORT socket on the port, its own relay sockets.
+fn forwarder_shard(front: UdpSocket) {
     let sref = socket2::SockRef::from(&front);
     let _ = sref.set_recv_buffer_size(4 << 20);
     let _ = sref.set_send_buffer_size(4 << 20);
@@ -384,12 +410,33 @@ fn signed(s: &Session, meth: u16, t: &[u8; 12], f: impl FnOnce(&mut Encoder<'_>)
     out
 }
 
-/// Allocate on `server` with the two-round long-term auth exchange.
+/// Allocate on `server` with the two-round long-term auth exchange. A 437 means the kernel
+/// gave this client socket a port whose 5-tuple still has an allocation (a server may keep a
+/// deleted one for a while): take another socket.
 fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
-    let sock = UdpSocket::bind((LO, 0)).map_err(|e| e.to_string())?;
-    sock.connect(server).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match allocate_once(server, i) {
+            Ok(s) => return Ok(s),
+            Err((e, Some(sock))) => {
+                last = e;
+                held.push(sock);
+            }
+            Err((e, None)) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+type AllocErr = (String, Option<UdpSocket>);
+
+fn allocate_once(server: SocketAddr, i: usize) -> Result<Session, AllocErr> {
+    let err = |e: String| (e, None);
+    let sock = UdpSocket::bind((LO, 0)).map_err(|e| err(e.to_string()))?;
+    sock.connect(server).map_err(|e| err(e.to_string()))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| err(e.to_string()))?;
     let (user, pass) = rest_user(i);
     let mut buf = vec![0u8; 2048];
     let t = tid();
@@ -399,13 +446,16 @@ fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
         e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
         e.finish_with_fingerprint();
     }
-    let n = transact(&sock, &req, &t, &mut buf).ok_or("no answer to Allocate")?;
-    let m = Message::parse(&buf[..n]).map_err(|e| e.to_string())?;
+    let n = transact(&sock, &req, &t, &mut buf).ok_or(err("no answer to Allocate".into()))?;
+    let m = Message::parse(&buf[..n]).map_err(|e| err(e.to_string()))?;
+    if error_code(&m) == Some(437) {
+        return Err(("437 on a reused 5-tuple".into(), Some(sock)));
+    }
     let realm = m
         .get(attr::REALM)
-        .ok_or_else(|| format!("no REALM in {:?} {:?}", m.class(), error_code(&m)))?
+        .ok_or_else(|| err(format!("no REALM in {:?} {:?}", m.class(), error_code(&m))))?
         .to_vec();
-    let nonce = m.get(attr::NONCE).ok_or("no NONCE")?.to_vec();
+    let nonce = m.get(attr::NONCE).ok_or(err("no NONCE".into()))?.to_vec();
     let realm_s = String::from_utf8_lossy(&realm).to_string();
     let key = long_term_key(&user, &realm_s, &pass);
     let s = Session {
@@ -419,10 +469,14 @@ fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
     let req = signed(&s, method::ALLOCATE, &t, |e| {
         e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     });
-    let n = transact(&s.sock, &req, &t, &mut buf).ok_or("no answer to signed Allocate")?;
-    let m = Message::parse(&buf[..n]).map_err(|e| e.to_string())?;
+    let n = transact(&s.sock, &req, &t, &mut buf)
+        .ok_or(err("no answer to signed Allocate".into()))?;
+    let m = Message::parse(&buf[..n]).map_err(|e| err(e.to_string()))?;
     if m.class() != Class::Success {
-        return Err(format!("Allocate refused: {:?}", error_code(&m)));
+        if error_code(&m) == Some(437) {
+            return Err(("437 on a reused 5-tuple".into(), Some(s.sock)));
+        }
+        return Err(err(format!("Allocate refused: {:?}", error_code(&m))));
     }
     Ok(s)
 }
