@@ -73,3 +73,163 @@ pub(crate) fn refuse_relay_disabled(
     e.finish();
     metrics.turn_errors.with_label_values(&["400"]).inc();
 }
+
+/// A relay socket the shells can send a client's payload through.
+pub(crate) trait SendToPeer {
+    /// Send `payload` to `peer`; false when the datagram was dropped.
+    fn send_to_peer(&self, payload: &[u8], peer: std::net::SocketAddr) -> bool;
+}
+
+impl SendToPeer for crate::turn::relay::AnyRelay {
+    fn send_to_peer(&self, payload: &[u8], peer: std::net::SocketAddr) -> bool {
+        crate::turn::relay::AnyRelay::send_to_peer(self, payload, peer)
+    }
+}
+
+/// Client-to-peer counters a shell accumulates and flushes once per batch.
+#[derive(Debug, Default)]
+pub(crate) struct PeerCounts {
+    pub packets: u64,
+    pub bytes: u64,
+    pub no_route: u64,
+}
+
+impl PeerCounts {
+    fn relayed(&mut self, sent: Option<(bool, usize)>) {
+        match sent {
+            Some((true, n)) => {
+                self.packets += 1;
+                self.bytes += n as u64;
+            }
+            _ => self.no_route += 1,
+        }
+    }
+
+    /// Add the counts to the registry (`transport`: the clients' transport) and reset them.
+    pub fn flush(&mut self, m: &crate::metrics::Metrics, transport: &'static str) {
+        let c = std::mem::take(self);
+        if c.packets > 0 {
+            m.relay_packets_to_peer.inc_by(c.packets);
+            m.relay_bytes_to_peer.inc_by(c.bytes);
+            m.relay_bytes_by_transport
+                .to_peer(transport)
+                .inc_by(c.bytes);
+        }
+        if c.no_route > 0 {
+            m.drops
+                .with_label_values(&["no_permission"])
+                .inc_by(c.no_route);
+        }
+    }
+}
+
+/// What a shell needs to know about the port a message arrived on.
+pub(crate) struct PortCtx<'a> {
+    pub metrics: &'a crate::metrics::Metrics,
+    pub software: &'a str,
+    /// The local address the client reached (RESPONSE-ORIGIN of Binding responses).
+    pub local: Option<std::net::SocketAddr>,
+}
+
+/// The one request dispatch of the STUN/TURN port, shared by the UDP shards and the stream
+/// connections: ChannelData and Send indications are relayed to the peer, Binding is answered,
+/// TURN requests go to the allocation table (or get 400 with the relay off). A response, if
+/// any, is appended to `out`; the table's outcome comes back for the stream-only methods
+/// (RFC 6062 Connect and ConnectionBind) that the shell finishes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dispatch<R>(
+    ctx: &PortCtx<'_>,
+    table: Option<&mut crate::turn::core::Table<R>>,
+    env: impl FnOnce() -> crate::turn::core::Env,
+    now: std::time::Instant,
+    client: std::net::SocketAddr,
+    pkt: &[u8],
+    out: &mut Vec<u8>,
+    counts: &mut PeerCounts,
+    bind: &mut dyn FnMut(
+        std::net::SocketAddr,
+        crate::turn::core::RelayKind,
+    ) -> std::io::Result<R>,
+) -> Option<crate::turn::core::Outcome>
+where
+    R: crate::turn::core::Relay + SendToPeer,
+{
+    match classify(pkt) {
+        Kind::ChannelData => {
+            relay_channel_data(table, now, client, pkt, counts);
+            None
+        }
+        Kind::Other => {
+            ctx.metrics.drops.with_label_values(&["not_stun"]).inc();
+            None
+        }
+        Kind::Stun => match crate::stun::Message::parse(pkt) {
+            Ok(msg) => dispatch_stun(ctx, table, env, now, client, &msg, out, counts, bind),
+            Err(e) => {
+                ctx.metrics
+                    .stun_requests
+                    .with_label_values(&["malformed"])
+                    .inc();
+                tracing::trace!(%client, error = %e, "malformed STUN message");
+                None
+            }
+        },
+    }
+}
+
+/// Client-to-peer ChannelData: relay it if the client's allocation has the channel.
+pub(crate) fn relay_channel_data<R>(
+    table: Option<&mut crate::turn::core::Table<R>>,
+    now: std::time::Instant,
+    client: std::net::SocketAddr,
+    pkt: &[u8],
+    counts: &mut PeerCounts,
+) where
+    R: crate::turn::core::Relay + SendToPeer,
+{
+    let sent = table
+        .and_then(|t| t.channel_data(now, client, pkt))
+        .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
+    counts.relayed(sent);
+}
+
+/// [`dispatch`] for a STUN message the shell has already parsed (stream shells parse first to
+/// decide whether the connection has proven itself).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dispatch_stun<R>(
+    ctx: &PortCtx<'_>,
+    table: Option<&mut crate::turn::core::Table<R>>,
+    env: impl FnOnce() -> crate::turn::core::Env,
+    now: std::time::Instant,
+    client: std::net::SocketAddr,
+    msg: &crate::stun::Message<'_>,
+    out: &mut Vec<u8>,
+    counts: &mut PeerCounts,
+    bind: &mut dyn FnMut(
+        std::net::SocketAddr,
+        crate::turn::core::RelayKind,
+    ) -> std::io::Result<R>,
+) -> Option<crate::turn::core::Outcome>
+where
+    R: crate::turn::core::Relay + SendToPeer,
+{
+    use crate::stun::codec::{method, Class};
+    if msg.method() == method::SEND && msg.class() == Class::Indication {
+        let sent = table
+            .and_then(|t| t.send_indication(now, client, msg))
+            .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
+        counts.relayed(sent);
+        return None;
+    }
+    if msg.method() == method::BINDING {
+        answer_binding(ctx.metrics, msg, client, ctx.local, ctx.software, out);
+        return None;
+    }
+    match table {
+        Some(t) => Some(t.handle_request(env(), client, msg, out, bind)),
+        None => {
+            refuse_relay_disabled(ctx.metrics, msg, out);
+            None
+        }
+    }
+}

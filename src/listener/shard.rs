@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::{classify, Kind};
+use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::server::Shared;
 use crate::stun::codec::{attr, method, Class, Encoder};
-use crate::stun::Message;
 use crate::turn::core::{Bucket, DeleteReason, Env, Relay, RelayKind, Table, View};
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
@@ -102,7 +101,7 @@ impl Relay for ShardRelay {
     }
 }
 
-impl ShardRelay {
+impl SendToPeer for ShardRelay {
     /// Client-to-peer datagram; a full socket buffer drops it, as UDP would.
     fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
         self.inner.sock.send_to(payload, peer).is_ok()
@@ -181,15 +180,11 @@ pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
 /// Per-turn counters, flushed to the registry once per turn instead of once per packet.
 #[derive(Default)]
 struct Counts {
-    to_peer: u64,
-    to_peer_bytes: u64,
     to_client: u64,
     to_client_bytes: u64,
-    no_route: u64,
     no_perm: u64,
     capped: u64,
     send_full: u64,
-    not_stun: u64,
 }
 
 struct Shard {
@@ -208,6 +203,7 @@ struct Shard {
     tx: SendQueue,
     out: Vec<u8>,
     counts: Counts,
+    peer_counts: PeerCounts,
     tid_state: u64,
 }
 
@@ -250,17 +246,10 @@ impl Shard {
             tx: SendQueue::new(MAX_DATAGRAM + HEADROOM),
             out: Vec::with_capacity(1500),
             counts: Counts::default(),
+            peer_counts: PeerCounts::default(),
             tid_state: rand::random::<u64>() | 1,
             shared,
         })
-    }
-
-    fn env(&self, now: Instant) -> Env {
-        Env {
-            now,
-            unix: crate::auth::unix_now(),
-            draining: self.shared.lifecycle.is_draining(),
-        }
     }
 
     fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
@@ -355,83 +344,51 @@ impl Shard {
     }
 
     fn handle_datagram(&mut self, now: Instant, pkt: &[u8], src: SocketAddr, from: Option<IpAddr>) {
-        match classify(pkt) {
-            Kind::ChannelData => {
-                let sent = self
-                    .table
-                    .as_mut()
-                    .and_then(|t| t.channel_data(now, src, pkt))
-                    .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
-                self.count_to_peer(sent);
-            }
-            Kind::Stun => self.handle_stun(now, pkt, src, from),
-            Kind::Other => self.counts.not_stun += 1,
-        }
-    }
-
-    fn count_to_peer(&mut self, sent: Option<(bool, usize)>) {
-        match sent {
-            Some((true, len)) => {
-                self.counts.to_peer += 1;
-                self.counts.to_peer_bytes += len as u64;
-            }
-            _ => self.counts.no_route += 1,
-        }
-    }
-
-    fn handle_stun(&mut self, now: Instant, pkt: &[u8], src: SocketAddr, from: Option<IpAddr>) {
-        let msg = match Message::parse(pkt) {
-            Ok(m) => m,
-            Err(e) => {
-                self.metrics
-                    .stun_requests
-                    .with_label_values(&["malformed"])
-                    .inc();
-                tracing::trace!(%src, error = %e, "malformed STUN datagram");
-                return;
-            }
-        };
-        if msg.method() == method::SEND && msg.class() == Class::Indication {
-            let sent = self
-                .table
-                .as_mut()
-                .and_then(|t| t.send_indication(now, src, &msg))
-                .map(|(relay, peer, data)| (relay.send_to_peer(data, peer), data.len()));
-            self.count_to_peer(sent);
-            return;
-        }
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let local = Some(match from {
             Some(ip) => SocketAddr::new(ip, self.local.port()),
             None => self.local,
         });
-        if msg.method() == method::BINDING {
-            let software = &self.shared.config.turn.software;
-            super::answer_binding(&self.metrics, &msg, src, local, software, &mut out);
-        } else if self.table.is_some() {
-            let env = self.env(now);
-            let Shard {
-                table,
-                poll,
-                relays,
-                free,
-                released,
-                waker,
-                ..
-            } = self;
-            let mut bind = |addr: SocketAddr, kind: RelayKind| -> io::Result<ShardRelay> {
-                if kind != RelayKind::Udp {
-                    return Err(io::Error::from(io::ErrorKind::Unsupported));
-                }
-                open_relay(addr, from, poll, relays, free, released, waker)
-            };
-            if let Some(t) = table.as_mut() {
-                t.handle_request(env, src, &msg, &mut out, &mut bind);
+        let Shard {
+            shared,
+            metrics,
+            table,
+            poll,
+            relays,
+            free,
+            released,
+            waker,
+            peer_counts,
+            ..
+        } = self;
+        let ctx = PortCtx {
+            metrics,
+            software: &shared.config.turn.software,
+            local,
+        };
+        let env = || Env {
+            now,
+            unix: crate::auth::unix_now(),
+            draining: shared.lifecycle.is_draining(),
+        };
+        let mut bind = |addr: SocketAddr, kind: RelayKind| -> io::Result<ShardRelay> {
+            if kind != RelayKind::Udp {
+                return Err(io::Error::from(io::ErrorKind::Unsupported));
             }
-        } else {
-            super::refuse_relay_disabled(&self.metrics, &msg, &mut out);
-        }
+            open_relay(addr, from, poll, relays, free, released, waker)
+        };
+        dispatch(
+            &ctx,
+            table.as_mut(),
+            env,
+            now,
+            src,
+            pkt,
+            &mut out,
+            peer_counts,
+            &mut bind,
+        );
         if !out.is_empty() {
             self.queue(&out, src, from);
         }
@@ -556,19 +513,15 @@ impl Shard {
     fn count(&mut self) {
         let c = std::mem::take(&mut self.counts);
         let m = &self.metrics;
-        if c.to_peer > 0 {
-            m.relay_packets_to_peer.inc_by(c.to_peer);
-            m.relay_bytes_to_peer.inc_by(c.to_peer_bytes);
-        }
+        self.peer_counts.flush(m);
         if c.to_client > 0 {
             m.relay_packets_to_client.inc_by(c.to_client);
             m.relay_bytes_to_client.inc_by(c.to_client_bytes);
         }
         for (label, n) in [
-            ("no_permission", c.no_route + c.no_perm),
+            ("no_permission", c.no_perm),
             ("bandwidth_cap", c.capped),
             ("client_send_full", c.send_full),
-            ("not_stun", c.not_stun),
         ] {
             if n > 0 {
                 m.drops.with_label_values(&[label]).inc_by(n);

@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::{dispatch_stun, relay_channel_data, PeerCounts, PortCtx};
 use crate::server::{shutdown_signal, Shared};
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::Message;
@@ -322,7 +323,7 @@ pub async fn serve_stream<S>(
     let software = shared.config.turn.software.clone();
     let m = shared.metrics.clone();
     let send_full = m.drops.with_label_values(&["client_send_full"]);
-    let no_route = m.drops.with_label_values(&["no_permission"]);
+    let mut counts = PeerCounts::default();
     let mut revoked = shared.auth.revocations();
     // RFC 6062 Connect results come back from connect tasks; a successful ConnectionBind
     // turns this connection into a raw data pipe to `data_peer`.
@@ -345,7 +346,6 @@ pub async fn serve_stream<S>(
     'conn: loop {
         // Handle every complete frame already buffered.
         let mut off = 0;
-        let (mut pkts, mut bytes) = (0u64, 0u64);
         let now = Instant::now();
         loop {
             let frame = match next_frame(&buf[off..]) {
@@ -403,28 +403,28 @@ pub async fn serve_stream<S>(
                     });
                     let sink = &s.sink;
                     let table = &mut s.table;
-                    if msg.method() == method::SEND && msg.class() == Class::Indication {
-                        match table
-                            .as_mut()
-                            .and_then(|t| t.send_indication(now, peer, &msg))
-                            .map(|(r, to, data)| (r.send_to_peer(data, to), data.len()))
-                        {
-                            Some((true, n)) => {
-                                pkts += 1;
-                                bytes += n as u64;
-                            }
-                            _ => no_route.inc(),
-                        }
-                        continue;
-                    }
                     out.clear();
-                    if msg.method() == method::BINDING {
-                        super::answer_binding(&m, &msg, peer, local, &software, &mut out);
-                    } else if let Some(t) = table.as_mut() {
-                        let conns = shared.turn.conns.clone();
-                        let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
-                        match t.handle_request(env(&shared), peer, &msg, &mut out, &mut bind) {
-                            Outcome::Connect(to) => {
+                    let ctx = PortCtx {
+                        metrics: &m,
+                        software: &software,
+                        local,
+                    };
+                    let conns = shared.turn.conns.clone();
+                    let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
+                    let outcome = dispatch_stun(
+                        &ctx,
+                        table.as_mut(),
+                        || env(&shared),
+                        now,
+                        peer,
+                        &msg,
+                        &mut out,
+                        &mut counts,
+                        &mut bind,
+                    );
+                    if let Some(t) = table.as_mut() {
+                        match outcome {
+                            Some(Outcome::Connect(to)) => {
                                 let tx = connect_tx.clone();
                                 let conns = shared.turn.conns.clone();
                                 let owner = match t.relay(peer) {
@@ -453,7 +453,7 @@ pub async fn serve_stream<S>(
                                     let _ = tx.send(id).await;
                                 });
                             }
-                            Outcome::ConnectionBind(id) => {
+                            Some(Outcome::ConnectionBind(id)) => {
                                 let user = t.bind_user().unwrap_or_default();
                                 match shared.turn.conns.take(id, user) {
                                     Ok(claimed) => {
@@ -490,8 +490,6 @@ pub async fn serve_stream<S>(
                             }
                             _ => {}
                         }
-                    } else {
-                        super::refuse_relay_disabled(&m, &msg, &mut out);
                     }
                     if !out.is_empty() && !sink.push(&out) {
                         send_full.inc();
@@ -500,27 +498,13 @@ pub async fn serve_stream<S>(
                 Frame::ChannelData { consumed, len } => {
                     let pkt = &buf[off..off + len];
                     off += consumed;
-                    match session
-                        .as_mut()
-                        .and_then(|s| s.table.as_mut())
-                        .and_then(|t| t.channel_data(now, peer, pkt))
-                        .map(|(r, to, data)| (r.send_to_peer(data, to), data.len()))
-                    {
-                        Some((true, n)) => {
-                            pkts += 1;
-                            bytes += n as u64;
-                        }
-                        _ => no_route.inc(),
-                    }
+                    let table = session.as_mut().and_then(|s| s.table.as_mut());
+                    relay_channel_data(table, now, peer, pkt, &mut counts);
                 }
             }
         }
         buf.drain(..off);
-        if pkts > 0 {
-            m.relay_packets_to_peer.inc_by(pkts);
-            m.relay_bytes_to_peer.inc_by(bytes);
-            m.relay_bytes_by_transport.to_peer(transport).inc_by(bytes);
-        }
+        counts.flush(&m, transport);
         let table = session.as_mut().and_then(|s| s.table.as_mut());
         let want = table.as_ref().and_then(|t| t.next_deadline());
         if want != armed {
