@@ -270,7 +270,8 @@ fn reuseport_bind(port: u16) -> UdpSocket {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
     s.set_reuse_port(true).expect("reuseport");
-    s.bind(&SocketAddr::new(LO, port).into()).expect("forwarder bind");
+    s.bind(&SocketAddr::new(LO, port).into())
+        .expect("forwarder bind");
     s.into()
 }
 
@@ -469,8 +470,8 @@ fn allocate_once(server: SocketAddr, i: usize) -> Result<Session, AllocErr> {
     let req = signed(&s, method::ALLOCATE, &t, |e| {
         e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
     });
-    let n = transact(&s.sock, &req, &t, &mut buf)
-        .ok_or(err("no answer to signed Allocate".into()))?;
+    let n =
+        transact(&s.sock, &req, &t, &mut buf).ok_or(err("no answer to signed Allocate".into()))?;
     let m = Message::parse(&buf[..n]).map_err(|e| err(e.to_string()))?;
     if m.class() != Class::Success {
         if error_code(&m) == Some(437) {
@@ -564,7 +565,10 @@ fn traffic(socks: &[UdpSocket], echo: &Echo, rate: u64, secs: f64, size: usize) 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let back = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Receiver: all client sockets in one poll, batched reads.
-    let clones: Vec<UdpSocket> = socks.iter().map(|s| s.try_clone().expect("clone")).collect();
+    let clones: Vec<UdpSocket> = socks
+        .iter()
+        .map(|s| s.try_clone().expect("clone"))
+        .collect();
     let (st, bk) = (stop.clone(), back.clone());
     let rx = std::thread::Builder::new()
         .name("rx".into())
@@ -647,13 +651,19 @@ fn traffic(socks: &[UdpSocket], echo: &Echo, rate: u64, secs: f64, size: usize) 
     let mut last = (0, 0);
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(100));
-        let now = (echo.received(), back.load(std::sync::atomic::Ordering::Relaxed));
+        let now = (
+            echo.received(),
+            back.load(std::sync::atomic::Ordering::Relaxed),
+        );
         if now == last && now.1 >= sent {
             break;
         }
         if now == last {
             std::thread::sleep(Duration::from_millis(200));
-            let again = (echo.received(), back.load(std::sync::atomic::Ordering::Relaxed));
+            let again = (
+                echo.received(),
+                back.load(std::sync::atomic::Ordering::Relaxed),
+            );
             if again == now {
                 break;
             }
@@ -1014,9 +1024,16 @@ fn run(o: &Opts) -> Result<(), String> {
                 .map(Row::per_cpu)
         };
         if let Some(sb) = get("switchboard") {
-            let b = get("bare").map(|b| format!("{:.2}", sb / b)).unwrap_or("-".into());
-            let c = get("coturn").map(|c| format!("{:.2}", sb / c)).unwrap_or("-".into());
-            println!("  {}k: switchboard/bare = {b}, switchboard/coturn = {c}", rate / 1000);
+            let b = get("bare")
+                .map(|b| format!("{:.2}", sb / b))
+                .unwrap_or("-".into());
+            let c = get("coturn")
+                .map(|c| format!("{:.2}", sb / c))
+                .unwrap_or("-".into());
+            println!(
+                "  {}k: switchboard/bare = {b}, switchboard/coturn = {c}",
+                rate / 1000
+            );
         }
     }
     println!();
@@ -1048,7 +1065,10 @@ fn run(o: &Opts) -> Result<(), String> {
         let after = rss_kib(s.child.id());
         let per = (after.saturating_sub(before)) as f64 * 1024.0 / o.rss_count as f64;
         release_many(v, 4);
-        println!("| {} | {:.0} | {:.0} B ({} → {} KiB) |", s.name, rate, per, before, after);
+        println!(
+            "| {} | {:.0} | {:.0} B ({} → {} KiB) |",
+            s.name, rate, per, before, after
+        );
         aps.insert(s.name.clone(), rate);
         rss.insert(s.name.clone(), per);
     }

@@ -506,13 +506,7 @@ fn bind_stun_pair(
     addr: SocketAddr,
     udp: bool,
     tcp: bool,
-) -> Result<
-    (
-        Option<std::net::UdpSocket>,
-        Option<tokio::net::TcpListener>,
-    ),
-    StartError,
-> {
+) -> Result<(Option<std::net::UdpSocket>, Option<tokio::net::TcpListener>), StartError> {
     let udp_err = |source| StartError::Bind {
         what: "STUN/TURN UDP",
         addr,

@@ -274,7 +274,11 @@ impl RecvBatch {
         (0..self.n).flat_map(move |i| {
             let m = &self.meta[i];
             let buf = &self.data[i * self.size..i * self.size + m.len.min(self.size)];
-            let stride = if m.stride == 0 { buf.len().max(1) } else { m.stride };
+            let stride = if m.stride == 0 {
+                buf.len().max(1)
+            } else {
+                m.stride
+            };
             buf.chunks(stride).map(move |d| (d, m.addr, m.dst_ip))
         })
     }
@@ -292,7 +296,11 @@ pub fn allow_fragmentation(sock: &impl AsFd, v6: bool) {
             libc::IPV6_PMTUDISC_DONT,
         )
     } else {
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT)
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DONT,
+        )
     };
     #[allow(unsafe_code)]
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local c_int.
@@ -323,7 +331,13 @@ mod tests {
         for i in 0..10u8 {
             assert!(q.push(&[i; 5], dst, Some(IpAddr::from([127, 0, 0, 1]))));
         }
-        assert_eq!(q.flush(&a), Flushed { sent: 10, dropped: 0 });
+        assert_eq!(
+            q.flush(&a),
+            Flushed {
+                sent: 10,
+                dropped: 0
+            }
+        );
         assert!(q.is_empty());
         let mut r = RecvBatch::new(2048);
         let mut got = Vec::new();
@@ -344,7 +358,8 @@ mod tests {
         q.push(b"pong", got[0].1, got[0].2);
         assert_eq!(q.flush(&b).sent, 1);
         let mut buf = [0u8; 16];
-        a.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        a.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
         let (n, from) = a.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"pong");
         assert_eq!(from, dst);
