@@ -23,6 +23,8 @@ use switchboard::udp_batch::{RecvBatch, SendQueue, UdpSocketState};
 
 const SECRET: &str = "bench-secret";
 const REALM: &str = "switchboard";
+/// Concurrent clients in the allocation phases.
+const ALLOC_CLIENTS: usize = 8;
 const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 #[derive(Clone, Debug)]
@@ -1048,32 +1050,51 @@ fn run(o: &Opts) -> Result<(), String> {
     }
     // Allocations per second and memory per allocation.
     println!();
-    println!("| server | allocations/s (long-term auth, 4 clients) | RSS per allocation at {} allocations |", o.rss_count);
-    println!("|---|---|---|");
+    println!(
+        "| server | allocations/s ({ALLOC_CLIENTS} clients, long-term auth) | allocations per \
+         server CPU-s | RSS per allocation at {} allocations |",
+        o.rss_count
+    );
+    println!("|---|---|---|---|");
     let mut aps = HashMap::new();
+    let mut aps_cpu = HashMap::new();
     let mut rss = HashMap::new();
     for s in servers.iter().filter(|s| s.turn) {
-        let (v, secs) = allocate_many(s.addr, o.alloc_count, base, 4)?;
+        let c0 = proc_cpu(s.child.id());
+        let (v, secs) = allocate_many(s.addr, o.alloc_count, base, ALLOC_CLIENTS)?;
+        let cpu = proc_cpu(s.child.id()) - c0;
         base += o.alloc_count;
         let rate = o.alloc_count as f64 / secs;
+        let per_cpu = if cpu > 0.0 {
+            o.alloc_count as f64 / cpu
+        } else {
+            0.0
+        };
         release_many(v, 4);
         std::thread::sleep(Duration::from_millis(300));
         let before = rss_kib(s.child.id());
-        let (v, _) = allocate_many(s.addr, o.rss_count, base, 4)?;
+        let (v, _) = allocate_many(s.addr, o.rss_count, base, ALLOC_CLIENTS)?;
         base += o.rss_count;
         std::thread::sleep(Duration::from_millis(300));
         let after = rss_kib(s.child.id());
-        let per = (after.saturating_sub(before)) as f64 * 1024.0 / o.rss_count as f64;
+        let per = (after.saturating_sub(before)) as f64 * 1024.0 / o.rss_count.max(1) as f64;
         release_many(v, 4);
         println!(
-            "| {} | {:.0} | {:.0} B ({} → {} KiB) |",
-            s.name, rate, per, before, after
+            "| {} | {:.0} | {:.0} ({:.2} CPU-s) | {:.0} B ({} → {} KiB) |",
+            s.name, rate, per_cpu, cpu, per, before, after
         );
         aps.insert(s.name.clone(), rate);
+        aps_cpu.insert(s.name.clone(), per_cpu);
         rss.insert(s.name.clone(), per);
     }
     if let (Some(a), Some(b)) = (aps.get("switchboard"), aps.get("coturn")) {
         println!("allocations/s switchboard/coturn = {:.2}", a / b);
+    }
+    if let (Some(a), Some(b)) = (aps_cpu.get("switchboard"), aps_cpu.get("coturn")) {
+        println!(
+            "allocations per server CPU-s switchboard/coturn = {:.2}",
+            a / b
+        );
     }
     if let (Some(a), Some(b)) = (rss.get("switchboard"), rss.get("coturn")) {
         if *b > 0.0 {

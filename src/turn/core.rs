@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::stun::codec::{
     attr, decode_u32, long_term_key, long_term_key_sha256, method, Class, Encoder, Message,
 };
+use crate::turn::allocation::{Alg, Alloc, Chan, Expiry, Key};
 use crate::turn::policy::PeerPolicy;
 
 /// Permission lifetime (RFC 8656 §9).
@@ -356,74 +357,6 @@ pub enum RelayBind {
     Local,
 }
 
-/// The long-term key an allocation was created with; later requests on it are checked
-/// against this key rather than re-deriving one from a possibly expired username.
-#[derive(Clone)]
-struct Key {
-    username: String,
-    md5: [u8; 16],
-    sha256: [u8; 32],
-}
-
-/// Which integrity algorithm the request used, so the response uses the same.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Alg {
-    Md5,
-    Sha256,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Chan {
-    num: u16,
-    peer: SocketAddr,
-    expires: Instant,
-    /// Expired binding kept until this instant so it is not rebound differently.
-    cooldown_until: Option<Instant>,
-}
-
-struct Alloc<R> {
-    relay: R,
-    kind: RelayKind,
-    /// Connect request waiting for the shell's TCP connect: transaction id, fingerprint, alg.
-    pending_connect: Option<([u8; 12], bool, Alg)>,
-    advertised: SocketAddr,
-    /// The server address the client sends to (its replies and peer data leave from it).
-    client_local: Option<IpAddr>,
-    expires: Instant,
-    /// Creation time: `turn.max_allocation_age_secs` counts from here.
-    born: Instant,
-    key: Key,
-    quota_user: String,
-    perms: Vec<(IpAddr, Instant)>,
-    chans: Vec<Chan>,
-    alloc_tid: [u8; 12],
-    alloc_resp: Vec<u8>,
-    bucket: Bucket,
-    span: tracing::Span,
-    /// Id in webhook events.
-    id: String,
-    created: Instant,
-    usage: Arc<crate::webhooks::Usage>,
-    /// The deadline this allocation holds in the table's timer queue: the earliest of its
-    /// lifetime, permissions, channels and channel cool-downs.
-    timer: Option<Instant>,
-}
-
-impl<R> Alloc<R> {
-    /// Earliest instant at which something of this allocation expires. Bounded work: at most
-    /// [`MAX_PERMISSIONS`] + [`MAX_CHANNELS`] entries of this one allocation are looked at.
-    fn earliest(&self) -> Instant {
-        let mut d = self.expires;
-        for (_, e) in &self.perms {
-            d = d.min(*e);
-        }
-        for c in &self.chans {
-            d = d.min(c.cooldown_until.unwrap_or(c.expires));
-        }
-        d
-    }
-}
-
 /// Why an allocation went away, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeleteReason {
@@ -581,7 +514,7 @@ impl<R: Relay> Table<R> {
         let Some(a) = self.allocs.get_mut(&client) else {
             return;
         };
-        let d = a.earliest();
+        let d = a.poll_timeout();
         if a.timer != Some(d) {
             if let Some(old) = a.timer.replace(d) {
                 self.timers.remove(&(old, client));
@@ -1550,34 +1483,26 @@ impl<R: Relay> Table<R> {
                 continue;
             };
             a.timer = None;
-            if a.expires <= now {
-                let aged = now.saturating_duration_since(a.born)
-                    >= Duration::from_secs(self.settings.max_age);
-                let reason = if aged {
-                    DeleteReason::MaxAge
-                } else {
-                    DeleteReason::Expired
-                };
-                self.delete(client, reason);
-                continue;
-            }
-            let before = a.perms.len();
-            a.perms.retain(|(_, e)| *e > now);
-            let mut dirty = before != a.perms.len();
-            perms_gone += (before - a.perms.len()) as i64;
-            for c in a.chans.iter_mut() {
-                if c.cooldown_until.is_none() && c.expires <= now {
-                    c.cooldown_until = Some(c.expires + CHANNEL_COOLDOWN);
-                    chans_gone += 1;
-                    dirty = true;
+            match a.handle_timeout(now) {
+                Expiry::Expired => {
+                    let aged = now.saturating_duration_since(a.born)
+                        >= Duration::from_secs(self.settings.max_age);
+                    let reason = if aged {
+                        DeleteReason::MaxAge
+                    } else {
+                        DeleteReason::Expired
+                    };
+                    self.delete(client, reason);
+                    continue;
                 }
-            }
-            a.chans
-                .retain(|c| c.cooldown_until.is_none_or(|until| until > now));
-            if dirty {
-                if let Some(a) = self.allocs.get(&client) {
-                    self.publish(client, a);
+                Expiry::Changed { perms, chans } => {
+                    perms_gone += perms;
+                    chans_gone += chans;
+                    if let Some(a) = self.allocs.get(&client) {
+                        self.publish(client, a);
+                    }
                 }
+                Expiry::Nothing => {}
             }
             self.reschedule(client);
         }
