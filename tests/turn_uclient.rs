@@ -89,3 +89,31 @@ async fn twenty_concurrent_clients() {
     assert_eq!(metric_reaches(&server, to_client, 200).await, 200);
     server.shutdown();
 }
+
+/// With four UDP shards the kernel spreads clients over four sockets; every client's requests
+/// and ChannelData must keep reaching the shard that owns its allocation, or packets are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_shards_keep_each_client_on_its_allocation() {
+    let server = start("max_allocations_per_user = 100\nshards = 4").await;
+    let peer = start_peer().await;
+    let r = uclient(
+        udp_addr(&server),
+        peer.port,
+        &[
+            "-W", SECRET, "-m", "24", "-n", "10", "-l", "120", "-z", "5", "-c",
+        ],
+    )
+    .await;
+    assert_clean(&r, 24 * 10);
+    let text = server.shared().metrics.render();
+    let created = metric(
+        &text,
+        "switchboard_turn_allocations_created_total{transport=\"udp\"}",
+    );
+    assert!(created >= 24, "{text}");
+    assert_eq!(
+        metric(&text, "switchboard_dropped_total{reason=\"no_permission\"}"),
+        0,
+        "{text}"
+    );
+}

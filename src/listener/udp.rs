@@ -10,7 +10,23 @@ use crate::server::Shared;
 /// Bind a UDP socket on the STUN/TURN port with large buffers (relay bursts), IPV6_V6ONLY on
 /// v6 addresses and SO_REUSEPORT, so each shard can open its own socket on the same port.
 pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    bind_std(addr)
+    // SO_REUSEPORT would let a second process on the same port silently share our traffic:
+    // first take the address plainly, so a port already in use fails as it always did, then
+    // take it again with SO_REUSEPORT (and learn the port when `addr` asked for port 0).
+    let probe = plain(addr)?;
+    let actual = probe.local_addr()?;
+    drop(probe);
+    bind_std(actual)
+}
+
+fn plain(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
 }
 
 /// [`bind`], also used for the shards' sibling sockets on an already bound address.
@@ -165,4 +181,23 @@ pub async fn serve(shared: Arc<Shared>, sock: std::net::UdpSocket) {
     };
     socks.insert(0, sock);
     super::shard::serve(shared, socks).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_in_use_is_refused_even_with_reuseport_siblings() {
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = first.local_addr().unwrap();
+        // Our own shards may join the port...
+        let sib = bind_std(addr).unwrap();
+        assert_eq!(sib.local_addr().unwrap(), addr);
+        // ...but another server on the same port fails as with a plain bind.
+        assert!(bind(addr).is_err());
+        // And a plain socket holding a port keeps us out.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(bind(other.local_addr().unwrap()).is_err());
+    }
 }
