@@ -202,10 +202,7 @@ pub(crate) fn dispatch_stun<R>(
     msg: &crate::stun::Message<'_>,
     out: &mut Vec<u8>,
     counts: &mut PeerCounts,
-    bind: &mut dyn FnMut(
-        std::net::SocketAddr,
-        crate::turn::core::RelayKind,
-    ) -> std::io::Result<R>,
+    bind: &mut dyn FnMut(std::net::SocketAddr, crate::turn::core::RelayKind) -> std::io::Result<R>,
 ) -> Option<crate::turn::core::Outcome>
 where
     R: crate::turn::core::Relay + SendToPeer,

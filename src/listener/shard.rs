@@ -54,8 +54,6 @@ struct RelaySock {
     sock: mio::net::UdpSocket,
     addr: SocketAddr,
     view: ArcSwap<View>,
-    /// Local address the client reached us on, to answer from it on a wildcard listener.
-    reply_from: Option<IpAddr>,
     /// Bandwidth cap state; only the owning shard takes it, and only when a cap is set.
     bucket: Mutex<Option<Bucket>>,
 }
@@ -293,6 +291,7 @@ impl Shard {
                         now,
                         unix: crate::auth::unix_now(),
                         draining: self.shared.lifecycle.is_draining(),
+                        local: None,
                     };
                     t.handle_timeout(env);
                 }
@@ -333,8 +332,7 @@ impl Shard {
                 }
             };
             for (pkt, src, dst) in rx.iter() {
-                let from = if self.wildcard { dst } else { None };
-                self.handle_datagram(now, pkt, src, from);
+                self.handle_datagram(now, pkt, src, dst);
             }
             if n < RECV_BATCH {
                 return false;
@@ -343,7 +341,11 @@ impl Shard {
         true
     }
 
-    fn handle_datagram(&mut self, now: Instant, pkt: &[u8], src: SocketAddr, from: Option<IpAddr>) {
+    /// One datagram from a client; `dst` is the local address it reached (IP_PKTINFO).
+    fn handle_datagram(&mut self, now: Instant, pkt: &[u8], src: SocketAddr, dst: Option<IpAddr>) {
+        // On a wildcard listener, answer from the address the client used; relays bind it.
+        let from = if self.wildcard { dst } else { None };
+        let to = dst.unwrap_or(self.local.ip());
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let local = Some(match from {
@@ -371,12 +373,13 @@ impl Shard {
             now,
             unix: crate::auth::unix_now(),
             draining: shared.lifecycle.is_draining(),
+            local: Some(to),
         };
         let mut bind = |addr: SocketAddr, kind: RelayKind| -> io::Result<ShardRelay> {
             if kind != RelayKind::Udp {
                 return Err(io::Error::from(io::ErrorKind::Unsupported));
             }
-            open_relay(addr, from, poll, relays, free, released, waker)
+            open_relay(addr, poll, relays, free, released, waker)
         };
         dispatch(
             &ctx,
@@ -448,6 +451,8 @@ impl Shard {
             }
         }
         let n = data.len();
+        // On a wildcard listener, peer data leaves from the address the client sends to.
+        let from = if self.wildcard { view.local } else { None };
         if self.tx.is_full() {
             self.flush();
         }
@@ -457,7 +462,7 @@ impl Shard {
                     slot[0..2].copy_from_slice(&ch.to_be_bytes());
                     slot[2..4].copy_from_slice(&(n as u16).to_be_bytes());
                     slot[HEADROOM..HEADROOM + n].copy_from_slice(data);
-                    self.tx.commit(HEADROOM + n, client, r.reply_from);
+                    self.tx.commit(HEADROOM + n, client, from);
                     true
                 }
                 _ => false,
@@ -474,7 +479,7 @@ impl Shard {
                 e.xor_address(attr::XOR_PEER_ADDRESS, peer);
                 e.attr(attr::DATA, data);
                 e.finish();
-                let ok = self.tx.push(&out, client, r.reply_from);
+                let ok = self.tx.push(&out, client, from);
                 self.out = out;
                 ok
             }
@@ -533,7 +538,6 @@ impl Shard {
 /// Bind a relay socket on `addr` and add it to this shard's poll set.
 fn open_relay(
     addr: SocketAddr,
-    reply_from: Option<IpAddr>,
     poll: &Poll,
     relays: &mut Vec<Option<Arc<RelaySock>>>,
     free: &mut Vec<usize>,
@@ -568,7 +572,6 @@ fn open_relay(
         sock,
         addr: local,
         view: ArcSwap::from_pointee(View::default()),
-        reply_from,
         bucket: Mutex::new(None),
     });
     relays[slot] = Some(inner.clone());
