@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use switchboard::stun::codec::{attr, long_term_key, method, Class, Encoder, Message};
-use switchboard::udp_batch::{RecvBatch, SendQueue, UdpSocketState};
+use switchboard::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 const SECRET: &str = "bench-secret";
 const REALM: &str = "switchboard";
@@ -210,7 +210,7 @@ impl Echo {
                 let mut q = SendQueue::new(2048);
                 while !s.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = poll.poll(&mut ev, Some(Duration::from_millis(50)));
-                    while let Ok(_n) = rb.recv(&state, &ms) {
+                    while let Ok(n) = rb.recv(&state, &ms) {
                         let mut k = 0;
                         for (d, from, _) in rb.iter() {
                             if q.is_full() {
@@ -221,6 +221,9 @@ impl Echo {
                         }
                         c.fetch_add(k, std::sync::atomic::Ordering::Relaxed);
                         q.flush(&ms);
+                        if n < RECV_BATCH {
+                            break;
+                        }
                     }
                 }
             })
@@ -305,7 +308,7 @@ fn forwarder_shard(front: UdpSocket) {
         for e in ev.iter() {
             let t = e.token().0;
             if t == usize::MAX {
-                while rb.recv(&state, &front).is_ok() {
+                while let Ok(got) = rb.recv(&state, &front) {
                     for (d, from, _) in rb.iter() {
                         if d.len() < 4 {
                             continue;
@@ -326,9 +329,13 @@ fn forwarder_shard(front: UdpSocket) {
                             to_peer.flush(s);
                         }
                     }
+                    // A short batch means the socket is empty: no extra failing syscall.
+                    if got < RECV_BATCH {
+                        break;
+                    }
                 }
             } else if let Some((s, client, _)) = relays.get(t) {
-                while rb.recv(&state, s).is_ok() {
+                while let Ok(got) = rb.recv(&state, s) {
                     for (d, _, _) in rb.iter() {
                         if to_clients.is_full() {
                             to_clients.flush(&front);
@@ -340,6 +347,9 @@ fn forwarder_shard(front: UdpSocket) {
                             slot[4..4 + n].copy_from_slice(&d[..n]);
                             to_clients.commit(4 + n, *client, None);
                         }
+                    }
+                    if got < RECV_BATCH {
+                        break;
                     }
                 }
             }
@@ -602,8 +612,11 @@ fn traffic(socks: &[UdpSocket], echo: &Echo, rate: u64, secs: f64, size: usize) 
                 let _ = poll.poll(&mut ev, Some(Duration::from_millis(20)));
                 for e in ev.iter() {
                     let s = &ms[e.token().0];
-                    while rb.recv(&state, s).is_ok() {
+                    while let Ok(got) = rb.recv(&state, s) {
                         n += rb.iter().count() as u64;
+                        if got < RECV_BATCH {
+                            break;
+                        }
                     }
                 }
                 bk.store(n, std::sync::atomic::Ordering::Relaxed);
