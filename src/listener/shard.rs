@@ -43,10 +43,12 @@ const FIRST_RELAY: usize = 2;
 
 /// Relay sockets released by their allocation (possibly on another shard, for an EVEN-PORT
 /// reservation redeemed elsewhere) and not yet closed by the shard polling them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Released {
     any: AtomicBool,
     tokens: Mutex<Vec<usize>>,
+    /// The shard thread; a drop there needs no wake-up, it looks after every turn.
+    owner: std::thread::ThreadId,
 }
 
 /// One relay socket: the state the data path reads on every peer datagram.
@@ -84,7 +86,9 @@ impl Drop for ShardRelay {
             .push(self.token);
         self.released.any.store(true, Ordering::Release);
         // Another shard (EVEN-PORT redemption) may own the poll; make it look now.
-        let _ = self.waker.wake();
+        if std::thread::current().id() != self.released.owner {
+            let _ = self.waker.wake();
+        }
     }
 }
 
@@ -240,7 +244,11 @@ impl Shard {
             table,
             relays: Vec::new(),
             free: Vec::new(),
-            released: Arc::new(Released::default()),
+            released: Arc::new(Released {
+                any: AtomicBool::new(false),
+                tokens: Mutex::new(Vec::new()),
+                owner: std::thread::current().id(),
+            }),
             tx: SendQueue::new(MAX_DATAGRAM + HEADROOM),
             out: Vec::with_capacity(1500),
             counts: Counts::default(),
