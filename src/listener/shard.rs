@@ -26,8 +26,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::server::Shared;
-use crate::stun::codec::{attr, method, Class, Encoder};
 use crate::turn::core::{Bucket, DeleteReason, Env, Relay, RelayKind, Table, View};
+use crate::turn::relay::data_indication;
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 /// Largest datagram read from any socket.
@@ -100,6 +100,9 @@ impl Relay for ShardRelay {
     fn attach(&self, _: &()) {}
     fn publish(&self, view: Arc<View>) {
         self.inner.view.store(view);
+    }
+    fn set_dont_fragment(&self) -> io::Result<()> {
+        crate::turn::relay::dont_fragment::set(&self.inner.sock, self.inner.addr.is_ipv6())
     }
 }
 
@@ -187,6 +190,7 @@ struct Counts {
     no_perm: u64,
     capped: u64,
     send_full: u64,
+    oversized: u64,
 }
 
 struct Shard {
@@ -483,10 +487,12 @@ impl Shard {
                 self.tid_state ^= self.tid_state << 17;
                 let mut tid = [0u8; 12];
                 tid[..8].copy_from_slice(&self.tid_state.to_le_bytes());
-                let mut e = Encoder::new(&mut out, method::DATA, Class::Indication, &tid);
-                e.xor_address(attr::XOR_PEER_ADDRESS, peer);
-                e.attr(attr::DATA, data);
-                e.finish();
+                if data_indication(&mut out, &tid, peer, data).is_err() {
+                    // Too large for a Data indication's 16-bit length: dropped whole.
+                    self.out = out;
+                    self.counts.oversized += 1;
+                    return;
+                }
                 let ok = self.tx.push(&out, client, from);
                 self.out = out;
                 ok
@@ -535,6 +541,7 @@ impl Shard {
             ("no_permission", c.no_perm),
             ("bandwidth_cap", c.capped),
             ("client_send_full", c.send_full),
+            ("peer_datagram_oversized", c.oversized),
         ] {
             if n > 0 {
                 m.drops.with_label_values(&[label]).inc_by(n);

@@ -28,8 +28,6 @@ pub(super) struct Chan {
     pub(super) num: u16,
     pub(super) peer: SocketAddr,
     pub(super) expires: Instant,
-    /// Creation time: `turn.max_allocation_age_secs` counts from here.
-    pub(super) born: Instant,
     /// Expired binding kept until this instant so it is not rebound differently.
     pub(super) cooldown_until: Option<Instant>,
 }
@@ -46,6 +44,8 @@ pub(super) struct Alloc<R> {
     /// The server address the client sends to (its replies and peer data leave from it).
     pub(super) client_local: Option<IpAddr>,
     pub(super) expires: Instant,
+    /// Creation time: `turn.max_allocation_age_secs` counts from here.
+    pub(super) born: Instant,
     pub(super) key: Key,
     pub(super) quota_user: String,
     pub(super) perms: Vec<(IpAddr, Instant)>,

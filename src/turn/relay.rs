@@ -204,7 +204,7 @@ impl UdpRelay {
 /// refuses (EMSGSIZE) what exceeds the path MTU rather than fragmenting it.
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[allow(unsafe_code)]
-mod dont_fragment {
+pub(crate) mod dont_fragment {
     use nix::libc;
     use std::os::fd::AsRawFd;
 
@@ -245,7 +245,7 @@ mod dont_fragment {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-mod dont_fragment {
+pub(crate) mod dont_fragment {
     /// Not available here: DONT-FRAGMENT is answered with 420.
     pub fn set<T>(_sock: &T, _v6: bool) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
