@@ -20,8 +20,8 @@ pub mod signaling;
 pub mod stun;
 pub mod tls;
 pub mod turn;
-pub mod webhooks;
 pub mod udp_batch;
+pub mod webhooks;
 
 pub use config::Config;
 pub use server::{RunningServer, Server};

@@ -16,7 +16,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,8 @@ pub fn siblings(first: &std::net::UdpSocket, n: usize) -> io::Result<Vec<std::ne
 /// SO_REUSEPORT) until shutdown; returns when every shard thread has ended.
 pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
     let stop = Arc::new(AtomicBool::new(false));
+    // Bumped when credentials are revoked; each shard sweeps its table when it sees a change.
+    let revoked_gen = Arc::new(AtomicU64::new(0));
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
     for (i, sock) in socks.into_iter().enumerate() {
@@ -156,11 +158,11 @@ pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
             }
         };
         wakers.push(waker.clone());
-        let (sh, st) = (shared.clone(), stop.clone());
+        let (sh, st, rg) = (shared.clone(), stop.clone(), revoked_gen.clone());
         let t = std::thread::Builder::new()
             .name(format!("turn-shard-{i}"))
             .spawn(move || {
-                if let Err(e) = Shard::new(sh, sock, poll, waker).and_then(|s| s.run(&st)) {
+                if let Err(e) = Shard::new(sh, sock, poll, waker).and_then(|s| s.run(&st, &rg)) {
                     tracing::error!(shard = i, error = %e, "TURN shard stopped");
                 }
             });
@@ -169,7 +171,19 @@ pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
             Err(e) => tracing::error!(error = %e, "cannot start a TURN shard thread"),
         }
     }
-    crate::server::shutdown_signal(shared.lifecycle.subscribe()).await;
+    let mut revoked = shared.auth.revocations();
+    let mut shutdown = std::pin::pin!(crate::server::shutdown_signal(shared.lifecycle.subscribe()));
+    loop {
+        tokio::select! {
+            Ok(()) = revoked.changed() => {
+                revoked_gen.fetch_add(1, Ordering::AcqRel);
+                for w in &wakers {
+                    let _ = w.wake();
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
     stop.store(true, Ordering::Release);
     for w in &wakers {
         let _ = w.wake();
@@ -228,14 +242,16 @@ impl Shard {
             .register(&mut sock, TOKEN_LISTEN, Interest::READABLE)?;
         let metrics = shared.metrics.clone();
         let table = shared.config.turn.relay.then(|| {
-            Table::new(
+            let mut t = Table::new(
                 shared.turn.settings.clone(),
                 shared.auth.clone(),
                 metrics.clone(),
                 shared.turn.pool.clone(),
                 "udp",
                 (),
-            )
+            );
+            t.set_events(shared.webhooks.clone());
+            t
         });
         Ok(Shard {
             metrics,
@@ -262,7 +278,8 @@ impl Shard {
         })
     }
 
-    fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+    fn run(mut self, stop: &AtomicBool, revoked_gen: &AtomicU64) -> io::Result<()> {
+        let mut revoked_seen = revoked_gen.load(Ordering::Acquire);
         let mut events = Events::with_capacity(1024);
         // Sockets that still had data when their budget ran out: served again next turn.
         let mut pending: Vec<Token> = Vec::new();
@@ -306,6 +323,13 @@ impl Shard {
                         local: None,
                     };
                     t.handle_timeout(env);
+                }
+            }
+            let gen = revoked_gen.load(Ordering::Acquire);
+            if gen != revoked_seen {
+                revoked_seen = gen;
+                if let Some(t) = self.table.as_mut() {
+                    t.sweep_revoked();
                 }
             }
             self.close_released();
@@ -431,8 +455,13 @@ impl Shard {
                 }
                 continue;
             };
+            let (p0, b0) = (self.counts.to_client, self.counts.to_client_bytes);
             for (data, peer, _) in rx.iter() {
                 self.relay_to_client(&r, &view, now, data, peer, client);
+            }
+            let (p, b) = (self.counts.to_client - p0, self.counts.to_client_bytes - b0);
+            if p > 0 {
+                view.usage.to_client(p, b);
             }
             if n < RECV_BATCH {
                 return false;
@@ -532,10 +561,13 @@ impl Shard {
     fn count(&mut self) {
         let c = std::mem::take(&mut self.counts);
         let m = &self.metrics;
-        self.peer_counts.flush(m);
+        self.peer_counts.flush(m, "udp");
         if c.to_client > 0 {
             m.relay_packets_to_client.inc_by(c.to_client);
             m.relay_bytes_to_client.inc_by(c.to_client_bytes);
+            m.relay_bytes_by_transport
+                .to_client("udp")
+                .inc_by(c.to_client_bytes);
         }
         for (label, n) in [
             ("no_permission", c.no_perm),
