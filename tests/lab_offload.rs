@@ -445,6 +445,8 @@ mod kernel {
             max_bps: 0,
             local: Some(SERVER.parse().unwrap()),
             owner: None,
+            usage: Default::default(),
+            transport: "udp",
         };
         // The wildcard listener, as in the shipped configs.
         let sync = ChannelSync::new(
