@@ -236,6 +236,8 @@ export class Switchboard extends EventTarget {
     const ended = {
       // Replaced by a newer connection of the same user: resuming would fight it.
       4001: { code: "replaced", message: "this call continued in another window" },
+      // The login reached auth.max_session_age_secs: a resume would be refused; log in again.
+      4003: { code: "expired_token", message: "your login expired; log in again" },
       // Removed by the app's backend (kicked, or the user was revoked): the seat is gone.
       4005: { code: "kicked", message: "removed from the room" },
       // The app's backend closed the room.
