@@ -1,6 +1,7 @@
 //! Cluster mode with real processes: three switchboard binaries share one redis-server
 //! (Debian's, started on a free port with its own directory and killed on drop). Cross-node
-//! calls, the owner's death, and a Redis outage with an empty restart.
+//! calls, the owner's death, a drain, a reconnect storm, a Redis outage with an empty restart,
+//! and two Chromium pages, each served by a different node, in one call through the relay.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -12,6 +13,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[path = "support/webdriver.rs"]
+mod webdriver;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -86,13 +90,17 @@ struct Node {
 
 impl Node {
     fn start(redis: &Redis, id: &str) -> Node {
-        let port = free_port();
+        Node::start_with(redis, id, free_port(), "", "")
+    }
+
+    /// A node on `port`, with extra keys for its `[http]` and `[turn]` sections.
+    fn start_with(redis: &Redis, id: &str, port: u16, http: &str, turn: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("switchboard.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+                "[http]\nlisten = \"127.0.0.1:{port}\"\n{http}\n[turn]\nlisten = [\"127.0.0.1:0\"]\n{turn}\n\
                  [auth]\nsession_keys = [\"cluster-test-session-key-0123456789\"]\n\
                  turn_secrets = [\"cluster-test-turn-secret\"]\nlogin_rate_per_minute = 100000\n\
                  [signaling]\nmax_connections_per_ip = 5000\n\
@@ -840,4 +848,94 @@ async fn reconnect_storm_across_nodes_loses_nothing_and_leaves_no_ghosts() {
     assert_eq!(owned, ROOMS as f64, "every room still has one owner");
     eprintln!("storm: done in {:?}", t0.elapsed());
     assert!(t0.elapsed() < Duration::from_secs(60));
+}
+
+/// Poll a page's state until `pred` holds (60 s for slow CI machines).
+async fn page_state(b: &webdriver::Browser, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..240 {
+        last = b.js("return window.sbState || {}").await;
+        if pred(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out waiting for {what}; last page state: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_on_different_nodes_call_through_the_relay() {
+    let redis = Redis::start();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // Each page is served by its own node and opens its socket there: every node allows the
+    // origins of all of them (as behind one Service with per-node names).
+    let origins = ports
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let http = format!("allowed_origins = [{origins}]");
+    // TURN over TCP; the peer of each relay is the other node's relay on loopback.
+    let turn = "udp = false\nallow_peers = [\"127.0.0.1/32\"]";
+    let nodes: Vec<Node> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| Node::start_with(&redis, &format!("n{}", i + 1), p, &http, turn))
+        .collect();
+    for n in &nodes {
+        n.wait_up().await;
+    }
+    let base = |i: usize| format!("http://127.0.0.1:{}", nodes[i].port);
+    let d = webdriver::Driver::start().await;
+    let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = d.browser("A", pa.path(), &[]).await;
+    a.go(&format!("{}/?name=A&auto=1&relay=1", base(0))).await;
+    let st = page_state(&a, "A to create a room on node 1", |v| {
+        v["room"].is_string()
+    })
+    .await;
+    let room = st["room"].as_str().unwrap().to_string();
+    let b = d.browser("B", pb.path(), &[]).await;
+    b.go(&format!("{}/?name=B&auto=1&relay=1&room={room}", base(1)))
+        .await;
+    for (p, who) in [(&b, "B"), (&a, "A")] {
+        let v = page_state(
+            p,
+            &format!("{who} to decode video through the relay"),
+            |v| v["connectionType"] == "relay" && v["framesDecoded"].as_u64().unwrap_or(0) > 0,
+        )
+        .await;
+        assert_eq!(v["error"], Value::Null, "{who}: {v}");
+    }
+    // The data channel crosses too.
+    assert_eq!(
+        b.js("return window.sb.sendMessage('hello from B')").await,
+        1
+    );
+    page_state(&a, "A to get B's data-channel message", |v| {
+        v["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x == "hello from B"))
+    })
+    .await;
+    // Signaling really crossed nodes, and each page relayed through its own node.
+    assert!(
+        nodes[1]
+            .metric("switchboard_cluster_forward_seconds_count")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        nodes[0].metric("switchboard_cluster_rooms_owned").await,
+        1.0
+    );
+    for n in &nodes[..2] {
+        assert!(
+            n.metric("switchboard_turn_relayed_packets_total{direction=\"to_peer\"}")
+                .await
+                > 50.0
+        );
+    }
+    a.quit().await;
+    b.quit().await;
 }
