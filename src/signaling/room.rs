@@ -1687,7 +1687,11 @@ mod tests {
         out.clear();
         let done = h.tick(t + Duration::from_secs(10), &mut out);
         assert_eq!(done.expired, 1);
-        assert_eq!(done.shrunk_rooms, [room.clone()], "its mirror is rewritten");
+        assert_eq!(
+            done.shrunk_rooms,
+            std::slice::from_ref(&room),
+            "its mirror is rewritten"
+        );
         let left = sent_to(&out, 1);
         assert_eq!(left[0]["type"], "peer-left");
         assert_eq!(left[0]["reason"], "timeout");
