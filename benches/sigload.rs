@@ -3,6 +3,9 @@
 //! loss, order and server CPU per 1,000 messages. It speaks switchboard's protocol and the
 //! PeerJS server's, so both run through the same client in the same run.
 //!
+//! In cluster mode it puts the two peers of each pair on different nodes, so that every signal
+//! crosses Redis, and measures that next to a single node in the same run.
+//!
 //! `cargo bench --bench sigload -- <mode> [--key value]…` (see `usage()`); `cargo test` runs a
 //! tiny smoke run against an in-process switchboard instead.
 
@@ -32,7 +35,11 @@ fn usage() -> &'static str {
                       [--rate MSGS_PER_S] [--secs S] [--src IP]\n\
      sigload compare  --sb HOST:PORT/PID --peerjs HOST:PORT/PID [--n N] [--pairs P]\n\
                       [--rate R[,R2…]] [--secs S]   (hold N, then latency at each rate while\n\
-                      the N stay connected; prints a markdown table with ratios)"
+                      the N stay connected; prints a markdown table with ratios)\n\
+     sigload cluster  --single HOST:PORT/PID --nodes HOST:PORT/PID,HOST:PORT/PID [--pairs P]\n\
+                      [--rate R[,R2…]] [--secs S]   (latency on the single node, with both peers\n\
+                      on the first cluster node, and with them on different cluster nodes;\n\
+                      prints a markdown table with ratios to the single node)"
 }
 
 /// Which server protocol to speak.
@@ -140,6 +147,12 @@ async fn sb_peer(s: &Server, name: &str) -> Result<Ws, Error> {
 }
 
 async fn make_pair(s: &Server, tag: &str) -> Result<Pair, Error> {
+    make_pair_on(s, s, tag).await
+}
+
+/// A pair whose first peer (which creates the room) is on `s` and whose second is on `sb`:
+/// with two cluster nodes, the room lives on `s` and the second peer's node forwards.
+async fn make_pair_on(s: &Server, sb: &Server, tag: &str) -> Result<Pair, Error> {
     match s.target {
         Target::Switchboard => {
             let mut a = sb_peer(s, &format!("{tag}a")).await?;
@@ -152,7 +165,7 @@ async fn make_pair(s: &Server, tag: &str) -> Result<Pair, Error> {
             let join = json!({"type": "join", "room": room}).to_string();
             a.send(Message::Text(join.clone().into())).await?;
             until_type(&mut a, "joined").await?;
-            let mut b = sb_peer(s, &format!("{tag}b")).await?;
+            let mut b = sb_peer(sb, &format!("{tag}b")).await?;
             b.send(Message::Text(join.into())).await?;
             until_type(&mut b, "joined").await?;
             until_type(&mut a, "peer-joined").await?;
@@ -345,6 +358,27 @@ async fn latency(
     secs: f64,
     tag: &str,
 ) -> Result<LatencyReport, Error> {
+    latency_on(s, s, pairs, rate, secs, tag).await
+}
+
+/// CPU ticks of every distinct process among the servers.
+fn cpu_ticks_of(servers: &[&Server]) -> u64 {
+    let mut pids: Vec<u32> = servers.iter().map(|s| s.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.iter().filter_map(|p| cpu_ticks(*p)).sum()
+}
+
+/// [`latency`] with each pair's first peer on `s` and its second on `sb`; the CPU figure is
+/// the sum over both processes.
+async fn latency_on(
+    s: &Server,
+    sb: &Server,
+    pairs: usize,
+    rate: u64,
+    secs: f64,
+    tag: &str,
+) -> Result<LatencyReport, Error> {
     let start = Instant::now();
     // The first second (or tenth of a short run) warms up connections and allocators.
     let warm = Duration::from_secs_f64((secs / 10.0).min(1.0));
@@ -360,7 +394,7 @@ async fn latency(
     let mut senders: Vec<(mpsc::UnboundedSender<String>, String)> = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..pairs {
-        let p = make_pair(s, &format!("{tag}{i}l")).await?;
+        let p = make_pair_on(s, sb, &format!("{tag}{i}l")).await?;
         for (ws, dst) in [(p.a, p.b_id), (p.b, p.a_id)] {
             let (tx, rx) = ws.split();
             let (q, qr) = mpsc::unbounded_channel();
@@ -369,7 +403,7 @@ async fn latency(
             senders.push((q, dst));
         }
     }
-    let cpu0 = cpu_ticks(s.pid).unwrap_or(0);
+    let cpu0 = cpu_ticks_of(&[s, sb]);
     let t0 = Instant::now();
     sh.warm_until_ns.store(
         (t0 + warm).saturating_duration_since(start).as_nanos() as u64,
@@ -412,7 +446,7 @@ async fn latency(
         }
     }
     let all_secs = t0.elapsed().as_secs_f64();
-    let cpu1 = cpu_ticks(s.pid).unwrap_or(0);
+    let cpu1 = cpu_ticks_of(&[s, sb]);
     drop(senders);
     for t in tasks {
         t.abort();
@@ -586,9 +620,96 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Cross-node latency next to the single node's, in one run: a single-node switchboard, then
+/// pairs with both peers on the first cluster node, then pairs split over two nodes.
+async fn cluster(args: &HashMap<String, String>) -> Result<(), Error> {
+    let get = |k: &str, d: &str| args.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let pairs: usize = get("pairs", "250").parse()?;
+    let secs: f64 = get("secs", "10").parse()?;
+    let rates: Vec<u64> = get("rate", "5000")
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let single = parse_server(Target::Switchboard, &get("single", ""), "127.0.30.1")?;
+    let nodes = get("nodes", "");
+    let (n1, n2) = nodes.split_once(',').ok_or("--nodes needs two nodes")?;
+    let n1 = parse_server(Target::Switchboard, n1, "127.0.31.1")?;
+    let n2 = parse_server(Target::Switchboard, n2, "127.0.32.1")?;
+    let runs: [(&str, &Server, &Server); 3] = [
+        ("single node", &single, &single),
+        ("cluster, same node", &n1, &n1),
+        ("cluster, cross-node", &n1, &n2),
+    ];
+    let mut table: Vec<Vec<LatencyReport>> = Vec::new();
+    for (i, r) in rates.iter().enumerate() {
+        let mut row = Vec::new();
+        for (j, (name, a, b)) in runs.iter().enumerate() {
+            let rep = latency_on(a, b, pairs, *r, secs, &format!("c{i}{j}r")).await?;
+            print_latency(name, &rep);
+            row.push(rep);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        table.push(row);
+    }
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "–".into()
+        }
+    };
+    println!(
+        "\n| | single node | cluster, same node | cluster, cross-node | cross-node / single |\n\
+         |---|---|---|---|---|"
+    );
+    for (r, row) in rates.iter().zip(&table) {
+        let (s1, same, cross) = (&row[0], &row[1], &row[2]);
+        let label = format!("{r} msgs/s, {pairs} pairs");
+        for (what, f) in [
+            (
+                "p50 ms",
+                (|x: &LatencyReport| x.p50_ms) as fn(&LatencyReport) -> f64,
+            ),
+            ("p99 ms", |x| x.p99_ms),
+            ("p99.9 ms", |x| x.p999_ms),
+            ("max ms", |x| x.max_ms),
+            ("server CPU ms per 1,000 msgs (all nodes)", |x| {
+                x.cpu_ms_per_1000
+            }),
+            ("achieved msgs/s", |x| x.achieved_rate),
+        ] {
+            println!(
+                "| {label}: {what} | {:.3} | {:.3} | {:.3} | {} |",
+                f(s1),
+                f(same),
+                f(cross),
+                ratio(f(cross), f(s1))
+            );
+        }
+        let lost = |x: &LatencyReport| {
+            format!(
+                "{} / {} / {}",
+                x.sent - x.received.min(x.sent),
+                x.reordered,
+                x.altered
+            )
+        };
+        println!(
+            "| {label}: lost / reordered / altered | {} | {} | {} | |",
+            lost(s1),
+            lost(same),
+            lost(cross)
+        );
+    }
+    Ok(())
+}
+
 async fn run(mode: &str, args: HashMap<String, String>) -> Result<(), Error> {
     if mode == "compare" {
         return compare(&args).await;
+    }
+    if mode == "cluster" {
+        return cluster(&args).await;
     }
     let get = |k: &str, d: &str| args.get(k).cloned().unwrap_or_else(|| d.to_string());
     let target = match get("target", "sb").as_str() {

@@ -434,6 +434,7 @@ impl Metrics {
             "cluster_unavailable",
             "cluster_publish_failed",
             "cluster_stale_owner",
+            "cluster_fenced",
         ] {
             m.drops.with_label_values(&[r]);
         }

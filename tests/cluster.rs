@@ -1,6 +1,7 @@
 //! Cluster mode with real processes: three switchboard binaries share one redis-server
 //! (Debian's, started on a free port with its own directory and killed on drop). Cross-node
-//! calls, the owner's death, and a Redis outage with an empty restart.
+//! calls, the owner's death, a drain, a reconnect storm, a Redis outage with an empty restart,
+//! and two Chromium pages, each served by a different node, in one call through the relay.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -12,6 +13,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[path = "support/webdriver.rs"]
+mod webdriver;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -86,15 +90,20 @@ struct Node {
 
 impl Node {
     fn start(redis: &Redis, id: &str) -> Node {
-        let port = free_port();
+        Node::start_with(redis, id, free_port(), "", "")
+    }
+
+    /// A node on `port`, with extra keys for its `[http]` and `[turn]` sections.
+    fn start_with(redis: &Redis, id: &str, port: u16, http: &str, turn: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("switchboard.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+                "[http]\nlisten = \"127.0.0.1:{port}\"\n{http}\n[turn]\nlisten = [\"127.0.0.1:0\"]\n{turn}\n\
                  [auth]\nsession_keys = [\"cluster-test-session-key-0123456789\"]\n\
-                 turn_secrets = [\"cluster-test-turn-secret\"]\n\
+                 turn_secrets = [\"cluster-test-turn-secret\"]\nlogin_rate_per_minute = 100000\n\
+                 [signaling]\nmax_connections_per_ip = 5000\n\
                  [cluster]\nredis_url = \"{}\"\nnode_id = \"{id}\"\nlease_ms = 2000\n\
                  forward_timeout_ms = 1000\n",
                 redis.url()
@@ -113,6 +122,24 @@ impl Node {
             port,
             child,
             _dir: dir,
+        }
+    }
+
+    /// SIGTERM: the node drains.
+    fn term(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// Wait for the process to exit by itself.
+    async fn exited(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(t.elapsed() < within, "node exits within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -270,6 +297,20 @@ impl Peer {
     /// Wait until the server closes this socket.
     async fn closed(&mut self) {
         while next(&mut self.ws).await.is_some() {}
+    }
+
+    /// Wait until the server closes this socket; its close code.
+    async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("closed within 10 s");
+            match m {
+                Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+                None | Some(Err(_)) => return None,
+                _ => {}
+            }
+        }
     }
 }
 
@@ -530,4 +571,371 @@ async fn redis_outage_keeps_local_rooms_and_cross_node_rooms_recover() {
     // The re-registered room is reachable from a node that never held it.
     let (_e, j) = join(&nodes[2], "erin", &room).await;
     assert_eq!(j["peers"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_owner_hands_its_rooms_over() {
+    let redis = Redis::start();
+    let mut nodes = three_nodes(&redis).await;
+    let (mut a, room) = create(&nodes[0], "alice").await;
+    let (mut b, _) = join(&nodes[1], "bob", &room).await;
+    a.recv_type("peer-joined").await;
+    exchange(&mut a, &mut b, 10, "before").await;
+
+    let t0 = Instant::now();
+    nodes[0].term();
+    // Both sockets are closed with 4004 (the room moved), the owner's own and the remote one.
+    assert_eq!(a.close_code().await, Some(4004));
+    assert_eq!(b.close_code().await, Some(4004));
+    let rb = b.resume(&nodes[1], Duration::from_secs(10)).await;
+    let ra = a.resume(&nodes[2], Duration::from_secs(10)).await;
+    eprintln!("drain: both peers resumed after {:?}", t0.elapsed());
+    assert_eq!(rb["peers"][0]["peerId"], a.id.as_str(), "{rb}");
+    assert_eq!(ra["peers"][0]["peerId"], b.id.as_str(), "{ra}");
+    assert_eq!(ra["peers"].as_array().unwrap().len(), 1);
+    exchange(&mut a, &mut b, 10, "after").await;
+    // Handed over, not expired: well inside the lease time plus a resume.
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let st = nodes[0].exited(Duration::from_secs(15)).await;
+    assert!(st.success(), "a drained node exits 0: {st:?}");
+    let owned = nodes[1].metric("switchboard_cluster_rooms_owned").await
+        + nodes[2].metric("switchboard_cluster_rooms_owned").await;
+    assert_eq!(owned, 1.0, "one survivor owns the room");
+    assert!(
+        nodes[1]
+            .metric("switchboard_cluster_ownership_changes_total{event=\"takeover\"}")
+            .await
+            + nodes[2]
+                .metric("switchboard_cluster_ownership_changes_total{event=\"takeover\"}")
+                .await
+            >= 1.0
+    );
+}
+
+/// A peer of the storm, checking strictly everything it receives.
+struct StormPeer {
+    ws: Option<Ws>,
+    token: String,
+    resume: String,
+    id: String,
+    /// Last `seq` received.
+    last: u64,
+    /// Signals sent so far (each carries its number).
+    sent: u64,
+    /// Next signal number expected from the partner.
+    want: u64,
+    partner: String,
+}
+
+impl StormPeer {
+    fn new(p: Peer, partner: String) -> StormPeer {
+        StormPeer {
+            ws: Some(p.ws),
+            token: p.token,
+            resume: p.resume,
+            id: p.id,
+            last: p.last,
+            sent: 0,
+            want: 0,
+            partner,
+        }
+    }
+
+    fn ws(&mut self) -> &mut Ws {
+        self.ws.as_mut().expect("connected")
+    }
+
+    /// Next frame: its `seq` must be exactly one more than the last (none lost or repeated);
+    /// a signal must be the partner's next one (in order, none lost or repeated).
+    async fn recv(&mut self) -> Value {
+        let v = recv(self.ws()).await;
+        if let Some(s) = v["seq"].as_u64() {
+            assert_eq!(s, self.last + 1, "contiguous seq for {}: {v}", self.id);
+            self.last = s;
+        }
+        if v["type"] == "signal" {
+            assert_eq!(v["from"], self.partner.as_str(), "{v}");
+            assert_eq!(
+                v["data"]["n"], self.want,
+                "in order, none lost or repeated: {v}"
+            );
+            self.want += 1;
+        }
+        assert_ne!(v["type"], "peer-left", "nobody leaves: {v}");
+        assert_ne!(v["type"], "error", "{v}");
+        v
+    }
+
+    /// Send `n` signals to the partner, the last with an id, and read until its ack: the
+    /// owner has relayed all of them.
+    async fn burst(&mut self, n: u64) {
+        for k in 0..n {
+            let mut m = json!({"type": "signal", "to": self.partner, "data": {"n": self.sent}});
+            if k + 1 == n {
+                m["id"] = json!("sync");
+            }
+            self.sent += 1;
+            send(self.ws(), m).await;
+        }
+        while self.recv().await["type"] != "ack" {}
+    }
+
+    /// Read until every signal the partner sent has arrived.
+    async fn drain(&mut self, partner_sent: u64) {
+        while self.want < partner_sent {
+            self.recv().await;
+        }
+    }
+
+    /// Resume on `node`; the roster must be exactly the partner, and nothing may be missing.
+    /// The number of frames replayed.
+    async fn resume(&mut self, node: &Node) -> u64 {
+        let mut ws = hello(node, &self.token).await;
+        send(
+            &mut ws,
+            json!({"type": "resume", "resumeToken": self.resume, "lastSeq": self.last, "id": "r"}),
+        )
+        .await;
+        self.ws = Some(ws);
+        let v = loop {
+            let v = recv(self.ws()).await;
+            if v["type"] == "resumed" {
+                break v;
+            }
+            assert!(v.get("seq").is_none(), "nothing before resumed: {v}");
+        };
+        assert_eq!(v["peerId"], self.id.as_str(), "{v}");
+        assert_eq!(v["complete"], true, "no frame lost: {v}");
+        let peers: Vec<&str> = v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["peerId"].as_str())
+            .collect();
+        assert_eq!(peers, [self.partner.as_str()], "exact roster: {v}");
+        v["replayed"].as_u64().unwrap()
+    }
+}
+
+async fn storm_room(
+    nodes: &[Node],
+    i: usize,
+    owner: usize,
+    other: usize,
+) -> (StormPeer, StormPeer) {
+    let (a, room) = create(&nodes[owner], &format!("sa{i}")).await;
+    let (b, _) = join(&nodes[other], &format!("sb{i}"), &room).await;
+    let (aid, bid) = (a.id.clone(), b.id.clone());
+    let mut a = StormPeer::new(a, bid);
+    let b = StormPeer::new(b, aid);
+    while a.recv().await["type"] != "peer-joined" {}
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_storm_across_nodes_loses_nothing_and_leaves_no_ghosts() {
+    use futures_util::future::join_all;
+    use rand::Rng;
+    const ROOMS: usize = 200;
+    let redis = Redis::start();
+    let nodes = three_nodes(&redis).await;
+    let t0 = Instant::now();
+    let mut rng = rand::rng();
+    // Owners spread over the nodes; the second peer on another node in two rooms of three.
+    let placement: Vec<(usize, usize)> = (0..ROOMS)
+        .map(|i| (i % 3, (i + rng.random_range(0..3)) % 3))
+        .collect();
+    let mut rooms: Vec<(StormPeer, StormPeer)> = join_all(
+        placement
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, e))| storm_room(&nodes, i, o, e)),
+    )
+    .await;
+    // Traffic both ways; then one side of each room sends more that the other has not read
+    // when its socket drops, so that the resume must replay it.
+    join_all(rooms.iter_mut().enumerate().map(|(i, (a, b))| async move {
+        a.burst(10).await;
+        b.burst(10).await;
+        a.drain(b.sent).await;
+        b.drain(a.sent).await;
+        let x = if i % 2 == 0 { a } else { b };
+        x.burst(8).await;
+    }))
+    .await;
+    eprintln!(
+        "storm: {ROOMS} rooms across 3 nodes set up in {:?}",
+        t0.elapsed()
+    );
+
+    // Every socket drops at once, without a close frame; each peer resumes on a random node.
+    let t1 = Instant::now();
+    for (a, b) in rooms.iter_mut() {
+        drop(a.ws.take());
+        drop(b.ws.take());
+    }
+    let targets: Vec<(usize, usize)> = (0..ROOMS)
+        .map(|_| (rng.random_range(0..3), rng.random_range(0..3)))
+        .collect();
+    let replayed: u64 = join_all(
+        rooms
+            .iter_mut()
+            .zip(&targets)
+            .flat_map(|((a, b), &(na, nb))| [a.resume(&nodes[na]), b.resume(&nodes[nb])]),
+    )
+    .await
+    .iter()
+    .sum();
+    let remote = placement
+        .iter()
+        .zip(&targets)
+        .map(|(&(o, _), &(na, nb))| usize::from(na != o) + usize::from(nb != o))
+        .sum::<usize>();
+    eprintln!(
+        "storm: {} sockets resumed in {:?} ({remote} on a node that does not own the room), \
+         {replayed} frames replayed",
+        2 * ROOMS,
+        t1.elapsed()
+    );
+    // At least the 8 signals of each room that were never read came back.
+    assert!(replayed >= 8 * ROOMS as u64, "{replayed}");
+
+    // The calls go on: everything sent before and after the storm arrives exactly once, in
+    // order, with contiguous seq.
+    join_all(rooms.iter_mut().map(|(a, b)| async move {
+        a.burst(5).await;
+        b.burst(5).await;
+        a.drain(b.sent).await;
+        b.drain(a.sent).await;
+    }))
+    .await;
+
+    // No ghosts: a newcomer in each room, on a random node, finds exactly the two peers.
+    let watchers: Vec<usize> = (0..ROOMS).map(|_| rng.random_range(0..3)).collect();
+    let rosters = join_all(
+        rooms
+            .iter()
+            .zip(&watchers)
+            .enumerate()
+            .map(|(i, ((a, b), &n))| {
+                let room = a.resume.rsplit_once('.').unwrap().0.to_string();
+                let nodes = &nodes;
+                async move {
+                    let (_w, j) = join(&nodes[n], &format!("sw{i}"), &room).await;
+                    let mut got: Vec<String> = j["peers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| p["peerId"].as_str().unwrap().to_string())
+                        .collect();
+                    got.sort();
+                    let mut want = vec![a.id.clone(), b.id.clone()];
+                    want.sort();
+                    assert_eq!(got, want, "exact roster in {room}");
+                }
+            }),
+    )
+    .await;
+    assert_eq!(rosters.len(), ROOMS);
+    let owned: f64 = join_all(
+        nodes
+            .iter()
+            .map(|n| n.metric("switchboard_cluster_rooms_owned")),
+    )
+    .await
+    .iter()
+    .sum();
+    assert_eq!(owned, ROOMS as f64, "every room still has one owner");
+    eprintln!("storm: done in {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(60));
+}
+
+/// Poll a page's state until `pred` holds (60 s for slow CI machines).
+async fn page_state(b: &webdriver::Browser, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..240 {
+        last = b.js("return window.sbState || {}").await;
+        if pred(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("timed out waiting for {what}; last page state: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_on_different_nodes_call_through_the_relay() {
+    let redis = Redis::start();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    // Each page is served by its own node and opens its socket there: every node allows the
+    // origins of all of them (as behind one Service with per-node names).
+    let origins = ports
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let http = format!("allowed_origins = [{origins}]");
+    // TURN over TCP; the peer of each relay is the other node's relay on loopback.
+    let turn = "udp = false\nallow_peers = [\"127.0.0.1/32\"]";
+    let nodes: Vec<Node> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| Node::start_with(&redis, &format!("n{}", i + 1), p, &http, turn))
+        .collect();
+    for n in &nodes {
+        n.wait_up().await;
+    }
+    let base = |i: usize| format!("http://127.0.0.1:{}", nodes[i].port);
+    let d = webdriver::Driver::start().await;
+    let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = d.browser("A", pa.path(), &[]).await;
+    a.go(&format!("{}/?name=A&auto=1&relay=1", base(0))).await;
+    let st = page_state(&a, "A to create a room on node 1", |v| {
+        v["room"].is_string()
+    })
+    .await;
+    let room = st["room"].as_str().unwrap().to_string();
+    let b = d.browser("B", pb.path(), &[]).await;
+    b.go(&format!("{}/?name=B&auto=1&relay=1&room={room}", base(1)))
+        .await;
+    for (p, who) in [(&b, "B"), (&a, "A")] {
+        let v = page_state(
+            p,
+            &format!("{who} to decode video through the relay"),
+            |v| v["connectionType"] == "relay" && v["framesDecoded"].as_u64().unwrap_or(0) > 0,
+        )
+        .await;
+        assert_eq!(v["error"], Value::Null, "{who}: {v}");
+    }
+    // The data channel crosses too.
+    assert_eq!(
+        b.js("return window.sb.sendMessage('hello from B')").await,
+        1
+    );
+    page_state(&a, "A to get B's data-channel message", |v| {
+        v["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x == "hello from B"))
+    })
+    .await;
+    // Signaling really crossed nodes, and each page relayed through its own node.
+    assert!(
+        nodes[1]
+            .metric("switchboard_cluster_forward_seconds_count")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        nodes[0].metric("switchboard_cluster_rooms_owned").await,
+        1.0
+    );
+    for n in &nodes[..2] {
+        assert!(
+            n.metric("switchboard_turn_relayed_packets_total{direction=\"to_peer\"}")
+                .await
+                > 50.0
+        );
+    }
+    a.quit().await;
+    b.quit().await;
 }

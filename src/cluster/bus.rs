@@ -35,6 +35,9 @@ pub struct Proxy {
     pub conn: ConnId,
     /// The room it sits in.
     pub room: String,
+    /// This node's lease epoch for the room when the seat was made; every message to the edge
+    /// carries it, so the edge can drop those of an owner that was superseded.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +182,7 @@ impl Bus for ClusterBus {
                 let w = match a {
                     Action::Send(_, f) => Wire::Frame {
                         conn: p.conn,
+                        epoch: p.epoch,
                         kind: f.kind().to_string(),
                         text: f.render(),
                     },
@@ -187,6 +191,7 @@ impl Bus for ClusterBus {
                         Wire::Close {
                             conn: p.conn,
                             code: Some(why.code()),
+                            epoch: p.epoch,
                         }
                     }
                 };

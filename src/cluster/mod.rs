@@ -64,6 +64,15 @@ pub enum Route {
     Remote(Answer),
 }
 
+/// A forwarded request waiting for its answer.
+#[derive(Debug)]
+struct Pending {
+    tx: oneshot::Sender<(u64, Answer)>,
+    /// For `join` and `resume`: the connection and room to seat when the owner says yes. The
+    /// seat is recorded as the answer arrives, before the frames that follow it on the bus.
+    seat: Option<(ConnId, String)>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
@@ -107,7 +116,7 @@ pub struct Cluster {
     owned: Mutex<HashMap<String, u64>>,
     /// Connections of this node seated in rooms owned elsewhere: (room, owner).
     seats: Mutex<HashMap<ConnId, (String, Owner)>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<(u64, Answer)>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
     next_req: AtomicU64,
     queue: Mutex<Option<Queue>>,
     /// Wakes the heartbeat at once (Redis came back).
@@ -284,6 +293,7 @@ impl Cluster {
     async fn forward(
         &self,
         owner: &Owner,
+        seat: Option<(ConnId, &str)>,
         make: impl FnOnce(u64) -> Wire,
     ) -> Result<(u64, Answer), RoomError> {
         if !self.is_up() {
@@ -291,7 +301,8 @@ impl Cluster {
         }
         let req = self.next_req.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(req, tx);
+        let seat = seat.map(|(c, r)| (c, r.to_string()));
+        lock(&self.pending).insert(req, Pending { tx, seat });
         let t0 = Instant::now();
         let node: Arc<str> = owner.node.as_str().into();
         self.remote.publish(&node, make(req));
@@ -343,8 +354,8 @@ impl Cluster {
                 return Err(RoomError::UnknownRoom);
             }
             let who = Self::who(member);
-            let (epoch, a) = self
-                .forward(&owner, |req| Wire::Join {
+            let (_, a) = self
+                .forward(&owner, Some((conn, room)), |req| Wire::Join {
                     req,
                     conn,
                     who,
@@ -355,17 +366,7 @@ impl Cluster {
                 Answer::Err(code, _) if code == "not_owner" => {
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
-                Answer::Ok(v) => {
-                    self.seat(
-                        conn,
-                        room,
-                        Owner {
-                            epoch,
-                            node: owner.node,
-                        },
-                    );
-                    return Ok(Route::Remote(Answer::Ok(v)));
-                }
+                Answer::Ok(v) => return Ok(Route::Remote(Answer::Ok(v))),
                 a => return Ok(Route::Remote(a)),
             }
         }
@@ -404,8 +405,8 @@ impl Cluster {
                 }
             };
             let who = Self::who(member);
-            let (epoch, a) = self
-                .forward(&owner, |req| Wire::Resume {
+            let (_, a) = self
+                .forward(&owner, Some((conn, room)), |req| Wire::Resume {
                     req,
                     conn,
                     who,
@@ -418,17 +419,7 @@ impl Cluster {
                 Answer::Err(code, _) if code == "not_owner" => {
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
-                Answer::Ok(v) => {
-                    self.seat(
-                        conn,
-                        room,
-                        Owner {
-                            epoch,
-                            node: owner.node,
-                        },
-                    );
-                    return Ok(Route::Remote(Answer::Ok(v)));
-                }
+                Answer::Ok(v) => return Ok(Route::Remote(Answer::Ok(v))),
                 a => return Ok(Route::Remote(a)),
             }
         }
@@ -481,19 +472,15 @@ impl Cluster {
         Ok(None)
     }
 
-    fn seat(&self, conn: ConnId, room: &str, owner: Owner) {
-        lock(&self.seats).insert(conn, (room.to_string(), owner));
-    }
-
     /// Whether a connection of this node is seated through another node.
     pub fn is_remote(&self, conn: ConnId) -> bool {
         lock(&self.seats).contains_key(&conn)
     }
 
-    fn owner_node(&self, conn: ConnId) -> Option<Arc<str>> {
+    fn owner_of_seat(&self, conn: ConnId) -> Option<(Arc<str>, u64)> {
         lock(&self.seats)
             .get(&conn)
-            .map(|(_, o)| Arc::from(o.node.as_str()))
+            .map(|(_, o)| (Arc::from(o.node.as_str()), o.epoch))
     }
 
     /// `signal` from a remote-seated connection: forwarded; the owner answers with `ack` or
@@ -508,11 +495,14 @@ impl Cluster {
         if !self.is_up() {
             return Err(RoomError::ClusterUnavailable);
         }
-        let node = self.owner_node(conn).ok_or(RoomError::ClusterUnavailable)?;
+        let (node, epoch) = self
+            .owner_of_seat(conn)
+            .ok_or(RoomError::ClusterUnavailable)?;
         self.remote.publish(
             &node,
             Wire::Signal {
                 conn,
+                epoch,
                 to: to.map(str::to_string),
                 data: data.to_string(),
                 id: id.map(str::to_string),
@@ -526,7 +516,9 @@ impl Cluster {
         let Some((_, owner)) = lock(&self.seats).get(&conn).cloned() else {
             return Err(RoomError::NotInRoom);
         };
-        let r = self.forward(&owner, |req| Wire::Leave { req, conn }).await;
+        let r = self
+            .forward(&owner, None, |req| Wire::Leave { req, conn })
+            .await;
         lock(&self.seats).remove(&conn);
         r.map(|(_, a)| a)
     }
@@ -558,7 +550,13 @@ impl Cluster {
         for c in conns {
             match self.remote.remove_proxy(c) {
                 Some(p) => {
-                    self.remote.publish(&p.node, Wire::Moved { conn: p.conn });
+                    self.remote.publish(
+                        &p.node,
+                        Wire::Moved {
+                            conn: p.conn,
+                            epoch: p.epoch,
+                        },
+                    );
                 }
                 None => self.push(c, Outbound::Moved),
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::bus::Proxy;
+use super::lease::Owner;
 use super::wire::{Envelope, Wire};
 use super::{lock, Answer, Cluster};
 use crate::server::Shared;
@@ -28,8 +29,11 @@ fn raw(id: &Option<String>) -> Option<Box<RawValue>> {
 }
 
 impl Cluster {
-    fn answer(&self, node: &Arc<str>, req: u64, room: &str, r: Result<Value, RoomError>) {
-        let epoch = lock(&self.owned).get(room).copied().unwrap_or(0);
+    fn epoch_of(&self, room: &str) -> u64 {
+        lock(&self.owned).get(room).copied().unwrap_or(0)
+    }
+
+    fn answer(&self, node: &Arc<str>, req: u64, epoch: u64, r: Result<Value, RoomError>) {
         let (ok, err) = match r {
             Ok(v) => (Some(v), None),
             Err(e) => (None, Some((e.code().to_string(), e.to_string()))),
@@ -57,11 +61,12 @@ impl Cluster {
         );
     }
 
-    fn frame_to(&self, node: &Arc<str>, conn: ConnId, kind: &str, text: String) {
+    fn frame_to(&self, node: &Arc<str>, conn: ConnId, epoch: u64, kind: &str, text: String) {
         self.remote.publish(
             node,
             Wire::Frame {
                 conn,
+                epoch,
                 kind: kind.to_string(),
                 text,
             },
@@ -94,19 +99,21 @@ impl Cluster {
                     room_limit: who.limit,
                 };
                 let p = sig.new_conn_id();
+                let epoch = self.epoch_of(&room);
                 self.remote.add_proxy(
                     p,
                     Proxy {
                         node: from.clone(),
                         conn,
                         room: room.clone(),
+                        epoch,
                     },
                 );
                 let ok = sig.apply(shared, &room, |h, out| {
                     let r = h.join(p, &member, &room, out);
                     let ok = r.is_ok();
                     // Answered before anything else this seat is sent.
-                    self.answer(from, req, &room, r);
+                    self.answer(from, req, epoch, r);
                     ok
                 });
                 if ok {
@@ -124,7 +131,7 @@ impl Cluster {
                 id,
             } => {
                 let Some(room) = token_room(&token).map(str::to_string) else {
-                    return self.answer(from, req, "", Err(RoomError::BadResume));
+                    return self.answer(from, req, 0, Err(RoomError::BadResume));
                 };
                 if !self.has_room(&room) {
                     return self.not_owner(from, req);
@@ -138,12 +145,14 @@ impl Cluster {
                     self.remote.remove_proxy(old);
                 }
                 let p = sig.new_conn_id();
+                let epoch = self.epoch_of(&room);
                 self.remote.add_proxy(
                     p,
                     Proxy {
                         node: from.clone(),
                         conn,
                         room: room.clone(),
+                        epoch,
                     },
                 );
                 let id = raw(&id);
@@ -157,7 +166,7 @@ impl Cluster {
                         out,
                     );
                     let ok = r.is_ok();
-                    self.answer(from, req, &room, r.map(|()| Value::Null));
+                    self.answer(from, req, epoch, r.map(|()| Value::Null));
                     ok
                 });
                 let outcome = if ok { "resumed" } else { "rejected" };
@@ -168,7 +177,7 @@ impl Cluster {
             }
             Wire::Leave { req, conn } => {
                 let Some(p) = self.remote.proxy_of(from, conn) else {
-                    return self.answer(from, req, "", Err(RoomError::NotInRoom));
+                    return self.answer(from, req, 0, Err(RoomError::NotInRoom));
                 };
                 let Some(proxy) = self.remote.remove_proxy(p) else {
                     return;
@@ -176,17 +185,24 @@ impl Cluster {
                 let room = proxy.room;
                 sig.apply(shared, &room, |h, out| {
                     let r = h.leave(now, p, out);
-                    self.answer(from, req, &room, r.map(|()| Value::Null));
+                    self.answer(from, req, proxy.epoch, r.map(|()| Value::Null));
                 });
                 self.mirror(&room);
             }
-            Wire::Signal { conn, to, data, id } => {
+            Wire::Signal {
+                conn,
+                epoch,
+                to,
+                data,
+                id,
+            } => {
                 let id = raw(&id);
                 let Some(p) = self.remote.proxy_of(from, conn) else {
                     let e = RoomError::NotInRoom;
                     return self.frame_to(
                         from,
                         conn,
+                        epoch,
                         "error",
                         error_text(e.code(), &e.to_string(), id.as_deref()),
                     );
@@ -198,6 +214,7 @@ impl Cluster {
                     return self.frame_to(
                         from,
                         conn,
+                        proxy.epoch,
                         "error",
                         error_text("bad_request", "`data` is not JSON", id.as_deref()),
                     );
@@ -207,12 +224,13 @@ impl Cluster {
                         Ok(()) => {
                             if let Some(i) = id.as_deref() {
                                 let t = with_id_text(&json!({"type": "ack"}), Some(i));
-                                self.frame_to(from, conn, "ack", t);
+                                self.frame_to(from, conn, proxy.epoch, "ack", t);
                             }
                         }
                         Err(e) => self.frame_to(
                             from,
                             conn,
+                            proxy.epoch,
                             "error",
                             error_text(e.code(), &e.to_string(), id.as_deref()),
                         ),
@@ -227,25 +245,8 @@ impl Cluster {
                     sig.apply(shared, &proxy.room, |h, out| h.disconnect(now, p, out));
                 }
             }
-            Wire::Frame { conn, kind, text } => {
-                self.push(
-                    conn,
-                    Outbound::Frame(Frame::Text {
-                        kind: static_kind(&kind),
-                        text: text.into(),
-                    }),
-                );
-            }
-            Wire::Close { conn, code } => {
-                lock(&self.seats).remove(&conn);
-                let why = code
-                    .and_then(crate::signaling::room::CloseReason::from_code)
-                    .unwrap_or(crate::signaling::room::CloseReason::Replaced);
-                self.push(conn, Outbound::Close(why));
-            }
-            Wire::Moved { conn } => {
-                lock(&self.seats).remove(&conn);
-                self.push(conn, Outbound::Moved);
+            w @ (Wire::Frame { .. } | Wire::Close { .. } | Wire::Moved { .. }) => {
+                self.to_edge(from, w)
             }
             Wire::Answer {
                 req,
@@ -257,11 +258,159 @@ impl Cluster {
                     (_, Some((code, message))) => Answer::Err(code, message),
                     (ok, None) => Answer::Ok(ok.unwrap_or(Value::Null)),
                 };
-                if let Some(tx) = lock(&self.pending).remove(&req) {
-                    let _ = tx.send((epoch, a));
+                let Some(p) = lock(&self.pending).remove(&req) else {
+                    return;
+                };
+                if let (Answer::Ok(_), Some((conn, room))) = (&a, p.seat) {
+                    let owner = Owner {
+                        epoch,
+                        node: from.to_string(),
+                    };
+                    lock(&self.seats).insert(conn, (room, owner));
                 }
+                let _ = p.tx.send((epoch, a));
             }
             Wire::Ping => {}
         }
+    }
+
+    /// A frame, close or move from an owner for a connection of this node. It is taken only
+    /// from the owner the connection is seated with, at that owner's epoch or later: a node
+    /// that lost the room (it paused, or Redis was away from it) and has not noticed yet must
+    /// not reach connections that resumed elsewhere, nor ones this node now serves itself.
+    pub(crate) fn to_edge(&self, from: &str, w: Wire) {
+        let (conn, epoch) = match &w {
+            Wire::Frame { conn, epoch, .. }
+            | Wire::Close { conn, epoch, .. }
+            | Wire::Moved { conn, epoch } => (*conn, *epoch),
+            _ => return,
+        };
+        let mut seats = lock(&self.seats);
+        let current = seats
+            .get(&conn)
+            .is_some_and(|(_, o)| o.node == from && epoch >= o.epoch);
+        if !current {
+            drop(seats);
+            self.metrics
+                .drops
+                .with_label_values(&["cluster_fenced"])
+                .inc();
+            return;
+        }
+        let item = match w {
+            Wire::Frame { kind, text, .. } => Outbound::Frame(Frame::Text {
+                kind: static_kind(&kind),
+                text: text.into(),
+            }),
+            Wire::Close { code, .. } => {
+                seats.remove(&conn);
+                let why = code
+                    .and_then(crate::signaling::room::CloseReason::from_code)
+                    .unwrap_or(crate::signaling::room::CloseReason::Replaced);
+                Outbound::Close(why)
+            }
+            _ => {
+                seats.remove(&conn);
+                Outbound::Moved
+            }
+        };
+        drop(seats);
+        self.push(conn, item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+    use crate::signaling::bus::Bus;
+    use crate::signaling::room::Budget;
+
+    fn frame(epoch: u64, text: &str) -> Wire {
+        Wire::Frame {
+            conn: 7,
+            epoch,
+            kind: "signal".into(),
+            text: text.into(),
+        }
+    }
+
+    fn popped(ob: &crate::signaling::bus::Outbox) -> Vec<Outbound> {
+        let mut v = Vec::new();
+        while let Ok(Some(x)) = ob.try_pop() {
+            v.push(x);
+        }
+        v
+    }
+
+    fn text(o: &Outbound) -> Option<&str> {
+        match o {
+            Outbound::Frame(Frame::Text { text, .. }) => Some(text),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn edges_drop_frames_from_a_superseded_owner() {
+        let mut config = Config::default();
+        config.cluster.redis_url = "redis://127.0.0.1:1/".into();
+        config.cluster.node_id = "edge".into();
+        let metrics = Arc::new(Metrics::new());
+        let (_, cl) = Cluster::build(&config, metrics.clone()).unwrap();
+        let ob = Arc::new(crate::signaling::bus::Outbox::new(
+            64,
+            1 << 20,
+            Arc::new(Budget::new(1 << 20)),
+        ));
+        cl.local.attach(7, ob.clone());
+        let fenced = || metrics.drops.with_label_values(&["cluster_fenced"]).get();
+
+        // No seat: nobody may write to the connection through the bus.
+        cl.to_edge("a", frame(1, "unseated"));
+        assert!(popped(&ob).is_empty());
+        assert_eq!(fenced(), 1);
+
+        // Seated with owner `a` at epoch 3, then the room moved to `b` at epoch 4 and the
+        // connection resumed there.
+        let seat = |node: &str, epoch| {
+            let o = Owner {
+                epoch,
+                node: node.into(),
+            };
+            lock(&cl.seats).insert(7, ("r".into(), o));
+        };
+        seat("a", 3);
+        cl.to_edge("a", frame(3, "from a"));
+        seat("b", 4);
+        cl.to_edge("a", frame(3, "stale a"));
+        cl.to_edge("b", frame(4, "from b"));
+        cl.to_edge("b", frame(3, "b at an older epoch"));
+        let got: Vec<_> = popped(&ob)
+            .iter()
+            .filter_map(text)
+            .map(String::from)
+            .collect();
+        assert_eq!(got, ["from a", "from b"]);
+        assert_eq!(fenced(), 3);
+
+        // The old owner's close and move do not end the connection; the current owner's do.
+        cl.to_edge("a", Wire::Moved { conn: 7, epoch: 3 });
+        cl.to_edge(
+            "a",
+            Wire::Close {
+                conn: 7,
+                code: None,
+                epoch: 3,
+            },
+        );
+        assert!(popped(&ob).is_empty());
+        assert!(cl.is_remote(7));
+        cl.to_edge("b", Wire::Moved { conn: 7, epoch: 4 });
+        assert_eq!(popped(&ob), [Outbound::Moved]);
+        assert!(!cl.is_remote(7), "the seat is gone with the move");
+        cl.to_edge("b", frame(4, "after the move"));
+        assert!(popped(&ob).is_empty());
+        assert_eq!(fenced(), 6);
     }
 }

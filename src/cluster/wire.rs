@@ -66,6 +66,8 @@ pub enum Wire {
     Signal {
         /// Edge connection.
         conn: ConnId,
+        /// The owner epoch the edge seated it under, echoed when the owner has no such seat.
+        epoch: u64,
         /// Target peer.
         to: Option<String>,
         /// Raw JSON data, relayed byte for byte.
@@ -82,6 +84,9 @@ pub enum Wire {
     Frame {
         /// Edge connection.
         conn: ConnId,
+        /// The owner's lease epoch when it seated the connection: edges drop frames from an
+        /// owner older than the one they seated it with (fencing on the data path).
+        epoch: u64,
         /// Frame type, for metrics.
         kind: String,
         /// Wire text.
@@ -94,11 +99,15 @@ pub enum Wire {
         /// The close code to use (4001 replaced when absent, from older nodes).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<u16>,
+        /// The owner's epoch for the seat, fenced like `Frame`.
+        epoch: u64,
     },
     /// Close an edge connection so that its client resumes: the room moved.
     Moved {
         /// Edge connection.
         conn: ConnId,
+        /// The owner's epoch for the seat, fenced like `Frame`.
+        epoch: u64,
     },
     /// The owner's answer to a `Join`, `Resume` or `Leave`.
     Answer {
@@ -126,6 +135,7 @@ mod tests {
             msgs: vec![
                 Wire::Signal {
                     conn: 7,
+                    epoch: 2,
                     to: None,
                     data: r#"{"a":1e-400}"#.into(),
                     id: Some("\"x\"".into()),

@@ -461,6 +461,9 @@ pub struct Tick {
     pub closed: Vec<String>,
     /// Ids of the rooms that closed.
     pub closed_rooms: Vec<String>,
+    /// Ids of the rooms, still open, that lost a seat whose window closed (once each), so
+    /// that a cluster owner rewrites their mirror.
+    pub shrunk_rooms: Vec<String>,
 }
 
 /// The rooms of one shard. The shell routes each room to one shard by its id, and runs every
@@ -1207,6 +1210,9 @@ impl Hub {
                         }
                         done.expired += 1;
                         self.remove_peer(now, &room, &peer, "timeout", out);
+                        if !done.shrunk_rooms.contains(&room) {
+                            done.shrunk_rooms.push(room);
+                        }
                     }
                 }
                 Timer::Close { room } => {
@@ -1681,6 +1687,11 @@ mod tests {
         out.clear();
         let done = h.tick(t + Duration::from_secs(10), &mut out);
         assert_eq!(done.expired, 1);
+        assert_eq!(
+            done.shrunk_rooms,
+            std::slice::from_ref(&room),
+            "its mirror is rewritten"
+        );
         let left = sent_to(&out, 1);
         assert_eq!(left[0]["type"], "peer-left");
         assert_eq!(left[0]["reason"], "timeout");

@@ -307,6 +307,10 @@ impl Signaling {
                 self.release_room(&creator);
             }
             if let Some(cl) = &shared.cluster {
+                // Expired seats leave the mirror too, so a takeover does not bring them back.
+                for room in &done.shrunk_rooms {
+                    cl.mirror(room);
+                }
                 for room in &done.closed_rooms {
                     cl.closed(room);
                 }
