@@ -355,7 +355,8 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
             &w.sig,
             sh,
             &json!({"type": "hello", "token": t}).to_string(),
-        );
+        )
+        .expect("answered");
         let r = c
             .frame(&w.sig, sh, r#"{"type":"create"}"#)
             .expect("answered");
