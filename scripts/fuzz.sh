@@ -25,7 +25,7 @@ for t in "${targets[@]}"; do
     set +e
     cargo fuzz run "$t" "fuzz/corpus/$t" -- \
         -max_total_time="$secs" -jobs="${JOBS:-1}" -workers="${JOBS:-1}" \
-        -print_final_stats=1 -rss_limit_mb=4096 -timeout=10 >"$log" 2>&1
+        -max_len="${MAX_LEN:-4096}" -print_final_stats=1 -rss_limit_mb=4096 -timeout=10 >"$log" 2>&1
     rc=$?
     set -e
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | awk '{s+=$2} END {print s+0}')

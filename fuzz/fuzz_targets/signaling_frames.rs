@@ -257,7 +257,7 @@ impl World {
                         };
                         self.seen(s, &f.render(), seq);
                     }
-                    Outbound::Close => closed = true,
+                    Outbound::Close(_) | Outbound::Moved => closed = true,
                 }
             }
             if closed {
