@@ -700,6 +700,23 @@ impl Config {
         Self::from_table(table)
     }
 
+    /// Parse a TOML document, then apply environment overrides: `load` without the file, so
+    /// the fuzz target drives both inputs.
+    #[doc(hidden)]
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: PathBuf::from("<string>"),
+                message: e.to_string(),
+            })?;
+        apply_env(&mut table, env)?;
+        Self::from_table(table)
+    }
+
     fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
         let value = toml::Value::Table(table);
         let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {

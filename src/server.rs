@@ -229,6 +229,83 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The state every part shares, before anything is bound.
+    fn build(
+        config: Arc<Config>,
+        tls: Option<Arc<crate::tls::ReloadableCert>>,
+    ) -> Result<Arc<Shared>, StartError> {
+        let login = crate::auth::login::Login::new(&config.auth)?;
+        let offload = if config.turn.relay && config.turn.udp {
+            let mut addrs: Vec<std::net::IpAddr> =
+                config.turn.listen.iter().map(|a| a.ip()).collect();
+            addrs.extend(config.turn.relay_bind);
+            crate::turn::offload::Offload::enable(config.turn.kernel_offload, &addrs)?.map(Arc::new)
+        } else {
+            None
+        };
+        if config.auth.backends.contains(&crate::config::Backend::Open)
+            && !config.http.listen.ip().is_loopback()
+        {
+            tracing::warn!(
+                listen = %config.http.listen,
+                "the `open` login backend is enabled on a non-loopback address: anyone can log in \
+                 (auth.allow_open_on_public = true)"
+            );
+        }
+        let metrics = Arc::new(Metrics::new());
+        let (signaling, cluster) = if config.cluster.enabled() {
+            let (s, c) = crate::cluster::Cluster::build(&config, metrics.clone())?;
+            (s, Some(c))
+        } else {
+            (
+                Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
+                None,
+            )
+        };
+        let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
+        signaling.set_webhooks(webhooks.clone());
+        let admin_tokens = admin_tokens(&config)?;
+        if config.http.admin_api && admin_tokens.is_empty() {
+            tracing::warn!(
+                "the server API (/v1/admin/) is on without auth.admin_tokens: every local \
+                 process may use it (loopback only)"
+            );
+        }
+        Ok(Arc::new(Shared {
+            login: arc_swap::ArcSwap::from_pointee(login),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                config.auth.password_check_slots(),
+            )),
+            signaling,
+            cluster,
+            webhooks,
+            admin_tokens: arc_swap::ArcSwap::from_pointee(admin_tokens),
+            login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
+            tls,
+            auth: Arc::new(Auth::new(&config.auth)),
+            metrics,
+            lifecycle: Lifecycle::new(),
+            bound: std::sync::OnceLock::new(),
+            origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
+            turn: TurnShared::new(&config),
+            streams: crate::listener::tcp::StreamLimits::new(
+                config.turn.max_stream_connections,
+                config.turn.max_stream_connections_per_ip,
+            ),
+            offload,
+            config,
+        }))
+    }
+
+    /// Shared state that binds nothing and is never ready: fuzz targets and load tools drive
+    /// the HTTP router and the signaling handler in-process with it.
+    #[doc(hidden)]
+    pub fn unbound(config: Config) -> Result<Arc<Shared>, StartError> {
+        Shared::build(Arc::new(config), None)
+    }
+}
+
 /// Addresses actually bound by a running server.
 #[derive(Debug, Clone, Default)]
 pub struct Bound {
@@ -279,67 +356,7 @@ impl Server {
         } else {
             None
         };
-        let login = crate::auth::login::Login::new(&config.auth)?;
-        let offload = if config.turn.relay && config.turn.udp {
-            let mut addrs: Vec<std::net::IpAddr> =
-                config.turn.listen.iter().map(|a| a.ip()).collect();
-            addrs.extend(config.turn.relay_bind);
-            crate::turn::offload::Offload::enable(config.turn.kernel_offload, &addrs)?.map(Arc::new)
-        } else {
-            None
-        };
-        if config.auth.backends.contains(&crate::config::Backend::Open)
-            && !config.http.listen.ip().is_loopback()
-        {
-            tracing::warn!(
-                listen = %config.http.listen,
-                "the `open` login backend is enabled on a non-loopback address: anyone can log in \
-                 (auth.allow_open_on_public = true)"
-            );
-        }
-        let metrics = Arc::new(Metrics::new());
-        let (signaling, cluster) = if config.cluster.enabled() {
-            let (s, c) = crate::cluster::Cluster::build(&config, metrics.clone())?;
-            (s, Some(c))
-        } else {
-            (
-                Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
-                None,
-            )
-        };
-        let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
-        signaling.set_webhooks(webhooks.clone());
-        let admin_tokens = admin_tokens(&config)?;
-        if config.http.admin_api && admin_tokens.is_empty() {
-            tracing::warn!(
-                "the server API (/v1/admin/) is on without auth.admin_tokens: every local \
-                 process may use it (loopback only)"
-            );
-        }
-        let shared = Arc::new(Shared {
-            login: arc_swap::ArcSwap::from_pointee(login),
-            password_checks: Arc::new(tokio::sync::Semaphore::new(
-                config.auth.password_check_slots(),
-            )),
-            signaling,
-            cluster,
-            webhooks,
-            admin_tokens: arc_swap::ArcSwap::from_pointee(admin_tokens),
-            login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
-            tls: tls.clone(),
-            auth: Arc::new(Auth::new(&config.auth)),
-            metrics,
-            lifecycle: Lifecycle::new(),
-            bound: std::sync::OnceLock::new(),
-            origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
-            turn: TurnShared::new(&config),
-            streams: crate::listener::tcp::StreamLimits::new(
-                config.turn.max_stream_connections,
-                config.turn.max_stream_connections_per_ip,
-            ),
-            offload,
-            config: config.clone(),
-        });
+        let shared = Shared::build(config.clone(), tls.clone())?;
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
 

@@ -19,6 +19,9 @@ use crate::auth::{unix_now, AuthError};
 use crate::cluster::{Answer, Route};
 use crate::server::{shutdown_signal, Shared};
 
+#[doc(hidden)]
+pub mod harness;
+
 /// Outbox frames written per flush: bounds one connection's turn on the runtime.
 const WRITE_BATCH: usize = 64;
 
