@@ -610,35 +610,14 @@ async fn a_reader_that_falls_behind_is_closed_and_resumes_without_a_gap() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A reads on: every frame in order up to the close, then resumes and gets the rest.
-    let mut next = 0u64;
-    let mut last_seq = 0u64;
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), a.next())
-            .await
-            .expect("A gets frames or a close")
-            .expect("socket open")
-            .expect("frame ok");
-        match m {
-            Message::Text(t) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                if v["type"] == "signal" {
-                    assert_eq!(v["data"]["n"], next, "no frame skipped");
-                    next += 1;
-                    last_seq = v["seq"].as_u64().unwrap();
-                }
-            }
-            Message::Close(f) => {
-                assert_eq!(f.map(|f| u16::from(f.code)), Some(4002));
-                break;
-            }
-            _ => {}
-        }
-    }
+    let (mut next, mut last_seq) = (0u64, 0u64);
+    let closed = read_signals_until_close(&mut a, &mut next, &mut last_seq, sent).await;
+    assert_eq!(closed, Some(4002));
     assert!(next < sent, "the close came before the gap");
     // A replay larger than the outbox is cut the same way (4002 after what fits): the client
     // resumes again from its last seq until it has everything, and never sees a gap.
     let mut resumes = 0;
-    'resume: while next < sent {
+    while next < sent {
         resumes += 1;
         assert!(
             resumes <= 20,
@@ -652,32 +631,42 @@ async fn a_reader_that_falls_behind_is_closed_and_resumes_without_a_gap() {
         .await;
         let r = recv_type(&mut a2, "resumed").await;
         assert_eq!(r["complete"], true, "{r}");
-        while next < sent {
-            let m = tokio::time::timeout(Duration::from_secs(10), a2.next())
-                .await
-                .expect("A gets frames or a close")
-                .expect("socket open")
-                .expect("frame ok");
-            match m {
-                Message::Text(t) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    if v["type"] == "signal" {
-                        assert_eq!(v["data"]["n"], next, "no frame skipped or repeated");
-                        next += 1;
-                        last_seq = v["seq"].as_u64().unwrap();
-                    }
-                }
-                Message::Close(f) => {
-                    assert_eq!(f.map(|f| u16::from(f.code)), Some(4002));
-                    continue 'resume;
-                }
-                _ => {}
-            }
-        }
+        let closed = read_signals_until_close(&mut a2, &mut next, &mut last_seq, sent).await;
+        assert!(matches!(closed, None | Some(4002)), "{closed:?}");
     }
     eprintln!("{sent} frames, {resumes} resumes");
     srv.shutdown();
     srv.wait().await;
+}
+
+/// Read `signal` frames numbered `next..sent` in order (each exactly once), tracking the last
+/// `seq`, until all have arrived (`None`) or the socket closes (`Some(code)`).
+async fn read_signals_until_close(
+    ws: &mut Ws,
+    next: &mut u64,
+    last_seq: &mut u64,
+    sent: u64,
+) -> Option<u16> {
+    while *next < sent {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frames or a close")
+            .expect("socket open")
+            .expect("frame ok");
+        match m {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "signal" {
+                    assert_eq!(v["data"]["n"], *next, "no frame skipped or repeated");
+                    *next += 1;
+                    *last_seq = v["seq"].as_u64().unwrap();
+                }
+            }
+            Message::Close(f) => return Some(f.map_or(1005, |f| u16::from(f.code))),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Limits that let the ordering tests push thousands of frames without hitting a bound.
