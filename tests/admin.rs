@@ -467,49 +467,13 @@ async fn revoked_users_allocation_stops_relaying_within_a_second_and_usage_is_re
 
 // ---- signaling ----
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(srv: &RunningServer) -> Ws {
-    let url = format!("ws://{}/v1/ws", srv.http_addr());
-    tokio_tungstenite::connect_async(url)
-        .await
-        .expect("ws connects")
-        .0
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// Next JSON frame, skipping pings; panics after 5 s or on close.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("a frame within 5 s")
-            .expect("socket open")
-            .expect("frame ok");
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
-            _ => continue,
-        }
-    }
-}
-
-async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == ty {
-            return v;
-        }
-    }
-}
+#[path = "support/ws.rs"]
+mod ws;
+use ws::{connect, recv, recv_type, send, Ws};
 
 /// Frames until the close frame; returns them and the close code.
 async fn until_close(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {

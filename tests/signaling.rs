@@ -5,12 +5,13 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard::{Config, RunningServer, Server};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::MaybeTlsStream;
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+#[path = "support/ws.rs"]
+mod ws;
+use ws::{connect, recv, recv_type, send, Ws};
 
 async fn start(sig: &str, extra: &str) -> RunningServer {
     let text = format!(
@@ -28,44 +29,6 @@ fn token(srv: &RunningServer, user: &str, room: Option<&str>) -> String {
         .auth
         .issue_session(user, room, switchboard::auth::unix_now())
         .0
-}
-
-async fn connect(srv: &RunningServer) -> Ws {
-    let url = format!("ws://{}/v1/ws", srv.http_addr());
-    tokio_tungstenite::connect_async(url)
-        .await
-        .expect("ws connects")
-        .0
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// Next JSON frame, skipping pings; panics after 5 s.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("a frame within 5 s")
-            .expect("socket open")
-            .expect("frame ok");
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(_) => panic!("closed while waiting for a frame"),
-            _ => continue,
-        }
-    }
-}
-
-/// Next frame of `ty`, skipping others (e.g. ice-servers).
-async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
-    loop {
-        let v = recv(ws).await;
-        if v["type"] == ty {
-            return v;
-        }
-    }
 }
 
 /// The value of one metric series, 0 when absent.
