@@ -188,7 +188,7 @@ impl StreamLimits {
 }
 
 /// Take a global slot, counting the time the cap was hit; `None` on shutdown.
-pub(crate) async fn take_slot(
+async fn take_slot(
     shared: &Shared,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Option<StreamSlot> {
@@ -206,24 +206,26 @@ pub(crate) async fn take_slot(
     }
 }
 
-/// Accept connections until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+/// The next connection that fits under the global and per-IP caps (a global slot is taken
+/// before `accept`, so at the cap the kernel's backlog holds the rest); `None` on shutdown.
+pub(crate) async fn accept_admitted(
+    shared: &Shared,
+    listener: &TcpListener,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Option<(tokio::net::TcpStream, SocketAddr, StreamPermit)> {
     loop {
-        let Some(slot) = take_slot(&shared, &mut shutdown).await else {
-            break;
-        };
+        let slot = take_slot(shared, shutdown).await?;
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "tcp accept error");
+                    tracing::warn!(error = %e, "stream accept error");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = shutdown.as_mut() => return None,
         };
         let Some(permit) = shared.streams.admit(slot, peer.ip()) else {
             shared
@@ -235,6 +237,16 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        return Some((stream, peer, permit));
+    }
+}
+
+/// Accept connections until shutdown.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    while let Some((stream, peer, permit)) =
+        accept_admitted(&shared, &listener, &mut shutdown).await
+    {
         let local = stream.local_addr().ok();
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -30,30 +30,9 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustl
         .tls_handshakes_active
         .with_label_values(&["turns"]);
     let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
-    loop {
-        let Some(slot) = super::tcp::take_slot(&shared, &mut shutdown).await else {
-            break;
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "TLS accept error");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let Some(permit) = shared.streams.admit(slot, peer.ip()) else {
-            shared
-                .metrics
-                .drops
-                .with_label_values(&["stream_per_ip_limit"])
-                .inc();
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer, permit)) =
+        super::tcp::accept_admitted(&shared, &listener, &mut shutdown).await
+    {
         // The accepted socket's address, not the (possibly wildcard) listener's.
         let local = stream.local_addr().ok().or(bound);
         let shared = shared.clone();
