@@ -1,0 +1,722 @@
+//! Allocation state in the table: Allocate, Refresh, CreatePermission and ChannelBind, the
+//! snapshots published to relay sockets, the client-to-peer lookups of the data path, the
+//! timer queue and deletion.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::credentials::{finish, sign};
+use super::ports::{quota_name, QuotaFull};
+use super::{kind_label, reject, DeleteReason, Env, Reject, Relay, RelayKind, Table};
+use crate::stun::codec::{attr, decode_u32, method, Class, Encoder, Message};
+use crate::turn::allocation::{Alg, Alloc, Chan, Expiry, Key};
+
+/// Permission lifetime (RFC 8656 §9).
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Channel binding lifetime (RFC 8656 §12).
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+
+/// How long an expired channel number and peer stay unavailable for rebinding (RFC 8656 §12).
+pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+
+/// Channel numbers accepted in ChannelBind. RFC 8656 allows 0x4000–0x4FFF and reserves the
+/// rest, but RFC 5766 allowed up to 0x7FFF and coturn's clients still pick numbers there; the
+/// upper part only matters to the client's own demultiplexing, so we accept it, like coturn.
+pub const CHANNEL_NUMBERS: std::ops::RangeInclusive<u16> = 0x4000..=0x7FFF;
+
+/// Permissions one allocation may hold, so one client cannot grow the table without bound.
+pub const MAX_PERMISSIONS: usize = 256;
+
+/// Channels one allocation may bind (the protocol allows 4096).
+pub const MAX_CHANNELS: usize = 256;
+
+/// UDP in REQUESTED-TRANSPORT.
+const PROTO_UDP: u8 = 17;
+
+/// TCP in REQUESTED-TRANSPORT (RFC 6062).
+const PROTO_TCP: u8 = 6;
+
+/// Immutable snapshot of one allocation's permissions and channels, read by the relay task
+/// on every peer packet (swapped, never mutated, so readers take no lock).
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Where peer data goes; `None` while the socket is only reserved (EVEN-PORT).
+    pub client: Option<SocketAddr>,
+    /// Installed permissions: peer IP and expiry.
+    pub perms: Vec<(IpAddr, Instant)>,
+    /// Bound channels: peer, channel number, expiry.
+    pub channels: Vec<(SocketAddr, u16, Instant)>,
+    /// Bandwidth cap in bytes per second, 0 = unlimited.
+    pub max_bps: u64,
+    /// The server address the client sends to, so peer data reaches it from that address.
+    pub local: Option<IpAddr>,
+    /// Username of the credential the allocation was made with: only a ConnectionBind
+    /// authenticated as the same user may claim its RFC 6062 peer connections.
+    pub owner: Option<Arc<str>>,
+    /// The allocation's relay usage, for its `allocation.ended` webhook.
+    pub usage: Arc<crate::webhooks::Usage>,
+    /// The client's transport (`udp|tcp|tls`), for the relayed-bytes metric.
+    pub transport: &'static str,
+}
+
+impl View {
+    /// Whether a live permission covers `ip`.
+    pub fn permits(&self, ip: IpAddr, now: Instant) -> bool {
+        self.perms.iter().any(|(p, exp)| *p == ip && *exp > now)
+    }
+    /// The live channel bound to `peer`, if any.
+    pub fn channel_for(&self, peer: SocketAddr, now: Instant) -> Option<u16> {
+        self.channels
+            .iter()
+            .find(|(p, _, exp)| *p == peer && *exp > now)
+            .map(|(_, c, _)| *c)
+    }
+}
+
+/// A token bucket for the optional per-allocation bandwidth cap (one second of burst).
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A bucket allowing `rate` bytes per second; 0 disables the cap.
+    pub fn new(rate: u64, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            tokens: rate,
+            last: now,
+        }
+    }
+    /// The rate in bytes per second (0: no cap).
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+    /// Take `n` bytes if the budget allows.
+    pub fn allow(&mut self, now: Instant, n: usize) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let el = now.saturating_duration_since(self.last);
+        let add = (el.as_micros() as u64).saturating_mul(self.rate) / 1_000_000;
+        if add > 0 {
+            self.tokens = (self.tokens + add).min(self.rate);
+            self.last = now;
+        }
+        if self.tokens >= n as u64 {
+            self.tokens -= n as u64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl<R: Relay> Table<R> {
+    /// Put the allocation of `client` in the timer queue at its current earliest deadline.
+    pub(super) fn reschedule(&mut self, client: SocketAddr) {
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return;
+        };
+        let d = a.poll_timeout();
+        if a.timer != Some(d) {
+            if let Some(old) = a.timer.replace(d) {
+                self.timers.remove(&(old, client));
+            }
+            self.timers.insert((d, client));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn allocate(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
+    ) -> Result<(), Reject> {
+        if self.allocs.contains_key(&client) {
+            return Err(reject(437, "Allocation Mismatch"));
+        }
+        let proto = msg
+            .get(attr::REQUESTED_TRANSPORT)
+            .ok_or(reject(400, "Bad Request"))?;
+        if proto.len() != 4 {
+            return Err(reject(400, "Bad Request"));
+        }
+        let kind = match proto[0] {
+            PROTO_UDP => RelayKind::Udp,
+            PROTO_TCP if self.stream => RelayKind::Tcp,
+            _ => return Err(reject(442, "Unsupported Transport Protocol")),
+        };
+        if kind == RelayKind::Tcp
+            && (msg.get(attr::DONT_FRAGMENT).is_some()
+                || msg.get(attr::EVEN_PORT).is_some()
+                || msg.get(attr::RESERVATION_TOKEN).is_some())
+        {
+            return Err(reject(400, "Bad Request"));
+        }
+        if let Some(df) = msg.get(attr::DONT_FRAGMENT) {
+            if !df.is_empty() {
+                return Err(reject(400, "Bad Request"));
+            }
+        }
+        let token = msg.get(attr::RESERVATION_TOKEN);
+        let even = msg.get(attr::EVEN_PORT);
+        let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        if token.is_some() && (even.is_some() || family.is_some()) {
+            return Err(reject(400, "Bad Request"));
+        }
+        let token: Option<[u8; 8]> = match token {
+            Some(t) => Some(t.try_into().map_err(|_| reject(400, "Bad Request"))?),
+            None => None,
+        };
+        let reserve_next = match even {
+            Some([b]) => b & 0x80 != 0,
+            Some(_) => return Err(reject(400, "Bad Request")),
+            None => false,
+        };
+        let v6 = match family {
+            None => false,
+            Some([0x01, 0, 0, 0]) => false,
+            Some([0x02, 0, 0, 0]) => true,
+            Some(v) if v.len() == 4 && v[1..] == [0, 0, 0] => {
+                return Err(reject(440, "Address Family not Supported"))
+            }
+            Some(_) => return Err(reject(400, "Bad Request")),
+        };
+        let lifetime = self
+            .lifetime(msg)?
+            .min(self.settings.max_age.min(u32::MAX as u64) as u32);
+        if env.draining {
+            return Err(if self.settings.alternate.is_some() {
+                reject(300, "Try Alternate")
+            } else {
+                reject(508, "Insufficient Capacity")
+            });
+        }
+        let (bind_ip, adv_ip) = match token {
+            Some(_) => (IpAddr::from([0u8; 4]), IpAddr::from([0u8; 4])),
+            None => self
+                .settings
+                .relay_addr(v6, env.local)
+                .ok_or(reject(440, "Address Family not Supported"))?,
+        };
+        let quota_user = quota_name(&key.username).to_string();
+        match self.pool.take_quota(
+            &quota_user,
+            self.settings.max_per_user,
+            self.settings.max_total,
+        ) {
+            Ok(()) => {}
+            Err(QuotaFull::User) => {
+                self.metrics
+                    .turn_allocations_deleted
+                    .with_label_values(&["quota"])
+                    .inc();
+                return Err(reject(486, "Allocation Quota Reached"));
+            }
+            Err(QuotaFull::Total) => return Err(reject(508, "Insufficient Capacity")),
+        }
+        let mut new_token = None;
+        let relay = match token {
+            Some(t) => {
+                let taken = self.pool.take_reservation(&t);
+                match taken {
+                    Some((r, _, exp)) if exp > env.now => r
+                        .downcast::<R>()
+                        .map(|b| *b)
+                        .map_err(|_| reject(508, "Insufficient Capacity")),
+                    Some((_, port, _)) => {
+                        self.release_port(port);
+                        Err(reject(508, "Insufficient Capacity"))
+                    }
+                    None => Err(reject(508, "Insufficient Capacity")),
+                }
+            }
+            None => self
+                .open_relay(env, bind_ip, kind, even.is_some(), reserve_next, bind)
+                .map(|(r, t)| {
+                    new_token = t;
+                    r
+                }),
+        };
+        let relay = match relay {
+            Ok(r) => r,
+            Err(e) => {
+                self.unquota(&quota_user);
+                return Err(e);
+            }
+        };
+        if msg.get(attr::DONT_FRAGMENT).is_some() {
+            if let Err(e) = relay.set_dont_fragment() {
+                tracing::debug!(error = %e, "DONT-FRAGMENT cannot be applied; 420");
+                let port = relay.local_addr().port();
+                drop(relay);
+                self.release_port(port);
+                self.unquota(&quota_user);
+                return Err(reject(420, "Unknown Attribute"));
+            }
+        }
+        relay.attach(&self.sink);
+        let local = relay.local_addr();
+        let adv_ip = if token.is_some() {
+            self.settings.advertised(local.ip()).unwrap_or(local.ip())
+        } else {
+            adv_ip
+        };
+        let advertised = SocketAddr::new(adv_ip, local.port());
+        let span = tracing::info_span!("allocation", %client, relay = %advertised, transport = self.transport);
+        span.in_scope(|| tracing::debug!(lifetime, user = %quota_user, "allocation created"));
+        let tid = msg.transaction_id();
+        let start = out.len();
+        {
+            let mut e = Encoder::new(out, method::ALLOCATE, Class::Success, &tid);
+            e.xor_address(attr::XOR_RELAYED_ADDRESS, advertised);
+            e.xor_address(attr::XOR_MAPPED_ADDRESS, client);
+            e.u32_attr(attr::LIFETIME, lifetime);
+            if let Some(t) = new_token {
+                e.attr(attr::RESERVATION_TOKEN, &t);
+            }
+            e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+            sign(&mut e, key, alg);
+            finish(e, msg);
+        }
+        let a = Alloc {
+            relay,
+            kind,
+            pending_connect: None,
+            advertised,
+            client_local: env.local,
+            expires: env.now + Duration::from_secs(lifetime as u64),
+            born: env.now,
+            key: key.clone(),
+            quota_user,
+            perms: Vec::new(),
+            chans: Vec::new(),
+            alloc_tid: tid,
+            alloc_resp: out[start..].to_vec(),
+            bucket: Bucket::new(self.settings.max_bps, env.now),
+            span,
+            id: crate::webhooks::new_id(),
+            created: env.now,
+            usage: Arc::default(),
+            timer: None,
+        };
+        if self.events.enabled() {
+            self.events.emit(
+                &a.id,
+                crate::webhooks::Event::AllocationCreated {
+                    allocation: a.id.clone(),
+                    user: a.quota_user.clone(),
+                    transport: self.transport.to_string(),
+                    relay_transport: kind_label(kind).to_string(),
+                },
+            );
+        }
+        self.publish(client, &a);
+        self.allocs.insert(client, a);
+        self.reschedule(client);
+        self.metrics
+            .turn_allocations_created
+            .with_label_values(&[self.transport])
+            .inc();
+        self.metrics
+            .turn_allocations_active
+            .with_label_values(&[self.transport])
+            .inc();
+        Ok(())
+    }
+
+    pub(super) fn lifetime(&self, msg: &Message<'_>) -> Result<u32, Reject> {
+        match msg.get(attr::LIFETIME) {
+            None => Ok(self.settings.default_lifetime),
+            Some(v) => {
+                let l = decode_u32(v).map_err(|_| reject(400, "Bad Request"))?;
+                if l == 0 {
+                    return Ok(0);
+                }
+                Ok(l.clamp(self.settings.default_lifetime, self.settings.max_lifetime))
+            }
+        }
+    }
+
+    pub(super) fn refresh(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let lifetime = self.lifetime(msg)?;
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let want_v6 = match f {
+                [0x01, 0, 0, 0] => false,
+                [0x02, 0, 0, 0] => true,
+                _ => return Err(reject(400, "Bad Request")),
+            };
+            if want_v6 != a.advertised.is_ipv6() {
+                return Err(reject(443, "Peer Address Family Mismatch"));
+            }
+        }
+        // However often it is refreshed, an allocation ends at its maximum age.
+        let end = a.born + Duration::from_secs(self.settings.max_age);
+        let left = end.saturating_duration_since(env.now).as_secs();
+        if lifetime > 0 && left == 0 {
+            self.delete(client, DeleteReason::MaxAge);
+            return Err(reject(437, "Allocation Mismatch: maximum age reached"));
+        }
+        let lifetime = (lifetime as u64).min(left) as u32;
+        if lifetime == 0 {
+            self.delete(client, DeleteReason::RefreshedZero);
+        } else {
+            a.expires = (env.now + Duration::from_secs(lifetime as u64)).min(end);
+            a.span
+                .in_scope(|| tracing::debug!(lifetime, "allocation refreshed"));
+        }
+        self.signed_success(out, method::REFRESH, Some(lifetime), msg, key, alg);
+        Ok(())
+    }
+
+    /// Validate an XOR-PEER-ADDRESS against the allocation's family and the peer policy.
+    pub(super) fn check_peer(&self, a: &Alloc<R>, peer: SocketAddr) -> Result<(), Reject> {
+        if peer.is_ipv6() != a.advertised.is_ipv6() {
+            return Err(reject(443, "Peer Address Family Mismatch"));
+        }
+        if !self.settings.policy.permits_peer(peer) {
+            return Err(reject(403, "Forbidden"));
+        }
+        Ok(())
+    }
+
+    pub(super) fn create_permission(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let Some(a) = self.allocs.get(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let mut peers: Vec<IpAddr> = Vec::new();
+        for p in msg.xor_addresses(attr::XOR_PEER_ADDRESS) {
+            let p = p.map_err(|_| reject(400, "Bad Request"))?;
+            self.check_peer(a, p)?;
+            if !peers.contains(&p.ip()) {
+                peers.push(p.ip());
+            }
+        }
+        if peers.is_empty() {
+            return Err(reject(400, "Bad Request"));
+        }
+        let new = peers
+            .iter()
+            .filter(|ip| !a.perms.iter().any(|(p, _)| p == *ip))
+            .count();
+        if a.perms.len() + new > MAX_PERMISSIONS {
+            return Err(reject(508, "Insufficient Capacity"));
+        }
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let exp = env.now + PERMISSION_LIFETIME;
+        let mut added = 0;
+        for ip in peers {
+            match a.perms.iter_mut().find(|(p, _)| *p == ip) {
+                Some(p) => p.1 = exp,
+                None => {
+                    a.perms.push((ip, exp));
+                    added += 1;
+                }
+            }
+        }
+        self.metrics.turn_permissions_active.add(added);
+        if let Some(a) = self.allocs.get(&client) {
+            self.publish(client, a);
+        }
+        self.signed_success(out, method::CREATE_PERMISSION, None, msg, key, alg);
+        Ok(())
+    }
+
+    pub(super) fn channel_bind(
+        &mut self,
+        env: Env,
+        client: SocketAddr,
+        msg: &Message<'_>,
+        key: &Key,
+        alg: Alg,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Reject> {
+        let Some(a) = self.allocs.get(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        if a.kind != RelayKind::Udp {
+            // Channels carry datagrams; a TCP relay uses data connections (RFC 6062 §5).
+            return Err(reject(400, "Bad Request"));
+        }
+        let num = msg
+            .get(attr::CHANNEL_NUMBER)
+            .ok_or(reject(400, "Bad Request"))?;
+        if num.len() != 4 {
+            return Err(reject(400, "Bad Request"));
+        }
+        let num = u16::from_be_bytes([num[0], num[1]]);
+        if !CHANNEL_NUMBERS.contains(&num) {
+            return Err(reject(400, "Bad Request"));
+        }
+        let peer = msg
+            .xor_address(attr::XOR_PEER_ADDRESS)
+            .ok_or(reject(400, "Bad Request"))?
+            .map_err(|_| reject(400, "Bad Request"))?;
+        // RFC 8656 §11.2: a channel number is bound to one peer and a peer to one channel,
+        // including during the cool-down after expiry.
+        for c in &a.chans {
+            if (c.num == num) != (c.peer == peer) {
+                tracing::debug!(channel = num, %peer, bound = c.num, bound_peer = %c.peer, "channel rebind refused");
+                return Err(reject(400, "Bad Request"));
+            }
+        }
+        self.check_peer(a, peer)?;
+        let existing = a.chans.iter().any(|c| c.num == num);
+        if !existing && a.chans.len() >= MAX_CHANNELS {
+            return Err(reject(508, "Insufficient Capacity"));
+        }
+        let Some(a) = self.allocs.get_mut(&client) else {
+            return Err(reject(437, "Allocation Mismatch"));
+        };
+        let exp = env.now + CHANNEL_LIFETIME;
+        match a.chans.iter_mut().find(|c| c.num == num) {
+            Some(c) => {
+                if c.cooldown_until.take().is_some() {
+                    self.metrics.turn_channels_active.inc();
+                }
+                c.expires = exp;
+            }
+            None => {
+                a.chans.push(Chan {
+                    num,
+                    peer,
+                    expires: exp,
+                    cooldown_until: None,
+                });
+                self.metrics.turn_channels_active.inc();
+            }
+        }
+        let pexp = env.now + PERMISSION_LIFETIME;
+        match a.perms.iter_mut().find(|(p, _)| *p == peer.ip()) {
+            Some(p) => p.1 = p.1.max(pexp),
+            None => {
+                a.perms.push((peer.ip(), pexp));
+                self.metrics.turn_permissions_active.inc();
+            }
+        }
+        a.span
+            .in_scope(|| tracing::debug!(channel = num, %peer, "channel bound"));
+        if let Some(a) = self.allocs.get(&client) {
+            self.publish(client, a);
+        }
+        self.signed_success(out, method::CHANNEL_BIND, None, msg, key, alg);
+        Ok(())
+    }
+
+    pub(super) fn publish(&self, client: SocketAddr, a: &Alloc<R>) {
+        let view = View {
+            client: Some(client),
+            perms: a.perms.clone(),
+            channels: a
+                .chans
+                .iter()
+                .filter(|c| c.cooldown_until.is_none())
+                .map(|c| (c.peer, c.num, c.expires))
+                .collect(),
+            max_bps: self.settings.max_bps,
+            local: a.client_local,
+            owner: Some(Arc::from(a.key.username.as_str())),
+            usage: a.usage.clone(),
+            transport: self.transport,
+        };
+        a.relay.publish(Arc::new(view));
+    }
+
+    /// Client-to-peer relay for a Send indication: `(relay, peer, payload)` or `None` to drop.
+    pub fn send_indication<'m>(
+        &mut self,
+        now: Instant,
+        client: SocketAddr,
+        msg: &Message<'m>,
+    ) -> Option<(&R, SocketAddr, &'m [u8])> {
+        if msg.method() != method::SEND || msg.class() != Class::Indication {
+            return None;
+        }
+        let a = self.allocs.get_mut(&client)?;
+        let peer = msg.xor_address(attr::XOR_PEER_ADDRESS)?.ok()?;
+        let data = msg.get(attr::DATA)?;
+        if !a.perms.iter().any(|(p, e)| *p == peer.ip() && *e > now)
+            || !self.settings.policy.port_ok(peer)
+        {
+            return None;
+        }
+        if !a.bucket.allow(now, data.len()) {
+            return None;
+        }
+        a.usage.to_peer(1, data.len() as u64);
+        Some((&a.relay, peer, data))
+    }
+
+    /// Client-to-peer relay for ChannelData: `(relay, peer, payload)` or `None` to drop.
+    pub fn channel_data<'p>(
+        &mut self,
+        now: Instant,
+        client: SocketAddr,
+        pkt: &'p [u8],
+    ) -> Option<(&R, SocketAddr, &'p [u8])> {
+        if pkt.len() < 4 {
+            return None;
+        }
+        let num = u16::from_be_bytes([pkt[0], pkt[1]]);
+        let len = u16::from_be_bytes([pkt[2], pkt[3]]) as usize;
+        let payload = pkt.get(4..4 + len)?;
+        let a = self.allocs.get_mut(&client)?;
+        let c = a
+            .chans
+            .iter()
+            .find(|c| c.num == num && c.cooldown_until.is_none() && c.expires > now)?;
+        let peer = c.peer;
+        if !a.perms.iter().any(|(p, e)| *p == peer.ip() && *e > now) {
+            return None;
+        }
+        if !a.bucket.allow(now, payload.len()) {
+            return None;
+        }
+        a.usage.to_peer(1, payload.len() as u64);
+        Some((&a.relay, peer, payload))
+    }
+
+    /// Expire allocations, permissions, channels and reservations due at `env.now`. Only
+    /// allocations whose deadline has come are looked at; calling it early does nothing.
+    pub fn handle_timeout(&mut self, env: Env) {
+        let now = env.now;
+        let mut perms_gone = 0i64;
+        let mut chans_gone = 0i64;
+        while let Some(&(t, client)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            let Some(a) = self.allocs.get_mut(&client) else {
+                continue;
+            };
+            a.timer = None;
+            match a.handle_timeout(now) {
+                Expiry::Expired => {
+                    let aged = now.saturating_duration_since(a.born)
+                        >= Duration::from_secs(self.settings.max_age);
+                    let reason = if aged {
+                        DeleteReason::MaxAge
+                    } else {
+                        DeleteReason::Expired
+                    };
+                    self.delete(client, reason);
+                    continue;
+                }
+                Expiry::Changed { perms, chans } => {
+                    perms_gone += perms;
+                    chans_gone += chans;
+                    if let Some(a) = self.allocs.get(&client) {
+                        self.publish(client, a);
+                    }
+                }
+                Expiry::Nothing => {}
+            }
+            self.reschedule(client);
+        }
+        self.metrics.turn_permissions_active.sub(perms_gone);
+        self.metrics.turn_channels_active.sub(chans_gone);
+        let mut due = Vec::new();
+        while let Some(&(t, token)) = self.reserved.first() {
+            if t > now {
+                break;
+            }
+            self.reserved.pop_first();
+            due.push(token);
+        }
+        if !due.is_empty() {
+            self.drop_reservations(&due);
+        }
+    }
+
+    /// Remove the allocation of `client` (connection closed, or shutdown), freeing its socket.
+    pub fn delete(&mut self, client: SocketAddr, reason: DeleteReason) -> bool {
+        let Some(a) = self.allocs.remove(&client) else {
+            return false;
+        };
+        a.span
+            .in_scope(|| tracing::debug!(reason = reason.label(), "allocation deleted"));
+        self.metrics
+            .turn_permissions_active
+            .sub(a.perms.len() as i64);
+        self.metrics.turn_channels_active.sub(
+            a.chans
+                .iter()
+                .filter(|c| c.cooldown_until.is_none())
+                .count() as i64,
+        );
+        self.metrics
+            .turn_allocations_deleted
+            .with_label_values(&[reason.label()])
+            .inc();
+        self.metrics
+            .turn_allocations_active
+            .with_label_values(&[self.transport])
+            .dec();
+        self.unquota(&a.quota_user);
+        self.release_port(a.relay.local_addr().port());
+        self.events
+            .allocation_ended(crate::webhooks::AllocationEnd {
+                allocation: &a.id,
+                user: &a.quota_user,
+                transport: self.transport,
+                relay_transport: kind_label(a.kind),
+                reason: reason.label(),
+                created: a.created,
+                usage: &a.usage,
+            });
+        if let Some(t) = a.timer {
+            self.timers.remove(&(t, client));
+        }
+        drop(a);
+        true
+    }
+
+    /// Delete every allocation (server shutdown or connection close).
+    pub fn clear(&mut self, reason: DeleteReason) {
+        let all: Vec<SocketAddr> = self.allocs.keys().copied().collect();
+        for c in all {
+            self.delete(c, reason);
+        }
+        let mine: Vec<[u8; 8]> = std::mem::take(&mut self.reserved)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        self.drop_reservations(&mine);
+    }
+}
+
+#[cfg(test)]
+#[path = "allocations_tests.rs"]
+mod tests;
