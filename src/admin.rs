@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Why a server API request was refused; `code()` is the JSON `error.code`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

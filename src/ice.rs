@@ -5,7 +5,7 @@ use serde::Serialize;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::auth::TurnCredentials;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Browsers accept more, but every URL costs a gathering round; coturn users expect ≤ 4.
 pub const MAX_URLS: usize = 4;

@@ -236,10 +236,10 @@ async fn lifecycle(
 }
 
 /// Re-read the config file and environment and apply what can change at run time.
-fn reload(shared: &switchboard::server::Shared, path: Option<&std::path::Path>) {
+fn reload(shared: &switchboard::shared::Shared, path: Option<&std::path::Path>) {
     let env = std::env::vars().filter(|(k, _)| k != "SWITCHBOARD_CONFIG");
     let result = Config::load(path, env)
-        .map_err(switchboard::server::ReloadError::from)
+        .map_err(switchboard::shared::ReloadError::from)
         .and_then(|c| shared.reload(&c));
     match result {
         Ok(()) => tracing::info!(

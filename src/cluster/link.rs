@@ -13,7 +13,8 @@ use super::bus::Out;
 use super::lease::{self, Owner, Renewed};
 use super::wire::{Envelope, Wire};
 use super::{lock, Cluster};
-use crate::server::{shutdown_signal, Shared};
+use crate::lifecycle::shutdown_signal;
+use crate::shared::Shared;
 use crate::signaling::bus::Outbound;
 
 /// How often a node probes its own subscription.

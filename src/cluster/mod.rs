@@ -22,7 +22,7 @@ use self::lease::{Acquired, Leases, Owner};
 use self::wire::{Who, Wire};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::signaling::bus::{LocalBus, Outbound};
 use crate::signaling::conn::Signaling;
 use crate::signaling::room::{ConnId, Member, RoomError};

@@ -10,7 +10,7 @@ use super::bus::Proxy;
 use super::lease::Owner;
 use super::wire::{Envelope, Wire};
 use super::{lock, Answer, Cluster};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::signaling::bus::Outbound;
 use crate::signaling::conn::with_id_text;
 use crate::signaling::room::{token_room, ConnId, Frame, Member, RoomError};

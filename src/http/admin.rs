@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use std::sync::Arc;
 
 use crate::admin::AdminError;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::auth::login::{backend_label, Credentials, LoginError};
 use crate::auth::{unix_now, AuthError};
 use crate::ice::{ice_config, IceServer};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Routes of the login API.
 pub fn routes() -> Router<Arc<Shared>> {

@@ -8,7 +8,8 @@ use axum::{Json, Router};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::server::{shutdown_signal, Shared};
+use crate::lifecycle::shutdown_signal;
+use crate::shared::Shared;
 
 pub mod admin;
 pub mod client_ip;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing::Instrument;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// The WebSocket subprotocol of this signaling protocol version.
 pub const PROTOCOL: &str = "switchboard.v1";

@@ -25,7 +25,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::turn::core::{Bucket, DeleteReason, Env, Relay, RelayKind, Table, View};
 use crate::turn::relay::data_indication;
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
@@ -172,7 +172,9 @@ pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
         }
     }
     let mut revoked = shared.auth.revocations();
-    let mut shutdown = std::pin::pin!(crate::server::shutdown_signal(shared.lifecycle.subscribe()));
+    let mut shutdown = std::pin::pin!(crate::lifecycle::shutdown_signal(
+        shared.lifecycle.subscribe()
+    ));
     loop {
         tokio::select! {
             Ok(()) = revoked.changed() => {

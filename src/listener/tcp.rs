@@ -10,7 +10,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{dispatch_stun, relay_channel_data, PeerCounts, PortCtx};
-use crate::server::{shutdown_signal, Shared};
+use crate::lifecycle::shutdown_signal;
+use crate::shared::Shared;
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::Message;
 use crate::turn::core::Outcome;

@@ -8,7 +8,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-use crate::server::{shutdown_signal, Shared};
+use crate::lifecycle::shutdown_signal;
+use crate::shared::Shared;
 
 /// Accept, handshake and serve STUN/TURN over TLS until shutdown.
 ///

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Bind a UDP socket on the STUN/TURN port with large buffers (relay bursts), IPV6_V6ONLY on
 /// v6 addresses and SO_REUSEPORT, so each shard can open its own socket on the same port.

@@ -8,7 +8,7 @@ use super::room::RoomError;
 pub use super::room::{PeerInfo, RoomInfo};
 use super::service::Signaling;
 use crate::admin::AdminError;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 fn admin_err(e: RoomError) -> AdminError {
     match e {

@@ -17,7 +17,8 @@ use super::service::Counters;
 pub use super::service::Signaling;
 use crate::auth::{unix_now, AuthError};
 use crate::cluster::{Answer, Route};
-use crate::server::{shutdown_signal, Shared};
+use crate::lifecycle::shutdown_signal;
+use crate::shared::Shared;
 
 #[doc(hidden)]
 pub mod harness;

@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 use super::bus::{Bus, LocalBus, Outbox};
 use super::room::{Action, Budget, ConnId, Hub, Limits, RoomError, RoomQuota};
 use crate::config::SignalingConfig;
+use crate::lifecycle::shutdown_signal;
 use crate::metrics::Metrics;
-use crate::server::{shutdown_signal, Shared};
+use crate::shared::Shared;
 
 /// Frame types counted by name; anything else is counted as `unknown`.
 pub(crate) const KNOWN_TYPES: &[&str] = &[

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{finish, handle, Conn, Signaling};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::signaling::bus::{Outbound, Outbox};
 use crate::signaling::room::ConnId;
 

@@ -1,0 +1,303 @@
+//! The state the parts of the server share, built once from the configuration before
+//! anything is bound. `server.rs` wires it to the listeners; the parts take what they use.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The JWT public key could not be loaded.
+    #[error(transparent)]
+    JwtKey(#[from] crate::auth::jwt::KeyError),
+    /// `turn.kernel_offload = "on"` and the kernel fast path cannot start.
+    #[error("turn.kernel_offload = \"on\" but the kernel fast path cannot start")]
+    Offload(#[from] crate::turn::offload::OffloadError),
+    /// Cluster mode could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// A secret file or the webhook client could not be set up.
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::WebhookError),
+    /// A secret file named in the configuration could not be read.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Everything the listeners and handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// The auth service.
+    pub auth: Arc<Auth>,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Readiness and shutdown.
+    pub lifecycle: Lifecycle,
+    /// Addresses actually bound, filled in at start.
+    pub bound: std::sync::OnceLock<Bound>,
+    /// Login backends; swapped on SIGHUP (JWT keys and static users).
+    pub login: arc_swap::ArcSwap<crate::auth::login::Login>,
+    /// Password checks allowed at once (`auth.max_concurrent_password_checks`).
+    pub password_checks: Arc<tokio::sync::Semaphore>,
+    /// Room signaling.
+    pub signaling: Arc<crate::signaling::conn::Signaling>,
+    /// This node's part of the cluster, in cluster mode.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Per-IP login attempt limiter.
+    pub login_limiter: crate::auth::login::RateLimiter,
+    /// The certificate of every TLS listener, when any is configured; reloaded on SIGHUP.
+    pub tls: Option<Arc<crate::tls::ReloadableCert>>,
+    /// Allowed origins for CORS and the WebSocket Origin check; swapped on SIGHUP.
+    pub origins: arc_swap::ArcSwap<Vec<String>>,
+    /// TURN relay settings and the process-wide quota/port pool.
+    pub turn: TurnShared,
+    /// Global and per-IP caps on TCP/TLS connections to the STUN/TURN ports.
+    pub streams: Arc<crate::listener::tcp::StreamLimits>,
+    /// The kernel fast path for ChannelData, when `turn.kernel_offload` enabled it.
+    pub offload: Option<Arc<crate::turn::offload::Offload>>,
+    /// Webhook delivery to the app backend (a no-op handle when none is configured).
+    pub webhooks: crate::webhooks::Webhooks,
+    /// Bearer tokens of the server API (`auth.admin_tokens` plus `auth.admin_tokens_file`);
+    /// swapped on SIGHUP so tokens can be rotated without a restart.
+    pub admin_tokens: arc_swap::ArcSwap<Vec<crate::secret::Secret>>,
+}
+
+/// TURN state shared by every STUN/TURN listener.
+#[derive(Debug)]
+pub struct TurnShared {
+    /// Relay addressing, limits and peer policy, derived from config once.
+    pub settings: Arc<crate::turn::core::Settings>,
+    /// Allocation quotas, used relay ports and the nonce key.
+    pub pool: Arc<crate::turn::core::Pool>,
+    /// RFC 6062 peer connections waiting for ConnectionBind.
+    pub conns: Arc<crate::turn::relay::Conns>,
+}
+
+impl TurnShared {
+    fn new(config: &Config) -> TurnShared {
+        let allow_loopback = config.loopback_only() && config.turn.allow_peers.is_empty();
+        if allow_loopback && config.turn.relay {
+            tracing::info!(
+                "every listener is on loopback and turn.allow_peers is empty: \
+                 the TURN relay allows loopback peers (127.0.0.0/8, ::1) for local use"
+            );
+        }
+        let mut settings = crate::turn::core::Settings::from_config(&config.turn, allow_loopback);
+        let t = &config.turn;
+        let mut own = crate::listener::host_addresses();
+        own.extend(t.listen.iter().chain(&t.tls_listen).map(|a| a.ip()));
+        own.extend(t.relay_bind.iter().chain(&t.relay_bind_v6));
+        own.extend(
+            t.relay_ip
+                .iter()
+                .flat_map(|r| [Some(r.public), r.private])
+                .flatten(),
+        );
+        own.push(config.http.listen.ip());
+        settings
+            .policy
+            .set_own(&own, t.relay_port_min..=t.relay_port_max);
+        TurnShared {
+            settings: Arc::new(settings),
+            pool: Arc::new(crate::turn::core::Pool::new()),
+            conns: Arc::new(crate::turn::relay::Conns::new(
+                config.turn.max_pending_connections_per_allocation,
+            )),
+        }
+    }
+}
+
+/// Why a reload was refused (the running configuration stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The new certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The new JWT public key cannot be used.
+    #[error(transparent)]
+    JwtKey(#[from] crate::auth::jwt::KeyError),
+}
+
+impl Shared {
+    /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
+    /// keys), the login backends (static users, JWT keys), the server API tokens, the allowed
+    /// origins and the TLS
+    /// certificate. Everything is checked before anything is swapped, so a bad reload
+    /// changes nothing; live sessions are untouched.
+    pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
+        new.validate()?;
+        let login = crate::auth::login::Login::new(&new.auth)?;
+        let admin_tokens = admin_tokens(new)?;
+        if let Some(tls) = &self.tls {
+            tls.reload()?;
+        }
+        self.admin_tokens.store(Arc::new(admin_tokens));
+        self.login.store(Arc::new(login));
+        self.auth.reload(&new.auth);
+        self.origins
+            .store(Arc::new(new.http.allowed_origins.clone()));
+        Ok(())
+    }
+
+    /// Work that a drain waits for: TURN allocations and signaling connections.
+    pub fn active_work(&self) -> i64 {
+        let m = &self.metrics;
+        let allocs: i64 = ["udp", "tcp", "tls"]
+            .iter()
+            .map(|t| m.turn_allocations_active.with_label_values(&[t]).get())
+            .sum();
+        allocs + m.ws_connections_active.get()
+    }
+
+    /// Whether a browser `Origin` may use the HTTP API and signaling.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        let list = self.origins.load();
+        list.iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin.trim_end_matches('/')))
+    }
+}
+
+impl Shared {
+    /// The state every part shares, before anything is bound.
+    pub(crate) fn build(
+        config: Arc<Config>,
+        tls: Option<Arc<crate::tls::ReloadableCert>>,
+    ) -> Result<Arc<Shared>, StartError> {
+        let login = crate::auth::login::Login::new(&config.auth)?;
+        let offload = if config.turn.relay && config.turn.udp {
+            let mut addrs: Vec<std::net::IpAddr> =
+                config.turn.listen.iter().map(|a| a.ip()).collect();
+            addrs.extend(config.turn.relay_bind);
+            crate::turn::offload::Offload::enable(config.turn.kernel_offload, &addrs)?.map(Arc::new)
+        } else {
+            None
+        };
+        if config.auth.backends.contains(&crate::config::Backend::Open)
+            && !config.http.listen.ip().is_loopback()
+        {
+            tracing::warn!(
+                listen = %config.http.listen,
+                "the `open` login backend is enabled on a non-loopback address: anyone can log in \
+                 (auth.allow_open_on_public = true)"
+            );
+        }
+        let metrics = Arc::new(Metrics::new());
+        let (signaling, cluster) = if config.cluster.enabled() {
+            let (s, c) = crate::cluster::Cluster::build(&config, metrics.clone())?;
+            (s, Some(c))
+        } else {
+            (
+                Arc::new(crate::signaling::conn::Signaling::new(&config.signaling)),
+                None,
+            )
+        };
+        let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
+        signaling.set_webhooks(webhooks.clone());
+        let admin_tokens = admin_tokens(&config)?;
+        if config.http.admin_api && admin_tokens.is_empty() {
+            tracing::warn!(
+                "the server API (/v1/admin/) is on without auth.admin_tokens: every local \
+                 process may use it (loopback only)"
+            );
+        }
+        Ok(Arc::new(Shared {
+            login: arc_swap::ArcSwap::from_pointee(login),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(
+                config.auth.password_check_slots(),
+            )),
+            signaling,
+            cluster,
+            webhooks,
+            admin_tokens: arc_swap::ArcSwap::from_pointee(admin_tokens),
+            login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
+            tls,
+            auth: Arc::new(Auth::new(&config.auth)),
+            metrics,
+            lifecycle: Lifecycle::new(),
+            bound: std::sync::OnceLock::new(),
+            origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
+            turn: TurnShared::new(&config),
+            streams: crate::listener::tcp::StreamLimits::new(
+                config.turn.max_stream_connections,
+                config.turn.max_stream_connections_per_ip,
+            ),
+            offload,
+            config,
+        }))
+    }
+
+    /// Shared state that binds nothing and is never ready: fuzz targets and load tools drive
+    /// the HTTP router and the signaling handler in-process with it.
+    #[doc(hidden)]
+    pub fn unbound(config: Config) -> Result<Arc<Shared>, StartError> {
+        Shared::build(Arc::new(config), None)
+    }
+}
+
+/// Addresses actually bound by a running server.
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    /// HTTP listener.
+    pub http: Option<SocketAddr>,
+    /// Separate metrics listener, if configured.
+    pub metrics: Option<SocketAddr>,
+    /// STUN/TURN over UDP.
+    pub udp: Vec<SocketAddr>,
+    /// STUN/TURN over TCP.
+    pub tcp: Vec<SocketAddr>,
+    /// STUN/TURN over TLS.
+    pub tls: Vec<SocketAddr>,
+}
+
+/// The server API's tokens: `auth.admin_tokens` and the lines of `auth.admin_tokens_file`.
+/// Off loopback the API needs at least one (the file may turn out empty).
+fn admin_tokens(config: &Config) -> Result<Vec<crate::secret::Secret>, crate::config::ConfigError> {
+    let mut tokens = config.auth.admin_tokens.clone();
+    if let Some(p) = &config.auth.admin_tokens_file {
+        tokens.extend(crate::secret::read_list(p).map_err(|e| {
+            crate::config::ConfigError::Key {
+                key: "auth.admin_tokens_file".into(),
+                message: e.to_string(),
+            }
+        })?);
+    }
+    if let Some(short) = tokens.iter().find(|t| t.len() < 16) {
+        return Err(crate::config::ConfigError::Key {
+            key: "auth.admin_tokens_file".into(),
+            message: format!(
+                "a token of {} characters; at least 16 are required",
+                short.len()
+            ),
+        });
+    }
+    if config.http.admin_api && tokens.is_empty() && !config.http.listen.ip().is_loopback() {
+        return Err(crate::config::ConfigError::Key {
+            key: "auth.admin_tokens".into(),
+            message: "http.admin_api is on off loopback and no admin token is set".into(),
+        });
+    }
+    Ok(tokens)
+}
