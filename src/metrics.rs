@@ -31,6 +31,10 @@ pub struct Metrics {
     pub relay_packets_to_peer: IntCounter,
     /// Relayed packets peer to client.
     pub relay_packets_to_client: IntCounter,
+    /// Of the relayed packets client to peer, those the kernel fast path relayed.
+    pub offload_packets_to_peer: IntCounter,
+    /// Of the relayed packets peer to client, those the kernel fast path relayed.
+    pub offload_packets_to_client: IntCounter,
     /// Relayed payload bytes client to peer.
     pub relay_bytes_to_peer: IntCounter,
     /// Relayed payload bytes peer to client.
@@ -140,6 +144,12 @@ impl Metrics {
             "Packets relayed through TURN allocations.",
             &["direction"],
         );
+        let offload_packets = cv(
+            r,
+            "turn_offload_relayed_packets_total",
+            "Packets relayed by the kernel fast path (also counted in turn_relayed_packets_total).",
+            &["direction"],
+        );
         let relay_bytes = cv(
             r,
             "turn_relayed_bytes_total",
@@ -235,6 +245,8 @@ impl Metrics {
             ),
             relay_packets_to_peer: relay_packets.with_label_values(&["to_peer"]),
             relay_packets_to_client: relay_packets.with_label_values(&["to_client"]),
+            offload_packets_to_peer: offload_packets.with_label_values(&["to_peer"]),
+            offload_packets_to_client: offload_packets.with_label_values(&["to_client"]),
             relay_bytes_to_peer: relay_bytes.with_label_values(&["to_peer"]),
             relay_bytes_to_client: relay_bytes.with_label_values(&["to_client"]),
             auth_failures: cv(

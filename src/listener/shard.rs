@@ -27,6 +27,7 @@ use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::shared::Shared;
 use crate::turn::core::{Bucket, DeleteReason, Env, Relay, RelayKind, Table, View};
+use crate::turn::offload::ChannelSync;
 use crate::turn::relay::data_indication;
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
@@ -64,6 +65,9 @@ struct RelaySock {
 /// shard polling it, which closes it.
 pub struct ShardRelay {
     inner: Arc<RelaySock>,
+    /// Mirrors the published views into the kernel fast path, when it is on; dropped (every
+    /// route taken back) with the allocation.
+    sync: Option<ChannelSync>,
     token: usize,
     released: Arc<Released>,
     waker: Arc<Waker>,
@@ -99,7 +103,17 @@ impl Relay for ShardRelay {
     }
     fn attach(&self, _: &()) {}
     fn publish(&self, view: Arc<View>) {
+        if let Some(sync) = &self.sync {
+            // Expiries in the view are judged against the clock now; the table republishes
+            // when a permission or channel runs out, which takes its route back.
+            sync.publish(&view, Instant::now());
+        }
         self.inner.view.store(view);
+    }
+    fn retire(&self) {
+        if let Some(sync) = &self.sync {
+            sync.clear();
+        }
     }
     fn set_dont_fragment(&self) -> io::Result<()> {
         crate::turn::relay::dont_fragment::set(&self.inner.sock, self.inner.addr.is_ipv6())
@@ -390,6 +404,7 @@ impl Shard {
             Some(ip) => SocketAddr::new(ip, self.local.port()),
             None => self.local,
         });
+        let shared_local = self.local;
         let Shard {
             shared,
             metrics,
@@ -417,7 +432,17 @@ impl Shard {
             if kind != RelayKind::Udp {
                 return Err(io::Error::from(io::ErrorKind::Unsupported));
             }
-            open_relay(addr, poll, relays, free, released, waker)
+            let mut r = open_relay(addr, poll, relays, free, released, waker)?;
+            // One sync per UDP allocation's relay: its bound channels go to the kernel.
+            r.sync = shared.offload.as_ref().map(|o| {
+                ChannelSync::new(
+                    o.clone(),
+                    Some(metrics.clone()),
+                    r.inner.addr,
+                    shared_local,
+                )
+            });
+            Ok(r)
         };
         dispatch(
             &ctx,
@@ -626,6 +651,7 @@ fn open_relay(
     relays[slot] = Some(inner.clone());
     Ok(ShardRelay {
         inner,
+        sync: None,
         token,
         released: released.clone(),
         waker: waker.clone(),

@@ -106,6 +106,9 @@ pub trait Relay: Send + 'static {
     fn set_dont_fragment(&self) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }
+    /// The allocation is being deleted: stop relaying anywhere but user space (the kernel
+    /// fast path gives its routes back) before its usage is reported.
+    fn retire(&self) {}
 }
 
 /// Why an allocation went away, as a metrics label.

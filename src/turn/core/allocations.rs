@@ -686,6 +686,7 @@ impl<R: Relay> Table<R> {
             .dec();
         self.unquota(&a.quota_user);
         self.release_port(a.relay.local_addr().port());
+        a.relay.retire();
         self.events
             .allocation_ended(crate::webhooks::AllocationEnd {
                 allocation: &a.id,

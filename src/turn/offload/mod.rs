@@ -15,9 +15,11 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+
+use crate::webhooks::Usage;
 
 #[cfg(feature = "kernel-offload")]
 mod kernel;
@@ -134,12 +136,25 @@ pub enum OffloadError {
     Map(String),
 }
 
-/// User-space state of one installed route: its counter slot and what was last read.
+/// User-space state of one installed route: its counter slot, what was last read, and the
+/// allocation's usage account that the kernel's counts are credited to.
 #[derive(Debug)]
 struct Slot {
     route: ChannelRoute,
     id: u32,
     last: ChannelCounters,
+    usage: Option<Arc<Usage>>,
+}
+
+fn credit(usage: &Option<Arc<Usage>>, d: ChannelCounters) {
+    if let Some(u) = usage {
+        if d.up_packets > 0 {
+            u.to_peer(d.up_packets, d.up_bytes);
+        }
+        if d.down_packets > 0 {
+            u.to_client(d.down_packets, d.down_bytes);
+        }
+    }
 }
 
 /// The loaded and attached kernel fast path; dropping it detaches the program.
@@ -222,6 +237,16 @@ impl Offload {
     /// been removed). Installing the same route again keeps its counters. On error the
     /// binding simply stays with user space.
     pub fn install(&self, route: &ChannelRoute) -> Result<(), OffloadError> {
+        self.install_counted(route, None)
+    }
+
+    /// [`Offload::install`] for an allocation whose usage account (`allocation.ended`
+    /// webhook) is credited with what the kernel relays on this route.
+    pub fn install_counted(
+        &self,
+        route: &ChannelRoute,
+        usage: Option<Arc<Usage>>,
+    ) -> Result<(), OffloadError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let key = (route.client, route.listener, route.channel);
         let (id, last) = match routes.by_client.get(&key) {
@@ -252,6 +277,7 @@ impl Offload {
                 route: *route,
                 id,
                 last,
+                usage,
             },
         );
         Ok(())
@@ -259,7 +285,8 @@ impl Offload {
 
     /// Take a channel binding back to user space (expiry, delete, refresh failure,
     /// permission loss). Returns what the kernel relayed for it since the last
-    /// [`Offload::take_deltas`], so accounting loses nothing; `None` if it was not installed.
+    /// [`Offload::take_deltas`] (already credited to its usage), so accounting loses
+    /// nothing; `None` if it was not installed.
     pub fn remove(&self, route: &ChannelRoute) -> Option<ChannelCounters> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let slot = routes
@@ -268,11 +295,14 @@ impl Offload {
         let now = self.kernel_read(slot.id);
         self.kernel_remove(&slot.route, true);
         self.kernel_forget(slot.id);
-        Some(ChannelCounters::delta(slot.last, now.unwrap_or(slot.last)))
+        let d = ChannelCounters::delta(slot.last, now.unwrap_or(slot.last));
+        credit(&slot.usage, d);
+        Some(d)
     }
 
     /// Per installed route, what the kernel relayed since the previous call (routes with
-    /// no traffic are left out). Metrics and bandwidth accounting add these up.
+    /// no traffic are left out), already credited to the route's allocation usage; the
+    /// caller adds them to the metrics.
     pub fn take_deltas(&self) -> Vec<(ChannelRoute, ChannelCounters)> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
@@ -282,6 +312,7 @@ impl Offload {
             };
             let d = ChannelCounters::delta(slot.last, now);
             slot.last = now;
+            credit(&slot.usage, d);
             if !d.is_zero() {
                 out.push((slot.route, d));
             }
@@ -303,6 +334,8 @@ impl Offload {
         m.relay_bytes_by_transport
             .to_client("udp")
             .inc_by(t.down_bytes);
+        m.offload_packets_to_peer.inc_by(t.up_packets);
+        m.offload_packets_to_client.inc_by(t.down_packets);
     }
 
     /// Totals of everything the kernel relayed, summed over `take_deltas` results; a
@@ -415,6 +448,27 @@ mod tests {
         assert_eq!(m.relay_bytes_to_peer.get(), 600);
         assert_eq!(m.relay_packets_to_client.get(), 4);
         assert_eq!(m.relay_bytes_to_client.get(), 80);
+        assert_eq!(m.offload_packets_to_peer.get(), 6);
+        assert_eq!(m.offload_packets_to_client.get(), 4);
+    }
+
+    #[test]
+    fn without_a_kernel_nothing_is_credited() {
+        // The usage credit follows what was read; nothing read, nothing credited.
+        let u = Arc::new(Usage::default());
+        credit(&Some(u.clone()), ChannelCounters::default());
+        assert_eq!(u.packets_to_peer.load(std::sync::atomic::Ordering::Relaxed), 0);
+        credit(
+            &Some(u.clone()),
+            ChannelCounters {
+                up_packets: 2,
+                up_bytes: 10,
+                down_packets: 1,
+                down_bytes: 7,
+            },
+        );
+        assert_eq!(u.packets_to_peer.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(u.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed), 7);
     }
 
     #[test]

@@ -102,10 +102,17 @@ impl ChannelSync {
         }
     }
 
-    /// Apply a newly published view.
+    /// Apply a newly published view; what the kernel relays for it is credited to the
+    /// view's usage account.
     pub fn publish(&self, view: &View, now: Instant) {
         let want = desired_routes(view, self.relay, self.listener, now);
-        self.set(want);
+        self.set(want, Some(&view.usage));
+    }
+
+    /// Take every route back (the allocation is being deleted), so that its usage is
+    /// complete before the `allocation.ended` webhook reads it.
+    pub fn clear(&self) {
+        self.set(Vec::new(), None);
     }
 
     /// The routes currently in the kernel for this allocation.
@@ -116,7 +123,7 @@ impl ChannelSync {
             .clone()
     }
 
-    fn set(&self, want: Vec<ChannelRoute>) {
+    fn set(&self, want: Vec<ChannelRoute>, usage: Option<&Arc<crate::webhooks::Usage>>) {
         let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
         let (gone, added) = diff(&installed, &want);
         for r in &gone {
@@ -124,7 +131,7 @@ impl ChannelSync {
         }
         installed.retain(|r| !gone.contains(r));
         for r in added {
-            match self.offload.install(&r) {
+            match self.offload.install_counted(&r, usage.cloned()) {
                 Ok(()) => installed.push(r),
                 Err(e) => {
                     tracing::debug!(error = %e, channel = r.channel, "channel stays in user space")
