@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 
 /// A wildcard server like the shipped configs, with `kernel_offload` set by the test.
 fn config(mode: &str) -> String {
+    config_with(mode, "")
+}
+
+/// [`config`] with extra `[turn]` keys.
+fn config_with(mode: &str, turn_extra: &str) -> String {
     format!(
         r#"
 [http]
@@ -23,6 +28,7 @@ listen = ["0.0.0.0:3478"]
 relay_port_min = 50000
 relay_port_max = 50999
 kernel_offload = "{mode}"
+{turn_extra}
 [auth]
 backends = ["open"]
 allow_open_on_public = true
@@ -77,7 +83,7 @@ fn wait_up_or_exit(lab: &mut Lab, timeout: Duration) -> Option<i32> {
 }
 
 /// coturn's client from home 1 through the server to a public echo peer: every echo back.
-fn uclient_relays(lab: &mut Lab) {
+fn uclient_relays(lab: &mut Lab) -> turn_common::Report {
     lab.spawn(
         Host::Peer,
         "peer",
@@ -101,6 +107,7 @@ fn uclient_relays(lab: &mut Lab) {
     let rep = turn_common::parse_report(&text);
     assert!(rep.sent > 0, "uclient sent nothing:\n{text}");
     assert_eq!(rep.received, rep.sent, "echoes lost:\n{text}");
+    rep
 }
 
 #[test]
@@ -494,8 +501,16 @@ mod kernel {
         sync.publish(&no_perm, Instant::now());
         assert!(offload.is_empty());
         kernel_relays(false, "permission gone: back to user space").await;
-        // The two kernel-relayed datagrams reached the metrics when the route was removed.
+        // The two kernel-relayed datagrams reached the metrics and the allocation's usage
+        // when the route was removed.
         assert_eq!(metrics.relay_packets_to_peer.get(), 2);
+        assert_eq!(metrics.offload_packets_to_peer.get(), 2);
+        assert_eq!(
+            live.usage
+                .packets_to_peer
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
 
         // Bound again, then the channel expires: published views carry only live channels,
         // and one that has run out is not installed even before the table republishes.
@@ -525,18 +540,177 @@ mod kernel {
         assert_eq!(got, b"to the relay");
     }
 
+    /// Start the real binary with the offload on; home 1 and the peer checksum in software
+    /// (as hosts on other machines' NICs do), so their datagrams are the kernel's to relay.
+    fn start_offloaded(lab: &mut Lab, turn_extra: &str) {
+        for h in [Host::Home1, Host::Peer] {
+            lab.exec_ok(h, "ethtool", &["-K", "e0", "tx", "off"])
+                .expect("ethtool -K e0 tx off");
+        }
+        lab.start_switchboard(&config_with("on", turn_extra), &[], sa(SERVER, 8080));
+    }
+
+    /// `(relayed by the kernel, relayed in all)` packets in `direction`, from /metrics once
+    /// the once-a-second reader of the kernel counters has run.
+    fn relayed(lab: &Lab, direction: &str) -> (u64, u64) {
+        let (_, m) = lab.http(Host::Peer, sa(SERVER, 8080), "GET", "/metrics", &[], "");
+        let sample = |name: &str| {
+            turn_common::metric(
+                &m,
+                &format!("switchboard_{name}{{direction=\"{direction}\"}}"),
+            )
+        };
+        (
+            sample("turn_offload_relayed_packets_total"),
+            sample("turn_relayed_packets_total"),
+        )
+    }
+
     #[test]
-    fn on_starts_with_the_program_attached_and_user_space_still_relays() {
-        let Some(mut lab) = Lab::start("offload_on_starts") else {
+    fn uclient_through_a_nat_is_relayed_by_the_kernel_and_not_by_user_space() {
+        let Some(mut lab) = Lab::start("offload_uclient_in_the_kernel") else {
             return;
         };
-        lab.start_switchboard(&config("on"), &[], sa(SERVER, 8080));
+        start_offloaded(&mut lab, "");
         let log = lab.log("switchboard");
         assert!(
             log.contains("turn kernel offload active") && log.contains("e0"),
             "{log}"
         );
-        // With no channel installed the program passes everything on: TURN works as before.
-        uclient_relays(&mut lab);
+        let rep = uclient_relays(&mut lab);
+        std::thread::sleep(Duration::from_millis(1500));
+        for dir in ["to_peer", "to_client"] {
+            let (kernel, all) = relayed(&lab, dir);
+            assert!(
+                kernel >= rep.sent,
+                "{dir}: the kernel relayed {kernel} of {} sent\n{}",
+                rep.sent,
+                lab.log("switchboard")
+            );
+            assert_eq!(kernel, all, "{dir}: user space relayed ChannelData too");
+        }
+    }
+
+    /// A raw TURN client in home 1 with a channel to the public peer: the relay address.
+    async fn bind_channel(raw: &mut turn_common::Raw) -> SocketAddr {
+        use switchboard::stun::codec::{attr, method, Class};
+        let r = raw.allocate("alice", "wonder").await;
+        assert_eq!(r.msg().class(), Class::Success, "allocate: {:?}", r.code());
+        let relay = r
+            .msg()
+            .xor_address(attr::XOR_RELAYED_ADDRESS)
+            .expect("XOR-RELAYED-ADDRESS")
+            .expect("decodes");
+        let r = raw
+            .request(
+                method::CHANNEL_BIND,
+                &[(attr::CHANNEL_NUMBER, vec![0x40, 0x01, 0, 0])],
+                &[sa(PEER, 40000)],
+                Some(("alice", "wonder")),
+            )
+            .await;
+        assert_eq!(
+            r.msg().class(),
+            Class::Success,
+            "channel bind: {:?}",
+            r.code()
+        );
+        relay
+    }
+
+    /// One datagram each way between home and peer: both relayed, or both dropped.
+    async fn both_ways(
+        home: &UdpSocket,
+        peer: &UdpSocket,
+        relay: SocketAddr,
+        expect: bool,
+        what: &str,
+    ) {
+        let up = channel_data(CHANNEL, what.as_bytes(), false);
+        home.send_to(&up, sa(SERVER, 3478)).await.unwrap();
+        peer.send_to(what.as_bytes(), relay).await.unwrap();
+        if expect {
+            let (got, from) = recv(peer, what).await;
+            assert_eq!((got.as_slice(), from), (what.as_bytes(), relay), "{what}");
+            let (got, _) = recv(home, what).await;
+            assert_eq!(got, channel_data(CHANNEL, what.as_bytes(), false), "{what}");
+        } else {
+            assert_eq!(
+                silent(peer, Duration::from_millis(300)).await,
+                Ok(()),
+                "{what}"
+            );
+            assert_eq!(
+                silent(home, Duration::from_millis(100)).await,
+                Ok(()),
+                "{what}"
+            );
+        }
+    }
+
+    /// The real server takes routes back on expiry (after a failed refresh) and on a
+    /// Refresh with LIFETIME 0: a datagram afterwards is relayed neither by the kernel nor
+    /// by user space.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expiry_and_delete_take_the_kernel_routes_back() {
+        use switchboard::stun::codec::{attr, method, Class};
+        let Some(mut lab) = Lab::start("offload_expiry_and_delete") else {
+            return;
+        };
+        // Allocations that ask for no LIFETIME get two seconds.
+        start_offloaded(&mut lab, "default_lifetime_secs = 2");
+        let peer = lab.udp(Host::Peer, &format!("{PEER}:40000"));
+        let server = sa(SERVER, 3478);
+
+        // Expiry: bound, relayed by the kernel, a refresh that fails, then the lifetime ends.
+        let mut raw = turn_common::Raw::on(lab.udp(Host::Home1, "0.0.0.0:0"), server);
+        let t0 = Instant::now();
+        let relay = bind_channel(&mut raw).await;
+        both_ways(&raw.sock, &peer, relay, true, "before expiry").await;
+        let r = raw
+            .request(
+                method::REFRESH,
+                &[],
+                &[],
+                Some(("alice", "not the password")),
+            )
+            .await;
+        assert_eq!(r.code(), Some(401), "the refresh fails");
+        tokio::time::sleep(
+            (t0 + Duration::from_millis(2600)).saturating_duration_since(Instant::now()),
+        )
+        .await;
+        both_ways(&raw.sock, &peer, relay, false, "after expiry").await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for dir in ["to_peer", "to_client"] {
+            assert_eq!(
+                relayed(&lab, dir),
+                (1, 1),
+                "{dir}: one datagram, by the kernel"
+            );
+        }
+
+        // Delete: a Refresh with LIFETIME 0 from a fresh 5-tuple's allocation.
+        let mut raw = turn_common::Raw::on(lab.udp(Host::Home1, "0.0.0.0:0"), server);
+        let relay = bind_channel(&mut raw).await;
+        both_ways(&raw.sock, &peer, relay, true, "before delete").await;
+        let r = raw
+            .request(
+                method::REFRESH,
+                &[(attr::LIFETIME, vec![0, 0, 0, 0])],
+                &[],
+                Some(("alice", "wonder")),
+            )
+            .await;
+        assert_eq!(r.msg().class(), Class::Success, "refresh 0: {:?}", r.code());
+        both_ways(&raw.sock, &peer, relay, false, "after delete").await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for dir in ["to_peer", "to_client"] {
+            assert_eq!(
+                relayed(&lab, dir),
+                (2, 2),
+                "{dir}: two datagrams, by the kernel"
+            );
+        }
     }
 }

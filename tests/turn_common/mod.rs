@@ -221,6 +221,17 @@ impl Raw {
         }
     }
 
+    /// A client on an already bound socket (for example one inside a lab namespace).
+    pub fn on(sock: UdpSocket, server: SocketAddr) -> Raw {
+        Raw {
+            sock,
+            server,
+            nonce: Vec::new(),
+            realm: "switchboard".into(),
+            tid: 0,
+        }
+    }
+
     /// Send one request and wait for the response with the same transaction id.
     pub async fn request(
         &mut self,

@@ -453,11 +453,14 @@ mod tests {
     }
 
     #[test]
-    fn without_a_kernel_nothing_is_credited() {
+    fn kernel_counts_are_credited_to_the_allocation_usage() {
         // The usage credit follows what was read; nothing read, nothing credited.
         let u = Arc::new(Usage::default());
         credit(&Some(u.clone()), ChannelCounters::default());
-        assert_eq!(u.packets_to_peer.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(
+            u.packets_to_peer.load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
         credit(
             &Some(u.clone()),
             ChannelCounters {
@@ -467,8 +470,14 @@ mod tests {
                 down_bytes: 7,
             },
         );
-        assert_eq!(u.packets_to_peer.load(std::sync::atomic::Ordering::Relaxed), 2);
-        assert_eq!(u.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed), 7);
+        assert_eq!(
+            u.packets_to_peer.load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            u.bytes_to_client.load(std::sync::atomic::Ordering::Relaxed),
+            7
+        );
     }
 
     #[test]
