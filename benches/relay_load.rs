@@ -10,6 +10,15 @@
 //! phase), `--rss-count 10000` (memory phase), `--servers bare,coturn,switchboard`,
 //! `--bin PATH` (switchboard binary, default the release build next to this bench),
 //! `--shards N` (switchboard `turn.shards`).
+//!
+//! `--lab` runs the same measurement over veth interfaces instead of loopback: the load
+//! generator, the server and the echo peer each get a network namespace (`sblab-rl<pid>-*`,
+//! removed on exit) on one bridge, with software checksums on the generator's and the peer's
+//! interfaces. That is where the kernel offload applies (never on `lo`): add
+//! `switchboard-offload` to `--servers` (switchboard with `turn.kernel_offload = "on"`; the
+//! binary must be built with `--features kernel-offload`; needs root). The table then adds
+//! machine-wide busy CPU per relayed packet (/proc/stat: softirq work is invisible to
+//! per-process CPU) and its ratios to the bare forwarder's.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,6 +35,144 @@ const REALM: &str = "switchboard";
 /// Concurrent clients in the allocation phases.
 const ALLOC_CLIENTS: usize = 8;
 const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+/// Lab addresses (documentation range): generator, server, echo peer.
+const LAB_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 21));
+const LAB_SERVER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 10));
+const LAB_PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 30));
+
+/// Where each party lives: all on loopback, or in the namespaces of `--lab`.
+static LAB: std::sync::OnceLock<Option<LabNet>> = std::sync::OnceLock::new();
+
+fn lab() -> Option<&'static LabNet> {
+    LAB.get().and_then(Option::as_ref)
+}
+/// The generator's address.
+fn client_ip() -> IpAddr {
+    if lab().is_some() {
+        LAB_CLIENT
+    } else {
+        LO
+    }
+}
+/// The servers' address.
+fn server_ip() -> IpAddr {
+    if lab().is_some() {
+        LAB_SERVER
+    } else {
+        LO
+    }
+}
+/// A command run in the server's namespace under `--lab`.
+fn server_cmd(program: &str) -> Command {
+    match lab() {
+        Some(l) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &l.ns("srv"), program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The namespaces of `--lab`: `sw` holds the bridge; `cli`, `srv` and `peer` one veth each.
+/// Dropping it deletes them (also on an error return or a panic's unwind).
+struct LabNet {
+    prefix: String,
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl LabNet {
+    fn ns(&self, h: &str) -> String {
+        format!("{}{h}", self.prefix)
+    }
+    fn start() -> Result<LabNet, String> {
+        let l = LabNet {
+            prefix: format!("sblab-rl{}-", std::process::id()),
+        };
+        for h in ["sw", "cli", "srv", "peer"] {
+            sh(&["ip", "netns", "add", &l.ns(h)])?;
+        }
+        let sw = l.ns("sw");
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        for (h, ip) in [("cli", LAB_CLIENT), ("srv", LAB_SERVER), ("peer", LAB_PEER)] {
+            let ns = l.ns(h);
+            let port = format!("{h}0");
+            sh(&[
+                "ip", "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "e0",
+                "netns", &ns,
+            ])?;
+            sh(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "e0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "e0", "up"])?;
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            if h != "srv" {
+                // Datagrams with a checksum still to compute (CHECKSUM_PARTIAL) stay with
+                // user space in the offload; hosts on other machines send complete ones.
+                sh(&[
+                    "ip", "netns", "exec", &ns, "ethtool", "-K", "e0", "tx", "off",
+                ])?;
+            }
+        }
+        Ok(l)
+    }
+    /// Move the calling thread into namespace `h`; sockets it opens from now on live there.
+    fn enter(&self, h: &str) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.ns(h)))
+            .map_err(|e| e.to_string())?;
+        #[allow(unsafe_code)]
+        // SAFETY: setns only reads the descriptor, which `f` keeps open for the call.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "setns {}: {}",
+                self.ns(h),
+                std::io::Error::last_os_error()
+            ))
+        }
+    }
+}
+
+impl LabNet {
+    fn cleanup(&self) {
+        for h in ["cli", "srv", "peer", "sw"] {
+            let _ = sh(&["ip", "netns", "del", &self.ns(h)]);
+        }
+    }
+}
+
+impl Drop for LabNet {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
 
 #[derive(Clone, Debug)]
 struct Opts {
@@ -39,6 +186,7 @@ struct Opts {
     bin: Option<String>,
     shards: Option<usize>,
     smoke: bool,
+    lab: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -54,6 +202,7 @@ fn parse_opts() -> Opts {
         bin: None,
         shards: None,
         smoke: !args.iter().any(|a| a == "--bench"),
+        lab: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -68,6 +217,7 @@ fn parse_opts() -> Opts {
             "--servers" => o.servers = v().split(',').map(String::from).collect(),
             "--bin" => o.bin = Some(v()),
             "--shards" => o.shards = v().parse().ok(),
+            "--lab" => o.lab = true,
             _ => {}
         }
     }
@@ -87,7 +237,32 @@ fn main() {
         smoke();
         return;
     }
-    if let Err(e) = run(&o) {
+    if o.lab {
+        match LabNet::start() {
+            Ok(l) => {
+                let _ = LAB.set(Some(l));
+            }
+            Err(e) => {
+                eprintln!("relay_load --lab: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        let _ = LAB.set(None);
+    }
+    // Statics are never dropped: this guard deletes the namespaces, also on a panic.
+    struct Cleanup;
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(l) = lab() {
+                l.cleanup();
+            }
+        }
+    }
+    let guard = Cleanup;
+    let r = run(&o);
+    drop(guard);
+    if let Err(e) = r {
         eprintln!("relay_load: {e}");
         std::process::exit(1);
     }
@@ -187,7 +362,8 @@ struct Echo {
 
 impl Echo {
     fn start() -> Echo {
-        let sock = UdpSocket::bind((LO, 0)).expect("echo bind");
+        let ip = if lab().is_some() { LAB_PEER } else { LO };
+        let sock = UdpSocket::bind((ip, 0)).expect("echo bind");
         let sref = socket2::SockRef::from(&sock);
         let _ = sref.set_recv_buffer_size(8 << 20);
         let _ = sref.set_send_buffer_size(8 << 20);
@@ -271,11 +447,19 @@ fn forwarder(port: u16) {
     }
 }
 
+/// The bare forwarder's address (`FWD_IP`, loopback by default).
+fn fwd_ip() -> IpAddr {
+    std::env::var("FWD_IP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(LO)
+}
+
 fn reuseport_bind(port: u16) -> UdpSocket {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
     s.set_reuse_port(true).expect("reuseport");
-    s.bind(&SocketAddr::new(LO, port).into())
+    s.bind(&SocketAddr::new(fwd_ip(), port).into())
         .expect("forwarder bind");
     s.into()
 }
@@ -314,7 +498,7 @@ fn forwarder_shard(front: UdpSocket) {
                             continue;
                         }
                         let i = *by_client.entry(from).or_insert_with(|| {
-                            let s = UdpSocket::bind((LO, 0)).expect("relay bind");
+                            let s = UdpSocket::bind((fwd_ip(), 0)).expect("relay bind");
                             s.set_nonblocking(true).expect("nb");
                             let mut s = mio::net::UdpSocket::from_std(s);
                             poll.registry()
@@ -446,7 +630,7 @@ type AllocErr = (String, Option<UdpSocket>);
 
 fn allocate_once(server: SocketAddr, i: usize) -> Result<Session, AllocErr> {
     let err = |e: String| (e, None);
-    let sock = UdpSocket::bind((LO, 0)).map_err(|e| err(e.to_string()))?;
+    let sock = UdpSocket::bind((client_ip(), 0)).map_err(|e| err(e.to_string()))?;
     sock.connect(server).map_err(|e| err(e.to_string()))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .map_err(|e| err(e.to_string()))?;
@@ -714,9 +898,9 @@ impl Drop for Server {
 fn free_port() -> u16 {
     // Bind UDP and TCP on the same port so both servers' listeners fit.
     for _ in 0..64 {
-        let u = UdpSocket::bind((LO, 0)).expect("bind");
+        let u = UdpSocket::bind((client_ip(), 0)).expect("bind");
         let p = u.local_addr().expect("addr").port();
-        if std::net::TcpListener::bind((LO, p)).is_ok() {
+        if std::net::TcpListener::bind((client_ip(), p)).is_ok() {
             return p;
         }
     }
@@ -724,7 +908,7 @@ fn free_port() -> u16 {
 }
 
 fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
-    let s = UdpSocket::bind((LO, 0)).expect("bind");
+    let s = UdpSocket::bind((client_ip(), 0)).expect("bind");
     s.set_read_timeout(Some(Duration::from_millis(100))).ok();
     let mut buf = [0u8; 1500];
     for _ in 0..100 {
@@ -741,7 +925,12 @@ fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
                 return true;
             }
         } else {
-            // The bare forwarder answers nothing; it is up once its port is taken.
+            // The bare forwarder answers nothing; it is up once its port is taken (in the
+            // lab its namespace is another: give it a moment).
+            if lab().is_some() {
+                std::thread::sleep(Duration::from_millis(500));
+                return true;
+            }
             if UdpSocket::bind(addr).is_err() {
                 return true;
             }
@@ -754,14 +943,16 @@ fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
 fn start_bare(peer: SocketAddr, dir: &std::path::Path) -> Server {
     let port = free_port();
     let log = std::fs::File::create(dir.join("bare.log")).expect("log");
-    let child = Command::new(std::env::current_exe().expect("exe"))
+    let exe = std::env::current_exe().expect("exe");
+    let child = server_cmd(&exe.to_string_lossy())
         .args(["--forwarder", &port.to_string()])
         .env("FWD_PEER", peer.to_string())
+        .env("FWD_IP", server_ip().to_string())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("spawn forwarder");
-    let addr = SocketAddr::new(LO, port);
+    let addr = SocketAddr::new(server_ip(), port);
     wait_udp(addr, false);
     Server {
         name: "bare".into(),
@@ -774,7 +965,8 @@ fn start_bare(peer: SocketAddr, dir: &std::path::Path) -> Server {
 fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
     let port = free_port();
     let log = dir.join("coturn.log");
-    let child = Command::new("turnserver")
+    let ip = server_ip().to_string();
+    let child = server_cmd("turnserver")
         .args([
             "-n",
             "--no-tls",
@@ -782,9 +974,9 @@ fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
             "--no-cli",
             "--no-tcp-relay",
             "--listening-ip",
-            "127.0.0.1",
+            &ip,
             "--relay-ip",
-            "127.0.0.1",
+            &ip,
             "-p",
             &port.to_string(),
             "--use-auth-secret",
@@ -805,7 +997,7 @@ fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("turnserver: {e} (install coturn)"))?;
-    let addr = SocketAddr::new(LO, port);
+    let addr = SocketAddr::new(server_ip(), port);
     if !wait_udp(addr, true) {
         return Err("coturn did not answer".into());
     }
@@ -817,7 +1009,13 @@ fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
     })
 }
 
-fn start_switchboard(o: &Opts, dir: &std::path::Path) -> Result<Server, String> {
+/// switchboard, with `turn.kernel_offload = "on"` when `offload`.
+fn start_switchboard(o: &Opts, dir: &std::path::Path, offload: bool) -> Result<Server, String> {
+    let name = if offload {
+        "switchboard-offload"
+    } else {
+        "switchboard"
+    };
     let bin = o.bin.clone().unwrap_or_else(|| {
         let exe = std::env::current_exe().expect("exe");
         // target/release/deps/relay_load-… → target/release/switchboard
@@ -832,29 +1030,40 @@ fn start_switchboard(o: &Opts, dir: &std::path::Path) -> Result<Server, String> 
         .shards
         .map(|n| format!("shards = {n}\n"))
         .unwrap_or_default();
+    let ip = server_ip();
+    let mode = if offload { "on" } else { "off" };
+    // The default login backend is refused off loopback; the lab is namespaces only.
+    let open = if lab().is_some() {
+        "allow_open_on_public = true\n"
+    } else {
+        ""
+    };
     let cfg = format!(
-        "[turn]\nlisten = [\"127.0.0.1:{port}\"]\nrealm = \"{REALM}\"\n\
+        "[turn]\nlisten = [\"{ip}:{port}\"]\nrealm = \"{REALM}\"\nkernel_offload = \"{mode}\"\n\
          max_allocations_per_user = 100000\nmax_allocations = 100000\n\
          relay_port_min = 20000\nrelay_port_max = 32000\n{shards}\
-         [http]\nlisten = \"127.0.0.1:{http}\"\n[log]\nlevel = \"warn\"\n\
-         [auth]\nturn_secrets = [\"{SECRET}\"]\n"
+         [http]\nlisten = \"{ip}:{http}\"\n[log]\nlevel = \"warn\"\n\
+         [auth]\nturn_secrets = [\"{SECRET}\"]\n{open}"
     );
-    let path = dir.join("switchboard.toml");
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.join("switchboard.log")).map_err(|e| e.to_string())?;
-    let child = Command::new(&bin)
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+    let child = server_cmd(&bin)
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .map_err(|e| format!("{bin}: {e} (run `cargo build --release` first)"))?;
-    let addr = SocketAddr::new(LO, port);
+    let addr = SocketAddr::new(ip, port);
     if !wait_udp(addr, true) {
-        return Err("switchboard did not answer".into());
+        return Err(format!(
+            "{name} did not answer: {}",
+            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+        ));
     }
     Ok(Server {
-        name: "switchboard".into(),
+        name: name.into(),
         addr,
         child,
         turn: true,
@@ -867,7 +1076,7 @@ fn setup(s: &Server, n: usize, echo: SocketAddr, base: usize) -> Result<Vec<Sess
     if !s.turn {
         return (0..n)
             .map(|_| {
-                let sock = UdpSocket::bind((LO, 0)).map_err(|e| e.to_string())?;
+                let sock = UdpSocket::bind((client_ip(), 0)).map_err(|e| e.to_string())?;
                 sock.connect(s.addr).map_err(|e| e.to_string())?;
                 Ok(Session {
                     sock,
@@ -906,6 +1115,14 @@ impl Row {
             0.0
         } else {
             (want.saturating_sub(self.relayed())) as f64 * 100.0 / want as f64
+        }
+    }
+    /// Machine-wide busy CPU (all processes, softirq included) per relayed packet, in µs.
+    fn busy_per_pkt(&self) -> f64 {
+        if self.relayed() > 0 {
+            self.busy * 1e6 / self.relayed() as f64
+        } else {
+            0.0
         }
     }
     fn per_cpu(&self) -> f64 {
@@ -970,13 +1187,22 @@ fn num_cpus() -> usize {
 
 fn run(o: &Opts) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // Under --lab: the echo peer's socket in the peer's namespace, everything else this
+    // process opens in the generator's (threads inherit the namespace of their creator).
+    if let Some(l) = lab() {
+        l.enter("peer")?;
+    }
     let echo = Echo::start();
+    if let Some(l) = lab() {
+        l.enter("cli")?;
+    }
     let mut servers = Vec::new();
     for name in &o.servers {
         servers.push(match name.as_str() {
             "bare" => start_bare(echo.addr, dir.path()),
             "coturn" => start_coturn(dir.path())?,
-            "switchboard" => start_switchboard(o, dir.path())?,
+            "switchboard" => start_switchboard(o, dir.path(), false)?,
+            "switchboard-offload" => start_switchboard(o, dir.path(), true)?,
             other => return Err(format!("unknown server {other}")),
         });
     }
@@ -999,9 +1225,9 @@ fn run(o: &Opts) -> Result<(), String> {
     println!();
     println!(
         "| offered each way | server | sent | relayed (to peer + back) | loss | server CPU s | \
-         relayed / server CPU-s | server µs CPU / pkt | machine busy CPU-s |"
+         relayed / server CPU-s | server µs CPU / pkt | machine busy CPU-s | machine busy µs / pkt |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     let mut base = 0;
     for &rate in &o.rates {
@@ -1009,7 +1235,7 @@ fn run(o: &Opts) -> Result<(), String> {
             let r = measure(s, &echo, o, rate, base)?;
             base += o.allocs;
             println!(
-                "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} |",
+                "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
                 rate / 1000,
                 r.server,
                 r.t.sent,
@@ -1024,7 +1250,8 @@ fn run(o: &Opts) -> Result<(), String> {
                 } else {
                     0.0
                 },
-                r.busy
+                r.busy,
+                r.busy_per_pkt()
             );
             let _ = std::io::stdout().flush();
             rows.push(r);
@@ -1050,6 +1277,23 @@ fn run(o: &Opts) -> Result<(), String> {
                 rate / 1000
             );
         }
+    }
+    println!();
+    println!("machine-wide busy CPU per relayed packet relative to the bare forwarder, same run:");
+    for &rate in &o.rates {
+        let get = |n: &str| {
+            rows.iter()
+                .find(|r| r.rate == rate && r.server == n)
+                .map(Row::busy_per_pkt)
+        };
+        let Some(bare) = get("bare").filter(|b| *b > 0.0) else {
+            continue;
+        };
+        let parts: Vec<String> = ["switchboard", "switchboard-offload", "coturn"]
+            .iter()
+            .filter_map(|n| get(n).map(|v| format!("{n}/bare = {:.2}", v / bare)))
+            .collect();
+        println!("  {}k: {}", rate / 1000, parts.join(", "));
     }
     println!();
     println!("per-thread server CPU seconds during each switchboard run:");
@@ -1134,6 +1378,7 @@ fn smoke() {
         bin: None,
         shards: None,
         smoke: true,
+        lab: false,
     };
     let r = measure(&s, &echo, &o, 2000, 0).expect("smoke run");
     assert!(r.t.sent >= 300, "{r:?}");

@@ -435,12 +435,7 @@ impl Shard {
             let mut r = open_relay(addr, poll, relays, free, released, waker)?;
             // One sync per UDP allocation's relay: its bound channels go to the kernel.
             r.sync = shared.offload.as_ref().map(|o| {
-                ChannelSync::new(
-                    o.clone(),
-                    Some(metrics.clone()),
-                    r.inner.addr,
-                    shared_local,
-                )
+                ChannelSync::new(o.clone(), Some(metrics.clone()), r.inner.addr, shared_local)
             });
             Ok(r)
         };
