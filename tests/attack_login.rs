@@ -27,6 +27,10 @@ async fn start(rate: u32, slots: usize) -> RunningServer {
         .unwrap()
 }
 
+/// The two floods run one at a time: each reads the process-wide thread count, which the
+/// other's blocking threads would inflate.
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn threads() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -138,6 +142,7 @@ async fn flood(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_checks_stay_bounded_under_a_flood_from_many_addresses() {
+    let _one_at_a_time = FLOODS.lock().await;
     let slots = 2;
     let srv = start(1_000_000, slots).await;
     let base_threads = threads();
@@ -173,6 +178,7 @@ async fn password_checks_stay_bounded_under_a_flood_from_many_addresses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_address_limit_keeps_a_flood_from_reaching_the_password_checks() {
+    let _one_at_a_time = FLOODS.lock().await;
     let srv = start(30, 2).await;
     let (ok, busy, t, _, peak_checks) = flood(&srv, 8, 4, 8).await;
     println!(

@@ -262,10 +262,9 @@ async fn login_inner(
             let Ok(permit) = shared.password_checks.clone().try_acquire_owned() else {
                 return Err((ApiError::Busy(Duration::from_secs(1)), label));
             };
-            let active = shared.metrics.password_checks_active.clone();
-            active.inc();
+            let slot = CheckSlot::new(permit, shared.metrics.password_checks_active.clone());
             let r = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
+                let _slot = slot;
                 login.authenticate(
                     &Credentials::Password {
                         username: &u,
@@ -275,7 +274,6 @@ async fn login_inner(
                 )
             })
             .await;
-            active.dec();
             r.map_err(|_| (ApiError::Internal, label))?
         }
         // A name check and a signature check take microseconds: no thread hop needed.
@@ -418,4 +416,29 @@ async fn turn_credentials(
         "ttl": cred.ttl,
         "uris": uris,
     })))
+}
+
+/// A password-check slot: the semaphore permit and the `password_checks_active` gauge move
+/// together into the blocking task, so the gauge falls before the permit is released (it
+/// never reads above the cap) and also when the client goes away mid-check.
+struct CheckSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    active: prometheus::IntGauge,
+}
+
+impl CheckSlot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, active: prometheus::IntGauge) -> CheckSlot {
+        active.inc();
+        CheckSlot {
+            _permit: permit,
+            active,
+        }
+    }
+}
+
+impl Drop for CheckSlot {
+    fn drop(&mut self) {
+        // Runs before the fields drop, so before the permit goes back.
+        self.active.dec();
+    }
 }
