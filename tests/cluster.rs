@@ -17,12 +17,20 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
+/// A port for a node or redis-server to bind later. It comes from below the kernel's ephemeral
+/// range (32768–60999 by default), so no client socket of this busy test process or its
+/// children can take it between this check and the child's bind; a per-process counter keeps
+/// this file's parallel tests apart.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2_000;
+        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 /// A redis-server of our own, killed on drop.
