@@ -1,6 +1,8 @@
 //! Socket shells for the STUN/TURN port: they read bytes, hand them to the sans-IO
 //! cores, and write back what the cores decide. Nothing clever lives here.
 
+#[doc(hidden)]
+pub mod harness;
 pub mod shard;
 pub mod tcp;
 pub mod tls;

@@ -38,10 +38,28 @@ pub use allocations::{
     Bucket, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_NUMBERS, MAX_CHANNELS,
     MAX_PERMISSIONS, PERMISSION_LIFETIME,
 };
-pub use ports::{Pool, RESERVATION_LIFETIME};
+pub use ports::{Pool, PoolAudit, RESERVATION_LIFETIME};
 pub use settings::{RelayBind, Settings};
 
 use credentials::{finish, sign, ALG_MD5, ALG_SHA256};
+
+/// One allocation as [`Table::audit`] reports it, for invariant checks outside the table.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct AllocAudit {
+    /// The client's transport address.
+    pub client: SocketAddr,
+    /// The name its quota counts.
+    pub quota_user: String,
+    /// When its lifetime ends.
+    pub expires: Instant,
+    /// The local address of its relay socket.
+    pub relay: SocketAddr,
+    /// Installed permissions: peer IP and expiry.
+    pub perms: Vec<(IpAddr, Instant)>,
+    /// Channels: number, peer, expiry, end of cool-down (after expiry).
+    pub chans: Vec<(u16, SocketAddr, Instant, Option<Instant>)>,
+}
 
 /// What kind of relay socket an allocation needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,6 +291,27 @@ impl<R: Relay> Table<R> {
     /// claim only connections of an allocation made by the same user.
     pub fn bind_user(&self) -> Option<&str> {
         self.bind_user.as_deref()
+    }
+
+    /// Every allocation with its lifetime, permissions and channels, so fuzzers and tests can
+    /// check the table's invariants from outside.
+    #[doc(hidden)]
+    pub fn audit(&self) -> Vec<AllocAudit> {
+        self.allocs
+            .iter()
+            .map(|(c, a)| AllocAudit {
+                client: *c,
+                quota_user: a.quota_user.clone(),
+                expires: a.expires,
+                relay: a.relay.local_addr(),
+                perms: a.perms.clone(),
+                chans: a
+                    .chans
+                    .iter()
+                    .map(|c| (c.num, c.peer, c.expires, c.cooldown_until))
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The relayed address advertised for the allocation of `client`, if any.

@@ -192,9 +192,13 @@ impl<R: Relay> Table<R> {
             }
             Some(_) => return Err(reject(400, "Bad Request")),
         };
-        let lifetime = self
-            .lifetime(msg)?
-            .min(self.settings.max_age.min(u32::MAX as u64) as u32);
+        // LIFETIME 0 deletes on Refresh; on Allocate it is just a short request, which gets
+        // the default like any other below it (RFC 8656 §7.2), never an allocation born dead.
+        let lifetime = match self.lifetime(msg)? {
+            0 => self.settings.default_lifetime,
+            l => l,
+        }
+        .min(self.settings.max_age.min(u32::MAX as u64) as u32);
         if env.draining {
             return Err(if self.settings.alternate.is_some() {
                 reject(300, "Try Alternate")
@@ -372,8 +376,11 @@ impl<R: Relay> Table<R> {
             }
         }
         // However often it is refreshed, an allocation ends at its maximum age.
-        let end = a.born + Duration::from_secs(self.settings.max_age);
-        let left = end.saturating_duration_since(env.now).as_secs();
+        // A maximum age past what an `Instant` can hold is no cap at all.
+        let end = a
+            .born
+            .checked_add(Duration::from_secs(self.settings.max_age));
+        let left = end.map_or(u64::MAX, |e| e.saturating_duration_since(env.now).as_secs());
         if lifetime > 0 && left == 0 {
             self.delete(client, DeleteReason::MaxAge);
             return Err(reject(437, "Allocation Mismatch: maximum age reached"));
@@ -382,7 +389,8 @@ impl<R: Relay> Table<R> {
         if lifetime == 0 {
             self.delete(client, DeleteReason::RefreshedZero);
         } else {
-            a.expires = (env.now + Duration::from_secs(lifetime as u64)).min(end);
+            let until = env.now + Duration::from_secs(lifetime as u64);
+            a.expires = end.map_or(until, |e| until.min(e));
             a.span
                 .in_scope(|| tracing::debug!(lifetime, "allocation refreshed"));
         }
@@ -624,8 +632,12 @@ impl<R: Relay> Table<R> {
             a.timer = None;
             match a.handle_timeout(now) {
                 Expiry::Expired => {
-                    let aged = now.saturating_duration_since(a.born)
-                        >= Duration::from_secs(self.settings.max_age);
+                    // Aged out when the lifetime ran to the maximum age, not merely when
+                    // the deletion comes late (a clock jump past both deadlines).
+                    let aged = a
+                        .born
+                        .checked_add(Duration::from_secs(self.settings.max_age))
+                        .is_some_and(|end| a.expires >= end);
                     let reason = if aged {
                         DeleteReason::MaxAge
                     } else {

@@ -104,6 +104,17 @@ fn lifetime_is_clamped_and_dont_fragment_accepted() {
         decode_u32(r.msg().get(attr::LIFETIME).unwrap()).unwrap(),
         600
     );
+    // LIFETIME 0 on Allocate is a short request, not a delete: the default, and it lives.
+    let mut a = udp();
+    a.push((attr::LIFETIME, 0u32.to_be_bytes().to_vec()));
+    let r = h.send(client(3), method::ALLOCATE, [3; 12], Some(&c), &a, &[]);
+    assert_eq!(r.outcome, Outcome::Success);
+    assert_eq!(
+        decode_u32(r.msg().get(attr::LIFETIME).unwrap()).unwrap(),
+        600
+    );
+    h.t.handle_timeout(h.env);
+    assert!(h.t.relayed_address(client(3)).is_some());
 }
 
 #[test]
@@ -767,4 +778,88 @@ fn channel_cooldown_is_a_deadline_of_its_own() {
     h.env.now = bound + CHANNEL_LIFETIME + CHANNEL_COOLDOWN;
     h.t.handle_timeout(h.env);
     assert_eq!(h.t.next_deadline(), Some(bound + Duration::from_secs(3600)));
+}
+
+/// The clock jumps: `now` handed in an hour before anything was scheduled (a caller's stale
+/// instant), the wall clock stepped back and forward (NTP), and a forward jump past every
+/// deadline at once (a suspended host). Nothing fires early, everything fires once, nonces
+/// from the "future" are refused with a fresh one, and a step of the wall clock never moves a
+/// lifetime, which runs on the monotonic clock.
+#[test]
+fn clock_jumps_backwards_and_forwards() {
+    let mut h = harness(cfg());
+    let c = rest(&h, 100_000);
+    let t0 = h.env.now;
+    assert_eq!(h.allocate(client(1), &c, 1).outcome, Outcome::Success);
+    let r = h.send(
+        client(1),
+        method::CHANNEL_BIND,
+        [2; 12],
+        Some(&c),
+        &chan_attr(0x4001),
+        &[peer(7)],
+    );
+    assert_eq!(r.outcome, Outcome::Success);
+    let due = h.t.next_deadline().unwrap();
+    assert_eq!(due, t0 + PERMISSION_LIFETIME);
+
+    // Backwards: a `now` from before the allocation existed expires nothing and moves no
+    // deadline; ChannelData stamped then is still relayed (the permission is live).
+    let mut back = h.env;
+    back.now = t0.checked_sub(Duration::from_secs(3600)).unwrap_or(t0);
+    h.t.handle_timeout(back);
+    assert_eq!(h.t.len(), 1);
+    assert_eq!(h.t.next_deadline(), Some(due));
+    let cd = [0x40, 0x01, 0, 2, 0xaa, 0xbb];
+    assert!(h.t.channel_data(back.now, client(1), &cd).is_some());
+
+    // The wall clock steps back an hour: the nonce the client holds now looks issued in the
+    // future, so it is stale (438 with a fresh nonce), and the retry succeeds.
+    h.env.unix -= 3600;
+    let life = vec![(attr::LIFETIME, 600u32.to_be_bytes().to_vec())];
+    let r = h.send(client(1), method::REFRESH, [3; 12], Some(&c), &life, &[]);
+    assert_eq!(r.code(), Some(438));
+    h.nonce = r.msg().get(attr::NONCE).unwrap().to_vec();
+    let r = h.send(client(1), method::REFRESH, [4; 12], Some(&c), &life, &[]);
+    assert_eq!(r.outcome, Outcome::Success);
+    // Forward two days on the wall clock only: the REST credential has expired for new
+    // allocations, but the lifetime runs on the monotonic clock, so nothing is due.
+    h.env.unix += 3600 + 200_000;
+    h.t.handle_timeout(h.env);
+    assert_eq!(h.t.len(), 1);
+    assert_eq!(h.t.next_deadline(), Some(due));
+    h.challenge(client(2));
+    let r = h.send(client(2), method::ALLOCATE, [5; 12], Some(&c), &udp(), &[]);
+    assert_eq!(r.code(), Some(401));
+
+    // Forward a day on the monotonic clock: everything expires in one pass, once, as
+    // "expired" (its lifetime ended long before its maximum age would have).
+    h.env.now = t0 + Duration::from_secs(86_400);
+    h.t.handle_timeout(h.env);
+    assert!(h.t.is_empty());
+    assert_eq!(h.t.next_deadline(), None);
+    assert!(h.metric("switchboard_turn_allocations_deleted_total{reason=\"expired\"} 1"));
+    assert!(!h.metric("switchboard_turn_allocations_deleted_total{reason=\"max_age\"} 1"));
+    assert!(h.metric("switchboard_turn_permissions_active 0"));
+    assert!(h.metric("switchboard_turn_channels_active 0"));
+    assert_eq!(h.t.pool.total(), 0);
+    assert!(h.open.lock().unwrap().is_empty());
+    h.t.handle_timeout(h.env);
+    assert!(h.metric("switchboard_turn_allocations_deleted_total{reason=\"expired\"} 1"));
+}
+
+/// A maximum age past what an `Instant` can represent is no cap, not a panic on Refresh.
+#[test]
+fn huge_maximum_age_does_not_overflow() {
+    let mut t = cfg();
+    t.max_allocation_age_secs = u64::MAX;
+    let mut h = harness(t);
+    let c = rest(&h, 100_000);
+    assert_eq!(h.allocate(client(1), &c, 1).outcome, Outcome::Success);
+    let life = vec![(attr::LIFETIME, 600u32.to_be_bytes().to_vec())];
+    let r = h.send(client(1), method::REFRESH, [2; 12], Some(&c), &life, &[]);
+    assert_eq!(r.outcome, Outcome::Success);
+    h.env.now += Duration::from_secs(600);
+    h.t.handle_timeout(h.env);
+    assert!(h.t.is_empty());
 }

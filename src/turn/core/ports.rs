@@ -19,6 +19,20 @@ pub struct Pool {
     nonce_key: [u8; 32],
 }
 
+/// The shared counters of a [`Pool`] at one instant (see [`Pool::audit`]).
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct PoolAudit {
+    /// Allocations counted process-wide.
+    pub total: u32,
+    /// Allocations counted per quota user.
+    pub per_user: HashMap<String, u32>,
+    /// Relay ports taken (allocations and EVEN-PORT reservations).
+    pub ports: HashSet<u16>,
+    /// EVEN-PORT reservations not yet redeemed or expired.
+    pub reservations: usize,
+}
+
 #[derive(Default)]
 struct PoolInner {
     total: u32,
@@ -60,6 +74,19 @@ impl Pool {
     /// Allocations currently counted process-wide.
     pub fn total(&self) -> u32 {
         self.lock().total
+    }
+
+    /// A copy of the shared counters, so fuzzers and tests can check them against the
+    /// allocations that really exist.
+    #[doc(hidden)]
+    pub fn audit(&self) -> PoolAudit {
+        let p = self.lock();
+        PoolAudit {
+            total: p.total,
+            per_user: p.per_user.clone(),
+            ports: p.ports.clone(),
+            reservations: p.reservations.len(),
+        }
     }
 
     /// The key nonces are signed with, the same for every table so a nonce from one listener

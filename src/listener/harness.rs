@@ -1,0 +1,441 @@
+//! A socket-free STUN/TURN port for the fuzzer and tests: two allocation tables (shards)
+//! sharing one quota and port pool, fed through the same [`dispatch`] the UDP shards and
+//! stream connections use, with a fake clock and fake relay sockets that record what they
+//! would send. Why: the request handling, the ChannelData/Send path and the timers can then be
+//! driven with arbitrary input and their invariants checked from outside.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
+use crate::auth::Auth;
+use crate::config::{AuthConfig, TurnConfig};
+use crate::metrics::Metrics;
+use crate::turn::core::{
+    AllocAudit, DeleteReason, Env, Outcome, Pool, PoolAudit, Relay, RelayKind, Settings, Table,
+    View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME, RESERVATION_LIFETIME,
+};
+
+/// The shared TURN secret of the harness (REST credentials are derived from it).
+pub const SECRET: &str = "fuzz-secret";
+/// The realm the harness's tables announce.
+pub const REALM: &str = "fuzz.realm";
+/// A static long-term user and password the harness accepts besides REST credentials.
+pub const STATIC_USER: (&str, &str) = ("alice", "wonder");
+/// The server's IPv4 address (relays bind here).
+pub const SERVER_V4: [u8; 4] = [203, 0, 113, 10];
+/// The server's IPv6 address (relays bind here).
+pub const SERVER_V6: [u16; 8] = [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10];
+/// First relay port of the harness's pool.
+pub const PORT_MIN: u16 = 50000;
+
+/// A datagram a fake relay socket would have sent to a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The client whose allocation relayed it.
+    pub client: SocketAddr,
+    /// The relay socket's address.
+    pub relay: SocketAddr,
+    /// The peer it went to.
+    pub peer: SocketAddr,
+    /// The payload.
+    pub data: Vec<u8>,
+}
+
+type Log = Arc<Mutex<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>>;
+
+/// A relay socket that binds nothing: it remembers its port as open until dropped and logs
+/// what it is asked to send.
+struct FakeRelay {
+    addr: SocketAddr,
+    open: Arc<Mutex<HashSet<SocketAddr>>>,
+    log: Log,
+}
+
+impl Relay for FakeRelay {
+    type Sink = ();
+    fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+    fn attach(&self, _: &()) {}
+    fn publish(&self, _: Arc<View>) {}
+    fn set_dont_fragment(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SendToPeer for FakeRelay {
+    fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
+        lock(&self.log).push((self.addr, peer, payload.to_vec()));
+        true
+    }
+}
+
+impl Drop for FakeRelay {
+    fn drop(&mut self) {
+        lock(&self.open).remove(&self.addr);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Limits of a harness port, chosen by the fuzzer.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `turn.max_allocations_per_user`.
+    pub max_per_user: u32,
+    /// `turn.max_allocations`.
+    pub max_total: u32,
+    /// Size of the relay port range.
+    pub ports: u16,
+    /// `turn.max_lifetime_secs`.
+    pub max_lifetime: u32,
+    /// `turn.max_allocation_age_secs`.
+    pub max_age: u64,
+}
+
+/// The harness: a TURN port with two shards, a fake clock and fake relays.
+pub struct TurnPort {
+    shards: Vec<Table<FakeRelay>>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    auth: Arc<Auth>,
+    limits: Limits,
+    software: String,
+    now: Instant,
+    unix: u64,
+    open: Arc<Mutex<HashSet<SocketAddr>>>,
+    log: Log,
+}
+
+impl TurnPort {
+    /// A port with these limits, at Unix time `unix`.
+    pub fn new(limits: Limits, unix: u64) -> TurnPort {
+        let cfg = TurnConfig {
+            realm: REALM.into(),
+            listen: vec![
+                SocketAddr::from((SERVER_V4, 3478)),
+                SocketAddr::from((SERVER_V6, 3478)),
+            ],
+            relay_port_min: PORT_MIN,
+            relay_port_max: PORT_MIN.saturating_add(limits.ports.max(1) - 1),
+            max_allocations_per_user: limits.max_per_user,
+            max_allocations: limits.max_total,
+            max_lifetime_secs: limits.max_lifetime.max(1),
+            // Config validation keeps the default within 1..=max_lifetime_secs.
+            default_lifetime_secs: limits.max_lifetime.clamp(1, 600),
+            max_allocation_age_secs: limits.max_age,
+            allow_peers: vec!["198.51.100.0/24".into(), "2001:db8:1::/48".into()],
+            ..Default::default()
+        };
+        let auth = Arc::new(Auth::new(&AuthConfig {
+            turn_secrets: vec![SECRET.into()],
+            turn_users: [(STATIC_USER.0.to_string(), STATIC_USER.1.into())].into(),
+            ..Default::default()
+        }));
+        let metrics = Arc::new(Metrics::new());
+        let settings = Arc::new(Settings::from_config(&cfg, false));
+        let pool = Arc::new(Pool::new());
+        let shards = (0..2)
+            .map(|_| {
+                Table::new(
+                    settings.clone(),
+                    auth.clone(),
+                    metrics.clone(),
+                    pool.clone(),
+                    "udp",
+                    (),
+                )
+            })
+            .collect();
+        TurnPort {
+            shards,
+            pool,
+            metrics,
+            auth,
+            limits,
+            software: cfg.software,
+            now: Instant::now(),
+            unix,
+            open: Default::default(),
+            log: Default::default(),
+        }
+    }
+
+    /// The limits the port was made with.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// REST credentials (username, password) for `user`, valid until `expiry` (Unix time).
+    pub fn rest_credentials(&self, user: &str, expiry: u64) -> (String, String) {
+        let c = self
+            .auth
+            .turn_credentials_for(Some(user), expiry.saturating_sub(1), 1);
+        (c.username, c.password)
+    }
+
+    /// The fake monotonic clock.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// The fake Unix clock.
+    pub fn unix(&self) -> u64 {
+        self.unix
+    }
+
+    fn shard_of(client: SocketAddr) -> usize {
+        usize::from(client.port() % 2)
+    }
+
+    /// One datagram from `client` on the TURN port; returns the response (empty when none)
+    /// and what the relays sent to peers because of it.
+    pub fn input(
+        &mut self,
+        client: SocketAddr,
+        pkt: &[u8],
+    ) -> (Vec<u8>, Option<Outcome>, Vec<Sent>) {
+        let local = match client.ip() {
+            IpAddr::V4(_) => IpAddr::from(SERVER_V4),
+            IpAddr::V6(_) => IpAddr::from(SERVER_V6),
+        };
+        let env = Env {
+            now: self.now,
+            unix: self.unix,
+            draining: false,
+            local: Some(local),
+        };
+        let ctx = PortCtx {
+            metrics: &self.metrics,
+            software: &self.software,
+            local: Some(SocketAddr::new(local, 3478)),
+        };
+        let open = self.open.clone();
+        let log = self.log.clone();
+        let mut bind = move |a: SocketAddr, _: RelayKind| {
+            if !lock(&open).insert(a) {
+                return Err(std::io::ErrorKind::AddrInUse.into());
+            }
+            Ok(FakeRelay {
+                addr: a,
+                open: open.clone(),
+                log: log.clone(),
+            })
+        };
+        let mut out = Vec::new();
+        let mut counts = PeerCounts::default();
+        let table = &mut self.shards[Self::shard_of(client)];
+        let outcome = dispatch(
+            &ctx,
+            Some(table),
+            || env,
+            self.now,
+            client,
+            pkt,
+            &mut out,
+            &mut counts,
+            &mut bind,
+        );
+        counts.flush(&self.metrics, "udp");
+        let sent = std::mem::take(&mut *lock(&self.log))
+            .into_iter()
+            .map(|(relay, peer, data)| Sent {
+                client,
+                relay,
+                peer,
+                data,
+            })
+            .collect();
+        (out, outcome, sent)
+    }
+
+    /// Move both clocks by `d` (forwards) and run every timer that came due, as the shard
+    /// loop does when its deadline passes.
+    pub fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.unix = self.unix.saturating_add(d.as_secs());
+        self.run_timers();
+    }
+
+    /// Step only the Unix clock (an NTP step); the monotonic clock does not move.
+    pub fn jump_unix(&mut self, secs: i64) {
+        self.unix = self.unix.saturating_add_signed(secs);
+    }
+
+    fn run_timers(&mut self) {
+        let env = Env {
+            now: self.now,
+            unix: self.unix,
+            draining: false,
+            local: None,
+        };
+        for t in &mut self.shards {
+            if t.next_deadline().is_some_and(|d| d <= self.now) {
+                t.handle_timeout(env);
+            }
+        }
+    }
+
+    /// Every allocation of both shards.
+    pub fn allocations(&self) -> Vec<AllocAudit> {
+        self.shards.iter().flat_map(|t| t.audit()).collect()
+    }
+
+    /// The shared pool's counters.
+    pub fn pool(&self) -> PoolAudit {
+        self.pool.audit()
+    }
+
+    /// Relay sockets still open.
+    pub fn open_relays(&self) -> usize {
+        lock(&self.open).len()
+    }
+
+    /// Long enough for everything the port holds to expire: the longest lifetime a request
+    /// can grant, permission and channel lifetimes with the cool-down, and reservations.
+    pub fn everything_expires(&self) -> Duration {
+        Duration::from_secs(u64::from(self.limits.max_lifetime.max(600)) + 1)
+            + PERMISSION_LIFETIME
+            + CHANNEL_LIFETIME
+            + CHANNEL_COOLDOWN
+            + RESERVATION_LIFETIME
+    }
+
+    /// Check the invariants that must hold after every input: nothing outlives its lifetime,
+    /// quotas hold, and the shared pool matches the allocations that exist.
+    pub fn check(&self) -> Result<(), String> {
+        let allocs = self.allocations();
+        let pool = self.pool();
+        let now = self.now;
+        let mut per_user: HashMap<&str, u32> = HashMap::new();
+        for a in &allocs {
+            if a.expires <= now {
+                return Err(format!("{} outlived its lifetime", a.client));
+            }
+            for (ip, exp) in &a.perms {
+                if *exp <= now {
+                    return Err(format!("{}: permission for {ip} outlived it", a.client));
+                }
+                if *exp > now + PERMISSION_LIFETIME {
+                    return Err(format!("{}: permission for {ip} too long", a.client));
+                }
+            }
+            for (num, peer, exp, cool) in &a.chans {
+                if *exp > now + CHANNEL_LIFETIME {
+                    return Err(format!("{}: channel {num:#x} to {peer} too long", a.client));
+                }
+                match cool {
+                    Some(c) if *c <= now => {
+                        return Err(format!("{}: channel {num:#x} cool-down stuck", a.client));
+                    }
+                    None if *exp <= now => {
+                        return Err(format!("{}: channel {num:#x} outlived it", a.client));
+                    }
+                    _ => {}
+                }
+            }
+            *per_user.entry(&a.quota_user).or_default() += 1;
+        }
+        if allocs.len() as u32 > self.limits.max_total {
+            return Err(format!("{} allocations over the cap", allocs.len()));
+        }
+        if let Some((u, n)) = per_user
+            .iter()
+            .find(|(_, n)| **n > self.limits.max_per_user)
+        {
+            return Err(format!("user {u} holds {n} allocations"));
+        }
+        if pool.total as usize != allocs.len() {
+            return Err(format!("pool counts {} of {}", pool.total, allocs.len()));
+        }
+        for (u, n) in &per_user {
+            if pool.per_user.get(*u) != Some(n) {
+                return Err(format!(
+                    "pool counts {:?} for {u}, {n} exist",
+                    pool.per_user.get(*u)
+                ));
+            }
+        }
+        if pool.per_user.len() != per_user.len() {
+            return Err(format!("pool keeps users {:?}", pool.per_user));
+        }
+        let relay_ports: HashSet<u16> = allocs.iter().map(|a| a.relay.port()).collect();
+        if relay_ports.len() != allocs.len() {
+            return Err("two allocations share a relay port".into());
+        }
+        if !relay_ports.is_subset(&pool.ports)
+            || pool.ports.len() != allocs.len() + pool.reservations
+        {
+            return Err(format!(
+                "pool ports {} for {} allocations and {} reservations",
+                pool.ports.len(),
+                allocs.len(),
+                pool.reservations
+            ));
+        }
+        if self.open_relays() != pool.ports.len() {
+            return Err(format!(
+                "{} relay sockets open, {} ports taken",
+                self.open_relays(),
+                pool.ports.len()
+            ));
+        }
+        let gauge = self
+            .metrics
+            .turn_allocations_active
+            .with_label_values(&["udp"])
+            .get();
+        if gauge != allocs.len() as i64 {
+            return Err(format!("allocation gauge {gauge}, {} exist", allocs.len()));
+        }
+        let perms: usize = allocs.iter().map(|a| a.perms.len()).sum();
+        let chans = allocs
+            .iter()
+            .flat_map(|a| &a.chans)
+            .filter(|c| c.3.is_none())
+            .count();
+        if self.metrics.turn_permissions_active.get() != perms as i64
+            || self.metrics.turn_channels_active.get() != chans as i64
+        {
+            return Err(format!(
+                "gauges say {} permissions and {} channels, {perms} and {chans} exist",
+                self.metrics.turn_permissions_active.get(),
+                self.metrics.turn_channels_active.get()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Check that the port holds nothing at all: no allocation, quota, port, reservation,
+    /// socket or gauge.
+    pub fn check_empty(&self) -> Result<(), String> {
+        self.check()?;
+        let pool = self.pool();
+        if !self.allocations().is_empty()
+            || pool.total != 0
+            || !pool.per_user.is_empty()
+            || !pool.ports.is_empty()
+            || pool.reservations != 0
+            || self.open_relays() != 0
+        {
+            return Err(format!(
+                "not empty: {} allocations, pool {pool:?}, {} sockets",
+                self.allocations().len(),
+                self.open_relays()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shut the port down as the server does, releasing everything.
+    pub fn shutdown(&mut self) {
+        for t in &mut self.shards {
+            t.clear(DeleteReason::Shutdown);
+        }
+    }
+}
