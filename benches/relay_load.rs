@@ -270,7 +270,7 @@ fn main() {
 
 /// Keep open files under 20,000 per process, but allow that many (10k allocations need one
 /// client socket each here and one relay socket each in the server).
-fn raise_nofile(n: u64) {
+pub(crate) fn raise_nofile(n: u64) {
     #[allow(unsafe_code)]
     // SAFETY: setrlimit reads a live local rlimit struct.
     unsafe {
@@ -341,7 +341,7 @@ fn machine_cpu() -> (f64, f64) {
     ((total - idle) / clk_tck(), total / clk_tck())
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -353,15 +353,15 @@ fn rss_kib(pid: u32) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Echo peer: one socket, batched both ways.
 
-struct Echo {
-    addr: SocketAddr,
+pub(crate) struct Echo {
+    pub(crate) addr: SocketAddr,
     count: std::sync::Arc<std::sync::atomic::AtomicU64>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Echo {
-    fn start() -> Echo {
+    pub(crate) fn start() -> Echo {
         let ip = if lab().is_some() { LAB_PEER } else { LO };
         let sock = UdpSocket::bind((ip, 0)).expect("echo bind");
         let sref = socket2::SockRef::from(&sock);
@@ -411,7 +411,7 @@ impl Echo {
             thread: Some(thread),
         }
     }
-    fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
@@ -545,8 +545,8 @@ fn forwarder_shard(front: UdpSocket) {
 // ---------------------------------------------------------------------------------------------
 // TURN client (long-term credentials over REST usernames).
 
-struct Session {
-    sock: UdpSocket,
+pub(crate) struct Session {
+    pub(crate) sock: UdpSocket,
     user: String,
     key: [u8; 16],
     nonce: Vec<u8>,
@@ -610,7 +610,7 @@ fn signed(s: &Session, meth: u16, t: &[u8; 12], f: impl FnOnce(&mut Encoder<'_>)
 /// Allocate on `server` with the two-round long-term auth exchange. A 437 means the kernel
 /// gave this client socket a port whose 5-tuple still has an allocation (a server may keep a
 /// deleted one for a while): take another socket.
-fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
+pub(crate) fn allocate(server: SocketAddr, i: usize) -> Result<Session, String> {
     let mut last = String::new();
     let mut held = Vec::new();
     for _ in 0..8 {
@@ -678,7 +678,7 @@ fn allocate_once(server: SocketAddr, i: usize) -> Result<Session, AllocErr> {
     Ok(s)
 }
 
-fn channel_bind(s: &Session, peer: SocketAddr) -> Result<(), String> {
+pub(crate) fn channel_bind(s: &Session, peer: SocketAddr) -> Result<(), String> {
     let t = tid();
     let req = signed(s, method::CHANNEL_BIND, &t, |e| {
         e.u32_attr(attr::CHANNEL_NUMBER, 0x4000 << 16);
@@ -693,7 +693,7 @@ fn channel_bind(s: &Session, peer: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
-fn release(s: &Session) {
+pub(crate) fn release(s: &Session) {
     let t = tid();
     let req = signed(s, method::REFRESH, &t, |e| {
         e.u32_attr(attr::LIFETIME, 0);
@@ -749,15 +749,21 @@ fn release_many(sessions: Vec<Session>, threads: usize) {
 // Paced ChannelData traffic.
 
 #[derive(Debug, Default, Clone, Copy)]
-struct Traffic {
-    sent: u64,
-    to_peer: u64,
-    back: u64,
+pub(crate) struct Traffic {
+    pub(crate) sent: u64,
+    pub(crate) to_peer: u64,
+    pub(crate) back: u64,
 }
 
 /// Send `rate` ChannelData packets per second spread over `socks` for `secs`, count what the
 /// echo peer and the clients receive.
-fn traffic(socks: &[UdpSocket], echo: &Echo, rate: u64, secs: f64, size: usize) -> Traffic {
+pub(crate) fn traffic(
+    socks: &[UdpSocket],
+    echo: &Echo,
+    rate: u64,
+    secs: f64,
+    size: usize,
+) -> Traffic {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let back = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Receiver: all client sockets in one poll, batched reads.
@@ -895,7 +901,7 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     // Bind UDP and TCP on the same port so both servers' listeners fit.
     for _ in 0..64 {
         let u = UdpSocket::bind((client_ip(), 0)).expect("bind");
@@ -907,7 +913,7 @@ fn free_port() -> u16 {
     panic!("no free port");
 }
 
-fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
+pub(crate) fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
     let s = UdpSocket::bind((client_ip(), 0)).expect("bind");
     s.set_read_timeout(Some(Duration::from_millis(100))).ok();
     let mut buf = [0u8; 1500];

@@ -24,10 +24,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-type Ws = WebSocketStream<TcpStream>;
+pub(crate) type Ws = WebSocketStream<TcpStream>;
 type Tx = SplitSink<Ws, Message>;
 type Rx = SplitStream<Ws>;
-type Error = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn usage() -> &'static str {
     "sigload hold     --target sb|peerjs --addr HOST:PORT --pid PID --n N [--src IP] [--secs S]\n\
@@ -44,19 +44,19 @@ fn usage() -> &'static str {
 
 /// Which server protocol to speak.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Target {
+pub(crate) enum Target {
     Switchboard,
     PeerJs,
 }
 
 #[derive(Clone, Debug)]
-struct Server {
-    target: Target,
-    addr: SocketAddr,
-    pid: u32,
+pub(crate) struct Server {
+    pub(crate) target: Target,
+    pub(crate) addr: SocketAddr,
+    pub(crate) pid: u32,
     /// Source IP for this server's client sockets (any 127/8 address): separate source IPs
     /// keep each run's ephemeral ports (and TIME_WAIT) apart.
-    src: IpAddr,
+    pub(crate) src: IpAddr,
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -74,7 +74,7 @@ async fn tcp(s: &Server) -> Result<TcpStream, Error> {
 }
 
 /// Minimal HTTP/1.1 POST on loopback (the login), so the tool needs no HTTP client stack.
-async fn login(s: &Server, name: &str) -> Result<String, Error> {
+pub(crate) async fn login(s: &Server, name: &str) -> Result<String, Error> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = json!({ "name": name }).to_string();
     let mut t = tcp(s).await?;
@@ -94,7 +94,7 @@ async fn login(s: &Server, name: &str) -> Result<String, Error> {
     Ok(v["token"].as_str().ok_or("no token in login")?.to_string())
 }
 
-async fn open_ws(s: &Server, path: &str, protocol: Option<String>) -> Result<Ws, Error> {
+pub(crate) async fn open_ws(s: &Server, path: &str, protocol: Option<String>) -> Result<Ws, Error> {
     let mut req = format!("ws://{}{path}", s.addr).into_client_request()?;
     if let Some(p) = protocol {
         req.headers_mut()
@@ -470,7 +470,7 @@ async fn latency_on(
     })
 }
 
-fn raise_nofile() {
+pub(crate) fn raise_nofile() {
     // SAFETY: getrlimit/setrlimit only read and write the `rlimit` struct we pass, which lives
     // on this stack frame for the duration of each call.
     unsafe {
