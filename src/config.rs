@@ -461,6 +461,9 @@ pub struct AuthConfig {
     pub allow_open_on_public: bool,
     /// Static users for the `users` backend.
     pub users: Vec<UserEntry>,
+    /// File with the `users` backend's users, `name:argon2id-hash` per line (instead of
+    /// `users`), so the hashes stay out of the config file.
+    pub users_file: Option<PathBuf>,
     /// Settings of the `jwt` backend.
     pub jwt: JwtConfig,
     /// API keys accepted by `GET /v1/turn-credentials`.
@@ -502,6 +505,7 @@ impl Default for AuthConfig {
             backends: vec![Backend::Open],
             allow_open_on_public: false,
             users: Vec::new(),
+            users_file: None,
             jwt: JwtConfig::default(),
             api_keys: Vec::new(),
             api_keys_file: None,
@@ -782,6 +786,32 @@ impl Config {
                     .insert(name.trim().to_string(), Secret::from(pass));
             }
         }
+        if let Some(p) = &a.users_file {
+            let key = "auth.users_file";
+            if !a.users.is_empty() {
+                return Err(both(key));
+            }
+            for (i, line) in read_list(p)
+                .map_err(|e| file_err(key, e))?
+                .iter()
+                .enumerate()
+            {
+                // Never echo the line: it holds a password hash.
+                let (name, hash) = line.expose().split_once(':').ok_or_else(|| {
+                    ConfigError::key(key, format!("entry {} is not `name:hash`", i + 1))
+                })?;
+                if name.trim().is_empty() || hash.is_empty() {
+                    return Err(ConfigError::key(
+                        key,
+                        format!("entry {} has an empty name or hash", i + 1),
+                    ));
+                }
+                a.users.push(UserEntry {
+                    name: name.trim().to_string(),
+                    password_hash: Secret::from(hash),
+                });
+            }
+        }
         if let Some(p) = &a.jwt.hs256_secret_file {
             if a.jwt.hs256_secret.is_some() {
                 return Err(both("auth.jwt.hs256_secret_file"));
@@ -823,6 +853,9 @@ impl Config {
         }
         if a.turn_users_file.is_some() {
             a.turn_users.clear();
+        }
+        if a.users_file.is_some() {
+            a.users.clear();
         }
         if a.jwt.hs256_secret_file.is_some() {
             a.jwt.hs256_secret = None;
@@ -1571,12 +1604,14 @@ mod tests {
         };
         let text = format!(
             "[auth]\nturn_secrets_file = {:?}\nsession_keys_file = {:?}\napi_keys_file = {:?}\n\
-             turn_users_file = {:?}\nbackends = [\"jwt\"]\n[auth.jwt]\nhs256_secret_file = {:?}\n\
+             turn_users_file = {:?}\nusers_file = {:?}\nbackends = [\"jwt\"]\n\
+             [auth.jwt]\nhs256_secret_file = {:?}\n\
              [[auth.jwt.keys]]\nkid = \"k1\"\nhs256_secret_file = {:?}\n",
             f("turn", "# newest first\nTS-new\nTS-old\n"),
             f("session", "SK-0123456789abcdef\n"),
             f("api", "AK-1\n"),
             f("users", "alice:TU-a:b\n"),
+            f("login-users", "ann:PH-$argon2id$v=19$x\n"),
             f("jwt", "JW-secret\n"),
             f("kid", "JK-secret"),
         );
@@ -1592,6 +1627,8 @@ mod tests {
         assert_eq!(a.session_keys[0].expose(), "SK-0123456789abcdef");
         assert_eq!(a.api_keys[0].expose(), "AK-1");
         assert_eq!(a.turn_users["alice"].expose(), "TU-a:b");
+        assert_eq!(a.users[0].name, "ann");
+        assert_eq!(a.users[0].password_hash.expose(), "PH-$argon2id$v=19$x");
         assert_eq!(a.jwt.hs256_secret.as_ref().unwrap().expose(), "JW-secret");
         assert_eq!(
             a.jwt.keys[0].hs256_secret.as_ref().unwrap().expose(),
@@ -1604,6 +1641,7 @@ mod tests {
             "SK-0123",
             "AK-1",
             "TU-a",
+            "PH-$argon2id",
             "JW-secret",
             "JK-secret",
         ] {
