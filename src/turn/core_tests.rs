@@ -25,14 +25,7 @@ fn dropping_the_table_frees_everything() {
     let mut h = harness(cfg());
     let c = rest(&h, 3600);
     h.allocate(client(1), &c, 1);
-    h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [2; 12],
-        Some(&c),
-        &[],
-        &[peer(1)],
-    );
+    h.permit(client(1), &c, 2, peer(1));
     let open = h.open.clone();
     let metrics = h.metrics.clone();
     drop(h);

@@ -197,32 +197,16 @@ fn create_permission_several_peers_denied_and_mismatch() {
     assert_eq!(v.perms.len(), 2);
     assert!(v.permits(IpAddr::from([127, 0, 0, 2]), h.env.now));
     assert!(h.metric("switchboard_turn_permissions_active 2"));
-    let r = h.send(
+    let r = h.permit(client(1), &c, 3, SocketAddr::from(([10, 0, 0, 1], 5)));
+    assert_eq!(r.code(), Some(403));
+    let r = h.permit(
         client(1),
-        method::CREATE_PERMISSION,
-        [3; 12],
-        Some(&c),
-        &[],
-        &[SocketAddr::from(([10, 0, 0, 1], 5))],
+        &c,
+        4,
+        SocketAddr::from(([169, 254, 169, 254], 80)),
     );
     assert_eq!(r.code(), Some(403));
-    let r = h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [4; 12],
-        Some(&c),
-        &[],
-        &[SocketAddr::from(([169, 254, 169, 254], 80))],
-    );
-    assert_eq!(r.code(), Some(403));
-    let r = h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [5; 12],
-        Some(&c),
-        &[],
-        &["[2001:db8::1]:5".parse().unwrap()],
-    );
+    let r = h.permit(client(1), &c, 5, "[2001:db8::1]:5".parse().unwrap());
     assert_eq!(r.code(), Some(443));
     let r = h.send(
         client(1),
@@ -242,14 +226,7 @@ fn create_permission_several_peers_denied_and_mismatch() {
         &[],
     );
     assert_eq!(r.code(), Some(400), "malformed XOR-PEER-ADDRESS");
-    let r = h.send(
-        client(2),
-        method::CREATE_PERMISSION,
-        [8; 12],
-        Some(&c),
-        &[],
-        &[peer(1)],
-    );
+    let r = h.permit(client(2), &c, 8, peer(1));
     assert_eq!(r.code(), Some(437), "no allocation on this 5-tuple");
 }
 
@@ -258,14 +235,7 @@ fn permissions_expire_after_300_seconds_unless_refreshed() {
     let mut h = harness(cfg());
     let c = rest(&h, 100_000);
     h.allocate(client(1), &c, 1);
-    h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [2; 12],
-        Some(&c),
-        &[],
-        &[peer(1)],
-    );
+    h.permit(client(1), &c, 2, peer(1));
     let deadline = h.t.next_deadline().unwrap();
     assert_eq!(deadline, h.env.now + PERMISSION_LIFETIME);
     h.env.now = deadline;
@@ -406,14 +376,7 @@ fn send_indication_needs_permission_and_respects_bandwidth_cap() {
         h.t.send_indication(h.env.now, client(1), &m).is_none(),
         "no permission yet"
     );
-    h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [2; 12],
-        Some(&c),
-        &[],
-        &[peer(7)],
-    );
+    h.permit(client(1), &c, 2, peer(7));
     let (_, to, data) = h.t.send_indication(h.env.now, client(1), &m).unwrap();
     assert_eq!((to, data.len()), (peer(7), 60));
     assert!(
@@ -542,23 +505,9 @@ fn relay_to_own_address_only_on_relay_ports() {
     h.allocate(client(1), &c, 1);
     let own_http: SocketAddr = "203.0.113.10:8080".parse().unwrap();
     let own_relay: SocketAddr = "203.0.113.10:50003".parse().unwrap();
-    let r = h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [2; 12],
-        Some(&c),
-        &[],
-        &[own_http],
-    );
+    let r = h.permit(client(1), &c, 2, own_http);
     assert_eq!(r.code(), Some(403));
-    let r = h.send(
-        client(1),
-        method::CREATE_PERMISSION,
-        [3; 12],
-        Some(&c),
-        &[],
-        &[own_relay],
-    );
+    let r = h.permit(client(1), &c, 3, own_relay);
     assert_eq!(r.code(), None);
     let ch = vec![(attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])];
     let r = h.send(
@@ -673,14 +622,7 @@ fn timer_queue_follows_each_allocations_earliest_deadline() {
     assert_eq!(h.t.next_deadline(), Some(t0 + life));
     h.env.now += Duration::from_secs(10);
     h.allocate(client(2), &c, 2);
-    h.send(
-        client(2),
-        method::CREATE_PERMISSION,
-        [3; 12],
-        Some(&c),
-        &[],
-        &[peer(1)],
-    );
+    h.permit(client(2), &c, 3, peer(1));
     let perm_due = h.env.now + PERMISSION_LIFETIME;
     assert_eq!(h.t.next_deadline(), Some((t0 + life).min(perm_due)));
     // Early calls are harmless: nothing is due, nothing changes.

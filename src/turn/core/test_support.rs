@@ -228,6 +228,24 @@ impl H {
         self.send(from, method::ALLOCATE, [tid; 12], Some(c), &udp(), &[])
     }
 
+    /// CreatePermission for one peer with the client's credentials.
+    pub(super) fn permit(
+        &mut self,
+        from: SocketAddr,
+        c: &Creds,
+        tid: u8,
+        peer: SocketAddr,
+    ) -> Resp {
+        self.send(
+            from,
+            method::CREATE_PERMISSION,
+            [tid; 12],
+            Some(c),
+            &[],
+            &[peer],
+        )
+    }
+
     pub(super) fn view(&self) -> Arc<View> {
         self.views.lock().unwrap().clone().unwrap()
     }
