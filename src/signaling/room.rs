@@ -673,18 +673,15 @@ impl Hub {
         peers.sort_by_key(|(_, p)| p.joined_order);
         let n = peers.len();
         for (pid, mut p) in peers {
-            self.peers -= 1;
-            self.tokens.remove(&p.resume_token);
-            Self::drop_buffer(&self.limits, &mut p);
-            if let Some(d) = p.deadline {
-                self.timers.remove(&(
-                    d,
-                    Timer::Resume {
-                        room: room_id.into(),
-                        peer: pid.clone(),
-                    },
-                ));
-            }
+            Self::forget_seat(
+                &self.limits,
+                &mut self.tokens,
+                &mut self.timers,
+                &mut self.peers,
+                room_id,
+                &pid,
+                &mut p,
+            );
             if let Some(c) = p.conn {
                 self.seats.remove(&c);
                 out.push(Action::Send(
@@ -841,6 +838,32 @@ impl Hub {
             .collect()
     }
 
+    /// The bookkeeping of a seat that leaves the room for good: the node's peer count, its
+    /// resume token, its replay buffer and its resume deadline. Takes the fields it touches
+    /// rather than `&mut self`, so callers may hold a room borrowed from `self.rooms`.
+    fn forget_seat(
+        limits: &Limits,
+        tokens: &mut HashMap<String, (String, String)>,
+        timers: &mut BTreeSet<(Instant, Timer)>,
+        peers: &mut usize,
+        room_id: &str,
+        peer_id: &str,
+        p: &mut Peer,
+    ) {
+        *peers -= 1;
+        tokens.remove(&p.resume_token);
+        Self::drop_buffer(limits, p);
+        if let Some(d) = p.deadline {
+            timers.remove(&(
+                d,
+                Timer::Resume {
+                    room: room_id.into(),
+                    peer: peer_id.into(),
+                },
+            ));
+        }
+    }
+
     fn drop_buffer(limits: &Limits, p: &mut Peer) {
         limits.resume_total.give(p.buffer_bytes);
         p.buffer_bytes = 0;
@@ -881,18 +904,15 @@ impl Hub {
         }
         if let Some(old_id) = old {
             if let Some(mut p) = room.peers.remove(&old_id) {
-                self.peers -= 1;
-                self.tokens.remove(&p.resume_token);
-                Self::drop_buffer(&self.limits, &mut p);
-                if let Some(d) = p.deadline {
-                    self.timers.remove(&(
-                        d,
-                        Timer::Resume {
-                            room: room_id.into(),
-                            peer: old_id.clone(),
-                        },
-                    ));
-                }
+                Self::forget_seat(
+                    &self.limits,
+                    &mut self.tokens,
+                    &mut self.timers,
+                    &mut self.peers,
+                    room_id,
+                    &old_id,
+                    &mut p,
+                );
                 if let Some(c) = p.conn {
                     self.seats.remove(&c);
                     let ev = Event::from_value(
@@ -990,18 +1010,15 @@ impl Hub {
             return;
         };
         let user = std::mem::take(&mut p.user);
-        self.peers -= 1;
-        self.tokens.remove(&p.resume_token);
-        Self::drop_buffer(&self.limits, &mut p);
-        if let Some(d) = p.deadline {
-            self.timers.remove(&(
-                d,
-                Timer::Resume {
-                    room: room_id.into(),
-                    peer: peer_id.into(),
-                },
-            ));
-        }
+        Self::forget_seat(
+            &self.limits,
+            &mut self.tokens,
+            &mut self.timers,
+            &mut self.peers,
+            room_id,
+            peer_id,
+            &mut p,
+        );
         if room.peers.is_empty() {
             let close_at = now + self.limits.empty_room_grace;
             room.close_at = Some(close_at);
@@ -1325,18 +1342,15 @@ impl Hub {
         }
         let mut conns = Vec::new();
         for (pid, mut p) in room.peers {
-            self.peers -= 1;
-            self.tokens.remove(&p.resume_token);
-            Self::drop_buffer(&self.limits, &mut p);
-            if let Some(d) = p.deadline {
-                self.timers.remove(&(
-                    d,
-                    Timer::Resume {
-                        room: id.into(),
-                        peer: pid,
-                    },
-                ));
-            }
+            Self::forget_seat(
+                &self.limits,
+                &mut self.tokens,
+                &mut self.timers,
+                &mut self.peers,
+                id,
+                &pid,
+                &mut p,
+            );
             if let Some(c) = p.conn {
                 self.seats.remove(&c);
                 conns.push(c);
