@@ -26,9 +26,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::shared::Shared;
-use crate::turn::core::{Bucket, DeleteReason, Env, Relay, RelayKind, Table, View};
+use crate::turn::core::{Bucket, DeleteReason, Env, PeerRoute, Relay, RelayKind, Table, View};
 use crate::turn::offload::ChannelSync;
-use crate::turn::relay::data_indication;
+use crate::turn::relay::{channel_header, data_indication};
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 /// Largest datagram read from any socket.
@@ -501,7 +501,8 @@ impl Shard {
         peer: SocketAddr,
         client: SocketAddr,
     ) {
-        if !view.permits(peer.ip(), now) {
+        let route = view.route(peer, now);
+        if route == PeerRoute::Denied {
             self.counts.no_perm += 1;
             return;
         }
@@ -519,18 +520,17 @@ impl Shard {
         if self.tx.is_full() {
             self.flush();
         }
-        let ok = match view.channel_for(peer, now) {
-            Some(ch) => match self.tx.slot_mut() {
+        let ok = match route {
+            PeerRoute::Channel(ch) => match self.tx.slot_mut() {
                 Some(slot) if slot.len() >= HEADROOM + n => {
-                    slot[0..2].copy_from_slice(&ch.to_be_bytes());
-                    slot[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                    slot[..HEADROOM].copy_from_slice(&channel_header(ch, n));
                     slot[HEADROOM..HEADROOM + n].copy_from_slice(data);
                     self.tx.commit(HEADROOM + n, client, from);
                     true
                 }
                 _ => false,
             },
-            None => {
+            PeerRoute::Denied | PeerRoute::Indication => {
                 let mut out = std::mem::take(&mut self.out);
                 out.clear();
                 self.tid_state ^= self.tid_state << 13;

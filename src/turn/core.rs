@@ -35,7 +35,7 @@ mod settings;
 mod test_support;
 
 pub use allocations::{
-    Bucket, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_NUMBERS, MAX_CHANNELS,
+    Bucket, PeerRoute, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_NUMBERS, MAX_CHANNELS,
     MAX_PERMISSIONS, PERMISSION_LIFETIME,
 };
 pub use ports::{Pool, PoolAudit, RESERVATION_LIFETIME};

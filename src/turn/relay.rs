@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::stun::codec::{attr, method, Class, Encoder};
-use crate::turn::core::{Bucket, Relay, View};
+use crate::turn::core::{Bucket, PeerRoute, Relay, View};
 
 /// Room kept in front of a received payload for the ChannelData header.
 const HEADROOM: usize = 4;
@@ -252,6 +252,14 @@ pub(crate) mod dont_fragment {
     }
 }
 
+/// The 4-byte ChannelData header (RFC 8656 §12.4) in front of `len` bytes of peer data; `len`
+/// is at most the largest UDP payload, so it fits the 16-bit length.
+pub fn channel_header(channel: u16, len: usize) -> [u8; 4] {
+    let [a, b] = channel.to_be_bytes();
+    let [c, d] = (len as u16).to_be_bytes();
+    [a, b, c, d]
+}
+
 /// Encode a Data indication carrying a peer datagram; a payload too large for the message's
 /// 16-bit length is an error and leaves `out` empty.
 pub fn data_indication(
@@ -310,7 +318,8 @@ async fn peer_to_client(
                 }
                 Err(_) => continue,
             };
-            if !v.permits(peer.ip(), now) {
+            let route = v.route(peer, now);
+            if route == PeerRoute::Denied {
                 denied += 1;
                 continue;
             }
@@ -320,13 +329,12 @@ async fn peer_to_client(
                     continue;
                 }
             }
-            let frame: &[u8] = match v.channel_for(peer, now) {
-                Some(ch) => {
-                    buf[0..2].copy_from_slice(&ch.to_be_bytes());
-                    buf[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+            let frame: &[u8] = match route {
+                PeerRoute::Channel(ch) => {
+                    buf[..HEADROOM].copy_from_slice(&channel_header(ch, n));
                     &buf[..HEADROOM + n]
                 }
-                None => {
+                PeerRoute::Denied | PeerRoute::Indication => {
                     out.clear();
                     tid_state ^= tid_state << 13;
                     tid_state ^= tid_state >> 7;

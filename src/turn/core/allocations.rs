@@ -61,7 +61,29 @@ pub struct View {
     pub transport: &'static str,
 }
 
+/// What becomes of a datagram a peer sends to a relay address (RFC 8656 §11.4, §12.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRoute {
+    /// No live permission for the peer's IP: dropped.
+    Denied,
+    /// Framed as ChannelData on the live channel bound to exactly that peer.
+    Channel(u16),
+    /// Wrapped in a Data indication naming the peer.
+    Indication,
+}
+
 impl View {
+    /// How a peer datagram reaches the client, decided once here so that every relay shell
+    /// (the UDP shards, the stream clients' relays) and the fuzz harness route alike.
+    pub fn route(&self, peer: SocketAddr, now: Instant) -> PeerRoute {
+        if !self.permits(peer.ip(), now) {
+            return PeerRoute::Denied;
+        }
+        match self.channel_for(peer, now) {
+            Some(ch) => PeerRoute::Channel(ch),
+            None => PeerRoute::Indication,
+        }
+    }
     /// Whether a live permission covers `ip`.
     pub fn permits(&self, ip: IpAddr, now: Instant) -> bool {
         self.perms.iter().any(|(p, exp)| *p == ip && *exp > now)

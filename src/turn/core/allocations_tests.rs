@@ -267,6 +267,15 @@ fn channel_bind_rules_and_channel_data() {
         v.permits(peer(1000).ip(), h.env.now),
         "bind installs permission"
     );
+    // The bound peer gets ChannelData; another port of the same IP (permitted by the IP-wide
+    // permission) gets Data indications; an IP without a permission gets nothing.
+    assert_eq!(v.route(peer(1000), h.env.now), PeerRoute::Channel(0x4000));
+    let same_ip = SocketAddr::new(peer(1000).ip(), peer(1000).port() + 1);
+    assert_eq!(v.route(same_ip, h.env.now), PeerRoute::Indication);
+    let stranger = SocketAddr::from(([192, 0, 2, 99], peer(1000).port()));
+    assert_eq!(v.route(stranger, h.env.now), PeerRoute::Denied);
+    let later = h.env.now + CHANNEL_LIFETIME + Duration::from_secs(1);
+    assert_eq!(v.route(peer(1000), later), PeerRoute::Denied, "all expired");
     // Rebinding the same pair refreshes it.
     let r = h.send(
         client(1),
