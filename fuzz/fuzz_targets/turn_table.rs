@@ -18,22 +18,32 @@ use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
-use switchboard::listener::harness::{Limits, Sent, TurnPort, REALM, STATIC_USER};
+use switchboard::listener::harness::{Limits, Sent, Transport, TurnPort, REALM, STATIC_USER};
 use switchboard::stun::codec::{
     decode_error_code, decode_u32, long_term_key, long_term_key_sha256,
 };
 use switchboard::stun::{attr, method, Class, Encoder, Message};
+use switchboard::turn::core::Outcome;
 
-const CLIENTS: usize = 6;
+const CLIENTS: usize = 8;
 const PEERS: usize = 8;
 const UNIX0: u64 = 1_800_000_000;
 
+/// Clients 0..=4 send datagrams over IPv4, 5 over IPv6; 6 and 7 are TCP connections, each
+/// with its own table that may hold an RFC 6062 TCP relay.
 fn client(i: u8) -> SocketAddr {
-    let i = usize::from(i) % CLIENTS;
-    if i == CLIENTS - 1 {
-        "[2001:db8:2::1]:40005".parse().unwrap()
+    match usize::from(i) % CLIENTS {
+        5 => "[2001:db8:2::1]:40005".parse().unwrap(),
+        i @ (6 | 7) => SocketAddr::from(([192, 0, 2, 9], 41000 + i as u16)),
+        i => SocketAddr::from(([192, 0, 2, 1 + (i as u8 / 2)], 40000 + i as u16)),
+    }
+}
+
+fn transport(cl: SocketAddr) -> Transport {
+    if cl.ip() == IpAddr::from([192, 0, 2, 9]) {
+        Transport::Stream
     } else {
-        SocketAddr::from(([192, 0, 2, 1 + (i as u8 / 2)], 40000 + i as u16))
+        Transport::Udp
     }
 }
 
@@ -110,9 +120,36 @@ enum Op {
         client: u8,
         tid: u8,
     },
+    /// A peer sends a datagram to a relay address: one of the allocations' (`relay` < 192)
+    /// or any port of the range.
+    FromPeer {
+        relay: u8,
+        v6: bool,
+        peer: u8,
+        data: Vec<u8>,
+    },
     Raw {
         client: u8,
         bytes: Vec<u8>,
+    },
+    /// RFC 6062 Connect to a peer (meaningful from a stream client with a TCP relay).
+    Connect {
+        c: Common,
+        peer: u8,
+    },
+    /// The shell's TCP connect for a pending Connect finishes (or fails).
+    ConnectDone {
+        client: u8,
+        ok: bool,
+    },
+    /// RFC 6062 ConnectionBind with some CONNECTION-ID.
+    ConnectionBind {
+        c: Common,
+        id: u32,
+    },
+    /// A stream client's connection closes.
+    CloseStream {
+        client: u8,
     },
     /// A structured message with some bytes changed.
     Mutated {
@@ -153,6 +190,8 @@ struct Model {
     cred: Option<Cred>,
     perms: HashMap<IpAddr, Instant>,
     chans: HashMap<u16, (SocketAddr, Instant)>,
+    /// Transaction of the RFC 6062 Connect whose TCP connect is under way.
+    pending: Option<[u8; 12]>,
 }
 
 struct Fuzz {
@@ -340,7 +379,18 @@ impl Fuzz {
                 }
                 (cl, buf)
             }
-            Op::Advance { .. } | Op::JumpUnix { .. } => return None,
+            Op::Connect { c, peer: p } => self.request(method::CONNECT, c, &[], &[peer(*p)]),
+            Op::ConnectionBind { c, id } => self.request(
+                method::CONNECTION_BIND,
+                c,
+                &[(attr::CONNECTION_ID, id.to_be_bytes().to_vec())],
+                &[],
+            ),
+            Op::Advance { .. }
+            | Op::JumpUnix { .. }
+            | Op::FromPeer { .. }
+            | Op::ConnectDone { .. }
+            | Op::CloseStream { .. } => return None,
         })
     }
 
@@ -353,11 +403,25 @@ impl Fuzz {
                 );
             }
             Op::JumpUnix { secs } => self.port.jump_unix(i64::from(*secs)),
+            Op::FromPeer {
+                relay,
+                v6,
+                peer: p,
+                data,
+            } => self.from_peer(*relay, *v6, peer(*p), data),
+            Op::ConnectDone { client: cl, ok } => self.connect_done(client(*cl), *ok),
+            Op::CloseStream { client: cl } => {
+                let cl = client(*cl);
+                if transport(cl) == Transport::Stream {
+                    self.port.close_stream(cl);
+                    self.model.remove(&cl);
+                }
+            }
             _ => {
                 let Some((cl, pkt)) = self.build(op) else {
                     return;
                 };
-                let (out, outcome, sent) = self.port.input(cl, &pkt);
+                let (out, outcome, sent) = self.port.input_on(transport(cl), cl, &pkt);
                 self.observe(cl, &pkt, &out, outcome, &sent);
             }
         }
@@ -365,6 +429,110 @@ impl Fuzz {
             panic!("invariant after {op:?}: {e}");
         }
         self.check_model();
+    }
+
+    /// A finished TCP connect answers the pending Connect exactly once, with its transaction:
+    /// a CONNECTION-ID on success, 447 on failure; with nothing pending, nothing is sent.
+    fn connect_done(&mut self, cl: SocketAddr, ok: bool) {
+        let alive = self.port.allocations().iter().any(|a| a.client == cl);
+        let (out, outcome) = self.port.connect_done(cl, ok);
+        let pending = self
+            .model
+            .get_mut(&cl)
+            .and_then(|m| if alive { m.pending.take() } else { None });
+        let Some(tid) = pending else {
+            assert!(out.is_empty(), "Connect answered with none pending");
+            assert_eq!(outcome, Outcome::Ignored);
+            return;
+        };
+        let resp = Message::parse(&out).expect("Connect response parses");
+        assert_eq!(resp.method(), method::CONNECT);
+        assert_eq!(resp.transaction_id(), tid, "answers another Connect");
+        if ok {
+            assert_eq!(resp.class(), Class::Success);
+            assert!(resp.get(attr::CONNECTION_ID).is_some(), "no CONNECTION-ID");
+            assert_eq!(outcome, Outcome::Success);
+        } else {
+            assert_eq!(resp.class(), Class::Error);
+            let (code, _) = decode_error_code(resp.get(attr::ERROR_CODE).expect("ERROR-CODE"))
+                .expect("ERROR-CODE decodes");
+            assert_eq!(code, 447);
+            assert_eq!(outcome, Outcome::Error(447));
+        }
+    }
+
+    /// A peer datagram reaches the allocation's client only through a live permission for the
+    /// peer's IP: as ChannelData on the live channel bound to exactly that peer, otherwise as
+    /// a Data indication naming the peer; the payload arrives unchanged.
+    fn from_peer(&mut self, relay: u8, v6: bool, p: SocketAddr, data: &[u8]) {
+        let allocs = self.port.allocations();
+        let relay = match allocs.get(usize::from(relay)) {
+            Some(a) if relay < 192 => a.relay,
+            _ => {
+                let ip: IpAddr = if v6 {
+                    switchboard::listener::harness::SERVER_V6.into()
+                } else {
+                    switchboard::listener::harness::SERVER_V4.into()
+                };
+                let ports = self.port.limits().ports.max(1);
+                SocketAddr::new(
+                    ip,
+                    switchboard::listener::harness::PORT_MIN + u16::from(relay) % ports,
+                )
+            }
+        };
+        let now = self.port.now();
+        let got = self.port.peer_input(relay, p, data);
+        if self.port.is_tcp_relay(relay) {
+            assert_eq!(got, None, "a datagram through the TCP relay {relay}");
+            return;
+        }
+        let Some(owner) = allocs.iter().find(|a| a.relay == relay) else {
+            assert_eq!(
+                got, None,
+                "peer data through {relay}, which no allocation holds"
+            );
+            return;
+        };
+        let m = self
+            .model
+            .get(&owner.client)
+            .expect("allocation never answered");
+        let permitted = m.perms.get(&p.ip()).is_some_and(|e| *e > now);
+        let Some(got) = got else {
+            assert!(
+                !permitted,
+                "peer data from {p} dropped despite a permission"
+            );
+            return;
+        };
+        assert!(permitted, "peer data from {p} relayed without a permission");
+        assert_eq!(got.client, owner.client, "peer data to another client");
+        let chan = m
+            .chans
+            .iter()
+            .find(|(_, (cp, e))| *cp == p && *e > now)
+            .map(|(n, _)| *n);
+        match chan {
+            Some(n) => {
+                assert_eq!(&got.frame[..2], &n.to_be_bytes(), "wrong channel");
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([got.frame[2], got.frame[3]])),
+                    data.len()
+                );
+                assert_eq!(&got.frame[4..], data, "ChannelData payload changed");
+            }
+            None => {
+                let ind = Message::parse(&got.frame).expect("Data indication parses");
+                assert_eq!(ind.method(), method::DATA);
+                assert_eq!(ind.class(), Class::Indication);
+                assert_eq!(
+                    ind.xor_address(attr::XOR_PEER_ADDRESS).and_then(Result::ok),
+                    Some(p)
+                );
+                assert_eq!(ind.get(attr::DATA), Some(data), "DATA payload changed");
+            }
+        }
     }
 
     /// Check the response and what was relayed, and learn the lifetimes, permissions and
@@ -379,6 +547,44 @@ impl Fuzz {
     ) {
         let now = self.port.now();
         let req = Message::parse(pkt).ok();
+        match outcome {
+            Some(Outcome::Connect(p)) => {
+                let req = req.as_ref().expect("Connect from a STUN message");
+                assert_eq!(req.method(), method::CONNECT);
+                assert_eq!(
+                    transport(cl),
+                    Transport::Stream,
+                    "Connect over UDP accepted"
+                );
+                assert!(
+                    out.is_empty(),
+                    "Connect answered before the connect finished"
+                );
+                assert_eq!(
+                    req.xor_address(attr::XOR_PEER_ADDRESS).and_then(Result::ok),
+                    Some(p)
+                );
+                let m = self
+                    .model
+                    .get_mut(&cl)
+                    .expect("Connect without an allocation");
+                assert!(m.pending.is_none(), "a second Connect while one is pending");
+                m.pending = Some(req.transaction_id());
+                m.perms.insert(p.ip(), now + Duration::from_secs(300));
+            }
+            Some(Outcome::ConnectionBind(_)) => {
+                assert_eq!(transport(cl), Transport::Stream);
+                assert!(
+                    !self.port.allocations().iter().any(|a| a.client == cl),
+                    "ConnectionBind accepted on a connection with an allocation"
+                );
+                // The shell turns the connection into a data pipe (or closes it): no more
+                // STUN on it.
+                self.port.close_stream(cl);
+                self.model.remove(&cl);
+            }
+            _ => {}
+        }
         if !out.is_empty() {
             let req = req.as_ref().expect("a response only to a STUN message");
             let resp = Message::parse(out).expect("response parses");

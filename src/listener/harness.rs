@@ -14,8 +14,8 @@ use crate::auth::Auth;
 use crate::config::{AuthConfig, TurnConfig};
 use crate::metrics::Metrics;
 use crate::turn::core::{
-    AllocAudit, DeleteReason, Env, Outcome, Pool, PoolAudit, Relay, RelayKind, Settings, Table,
-    View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME, RESERVATION_LIFETIME,
+    AllocAudit, DeleteReason, Env, Outcome, PeerRoute, Pool, PoolAudit, Relay, RelayKind, Settings,
+    Table, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME, RESERVATION_LIFETIME,
 };
 
 /// The shared TURN secret of the harness (REST credentials are derived from it).
@@ -45,13 +45,27 @@ pub struct Sent {
 }
 
 type Log = Arc<Mutex<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>>;
+type Views = Arc<Mutex<HashMap<SocketAddr, Arc<View>>>>;
+type Addrs = Arc<Mutex<HashSet<SocketAddr>>>;
+
+/// What a client would receive because a peer sent a datagram to a relay address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The client the relay forwarded it to.
+    pub client: SocketAddr,
+    /// The frame as sent: ChannelData or a Data indication.
+    pub frame: Vec<u8>,
+}
 
 /// A relay socket that binds nothing: it remembers its port as open until dropped and logs
 /// what it is asked to send.
 struct FakeRelay {
     addr: SocketAddr,
-    open: Arc<Mutex<HashSet<SocketAddr>>>,
+    open: Addrs,
     log: Log,
+    views: Views,
+    /// The TCP (RFC 6062) relays' addresses: datagrams never reach them.
+    tcp: Addrs,
 }
 
 impl Relay for FakeRelay {
@@ -60,7 +74,9 @@ impl Relay for FakeRelay {
         self.addr
     }
     fn attach(&self, _: &()) {}
-    fn publish(&self, _: Arc<View>) {}
+    fn publish(&self, view: Arc<View>) {
+        lock(&self.views).insert(self.addr, view);
+    }
     fn set_dont_fragment(&self) -> std::io::Result<()> {
         Ok(())
     }
@@ -76,6 +92,8 @@ impl SendToPeer for FakeRelay {
 impl Drop for FakeRelay {
     fn drop(&mut self) {
         lock(&self.open).remove(&self.addr);
+        lock(&self.views).remove(&self.addr);
+        lock(&self.tcp).remove(&self.addr);
     }
 }
 
@@ -98,9 +116,15 @@ pub struct Limits {
     pub max_age: u64,
 }
 
-/// The harness: a TURN port with two shards, a fake clock and fake relays.
+/// The harness: a TURN port with two shards, stream connections (each its own table, as
+/// TCP/TLS clients have), a fake clock and fake relays.
 pub struct TurnPort {
     shards: Vec<Table<FakeRelay>>,
+    /// Stream connections by client address, each with its one-allocation table.
+    streams: HashMap<SocketAddr, Table<FakeRelay>>,
+    settings: Arc<Settings>,
+    /// The next RFC 6062 CONNECTION-ID a finished connect hands out.
+    next_conn: u32,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     auth: Arc<Auth>,
@@ -108,8 +132,19 @@ pub struct TurnPort {
     software: String,
     now: Instant,
     unix: u64,
-    open: Arc<Mutex<HashSet<SocketAddr>>>,
+    open: Addrs,
     log: Log,
+    views: Views,
+    tcp: Addrs,
+}
+
+/// Which transport a harness input arrives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A datagram on the UDP port (routed to a shard by the client's port).
+    Udp,
+    /// A message on the client's TCP connection (its own table, which may hold a TCP relay).
+    Stream,
 }
 
 impl TurnPort {
@@ -154,6 +189,9 @@ impl TurnPort {
             .collect();
         TurnPort {
             shards,
+            streams: HashMap::new(),
+            settings,
+            next_conn: 1,
             pool,
             metrics,
             auth,
@@ -163,6 +201,8 @@ impl TurnPort {
             unix,
             open: Default::default(),
             log: Default::default(),
+            views: Default::default(),
+            tcp: Default::default(),
         }
     }
 
@@ -200,6 +240,17 @@ impl TurnPort {
         client: SocketAddr,
         pkt: &[u8],
     ) -> (Vec<u8>, Option<Outcome>, Vec<Sent>) {
+        self.input_on(Transport::Udp, client, pkt)
+    }
+
+    /// One message from `client` on `transport` (a stream message is one whole frame, as the
+    /// stream framer hands it over); returns what [`TurnPort::input`] returns.
+    pub fn input_on(
+        &mut self,
+        transport: Transport,
+        client: SocketAddr,
+        pkt: &[u8],
+    ) -> (Vec<u8>, Option<Outcome>, Vec<Sent>) {
         let local = match client.ip() {
             IpAddr::V4(_) => IpAddr::from(SERVER_V4),
             IpAddr::V6(_) => IpAddr::from(SERVER_V6),
@@ -217,19 +268,44 @@ impl TurnPort {
         };
         let open = self.open.clone();
         let log = self.log.clone();
-        let mut bind = move |a: SocketAddr, _: RelayKind| {
+        let views = self.views.clone();
+        let tcp = self.tcp.clone();
+        let mut bind = move |a: SocketAddr, kind: RelayKind| {
             if !lock(&open).insert(a) {
                 return Err(std::io::ErrorKind::AddrInUse.into());
+            }
+            if kind == RelayKind::Tcp {
+                lock(&tcp).insert(a);
             }
             Ok(FakeRelay {
                 addr: a,
                 open: open.clone(),
                 log: log.clone(),
+                views: views.clone(),
+                tcp: tcp.clone(),
             })
         };
         let mut out = Vec::new();
         let mut counts = PeerCounts::default();
-        let table = &mut self.shards[Self::shard_of(client)];
+        let label = match transport {
+            Transport::Udp => "udp",
+            Transport::Stream => "tcp",
+        };
+        let table = match transport {
+            Transport::Udp => &mut self.shards[Self::shard_of(client)],
+            Transport::Stream => self.streams.entry(client).or_insert_with(|| {
+                let mut t = Table::new(
+                    self.settings.clone(),
+                    self.auth.clone(),
+                    self.metrics.clone(),
+                    self.pool.clone(),
+                    "tcp",
+                    (),
+                );
+                t.set_stream();
+                t
+            }),
+        };
         let outcome = dispatch(
             &ctx,
             Some(table),
@@ -241,7 +317,7 @@ impl TurnPort {
             &mut counts,
             &mut bind,
         );
-        counts.flush(&self.metrics, "udp");
+        counts.flush(&self.metrics, label);
         let sent = std::mem::take(&mut *lock(&self.log))
             .into_iter()
             .map(|(relay, peer, data)| Sent {
@@ -252,6 +328,64 @@ impl TurnPort {
             })
             .collect();
         (out, outcome, sent)
+    }
+
+    /// The shell's TCP connect for the stream client's pending RFC 6062 Connect finished
+    /// (`ok`: connected, a fresh CONNECTION-ID; otherwise failed or timed out); returns the
+    /// Connect response, empty when nothing was pending.
+    pub fn connect_done(&mut self, client: SocketAddr, ok: bool) -> (Vec<u8>, Outcome) {
+        let mut out = Vec::new();
+        let id = ok.then(|| {
+            self.next_conn = self.next_conn.wrapping_add(1);
+            self.next_conn
+        });
+        let outcome = match self.streams.get_mut(&client) {
+            Some(t) => t.connect_done(client, id, &mut out),
+            None => Outcome::Ignored,
+        };
+        (out, outcome)
+    }
+
+    /// The stream client's connection closed: its table and allocation go, as in the shell.
+    pub fn close_stream(&mut self, client: SocketAddr) {
+        if let Some(mut t) = self.streams.remove(&client) {
+            t.clear(DeleteReason::Closed);
+        }
+    }
+
+    /// Whether `relay` is an RFC 6062 TCP relay (peers reach it by connecting, not by datagram).
+    pub fn is_tcp_relay(&self, relay: SocketAddr) -> bool {
+        lock(&self.tcp).contains(&relay)
+    }
+
+    /// A datagram from `peer` arriving at the relay address `relay`, routed as the relay
+    /// shells route it: through the allocation's last published [`View`] at the current time.
+    /// `None` when nothing reaches a client (no socket, a reserved one, no permission).
+    pub fn peer_input(
+        &self,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+    ) -> Option<Delivered> {
+        if self.is_tcp_relay(relay) {
+            return None;
+        }
+        let view = lock(&self.views).get(&relay).cloned()?;
+        let client = view.client?;
+        let frame = match view.route(peer, self.now) {
+            PeerRoute::Denied => return None,
+            PeerRoute::Channel(ch) => {
+                let mut f = crate::turn::relay::channel_header(ch, data.len()).to_vec();
+                f.extend_from_slice(data);
+                f
+            }
+            PeerRoute::Indication => {
+                let mut f = Vec::new();
+                crate::turn::relay::data_indication(&mut f, &[7; 12], peer, data).ok()?;
+                f
+            }
+        };
+        Some(Delivered { client, frame })
     }
 
     /// Move both clocks by `d` (forwards) and run every timer that came due, as the shard
@@ -274,16 +408,20 @@ impl TurnPort {
             draining: false,
             local: None,
         };
-        for t in &mut self.shards {
+        for t in self.shards.iter_mut().chain(self.streams.values_mut()) {
             if t.next_deadline().is_some_and(|d| d <= self.now) {
                 t.handle_timeout(env);
             }
         }
     }
 
-    /// Every allocation of both shards.
+    /// Every allocation of both shards and every stream connection.
     pub fn allocations(&self) -> Vec<AllocAudit> {
-        self.shards.iter().flat_map(|t| t.audit()).collect()
+        self.shards
+            .iter()
+            .chain(self.streams.values())
+            .flat_map(|t| t.audit())
+            .collect()
     }
 
     /// The shared pool's counters.
@@ -385,13 +523,23 @@ impl TurnPort {
                 pool.ports.len()
             ));
         }
-        let gauge = self
-            .metrics
-            .turn_allocations_active
-            .with_label_values(&["udp"])
-            .get();
-        if gauge != allocs.len() as i64 {
-            return Err(format!("allocation gauge {gauge}, {} exist", allocs.len()));
+        if let Some((c, t)) = self.streams.iter().find(|(_, t)| t.len() > 1) {
+            return Err(format!("stream {c} holds {} allocations", t.len()));
+        }
+        let gauge = |t: &str| {
+            self.metrics
+                .turn_allocations_active
+                .with_label_values(&[t])
+                .get()
+        };
+        let on_streams: usize = self.streams.values().map(|t| t.len()).sum();
+        if gauge("tcp") != on_streams as i64 || gauge("udp") + gauge("tcp") != allocs.len() as i64 {
+            return Err(format!(
+                "allocation gauges {}/{}, {} exist ({on_streams} on streams)",
+                gauge("udp"),
+                gauge("tcp"),
+                allocs.len()
+            ));
         }
         let perms: usize = allocs.iter().map(|a| a.perms.len()).sum();
         let chans = allocs
@@ -434,7 +582,7 @@ impl TurnPort {
 
     /// Shut the port down as the server does, releasing everything.
     pub fn shutdown(&mut self) {
-        for t in &mut self.shards {
+        for t in self.shards.iter_mut().chain(self.streams.values_mut()) {
             t.clear(DeleteReason::Shutdown);
         }
     }
