@@ -10,7 +10,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 pub use crate::lifecycle::{shutdown_signal, Lifecycle};
-pub use crate::shared::{Bound, ReloadError, Shared, StartError, TurnShared};
+pub use crate::listener::TurnShared;
+pub use crate::shared::{Bound, ReloadError, Shared, StartError};
 
 /// Builder for a switchboard server.
 #[derive(Debug)]
@@ -57,13 +58,13 @@ impl Server {
                 let local = sock.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "STUN/TURN listening on UDP");
                 bound.udp.push(local);
-                tasks.spawn(crate::listener::udp::serve(shared.clone(), sock));
+                tasks.spawn(crate::listener::udp::serve(shared.listener.clone(), sock));
             }
             if let Some(l) = tcp {
                 let local = l.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "STUN/TURN listening on TCP");
                 bound.tcp.push(local);
-                tasks.spawn(crate::listener::tcp::serve(shared.clone(), l));
+                tasks.spawn(crate::listener::tcp::serve(shared.listener.clone(), l));
             }
         }
         let handshake_timeout =
@@ -79,7 +80,11 @@ impl Server {
                 let turns_config = cert.server_config(&[])?;
                 tracing::info!(addr = %local, "STUN/TURN listening on TLS");
                 bound.tls.push(local);
-                tasks.spawn(crate::listener::tls::serve(shared.clone(), l, turns_config));
+                tasks.spawn(crate::listener::tls::serve(
+                    shared.listener.clone(),
+                    l,
+                    turns_config,
+                ));
             }
         }
 
