@@ -155,7 +155,7 @@ impl Server {
             ));
         }
         if let Some(c) = &shared.cluster {
-            tasks.spawn(c.clone().run(shared.clone()));
+            tasks.spawn(c.clone().run());
         }
         let _ = shared.bound.set(bound);
         shared.lifecycle.set_ready();

@@ -164,8 +164,13 @@ impl Shared {
             );
         }
         let metrics = Arc::new(Metrics::new());
+        let lifecycle = Arc::new(Lifecycle::new());
         let (signaling, cluster) = if config.cluster.enabled() {
-            let (s, c) = crate::cluster::Cluster::build(&config, metrics.clone())?;
+            let deps = crate::cluster::Deps {
+                metrics: metrics.clone(),
+                lifecycle: lifecycle.clone(),
+            };
+            let (s, c) = crate::cluster::Cluster::build(&config, deps)?;
             (s, Some(c))
         } else {
             (
@@ -183,7 +188,6 @@ impl Shared {
             );
         }
         let auth = Arc::new(Auth::new(&config.auth));
-        let lifecycle = Arc::new(Lifecycle::new());
         let turn = TurnShared::new(&config);
         let streams = crate::listener::tcp::StreamLimits::new(
             config.turn.max_stream_connections,

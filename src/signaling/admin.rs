@@ -39,7 +39,7 @@ impl Signaling {
     /// connection is closed with 4006; returns how many peers were removed.
     pub fn close_room(&self, room: &str, shared: &Shared) -> Result<usize, AdminError> {
         let (n, creator) = self
-            .apply(shared, room, |h, out| h.close_room(room, out))
+            .apply(&shared.metrics, room, |h, out| h.close_room(room, out))
             .map_err(admin_err)?;
         self.release_room(&creator);
         tracing::info!(room, peers = n, "room closed through the server API");
@@ -50,7 +50,7 @@ impl Signaling {
     /// gets an `error` (`kicked`) and is closed with 4005, and its resume token is forgotten.
     pub fn kick_peer(&self, room: &str, peer: &str, shared: &Shared) -> Result<(), AdminError> {
         let now = Instant::now();
-        self.apply(shared, room, |h, out| {
+        self.apply(&shared.metrics, room, |h, out| {
             h.kick(now, room, peer, "kicked", "kicked", out)
         })
         .map_err(admin_err)?;
@@ -63,7 +63,7 @@ impl Signaling {
     pub fn remove_user(&self, user: &str, shared: &Shared) -> usize {
         let now = Instant::now();
         let mut n = 0;
-        self.apply_each(shared, |h, out| {
+        self.apply_each(&shared.metrics, |h, out| {
             for (room, peer) in h.seats_of_user(user) {
                 if h.kick(now, &room, &peer, "revoked", "revoked", out).is_ok() {
                     n += 1;

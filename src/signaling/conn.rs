@@ -443,7 +443,7 @@ fn finish(sig: &Signaling, shared: &Shared, conn: &Conn, ip: IpAddr, left_cleanl
         cl.gone(id, left_cleanly);
     } else if let (false, Some(room)) = (left_cleanly, conn.room.as_deref()) {
         // An unexpected drop keeps the seat for the resume window.
-        sig.apply(shared, room, |h, out| h.disconnect(now, id, out));
+        sig.apply(&shared.metrics, room, |h, out| h.disconnect(now, id, out));
     }
     sig.bus.detach(id);
     sig.release(ip);
@@ -665,7 +665,7 @@ async fn handle(
                 Some(n) => n.to_string(),
                 None => new_room_id(),
             };
-            if let Err(e) = sig.take_room(shared, &member.user) {
+            if let Err(e) = sig.take_room(&shared.metrics, &member.user) {
                 return vec![room_err(&e, id)];
             }
             if let Some(cl) = &shared.cluster {
@@ -674,7 +674,7 @@ async fn handle(
                     return vec![room_err(&e, id)];
                 }
             }
-            let r = sig.apply(shared, &room, |h, _| {
+            let r = sig.apply(&shared.metrics, &room, |h, _| {
                 h.create(now, &member.user, &room, req.capacity)
             });
             if let (Err(_), Some(cl)) = (&r, &shared.cluster) {
@@ -720,7 +720,9 @@ async fn handle(
                     Ok(Route::Local) => {}
                 }
             }
-            match sig.apply(shared, room, |h, out| h.join(cid, &member, room, out)) {
+            match sig.apply(&shared.metrics, room, |h, out| {
+                h.join(cid, &member, room, out)
+            }) {
                 Ok(j) => {
                     conn.room = Some(room.to_string());
                     *left_cleanly = false;
@@ -744,7 +746,7 @@ async fn handle(
                     Err(e) => vec![room_err(&e, id)],
                 };
             }
-            match sig.apply(shared, &room, |h, out| h.leave(now, cid, out)) {
+            match sig.apply(&shared.metrics, &room, |h, out| h.leave(now, cid, out)) {
                 Ok(()) => {
                     *left_cleanly = true;
                     if let Some(cl) = &shared.cluster {
@@ -769,7 +771,7 @@ async fn handle(
                     Err(e) => vec![room_err(&e, id)],
                 };
             }
-            match sig.apply(shared, room, |h, out| h.signal(cid, to, data, out)) {
+            match sig.apply(&shared.metrics, room, |h, out| h.signal(cid, to, data, out)) {
                 Ok(()) => id
                     .map(|i| vec![reply("ack", json!({"type": "ack"}), Some(i))])
                     .unwrap_or_default(),
@@ -792,7 +794,7 @@ async fn handle(
                             last,
                             id: rid,
                         };
-                        cl.resume(shared, cid, &member, room, r).await
+                        cl.resume(cid, &member, room, r).await
                     }
                     None => Ok(Route::Local),
                 };
@@ -813,7 +815,7 @@ async fn handle(
                         return vec![error_frame(&code, &msg, id)];
                     }
                     Ok(Route::Local) => sig
-                        .apply(shared, room, |h, out| {
+                        .apply(&shared.metrics, room, |h, out| {
                             h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
                         })
                         .map(|()| room.to_string()),

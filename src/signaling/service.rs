@@ -193,11 +193,11 @@ impl Signaling {
     /// Run `f` on every shard in turn (server API: a user's seats may be anywhere).
     pub(crate) fn apply_each(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         mut f: impl FnMut(&mut Hub, &mut Vec<Action>),
     ) {
         for i in 0..self.shards.len() {
-            self.apply_shard(shared, i, &mut f);
+            self.apply_shard(metrics, i, &mut f);
         }
     }
 
@@ -253,18 +253,18 @@ impl Signaling {
     /// same serialization, so every recipient's frames enter its outbox in `seq` order.
     pub(crate) fn apply<R>(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         room: &str,
         f: impl FnOnce(&mut Hub, &mut Vec<Action>) -> R,
     ) -> R {
-        self.apply_shard(shared, self.shard_of(room), f)
+        self.apply_shard(metrics, self.shard_of(room), f)
     }
 
     /// Reserve a room for `user` in the node's quota.
-    pub(crate) fn take_room(&self, shared: &Shared, user: &str) -> Result<(), RoomError> {
+    pub(crate) fn take_room(&self, metrics: &Metrics, user: &str) -> Result<(), RoomError> {
         let r = lock(&self.quota).take(user);
         if r == Err(RoomError::TooManyRoomsForUser) {
-            self.counters(&shared.metrics).rooms_per_user.inc();
+            self.counters(metrics).rooms_per_user.inc();
         }
         r
     }
@@ -296,7 +296,7 @@ impl Signaling {
             }
             let now = Instant::now();
             // Route by shard index: every room of this shard hashes here.
-            let done = self.apply_shard(&shared, i, |h, out| h.tick(now, out));
+            let done = self.apply_shard(&shared.metrics, i, |h, out| h.tick(now, out));
             if done.expired > 0 {
                 shared
                     .metrics
@@ -321,11 +321,11 @@ impl Signaling {
 
     fn apply_shard<R>(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         i: usize,
         f: impl FnOnce(&mut Hub, &mut Vec<Action>) -> R,
     ) -> R {
-        let c = self.counters(&shared.metrics);
+        let c = self.counters(metrics);
         let shard = &self.shards[i];
         let mut out = Vec::new();
         let mut hub = lock(&shard.hub);

@@ -84,7 +84,7 @@ impl Client {
 /// Run every room deadline due at `now` on the shard of `room`, and release the quota of the
 /// rooms that closed, as the shard timer task does. Returns (peers expired, rooms closed).
 pub fn tick(sig: &Signaling, shared: &Shared, room: &str, now: Instant) -> (usize, usize) {
-    let done = sig.apply(shared, room, |h, out| h.tick(now, out));
+    let done = sig.apply(&shared.metrics, room, |h, out| h.tick(now, out));
     let closed = done.closed.len();
     for creator in done.closed {
         sig.release_room(&creator);
@@ -94,5 +94,7 @@ pub fn tick(sig: &Signaling, shared: &Shared, room: &str, now: Instant) -> (usiz
 
 /// Open rooms and seated peers on the shard of `room`.
 pub fn counts(sig: &Signaling, shared: &Shared, room: &str) -> (usize, usize) {
-    sig.apply(shared, room, |h, _| (h.room_count(), h.peer_count()))
+    sig.apply(&shared.metrics, room, |h, _| {
+        (h.room_count(), h.peer_count())
+    })
 }
