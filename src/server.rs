@@ -146,7 +146,12 @@ impl Server {
             ));
         }
 
-        tasks.spawn(shared.signaling.clone().run_timers(shared.clone()));
+        tasks.spawn(
+            shared
+                .signaling
+                .clone()
+                .run_timers(crate::http::ws::signaling_deps(&shared)),
+        );
         if let Some(offload) = shared.offload.clone() {
             tasks.spawn(offload_counters(
                 offload,
