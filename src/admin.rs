@@ -23,6 +23,17 @@ pub enum AdminError {
     BadRequest(String),
 }
 
+impl From<crate::signaling::room::RoomError> for AdminError {
+    fn from(e: crate::signaling::room::RoomError) -> AdminError {
+        use crate::signaling::room::RoomError;
+        match e {
+            RoomError::UnknownPeer => AdminError::UnknownPeer,
+            RoomError::UnknownRoom => AdminError::UnknownRoom,
+            other => AdminError::BadRequest(other.to_string()),
+        }
+    }
+}
+
 impl AdminError {
     /// Stable error code.
     pub fn code(&self) -> &'static str {
@@ -95,7 +106,7 @@ pub fn revoke_user(shared: &Shared, user: &str) -> Result<Revoked, AdminError> {
     }
     let now = crate::auth::unix_now();
     shared.auth.revoke_user(user, now);
-    let peers_removed = shared.signaling.remove_user(user, shared);
+    let peers_removed = shared.signaling.remove_user(user, &shared.metrics);
     tracing::info!(user, peers_removed, "user revoked through the server API");
     Ok(Revoked {
         user: user.to_string(),

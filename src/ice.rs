@@ -87,6 +87,23 @@ fn strip_port(h: &str) -> Option<String> {
     })
 }
 
+/// The `ice-servers` pushes of signaling connections: the same `iceServers` as at login.
+impl crate::signaling::IceSource for Shared {
+    fn ice_servers(
+        &self,
+        host: Option<&str>,
+        user: &str,
+        now_unix: u64,
+        not_after: u64,
+    ) -> crate::signaling::IceGrant {
+        let c = ice_config_until(self, host, user, now_unix, Some(not_after));
+        crate::signaling::IceGrant {
+            servers: serde_json::json!(c.servers),
+            credentials: c.credentials,
+        }
+    }
+}
+
 /// Build `iceServers` for `user`, minting TURN credentials valid for the configured TTL.
 pub fn ice_config(
     shared: &Shared,

@@ -10,7 +10,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 pub use crate::lifecycle::{shutdown_signal, Lifecycle};
-pub use crate::shared::{Bound, ReloadError, Shared, StartError, TurnShared};
+pub use crate::listener::TurnShared;
+pub use crate::shared::{Bound, ReloadError, Shared, StartError};
 
 /// Builder for a switchboard server.
 #[derive(Debug)]
@@ -57,13 +58,13 @@ impl Server {
                 let local = sock.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "STUN/TURN listening on UDP");
                 bound.udp.push(local);
-                tasks.spawn(crate::listener::udp::serve(shared.clone(), sock));
+                tasks.spawn(crate::listener::udp::serve(shared.listener.clone(), sock));
             }
             if let Some(l) = tcp {
                 let local = l.local_addr().unwrap_or(addr);
                 tracing::info!(addr = %local, "STUN/TURN listening on TCP");
                 bound.tcp.push(local);
-                tasks.spawn(crate::listener::tcp::serve(shared.clone(), l));
+                tasks.spawn(crate::listener::tcp::serve(shared.listener.clone(), l));
             }
         }
         let handshake_timeout =
@@ -79,7 +80,11 @@ impl Server {
                 let turns_config = cert.server_config(&[])?;
                 tracing::info!(addr = %local, "STUN/TURN listening on TLS");
                 bound.tls.push(local);
-                tasks.spawn(crate::listener::tls::serve(shared.clone(), l, turns_config));
+                tasks.spawn(crate::listener::tls::serve(
+                    shared.listener.clone(),
+                    l,
+                    turns_config,
+                ));
             }
         }
 
@@ -141,7 +146,12 @@ impl Server {
             ));
         }
 
-        tasks.spawn(shared.signaling.clone().run_timers(shared.clone()));
+        tasks.spawn(
+            shared
+                .signaling
+                .clone()
+                .run_timers(crate::http::ws::signaling_deps(&shared)),
+        );
         if let Some(offload) = shared.offload.clone() {
             tasks.spawn(offload_counters(
                 offload,
@@ -150,7 +160,7 @@ impl Server {
             ));
         }
         if let Some(c) = &shared.cluster {
-            tasks.spawn(c.clone().run(shared.clone()));
+            tasks.spawn(c.clone().run());
         }
         let _ = shared.bound.set(bound);
         shared.lifecycle.set_ready();

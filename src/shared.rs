@@ -9,6 +9,8 @@ use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
+use crate::listener::TurnShared;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -52,7 +54,7 @@ pub struct Shared {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// Readiness and shutdown.
-    pub lifecycle: Lifecycle,
+    pub lifecycle: Arc<Lifecycle>,
     /// Addresses actually bound, filled in at start.
     pub bound: std::sync::OnceLock<Bound>,
     /// Login backends; swapped on SIGHUP (JWT keys and static users).
@@ -80,51 +82,8 @@ pub struct Shared {
     /// Bearer tokens of the server API (`auth.admin_tokens` plus `auth.admin_tokens_file`);
     /// swapped on SIGHUP so tokens can be rotated without a restart.
     pub admin_tokens: arc_swap::ArcSwap<Vec<crate::secret::Secret>>,
-}
-
-/// TURN state shared by every STUN/TURN listener.
-#[derive(Debug)]
-pub struct TurnShared {
-    /// Relay addressing, limits and peer policy, derived from config once.
-    pub settings: Arc<crate::turn::core::Settings>,
-    /// Allocation quotas, used relay ports and the nonce key.
-    pub pool: Arc<crate::turn::core::Pool>,
-    /// RFC 6062 peer connections waiting for ConnectionBind.
-    pub conns: Arc<crate::turn::relay::Conns>,
-}
-
-impl TurnShared {
-    fn new(config: &Config) -> TurnShared {
-        let allow_loopback = config.loopback_only() && config.turn.allow_peers.is_empty();
-        if allow_loopback && config.turn.relay {
-            tracing::info!(
-                "every listener is on loopback and turn.allow_peers is empty: \
-                 the TURN relay allows loopback peers (127.0.0.0/8, ::1) for local use"
-            );
-        }
-        let mut settings = crate::turn::core::Settings::from_config(&config.turn, allow_loopback);
-        let t = &config.turn;
-        let mut own = crate::listener::host_addresses();
-        own.extend(t.listen.iter().chain(&t.tls_listen).map(|a| a.ip()));
-        own.extend(t.relay_bind.iter().chain(&t.relay_bind_v6));
-        own.extend(
-            t.relay_ip
-                .iter()
-                .flat_map(|r| [Some(r.public), r.private])
-                .flatten(),
-        );
-        own.push(config.http.listen.ip());
-        settings
-            .policy
-            .set_own(&own, t.relay_port_min..=t.relay_port_max);
-        TurnShared {
-            settings: Arc::new(settings),
-            pool: Arc::new(crate::turn::core::Pool::new()),
-            conns: Arc::new(crate::turn::relay::Conns::new(
-                config.turn.max_pending_connections_per_allocation,
-            )),
-        }
-    }
+    /// What the STUN/TURN listeners use, and nothing else (the same handles as above).
+    pub listener: Arc<crate::listener::Deps>,
 }
 
 /// Why a reload was refused (the running configuration stays in force).
@@ -205,8 +164,13 @@ impl Shared {
             );
         }
         let metrics = Arc::new(Metrics::new());
+        let lifecycle = Arc::new(Lifecycle::new());
         let (signaling, cluster) = if config.cluster.enabled() {
-            let (s, c) = crate::cluster::Cluster::build(&config, metrics.clone())?;
+            let deps = crate::cluster::Deps {
+                metrics: metrics.clone(),
+                lifecycle: lifecycle.clone(),
+            };
+            let (s, c) = crate::cluster::Cluster::build(&config, deps)?;
             (s, Some(c))
         } else {
             (
@@ -223,6 +187,23 @@ impl Shared {
                  process may use it (loopback only)"
             );
         }
+        let auth = Arc::new(Auth::new(&config.auth));
+        let turn = TurnShared::new(&config);
+        let streams = crate::listener::tcp::StreamLimits::new(
+            config.turn.max_stream_connections,
+            config.turn.max_stream_connections_per_ip,
+        );
+        let listener = Arc::new(crate::listener::Deps {
+            config: config.turn.clone(),
+            max_tls_handshakes: config.tls.max_concurrent_handshakes,
+            auth: auth.clone(),
+            metrics: metrics.clone(),
+            lifecycle: lifecycle.clone(),
+            turn: turn.clone(),
+            streams: streams.clone(),
+            offload: offload.clone(),
+            webhooks: webhooks.clone(),
+        });
         Ok(Arc::new(Shared {
             login: arc_swap::ArcSwap::from_pointee(login),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
@@ -234,17 +215,15 @@ impl Shared {
             admin_tokens: arc_swap::ArcSwap::from_pointee(admin_tokens),
             login_limiter: crate::auth::login::RateLimiter::new(config.auth.login_rate_per_minute),
             tls,
-            auth: Arc::new(Auth::new(&config.auth)),
+            auth,
             metrics,
-            lifecycle: Lifecycle::new(),
+            lifecycle,
             bound: std::sync::OnceLock::new(),
             origins: arc_swap::ArcSwap::from_pointee(config.http.allowed_origins.clone()),
-            turn: TurnShared::new(&config),
-            streams: crate::listener::tcp::StreamLimits::new(
-                config.turn.max_stream_connections,
-                config.turn.max_stream_connections_per_ip,
-            ),
+            turn,
+            streams,
             offload,
+            listener,
             config,
         }))
     }

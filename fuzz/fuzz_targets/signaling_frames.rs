@@ -77,6 +77,12 @@ fn shared() -> &'static Arc<Shared> {
     })
 }
 
+/// What the signaling handler is given, from the same state.
+fn deps() -> &'static switchboard::signaling::Deps {
+    static D: OnceLock<switchboard::signaling::Deps> = OnceLock::new();
+    D.get_or_init(|| switchboard::http::ws::signaling_deps(shared()))
+}
+
 /// What the test knows about one live connection.
 struct Conn {
     client: Client,
@@ -238,7 +244,6 @@ impl World {
 
     /// Drain every outbox and check what it held.
     fn drain(&mut self) {
-        let sh = shared();
         for s in 0..SLOTS {
             let Some(c) = self.slots[s].as_ref() else {
                 continue;
@@ -262,7 +267,7 @@ impl World {
             }
             if closed {
                 if let Some(c) = self.slots[s].take() {
-                    c.client.close(&self.sig, sh);
+                    c.client.close(&self.sig, deps());
                     self.slot_peer[s] = None;
                 }
             }
@@ -271,12 +276,13 @@ impl World {
 
     fn tick(&mut self, secs: u64) {
         self.now += Duration::from_secs(secs);
-        harness::tick(&self.sig, shared(), ROOMS[0], self.now);
+        harness::tick(&self.sig, deps(), ROOMS[0], self.now);
     }
 }
 
 fuzz_target!(|ops: Vec<Op<'_>>| {
     let sh = shared();
+    let d = deps();
     let mut w = World {
         sig: Signaling::new(&sh.config.signaling),
         slots: (0..SLOTS).map(|_| None).collect(),
@@ -294,7 +300,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
                 let s = *slot as usize % SLOTS;
                 if w.slots[s].is_none() {
                     let ip = w.ip();
-                    let client = Client::connect(&w.sig, sh, ip).expect("admitted");
+                    let client = Client::connect(&w.sig, d, ip).expect("admitted");
                     w.slots[s] = Some(Conn {
                         client,
                         last_seq: None,
@@ -310,7 +316,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
                 let c = w.slots[s].as_mut().expect("slot filled");
                 let replies = c
                     .client
-                    .frame(&w.sig, sh, &text)
+                    .frame(&w.sig, d, &text)
                     .expect("a single node answers at once");
                 // Delivered frames first: a `resumed` and its replay come through the bus.
                 w.drain();
@@ -320,7 +326,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
             }
             Op::Drop { slot } => {
                 if let Some(c) = w.slots[*slot as usize % SLOTS].take() {
-                    c.client.close(&w.sig, sh);
+                    c.client.close(&w.sig, d);
                     w.slot_peer[*slot as usize % SLOTS] = None;
                 }
                 w.drain();
@@ -334,33 +340,29 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
     // Everyone goes away; after the resume grace and the empty-room grace nothing is left.
     for s in 0..SLOTS {
         if let Some(c) = w.slots[s].take() {
-            c.client.close(&w.sig, sh);
+            c.client.close(&w.sig, d);
         }
     }
     w.tick(21);
     w.tick(31);
     assert_eq!(
-        harness::counts(&w.sig, sh, ROOMS[0]),
+        harness::counts(&w.sig, d, ROOMS[0]),
         (0, 0),
         "rooms or seats leaked"
     );
     assert_eq!(w.sig.buffered_bytes(), (0, 0), "buffered bytes leaked");
     // The room quota came back in full: MAX_ROOMS users can each create a room now.
     for i in 0..MAX_ROOMS {
-        let mut c = Client::connect(&w.sig, sh, [192, 0, 2, i as u8].into()).expect("admitted");
+        let mut c = Client::connect(&w.sig, d, [192, 0, 2, i as u8].into()).expect("admitted");
         let (t, _) = sh
             .auth
             .issue_session(&format!("q{i}"), None, switchboard::auth::unix_now());
-        c.frame(
-            &w.sig,
-            sh,
-            &json!({"type": "hello", "token": t}).to_string(),
-        )
-        .expect("answered");
+        c.frame(&w.sig, d, &json!({"type": "hello", "token": t}).to_string())
+            .expect("answered");
         let r = c
-            .frame(&w.sig, sh, r#"{"type":"create"}"#)
+            .frame(&w.sig, d, r#"{"type":"create"}"#)
             .expect("answered");
         assert!(r[0].contains("\"created\""), "room quota leaked: {r:?}");
-        c.close(&w.sig, sh);
+        c.close(&w.sig, d);
     }
 });

@@ -14,7 +14,6 @@ use super::lease::{self, Owner, Renewed};
 use super::wire::{Envelope, Wire};
 use super::{lock, Cluster};
 use crate::lifecycle::shutdown_signal;
-use crate::shared::Shared;
 use crate::signaling::bus::Outbound;
 
 /// How often a node probes its own subscription.
@@ -26,19 +25,19 @@ const BATCH: usize = 1024;
 
 impl Cluster {
     /// Run the cluster tasks until shutdown.
-    pub async fn run(self: Arc<Self>, shared: Arc<Shared>) {
+    pub async fn run(self: Arc<Self>) {
         let Some(queue) = lock(&self.queue).take() else {
             return;
         };
-        let p = tokio::spawn(self.clone().publisher(shared.clone(), queue));
-        let s = tokio::spawn(self.clone().subscriber(shared.clone()));
-        self.clone().heartbeat(shared.clone()).await;
+        let p = tokio::spawn(self.clone().publisher(queue));
+        let s = tokio::spawn(self.clone().subscriber());
+        self.clone().heartbeat().await;
         let _ = s.await;
         p.abort();
     }
 
-    async fn publisher(self: Arc<Self>, shared: Arc<Shared>, mut q: super::bus::Queue) {
-        let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    async fn publisher(self: Arc<Self>, mut q: super::bus::Queue) {
+        let mut stop = std::pin::pin!(shutdown_signal(self.lifecycle.subscribe()));
         let mut con = self.con();
         loop {
             let first = tokio::select! {
@@ -124,8 +123,8 @@ impl Cluster {
         }
     }
 
-    async fn subscriber(self: Arc<Self>, shared: Arc<Shared>) {
-        let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    async fn subscriber(self: Arc<Self>) {
+        let mut stop = std::pin::pin!(shutdown_signal(self.lifecycle.subscribe()));
         let me: Arc<str> = self.node.clone();
         let chan = lease::channel(&me);
         loop {
@@ -141,7 +140,7 @@ impl Cluster {
             let ps = match ps {
                 Ok(Ok(ps)) => ps,
                 _ => {
-                    self.set_down(&shared);
+                    self.set_down();
                     tokio::select! {
                         _ = tokio::time::sleep(PROBE) => continue,
                         _ = &mut stop => return,
@@ -166,7 +165,7 @@ impl Cluster {
                                     .cluster_bus_messages
                                     .with_label_values(&["receive"])
                                     .inc_by(n as u64);
-                                self.handle(&shared, env);
+                                self.handle(env);
                             }
                             Err(e) => tracing::warn!(error = %e, "cluster: malformed bus message"),
                         }
@@ -181,7 +180,7 @@ impl Cluster {
                     _ = &mut stop => return,
                 }
             }
-            self.set_down(&shared);
+            self.set_down();
         }
     }
 
@@ -196,7 +195,7 @@ impl Cluster {
     /// Redis is lost: cross-node seats cannot be served. Connections seated elsewhere are
     /// closed so that their clients resume once it is back; seats of other nodes' connections
     /// in rooms owned here enter their resume window.
-    fn set_down(&self, shared: &Shared) {
+    fn set_down(&self) {
         if !self.up.swap(false, Ordering::AcqRel) {
             self.metrics.cluster_redis_up.set(0);
             return;
@@ -210,38 +209,39 @@ impl Cluster {
         lock(&self.pending).clear();
         let now = Instant::now();
         for (p, proxy) in self.remote.take_proxies() {
-            self.sig
-                .apply(shared, &proxy.room, |h, out| h.disconnect(now, p, out));
+            self.sig.apply(&self.metrics, &proxy.room, |h, out| {
+                h.disconnect(now, p, out)
+            });
         }
     }
 
-    async fn heartbeat(self: Arc<Self>, shared: Arc<Shared>) {
-        let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    async fn heartbeat(self: Arc<Self>) {
+        let mut stop = std::pin::pin!(shutdown_signal(self.lifecycle.subscribe()));
         let every = self.lease_ttl / 3;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = self.beat.notified() => {}
                 _ = &mut stop => {
-                    self.hand_over(&shared);
+                    self.hand_over();
                     // Let the publisher send the releases.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     return;
                 }
             }
-            if shared.lifecycle.is_draining() && !self.handed_over.load(Ordering::Acquire) {
-                self.hand_over(&shared);
+            if self.lifecycle.is_draining() && !self.handed_over.load(Ordering::Acquire) {
+                self.hand_over();
                 continue;
             }
             if !self.is_up() {
                 continue;
             }
-            self.renew(&shared).await;
+            self.renew().await;
             self.watch().await;
         }
     }
 
-    async fn renew(&self, shared: &Shared) {
+    async fn renew(&self) {
         let rooms: Vec<(String, u64)> = lock(&self.owned)
             .iter()
             .map(|(r, e)| (r.clone(), *e))
@@ -265,7 +265,7 @@ impl Cluster {
                     tracing::warn!("cluster: lost a room's lease to another node");
                     self.set_owned(room, None);
                     self.change("lost");
-                    self.moved(shared, room);
+                    self.moved(room);
                 }
             }
         }
@@ -313,7 +313,7 @@ impl Cluster {
     /// Drain: stop owning rooms. Each room's lease is released with its mirror kept, and its
     /// connections are closed, so that their clients resume on other nodes, which take the
     /// rooms over. Connections seated elsewhere are closed too.
-    fn hand_over(&self, shared: &Shared) {
+    fn hand_over(&self) {
         if self.handed_over.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -325,7 +325,7 @@ impl Cluster {
             self.change("released");
         }
         for (room, _) in &rooms {
-            self.moved(shared, room);
+            self.moved(room);
         }
         let seats: Vec<_> = lock(&self.seats).drain().map(|(c, _)| c).collect();
         for c in seats {

@@ -21,8 +21,8 @@ use self::bus::{ClusterBus, Out, Queue, Remote};
 use self::lease::{Acquired, Leases, Owner};
 use self::wire::{Who, Wire};
 use crate::config::Config;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::shared::Shared;
 use crate::signaling::bus::{LocalBus, Outbound};
 use crate::signaling::conn::Signaling;
 use crate::signaling::room::{ConnId, Member, RoomError};
@@ -99,6 +99,16 @@ pub fn host_name() -> String {
     }
 }
 
+/// The handles cluster mode uses besides the configuration it is built from, and nothing
+/// else: the metrics it reports and the lifecycle that tells it to hand its rooms over and stop.
+#[derive(Debug, Clone)]
+pub struct Deps {
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Draining and shutdown.
+    pub lifecycle: Arc<Lifecycle>,
+}
+
 /// One node's part of the cluster.
 pub struct Cluster {
     node: Arc<str>,
@@ -109,6 +119,7 @@ pub struct Cluster {
     local: Arc<LocalBus>,
     sig: Arc<Signaling>,
     metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
     up: AtomicBool,
     forward_timeout: Duration,
     lease_ttl: Duration,
@@ -137,7 +148,7 @@ impl Cluster {
     /// yet: Redis may be away at start, and local rooms work without it.
     pub fn build(
         config: &Config,
-        metrics: Arc<Metrics>,
+        deps: Deps,
     ) -> Result<(Arc<Signaling>, Arc<Cluster>), ClusterError> {
         let k = &config.cluster;
         let client = redis::Client::open(k.redis_url.as_str())
@@ -173,7 +184,8 @@ impl Cluster {
             remote,
             local,
             sig: sig.clone(),
-            metrics,
+            metrics: deps.metrics,
+            lifecycle: deps.lifecycle,
             up: AtomicBool::new(false),
             forward_timeout: Duration::from_millis(k.forward_timeout_ms),
             lease_ttl: Duration::from_millis(k.lease_ms),
@@ -378,7 +390,6 @@ impl Cluster {
     /// what the resuming peer presents.
     pub async fn resume(
         &self,
-        shared: &Shared,
         conn: ConnId,
         member: &Member,
         room: &str,
@@ -395,10 +406,10 @@ impl Cluster {
             let owner = match owner {
                 Some(o) if o.node != *self.node => o,
                 _ => {
-                    if shared.lifecycle.is_draining() {
+                    if self.lifecycle.is_draining() {
                         return Err(RoomError::ClusterUnavailable);
                     }
-                    match self.take_over(shared, room).await? {
+                    match self.take_over(room).await? {
                         Some(o) => o,
                         None => return Ok(Route::Local),
                     }
@@ -427,7 +438,7 @@ impl Cluster {
     }
 
     /// Take a room over from its mirror; `Some(owner)` when another node won the race.
-    async fn take_over(&self, shared: &Shared, room: &str) -> Result<Option<Owner>, RoomError> {
+    async fn take_over(&self, room: &str) -> Result<Option<Owner>, RoomError> {
         let got = self
             .leases
             .acquire(&mut self.con(), room, true)
@@ -458,9 +469,11 @@ impl Cluster {
             return Err(RoomError::BadResume);
         };
         let now = Instant::now();
-        let adopted = self.sig.apply(shared, room, |h, _| h.adopt(now, &state));
+        let adopted = self
+            .sig
+            .apply(&self.metrics, room, |h, _| h.adopt(now, &state));
         if adopted.is_ok() {
-            let _ = self.sig.take_room(shared, &state.creator);
+            let _ = self.sig.take_room(&self.metrics, &state.creator);
         }
         self.set_owned(room, Some(epoch));
         self.change("takeover");
@@ -542,8 +555,9 @@ impl Cluster {
     }
 
     /// Close connections so that their clients resume where their room lives now.
-    fn moved(&self, shared: &Shared, room: &str) {
-        let Some((creator, conns)) = self.sig.apply(shared, room, |h, _| h.evict(room)) else {
+    fn moved(&self, room: &str) {
+        let Some((creator, conns)) = self.sig.apply(&self.metrics, room, |h, _| h.evict(room))
+        else {
             return;
         };
         self.sig.release_room(&creator);

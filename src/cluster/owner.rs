@@ -10,7 +10,6 @@ use super::bus::Proxy;
 use super::lease::Owner;
 use super::wire::{Envelope, Wire};
 use super::{lock, Answer, Cluster};
-use crate::shared::Shared;
 use crate::signaling::bus::Outbound;
 use crate::signaling::conn::with_id_text;
 use crate::signaling::room::{token_room, ConnId, Frame, Member, RoomError};
@@ -74,14 +73,14 @@ impl Cluster {
     }
 
     /// Handle one envelope, in order.
-    pub(crate) fn handle(&self, shared: &Shared, env: Envelope) {
+    pub(crate) fn handle(&self, env: Envelope) {
         let from: Arc<str> = env.from.as_str().into();
         for w in env.msgs {
-            self.handle_one(shared, &from, w);
+            self.handle_one(&from, w);
         }
     }
 
-    fn handle_one(&self, shared: &Shared, from: &Arc<str>, w: Wire) {
+    fn handle_one(&self, from: &Arc<str>, w: Wire) {
         let now = Instant::now();
         let sig = &self.sig;
         match w {
@@ -91,7 +90,7 @@ impl Cluster {
                 who,
                 room,
             } => {
-                if !self.has_room(&room) || shared.lifecycle.is_draining() {
+                if !self.has_room(&room) || self.lifecycle.is_draining() {
                     return self.not_owner(from, req);
                 }
                 let member = Member {
@@ -109,7 +108,7 @@ impl Cluster {
                         epoch,
                     },
                 );
-                let ok = sig.apply(shared, &room, |h, out| {
+                let ok = sig.apply(&self.metrics, &room, |h, out| {
                     let r = h.join(p, &member, &room, out);
                     let ok = r.is_ok();
                     // Answered before anything else this seat is sent.
@@ -156,7 +155,7 @@ impl Cluster {
                     },
                 );
                 let id = raw(&id);
-                let ok = sig.apply(shared, &room, |h, out| {
+                let ok = sig.apply(&self.metrics, &room, |h, out| {
                     let r = h.resume(
                         p,
                         &member,
@@ -170,7 +169,7 @@ impl Cluster {
                     ok
                 });
                 let outcome = if ok { "resumed" } else { "rejected" };
-                shared.metrics.resumes.with_label_values(&[outcome]).inc();
+                self.metrics.resumes.with_label_values(&[outcome]).inc();
                 if !ok {
                     self.remote.remove_proxy(p);
                 }
@@ -183,7 +182,7 @@ impl Cluster {
                     return;
                 };
                 let room = proxy.room;
-                sig.apply(shared, &room, |h, out| {
+                sig.apply(&self.metrics, &room, |h, out| {
                     let r = h.leave(now, p, out);
                     self.answer(from, req, proxy.epoch, r.map(|()| Value::Null));
                 });
@@ -219,7 +218,7 @@ impl Cluster {
                         error_text("bad_request", "`data` is not JSON", id.as_deref()),
                     );
                 };
-                sig.apply(shared, &proxy.room, |h, out| {
+                sig.apply(&self.metrics, &proxy.room, |h, out| {
                     match h.signal(p, to.as_deref(), &data, out) {
                         Ok(()) => {
                             if let Some(i) = id.as_deref() {
@@ -242,7 +241,9 @@ impl Cluster {
                     return;
                 };
                 if let Some(proxy) = self.remote.remove_proxy(p) {
-                    sig.apply(shared, &proxy.room, |h, out| h.disconnect(now, p, out));
+                    sig.apply(&self.metrics, &proxy.room, |h, out| {
+                        h.disconnect(now, p, out)
+                    });
                 }
             }
             w @ (Wire::Frame { .. } | Wire::Close { .. } | Wire::Moved { .. }) => {
@@ -357,7 +358,11 @@ mod tests {
         config.cluster.redis_url = "redis://127.0.0.1:1/".into();
         config.cluster.node_id = "edge".into();
         let metrics = Arc::new(Metrics::new());
-        let (_, cl) = Cluster::build(&config, metrics.clone()).unwrap();
+        let deps = crate::cluster::Deps {
+            metrics: metrics.clone(),
+            lifecycle: Arc::new(crate::lifecycle::Lifecycle::new()),
+        };
+        let (_, cl) = Cluster::build(&config, deps).unwrap();
         let ob = Arc::new(crate::signaling::bus::Outbox::new(
             64,
             1 << 20,

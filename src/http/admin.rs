@@ -91,10 +91,10 @@ async fn get_room(State(s): State<Arc<Shared>>, Path(room): Path<String>) -> Res
 }
 
 async fn close_room(State(s): State<Arc<Shared>>, Path(room): Path<String>) -> Response {
-    match s.signaling.close_room(&room, &s) {
+    match s.signaling.close_room(&room, &s.metrics) {
         Ok(n) => Json(serde_json::json!({ "room": room, "closed": true, "peersRemoved": n }))
             .into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => AdminError::from(e).into_response(),
     }
 }
 
@@ -102,11 +102,11 @@ async fn kick_peer(
     State(s): State<Arc<Shared>>,
     Path((room, peer)): Path<(String, String)>,
 ) -> Response {
-    match s.signaling.kick_peer(&room, &peer, &s) {
+    match s.signaling.kick_peer(&room, &peer, &s.metrics) {
         Ok(()) => {
             Json(serde_json::json!({ "room": room, "peer": peer, "kicked": true })).into_response()
         }
-        Err(e) => e.into_response(),
+        Err(e) => AdminError::from(e).into_response(),
     }
 }
 

@@ -21,6 +21,18 @@ const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write goes to the socket (a flush writes earlier).
 const WRITE_BUFFER: usize = 16 * 1024;
 
+/// The handles the signaling part uses, taken from the server's state; the `iceServers` of
+/// its refresh pushes come from the app layer ([`crate::ice`]), which knows what is bound.
+pub fn signaling_deps(shared: &Arc<Shared>) -> crate::signaling::Deps {
+    crate::signaling::Deps {
+        auth: shared.auth.clone(),
+        metrics: shared.metrics.clone(),
+        lifecycle: shared.lifecycle.clone(),
+        cluster: shared.cluster.clone(),
+        ice: shared.clone(),
+    }
+}
+
 /// The signaling route.
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new().route("/v1/ws", get(upgrade))
@@ -61,6 +73,7 @@ async fn upgrade(
         super::client_ip::client_ip(peer.ip(), &headers, &shared.config.http.trusted_proxies);
     let key = super::client_ip::limit_key(client);
     let sig = shared.signaling.clone();
+    let deps = signaling_deps(&shared);
     let span = tracing::debug_span!("ws", peer = %peer, client = %client);
     ws.protocols([PROTOCOL])
         // Signaling frames are small: a 1 KiB read buffer per idle connection instead of the
@@ -73,6 +86,6 @@ async fn upgrade(
         .max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| {
-            crate::signaling::conn::serve(sig, shared, socket, key, token, host).instrument(span)
+            crate::signaling::conn::serve(sig, deps, socket, key, token, host).instrument(span)
         })
 }

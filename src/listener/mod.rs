@@ -8,6 +8,80 @@ pub mod tcp;
 pub mod tls;
 pub mod udp;
 
+use std::sync::Arc;
+
+/// The handles the STUN/TURN listeners use, and nothing else. `shared.rs` builds it once from
+/// the server's state, so this part never sees the signaling service, the cluster or the HTTP
+/// side, and a listener can be built in a test without them.
+#[derive(Debug)]
+pub struct Deps {
+    /// `[turn]`: listener timeouts, the relay switch, SOFTWARE, the shard count.
+    pub config: crate::config::TurnConfig,
+    /// `tls.max_concurrent_handshakes`: TLS handshakes in flight on each `turns:` listener.
+    pub max_tls_handshakes: usize,
+    /// Credential checks and revocations.
+    pub auth: Arc<crate::auth::Auth>,
+    /// The metrics registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Draining and shutdown.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// TURN relay settings and the process-wide quota/port pool.
+    pub turn: TurnShared,
+    /// Global and per-IP caps on TCP/TLS connections to the STUN/TURN ports.
+    pub streams: Arc<tcp::StreamLimits>,
+    /// The kernel fast path for ChannelData, when `turn.kernel_offload` enabled it.
+    pub offload: Option<Arc<crate::turn::offload::Offload>>,
+    /// Allocation events for the app backend (a no-op handle when none is configured).
+    pub webhooks: crate::webhooks::Webhooks,
+}
+
+/// TURN state shared by every STUN/TURN listener.
+#[derive(Debug, Clone)]
+pub struct TurnShared {
+    /// Relay addressing, limits and peer policy, derived from config once.
+    pub settings: Arc<crate::turn::core::Settings>,
+    /// Allocation quotas, used relay ports and the nonce key.
+    pub pool: Arc<crate::turn::core::Pool>,
+    /// RFC 6062 peer connections waiting for ConnectionBind.
+    pub conns: Arc<crate::turn::relay::Conns>,
+}
+
+impl TurnShared {
+    /// The relay settings (with this host's own addresses in the peer policy), an empty pool
+    /// and an empty RFC 6062 waiting list, from the configuration.
+    pub fn new(config: &crate::config::Config) -> TurnShared {
+        let allow_loopback = config.loopback_only() && config.turn.allow_peers.is_empty();
+        if allow_loopback && config.turn.relay {
+            tracing::info!(
+                "every listener is on loopback and turn.allow_peers is empty: \
+                 the TURN relay allows loopback peers (127.0.0.0/8, ::1) for local use"
+            );
+        }
+        let mut settings = crate::turn::core::Settings::from_config(&config.turn, allow_loopback);
+        let t = &config.turn;
+        let mut own = host_addresses();
+        own.extend(t.listen.iter().chain(&t.tls_listen).map(|a| a.ip()));
+        own.extend(t.relay_bind.iter().chain(&t.relay_bind_v6));
+        own.extend(
+            t.relay_ip
+                .iter()
+                .flat_map(|r| [Some(r.public), r.private])
+                .flatten(),
+        );
+        own.push(config.http.listen.ip());
+        settings
+            .policy
+            .set_own(&own, t.relay_port_min..=t.relay_port_max);
+        TurnShared {
+            settings: Arc::new(settings),
+            pool: Arc::new(crate::turn::core::Pool::new()),
+            conns: Arc::new(crate::turn::relay::Conns::new(
+                config.turn.max_pending_connections_per_allocation,
+            )),
+        }
+    }
+}
+
 /// Every address on this host's interfaces, for the peer policy's "own addresses" rule.
 /// Best effort: an enumeration error yields only what the configuration names.
 pub fn host_addresses() -> Vec<std::net::IpAddr> {

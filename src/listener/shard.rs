@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use super::Deps;
 use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
-use crate::shared::Shared;
 use crate::turn::core::{Bucket, DeleteReason, Env, PeerRoute, Relay, RelayKind, Table, View};
 use crate::turn::offload::ChannelSync;
 use crate::turn::relay::{channel_header, data_indication};
@@ -150,7 +150,7 @@ pub fn siblings(first: &std::net::UdpSocket, n: usize) -> io::Result<Vec<std::ne
 
 /// Serve STUN and TURN on `socks` (one per shard, all bound to the same address with
 /// SO_REUSEPORT) until shutdown; returns when every shard thread has ended.
-pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
+pub async fn serve(deps: Arc<Deps>, socks: Vec<std::net::UdpSocket>) {
     let stop = Arc::new(AtomicBool::new(false));
     // Bumped when credentials are revoked; each shard sweeps its table when it sees a change.
     let revoked_gen = Arc::new(AtomicU64::new(0));
@@ -172,7 +172,7 @@ pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
             }
         };
         wakers.push(waker.clone());
-        let (sh, st, rg) = (shared.clone(), stop.clone(), revoked_gen.clone());
+        let (sh, st, rg) = (deps.clone(), stop.clone(), revoked_gen.clone());
         let t = std::thread::Builder::new()
             .name(format!("turn-shard-{i}"))
             .spawn(move || {
@@ -185,9 +185,9 @@ pub async fn serve(shared: Arc<Shared>, socks: Vec<std::net::UdpSocket>) {
             Err(e) => tracing::error!(error = %e, "cannot start a TURN shard thread"),
         }
     }
-    let mut revoked = shared.auth.revocations();
+    let mut revoked = deps.auth.revocations();
     let mut shutdown = std::pin::pin!(crate::lifecycle::shutdown_signal(
-        shared.lifecycle.subscribe()
+        deps.lifecycle.subscribe()
     ));
     loop {
         tokio::select! {
@@ -224,7 +224,7 @@ struct Counts {
 }
 
 struct Shard {
-    shared: Arc<Shared>,
+    deps: Arc<Deps>,
     metrics: Arc<Metrics>,
     sock: mio::net::UdpSocket,
     local: SocketAddr,
@@ -245,7 +245,7 @@ struct Shard {
 
 impl Shard {
     fn new(
-        shared: Arc<Shared>,
+        deps: Arc<Deps>,
         sock: std::net::UdpSocket,
         poll: Poll,
         waker: Arc<Waker>,
@@ -256,17 +256,17 @@ impl Shard {
         let mut sock = mio::net::UdpSocket::from_std(sock);
         poll.registry()
             .register(&mut sock, TOKEN_LISTEN, Interest::READABLE)?;
-        let metrics = shared.metrics.clone();
-        let table = shared.config.turn.relay.then(|| {
+        let metrics = deps.metrics.clone();
+        let table = deps.config.relay.then(|| {
             let mut t = Table::new(
-                shared.turn.settings.clone(),
-                shared.auth.clone(),
+                deps.turn.settings.clone(),
+                deps.auth.clone(),
                 metrics.clone(),
-                shared.turn.pool.clone(),
+                deps.turn.pool.clone(),
                 "udp",
                 (),
             );
-            t.set_events(shared.webhooks.clone());
+            t.set_events(deps.webhooks.clone());
             t
         });
         Ok(Shard {
@@ -290,7 +290,7 @@ impl Shard {
             counts: Counts::default(),
             peer_counts: PeerCounts::default(),
             tid_state: rand::random::<u64>() | 1,
-            shared,
+            deps,
         })
     }
 
@@ -335,7 +335,7 @@ impl Shard {
                     let env = Env {
                         now,
                         unix: crate::auth::unix_now(),
-                        draining: self.shared.lifecycle.is_draining(),
+                        draining: self.deps.lifecycle.is_draining(),
                         local: None,
                     };
                     t.handle_timeout(env);
@@ -406,7 +406,7 @@ impl Shard {
         });
         let shared_local = self.local;
         let Shard {
-            shared,
+            deps,
             metrics,
             table,
             poll,
@@ -419,13 +419,13 @@ impl Shard {
         } = self;
         let ctx = PortCtx {
             metrics,
-            software: &shared.config.turn.software,
+            software: &deps.config.software,
             local,
         };
         let env = || Env {
             now,
             unix: crate::auth::unix_now(),
-            draining: shared.lifecycle.is_draining(),
+            draining: deps.lifecycle.is_draining(),
             local: Some(to),
         };
         let mut bind = |addr: SocketAddr, kind: RelayKind| -> io::Result<ShardRelay> {
@@ -434,7 +434,7 @@ impl Shard {
             }
             let mut r = open_relay(addr, poll, relays, free, released, waker)?;
             // One sync per UDP allocation's relay: its bound channels go to the kernel.
-            r.sync = shared.offload.as_ref().map(|o| {
+            r.sync = deps.offload.as_ref().map(|o| {
                 ChannelSync::new(o.clone(), Some(metrics.clone()), r.inner.addr, shared_local)
             });
             Ok(r)

@@ -9,9 +9,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::Deps;
 use super::{dispatch_stun, relay_channel_data, PeerCounts, PortCtx};
 use crate::lifecycle::shutdown_signal;
-use crate::shared::Shared;
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::Message;
 use crate::turn::core::Outcome;
@@ -190,19 +190,18 @@ impl StreamLimits {
 
 /// Take a global slot, counting the time the cap was hit; `None` on shutdown.
 async fn take_slot(
-    shared: &Shared,
+    deps: &Deps,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Option<StreamSlot> {
-    if let Some(s) = shared.streams.try_slot() {
+    if let Some(s) = deps.streams.try_slot() {
         return Some(s);
     }
-    shared
-        .metrics
+    deps.metrics
         .drops
         .with_label_values(&["stream_global_limit"])
         .inc();
     tokio::select! {
-        s = shared.streams.slot() => Some(s),
+        s = deps.streams.slot() => Some(s),
         _ = shutdown.as_mut() => None,
     }
 }
@@ -210,12 +209,12 @@ async fn take_slot(
 /// The next connection that fits under the global and per-IP caps (a global slot is taken
 /// before `accept`, so at the cap the kernel's backlog holds the rest); `None` on shutdown.
 pub(crate) async fn accept_admitted(
-    shared: &Shared,
+    deps: &Deps,
     listener: &TcpListener,
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> Option<(tokio::net::TcpStream, SocketAddr, StreamPermit)> {
     loop {
-        let slot = take_slot(shared, shutdown).await?;
+        let slot = take_slot(deps, shutdown).await?;
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -228,9 +227,8 @@ pub(crate) async fn accept_admitted(
             },
             _ = shutdown.as_mut() => return None,
         };
-        let Some(permit) = shared.streams.admit(slot, peer.ip()) else {
-            shared
-                .metrics
+        let Some(permit) = deps.streams.admit(slot, peer.ip()) else {
+            deps.metrics
                 .drops
                 .with_label_values(&["stream_per_ip_limit"])
                 .inc();
@@ -243,17 +241,16 @@ pub(crate) async fn accept_admitted(
 }
 
 /// Accept connections until shutdown.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
-    while let Some((stream, peer, permit)) =
-        accept_admitted(&shared, &listener, &mut shutdown).await
+pub async fn serve(deps: Arc<Deps>, listener: TcpListener) {
+    let mut shutdown = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
+    while let Some((stream, peer, permit)) = accept_admitted(&deps, &listener, &mut shutdown).await
     {
         let local = stream.local_addr().ok();
-        let shared = shared.clone();
+        let deps = deps.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _open = OpenGuard::new(&shared.metrics, "tcp");
-            serve_stream(shared, stream, peer, local, "tcp").await;
+            let _open = OpenGuard::new(&deps.metrics, "tcp");
+            serve_stream(deps, stream, peer, local, "tcp").await;
         });
     }
 }
@@ -317,7 +314,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// allocation must send a complete STUN message at least every `turn.tcp_idle_timeout_secs`.
 /// Stray bytes never move a deadline, so trickling one byte at a time keeps nothing alive.
 pub async fn serve_stream<S>(
-    shared: Arc<Shared>,
+    deps: Arc<Deps>,
     stream: S,
     peer: SocketAddr,
     local: Option<SocketAddr>,
@@ -329,23 +326,23 @@ pub async fn serve_stream<S>(
     let (mut rd, wr) = tokio::io::split(boxed);
     let mut wr = Some(wr);
     let mut session: Option<Session> = None;
-    let idle = Duration::from_secs(shared.config.turn.tcp_idle_timeout_secs.max(1));
-    let first = Duration::from_secs(shared.config.turn.stream_first_message_timeout_secs.max(1));
+    let idle = Duration::from_secs(deps.config.tcp_idle_timeout_secs.max(1));
+    let first = Duration::from_secs(deps.config.stream_first_message_timeout_secs.max(1));
     let mut idle_at = tokio::time::Instant::now() + first;
-    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
-    let software = shared.config.turn.software.clone();
-    let m = shared.metrics.clone();
+    let mut shutdown = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
+    let software = deps.config.software.clone();
+    let m = deps.metrics.clone();
     let send_full = m.drops.with_label_values(&["client_send_full"]);
     let mut counts = PeerCounts::default();
-    let mut revoked = shared.auth.revocations();
+    let mut revoked = deps.auth.revocations();
     // RFC 6062 Connect results come back from connect tasks; a successful ConnectionBind
     // turns this connection into a raw data pipe to `data_peer`.
     let (connect_tx, mut connect_rx) = tokio::sync::mpsc::channel::<Option<u32>>(4);
     let mut data_peer: Option<(tokio::net::TcpStream, crate::turn::relay::PipeOwner)> = None;
-    let env = |shared: &Shared| Env {
+    let env = |deps: &Deps| Env {
         now: Instant::now(),
         unix: crate::auth::unix_now(),
-        draining: shared.lifecycle.is_draining(),
+        draining: deps.lifecycle.is_draining(),
         // The accepted socket's own address: what a wildcard listener's client reached.
         local: local.map(|a| a.ip()),
     };
@@ -383,8 +380,7 @@ pub async fn serve_stream<S>(
                     };
                     idle_at = tokio::time::Instant::now() + idle;
                     let s = session.get_or_insert_with(|| {
-                        let sink =
-                            Arc::new(StreamSink::new(shared.config.turn.tcp_send_buffer_bytes));
+                        let sink = Arc::new(StreamSink::new(deps.config.tcp_send_buffer_bytes));
                         let writer = {
                             let sink = sink.clone();
                             let wr = wr.take();
@@ -395,17 +391,17 @@ pub async fn serve_stream<S>(
                                 }
                             })
                         };
-                        let table = shared.config.turn.relay.then(|| {
+                        let table = deps.config.relay.then(|| {
                             let mut t = Table::new(
-                                shared.turn.settings.clone(),
-                                shared.auth.clone(),
+                                deps.turn.settings.clone(),
+                                deps.auth.clone(),
                                 m.clone(),
-                                shared.turn.pool.clone(),
+                                deps.turn.pool.clone(),
                                 transport,
                                 ClientSink::Stream(sink.clone()),
                             );
                             t.set_stream();
-                            t.set_events(shared.webhooks.clone());
+                            t.set_events(deps.webhooks.clone());
                             t
                         });
                         Session {
@@ -422,12 +418,12 @@ pub async fn serve_stream<S>(
                         software: &software,
                         local,
                     };
-                    let conns = shared.turn.conns.clone();
+                    let conns = deps.turn.conns.clone();
                     let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
                     let outcome = dispatch_stun(
                         &ctx,
                         table.as_mut(),
-                        || env(&shared),
+                        || env(&deps),
                         now,
                         peer,
                         &msg,
@@ -439,7 +435,7 @@ pub async fn serve_stream<S>(
                         match outcome {
                             Some(Outcome::Connect(to)) => {
                                 let tx = connect_tx.clone();
-                                let conns = shared.turn.conns.clone();
+                                let conns = deps.turn.conns.clone();
                                 let owner = match t.relay(peer) {
                                     Some(AnyRelay::Tcp(r)) => r.owner(),
                                     _ => None,
@@ -468,7 +464,7 @@ pub async fn serve_stream<S>(
                             }
                             Some(Outcome::ConnectionBind(id)) => {
                                 let user = t.bind_user().unwrap_or_default();
-                                match shared.turn.conns.take(id, user) {
+                                match deps.turn.conns.take(id, user) {
                                     Ok(claimed) => {
                                         data_peer = Some(claimed);
                                         if !sink.push(&out) {
@@ -561,7 +557,7 @@ pub async fn serve_stream<S>(
             }
             _ = &mut timer, if armed.is_some() => {
                 if let Some(t) = session.as_mut().and_then(|s| s.table.as_mut()) {
-                    t.handle_timeout(env(&shared));
+                    t.handle_timeout(env(&deps));
                 }
                 armed = None;
                 continue;
@@ -606,7 +602,7 @@ pub async fn serve_stream<S>(
         if !buf.is_empty() && to_peer.write_all(&buf).await.is_err() {
             return;
         }
-        let idle = Duration::from_secs(shared.config.turn.data_connection_idle_timeout_secs.max(1));
+        let idle = Duration::from_secs(deps.config.data_connection_idle_timeout_secs.max(1));
         let ended = tokio::select! {
             // Boxed: its state is needed only by data connections, not by every stream task.
             r = Box::pin(crate::turn::relay::data_pipe(client, to_peer, owner, idle, &m)) => r,

@@ -8,8 +8,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use super::Deps;
 use crate::lifecycle::shutdown_signal;
-use crate::shared::Shared;
 
 /// Accept, handshake and serve STUN/TURN over TLS until shutdown.
 ///
@@ -19,36 +19,34 @@ use crate::shared::Shared;
 /// soon as the handshake ends. Waiting for the permit and the handshake may each take
 /// `turn.stream_first_message_timeout_secs`, so a stalled handshake holds a permit at most
 /// that long.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustls::ServerConfig>) {
+pub async fn serve(deps: Arc<Deps>, listener: TcpListener, config: Arc<rustls::ServerConfig>) {
     let bound = listener.local_addr().ok();
     let acceptor = TlsAcceptor::from(config);
-    let handshakes = Arc::new(Semaphore::new(
-        shared.config.tls.max_concurrent_handshakes.max(1),
-    ));
-    let deadline = Duration::from_secs(shared.config.turn.stream_first_message_timeout_secs.max(1));
-    let in_flight = shared
+    let handshakes = Arc::new(Semaphore::new(deps.max_tls_handshakes.max(1)));
+    let deadline = Duration::from_secs(deps.config.stream_first_message_timeout_secs.max(1));
+    let in_flight = deps
         .metrics
         .tls_handshakes_active
         .with_label_values(&["turns"]);
-    let mut shutdown = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    let mut shutdown = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
     while let Some((stream, peer, permit)) =
-        super::tcp::accept_admitted(&shared, &listener, &mut shutdown).await
+        super::tcp::accept_admitted(&deps, &listener, &mut shutdown).await
     {
         // The accepted socket's address, not the (possibly wildcard) listener's.
         let local = stream.local_addr().ok().or(bound);
-        let shared = shared.clone();
+        let deps = deps.clone();
         let acceptor = acceptor.clone();
         let in_flight = in_flight.clone();
         let handshakes = handshakes.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _open = super::tcp::OpenGuard::new(&shared.metrics, "tls");
+            let _open = super::tcp::OpenGuard::new(&deps.metrics, "tls");
             let r =
                 crate::tls::bounded_handshake(&acceptor, stream, &handshakes, &in_flight, deadline)
                     .await;
             let reason = match r {
                 Ok(tls) => {
-                    super::tcp::serve_stream(shared, tls, peer, local, "tls").await;
+                    super::tcp::serve_stream(deps, tls, peer, local, "tls").await;
                     return;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
@@ -60,7 +58,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, config: Arc<rustl
                     "tls_handshake_failed"
                 }
             };
-            shared.metrics.drops.with_label_values(&[reason]).inc();
+            deps.metrics.drops.with_label_values(&[reason]).inc();
         });
     }
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::shared::Shared;
+use super::Deps;
 
 /// Bind a UDP socket on the STUN/TURN port with large buffers (relay bursts), IPV6_V6ONLY on
 /// v6 addresses and SO_REUSEPORT, so each shard can open its own socket on the same port.
@@ -170,8 +170,8 @@ pub mod pktinfo {
 
 /// Serve STUN Binding, and TURN when `turn.relay` is on, on `sock` and `turn.shards - 1`
 /// sibling sockets until shutdown.
-pub async fn serve(shared: Arc<Shared>, sock: std::net::UdpSocket) {
-    let n = super::shard::shard_count(shared.config.turn.shards);
+pub async fn serve(deps: Arc<Deps>, sock: std::net::UdpSocket) {
+    let n = super::shard::shard_count(deps.config.shards);
     let mut socks = match super::shard::siblings(&sock, n) {
         Ok(v) => v,
         Err(e) => {
@@ -180,7 +180,7 @@ pub async fn serve(shared: Arc<Shared>, sock: std::net::UdpSocket) {
         }
     };
     socks.insert(0, sock);
-    super::shard::serve(shared, socks).await;
+    super::shard::serve(deps, socks).await;
 }
 
 #[cfg(test)]

@@ -7,16 +7,7 @@ use std::time::Instant;
 use super::room::RoomError;
 pub use super::room::{PeerInfo, RoomInfo};
 use super::service::Signaling;
-use crate::admin::AdminError;
-use crate::shared::Shared;
-
-fn admin_err(e: RoomError) -> AdminError {
-    match e {
-        RoomError::UnknownPeer => AdminError::UnknownPeer,
-        RoomError::UnknownRoom => AdminError::UnknownRoom,
-        other => AdminError::BadRequest(other.to_string()),
-    }
-}
+use crate::metrics::Metrics;
 
 impl Signaling {
     /// Every room of this node, sorted by id.
@@ -37,10 +28,8 @@ impl Signaling {
 
     /// Close `room`: every peer gets an `error` (`room_closed`) and `room-closed`, and its
     /// connection is closed with 4006; returns how many peers were removed.
-    pub fn close_room(&self, room: &str, shared: &Shared) -> Result<usize, AdminError> {
-        let (n, creator) = self
-            .apply(shared, room, |h, out| h.close_room(room, out))
-            .map_err(admin_err)?;
+    pub fn close_room(&self, room: &str, metrics: &Metrics) -> Result<usize, RoomError> {
+        let (n, creator) = self.apply(metrics, room, |h, out| h.close_room(room, out))?;
         self.release_room(&creator);
         tracing::info!(room, peers = n, "room closed through the server API");
         Ok(n)
@@ -48,22 +37,21 @@ impl Signaling {
 
     /// Kick `peer` out of `room`: the others see `peer-left {reason:"kicked"}`, its connection
     /// gets an `error` (`kicked`) and is closed with 4005, and its resume token is forgotten.
-    pub fn kick_peer(&self, room: &str, peer: &str, shared: &Shared) -> Result<(), AdminError> {
+    pub fn kick_peer(&self, room: &str, peer: &str, metrics: &Metrics) -> Result<(), RoomError> {
         let now = Instant::now();
-        self.apply(shared, room, |h, out| {
+        self.apply(metrics, room, |h, out| {
             h.kick(now, room, peer, "kicked", "kicked", out)
-        })
-        .map_err(admin_err)?;
+        })?;
         tracing::info!(room, peer, "peer kicked through the server API");
         Ok(())
     }
 
     /// Remove every peer of `user` from its room (revocation): like a kick, with
     /// `reason: "revoked"`; returns how many.
-    pub fn remove_user(&self, user: &str, shared: &Shared) -> usize {
+    pub fn remove_user(&self, user: &str, metrics: &Metrics) -> usize {
         let now = Instant::now();
         let mut n = 0;
-        self.apply_each(shared, |h, out| {
+        self.apply_each(metrics, |h, out| {
             for (room, peer) in h.seats_of_user(user) {
                 if h.kick(now, &room, &peer, "revoked", "revoked", out).is_ok() {
                     n += 1;

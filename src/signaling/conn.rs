@@ -15,10 +15,10 @@ use super::bus::Outbound;
 use super::room::{new_room_id, token_room, valid_name, ConnId, Member, RoomError};
 use super::service::Counters;
 pub use super::service::Signaling;
+use super::Deps;
 use crate::auth::{unix_now, AuthError};
 use crate::cluster::{Answer, Route};
 use crate::lifecycle::shutdown_signal;
-use crate::shared::Shared;
 
 #[doc(hidden)]
 pub mod harness;
@@ -157,12 +157,10 @@ struct Conn {
 
 impl Conn {
     /// Whether the server API revoked this connection's user after its login.
-    fn revoked(&self, shared: &Shared) -> bool {
-        self.session.as_ref().is_some_and(|s| {
-            shared
-                .auth
-                .is_revoked(&s.user, Some(shared.auth.login_time(s)))
-        })
+    fn revoked(&self, deps: &Deps) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| deps.auth.is_revoked(&s.user, Some(deps.auth.login_time(s))))
     }
 }
 
@@ -184,13 +182,13 @@ async fn close(ws: &mut WebSocket, code: u16, reason: &'static str, timeout: Dur
 /// Serve one upgraded WebSocket until it closes, idles out or is replaced.
 pub async fn serve(
     sig: Arc<Signaling>,
-    shared: Arc<Shared>,
+    deps: Deps,
     mut ws: WebSocket,
     ip: IpAddr,
     token: Option<String>,
     host: Option<String>,
 ) {
-    let m = shared.metrics.clone();
+    let m = deps.metrics.clone();
     let c = sig.counters(&m);
     let cfg = &sig.cfg;
     let dead_after = Duration::from_secs(cfg.dead_peer_timeout_secs.max(1));
@@ -222,7 +220,7 @@ pub async fn serve(
         burst: cfg.rate_burst.max(1) as f64,
         at: Instant::now(),
     };
-    let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    let mut stop = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(cfg.ping_interval_secs.max(1)),
         Duration::from_secs(cfg.ping_interval_secs.max(1)),
@@ -239,7 +237,7 @@ pub async fn serve(
     let mut ice_timer = std::pin::pin!(ice_timer);
 
     if let Some(t) = token {
-        let replies = hello(&shared, &mut conn, &t, None);
+        let replies = hello(&sig, &deps, &mut conn, &t, None);
         let fatal = replies.iter().any(|r| r.kind == "error");
         for r in replies {
             if !send(&mut ws, c, r, write_timeout).await {
@@ -248,7 +246,7 @@ pub async fn serve(
         }
         if fatal {
             close(&mut ws, 1008, "unauthenticated", write_timeout).await;
-            finish(&sig, &shared, &conn, ip, true);
+            finish(&sig, &deps, &conn, ip, true);
             return;
         }
     }
@@ -302,7 +300,7 @@ pub async fn serve(
                     if !send(&mut ws, c, f, write_timeout).await { break; }
                     continue;
                 }
-                let replies = handle(&sig, &shared, c, &mut conn, text.as_str(), &mut left_cleanly).await;
+                let replies = handle(&sig, &deps, c, &mut conn, text.as_str(), &mut left_cleanly).await;
                 let mut ok = true;
                 for r in replies {
                     if !send(&mut ws, c, r, write_timeout).await { ok = false; break; }
@@ -335,7 +333,7 @@ pub async fn serve(
                 }
             }
             _ = ping.tick() => {
-                if conn.revoked(&shared) {
+                if conn.revoked(&deps) {
                     // Seated peers were removed at once; this catches the others.
                     let f = error_frame("revoked", "the user was revoked", None);
                     let _ = send(&mut ws, c, f, write_timeout).await;
@@ -363,7 +361,7 @@ pub async fn serve(
             }
             _ = &mut ice_timer, if conn.member.is_some() => {
                 ice_timer.as_mut().reset((Instant::now() + far).into());
-                match ice_frame(&shared, &mut conn) {
+                match ice_frame(&sig, &deps, &mut conn) {
                     Ok(Some(f)) => {
                         if !send(&mut ws, c, f, write_timeout).await { break; }
                     }
@@ -382,7 +380,7 @@ pub async fn serve(
             }
         }
     }
-    finish(&sig, &shared, &conn, ip, left_cleanly);
+    finish(&sig, &deps, &conn, ip, left_cleanly);
 }
 
 enum Batch {
@@ -436,18 +434,18 @@ async fn write_batch(
     }
 }
 
-fn finish(sig: &Signaling, shared: &Shared, conn: &Conn, ip: IpAddr, left_cleanly: bool) {
+fn finish(sig: &Signaling, deps: &Deps, conn: &Conn, ip: IpAddr, left_cleanly: bool) {
     let now = Instant::now();
     let id = conn.id;
-    if let Some(cl) = shared.cluster.as_ref().filter(|cl| cl.is_remote(id)) {
+    if let Some(cl) = deps.cluster.as_ref().filter(|cl| cl.is_remote(id)) {
         cl.gone(id, left_cleanly);
     } else if let (false, Some(room)) = (left_cleanly, conn.room.as_deref()) {
         // An unexpected drop keeps the seat for the resume window.
-        sig.apply(shared, room, |h, out| h.disconnect(now, id, out));
+        sig.apply(&deps.metrics, room, |h, out| h.disconnect(now, id, out));
     }
     sig.bus.detach(id);
     sig.release(ip);
-    shared.metrics.ws_connections_active.dec();
+    deps.metrics.ws_connections_active.dec();
 }
 
 async fn send(ws: &mut WebSocket, c: &Counters, r: Reply, timeout: Duration) -> bool {
@@ -463,20 +461,19 @@ async fn send(ws: &mut WebSocket, c: &Counters, r: Reply, timeout: Duration) -> 
 /// authenticate. Renewal keeps the original login time, so neither the token nor the TURN
 /// credentials reach past `auth.max_session_age_secs`; once there, the error frame to send
 /// before closing comes back instead.
-fn ice_frame(shared: &Shared, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
+fn ice_frame(sig: &Signaling, deps: &Deps, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
     let (Some(member), Some(old)) = (conn.member.as_ref(), conn.session.as_ref()) else {
         return Ok(None);
     };
-    if conn.revoked(shared) {
+    if conn.revoked(deps) {
         // No renewal for a revoked user; the next ping closes the socket.
         return Ok(None);
     }
     let now = unix_now();
-    let (token, session) = match shared.auth.renew_session(old, now) {
+    let (token, session) = match deps.auth.renew_session(old, now) {
         Ok(x) => x,
         Err(e) => {
-            shared
-                .metrics
+            deps.metrics
                 .auth_failures
                 .with_label_values(&[e.reason()])
                 .inc();
@@ -487,23 +484,23 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
             ));
         }
     };
-    let end = shared.auth.session_end(&session);
-    let ice =
-        crate::ice::ice_config_until(shared, conn.host.as_deref(), &member.user, now, Some(end));
-    let before = shared.config.signaling.ice_refresh_before_secs;
+    let end = deps.auth.session_end(&session);
+    let ice = deps
+        .ice
+        .ice_servers(conn.host.as_deref(), &member.user, now, end);
+    let before = sig.cfg.ice_refresh_before_secs;
     let in_secs = ice
         .credentials
         .as_ref()
         .map(|c| c.expires_at.saturating_sub(now).saturating_sub(before))
         .unwrap_or(u64::MAX)
-        .min(shared.auth.session_ttl() / 2)
+        .min(deps.auth.session_ttl() / 2)
         .min(end.saturating_sub(now))
         .max(1);
     conn.ice_due = Some(Instant::now() + Duration::from_secs(in_secs));
     conn.session = Some(session.clone());
     if ice.credentials.is_some() {
-        shared
-            .metrics
+        deps.metrics
             .turn_credentials_issued
             .with_label_values(&["refresh"])
             .inc();
@@ -522,11 +519,17 @@ fn ice_frame(shared: &Shared, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
     )))
 }
 
-fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&RawValue>) -> Vec<Reply> {
+fn hello(
+    sig: &Signaling,
+    deps: &Deps,
+    conn: &mut Conn,
+    token: &str,
+    id: Option<&RawValue>,
+) -> Vec<Reply> {
     if conn.member.is_some() {
         return vec![error_frame("bad_request", "already authenticated", id)];
     }
-    match shared.auth.verify_session(token, unix_now()) {
+    match deps.auth.verify_session(token, unix_now()) {
         Ok(s) => {
             conn.member = Some(Member {
                 user: s.user.clone(),
@@ -538,15 +541,14 @@ fn hello(shared: &Shared, conn: &mut Conn, token: &str, id: Option<&RawValue>) -
                 json!({"type": "welcome", "userId": s.user, "room": s.room, "protocol": "switchboard.v1"}),
                 id,
             )];
-            match ice_frame(shared, conn) {
+            match ice_frame(sig, deps, conn) {
                 Ok(f) => out.extend(f),
                 Err(f) => out.push(f),
             }
             out
         }
         Err(e) => {
-            shared
-                .metrics
+            deps.metrics
                 .auth_failures
                 .with_label_values(&[e.reason()])
                 .inc();
@@ -597,7 +599,7 @@ fn parse(text: &str) -> Result<Request<'_>, Reply> {
 /// mode a request for a room owned by another node waits for that node's answer.
 async fn handle(
     sig: &Signaling,
-    shared: &Shared,
+    deps: &Deps,
     c: &Counters,
     conn: &mut Conn,
     text: &str,
@@ -624,7 +626,7 @@ async fn handle(
         let Some(token) = req.token.as_deref() else {
             return vec![error_frame("bad_request", "hello needs `token`", id)];
         };
-        return hello(shared, conn, token, id);
+        return hello(sig, deps, conn, token, id);
     }
     if t == "ping" {
         return vec![reply("pong", json!({"type": "pong"}), id)];
@@ -638,7 +640,7 @@ async fn handle(
     };
     let now = Instant::now();
     let cid = conn.id;
-    let draining = || shared.lifecycle.is_draining();
+    let draining = || deps.lifecycle.is_draining();
     match t {
         "create" => {
             if draining() {
@@ -665,19 +667,19 @@ async fn handle(
                 Some(n) => n.to_string(),
                 None => new_room_id(),
             };
-            if let Err(e) = sig.take_room(shared, &member.user) {
+            if let Err(e) = sig.take_room(&deps.metrics, &member.user) {
                 return vec![room_err(&e, id)];
             }
-            if let Some(cl) = &shared.cluster {
+            if let Some(cl) = &deps.cluster {
                 if let Err(e) = cl.claim(&room).await {
                     sig.release_room(&member.user);
                     return vec![room_err(&e, id)];
                 }
             }
-            let r = sig.apply(shared, &room, |h, _| {
+            let r = sig.apply(&deps.metrics, &room, |h, _| {
                 h.create(now, &member.user, &room, req.capacity)
             });
-            if let (Err(_), Some(cl)) = (&r, &shared.cluster) {
+            if let (Err(_), Some(cl)) = (&r, &deps.cluster) {
                 cl.unclaim(&room);
             }
             match r {
@@ -706,7 +708,7 @@ async fn handle(
             if conn.room.is_some() {
                 return vec![room_err(&RoomError::AlreadyInRoom, id)];
             }
-            if let Some(cl) = &shared.cluster {
+            if let Some(cl) = &deps.cluster {
                 match cl.join(cid, &member, room).await {
                     Err(e) => return vec![room_err(&e, id)],
                     Ok(Route::Remote(Answer::Ok(j))) => {
@@ -720,11 +722,13 @@ async fn handle(
                     Ok(Route::Local) => {}
                 }
             }
-            match sig.apply(shared, room, |h, out| h.join(cid, &member, room, out)) {
+            match sig.apply(&deps.metrics, room, |h, out| {
+                h.join(cid, &member, room, out)
+            }) {
                 Ok(j) => {
                     conn.room = Some(room.to_string());
                     *left_cleanly = false;
-                    if let Some(cl) = &shared.cluster {
+                    if let Some(cl) = &deps.cluster {
                         cl.mirror(room);
                     }
                     vec![reply("joined", j, id)]
@@ -736,7 +740,7 @@ async fn handle(
             let Some(room) = conn.room.take() else {
                 return vec![room_err(&RoomError::NotInRoom, id)];
             };
-            if let Some(cl) = shared.cluster.as_ref().filter(|cl| cl.is_remote(cid)) {
+            if let Some(cl) = deps.cluster.as_ref().filter(|cl| cl.is_remote(cid)) {
                 *left_cleanly = true;
                 return match cl.leave(cid).await {
                     Ok(Answer::Ok(_)) => vec![reply("left", json!({"type": "left"}), id)],
@@ -744,10 +748,10 @@ async fn handle(
                     Err(e) => vec![room_err(&e, id)],
                 };
             }
-            match sig.apply(shared, &room, |h, out| h.leave(now, cid, out)) {
+            match sig.apply(&deps.metrics, &room, |h, out| h.leave(now, cid, out)) {
                 Ok(()) => {
                     *left_cleanly = true;
-                    if let Some(cl) = &shared.cluster {
+                    if let Some(cl) = &deps.cluster {
                         cl.mirror(&room);
                     }
                     vec![reply("left", json!({"type": "left"}), id)]
@@ -763,13 +767,13 @@ async fn handle(
                 return vec![room_err(&RoomError::NotInRoom, id)];
             };
             let to = req.to.as_deref();
-            if let Some(cl) = shared.cluster.as_ref().filter(|cl| cl.is_remote(cid)) {
+            if let Some(cl) = deps.cluster.as_ref().filter(|cl| cl.is_remote(cid)) {
                 return match cl.signal(cid, to, data.get(), id.map(|i| i.get())) {
                     Ok(()) => Vec::new(),
                     Err(e) => vec![room_err(&e, id)],
                 };
             }
-            match sig.apply(shared, room, |h, out| h.signal(cid, to, data, out)) {
+            match sig.apply(&deps.metrics, room, |h, out| h.signal(cid, to, data, out)) {
                 Ok(()) => id
                     .map(|i| vec![reply("ack", json!({"type": "ack"}), Some(i))])
                     .unwrap_or_default(),
@@ -784,7 +788,7 @@ async fn handle(
             let r = if conn.room.is_some() {
                 Err(RoomError::AlreadyInRoom)
             } else if let Some(room) = token_room(token) {
-                let route = match &shared.cluster {
+                let route = match &deps.cluster {
                     Some(cl) => {
                         let rid = id.map(|i| i.get().to_string());
                         let r = crate::cluster::ResumeRequest {
@@ -792,28 +796,24 @@ async fn handle(
                             last,
                             id: rid,
                         };
-                        cl.resume(shared, cid, &member, room, r).await
+                        cl.resume(cid, &member, room, r).await
                     }
                     None => Ok(Route::Local),
                 };
                 match route {
                     Err(e) => Err(e),
                     Ok(Route::Remote(Answer::Ok(_))) => {
-                        shared.metrics.resumes.with_label_values(&["resumed"]).inc();
+                        deps.metrics.resumes.with_label_values(&["resumed"]).inc();
                         conn.room = Some(room.to_string());
                         *left_cleanly = false;
                         return Vec::new();
                     }
                     Ok(Route::Remote(Answer::Err(code, msg))) => {
-                        shared
-                            .metrics
-                            .resumes
-                            .with_label_values(&["rejected"])
-                            .inc();
+                        deps.metrics.resumes.with_label_values(&["rejected"]).inc();
                         return vec![error_frame(&code, &msg, id)];
                     }
                     Ok(Route::Local) => sig
-                        .apply(shared, room, |h, out| {
+                        .apply(&deps.metrics, room, |h, out| {
                             h.resume(cid, &member, token, last, |v| with_id_text(&v, id), out)
                         })
                         .map(|()| room.to_string()),
@@ -822,7 +822,7 @@ async fn handle(
                 Err(RoomError::BadResume)
             };
             let outcome = if r.is_ok() { "resumed" } else { "rejected" };
-            shared.metrics.resumes.with_label_values(&[outcome]).inc();
+            deps.metrics.resumes.with_label_values(&[outcome]).inc();
             match r {
                 Ok(room) => {
                     conn.room = Some(room);

@@ -15,7 +15,6 @@ use super::room::{Action, Budget, ConnId, Hub, Limits, RoomError, RoomQuota};
 use crate::config::SignalingConfig;
 use crate::lifecycle::shutdown_signal;
 use crate::metrics::Metrics;
-use crate::shared::Shared;
 
 /// Frame types counted by name; anything else is counted as `unknown`.
 pub(crate) const KNOWN_TYPES: &[&str] = &[
@@ -193,11 +192,11 @@ impl Signaling {
     /// Run `f` on every shard in turn (server API: a user's seats may be anywhere).
     pub(crate) fn apply_each(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         mut f: impl FnMut(&mut Hub, &mut Vec<Action>),
     ) {
         for i in 0..self.shards.len() {
-            self.apply_shard(shared, i, &mut f);
+            self.apply_shard(metrics, i, &mut f);
         }
     }
 
@@ -253,18 +252,18 @@ impl Signaling {
     /// same serialization, so every recipient's frames enter its outbox in `seq` order.
     pub(crate) fn apply<R>(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         room: &str,
         f: impl FnOnce(&mut Hub, &mut Vec<Action>) -> R,
     ) -> R {
-        self.apply_shard(shared, self.shard_of(room), f)
+        self.apply_shard(metrics, self.shard_of(room), f)
     }
 
     /// Reserve a room for `user` in the node's quota.
-    pub(crate) fn take_room(&self, shared: &Shared, user: &str) -> Result<(), RoomError> {
+    pub(crate) fn take_room(&self, metrics: &Metrics, user: &str) -> Result<(), RoomError> {
         let r = lock(&self.quota).take(user);
         if r == Err(RoomError::TooManyRoomsForUser) {
-            self.counters(&shared.metrics).rooms_per_user.inc();
+            self.counters(metrics).rooms_per_user.inc();
         }
         r
     }
@@ -276,13 +275,13 @@ impl Signaling {
 
     /// Drive resume windows and empty-room grace until shutdown: one task per shard sleeps
     /// until the head of its deadline queue.
-    pub async fn run_timers(self: Arc<Self>, shared: Arc<Shared>) {
-        let loops = (0..self.shards.len()).map(|i| self.clone().shard_timer(shared.clone(), i));
+    pub async fn run_timers(self: Arc<Self>, deps: super::Deps) {
+        let loops = (0..self.shards.len()).map(|i| self.clone().shard_timer(deps.clone(), i));
         futures_util::future::join_all(loops).await;
     }
 
-    async fn shard_timer(self: Arc<Self>, shared: Arc<Shared>, i: usize) {
-        let mut stop = std::pin::pin!(shutdown_signal(shared.lifecycle.subscribe()));
+    async fn shard_timer(self: Arc<Self>, deps: super::Deps, i: usize) {
+        let mut stop = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
         let shard = &self.shards[i];
         loop {
             let next = lock(&shard.hub).next_deadline();
@@ -296,10 +295,9 @@ impl Signaling {
             }
             let now = Instant::now();
             // Route by shard index: every room of this shard hashes here.
-            let done = self.apply_shard(&shared, i, |h, out| h.tick(now, out));
+            let done = self.apply_shard(&deps.metrics, i, |h, out| h.tick(now, out));
             if done.expired > 0 {
-                shared
-                    .metrics
+                deps.metrics
                     .resumes
                     .with_label_values(&["expired"])
                     .inc_by(done.expired as u64);
@@ -307,7 +305,7 @@ impl Signaling {
             for creator in done.closed {
                 self.release_room(&creator);
             }
-            if let Some(cl) = &shared.cluster {
+            if let Some(cl) = &deps.cluster {
                 // Expired seats leave the mirror too, so a takeover does not bring them back.
                 for room in &done.shrunk_rooms {
                     cl.mirror(room);
@@ -321,11 +319,11 @@ impl Signaling {
 
     fn apply_shard<R>(
         &self,
-        shared: &Shared,
+        metrics: &Metrics,
         i: usize,
         f: impl FnOnce(&mut Hub, &mut Vec<Action>) -> R,
     ) -> R {
-        let c = self.counters(&shared.metrics);
+        let c = self.counters(metrics);
         let shard = &self.shards[i];
         let mut out = Vec::new();
         let mut hub = lock(&shard.hub);

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{finish, handle, Conn, Signaling};
-use crate::shared::Shared;
 use crate::signaling::bus::{Outbound, Outbox};
 use crate::signaling::room::ConnId;
+use crate::signaling::Deps;
 
 /// One connection, as `serve` holds it.
 pub struct Client {
@@ -20,11 +20,11 @@ pub struct Client {
 
 impl Client {
     /// Open a connection from `ip` (counted against the per-IP cap; `None` when refused).
-    pub fn connect(sig: &Signaling, shared: &Shared, ip: IpAddr) -> Option<Client> {
+    pub fn connect(sig: &Signaling, deps: &Deps, ip: IpAddr) -> Option<Client> {
         if !sig.admit(ip) {
             return None;
         }
-        shared.metrics.ws_connections_active.inc();
+        deps.metrics.ws_connections_active.inc();
         let (id, outbox) = sig.open();
         Some(Client {
             conn: Conn {
@@ -53,11 +53,11 @@ impl Client {
 
     /// Handle one text frame; the direct replies, in order. `None` when the handler would
     /// wait (only cluster forwarding does; a single node answers at once).
-    pub fn frame(&mut self, sig: &Signaling, shared: &Shared, text: &str) -> Option<Vec<String>> {
+    pub fn frame(&mut self, sig: &Signaling, deps: &Deps, text: &str) -> Option<Vec<String>> {
         use futures_util::FutureExt;
-        let c = sig.counters(&shared.metrics);
+        let c = sig.counters(&deps.metrics);
         let replies =
-            handle(sig, shared, c, &mut self.conn, text, &mut self.left_cleanly).now_or_never()?;
+            handle(sig, deps, c, &mut self.conn, text, &mut self.left_cleanly).now_or_never()?;
         Some(replies.into_iter().map(|r| r.text).collect())
     }
 
@@ -76,15 +76,15 @@ impl Client {
 
     /// The socket went away (or the client closed it): keep the seat for the resume window
     /// unless the client left cleanly.
-    pub fn close(self, sig: &Signaling, shared: &Shared) {
-        finish(sig, shared, &self.conn, self.ip, self.left_cleanly);
+    pub fn close(self, sig: &Signaling, deps: &Deps) {
+        finish(sig, deps, &self.conn, self.ip, self.left_cleanly);
     }
 }
 
 /// Run every room deadline due at `now` on the shard of `room`, and release the quota of the
 /// rooms that closed, as the shard timer task does. Returns (peers expired, rooms closed).
-pub fn tick(sig: &Signaling, shared: &Shared, room: &str, now: Instant) -> (usize, usize) {
-    let done = sig.apply(shared, room, |h, out| h.tick(now, out));
+pub fn tick(sig: &Signaling, deps: &Deps, room: &str, now: Instant) -> (usize, usize) {
+    let done = sig.apply(&deps.metrics, room, |h, out| h.tick(now, out));
     let closed = done.closed.len();
     for creator in done.closed {
         sig.release_room(&creator);
@@ -93,6 +93,6 @@ pub fn tick(sig: &Signaling, shared: &Shared, room: &str, now: Instant) -> (usiz
 }
 
 /// Open rooms and seated peers on the shard of `room`.
-pub fn counts(sig: &Signaling, shared: &Shared, room: &str) -> (usize, usize) {
-    sig.apply(shared, room, |h, _| (h.room_count(), h.peer_count()))
+pub fn counts(sig: &Signaling, deps: &Deps, room: &str) -> (usize, usize) {
+    sig.apply(&deps.metrics, room, |h, _| (h.room_count(), h.peer_count()))
 }
