@@ -168,6 +168,11 @@ enum Op {
 
 #[derive(Arbitrary, Debug)]
 struct Input {
+    /// Start from a warmed-up port: bit 0, client 0 holds a UDP allocation with permissions
+    /// for peers 0..=2 and channel 0x4000 to peer 0; bit 1, stream client 6 holds a TCP
+    /// relay, and with bit 2 also a Connect to peer 1 under way. The operations then start deep in the state space instead of having to find
+    /// the nonce handshake first.
+    warm: u8,
     max_per_user: u8,
     max_total: u8,
     ports: u8,
@@ -753,6 +758,69 @@ impl Fuzz {
         }
     }
 
+    /// The warm-up sequence `Input::warm` asks for, through the same steps and checks.
+    fn warm_up(&mut self, warm: u8) {
+        let c = |client: u8, tid: u8| Common {
+            client,
+            tid,
+            who: Who::Static { sha256: false },
+            fingerprint: false,
+            bad_nonce: false,
+        };
+        let alloc = |client: u8, tid: u8, transport: Option<u8>| Op::Allocate {
+            c: Common {
+                // The stream client under another user, so a per-user quota of 1 lets both in.
+                who: if client == 0 {
+                    Who::Static { sha256: false }
+                } else {
+                    Who::Rest {
+                        n: 1,
+                        ttl: 3600,
+                        sha256: false,
+                    }
+                },
+                ..c(client, tid)
+            },
+            lifetime: None,
+            transport,
+            family: None,
+            even_port: None,
+            token: None,
+            dont_fragment: false,
+        };
+        let mut ops = Vec::new();
+        if warm & 1 != 0 {
+            // The first Allocate learns the nonce (401), the second succeeds.
+            ops.push(alloc(0, 1, None));
+            ops.push(alloc(0, 2, None));
+            ops.push(Op::CreatePermission {
+                c: c(0, 3),
+                peers: vec![0, 1, 2],
+            });
+            ops.push(Op::ChannelBind {
+                c: c(0, 4),
+                chan: 0x4000,
+                peer: 0,
+            });
+        }
+        if warm & 2 != 0 {
+            ops.push(alloc(6, 5, Some(6)));
+            ops.push(alloc(6, 6, Some(6)));
+            if warm & 4 != 0 {
+                ops.push(Op::Connect {
+                    c: Common {
+                        who: Who::Mine,
+                        ..c(6, 7)
+                    },
+                    peer: 1,
+                });
+            }
+        }
+        for op in &ops {
+            self.step(op);
+        }
+    }
+
     /// Every allocation was announced, and none outlives the lifetime it was last given.
     fn check_model(&self) {
         for a in self.port.allocations() {
@@ -793,6 +861,7 @@ fuzz_target!(|input: Input| {
         tokens: Vec::new(),
         model: HashMap::new(),
     };
+    f.warm_up(input.warm);
     for op in input.ops.iter().take(64) {
         f.step(op);
     }
