@@ -19,6 +19,16 @@
 //! binary must be built with `--features kernel-offload`; needs root). The table then adds
 //! machine-wide busy CPU per relayed packet (/proc/stat: softirq work is invisible to
 //! per-process CPU) and its ratios to the bare forwarder's.
+//!
+//! `--idle-probe` measures the machine's spare capacity instead of trusting its accounting:
+//! one `SCHED_IDLE` spinner pinned to each CPU counts loop turns, calibrated on a quiet
+//! machine right before each measurement (the method of Andrew Morton's `cyclesoak`). CPU
+//! used = CPUs × seconds × (1 − turns during the run / turns in as long quiet). Where work
+//! runs in softirq from a sender's system call (what an in-kernel relay does) the tick-based
+//! /proc/stat misses much of it on some virtual machines; the probe does not. Add `direct`
+//! to `--servers`: the generator sends straight to the echo peer, no relay, so the CPU it
+//! uses is the load tool's own; each relay's cost is then its CPU used less `direct`'s, per
+//! relayed packet.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -187,6 +197,7 @@ struct Opts {
     shards: Option<usize>,
     smoke: bool,
     lab: bool,
+    idle_probe: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -203,6 +214,7 @@ fn parse_opts() -> Opts {
         shards: None,
         smoke: !args.iter().any(|a| a == "--bench"),
         lab: false,
+        idle_probe: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -218,6 +230,7 @@ fn parse_opts() -> Opts {
             "--bin" => o.bin = Some(v()),
             "--shards" => o.shards = v().parse().ok(),
             "--lab" => o.lab = true,
+            "--idle-probe" => o.idle_probe = true,
             _ => {}
         }
     }
@@ -1110,6 +1123,8 @@ struct Row {
     busy: f64,
     /// CPU of this process (the generator and the echo peer) in the interval.
     tool: f64,
+    /// CPU-seconds the whole machine used, from the idle probe (`--idle-probe`).
+    used: Option<f64>,
     threads: Vec<(String, f64)>,
 }
 
@@ -1153,7 +1168,14 @@ impl Row {
     }
 }
 
-fn measure(s: &Server, echo: &Echo, o: &Opts, rate: u64, base: usize) -> Result<Row, String> {
+fn measure(
+    s: &Server,
+    echo: &Echo,
+    o: &Opts,
+    rate: u64,
+    base: usize,
+    probe: Option<&mut IdleProbe>,
+) -> Result<Row, String> {
     let sessions = setup(s, o.allocs, echo.addr, base)?;
     let socks: Vec<UdpSocket> = sessions
         .iter()
@@ -1165,6 +1187,13 @@ fn measure(s: &Server, echo: &Echo, o: &Opts, rate: u64, base: usize) -> Result<
     let pid = s.child.id();
     // Warm-up so the first packets' relay creation (bare) is not measured.
     let _ = traffic(&socks, echo, 2000, 0.2, o.size);
+    let mut probe = probe;
+    if let Some(p) = probe.as_deref_mut() {
+        // The quiet rate right before, over as long as the run: the machine drifts.
+        std::thread::sleep(Duration::from_millis(300));
+        p.calibrate(Duration::from_secs_f64(o.secs.min(3.0)));
+    }
+    let p0 = probe.as_deref().map(IdleProbe::reading);
     let th0 = thread_cpu(pid);
     let c0 = proc_cpu(pid);
     let m0 = machine_cpu();
@@ -1173,6 +1202,10 @@ fn measure(s: &Server, echo: &Echo, o: &Opts, rate: u64, base: usize) -> Result<
     let c1 = proc_cpu(pid);
     let m1 = machine_cpu();
     let me1 = proc_cpu(std::process::id());
+    let used = match (probe.as_deref(), p0) {
+        (Some(p), Some(p0)) => Some(p.used(p0, p.reading())),
+        _ => None,
+    };
     let th1 = thread_cpu(pid);
     let mut threads: Vec<(String, f64)> = th1
         .iter()
@@ -1197,8 +1230,163 @@ fn measure(s: &Server, echo: &Echo, o: &Opts, rate: u64, base: usize) -> Result<
         cpu: c1 - c0,
         busy: m1.0 - m0.0,
         tool: me1 - me0,
+        used,
         threads,
     })
+}
+
+/// The idle probe of `--idle-probe`: one `SCHED_IDLE` spinner per CPU, counting loop turns.
+struct IdleProbe {
+    turns: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Loop turns per second of all spinners on the quiet machine.
+    quiet: f64,
+}
+
+impl IdleProbe {
+    fn start() -> IdleProbe {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let mut turns = Vec::new();
+        let mut threads = Vec::new();
+        for cpu in 0..num_cpus() {
+            let t = std::sync::Arc::new(AtomicU64::new(0));
+            let (t2, st) = (t.clone(), stop.clone());
+            turns.push(t);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("idle-probe-{cpu}"))
+                    .spawn(move || {
+                        // SAFETY: plain syscalls on this thread with initialised arguments:
+                        // a zeroed cpu_set_t with one bit set, and a sched_param whose
+                        // priority 0 is the only one SCHED_IDLE takes.
+                        unsafe {
+                            let mut set: libc::cpu_set_t = std::mem::zeroed();
+                            libc::CPU_SET(cpu, &mut set);
+                            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+                            let param = libc::sched_param { sched_priority: 0 };
+                            libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+                        }
+                        let mut x = 0u64;
+                        while !st.load(Relaxed) {
+                            for _ in 0..4096 {
+                                x = std::hint::black_box(x.wrapping_mul(6364136223846793005) + 1);
+                            }
+                            t2.fetch_add(1, Relaxed);
+                        }
+                    })
+                    .expect("spawn idle probe"),
+            );
+        }
+        IdleProbe {
+            turns,
+            stop,
+            threads,
+            quiet: 0.0,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.turns
+            .iter()
+            .map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Measure the quiet rate over `d` (nothing else should run).
+    fn calibrate(&mut self, d: Duration) {
+        let (t0, c0) = (Instant::now(), self.total());
+        std::thread::sleep(d);
+        self.quiet = (self.total() - c0) as f64 / t0.elapsed().as_secs_f64();
+    }
+
+    /// CPU-seconds used by everything else between two readings `(instant, turns)`.
+    fn used(&self, from: (Instant, u64), to: (Instant, u64)) -> f64 {
+        let secs = (to.0 - from.0).as_secs_f64();
+        if self.quiet <= 0.0 || secs <= 0.0 {
+            return 0.0;
+        }
+        let spare = (to.1 - from.1) as f64 / (self.quiet * secs);
+        (num_cpus() as f64 * secs * (1.0 - spare)).max(0.0)
+    }
+
+    fn reading(&self) -> (Instant, u64) {
+        (Instant::now(), self.total())
+    }
+}
+
+impl Drop for IdleProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `direct` baseline: no relay, the generator's sockets talk to the echo peer itself.
+fn start_direct(echo: SocketAddr) -> Result<Server, String> {
+    let child = Command::new("sleep")
+        .arg("100000")
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    Ok(Server {
+        name: "direct".into(),
+        addr: echo,
+        child,
+        turn: false,
+    })
+}
+
+/// The idle probe's table: machine CPU used per relayed packet, and each relay's cost over the
+/// `direct` baseline (the load tool alone), with ratios to the bare forwarder's cost.
+fn print_idle_probe(rows: &[Row], rates: &[u64]) {
+    println!("machine CPU used, from the idle probe (CPUs x seconds x (1 - spare)):");
+    println!();
+    println!(
+        "| offered each way | server | relayed | loss | machine CPU-s used | µs used / pkt | \
+         relay cost µs / pkt (less direct) | relay cost / bare's |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &rate in rates {
+        let at = |n: &str| rows.iter().find(|r| r.rate == rate && r.server == n);
+        let direct = at("direct").and_then(|d| d.used);
+        // Per relayed packet, less the baseline's CPU for the same number of packets sent.
+        let cost = |r: &Row| -> Option<f64> {
+            let (u, d) = (r.used?, direct?);
+            let dr = at("direct")?;
+            if r.relayed() == 0 || dr.t.sent == 0 {
+                return None;
+            }
+            let base = d * r.t.sent as f64 / dr.t.sent as f64;
+            Some((u - base).max(0.0) * 1e6 / r.relayed() as f64)
+        };
+        let bare = at("bare").and_then(cost).filter(|b| *b > 0.0);
+        for r in rows.iter().filter(|r| r.rate == rate) {
+            let Some(u) = r.used else { continue };
+            let c = if r.server == "direct" { None } else { cost(r) };
+            println!(
+                "| {}k | {} | {} | {:.3}% | {:.2} | {:.2} | {} | {} |",
+                rate / 1000,
+                r.server,
+                r.relayed(),
+                r.loss(),
+                u,
+                if r.relayed() > 0 {
+                    u * 1e6 / r.relayed() as f64
+                } else {
+                    0.0
+                },
+                c.map(|c| format!("{c:.2}")).unwrap_or("-".into()),
+                match (c, bare) {
+                    (Some(c), Some(b)) => format!("{:.2}", c / b),
+                    _ => "-".into(),
+                }
+            );
+        }
+    }
+    println!();
 }
 
 fn num_cpus() -> usize {
@@ -1222,6 +1410,7 @@ fn run(o: &Opts) -> Result<(), String> {
     for name in &o.servers {
         servers.push(match name.as_str() {
             "bare" => start_bare(echo.addr, dir.path()),
+            "direct" => start_direct(echo.addr)?,
             "coturn" => start_coturn(dir.path())?,
             "switchboard" => start_switchboard(o, dir.path(), false)?,
             "switchboard-offload" => start_switchboard(o, dir.path(), true)?,
@@ -1251,11 +1440,12 @@ fn run(o: &Opts) -> Result<(), String> {
          load tool CPU-s | relay side µs / pkt |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut probe = o.idle_probe.then(IdleProbe::start);
     let mut rows = Vec::new();
     let mut base = 0;
     for &rate in &o.rates {
         for s in &servers {
-            let r = measure(s, &echo, o, rate, base)?;
+            let r = measure(s, &echo, o, rate, base, probe.as_mut())?;
             base += o.allocs;
             println!(
                 "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
@@ -1328,6 +1518,9 @@ fn run(o: &Opts) -> Result<(), String> {
         }
     }
     println!();
+    if o.idle_probe {
+        print_idle_probe(&rows, &o.rates);
+    }
     println!("per-thread server CPU seconds during each switchboard run:");
     for r in rows.iter().filter(|r| r.server == "switchboard") {
         let t: Vec<String> = r
@@ -1411,8 +1604,9 @@ fn smoke() {
         shards: None,
         smoke: true,
         lab: false,
+        idle_probe: false,
     };
-    let r = measure(&s, &echo, &o, 2000, 0).expect("smoke run");
+    let r = measure(&s, &echo, &o, 2000, 0, None).expect("smoke run");
     assert!(r.t.sent >= 300, "{r:?}");
     assert!(r.relayed() > r.t.sent, "{r:?}");
     println!(
