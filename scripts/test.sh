@@ -12,5 +12,6 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
 # The kernel offload's eBPF half is built only with its feature: lint that code and run its
 # lab tests (the verifier on this kernel, relaying in the kernel, fallback) with it.
-cargo clippy --lib --features kernel-offload --locked -- -D warnings
+cargo clippy --lib --test lab_offload --test lab_browser --features kernel-offload --locked -- -D warnings
 cargo test --features kernel-offload --locked --test lab_offload
+cargo test --features kernel-offload --locked --test lab_browser chromium_call_through_the_kernel_offload
