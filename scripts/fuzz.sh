@@ -68,7 +68,8 @@ summary() {
     cov=$(grep -oE '#[0-9]+.*cov: [0-9]+' "$log" | tail -1 | sed 's/.*cov: //')
     ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | sed 's/ft: //')
     corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
-    crashes=$(find "fuzz/artifacts/$t" -type f | wc -l)
+    # Slow units are reported, not counted: a run paused by the scheduler produces them.
+    crashes=$(find "fuzz/artifacts/$t" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
     printf '%-18s %8.0f %8.0f %12s %8s %8s %8s %s\n' "$t" "${wall:-0}" \
         "$(echo "${user:-0} ${sys:-0}" | awk '{print $1 + $2}')" "$execs" "${cov:-?}" "${ft:-?}" \
         "$corpus" "$crashes (rc ${rc:-?})"
