@@ -5,7 +5,6 @@
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -17,21 +16,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
-/// A port for a node or redis-server to bind later. It comes from below the kernel's ephemeral
-/// range (32768–60999 by default), so no client socket of this busy test process or its
-/// children can take it between this check and the child's bind; a per-process counter keeps
-/// this file's parallel tests apart.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
-    loop {
-        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2_000;
-        if TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
+use webdriver::free_port;
 
 /// A redis-server of our own, killed on drop.
 struct Redis {

@@ -117,12 +117,21 @@ impl Drop for Driver {
     }
 }
 
-/// A port that is free on this host's loopback right now.
+/// A port for chromedriver, a node or redis-server to bind later. It comes from below the
+/// kernel's ephemeral range (32768–60999 by default), so no client socket of this busy test
+/// process or its children can take it between this check and the child's bind; a
+/// per-process counter keeps one test binary's parallel tests apart, and the process id
+/// spreads different binaries over the range.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 500) as u16 * 20;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2_000;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 impl Driver {
