@@ -28,7 +28,8 @@
 //! /proc/stat misses much of it on some virtual machines; the probe does not. Add `direct`
 //! to `--servers`: the generator sends straight to the echo peer, no relay, so the CPU it
 //! uses is the load tool's own; each relay's cost is then its CPU used less `direct`'s, per
-//! relayed packet.
+//! relayed packet. With the probe on, the /proc/stat columns count its spinning too: read the
+//! probe's own table.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -1121,8 +1122,6 @@ struct Row {
     t: Traffic,
     cpu: f64,
     busy: f64,
-    /// CPU of this process (the generator and the echo peer) in the interval.
-    tool: f64,
     /// CPU-seconds the whole machine used, from the idle probe (`--idle-probe`).
     used: Option<f64>,
     threads: Vec<(String, f64)>,
@@ -1144,17 +1143,6 @@ impl Row {
     fn busy_per_pkt(&self) -> f64 {
         if self.relayed() > 0 {
             self.busy * 1e6 / self.relayed() as f64
-        } else {
-            0.0
-        }
-    }
-    /// Machine-wide busy CPU less the load tool's own (generator and echo peer), per relayed
-    /// packet, in µs: the relay process plus every softirq, which is where an in-kernel relay
-    /// works. The tool's sends and receives are the same for every server, so leaving them
-    /// out shows the relay's own share instead of diluting it.
-    fn relay_side_per_pkt(&self) -> f64 {
-        if self.relayed() > 0 {
-            (self.busy - self.tool).max(0.0) * 1e6 / self.relayed() as f64
         } else {
             0.0
         }
@@ -1197,11 +1185,9 @@ fn measure(
     let th0 = thread_cpu(pid);
     let c0 = proc_cpu(pid);
     let m0 = machine_cpu();
-    let me0 = proc_cpu(std::process::id());
     let t = traffic(&socks, echo, rate, o.secs, o.size);
     let c1 = proc_cpu(pid);
     let m1 = machine_cpu();
-    let me1 = proc_cpu(std::process::id());
     let used = match (probe.as_deref(), p0) {
         (Some(p), Some(p0)) => Some(p.used(p0, p.reading())),
         _ => None,
@@ -1229,7 +1215,6 @@ fn measure(
         t,
         cpu: c1 - c0,
         busy: m1.0 - m0.0,
-        tool: me1 - me0,
         used,
         threads,
     })
@@ -1436,10 +1421,9 @@ fn run(o: &Opts) -> Result<(), String> {
     println!();
     println!(
         "| offered each way | server | sent | relayed (to peer + back) | loss | server CPU s | \
-         relayed / server CPU-s | server µs CPU / pkt | machine busy CPU-s | machine busy µs / pkt | \
-         load tool CPU-s | relay side µs / pkt |"
+         relayed / server CPU-s | server µs CPU / pkt | machine busy CPU-s | machine busy µs / pkt |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut probe = o.idle_probe.then(IdleProbe::start);
     let mut rows = Vec::new();
     let mut base = 0;
@@ -1448,7 +1432,7 @@ fn run(o: &Opts) -> Result<(), String> {
             let r = measure(s, &echo, o, rate, base, probe.as_mut())?;
             base += o.allocs;
             println!(
-                "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
                 rate / 1000,
                 r.server,
                 r.t.sent,
@@ -1464,9 +1448,7 @@ fn run(o: &Opts) -> Result<(), String> {
                     0.0
                 },
                 r.busy,
-                r.busy_per_pkt(),
-                r.tool,
-                r.relay_side_per_pkt()
+                r.busy_per_pkt()
             );
             let _ = std::io::stdout().flush();
             rows.push(r);
@@ -1494,28 +1476,21 @@ fn run(o: &Opts) -> Result<(), String> {
         }
     }
     println!();
-    for (what, f) in [
-        (
-            "machine-wide busy CPU",
-            Row::busy_per_pkt as fn(&Row) -> f64,
-        ),
-        (
-            "relay-side CPU (machine-wide less the load tool's)",
-            Row::relay_side_per_pkt,
-        ),
-    ] {
-        println!("{what} per relayed packet relative to the bare forwarder, same run:");
-        for &rate in &o.rates {
-            let get = |n: &str| rows.iter().find(|r| r.rate == rate && r.server == n).map(f);
-            let Some(bare) = get("bare").filter(|b| *b > 0.0) else {
-                continue;
-            };
-            let parts: Vec<String> = ["switchboard", "switchboard-offload", "coturn"]
-                .iter()
-                .filter_map(|n| get(n).map(|v| format!("{n}/bare = {:.2}", v / bare)))
-                .collect();
-            println!("  {}k: {}", rate / 1000, parts.join(", "));
-        }
+    println!("machine-wide busy CPU per relayed packet relative to the bare forwarder, same run:");
+    for &rate in &o.rates {
+        let get = |n: &str| {
+            rows.iter()
+                .find(|r| r.rate == rate && r.server == n)
+                .map(Row::busy_per_pkt)
+        };
+        let Some(bare) = get("bare").filter(|b| *b > 0.0) else {
+            continue;
+        };
+        let parts: Vec<String> = ["switchboard", "switchboard-offload", "coturn"]
+            .iter()
+            .filter_map(|n| get(n).map(|v| format!("{n}/bare = {:.2}", v / bare)))
+            .collect();
+        println!("  {}k: {}", rate / 1000, parts.join(", "));
     }
     println!();
     if o.idle_probe {
