@@ -267,7 +267,7 @@ impl World {
             }
             if closed {
                 if let Some(c) = self.slots[s].take() {
-                    c.client.close(&self.sig, deps());
+                    c.client.close(&self.sig, deps(), self.now);
                     self.slot_peer[s] = None;
                 }
             }
@@ -275,10 +275,7 @@ impl World {
     }
 
     fn tick(&mut self, secs: u64) {
-        // The handler stamps drops and joins with the real clock; never let the timers' clock
-        // fall behind it (a run descheduled for a minute would otherwise see deadlines that
-        // the steps below never reach, and report them as leaks).
-        self.now = self.now.max(Instant::now()) + Duration::from_secs(secs);
+        self.now += Duration::from_secs(secs);
         harness::tick(&self.sig, deps(), ROOMS[0], self.now);
     }
 }
@@ -319,7 +316,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
                 let c = w.slots[s].as_mut().expect("slot filled");
                 let replies = c
                     .client
-                    .frame(&w.sig, d, &text)
+                    .frame(&w.sig, d, &text, w.now)
                     .expect("a single node answers at once");
                 // Delivered frames first: a `resumed` and its replay come through the bus.
                 w.drain();
@@ -329,7 +326,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
             }
             Op::Drop { slot } => {
                 if let Some(c) = w.slots[*slot as usize % SLOTS].take() {
-                    c.client.close(&w.sig, d);
+                    c.client.close(&w.sig, d, w.now);
                     w.slot_peer[*slot as usize % SLOTS] = None;
                 }
                 w.drain();
@@ -343,7 +340,7 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
     // Everyone goes away; after the resume grace and the empty-room grace nothing is left.
     for s in 0..SLOTS {
         if let Some(c) = w.slots[s].take() {
-            c.client.close(&w.sig, d);
+            c.client.close(&w.sig, d, w.now);
         }
     }
     w.tick(21);
@@ -360,12 +357,17 @@ fuzz_target!(|ops: Vec<Op<'_>>| {
         let (t, _) = sh
             .auth
             .issue_session(&format!("q{i}"), None, switchboard::auth::unix_now());
-        c.frame(&w.sig, d, &json!({"type": "hello", "token": t}).to_string())
-            .expect("answered");
+        c.frame(
+            &w.sig,
+            d,
+            &json!({"type": "hello", "token": t}).to_string(),
+            w.now,
+        )
+        .expect("answered");
         let r = c
-            .frame(&w.sig, d, r#"{"type":"create"}"#)
+            .frame(&w.sig, d, r#"{"type":"create"}"#, w.now)
             .expect("answered");
         assert!(r[0].contains("\"created\""), "room quota leaked: {r:?}");
-        c.close(&w.sig, d);
+        c.close(&w.sig, d, w.now);
     }
 });

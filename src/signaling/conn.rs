@@ -246,7 +246,7 @@ pub async fn serve(
         }
         if fatal {
             close(&mut ws, 1008, "unauthenticated", write_timeout).await;
-            finish(&sig, &deps, &conn, ip, true);
+            finish(&sig, &deps, &conn, ip, true, Instant::now());
             return;
         }
     }
@@ -300,7 +300,7 @@ pub async fn serve(
                     if !send(&mut ws, c, f, write_timeout).await { break; }
                     continue;
                 }
-                let replies = handle(&sig, &deps, c, &mut conn, text.as_str(), &mut left_cleanly).await;
+                let replies = handle(&sig, &deps, c, &mut conn, text.as_str(), &mut left_cleanly, Instant::now()).await;
                 let mut ok = true;
                 for r in replies {
                     if !send(&mut ws, c, r, write_timeout).await { ok = false; break; }
@@ -380,7 +380,7 @@ pub async fn serve(
             }
         }
     }
-    finish(&sig, &deps, &conn, ip, left_cleanly);
+    finish(&sig, &deps, &conn, ip, left_cleanly, Instant::now());
 }
 
 enum Batch {
@@ -434,8 +434,9 @@ async fn write_batch(
     }
 }
 
-fn finish(sig: &Signaling, deps: &Deps, conn: &Conn, ip: IpAddr, left_cleanly: bool) {
-    let now = Instant::now();
+/// The connection is gone at `now`: a clean leave frees the seat at once, a drop keeps it for
+/// the resume window.
+fn finish(sig: &Signaling, deps: &Deps, conn: &Conn, ip: IpAddr, left_cleanly: bool, now: Instant) {
     let id = conn.id;
     if let Some(cl) = deps.cluster.as_ref().filter(|cl| cl.is_remote(id)) {
         cl.gone(id, left_cleanly);
@@ -595,8 +596,8 @@ fn parse(text: &str) -> Result<Request<'_>, Reply> {
     Ok(req)
 }
 
-/// One request frame in, reply frames out (room events travel through the bus). In cluster
-/// mode a request for a room owned by another node waits for that node's answer.
+/// One request frame in at `now`, reply frames out (room events travel through the bus). In
+/// cluster mode a request for a room owned by another node waits for that node's answer.
 async fn handle(
     sig: &Signaling,
     deps: &Deps,
@@ -604,6 +605,7 @@ async fn handle(
     conn: &mut Conn,
     text: &str,
     left_cleanly: &mut bool,
+    now: Instant,
 ) -> Vec<Reply> {
     let req = match parse(text) {
         Ok(r) => r,
@@ -638,7 +640,6 @@ async fn handle(
             id,
         )];
     };
-    let now = Instant::now();
     let cid = conn.id;
     let draining = || deps.lifecycle.is_draining();
     match t {

@@ -51,13 +51,27 @@ impl Client {
         self.conn.room.as_deref()
     }
 
-    /// Handle one text frame; the direct replies, in order. `None` when the handler would
-    /// wait (only cluster forwarding does; a single node answers at once).
-    pub fn frame(&mut self, sig: &Signaling, deps: &Deps, text: &str) -> Option<Vec<String>> {
+    /// Handle one text frame at `now`; the direct replies, in order. `None` when the handler
+    /// would wait (only cluster forwarding does; a single node answers at once).
+    pub fn frame(
+        &mut self,
+        sig: &Signaling,
+        deps: &Deps,
+        text: &str,
+        now: Instant,
+    ) -> Option<Vec<String>> {
         use futures_util::FutureExt;
         let c = sig.counters(&deps.metrics);
-        let replies =
-            handle(sig, deps, c, &mut self.conn, text, &mut self.left_cleanly).now_or_never()?;
+        let replies = handle(
+            sig,
+            deps,
+            c,
+            &mut self.conn,
+            text,
+            &mut self.left_cleanly,
+            now,
+        )
+        .now_or_never()?;
         Some(replies.into_iter().map(|r| r.text).collect())
     }
 
@@ -74,10 +88,10 @@ impl Client {
         }
     }
 
-    /// The socket went away (or the client closed it): keep the seat for the resume window
-    /// unless the client left cleanly.
-    pub fn close(self, sig: &Signaling, deps: &Deps) {
-        finish(sig, deps, &self.conn, self.ip, self.left_cleanly);
+    /// The socket went away at `now` (or the client closed it): keep the seat for the resume
+    /// window unless the client left cleanly.
+    pub fn close(self, sig: &Signaling, deps: &Deps, now: Instant) {
+        finish(sig, deps, &self.conn, self.ip, self.left_cleanly, now);
     }
 }
 
