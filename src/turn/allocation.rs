@@ -64,6 +64,21 @@ pub(super) struct Alloc<R> {
 }
 
 impl<R> Alloc<R> {
+    /// Install the permission for `ip` until `exp`, or extend it; true when it is new, for the
+    /// caller to count (the caller has checked the cap).
+    pub(super) fn grant_permission(&mut self, ip: IpAddr, exp: Instant) -> bool {
+        match self.perms.iter_mut().find(|(p, _)| *p == ip) {
+            Some(p) => {
+                p.1 = p.1.max(exp);
+                false
+            }
+            None => {
+                self.perms.push((ip, exp));
+                true
+            }
+        }
+    }
+
     /// Earliest instant at which something of this allocation expires. Bounded work: at most
     /// `MAX_PERMISSIONS` + `MAX_CHANNELS` entries of this one allocation are looked at.
     pub(super) fn poll_timeout(&self) -> Instant {

@@ -467,12 +467,8 @@ impl<R: Relay> Table<R> {
         let exp = env.now + PERMISSION_LIFETIME;
         let mut added = 0;
         for ip in peers {
-            match a.perms.iter_mut().find(|(p, _)| *p == ip) {
-                Some(p) => p.1 = exp,
-                None => {
-                    a.perms.push((ip, exp));
-                    added += 1;
-                }
+            if a.grant_permission(ip, exp) {
+                added += 1;
             }
         }
         self.metrics.turn_permissions_active.add(added);
@@ -547,13 +543,8 @@ impl<R: Relay> Table<R> {
                 self.metrics.turn_channels_active.inc();
             }
         }
-        let pexp = env.now + PERMISSION_LIFETIME;
-        match a.perms.iter_mut().find(|(p, _)| *p == peer.ip()) {
-            Some(p) => p.1 = p.1.max(pexp),
-            None => {
-                a.perms.push((peer.ip(), pexp));
-                self.metrics.turn_permissions_active.inc();
-            }
+        if a.grant_permission(peer.ip(), env.now + PERMISSION_LIFETIME) {
+            self.metrics.turn_permissions_active.inc();
         }
         a.span
             .in_scope(|| tracing::debug!(channel = num, %peer, "channel bound"));

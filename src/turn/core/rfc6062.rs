@@ -36,16 +36,12 @@ impl<R: Relay> Table<R> {
         let Some(a) = self.allocs.get_mut(&client) else {
             return Err(reject(437, "Allocation Mismatch"));
         };
-        let exp = env.now + PERMISSION_LIFETIME;
-        match a.perms.iter_mut().find(|(p, _)| *p == peer.ip()) {
-            Some(p) => p.1 = p.1.max(exp),
-            None => {
-                if a.perms.len() >= MAX_PERMISSIONS {
-                    return Err(reject(508, "Insufficient Capacity"));
-                }
-                a.perms.push((peer.ip(), exp));
-                self.metrics.turn_permissions_active.inc();
-            }
+        let known = a.perms.iter().any(|(p, _)| *p == peer.ip());
+        if !known && a.perms.len() >= MAX_PERMISSIONS {
+            return Err(reject(508, "Insufficient Capacity"));
+        }
+        if a.grant_permission(peer.ip(), env.now + PERMISSION_LIFETIME) {
+            self.metrics.turn_permissions_active.inc();
         }
         a.pending_connect = Some((msg.transaction_id(), msg.has_fingerprint(), alg));
         if let Some(a) = self.allocs.get(&client) {
