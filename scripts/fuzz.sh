@@ -59,6 +59,8 @@ run_one() {
 }
 
 summary() {
+    # Counting is best effort: a missing log or no match is a blank field, not an exit.
+    set +e +o pipefail
     local t=$1 log="$logs/$1.log" cpu="$logs/$1.cpu"
     local wall user sys rc
     read -r wall user sys <"$cpu" || true
