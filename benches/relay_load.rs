@@ -1127,6 +1127,11 @@ struct Row {
     threads: Vec<(String, f64)>,
 }
 
+/// The summaries compare servers at one rate, so each looks its rows up the same way.
+fn row_at<'a>(rows: &'a [Row], rate: u64, server: &str) -> Option<&'a Row> {
+    rows.iter().find(|r| r.rate == rate && r.server == server)
+}
+
 impl Row {
     fn relayed(&self) -> u64 {
         self.t.to_peer + self.t.back
@@ -1335,7 +1340,7 @@ fn print_idle_probe(rows: &[Row], rates: &[u64]) {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for &rate in rates {
-        let at = |n: &str| rows.iter().find(|r| r.rate == rate && r.server == n);
+        let at = |n: &str| row_at(rows, rate, n);
         let direct = at("direct").and_then(|d| d.used);
         // Per relayed packet, less the baseline's CPU for the same number of packets sent.
         let cost = |r: &Row| -> Option<f64> {
@@ -1457,11 +1462,7 @@ fn run(o: &Opts) -> Result<(), String> {
     println!();
     println!("ratios of relayed packets per server CPU-second, same run:");
     for &rate in &o.rates {
-        let get = |n: &str| {
-            rows.iter()
-                .find(|r| r.rate == rate && r.server == n)
-                .map(Row::per_cpu)
-        };
+        let get = |n: &str| row_at(&rows, rate, n).map(Row::per_cpu);
         if let Some(sb) = get("switchboard") {
             let b = get("bare")
                 .map(|b| format!("{:.2}", sb / b))
@@ -1478,11 +1479,7 @@ fn run(o: &Opts) -> Result<(), String> {
     println!();
     println!("machine-wide busy CPU per relayed packet relative to the bare forwarder, same run:");
     for &rate in &o.rates {
-        let get = |n: &str| {
-            rows.iter()
-                .find(|r| r.rate == rate && r.server == n)
-                .map(Row::busy_per_pkt)
-        };
+        let get = |n: &str| row_at(&rows, rate, n).map(Row::busy_per_pkt);
         let Some(bare) = get("bare").filter(|b| *b > 0.0) else {
             continue;
         };
