@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use crate::turn::core::{Bucket, RelayKind, CHANNEL_COOLDOWN};
+use crate::turn::core::{Bucket, RelayKind, CHANNEL_COOLDOWN, MAX_PERMISSIONS};
 
 /// The long-term key an allocation was created with; later requests on it are checked
 /// against this key rather than re-deriving one from a possibly expired username.
@@ -64,8 +64,18 @@ pub(super) struct Alloc<R> {
 }
 
 impl<R> Alloc<R> {
+    /// Whether granting all of `ips` keeps this allocation within `MAX_PERMISSIONS`: a request
+    /// is refused whole (508) rather than granted in part, so callers ask before granting.
+    pub(super) fn permissions_fit(&self, ips: &[IpAddr]) -> bool {
+        let new = ips
+            .iter()
+            .filter(|ip| !self.perms.iter().any(|(p, _)| p == *ip))
+            .count();
+        self.perms.len() + new <= MAX_PERMISSIONS
+    }
+
     /// Install the permission for `ip` until `exp`, or extend it; true when it is new, for the
-    /// caller to count (the caller has checked the cap).
+    /// caller to count (the caller has checked the cap with `permissions_fit`).
     pub(super) fn grant_permission(&mut self, ip: IpAddr, exp: Instant) -> bool {
         match self.perms.iter_mut().find(|(p, _)| *p == ip) {
             Some(p) => {

@@ -454,11 +454,7 @@ impl<R: Relay> Table<R> {
         if peers.is_empty() {
             return Err(reject(400, "Bad Request"));
         }
-        let new = peers
-            .iter()
-            .filter(|ip| !a.perms.iter().any(|(p, _)| p == *ip))
-            .count();
-        if a.perms.len() + new > MAX_PERMISSIONS {
+        if !a.permissions_fit(&peers) {
             return Err(reject(508, "Insufficient Capacity"));
         }
         let Some(a) = self.allocs.get_mut(&client) else {

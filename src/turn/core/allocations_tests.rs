@@ -231,6 +231,49 @@ fn create_permission_several_peers_denied_and_mismatch() {
 }
 
 #[test]
+fn permission_cap_is_all_or_nothing_and_refreshes_still_fit() {
+    let mut h = harness(cfg());
+    let c = rest(&h, 3600);
+    h.allocate(client(1), &c, 1);
+    let at = |a: u8, b: u8| SocketAddr::from(([127, 1, a, b], 9));
+    let mut tid = 2u8;
+    let mut create = |h: &mut H, peers: &[SocketAddr]| {
+        tid += 1;
+        h.send(
+            client(1),
+            method::CREATE_PERMISSION,
+            [tid; 12],
+            Some(&c),
+            &[],
+            peers,
+        )
+    };
+    // One short of the cap.
+    let first: Vec<SocketAddr> = (1..MAX_PERMISSIONS)
+        .map(|i| at((i / 250) as u8, (i % 250) as u8 + 1))
+        .collect();
+    assert_eq!(create(&mut h, &first).outcome, Outcome::Success);
+    assert_eq!(h.view().perms.len(), MAX_PERMISSIONS - 1);
+    // Two new peers would pass the cap: refused whole, nothing granted.
+    let two = [at(9, 1), at(9, 2)];
+    assert_eq!(create(&mut h, &two).code(), Some(508));
+    assert_eq!(h.view().perms.len(), MAX_PERMISSIONS - 1);
+    assert!(!h.view().permits(at(9, 1).ip(), h.env.now));
+    // A known peer plus one new one reaches it exactly.
+    assert_eq!(
+        create(&mut h, &[first[0], at(9, 1)]).outcome,
+        Outcome::Success
+    );
+    assert_eq!(h.view().perms.len(), MAX_PERMISSIONS);
+    // At the cap, refreshing held permissions still works; any new one is refused.
+    assert_eq!(create(&mut h, &first[..3]).outcome, Outcome::Success);
+    assert_eq!(create(&mut h, &[at(9, 3)]).code(), Some(508));
+    assert!(h.metric(&format!(
+        "switchboard_turn_permissions_active {MAX_PERMISSIONS}"
+    )));
+}
+
+#[test]
 fn permissions_expire_after_300_seconds_unless_refreshed() {
     let mut h = harness(cfg());
     let c = rest(&h, 100_000);

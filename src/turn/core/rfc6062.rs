@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use super::allocations::{MAX_PERMISSIONS, PERMISSION_LIFETIME};
+use super::allocations::PERMISSION_LIFETIME;
 use super::credentials::sign;
 use super::{reject, Env, Outcome, Reject, Relay, RelayKind, Table};
 use crate::stun::codec::{attr, decode_u32, method, Class, Encoder, Message};
@@ -36,8 +36,7 @@ impl<R: Relay> Table<R> {
         let Some(a) = self.allocs.get_mut(&client) else {
             return Err(reject(437, "Allocation Mismatch"));
         };
-        let known = a.perms.iter().any(|(p, _)| *p == peer.ip());
-        if !known && a.perms.len() >= MAX_PERMISSIONS {
+        if !a.permissions_fit(&[peer.ip()]) {
             return Err(reject(508, "Insufficient Capacity"));
         }
         if a.grant_permission(peer.ip(), env.now + PERMISSION_LIFETIME) {
