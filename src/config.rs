@@ -186,6 +186,19 @@ impl Default for HttpConfig {
     }
 }
 
+/// Whether to use the kernel fast path (`turn.kernel_offload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadMode {
+    /// User space relays everything.
+    #[default]
+    Off,
+    /// Use the kernel when it loads; otherwise log once and relay in user space.
+    Auto,
+    /// Require the kernel path: start-up fails (exit 2) when it cannot load.
+    On,
+}
+
 /// STUN/TURN listener and relay settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -250,7 +263,7 @@ pub struct TurnConfig {
     /// Seconds an RFC 6062 data connection may carry no byte either way before it closes.
     pub data_connection_idle_timeout_secs: u64,
     /// Kernel (eBPF at TC ingress) fast path for ChannelData: off, auto or on.
-    pub kernel_offload: crate::turn::offload::OffloadMode,
+    pub kernel_offload: OffloadMode,
     /// UDP worker shards on each listen address, each a thread with its own SO_REUSEPORT
     /// socket and its own allocations; 0 means one per CPU core.
     pub shards: usize,
@@ -289,7 +302,7 @@ impl Default for TurnConfig {
             tcp_send_buffer_bytes: 256 * 1024,
             max_pending_connections_per_allocation: 8,
             data_connection_idle_timeout_secs: 300,
-            kernel_offload: crate::turn::offload::OffloadMode::Off,
+            kernel_offload: OffloadMode::Off,
             shards: 0,
             software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
         }

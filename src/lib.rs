@@ -10,8 +10,11 @@ pub mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod crypto;
 pub mod http;
 pub mod ice;
+#[cfg(test)]
+mod layering;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;

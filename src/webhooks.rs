@@ -488,7 +488,7 @@ async fn lane(mut rx: mpsc::Receiver<Arc<Envelope>>, lc: LaneConfig) {
 }
 
 async fn post(lc: &LaneConfig, env: &Envelope, body: &[u8]) -> Attempt {
-    let t = crate::auth::unix_now();
+    let t = crate::crypto::unix_now();
     let sig = signature(&lc.secret, t, body);
     let r = lc
         .client
@@ -530,7 +530,10 @@ pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
     msg.extend_from_slice(t.to_string().as_bytes());
     msg.push(b'.');
     msg.extend_from_slice(body);
-    format!("t={t},v1={}", hex(&crate::auth::hmac_sha256(secret, &msg)))
+    format!(
+        "t={t},v1={}",
+        hex(&crate::crypto::hmac_sha256(secret, &msg))
+    )
 }
 
 /// Check a `Switchboard-Signature` header against `body`: the MAC must match (constant
@@ -561,7 +564,7 @@ pub fn verify(
     let want = signature(secret, t, body);
     let want = want.rsplit_once("v1=").map(|(_, m)| m).unwrap_or("");
     v1.iter()
-        .any(|m| crate::auth::secret_eq(m.as_bytes(), want.as_bytes()))
+        .any(|m| crate::crypto::secret_eq(m.as_bytes(), want.as_bytes()))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -10,12 +10,12 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha1::Sha1;
-use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
+pub use crate::crypto::{hmac_sha256, secret_eq, unix_now};
 use crate::secret::Secret;
 
 /// Why a credential was refused; `reason()` gives a low-cardinality metrics label.
@@ -457,11 +457,6 @@ impl Auth {
     }
 }
 
-/// Constant-time equality for secrets such as API keys.
-pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
-    a.ct_eq(b).into()
-}
-
 /// coturn `static-auth-secret` password: base64(HMAC-SHA1(secret, username)).
 pub fn rest_password(secret: &[u8], username: &str) -> String {
     let mut mac = match <Hmac<Sha1> as Mac>::new_from_slice(secret) {
@@ -470,25 +465,6 @@ pub fn rest_password(secret: &[u8], username: &str) -> String {
     };
     mac.update(username.as_bytes());
     STANDARD.encode(mac.finalize().into_bytes())
-}
-
-/// HMAC-SHA256, for signed tokens.
-pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
-    match <Hmac<Sha256> as Mac>::new_from_slice(key) {
-        Ok(mut m) => {
-            m.update(data);
-            m.finalize().into_bytes().into()
-        }
-        Err(_) => [0u8; 32],
-    }
-}
-
-/// Seconds since the Unix epoch, for credential expiry.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -17,8 +17,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
 use crate::webhooks::Usage;
 
 #[cfg(feature = "kernel-offload")]
@@ -27,18 +25,7 @@ mod sync;
 
 pub use sync::{desired_routes, diff, ChannelSync};
 
-/// Whether to use the kernel fast path (`turn.kernel_offload`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OffloadMode {
-    /// User space relays everything.
-    #[default]
-    Off,
-    /// Use the kernel when it loads; otherwise log once and relay in user space.
-    Auto,
-    /// Require the kernel path: start-up fails (exit 2) when it cannot load.
-    On,
-}
+pub use crate::config::OffloadMode;
 
 /// One channel binding as the kernel forwards it (IPv4 over UDP only): what arrives from
 /// the client and where it goes, and the reverse.
@@ -482,7 +469,7 @@ mod tests {
 
     #[test]
     fn mode_parses_from_toml_strings() {
-        #[derive(Deserialize)]
+        #[derive(serde::Deserialize)]
         struct T {
             m: OffloadMode,
         }
