@@ -424,7 +424,6 @@ fn the_crate_has_no_import_circles() {
 const KNOWN: &[&[&str]] = &[
     &["cluster", "signaling::conn"],
     &["listener::shard", "listener::udp", "turn::relay"],
-    &["turn::allocation", "turn::core"],
 ];
 
 #[test]

@@ -11,6 +11,8 @@
 //! then hands the request to the part that owns it:
 //! - `credentials`: nonces and the long-term credential check;
 //! - `ports`: the process-wide [`Pool`] of relay ports, EVEN-PORT reservations and quotas;
+//! - `allocation`: one allocation's state machine (quinn-proto's connection to this
+//!   endpoint), which may use the table's limits above it;
 //! - `allocations`: allocation state (Allocate, Refresh, permissions, channels, the data
 //!   path's lookups, timers and deletion);
 //! - `rfc6062`: TCP relays (Connect, ConnectionBind);
@@ -24,8 +26,9 @@ use std::time::Instant;
 use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::stun::codec::{attr, method, Class, Encoder, Message};
-use crate::turn::allocation::{Alg, Alloc, Key};
+use allocation::{Alg, Alloc, Key};
 
+mod allocation;
 mod allocations;
 mod credentials;
 mod ports;

@@ -1,6 +1,5 @@
 //! TURN relay (RFC 8656): the sans-IO allocation table and its socket drivers.
 
-pub mod allocation;
 pub mod core;
 pub mod offload;
 pub mod policy;

@@ -6,11 +6,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::allocation::{Alg, Alloc, Chan, Expiry, Key};
 use super::credentials::{finish, sign};
 use super::ports::{quota_name, QuotaFull};
 use super::{kind_label, reject, DeleteReason, Env, Reject, Relay, RelayKind, Table};
 use crate::stun::codec::{attr, decode_u32, method, Class, Encoder, Message};
-use crate::turn::allocation::{Alg, Alloc, Chan, Expiry, Key};
 
 /// Permission lifetime (RFC 8656 §9).
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);

@@ -3,10 +3,10 @@
 
 use std::net::SocketAddr;
 
+use super::allocation::{Alg, Key};
 use super::{reject, Env, Reject, Relay, Table};
 use crate::auth::{hmac_sha256, AuthError};
 use crate::stun::codec::{attr, long_term_key, long_term_key_sha256, method, Encoder, Message};
-use crate::turn::allocation::{Alg, Key};
 
 /// Prefix marking an RFC 8489 nonce that carries the security feature set; `gAAA` sets the
 /// "password algorithms" bit, so clients may use MESSAGE-INTEGRITY-SHA256.

@@ -3,11 +3,11 @@
 
 use std::net::SocketAddr;
 
+use super::allocation::{Alg, Key};
 use super::allocations::PERMISSION_LIFETIME;
 use super::credentials::sign;
 use super::{reject, Env, Outcome, Reject, Relay, RelayKind, Table};
 use crate::stun::codec::{attr, decode_u32, method, Class, Encoder, Message};
-use crate::turn::allocation::{Alg, Key};
 
 impl<R: Relay> Table<R> {
     /// RFC 6062 §5.2 Connect: validate, install a permission for the peer, and leave the TCP

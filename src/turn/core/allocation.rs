@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use crate::turn::core::{Bucket, RelayKind, CHANNEL_COOLDOWN, MAX_PERMISSIONS};
+use super::{Bucket, RelayKind, CHANNEL_COOLDOWN, MAX_PERMISSIONS};
 
 /// The long-term key an allocation was created with; later requests on it are checked
 /// against this key rather than re-deriving one from a possibly expired username.
