@@ -2,6 +2,7 @@
 //! cores, and write back what the cores decide. Nothing clever lives here.
 
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod harness;
 pub mod shard;
 pub mod tcp;

@@ -21,6 +21,7 @@ use crate::cluster::{Answer, Route};
 use crate::lifecycle::shutdown_signal;
 
 #[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod harness;
 
 /// Outbox frames written per flush: bounds one connection's turn on the runtime.
