@@ -375,13 +375,13 @@ impl TurnPort {
         let frame = match view.route(peer, self.now) {
             PeerRoute::Denied => return None,
             PeerRoute::Channel(ch) => {
-                let mut f = crate::turn::relay::channel_header(ch, data.len()).to_vec();
+                let mut f = crate::turn::wire::channel_header(ch, data.len()).to_vec();
                 f.extend_from_slice(data);
                 f
             }
             PeerRoute::Indication => {
                 let mut f = Vec::new();
-                crate::turn::relay::data_indication(&mut f, &[7; 12], peer, data).ok()?;
+                crate::turn::wire::data_indication(&mut f, &[7; 12], peer, data).ok()?;
                 f
             }
         };

@@ -28,7 +28,7 @@ use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::turn::core::{Bucket, DeleteReason, Env, PeerRoute, Relay, RelayKind, Table, View};
 use crate::turn::offload::ChannelSync;
-use crate::turn::relay::{channel_header, data_indication};
+use crate::turn::wire::{channel_header, data_indication};
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 /// Largest datagram read from any socket.
@@ -116,7 +116,7 @@ impl Relay for ShardRelay {
         }
     }
     fn set_dont_fragment(&self) -> io::Result<()> {
-        crate::turn::relay::dont_fragment::set(&self.inner.sock, self.inner.addr.is_ipv6())
+        crate::net::dont_fragment::set(&self.inner.sock, self.inner.addr.is_ipv6())
     }
 }
 
@@ -143,7 +143,7 @@ pub fn siblings(first: &std::net::UdpSocket, n: usize) -> io::Result<Vec<std::ne
     let addr = first.local_addr()?;
     let mut v = Vec::with_capacity(n.saturating_sub(1));
     for _ in 1..n {
-        v.push(super::udp::bind_std(addr)?);
+        v.push(crate::net::bind_std(addr)?);
     }
     Ok(v)
 }

@@ -4,3 +4,4 @@ pub mod core;
 pub mod offload;
 pub mod policy;
 pub mod relay;
+pub mod wire;

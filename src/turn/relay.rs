@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::metrics::Metrics;
 use crate::stun::codec::{attr, method, Class, Encoder};
 use crate::turn::core::{Bucket, PeerRoute, Relay, View};
+use crate::turn::wire::{channel_header, data_indication};
 
 /// Room kept in front of a received payload for the ChannelData header.
 const HEADROOM: usize = 4;
@@ -38,7 +39,7 @@ impl ClientSink {
     fn deliver(&self, frame: &[u8], client: SocketAddr, local: Option<std::net::IpAddr>) -> bool {
         match self {
             ClientSink::Udp(s, true) => {
-                crate::listener::udp::pktinfo::try_send(s, frame, client, local).is_ok()
+                crate::net::pktinfo::try_send(s, frame, client, local).is_ok()
             }
             ClientSink::Udp(s, false) => s.try_send_to(frame, client).is_ok(),
             ClientSink::Stream(s) => s.push(frame),
@@ -196,83 +197,8 @@ impl UdpRelay {
 
     /// Send with the DF bit and never fragment locally (DONT-FRAGMENT, RFC 8656 §7.2).
     pub fn set_dont_fragment(&self) -> std::io::Result<()> {
-        dont_fragment::set(&*self.sock, self.addr.is_ipv6())
+        crate::net::dont_fragment::set(&*self.sock, self.addr.is_ipv6())
     }
-}
-
-/// `IP_MTU_DISCOVER` / `IPV6_MTU_DISCOVER` = `*_PMTUDISC_DO`: the kernel sets DF and
-/// refuses (EMSGSIZE) what exceeds the path MTU rather than fragmenting it.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-#[allow(unsafe_code)]
-pub(crate) mod dont_fragment {
-    use nix::libc;
-    use std::os::fd::AsRawFd;
-
-    /// Set the option on `sock`'s descriptor.
-    pub fn set(sock: &impl AsRawFd, v6: bool) -> std::io::Result<()> {
-        let (level, name, val) = if v6 {
-            (
-                libc::IPPROTO_IPV6,
-                libc::IPV6_MTU_DISCOVER,
-                libc::IPV6_PMTUDISC_DO,
-            )
-        } else {
-            (
-                libc::IPPROTO_IP,
-                libc::IP_MTU_DISCOVER,
-                libc::IP_PMTUDISC_DO,
-            )
-        };
-        let v: libc::c_int = val;
-        // SAFETY: the descriptor is open for the lifetime of `sock`, which the caller
-        // borrows; the option value points to a live `c_int` whose exact size is passed,
-        // and setsockopt only reads it.
-        let rc = unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                level,
-                name,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub(crate) mod dont_fragment {
-    /// Not available here: DONT-FRAGMENT is answered with 420.
-    pub fn set<T>(_sock: &T, _v6: bool) -> std::io::Result<()> {
-        Err(std::io::ErrorKind::Unsupported.into())
-    }
-}
-
-/// The 4-byte ChannelData header (RFC 8656 §12.4) in front of `len` bytes of peer data; `len`
-/// is at most the largest UDP payload, so it fits the 16-bit length.
-pub fn channel_header(channel: u16, len: usize) -> [u8; 4] {
-    let [a, b] = channel.to_be_bytes();
-    let [c, d] = (len as u16).to_be_bytes();
-    [a, b, c, d]
-}
-
-/// Encode a Data indication carrying a peer datagram; a payload too large for the message's
-/// 16-bit length is an error and leaves `out` empty.
-pub fn data_indication(
-    out: &mut Vec<u8>,
-    tid: &[u8; 12],
-    peer: SocketAddr,
-    payload: &[u8],
-) -> Result<(), crate::stun::codec::EncodeError> {
-    out.clear();
-    let mut e = Encoder::new(out, method::DATA, Class::Indication, tid);
-    e.xor_address(attr::XOR_PEER_ADDRESS, peer);
-    e.attr(attr::DATA, payload);
-    e.try_finish()
 }
 
 async fn peer_to_client(
@@ -873,21 +799,6 @@ impl Relay for AnyRelay {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn peer_datagrams_too_large_for_a_data_indication_are_refused() {
-        let mut out = Vec::new();
-        let tid = [3u8; 12];
-        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
-        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
-        // The largest IPv4 UDP payload fits (12-byte address attribute).
-        assert!(data_indication(&mut out, &tid, v4, &vec![0u8; 65_507]).is_ok());
-        assert_eq!(out.len(), 20 + 12 + 4 + 65_508);
-        // The largest IPv6 one does not (24-byte address attribute): refused, nothing left.
-        assert!(data_indication(&mut out, &tid, v6, &vec![0u8; 65_527]).is_err());
-        assert!(out.is_empty());
-        assert!(data_indication(&mut out, &tid, v6, &[1, 2, 3]).is_ok());
-    }
 
     #[cfg(any(target_os = "linux", target_os = "android"))]
     #[allow(unsafe_code)]
