@@ -10,6 +10,9 @@ cargo clippy --all-targets --locked -- -D warnings
 # behaviour. It is not exported here: the server refuses unknown SWITCHBOARD_* variables, and
 # tests that start the binary would inherit it.
 cargo test --all-targets --locked
+# The JS client package (clients/js): tsc, its generated types, Node.js tests against the
+# server binary the step above built, and an installable `npm pack`.
+bash clients/js/check.sh
 # The kernel offload's eBPF half is built only with its feature: lint that code and run its
 # lab tests (the verifier on this kernel, relaying in the kernel, fallback) with it.
 cargo clippy --lib --test lab_offload --test lab_browser --features kernel-offload --locked -- -D warnings

@@ -62,7 +62,7 @@ fn web_routes(demo: bool) -> Router<Arc<Shared>> {
         get(|| async {
             file(
                 "text/javascript; charset=utf-8",
-                include_str!("../../web/switchboard.js"),
+                include_str!("../../clients/js/switchboard.js"),
             )
         }),
     );

@@ -1,3 +1,4 @@
+// @ts-check
 // switchboard.js — a small ES module (no build step) for the switchboard signaling protocol
 // (docs/protocol.md): login, WebSocket, rooms, perfect negotiation with the roles the server
 // assigns, automatic resume, and refreshed iceServers applied with setConfiguration.
@@ -7,6 +8,42 @@
 // offer may never start gathering). Perfect negotiation still resolves renegotiation, ICE
 // restarts and real collisions. A watchdog restarts ICE when a connection gathers nothing or
 // stays in `new`/`checking`, a bounded number of times, then reports why it gave up.
+
+/**
+ * The answer of `POST /v1/login` (docs/http-api.md).
+ * @typedef {object} Session
+ * @property {string} token Session token for the signaling WebSocket.
+ * @property {number} expiresAt Unix time the token expires.
+ * @property {string} signalingUrl The WebSocket URL.
+ * @property {RTCIceServer[]} iceServers STUN and TURN servers with fresh TURN credentials.
+ * @property {number} ttl Seconds the TURN credentials are valid.
+ * @property {string} userId Who the server says we are.
+ */
+
+/**
+ * Another peer of the room, as `joined` and `resumed` list it.
+ * @typedef {object} PeerInfo
+ * @property {string} peerId
+ * @property {string} userId
+ * @property {boolean} polite Our role towards this peer (perfect negotiation).
+ * @property {string} [state]
+ */
+
+/**
+ * The answer to `join` (docs/protocol.md).
+ * @typedef {object} Joined
+ * @property {string} room
+ * @property {string} peerId Our peer id in the room.
+ * @property {string} resumeToken Presented by `resume` after a dropped socket.
+ * @property {PeerInfo[]} peers Everyone already in the room.
+ */
+
+/**
+ * The `detail` of a `signal` event in signaling-only mode.
+ * @typedef {object} SignalEvent
+ * @property {string} from The sender's peer id, stamped by the server.
+ * @property {unknown} data What the sender put in `data`.
+ */
 
 /** How often the watchdog looks at each connection. */
 const WATCH_EVERY_MS = 1000;
@@ -20,7 +57,11 @@ const FIRST_OFFER_MS = 6000;
 /** ICE restarts per outage before giving up with an error. */
 export const MAX_ICE_RESTARTS = 3;
 
-/** An `icecandidateerror` in words a person can act on. */
+/**
+ * An `icecandidateerror` in words a person can act on.
+ * @param {{url?: string, errorCode: number, errorText?: string}} e
+ * @returns {string}
+ */
 export function describeIceError(e) {
   const where = e.url || "the ICE server";
   const text = e.errorText ? ` ${e.errorText}` : "";
@@ -42,7 +83,12 @@ export function describeIceError(e) {
   }
 }
 
+/** A refusal from the server, with its error `code` (docs/protocol.md, docs/http-api.md). */
 export class SwitchboardError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   */
   constructor(code, message) {
     super(message);
     this.code = code;
@@ -58,10 +104,21 @@ export class Switchboard extends EventTarget {
    * @param {boolean} [opts.relayOnly] iceTransportPolicy 'relay'.
    * @param {boolean} [opts.offerOnJoin] Also offer as the newcomer, so that both sides offer
    *   at once (a deliberate glare, to exercise collision handling; off in normal use).
+   * @param {boolean} [opts.peerConnections] false: signaling only. No RTCPeerConnection is
+   *   made; `signal` events carry what peers send, and `signal()` sends (for apps with their
+   *   own WebRTC stack, and for Node.js, which has none).
    */
-  constructor({ base = "", credentials, stream = null, relayOnly = false, offerOnJoin = false }) {
+  constructor({
+    base = "",
+    credentials,
+    stream = null,
+    relayOnly = false,
+    offerOnJoin = false,
+    peerConnections = true,
+  }) {
     super();
     this.base = base;
+    this.peerConnections = peerConnections;
     this.credentials = credentials;
     this.stream = stream;
     this.relayOnly = relayOnly;
@@ -74,8 +131,28 @@ export class Switchboard extends EventTarget {
     this.resumes = 0;
     this.resuming = false;
     this.closed = false;
+    /** @type {Session | null} The last login answer. */
+    this.session = null;
+    /** @type {string | null} The session token (renewed by `ice-servers` pushes). */
+    this.token = null;
+    /** @type {RTCIceServer[]} The newest STUN/TURN servers and credentials. */
+    this.iceServers = [];
+    /** @type {string | null} */
+    this.userId = null;
+    /** @type {string | null} The room we are in. */
+    this.room = null;
+    /** @type {string | null} Our peer id in the room. */
+    this.peerId = null;
+    /** @type {string | null} */
+    this.resumeToken = null;
+    /** @type {WebSocket | null} */
+    this.ws = null;
   }
 
+  /**
+   * Log in with the constructor's credentials.
+   * @returns {Promise<Session>}
+   */
   async login() {
     const r = await fetch(`${this.base}/v1/login`, {
       method: "POST",
@@ -97,6 +174,7 @@ export class Switchboard extends EventTarget {
     await this._open();
   }
 
+  /** @private */
   _open() {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(this.session.signalingUrl, ["switchboard.v1", this.token]);
@@ -118,6 +196,7 @@ export class Switchboard extends EventTarget {
     });
   }
 
+  /** @private */
   _send(frame) {
     if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
     // An offer or candidate made during a signaling drop must not be lost: keep it for the
@@ -125,6 +204,7 @@ export class Switchboard extends EventTarget {
     else if (frame.type === "signal" && this.room && !this.closed && this.outbox.length < 500) this.outbox.push(frame);
   }
 
+  /** @private */
   _request(frame) {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
@@ -133,11 +213,22 @@ export class Switchboard extends EventTarget {
     });
   }
 
+  /**
+   * Create a room; it does not join it (call `join`).
+   * @param {string} [name] A room name; the server picks one when omitted.
+   * @param {number} [capacity] At most `signaling.room_capacity`.
+   * @returns {Promise<string>} The room id.
+   */
   async createRoom(name, capacity) {
     const r = await this._request({ type: "create", name, capacity });
     return r.room;
   }
 
+  /**
+   * Join a room; every peer already there offers to us.
+   * @param {string} room
+   * @returns {Promise<Joined>}
+   */
   async join(room) {
     const j = await this._request({ type: "join", room });
     this.room = j.room;
@@ -175,15 +266,28 @@ export class Switchboard extends EventTarget {
     return n;
   }
 
+  /**
+   * Send a signal to one peer, or to every peer of the room when `to` is omitted; kept and sent
+   * after the resume when the socket is down. The client sends its own SDP and candidates; this
+   * is for apps in signaling-only mode (`peerConnections: false`) and app-level messages.
+   * @param {string | undefined} to
+   * @param {unknown} data
+   */
+  signal(to, data) {
+    this._send(to === undefined ? { type: "signal", data } : { type: "signal", to, data });
+  }
+
   /** Drop the socket without leaving, as a network failure would (used by tests and demos). */
   dropSocket() {
     this.ws?.close();
   }
 
+  /** @private */
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 
+  /** @private */
   _onFrame(msg) {
     if (typeof msg.seq === "number") this.lastSeq = Math.max(this.lastSeq, msg.seq);
     if (msg.id !== undefined && this.pending.has(msg.id)) {
@@ -231,6 +335,7 @@ export class Switchboard extends EventTarget {
     }
   }
 
+  /** @private */
   _onClose(ws, code) {
     if (ws !== this.ws || this.closed) return;
     const ended = {
@@ -254,6 +359,7 @@ export class Switchboard extends EventTarget {
     if (this.room) setTimeout(() => this._resume(), 300);
   }
 
+  /** @private */
   async _resume(attempt = 0) {
     try {
       await this._open();
@@ -275,6 +381,7 @@ export class Switchboard extends EventTarget {
     }
   }
 
+  /** @returns {RTCConfiguration} @private */
   _config() {
     return { iceServers: this.iceServers, iceTransportPolicy: this.relayOnly ? "relay" : "all" };
   }
@@ -282,8 +389,10 @@ export class Switchboard extends EventTarget {
   /**
    * The connection to one peer. `initiator`: we make the first offer (we were in the room
    * first); otherwise we wait for the peer's offer.
+   * @private
    */
   _peer(peerId, polite, { initiator = false, userId = null } = {}) {
+    if (!this.peerConnections) return null;
     if (this.peers.has(peerId)) return this.peers.get(peerId);
     const pc = new RTCPeerConnection(this._config());
     const st = {
@@ -346,6 +455,7 @@ export class Switchboard extends EventTarget {
     return st;
   }
 
+  /** @private */
   async _negotiate(peerId, st) {
     const { pc } = st;
     try {
@@ -359,7 +469,7 @@ export class Switchboard extends EventTarget {
     }
   }
 
-  /** Watchdog tick: restart ICE on a connection that is not getting anywhere. */
+  /** Watchdog tick: restart ICE on a connection that is not getting anywhere. @private */
   _watch(peerId, st) {
     const { pc } = st;
     if (st.failed || pc.signalingState === "closed") return;
@@ -401,6 +511,7 @@ export class Switchboard extends EventTarget {
     }
   }
 
+  /** @private */
   _restartIce(peerId, st, reason) {
     if (st.failed) return;
     if (st.restarts >= MAX_ICE_RESTARTS) {
@@ -422,7 +533,7 @@ export class Switchboard extends EventTarget {
     st.pc.restartIce();
   }
 
-  /** Recompute a peer's phase: connecting, in call, reconnecting or failed. */
+  /** Recompute a peer's phase: connecting, in call, reconnecting or failed. @private */
   _updatePhase(peerId, st) {
     const { pc } = st;
     const ice = pc.iceConnectionState;
@@ -443,7 +554,12 @@ export class Switchboard extends EventTarget {
     }
   }
 
+  /** @private */
   async _onSignal(from, data) {
+    if (!this.peerConnections) {
+      this._emit("signal", { from, data });
+      return;
+    }
     const st = this.peers.get(from) ?? this._peer(from, true);
     if (st.failed) return;
     const { pc } = st;
@@ -480,6 +596,7 @@ export class Switchboard extends EventTarget {
     }
   }
 
+  /** @private */
   _closePeer(peerId) {
     const st = this.peers.get(peerId);
     if (!st) return;
@@ -493,11 +610,7 @@ export class Switchboard extends EventTarget {
     const st = this.peers.get(peerId);
     if (!st) return null;
     const stats = await st.pc.getStats();
-    let pair = null;
-    stats.forEach((r) => {
-      if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
-    });
-    if (!pair) stats.forEach((r) => { if (r.type === "candidate-pair" && r.state === "succeeded" && r.nominated) pair = r; });
+    const pair = selectedPair(stats, true);
     if (!pair) return null;
     const local = stats.get(pair.localCandidateId);
     return local ? local.candidateType : null;
@@ -511,10 +624,7 @@ export class Switchboard extends EventTarget {
     const st = this.peers.get(peerId);
     if (!st) return null;
     const stats = await st.pc.getStats();
-    let pair = null;
-    stats.forEach((r) => {
-      if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
-    });
+    const pair = selectedPair(stats, false);
     if (!pair) return null;
     const local = stats.get(pair.localCandidateId);
     const remote = stats.get(pair.remoteCandidateId);
@@ -533,4 +643,23 @@ export class Switchboard extends EventTarget {
     });
     return n;
   }
+}
+
+/**
+ * The candidate pair ICE selected, from the transport's report; with `orNominated`, a
+ * succeeded nominated pair where the browser names no selected pair.
+ * @param {RTCStatsReport} stats
+ * @param {boolean} orNominated
+ * @returns {any}
+ */
+function selectedPair(stats, orNominated) {
+  let pair = null;
+  stats.forEach((r) => {
+    if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
+  });
+  if (!pair && orNominated)
+    stats.forEach((r) => {
+      if (r.type === "candidate-pair" && r.state === "succeeded" && r.nominated) pair = r;
+    });
+  return pair;
 }
