@@ -447,6 +447,7 @@ impl Metrics {
             "cluster_publish_failed",
             "cluster_stale_owner",
             "cluster_fenced",
+            "cluster_queue_full",
         ] {
             m.drops.with_label_values(&[r]);
         }

@@ -52,7 +52,7 @@ impl Cluster {
                     Err(_) => break,
                 }
             }
-            q.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            q.taken(&batch);
             // Consecutive publishes become one envelope per node; lease work is a barrier.
             let mut envs: Vec<(Arc<str>, Vec<Wire>)> = Vec::new();
             for item in batch {

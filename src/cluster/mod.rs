@@ -167,7 +167,12 @@ impl Cluster {
         let con = ConnectionManager::new_lazy_with_config(client.clone(), mcfg)
             .map_err(|e| ClusterError::Url(e.to_string()))?;
         let local = Arc::new(LocalBus::default());
-        let (remote, queue) = Remote::new();
+        let (remote, queue) = Remote::new(
+            k.publish_queue_bytes,
+            deps.metrics
+                .drops
+                .with_label_values(&["cluster_queue_full"]),
+        );
         let sig = Arc::new(Signaling::with_bus(
             &config.signaling,
             Box::new(ClusterBus {
