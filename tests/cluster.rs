@@ -1237,3 +1237,87 @@ async fn owner_cut_off_from_redis_does_not_revive_its_room_closed_elsewhere() {
         .await
         .expect("B hears nothing from the old owner");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_one_node_id_is_refused_and_a_later_clash_is_alerted() {
+    let redis = Redis::start();
+    let mut n1 = Node::start(&redis, "n1");
+    let n2 = Node::start(&redis, "n2");
+    n1.wait_up().await;
+    n2.wait_up().await;
+
+    // A second process under the same id, while the first lives: exit 2 naming the key.
+    let (dir, cfg) = node_config(&redis.url(), "n1", free_port(), "", "", "");
+    let log = dir.path().join("stderr");
+    let mut twin = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("binary starts");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = twin.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            let _ = twin.kill();
+            let _ = twin.wait();
+            panic!("the twin still runs after 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("cluster.node_id"), "{err}");
+    assert_eq!(n1.metric("switchboard_cluster_node_id_conflict").await, 0.0);
+
+    // The same node restarted after a crash (its claim not given up) starts.
+    n1.kill();
+    let n1 = Node::start(&redis, "n1");
+    n1.wait_up().await;
+    let (mut a, room) = create(&n1, "alice").await;
+    let (mut b, _) = join(&n2, "bob", &room).await;
+    a.recv_type("peer-joined").await;
+
+    // Another process took the id while this one was cut off: this one stops owning rooms
+    // and says so; its peers resume on the other node.
+    let mut con = redis_con(&redis).await;
+    let _: () = redis::cmd("SET")
+        .arg("sb:claim:n1")
+        .arg("another-instance")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    a.closed().await;
+    assert_eq!(n1.metric("switchboard_cluster_node_id_conflict").await, 1.0);
+    assert_eq!(n1.metric("switchboard_cluster_rooms_owned").await, 0.0);
+    let t = login(&n1, "carol").await;
+    let mut c = hello(&n1, &t).await;
+    send(&mut c, json!({"type": "create", "id": 1})).await;
+    assert_eq!(recv(&mut c).await["code"], "cluster_unavailable");
+    b.closed().await;
+    b.resume(&n2, Duration::from_secs(15)).await;
+    a.resume(&n2, Duration::from_secs(15)).await;
+    exchange(&mut a, &mut b, 3, "after").await;
+
+    // The other process is gone: the id is this node's again.
+    let _: () = redis::cmd("DEL")
+        .arg("sb:claim:n1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while n1.metric("switchboard_cluster_node_id_conflict").await != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the claim comes back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_d, _) = create(&n1, "dave").await;
+}
