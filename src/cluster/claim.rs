@@ -120,6 +120,11 @@ impl Cluster {
         }
     }
 
+    /// Whether another live process claims this node's id (for `/readyz`).
+    pub fn node_id_in_use(&self) -> bool {
+        self.clash.load(Ordering::Acquire)
+    }
+
     /// Milliseconds a claim lives without refresh: one lease time (refreshed every third).
     fn claim_ttl_ms(&self) -> u64 {
         self.lease_ttl.as_millis() as u64

@@ -105,6 +105,7 @@ for i = 1, n do
   if cur == mine then
     redis.call('PEXPIRE', l, ARGV[2])
     redis.call('PEXPIRE', mk, ARGV[3])
+    redis.call('PEXPIRE', ek, ARGV[3+n+1])
     out[i] = tonumber(ARGV[3+i])
   elseif not cur then
     local seen = redis.call('GET', ek)
