@@ -1,7 +1,9 @@
 //! Cluster mode with real processes: three switchboard binaries share one redis-server
 //! (Debian's, started on a free port with its own directory and killed on drop). Cross-node
 //! calls, the owner's death, a drain, a reconnect storm, a Redis outage with an empty restart,
-//! and two Chromium pages, each served by a different node, in one call through the relay.
+//! an owner cut off from Redis by a black-holing proxy while its room moves and closes, two
+//! processes under one node id, the lease scripts themselves, and two Chromium pages, each
+//! served by a different node, in one call through the relay.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
