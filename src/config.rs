@@ -86,6 +86,9 @@ pub struct ClusterConfig {
     pub lease_ms: u64,
     /// Milliseconds a forwarded request waits for the owner before `cluster_unavailable`.
     pub forward_timeout_ms: u64,
+    /// Bytes of messages queued for Redis before more are dropped (bounds memory while Redis
+    /// is slow or away).
+    pub publish_queue_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -95,6 +98,7 @@ impl Default for ClusterConfig {
             node_id: String::new(),
             lease_ms: 6000,
             forward_timeout_ms: 2000,
+            publish_queue_bytes: 64 << 20,
         }
     }
 }
@@ -1167,6 +1171,12 @@ impl Config {
                 return Err(ConfigError::key(
                     "cluster.forward_timeout_ms",
                     "must be positive",
+                ));
+            }
+            if k.publish_queue_bytes < 1 << 20 {
+                return Err(ConfigError::key(
+                    "cluster.publish_queue_bytes",
+                    "must be at least 1048576 (1 MiB)",
                 ));
             }
             if k.node_id.len() > 64

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub cluster_ownership_changes: IntCounterVec,
     /// 1 while Redis answers and this node's pub/sub subscription delivers; 0 otherwise.
     pub cluster_redis_up: IntGauge,
+    /// 1 while another live process claims this node's `cluster.node_id` (alert on it).
+    pub cluster_node_id_conflict: IntGauge,
     /// Relayed payload bytes by client transport (`udp|tcp|tls`) and direction.
     pub relay_bytes_by_transport: ByTransport,
     /// Webhook events by final outcome (`delivered|failed`), and retries (`retried`).
@@ -337,6 +339,11 @@ impl Metrics {
                 "cluster_redis_up",
                 "1 while Redis answers and this node's subscription delivers (0 in single-node mode).",
             ),
+            cluster_node_id_conflict: g(
+                r,
+                "cluster_node_id_conflict",
+                "1 while another live process claims this node's cluster.node_id: it owns no room.",
+            ),
             relay_bytes_by_transport,
             webhook_deliveries: cv(
                 r,
@@ -447,6 +454,7 @@ impl Metrics {
             "cluster_publish_failed",
             "cluster_stale_owner",
             "cluster_fenced",
+            "cluster_queue_full",
         ] {
             m.drops.with_label_values(&[r]);
         }

@@ -49,6 +49,10 @@ impl Server {
             None
         };
         let shared = Shared::build(config.clone(), tls.clone())?;
+        if let Some(c) = &shared.cluster {
+            // Refuse to start as a second live process under one node id.
+            c.claim_node_id().await?;
+        }
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
 

@@ -40,6 +40,11 @@ fn invalid_configs_exit_2_and_name_the_key() {
         ),
         ("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url"),
         (
+            "[cluster]\nredis_url = \"redis://127.0.0.1:1\"\npublish_queue_bytes = 1000\n\
+             [auth]\nsession_keys = [\"0123456789abcdef0123\"]\nturn_secrets = [\"s\"]\n",
+            "cluster.publish_queue_bytes",
+        ),
+        (
             "[http]\nlisten = \"0.0.0.0:0\"\nadmin_api = true\n[auth]\nallow_open_on_public = true\n",
             "auth.admin_tokens",
         ),

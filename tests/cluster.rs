@@ -1,7 +1,9 @@
 //! Cluster mode with real processes: three switchboard binaries share one redis-server
 //! (Debian's, started on a free port with its own directory and killed on drop). Cross-node
 //! calls, the owner's death, a drain, a reconnect storm, a Redis outage with an empty restart,
-//! and two Chromium pages, each served by a different node, in one call through the relay.
+//! an owner cut off from Redis by a black-holing proxy while its room moves and closes, two
+//! processes under one node id, the lease scripts themselves, and two Chromium pages, each
+//! served by a different node, in one call through the relay.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -74,6 +76,32 @@ impl Drop for Redis {
     }
 }
 
+/// A node's configuration file, in a directory of its own.
+fn node_config(
+    url: &str,
+    id: &str,
+    port: u16,
+    http: &str,
+    turn: &str,
+    sig: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("switchboard.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:{port}\"\n{http}\n[turn]\nlisten = [\"127.0.0.1:0\"]\n{turn}\n\
+             [auth]\nsession_keys = [\"cluster-test-session-key-0123456789\"]\n\
+             turn_secrets = [\"cluster-test-turn-secret\"]\nlogin_rate_per_minute = 100000\n\
+             [signaling]\nmax_connections_per_ip = 5000\n{sig}\n\
+             [cluster]\nredis_url = \"{url}\"\nnode_id = \"{id}\"\nlease_ms = 2000\n\
+             forward_timeout_ms = 1000\n"
+        ),
+    )
+    .unwrap();
+    (dir, cfg)
+}
+
 /// A switchboard process, killed on drop.
 struct Node {
     port: u16,
@@ -88,21 +116,13 @@ impl Node {
 
     /// A node on `port`, with extra keys for its `[http]` and `[turn]` sections.
     fn start_with(redis: &Redis, id: &str, port: u16, http: &str, turn: &str) -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("switchboard.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n{http}\n[turn]\nlisten = [\"127.0.0.1:0\"]\n{turn}\n\
-                 [auth]\nsession_keys = [\"cluster-test-session-key-0123456789\"]\n\
-                 turn_secrets = [\"cluster-test-turn-secret\"]\nlogin_rate_per_minute = 100000\n\
-                 [signaling]\nmax_connections_per_ip = 5000\n\
-                 [cluster]\nredis_url = \"{}\"\nnode_id = \"{id}\"\nlease_ms = 2000\n\
-                 forward_timeout_ms = 1000\n",
-                redis.url()
-            ),
-        )
-        .unwrap();
+        Node::start_at(&redis.url(), id, port, http, turn, "")
+    }
+
+    /// A node reaching Redis at `url`, with extra keys for its `[http]`, `[turn]` and
+    /// `[signaling]` sections.
+    fn start_at(url: &str, id: &str, port: u16, http: &str, turn: &str, sig: &str) -> Node {
+        let (dir, cfg) = node_config(url, id, port, http, turn, sig);
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .arg("--config")
             .arg(&cfg)
@@ -931,4 +951,386 @@ async fn browsers_on_different_nodes_call_through_the_relay() {
     }
     a.quit().await;
     b.quit().await;
+}
+
+/// A connection to the test's redis-server, as the nodes make theirs.
+async fn redis_con(redis: &Redis) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(redis.url()).unwrap();
+    redis::aio::ConnectionManager::new(client).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renew_does_not_bring_back_a_lease_taken_over_and_closed_meanwhile() {
+    use switchboard::cluster::lease::{epoch_key, lease_key, Acquired, Leases, Renewed};
+    let redis = Redis::start();
+    let mut con = redis_con(&redis).await;
+    let a = Leases::new("a", 2000, 1000);
+    let b = Leases::new("b", 2000, 1000);
+    let Acquired::Mine { epoch: ea, .. } = a.acquire(&mut con, "r", false).await.unwrap() else {
+        panic!("a takes the free lease");
+    };
+    // A is cut off; its lease runs out, B takes the room over and closes it.
+    let _: () = redis::cmd("DEL")
+        .arg(lease_key("r"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let Acquired::Mine { epoch: eb, .. } = b.acquire(&mut con, "r", true).await.unwrap() else {
+        panic!("b takes the expired lease");
+    };
+    assert!(eb > ea);
+    assert!(b.release(&mut con, "r", eb, true).await.unwrap());
+    // A's link heals: its renewal must not take the closed room back.
+    let r = a.renew(&mut con, &[("r".to_string(), ea)]).await.unwrap();
+    assert_eq!(r, vec![Renewed::Lost]);
+    let v: Option<String> = redis::cmd("GET")
+        .arg(lease_key("r"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(v, None, "the closed room has no lease");
+
+    // Expired with nobody taking it over: the holder takes it back, with a newer epoch.
+    let Acquired::Mine { epoch: e1, .. } = a.acquire(&mut con, "s", false).await.unwrap() else {
+        panic!("a takes s");
+    };
+    let _: () = redis::cmd("DEL")
+        .arg(lease_key("s"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let r = a.renew(&mut con, &[("s".to_string(), e1)]).await.unwrap();
+    let [Renewed::Again(e2)] = r[..] else {
+        panic!("re-taken: {r:?}");
+    };
+    assert!(e2 > e1);
+    let stored: String = redis::cmd("GET")
+        .arg(epoch_key("s"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(stored, e2.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epochs_keep_growing_after_redis_loses_its_data() {
+    use switchboard::cluster::lease::{Acquired, Leases, Renewed};
+    let redis = Redis::start();
+    let mut con = redis_con(&redis).await;
+    let a = Leases::new("a", 2000, 1000);
+    let b = Leases::new("b", 2000, 1000);
+    // A few owners in turn: the epoch grows with each.
+    let mut last = 0;
+    for _ in 0..3 {
+        let Acquired::Mine { epoch, .. } = a.acquire(&mut con, "r", false).await.unwrap() else {
+            panic!("free lease");
+        };
+        assert!(epoch > last);
+        last = epoch;
+        assert!(a.release(&mut con, "r", epoch, false).await.unwrap());
+    }
+    let Acquired::Mine { epoch: held, .. } = a.acquire(&mut con, "t", false).await.unwrap() else {
+        panic!("free lease");
+    };
+    // Redis restarts empty: every epoch it hands out from now on is above the old ones.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await.unwrap();
+    let Acquired::Mine { epoch, .. } = b.acquire(&mut con, "r", false).await.unwrap() else {
+        panic!("free lease after the flush");
+    };
+    assert!(epoch > last, "epoch {epoch} after the flush, {last} before");
+    let r = a.renew(&mut con, &[("t".to_string(), held)]).await.unwrap();
+    let [Renewed::Again(e)] = r[..] else {
+        panic!("re-taken after the flush: {r:?}");
+    };
+    assert!(e > held, "epoch {e} after the flush, {held} before");
+}
+
+/// A TCP proxy in front of Redis that can black-hole: while cut, nothing passes (nothing is
+/// reset or closed, as when a link goes dark) and new connections wait. Healed, connections
+/// that lived across the cut are closed without delivering what was held, as after TCP gave
+/// up on them; new ones pass.
+struct Blackhole {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Counts cuts; a connection made before the latest one is dead.
+    cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    async fn start(upstream: u16) -> Blackhole {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn open(cut: &AtomicBool) {
+            while cut.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        async fn pump(
+            mut r: tokio::net::tcp::OwnedReadHalf,
+            mut w: tokio::net::tcp::OwnedWriteHalf,
+            cut: Arc<AtomicBool>,
+            cuts: Arc<AtomicU64>,
+            born: u64,
+        ) {
+            let mut buf = vec![0u8; 16384];
+            loop {
+                let read = tokio::time::timeout(Duration::from_millis(50), r.read(&mut buf)).await;
+                open(&cut).await;
+                if cuts.load(Ordering::Acquire) != born {
+                    return;
+                }
+                let n = match read {
+                    Err(_) => continue,
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => n,
+                };
+                if w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (c, n) = (cut.clone(), cuts.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((down, _)) = l.accept().await {
+                let (cut, cuts) = (c.clone(), n.clone());
+                tokio::spawn(async move {
+                    open(&cut).await;
+                    let born = cuts.load(Ordering::Acquire);
+                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::spawn(pump(dr, uw, cut.clone(), cuts.clone(), born));
+                    tokio::spawn(pump(ur, dw, cut, cuts, born));
+                });
+            }
+        });
+        Blackhole {
+            port,
+            cut,
+            cuts,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn set_cut(&self, cut: bool) {
+        use std::sync::atomic::Ordering;
+        if cut {
+            self.cuts.fetch_add(1, Ordering::AcqRel);
+        }
+        self.cut.store(cut, Ordering::Release);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Nothing but pings arrives on `ws` for `d`.
+async fn quiet_for(ws: &mut Ws, d: Duration) -> Result<(), Message> {
+    let t = Instant::now();
+    while let Some(left) = d.checked_sub(t.elapsed()) {
+        match tokio::time::timeout(left, ws.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Ok(m))) => return Err(m),
+            Ok(_) => return Err(Message::Close(None)),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_cut_off_from_redis_does_not_revive_its_room_closed_elsewhere() {
+    let redis = Redis::start();
+    let hole = Blackhole::start(redis.port).await;
+    let sig = "resume_grace_secs = 2\nempty_room_grace_secs = 1\n";
+    let old = Node::start_at(&hole.url(), "n1", free_port(), "", "", sig);
+    let n2 = Node::start_at(&redis.url(), "n2", free_port(), "", "", sig);
+    let n3 = Node::start_at(&redis.url(), "n3", free_port(), "", "", sig);
+    for n in [&old, &n2, &n3] {
+        n.wait_up().await;
+    }
+    let (mut a, room) = create(&old, "alice").await;
+    let (mut b, _) = join(&n2, "bob", &room).await;
+    a.recv_type("peer-joined").await;
+    exchange(&mut a, &mut b, 3, "before").await;
+    // The seats are mirrored before the link goes dark.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    hole.set_cut(true);
+    // The old owner's lease runs out; B's node moves B, which resumes there: a takeover.
+    b.closed().await;
+    let rb = b.resume(&n2, Duration::from_secs(15)).await;
+    assert_eq!(rb["room"], room.as_str());
+    assert_eq!(rb["peers"][0]["peerId"], a.id.as_str(), "{rb}");
+    // B leaves; A never comes back to the new owner: the room closes there.
+    send(&mut b.ws, json!({"type": "leave", "id": "l"})).await;
+    assert_eq!(b.recv_type("left").await["id"], "l");
+    let mut con = redis_con(&redis).await;
+    let lease = switchboard::cluster::lease::lease_key(&room);
+    let t = Instant::now();
+    loop {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(&lease)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        if v.is_none() && n2.metric("switchboard_cluster_rooms_owned").await == 0.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the room closes on n2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(old.metric("switchboard_cluster_redis_up").await, 0.0);
+
+    // The link heals. The old owner finds the room gone and moves its own peer out.
+    hole.set_cut(false);
+    let healed = Instant::now();
+    assert_eq!(old.metric("switchboard_cluster_rooms_owned").await, 1.0);
+    while old.metric("switchboard_cluster_rooms_owned").await != 0.0 {
+        assert!(
+            healed.elapsed() < Duration::from_secs(10),
+            "the old owner does not take the closed room back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "partition healed: the old owner dropped the room after {:?}",
+        healed.elapsed()
+    );
+    a.closed().await;
+    // And it stays dropped over the next heartbeats.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(old.metric("switchboard_cluster_rooms_owned").await, 0.0);
+    for key in [
+        lease.clone(),
+        switchboard::cluster::lease::mirror_key(&room),
+    ] {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(v, None, "{key} stays gone");
+    }
+    // The room stays closed for everyone: nobody reaches the old owner through it.
+    let t = login(&n3, "carol").await;
+    let mut c = hello(&n3, &t).await;
+    send(&mut c, json!({"type": "join", "room": room, "id": 1})).await;
+    assert_eq!(recv(&mut c).await["code"], "unknown_room");
+    let mut ws = hello(&n3, &a.token).await;
+    send(
+        &mut ws,
+        json!({"type": "resume", "resumeToken": a.resume, "lastSeq": a.last, "id": "r"}),
+    )
+    .await;
+    let v = recv(&mut ws).await;
+    assert_eq!(v["type"], "error", "{v}");
+    quiet_for(&mut b.ws, Duration::from_secs(1))
+        .await
+        .expect("B hears nothing from the old owner");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_one_node_id_is_refused_and_a_later_clash_is_alerted() {
+    let redis = Redis::start();
+    let mut n1 = Node::start(&redis, "n1");
+    let n2 = Node::start(&redis, "n2");
+    n1.wait_up().await;
+    n2.wait_up().await;
+
+    // A second process under the same id, while the first lives: exit 2 naming the key.
+    let (dir, cfg) = node_config(&redis.url(), "n1", free_port(), "", "", "");
+    let log = dir.path().join("stderr");
+    let mut twin = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("binary starts");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = twin.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            let _ = twin.kill();
+            let _ = twin.wait();
+            panic!("the twin still runs after 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("cluster.node_id"), "{err}");
+    assert_eq!(n1.metric("switchboard_cluster_node_id_conflict").await, 0.0);
+
+    // The same node restarted after a crash (its claim not given up) starts.
+    n1.kill();
+    let n1 = Node::start(&redis, "n1");
+    n1.wait_up().await;
+    let (mut a, room) = create(&n1, "alice").await;
+    let (mut b, _) = join(&n2, "bob", &room).await;
+    a.recv_type("peer-joined").await;
+
+    // Another process took the id while this one was cut off: this one stops owning rooms
+    // and says so; its peers resume on the other node.
+    let mut con = redis_con(&redis).await;
+    let _: () = redis::cmd("SET")
+        .arg("sb:claim:n1")
+        .arg("another-instance")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    a.closed().await;
+    assert_eq!(n1.metric("switchboard_cluster_node_id_conflict").await, 1.0);
+    let body = n1.readyz().await.unwrap_or_default();
+    assert!(body.contains("cluster.node_id"), "{body}");
+    assert_eq!(n1.metric("switchboard_cluster_rooms_owned").await, 0.0);
+    let t = login(&n1, "carol").await;
+    let mut c = hello(&n1, &t).await;
+    send(&mut c, json!({"type": "create", "id": 1})).await;
+    assert_eq!(recv(&mut c).await["code"], "cluster_unavailable");
+    b.closed().await;
+    b.resume(&n2, Duration::from_secs(15)).await;
+    a.resume(&n2, Duration::from_secs(15)).await;
+    exchange(&mut a, &mut b, 3, "after").await;
+
+    // The other process is gone: the id is this node's again.
+    let _: () = redis::cmd("DEL")
+        .arg("sb:claim:n1")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while n1.metric("switchboard_cluster_node_id_conflict").await != 0.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the claim comes back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_d, _) = create(&n1, "dave").await;
 }

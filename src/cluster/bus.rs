@@ -2,6 +2,7 @@
 //! single-node mode; frames for connections on other nodes (seated here through a proxy id)
 //! are rendered and queued, in order, for the publisher, which sends them to that node.
 
+use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -11,9 +12,44 @@ use super::wire::Wire;
 use crate::signaling::bus::{Bus, Delivery, LocalBus, Outbox};
 use crate::signaling::room::{Action, ConnId, RoomState};
 
-/// Messages queued for the publisher beyond this are dropped (Redis is too slow or away; the
-/// frames stay in resume buffers and their clients resume).
-const MAX_QUEUED: usize = 200_000;
+/// What one queued item costs besides its strings (JSON field names, the queue's own node).
+const OVERHEAD: usize = 64;
+
+/// Bytes an item holds in the publisher queue, about what it takes in the envelope. The queue
+/// is bounded by this, not by a count: a count lets a few large frames (signals carry SDP of
+/// up to the signaling frame cap) take far more memory than the bound suggests.
+pub fn weight(out: &Out) -> usize {
+    OVERHEAD
+        + match out {
+            Out::Publish(node, w) => node.len() + wire_weight(w),
+            Out::Mirror(room, _, state) => {
+                room.len()
+                    + state
+                        .as_ref()
+                        .map_or(0, |s| s.creator.len() + s.peers.len() * 4 * OVERHEAD)
+            }
+            Out::Release(room, _, _) => room.len(),
+        }
+}
+
+fn wire_weight(w: &Wire) -> usize {
+    let who = |w: &super::wire::Who| w.user.len() + w.limit.as_ref().map_or(0, String::len);
+    match w {
+        Wire::Join { who: p, room, .. } => who(p) + room.len(),
+        Wire::Resume {
+            who: p, token, id, ..
+        } => who(p) + token.len() + id.as_ref().map_or(0, String::len),
+        Wire::Signal { to, data, id, .. } => {
+            to.as_ref().map_or(0, String::len) + data.len() + id.as_ref().map_or(0, String::len)
+        }
+        Wire::Frame { kind, text, .. } => kind.len() + text.len(),
+        Wire::Answer { ok, err, .. } => {
+            ok.as_ref().map_or(0, |v| v.to_string().len())
+                + err.as_ref().map_or(0, |(c, m)| c.len() + m.len())
+        }
+        _ => 0,
+    }
+}
 
 /// Work for the publisher task, in order.
 #[derive(Debug)]
@@ -51,9 +87,10 @@ struct Proxies {
 pub struct Remote {
     tx: mpsc::UnboundedSender<Out>,
     queued: Arc<AtomicUsize>,
+    max_bytes: usize,
     proxies: Mutex<Proxies>,
-    /// Messages dropped because the queue was full.
-    pub dropped: AtomicUsize,
+    /// Counts items dropped because the queue was full (`cluster_queue_full`).
+    full: IntCounter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,21 +105,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Queue {
     /// Queued work.
     pub rx: mpsc::UnboundedReceiver<Out>,
-    /// Items queued and not yet taken (shared with `Remote`).
+    /// Bytes (`weight`) queued and not yet taken (shared with `Remote`).
     pub queued: Arc<AtomicUsize>,
 }
 
+impl Queue {
+    /// The publisher took these items: their bytes leave the bound.
+    pub fn taken(&self, items: &[Out]) {
+        let n: usize = items.iter().map(weight).sum();
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
 impl Remote {
-    /// A proxy table and the publisher queue.
-    pub fn new() -> (Arc<Remote>, Queue) {
+    /// A proxy table and the publisher queue, holding up to `max_bytes` (by `weight`); what
+    /// does not fit is dropped and counted on `full` (Redis is too slow or away; the frames
+    /// stay in resume buffers and their clients resume).
+    pub fn new(max_bytes: usize, full: IntCounter) -> (Arc<Remote>, Queue) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         (
             Arc::new(Remote {
                 tx,
                 queued: queued.clone(),
+                max_bytes,
                 proxies: Mutex::default(),
-                dropped: AtomicUsize::new(0),
+                full,
             }),
             Queue { rx, queued },
         )
@@ -90,13 +138,15 @@ impl Remote {
 
     /// Queue work for the publisher; `false` when dropped.
     pub fn send(&self, out: Out) -> bool {
-        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let w = weight(&out);
+        let before = self.queued.fetch_add(w, Ordering::Relaxed);
+        if before + w > self.max_bytes {
+            self.queued.fetch_sub(w, Ordering::Relaxed);
+            self.full.inc();
             return false;
         }
-        self.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(out).is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.queued.fetch_sub(w, Ordering::Relaxed);
             return false;
         }
         true
@@ -203,5 +253,49 @@ impl Bus for ClusterBus {
             }
         }
         self.local.deliver(local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(text: &str) -> Wire {
+        Wire::Frame {
+            conn: 1,
+            epoch: 1,
+            kind: "signal".into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn the_publisher_queue_is_bounded_by_bytes() {
+        let full = IntCounter::new("full", "queue full").unwrap();
+        let (r, mut q) = Remote::new(1 << 20, full.clone());
+        let node: Arc<str> = "n2".into();
+        // 64 KiB frames: about 16 fit in 1 MiB, whatever the count bound would allow.
+        let big = "x".repeat(64 * 1024);
+        let sent = (0..100).filter(|_| r.publish(&node, frame(&big))).count();
+        assert_eq!(
+            sent, 15,
+            "1 MiB holds 15 frames of 64 KiB and their overhead"
+        );
+        assert_eq!(full.get(), 100 - sent as u64, "each drop is counted");
+        assert!(q.queued.load(Ordering::Relaxed) <= 1 << 20);
+        // Small messages still fit in what is left, then the queue is full for them too.
+        let small = (0..100_000)
+            .filter(|_| r.publish(&node, frame("hi")))
+            .count();
+        assert!(small > 0 && small < 100_000, "{small} small frames fit");
+        // Once the publisher took everything, the bound is free again.
+        let mut got = Vec::new();
+        while let Ok(x) = q.rx.try_recv() {
+            got.push(x);
+        }
+        assert_eq!(got.len(), sent + small);
+        q.taken(&got);
+        assert_eq!(q.queued.load(Ordering::Relaxed), 0);
+        assert!(r.publish(&node, frame(&big)));
     }
 }

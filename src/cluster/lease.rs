@@ -12,7 +12,8 @@ pub fn lease_key(room: &str) -> String {
     format!("sb:{{{room}}}:lease")
 }
 
-/// The epoch counter of a room: it outlives leases so that epochs only grow.
+/// The epoch counter of a room: it outlives leases so that epochs only grow, and tells a node
+/// whose lease ran out whether another node held the room since.
 pub fn epoch_key(room: &str) -> String {
     format!("sb:{{{room}}}:epoch")
 }
@@ -55,6 +56,23 @@ impl Owner {
 /// Epoch counters live a week after their last use.
 const EPOCH_TTL_MS: u64 = 7 * 86_400_000;
 
+/// Lua for a new epoch: above the stored one, above `held` and at least Redis's clock in
+/// microseconds, so that epochs keep growing when Redis loses its data (or the counter expires)
+/// and restarts from nothing. Formatted with `%d`: Lua's `tostring` would print 16 digits as
+/// a float.
+const NEXT_EPOCH: &str = r"
+local function next_epoch(ek, held, ttl)
+  local t = redis.call('TIME')
+  local e = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local cur = tonumber(redis.call('GET', ek) or '0') or 0
+  if cur >= e then e = cur + 1 end
+  if held >= e then e = held + 1 end
+  local s = string.format('%d', e)
+  redis.call('SET', ek, s, 'PX', ttl)
+  return e, s
+end
+";
+
 const ACQUIRE: &str = r"
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -66,14 +84,17 @@ if cur then
   end
   return {0, owner, false, 0}
 end
-local e = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('SET', KEYS[1], e .. ' ' .. ARGV[1], 'PX', ARGV[2])
+local e, es = next_epoch(KEYS[2], 0, ARGV[4])
+redis.call('SET', KEYS[1], es .. ' ' .. ARGV[1], 'PX', ARGV[2])
 local m = false
 if ARGV[3] == '1' then m = redis.call('GET', KEYS[3]) end
 return {e, ARGV[1], m, 1}
 ";
 
+/// A lease found missing is taken back only when its epoch counter is gone too (Redis lost its
+/// data) or still holds this node's epoch (it expired and nobody took the room over). Any
+/// other value means another node held the room since, and may have closed it: taking it back
+/// would raise a room from the dead.
 const RENEW: &str = r"
 local out = {}
 local n = #KEYS / 3
@@ -84,12 +105,17 @@ for i = 1, n do
   if cur == mine then
     redis.call('PEXPIRE', l, ARGV[2])
     redis.call('PEXPIRE', mk, ARGV[3])
+    redis.call('PEXPIRE', ek, ARGV[3+n+1])
     out[i] = tonumber(ARGV[3+i])
   elseif not cur then
-    local e = redis.call('INCR', ek)
-    redis.call('PEXPIRE', ek, ARGV[3+n+1])
-    redis.call('SET', l, e .. ' ' .. ARGV[1], 'PX', ARGV[2])
-    out[i] = -e
+    local seen = redis.call('GET', ek)
+    if (not seen) or seen == ARGV[3+i] then
+      local e, es = next_epoch(ek, tonumber(ARGV[3+i]), ARGV[3+n+1])
+      redis.call('SET', l, es .. ' ' .. ARGV[1], 'PX', ARGV[2])
+      out[i] = -e
+    else
+      out[i] = 0
+    end
   else
     out[i] = 0
   end
@@ -131,9 +157,10 @@ pub enum Acquired {
 pub enum Renewed {
     /// Still ours, same epoch.
     Kept,
-    /// It was gone (expired or Redis lost its data) and is ours again with a new epoch.
+    /// It was gone (expired with nobody taking the room over, or Redis lost its data) and is
+    /// ours again with a new epoch.
     Again(u64),
-    /// Another node holds it.
+    /// Another node holds it, or held it since (and may have closed the room).
     Lost,
 }
 
@@ -162,8 +189,8 @@ impl Leases {
             node: node.to_string(),
             ttl_ms,
             mirror_ttl_ms: ttl_ms + grace_ms,
-            acquire: Script::new(ACQUIRE),
-            renew: Script::new(RENEW),
+            acquire: Script::new(&format!("{NEXT_EPOCH}{ACQUIRE}")),
+            renew: Script::new(&format!("{NEXT_EPOCH}{RENEW}")),
             mirror: Script::new(MIRROR),
             release: Script::new(RELEASE),
         }

@@ -52,7 +52,7 @@ impl Cluster {
                     Err(_) => break,
                 }
             }
-            q.queued.fetch_sub(batch.len(), Ordering::Relaxed);
+            q.taken(&batch);
             // Consecutive publishes become one envelope per node; lease work is a barrier.
             let mut envs: Vec<(Arc<str>, Vec<Wire>)> = Vec::new();
             for item in batch {
@@ -155,8 +155,12 @@ impl Cluster {
                     m = stream.next() => {
                         let Some(m) = m else { break };
                         last = Instant::now();
-                        if !self.is_up() {
+                        if !self.up.load(Ordering::Acquire) {
                             self.set_up();
+                        }
+                        // Messages for this node id may be meant for the other process.
+                        if self.clash.load(Ordering::Acquire) {
+                            continue;
                         }
                         match serde_json::from_slice::<Envelope>(m.get_payload_bytes()) {
                             Ok(env) => {
@@ -226,6 +230,7 @@ impl Cluster {
                     self.hand_over();
                     // Let the publisher send the releases.
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.release_claim().await;
                     return;
                 }
             }
@@ -233,7 +238,11 @@ impl Cluster {
                 self.hand_over();
                 continue;
             }
-            if !self.is_up() {
+            if !self.up.load(Ordering::Acquire) {
+                continue;
+            }
+            // Another live process with this node id: no lease work until the id is ours.
+            if !self.refresh_claim().await {
                 continue;
             }
             self.renew().await;
@@ -310,13 +319,18 @@ impl Cluster {
         }
     }
 
-    /// Drain: stop owning rooms. Each room's lease is released with its mirror kept, and its
-    /// connections are closed, so that their clients resume on other nodes, which take the
-    /// rooms over. Connections seated elsewhere are closed too.
+    /// Drain: stop owning rooms, once.
     fn hand_over(&self) {
         if self.handed_over.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.give_up_rooms();
+    }
+
+    /// Stop owning rooms. Each room's lease is released with its mirror kept, and its
+    /// connections are closed, so that their clients resume on other nodes, which take the
+    /// rooms over. Connections seated elsewhere are closed too.
+    pub(crate) fn give_up_rooms(&self) {
         let rooms: Vec<(String, u64)> = lock(&self.owned).drain().collect();
         self.metrics.cluster_rooms_owned.set(0);
         for (room, epoch) in &rooms {

@@ -4,6 +4,7 @@
 //! `bus`, `link`). Without `cluster.redis_url` none of this runs.
 
 pub mod bus;
+pub mod claim;
 pub mod lease;
 pub mod link;
 pub mod owner;
@@ -33,6 +34,12 @@ pub enum ClusterError {
     /// The Redis URL does not parse.
     #[error("cluster.redis_url: {0}")]
     Url(String),
+    /// Another live process claims this node id (see `claim`).
+    #[error(
+        "cluster.node_id: `{0}` is in use by another live process (its claim in Redis is still \
+         refreshed); give every node its own id"
+    )]
+    NodeIdInUse(String),
 }
 
 /// The owner's answer to a forwarded request.
@@ -133,6 +140,9 @@ pub struct Cluster {
     /// Wakes the heartbeat at once (Redis came back).
     beat: Notify,
     handed_over: AtomicBool,
+    /// This process's claim on the node id, and whether another live process holds it.
+    claim: claim::Claim,
+    clash: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -167,7 +177,12 @@ impl Cluster {
         let con = ConnectionManager::new_lazy_with_config(client.clone(), mcfg)
             .map_err(|e| ClusterError::Url(e.to_string()))?;
         let local = Arc::new(LocalBus::default());
-        let (remote, queue) = Remote::new();
+        let (remote, queue) = Remote::new(
+            k.publish_queue_bytes,
+            deps.metrics
+                .drops
+                .with_label_values(&["cluster_queue_full"]),
+        );
         let sig = Arc::new(Signaling::with_bus(
             &config.signaling,
             Box::new(ClusterBus {
@@ -178,6 +193,8 @@ impl Cluster {
         let grace = config.signaling.resume_grace_secs * 1000;
         let cl = Arc::new(Cluster {
             leases: Leases::new(&node, k.lease_ms, grace),
+            claim: claim::Claim::new(&node, k.lease_ms),
+            clash: AtomicBool::new(false),
             node,
             client,
             con,
@@ -206,9 +223,10 @@ impl Cluster {
         &self.node
     }
 
-    /// Whether Redis answers and this node's subscription delivers.
+    /// Whether Redis answers, this node's subscription delivers and no other live process
+    /// claims this node's id.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.up.load(Ordering::Acquire) && !self.clash.load(Ordering::Acquire)
     }
 
     /// Rooms this node owns.

@@ -135,6 +135,13 @@ async fn livez() -> &'static str {
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.lifecycle.is_ready() {
         match &s.cluster {
+            // Still ready: TURN works. The body says what does not.
+            Some(c) if c.node_id_in_use() => (
+                StatusCode::OK,
+                "ready (degraded: another live process uses this cluster.node_id; this node \
+                 owns no room)\n",
+            )
+                .into_response(),
             // Still ready: local rooms work. The body says what does not.
             Some(c) if !c.is_up() => (
                 StatusCode::OK,
