@@ -404,24 +404,8 @@ fn the_crate_has_no_import_circles() {
         "edge http::login -> auth not found"
     );
     let c = circles(&e);
-    // Circles that predate this check, each to be cut where its dependency truly points
-    // (docs/architecture.md). The list only shrinks: a new circle fails, and so does a listed
-    // one that is gone (remove it here).
-    let known: Vec<Vec<String>> = KNOWN
-        .iter()
-        .map(|g| g.iter().map(|m| m.to_string()).collect())
-        .collect();
-    let new: Vec<Vec<String>> = c.iter().filter(|g| !known.contains(g)).cloned().collect();
-    assert!(new.is_empty(), "new import circles:\n{}", explain(&new, &e));
-    let gone: Vec<&Vec<String>> = known.iter().filter(|g| !c.contains(g)).collect();
-    assert!(
-        gone.is_empty(),
-        "circles no longer present, remove them from KNOWN: {gone:?}"
-    );
+    assert!(c.is_empty(), "import circles:\n{}", explain(&c, &e));
 }
-
-/// Import circles still to cut (sorted members of each strongly connected group).
-const KNOWN: &[&[&str]] = &[&["cluster", "signaling::conn"]];
 
 #[test]
 fn a_circle_between_siblings_is_found() {

@@ -10,8 +10,8 @@ pub mod link;
 pub mod owner;
 pub mod wire;
 
+use futures_util::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -42,34 +42,7 @@ pub enum ClusterError {
     NodeIdInUse(String),
 }
 
-/// The owner's answer to a forwarded request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
-    /// Done; the `joined` object for a join.
-    Ok(Value),
-    /// Refused with this error code and message.
-    Err(String, String),
-}
-
-/// A `resume` as the client sent it.
-#[derive(Debug, Clone)]
-pub struct ResumeRequest<'a> {
-    /// Resume token (`<room>.<random>`).
-    pub token: &'a str,
-    /// The client's last seen `seq`.
-    pub last: u64,
-    /// The request `id`, raw JSON.
-    pub id: Option<String>,
-}
-
-/// Where a room request runs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Route {
-    /// On this node's hub.
-    Local,
-    /// Forwarded; the owner answered.
-    Remote(Answer),
-}
+pub use crate::signaling::router::{Answer, ResumeRequest, Route};
 
 /// A forwarded request waiting for its answer.
 #[derive(Debug)]
@@ -593,5 +566,57 @@ impl Cluster {
                 None => self.push(c, Outbound::Moved),
             }
         }
+    }
+}
+
+/// The signaling part reaches the cluster through this trait, so signaling never imports
+/// the cluster (which drives signaling's hub for the rooms this node owns).
+impl crate::signaling::router::RoomRouter for Cluster {
+    fn is_remote(&self, conn: ConnId) -> bool {
+        Cluster::is_remote(self, conn)
+    }
+    fn claim<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), RoomError>> {
+        Box::pin(Cluster::claim(self, room))
+    }
+    fn unclaim(&self, room: &str) {
+        Cluster::unclaim(self, room)
+    }
+    fn closed(&self, room: &str) {
+        Cluster::closed(self, room)
+    }
+    fn mirror(&self, room: &str) {
+        Cluster::mirror(self, room)
+    }
+    fn join<'a>(
+        &'a self,
+        conn: ConnId,
+        member: &'a Member,
+        room: &'a str,
+    ) -> BoxFuture<'a, Result<Route, RoomError>> {
+        Box::pin(Cluster::join(self, conn, member, room))
+    }
+    fn resume<'a>(
+        &'a self,
+        conn: ConnId,
+        member: &'a Member,
+        room: &'a str,
+        r: ResumeRequest<'a>,
+    ) -> BoxFuture<'a, Result<Route, RoomError>> {
+        Box::pin(Cluster::resume(self, conn, member, room, r))
+    }
+    fn signal(
+        &self,
+        conn: ConnId,
+        to: Option<&str>,
+        data: &str,
+        id: Option<&str>,
+    ) -> Result<(), RoomError> {
+        Cluster::signal(self, conn, to, data, id)
+    }
+    fn leave(&self, conn: ConnId) -> BoxFuture<'_, Result<Answer, RoomError>> {
+        Box::pin(Cluster::leave(self, conn))
+    }
+    fn gone(&self, conn: ConnId, cleanly: bool) {
+        Cluster::gone(self, conn, cleanly)
     }
 }

@@ -28,7 +28,10 @@ pub fn signaling_deps(shared: &Arc<Shared>) -> crate::signaling::Deps {
         auth: shared.auth.clone(),
         metrics: shared.metrics.clone(),
         lifecycle: shared.lifecycle.clone(),
-        cluster: shared.cluster.clone(),
+        cluster: shared
+            .cluster
+            .clone()
+            .map(|c| c as Arc<dyn crate::signaling::router::RoomRouter>),
         ice: shared.clone(),
     }
 }

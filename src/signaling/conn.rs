@@ -17,8 +17,8 @@ use super::service::Counters;
 pub use super::service::Signaling;
 use super::Deps;
 use crate::auth::{unix_now, AuthError};
-use crate::cluster::{Answer, Route};
 use crate::lifecycle::shutdown_signal;
+use crate::signaling::router::{Answer, ResumeRequest, Route};
 
 #[doc(hidden)]
 #[cfg(any(test, feature = "testing"))]
@@ -793,7 +793,7 @@ async fn handle(
                 let route = match &deps.cluster {
                     Some(cl) => {
                         let rid = id.map(|i| i.get().to_string());
-                        let r = crate::cluster::ResumeRequest {
+                        let r = ResumeRequest {
                             token,
                             last,
                             id: rid,

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod bus;
 pub mod conn;
 pub mod room;
+pub mod router;
 pub mod service;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub struct Deps {
     /// Draining and shutdown.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// This node's part of the cluster, in cluster mode.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub cluster: Option<Arc<dyn router::RoomRouter>>,
     /// Where `ice-servers` pushes get their `iceServers`.
     pub ice: Arc<dyn IceSource>,
 }
