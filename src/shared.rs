@@ -98,6 +98,35 @@ pub enum ReloadError {
     /// The new JWT public key cannot be used.
     #[error(transparent)]
     JwtKey(#[from] crate::auth::jwt::KeyError),
+    /// The new configuration changes something fixed at start (routes, bound sockets).
+    #[error("{key} changed; it is fixed at start, restart to apply it")]
+    NeedsRestart {
+        /// The configuration key that changed.
+        key: &'static str,
+    },
+}
+
+/// Keys that decide what is mounted or bound at start; a reload must not change them, or the
+/// running routes and sockets would no longer match the configuration (a server API turned
+/// off by reload would stay mounted, with whatever tokens the new file has).
+fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
+    let changed = [
+        ("http.admin_api", old.http.admin_api != new.http.admin_api),
+        ("http.listen", old.http.listen != new.http.listen),
+        (
+            "http.metrics_listen",
+            old.http.metrics_listen != new.http.metrics_listen,
+        ),
+        ("turn.listen", old.turn.listen != new.turn.listen),
+        (
+            "turn.tls_listen",
+            old.turn.tls_listen != new.turn.tls_listen,
+        ),
+    ];
+    match changed.iter().find(|(_, c)| *c) {
+        Some((key, _)) => Err(ReloadError::NeedsRestart { key }),
+        None => Ok(()),
+    }
 }
 
 impl Shared {
@@ -105,9 +134,11 @@ impl Shared {
     /// keys), the login backends (static users, JWT keys), the server API tokens, the allowed
     /// origins and the TLS
     /// certificate. Everything is checked before anything is swapped, so a bad reload
-    /// changes nothing; live sessions are untouched.
+    /// changes nothing; live sessions are untouched. A reload that changes `http.admin_api`
+    /// or a listen address is refused: those are fixed at start.
     pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         new.validate()?;
+        fixed_at_start(&self.config, new)?;
         let login = crate::auth::login::Login::new(&new.auth)?;
         let admin_tokens = admin_tokens(new)?;
         if let Some(tls) = &self.tls {

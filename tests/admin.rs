@@ -338,6 +338,45 @@ async fn admin_api_is_absent_unless_enabled() {
     srv.shutdown();
 }
 
+/// Without admin tokens (allowed on loopback only) the API serves local processes, but not a
+/// request that a reverse proxy on the same host relays for someone else; and a reload cannot
+/// turn the API off (or on): the routes are fixed at start.
+#[tokio::test]
+async fn a_tokenless_api_serves_only_local_unrelayed_clients_and_admin_api_is_fixed() {
+    let text = "[http]\nlisten = \"127.0.0.1:0\"\nadmin_api = true\n\
+                [turn]\nlisten = [\"127.0.0.1:0\"]\n";
+    let srv = Server::new(Config::from_toml(text).unwrap())
+        .start()
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    let r = c.get(admin_url(&srv, "/rooms")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a local process");
+    for h in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        let v = if h == "forwarded" {
+            "for=203.0.113.30"
+        } else {
+            "203.0.113.30"
+        };
+        let r = c
+            .get(admin_url(&srv, "/rooms"))
+            .header(h, v)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "relayed by a local proxy ({h})");
+    }
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.http.admin_api = false;
+    let e = srv.shared().reload(&cfg).unwrap_err().to_string();
+    assert!(e.contains("http.admin_api"), "{e}");
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.http.listen = "127.0.0.1:1".parse().unwrap();
+    let e = srv.shared().reload(&cfg).unwrap_err().to_string();
+    assert!(e.contains("http.listen"), "{e}");
+    srv.shutdown();
+}
+
 /// A UDP echo peer on loopback.
 async fn echo_peer() -> SocketAddr {
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
