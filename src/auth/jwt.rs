@@ -209,12 +209,11 @@ fn validation(cfg: &JwtConfig, alg: Algorithm) -> Validation {
         v.set_issuer(&[iss]);
         required.push("iss");
     }
-    match &cfg.audience {
-        Some(aud) => {
-            v.set_audience(&[aud]);
-            required.push("aud");
-        }
-        None => v.validate_aud = false,
+    // `validate_aud` stays on (the crate's default): with no audience configured, the crate
+    // refuses any token that carries an `aud`, since it was minted for some other service.
+    if let Some(aud) = &cfg.audience {
+        v.set_audience(&[aud]);
+        required.push("aud");
     }
     v.set_required_spec_claims(&required);
     v
@@ -356,6 +355,57 @@ mod tests {
             serde_json::json!({"sub":"u","exp":exp,"aud":"sb"}),
         );
         assert_eq!(v.verify(&no_iss, now()), Err(JwtError::Claims));
+    }
+
+    /// docs/security.md: a token minted for another service (it carries an `aud`) is refused
+    /// when no audience is configured; with one configured, `aud` is required and matched.
+    #[test]
+    fn audience_is_checked_with_and_without_one_configured() {
+        let exp = now() + 60;
+        let none = hs("k");
+        let plain = mint("k", None, serde_json::json!({"sub":"u","exp":exp}));
+        assert!(
+            none.verify(&plain, now()).is_ok(),
+            "no aud, none configured"
+        );
+        for aud in [
+            serde_json::json!("other-service"),
+            serde_json::json!(["a", "b"]),
+        ] {
+            let t = mint(
+                "k",
+                None,
+                serde_json::json!({"sub":"u","exp":exp,"aud":aud}),
+            );
+            assert_eq!(
+                none.verify(&t, now()),
+                Err(JwtError::Claims),
+                "a token for {aud} with no audience configured"
+            );
+        }
+        let sb = JwtVerifier::from_config(&JwtConfig {
+            hs256_secret: Some("k".into()),
+            audience: Some("sb".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let ok = mint(
+            "k",
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"aud":"sb"}),
+        );
+        assert!(sb.verify(&ok, now()).is_ok());
+        let wrong = mint(
+            "k",
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"aud":"other"}),
+        );
+        assert_eq!(sb.verify(&wrong, now()), Err(JwtError::Claims), "wrong aud");
+        assert_eq!(
+            sb.verify(&plain, now()),
+            Err(JwtError::Claims),
+            "aud missing"
+        );
     }
 
     #[test]
