@@ -424,6 +424,7 @@ impl Metrics {
             "data_connection_idle",
             "data_connection_allocation_gone",
             "webhook_queue_full",
+            "webhook_shutdown",
         ] {
             m.drops.with_label_values(&[r]);
         }

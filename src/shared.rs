@@ -122,6 +122,8 @@ fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
             "turn.tls_listen",
             old.turn.tls_listen != new.turn.tls_listen,
         ),
+        // Delivery lanes are started per URL at start; only the secret is reloaded.
+        ("webhooks.urls", old.webhooks.urls != new.webhooks.urls),
     ];
     match changed.iter().find(|(_, c)| *c) {
         Some((key, _)) => Err(ReloadError::NeedsRestart { key }),
@@ -131,8 +133,8 @@ fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
 
 impl Shared {
     /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
-    /// keys), the login backends (static users, JWT keys), the server API tokens, the allowed
-    /// origins and the TLS
+    /// keys), the login backends (static users, JWT keys), the server API tokens, the webhook
+    /// signing secret, the allowed origins and the TLS
     /// certificate. Everything is checked before anything is swapped, so a bad reload
     /// changes nothing; live sessions are untouched. A reload that changes `http.admin_api`
     /// or a listen address is refused: those are fixed at start.
@@ -141,8 +143,16 @@ impl Shared {
         fixed_at_start(&self.config, new)?;
         let login = crate::auth::login::Login::new(&new.auth)?;
         let admin_tokens = admin_tokens(new)?;
+        let hook_secret = if self.webhooks.enabled() {
+            Some(crate::webhooks::signing_secret(&new.webhooks)?)
+        } else {
+            None
+        };
         if let Some(tls) = &self.tls {
             tls.reload()?;
+        }
+        if let Some(secret) = hook_secret {
+            self.webhooks.set_secret(secret);
         }
         self.admin_tokens.store(Arc::new(admin_tokens));
         self.login.store(Arc::new(login));
