@@ -84,6 +84,9 @@ pub struct Metrics {
     pub webhook_latency: Histogram,
     /// Server API requests by result (`ok|unauthorized|not_found|bad_request`).
     pub admin_requests: IntCounterVec,
+    /// JWKS fetches (`auth.jwt.jwks_url`) by result (`ok|failed`): a rising `failed` means
+    /// logins run on the last good key set.
+    pub jwks_fetches: IntCounterVec,
 }
 
 /// Pre-resolved relayed-byte counters for each client transport and direction, so the relay
@@ -345,6 +348,12 @@ impl Metrics {
                 &["outcome"],
             ),
             webhook_latency,
+            jwks_fetches: cv(
+                r,
+                "jwks_fetches_total",
+                "JWKS fetches by result: ok, failed (the last good key set stays in use).",
+                &["result"],
+            ),
             admin_requests: cv(
                 r,
                 "admin_requests_total",
@@ -433,6 +442,9 @@ impl Metrics {
         }
         for o in ["ok", "unauthorized", "not_found", "bad_request"] {
             m.admin_requests.with_label_values(&[o]);
+        }
+        for o in ["ok", "failed"] {
+            m.jwks_fetches.with_label_values(&[o]);
         }
         for o in ["resumed", "rejected", "expired"] {
             m.resumes.with_label_values(&[o]);

@@ -84,6 +84,9 @@ pub struct Shared {
     pub admin_tokens: arc_swap::ArcSwap<Vec<crate::secret::Secret>>,
     /// What the STUN/TURN listeners use, and nothing else (the same handles as above).
     pub listener: Arc<crate::listener::Deps>,
+    /// The issuer's JWT key set (`auth.jwt.jwks_url`), kept across reloads; `server.rs`
+    /// runs its refresh task.
+    pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
 }
 
 /// Why a reload was refused (the running configuration stays in force).
@@ -124,6 +127,11 @@ fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
         ),
         // Delivery lanes are started per URL at start; only the secret is reloaded.
         ("webhooks.urls", old.webhooks.urls != new.webhooks.urls),
+        // The key set and its refresh task are built at start.
+        (
+            "auth.jwt.jwks_url",
+            old.auth.jwt.jwks_url != new.auth.jwt.jwks_url,
+        ),
     ];
     match changed.iter().find(|(_, c)| *c) {
         Some((key, _)) => Err(ReloadError::NeedsRestart { key }),
@@ -141,7 +149,7 @@ impl Shared {
     pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         new.validate()?;
         fixed_at_start(&self.config, new)?;
-        let login = crate::auth::login::Login::new(&new.auth)?;
+        let login = crate::auth::login::Login::new(&new.auth)?.with_jwks(self.jwks.clone());
         let admin_tokens = admin_tokens(new)?;
         let hook_secret = if self.webhooks.enabled() {
             Some(crate::webhooks::signing_secret(&new.webhooks)?)
@@ -186,7 +194,15 @@ impl Shared {
         config: Arc<Config>,
         tls: Option<Arc<crate::tls::ReloadableCert>>,
     ) -> Result<Arc<Shared>, StartError> {
-        let login = crate::auth::login::Login::new(&config.auth)?;
+        let metrics = Arc::new(Metrics::new());
+        let jwks =
+            crate::auth::jwks::Jwks::new(&config.auth.jwt, &metrics.jwks_fetches).map_err(|e| {
+                crate::config::ConfigError::Key {
+                    key: "auth.jwt.jwks_url".into(),
+                    message: e.to_string(),
+                }
+            })?;
+        let login = crate::auth::login::Login::new(&config.auth)?.with_jwks(jwks.clone());
         let offload = if config.turn.relay && config.turn.udp {
             let mut addrs: Vec<std::net::IpAddr> =
                 config.turn.listen.iter().map(|a| a.ip()).collect();
@@ -204,7 +220,6 @@ impl Shared {
                  (auth.allow_open_on_public = true)"
             );
         }
-        let metrics = Arc::new(Metrics::new());
         let lifecycle = Arc::new(Lifecycle::new());
         let (signaling, cluster) = if config.cluster.enabled() {
             let deps = crate::cluster::Deps {
@@ -265,6 +280,7 @@ impl Shared {
             streams,
             offload,
             listener,
+            jwks,
             config,
         }))
     }

@@ -439,52 +439,17 @@ impl Webhooks {
     }
 }
 
-/// The HTTP client: HTTP/1.1, no redirects, a per-attempt timeout, TLS with ring and the
-/// configured (or system) roots.
+/// The HTTP client: the shared shape, with `webhooks.ca_file` and `webhooks.timeout_secs`.
 fn http_client(cfg: &WebhooksConfig) -> Result<reqwest::Client, WebhookError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    let files: Vec<std::path::PathBuf> = match &cfg.ca_file {
-        Some(p) => vec![p.clone()],
-        None => [
-            "/etc/ssl/certs/ca-certificates.crt",
-            "/etc/pki/tls/certs/ca-bundle.crt",
-            "/etc/ssl/cert.pem",
-        ]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.exists())
-        .take(1)
-        .collect(),
-    };
-    for f in &files {
-        let certs =
-            CertificateDer::pem_file_iter(f).map_err(|e| crate::config::ConfigError::Key {
-                key: "webhooks.ca_file".into(),
-                message: format!("cannot read {}: {e}", f.display()),
-            })?;
-        for c in certs.flatten() {
-            // A bundle may hold a certificate rustls cannot use; the others still count.
-            let _ = roots.add(c);
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| WebhookError::Client(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let timeout = Duration::from_secs(cfg.timeout_secs.max(1));
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| WebhookError::Client(e.to_string()))
+    crate::https_client::build(
+        cfg.ca_file.as_deref(),
+        "webhooks.ca_file",
+        Duration::from_secs(cfg.timeout_secs.max(1)),
+    )
+    .map_err(|e| match e {
+        crate::https_client::ClientError::Config(c) => WebhookError::Config(c),
+        crate::https_client::ClientError::Client(m) => WebhookError::Client(m),
+    })
 }
 
 /// What one attempt came to.
