@@ -358,11 +358,15 @@ impl Webhooks {
     /// `deadline`, then count what is still undelivered as dropped
     /// (`switchboard_dropped_total{reason="webhook_shutdown"}`) and return that count.
     /// Events emitted after the flush began are delivered only if a lane is still working.
+    /// A second call does nothing and returns 0.
     pub async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
         let Some(inner) = &self.inner else {
             return 0;
         };
-        inner.closing.send_replace(true);
+        if inner.closing.send_replace(true) {
+            // Flushed already: its count stands, later events count as they are emitted.
+            return 0;
+        }
         let handles = match inner.lanes.lock() {
             Ok(mut l) => std::mem::take(&mut *l),
             Err(p) => std::mem::take(&mut *p.into_inner()),

@@ -498,6 +498,12 @@ async fn the_shutdown_flush_delivers_the_queues_and_counts_what_is_left() {
     );
     assert_eq!(left, 6);
     assert_eq!(dropped(&srv), 6);
+    let again = w.flush(tokio::time::Instant::now()).await;
+    assert_eq!(
+        (again, dropped(&srv)),
+        (0, 6),
+        "a second flush counts nothing twice"
+    );
     srv.shutdown();
 }
 
