@@ -57,13 +57,19 @@ impl AdminError {
 
 /// Check an `Authorization` header value against the admin tokens. Every token is compared
 /// (in constant time each), so timing tells nothing about which one nearly matched. With no
-/// token configured the API is open; start-up refuses that off loopback.
+/// token configured the API is open only to a `local` client (loopback, not relayed by a
+/// proxy): an empty list never opens it to anyone else, whatever the listen address.
 pub fn authorize(
     tokens: &[crate::secret::Secret],
     authorization: Option<&[u8]>,
+    local: bool,
 ) -> Result<(), AdminError> {
     if tokens.is_empty() {
-        return Ok(());
+        return if local {
+            Ok(())
+        } else {
+            Err(AdminError::Unauthorized)
+        };
     }
     let presented = bearer(authorization).ok_or(AdminError::Unauthorized)?;
     let ok = tokens.iter().fold(false, |acc, t| {
@@ -125,21 +131,27 @@ mod tests {
             crate::secret::Secret::from("0123456789abcdef"),
             crate::secret::Secret::from("fedcba9876543210"),
         ];
-        assert_eq!(authorize(&t, None), Err(AdminError::Unauthorized));
+        assert_eq!(authorize(&t, None, true), Err(AdminError::Unauthorized));
         assert_eq!(
-            authorize(&t, Some(b"Bearer wrong-token-000000")),
+            authorize(&t, Some(b"Bearer wrong-token-000000"), false),
             Err(AdminError::Unauthorized)
         );
         assert_eq!(
-            authorize(&t, Some(b"Basic 0123456789abcdef")),
+            authorize(&t, Some(b"Basic 0123456789abcdef"), false),
             Err(AdminError::Unauthorized)
         );
         assert_eq!(
-            authorize(&t, Some(b"Bearer 0123456789abcde")),
+            authorize(&t, Some(b"Bearer 0123456789abcde"), false),
             Err(AdminError::Unauthorized)
         );
-        assert!(authorize(&t, Some(b"Bearer 0123456789abcdef")).is_ok());
-        assert!(authorize(&t, Some(b"bearer fedcba9876543210")).is_ok());
-        assert!(authorize(&[], None).is_ok());
+        assert!(authorize(&t, Some(b"Bearer 0123456789abcdef"), false).is_ok());
+        assert!(authorize(&t, Some(b"bearer fedcba9876543210"), false).is_ok());
+        // No token: open to a local client only, never to anyone else.
+        assert!(authorize(&[], None, true).is_ok());
+        assert_eq!(authorize(&[], None, false), Err(AdminError::Unauthorized));
+        assert_eq!(
+            authorize(&[], Some(b"Bearer 0123456789abcdef"), false),
+            Err(AdminError::Unauthorized)
+        );
     }
 }

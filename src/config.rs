@@ -415,7 +415,7 @@ pub struct UserEntry {
 }
 
 /// JWT verification settings for the `jwt` backend.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JwtConfig {
     /// Shared secret for HS256.
@@ -432,6 +432,31 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     /// Allowed clock skew in seconds for `exp`/`nbf`.
     pub leeway_secs: u64,
+    /// The issuer's JSON Web Key Set, fetched, cached and refreshed so that its key rotation
+    /// needs no configuration change (https, or http to loopback only).
+    pub jwks_url: Option<String>,
+    /// Seconds between scheduled JWKS refreshes.
+    pub jwks_refresh_secs: u64,
+    /// Least seconds between two JWKS fetches caused by tokens that name an unknown `kid`,
+    /// so that a flood of made-up kids cannot turn into a flood of fetches.
+    pub jwks_min_interval_secs: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> JwtConfig {
+        JwtConfig {
+            hs256_secret: None,
+            hs256_secret_file: None,
+            public_key_file: None,
+            keys: Vec::new(),
+            issuer: None,
+            audience: None,
+            leeway_secs: 0,
+            jwks_url: None,
+            jwks_refresh_secs: 300,
+            jwks_min_interval_secs: 30,
+        }
+    }
 }
 
 /// One `[[auth.jwt.keys]]` entry: a verification key selected by the token's `kid`.
@@ -1009,10 +1034,26 @@ impl Config {
             && a.jwt.hs256_secret.is_none()
             && a.jwt.public_key_file.is_none()
             && a.jwt.keys.is_empty()
+            && a.jwt.jwks_url.is_none()
         {
             return Err(ConfigError::key(
                 "auth.jwt",
-                "the jwt backend needs hs256_secret, public_key_file or keys",
+                "the jwt backend needs hs256_secret, public_key_file, keys or jwks_url",
+            ));
+        }
+        if let Some(u) = &a.jwt.jwks_url {
+            jwks_url_ok(u).map_err(|m| ConfigError::key("auth.jwt.jwks_url", m))?;
+        }
+        if a.jwt.jwks_refresh_secs == 0 {
+            return Err(ConfigError::key(
+                "auth.jwt.jwks_refresh_secs",
+                "must be at least 1",
+            ));
+        }
+        if a.jwt.jwks_min_interval_secs == 0 {
+            return Err(ConfigError::key(
+                "auth.jwt.jwks_min_interval_secs",
+                "must be at least 1",
             ));
         }
         for (i, k) in a.jwt.keys.iter().enumerate() {
@@ -1412,6 +1453,29 @@ fn parse_env_value(raw: &str) -> toml::Value {
     }
 }
 
+/// A JWKS URL must be https, or http to a loopback address: keys fetched over plain HTTP
+/// from elsewhere could be swapped on the way, and would then sign anyone in.
+fn jwks_url_ok(u: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(u).map_err(|e| e.to_string())?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = url.host_str().unwrap_or("");
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                Err("http:// is accepted only for a loopback host; use https://".into())
+            }
+        }
+        other => Err(format!("scheme {other}: expected https")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1486,6 +1550,30 @@ mod tests {
         assert_eq!(Config::load(None, env).unwrap().turn.relay_ip.len(), 1);
         let e = err_of("[http]\ntrusted_proxies = [\"10.0.0.0/40\"]\n");
         assert!(e.contains("http.trusted_proxies[0]"), "{e}");
+    }
+
+    #[test]
+    fn jwks_url_must_be_https_or_loopback_http() {
+        let jwt =
+            |u: &str| format!("[auth]\nbackends = [\"jwt\"]\n[auth.jwt]\njwks_url = \"{u}\"\n");
+        Config::from_toml(&jwt("https://idp.example.com/jwks.json")).unwrap();
+        Config::from_toml(&jwt("http://127.0.0.1:9000/jwks")).unwrap();
+        Config::from_toml(&jwt("http://[::1]:9000/jwks")).unwrap();
+        Config::from_toml(&jwt("http://localhost/jwks")).unwrap();
+        for bad in [
+            "http://203.0.113.5/jwks",
+            "http://idp.example.com/jwks",
+            "ftp://x/",
+            "::",
+        ] {
+            let e = err_of(&jwt(bad));
+            assert!(e.contains("auth.jwt.jwks_url"), "{bad}: {e}");
+        }
+        let e = err_of(&format!(
+            "{}jwks_min_interval_secs = 0\n",
+            jwt("https://idp.example.com/jwks.json")
+        ));
+        assert!(e.contains("auth.jwt.jwks_min_interval_secs"), "{e}");
     }
 
     #[test]

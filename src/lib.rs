@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod http;
+pub mod https_client;
 pub mod ice;
 #[cfg(test)]
 mod layering;

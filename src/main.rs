@@ -129,9 +129,23 @@ fn run(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         let signals = Signals::new()?;
         let server = Server::new(config).start().await?;
         tracing::info!("switchboard ready");
-        lifecycle(&server, signals, path.as_deref(), drain_timeout).await?;
+        let drain_deadline = lifecycle(&server, signals, path.as_deref(), drain_timeout).await?;
+        let shared = server.shared().clone();
+        // Ending allocations at shutdown emits `allocation.ended`; one webhook attempt's time
+        // is kept for those even when the drain used all of its own.
+        let floor = tokio::time::Instant::now()
+            + Duration::from_secs(shared.config.webhooks.timeout_secs.max(1));
         server.shutdown();
         server.wait().await;
+        if shared.webhooks.enabled() {
+            let deadline = drain_deadline.map_or(floor, |d| d.max(floor));
+            let dropped = shared.webhooks.flush(deadline).await;
+            if dropped > 0 {
+                tracing::warn!(dropped, "webhook events still undelivered at exit, dropped");
+            } else {
+                tracing::info!("webhook queues flushed");
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     })
@@ -169,14 +183,15 @@ impl Signals {
 
 /// Signals: SIGHUP reloads; SIGTERM drains (readiness off, no new allocations or joins,
 /// existing ones go on until they end or `drain_timeout` passes); a second SIGTERM, or
-/// SIGINT, stops at once.
+/// SIGINT, stops at once. Returns the drain deadline when a drain began: the webhook flush
+/// at exit may use what is left of it.
 #[cfg(unix)]
 async fn lifecycle(
     server: &switchboard::RunningServer,
     signals: Signals,
     path: Option<&std::path::Path>,
     drain_timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tokio::time::Instant>> {
     let Signals {
         mut term,
         mut int,
@@ -188,7 +203,7 @@ async fn lifecycle(
             _ = hup.recv() => reload(shared, path),
             _ = int.recv() => {
                 tracing::info!("SIGINT: stopping now");
-                return Ok(());
+                return Ok(None);
             }
             _ = term.recv() => break,
         }
@@ -206,19 +221,19 @@ async fn lifecycle(
             _ = poll.tick() => {
                 if shared.active_work() <= 0 {
                     tracing::info!("drained: no allocations or signaling connections left");
-                    return Ok(());
+                    return Ok(Some(deadline));
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::info!(active = shared.active_work(), "drain timeout reached");
-                return Ok(());
+                return Ok(Some(deadline));
             }
             _ = hup.recv() => reload(shared, path),
             _ = term.recv() => {
                 tracing::info!("second SIGTERM: stopping now");
-                return Ok(());
+                return Ok(None);
             }
-            _ = int.recv() => return Ok(()),
+            _ = int.recv() => return Ok(None),
         }
     }
 }
@@ -229,10 +244,11 @@ async fn lifecycle(
     _signals: Signals,
     _path: Option<&std::path::Path>,
     _drain_timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tokio::time::Instant>> {
     tokio::signal::ctrl_c()
         .await
-        .context("cannot listen for Ctrl-C")
+        .context("cannot listen for Ctrl-C")?;
+    Ok(None)
 }
 
 /// Re-read the config file and environment and apply what can change at run time.
@@ -243,7 +259,7 @@ fn reload(shared: &switchboard::shared::Shared, path: Option<&std::path::Path>) 
         .and_then(|c| shared.reload(&c));
     match result {
         Ok(()) => tracing::info!(
-            "SIGHUP: reloaded secrets, login users, JWT keys, allowed origins and certificate"
+            "SIGHUP: reloaded secrets, login users, JWT keys, webhook secret, allowed origins and certificate"
         ),
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: reload refused; the running configuration stays")

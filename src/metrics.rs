@@ -86,6 +86,9 @@ pub struct Metrics {
     pub webhook_latency: Histogram,
     /// Server API requests by result (`ok|unauthorized|not_found|bad_request`).
     pub admin_requests: IntCounterVec,
+    /// JWKS fetches (`auth.jwt.jwks_url`) by result (`ok|failed`): a rising `failed` means
+    /// logins run on the last good key set.
+    pub jwks_fetches: IntCounterVec,
 }
 
 /// Pre-resolved relayed-byte counters for each client transport and direction, so the relay
@@ -352,6 +355,12 @@ impl Metrics {
                 &["outcome"],
             ),
             webhook_latency,
+            jwks_fetches: cv(
+                r,
+                "jwks_fetches_total",
+                "JWKS fetches by result: ok, failed (the last good key set stays in use).",
+                &["result"],
+            ),
             admin_requests: cv(
                 r,
                 "admin_requests_total",
@@ -431,6 +440,7 @@ impl Metrics {
             "data_connection_idle",
             "data_connection_allocation_gone",
             "webhook_queue_full",
+            "webhook_shutdown",
         ] {
             m.drops.with_label_values(&[r]);
         }
@@ -439,6 +449,9 @@ impl Metrics {
         }
         for o in ["ok", "unauthorized", "not_found", "bad_request"] {
             m.admin_requests.with_label_values(&[o]);
+        }
+        for o in ["ok", "failed"] {
+            m.jwks_fetches.with_label_values(&[o]);
         }
         for o in ["resumed", "rejected", "expired"] {
             m.resumes.with_label_values(&[o]);

@@ -166,6 +166,9 @@ impl Server {
         if let Some(c) = &shared.cluster {
             tasks.spawn(c.clone().run());
         }
+        if let Some(jwks) = &shared.jwks {
+            tasks.spawn(jwks.clone().run(shared.lifecycle.subscribe()));
+        }
         let _ = shared.bound.set(bound);
         shared.lifecycle.set_ready();
         Ok(RunningServer { shared, tasks })

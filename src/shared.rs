@@ -84,6 +84,9 @@ pub struct Shared {
     pub admin_tokens: arc_swap::ArcSwap<Vec<crate::secret::Secret>>,
     /// What the STUN/TURN listeners use, and nothing else (the same handles as above).
     pub listener: Arc<crate::listener::Deps>,
+    /// The issuer's JWT key set (`auth.jwt.jwks_url`), kept across reloads; `server.rs`
+    /// runs its refresh task.
+    pub jwks: Option<Arc<crate::auth::jwks::Jwks>>,
 }
 
 /// Why a reload was refused (the running configuration stays in force).
@@ -98,20 +101,66 @@ pub enum ReloadError {
     /// The new JWT public key cannot be used.
     #[error(transparent)]
     JwtKey(#[from] crate::auth::jwt::KeyError),
+    /// The new configuration changes something fixed at start (routes, bound sockets).
+    #[error("{key} changed; it is fixed at start, restart to apply it")]
+    NeedsRestart {
+        /// The configuration key that changed.
+        key: &'static str,
+    },
+}
+
+/// Keys that decide what is mounted or bound at start; a reload must not change them, or the
+/// running routes and sockets would no longer match the configuration (a server API turned
+/// off by reload would stay mounted, with whatever tokens the new file has).
+fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
+    let changed = [
+        ("http.admin_api", old.http.admin_api != new.http.admin_api),
+        ("http.listen", old.http.listen != new.http.listen),
+        (
+            "http.metrics_listen",
+            old.http.metrics_listen != new.http.metrics_listen,
+        ),
+        ("turn.listen", old.turn.listen != new.turn.listen),
+        (
+            "turn.tls_listen",
+            old.turn.tls_listen != new.turn.tls_listen,
+        ),
+        // Delivery lanes are started per URL at start; only the secret is reloaded.
+        ("webhooks.urls", old.webhooks.urls != new.webhooks.urls),
+        // The key set and its refresh task are built at start.
+        (
+            "auth.jwt.jwks_url",
+            old.auth.jwt.jwks_url != new.auth.jwt.jwks_url,
+        ),
+    ];
+    match changed.iter().find(|(_, c)| *c) {
+        Some((key, _)) => Err(ReloadError::NeedsRestart { key }),
+        None => Ok(()),
+    }
 }
 
 impl Shared {
     /// Apply what SIGHUP reloads: auth secrets (TURN REST secrets, static TURN users, session
-    /// keys), the login backends (static users, JWT keys), the server API tokens, the allowed
-    /// origins and the TLS
+    /// keys), the login backends (static users, JWT keys), the server API tokens, the webhook
+    /// signing secret, the allowed origins and the TLS
     /// certificate. Everything is checked before anything is swapped, so a bad reload
-    /// changes nothing; live sessions are untouched.
+    /// changes nothing; live sessions are untouched. A reload that changes `http.admin_api`
+    /// or a listen address is refused: those are fixed at start.
     pub fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         new.validate()?;
-        let login = crate::auth::login::Login::new(&new.auth)?;
+        fixed_at_start(&self.config, new)?;
+        let login = crate::auth::login::Login::new(&new.auth)?.with_jwks(self.jwks.clone());
         let admin_tokens = admin_tokens(new)?;
+        let hook_secret = if self.webhooks.enabled() {
+            Some(crate::webhooks::signing_secret(&new.webhooks)?)
+        } else {
+            None
+        };
         if let Some(tls) = &self.tls {
             tls.reload()?;
+        }
+        if let Some(secret) = hook_secret {
+            self.webhooks.set_secret(secret);
         }
         self.admin_tokens.store(Arc::new(admin_tokens));
         self.login.store(Arc::new(login));
@@ -145,7 +194,15 @@ impl Shared {
         config: Arc<Config>,
         tls: Option<Arc<crate::tls::ReloadableCert>>,
     ) -> Result<Arc<Shared>, StartError> {
-        let login = crate::auth::login::Login::new(&config.auth)?;
+        let metrics = Arc::new(Metrics::new());
+        let jwks =
+            crate::auth::jwks::Jwks::new(&config.auth.jwt, &metrics.jwks_fetches).map_err(|e| {
+                crate::config::ConfigError::Key {
+                    key: "auth.jwt.jwks_url".into(),
+                    message: e.to_string(),
+                }
+            })?;
+        let login = crate::auth::login::Login::new(&config.auth)?.with_jwks(jwks.clone());
         let offload = if config.turn.relay && config.turn.udp {
             let mut addrs: Vec<std::net::IpAddr> =
                 config.turn.listen.iter().map(|a| a.ip()).collect();
@@ -163,7 +220,6 @@ impl Shared {
                  (auth.allow_open_on_public = true)"
             );
         }
-        let metrics = Arc::new(Metrics::new());
         let lifecycle = Arc::new(Lifecycle::new());
         let (signaling, cluster) = if config.cluster.enabled() {
             let deps = crate::cluster::Deps {
@@ -224,6 +280,7 @@ impl Shared {
             streams,
             offload,
             listener,
+            jwks,
             config,
         }))
     }

@@ -8,6 +8,11 @@
 //! of one room arrive in the order they happened. A slow or dead receiver stalls only its own
 //! lanes and, once their queues are full, loses events; it never slows signaling or the relay.
 //!
+//! At shutdown [`Webhooks::flush`] lets the lanes deliver what is queued (the
+//! `allocation.ended {reason:"shutdown"}` events among it) until a deadline, and counts what is
+//! still undelivered then (`switchboard_dropped_total{reason="webhook_shutdown"}`). The signing
+//! secret is swapped on SIGHUP ([`Webhooks::set_secret`]); URLs and lanes are fixed at start.
+//!
 //! Signature (documented with a receiver example in docs/http-api.md): the header
 //! `Switchboard-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`.
 
@@ -250,13 +255,23 @@ struct Inner {
     /// Random per process, so event ids from two processes never collide.
     prefix: String,
     queue_full: prometheus::IntCounter,
+    /// Events queued or being delivered, over every lane; what a flush that runs out of time
+    /// reports as dropped.
+    pending: Arc<AtomicU64>,
+    /// Set by [`Webhooks::flush`]: lanes empty their queues, then end.
+    closing: tokio::sync::watch::Sender<bool>,
+    /// The lane tasks, taken by the flush that waits for them.
+    lanes: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The signing secret, shared by every lane; swapped on SIGHUP.
+    secret: Arc<arc_swap::ArcSwap<Vec<u8>>>,
+    shutdown_dropped: prometheus::IntCounter,
 }
 
 /// Settings a delivery lane needs.
 struct LaneConfig {
     client: reqwest::Client,
     url: reqwest::Url,
-    secret: Arc<Vec<u8>>,
+    secret: Arc<arc_swap::ArcSwap<Vec<u8>>>,
     max_attempts: u32,
     retry_initial: Duration,
     retry_max: Duration,
@@ -277,23 +292,10 @@ impl Webhooks {
         if cfg.urls.is_empty() {
             return Ok(Webhooks::disabled());
         }
-        let secret = match (&cfg.secret, &cfg.secret_file) {
-            (Some(s), _) => s.clone(),
-            (None, Some(p)) => {
-                crate::secret::read_one(p).map_err(|e| crate::config::ConfigError::Key {
-                    key: "webhooks.secret_file".into(),
-                    message: e.to_string(),
-                })?
-            }
-            (None, None) => {
-                return Err(crate::config::ConfigError::Key {
-                    key: "webhooks.secret".into(),
-                    message: "required when webhooks.urls is set".into(),
-                }
-                .into())
-            }
-        };
-        let secret = Arc::new(secret.expose().as_bytes().to_vec());
+        let secret = Arc::new(arc_swap::ArcSwap::from_pointee(signing_secret(cfg)?));
+        let pending = Arc::new(AtomicU64::new(0));
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::new();
         let client = http_client(cfg)?;
         let per_lane = (cfg.queue_size / LANES).max(1);
         let out = |o: &str| metrics.webhook_deliveries.with_label_values(&[o]);
@@ -318,7 +320,12 @@ impl Webhooks {
                     failed: out("failed"),
                     latency: metrics.webhook_latency.clone(),
                 };
-                tokio::spawn(lane(rx, lc));
+                handles.push(tokio::spawn(lane(
+                    rx,
+                    lc,
+                    closing_rx.clone(),
+                    pending.clone(),
+                )));
                 lanes.push(tx);
             }
             targets.push(lanes);
@@ -330,8 +337,45 @@ impl Webhooks {
                 seq: AtomicU64::new(0),
                 prefix: hex(&p),
                 queue_full: metrics.drops.with_label_values(&["webhook_queue_full"]),
+                pending,
+                closing,
+                lanes: std::sync::Mutex::new(handles),
+                secret,
+                shutdown_dropped: metrics.drops.with_label_values(&["webhook_shutdown"]),
             })),
         })
+    }
+
+    /// Sign from now on with the secret of `cfg` (read by [`signing_secret`] beforehand, so a
+    /// bad file refuses the whole reload); events already being retried switch too.
+    pub fn set_secret(&self, secret: Vec<u8>) {
+        if let Some(inner) = &self.inner {
+            inner.secret.store(Arc::new(secret));
+        }
+    }
+
+    /// At shutdown: let every lane deliver what it has queued (retries included) until
+    /// `deadline`, then count what is still undelivered as dropped
+    /// (`switchboard_dropped_total{reason="webhook_shutdown"}`) and return that count.
+    /// Events emitted after the flush began are delivered only if a lane is still working.
+    /// A second call does nothing and returns 0.
+    pub async fn flush(&self, deadline: tokio::time::Instant) -> u64 {
+        let Some(inner) = &self.inner else {
+            return 0;
+        };
+        if inner.closing.send_replace(true) {
+            // Flushed already: its count stands, later events count as they are emitted.
+            return 0;
+        }
+        let handles = match inner.lanes.lock() {
+            Ok(mut l) => std::mem::take(&mut *l),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        let all = futures_util::future::join_all(handles);
+        let _ = tokio::time::timeout_at(deadline, all).await;
+        let left = inner.pending.load(Ordering::Acquire);
+        inner.shutdown_dropped.inc_by(left);
+        left
     }
 
     /// Whether any URL is configured (callers may skip building events otherwise).
@@ -357,8 +401,19 @@ impl Webhooks {
         let lane = (h.finish() % LANES as u64) as usize;
         for lanes in &inner.targets {
             if let Some(tx) = lanes.get(lane) {
-                if tx.try_send(env.clone()).is_err() {
-                    inner.queue_full.inc();
+                // Counted before the send, so a lane never finishes an event not yet counted.
+                inner.pending.fetch_add(1, Ordering::AcqRel);
+                match tx.try_send(env.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        inner.pending.fetch_sub(1, Ordering::AcqRel);
+                        inner.queue_full.inc();
+                    }
+                    // The lane ended: the flush at shutdown is over.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        inner.pending.fetch_sub(1, Ordering::AcqRel);
+                        inner.shutdown_dropped.inc();
+                    }
                 }
             }
         }
@@ -388,52 +443,17 @@ impl Webhooks {
     }
 }
 
-/// The HTTP client: HTTP/1.1, no redirects, a per-attempt timeout, TLS with ring and the
-/// configured (or system) roots.
+/// The HTTP client: the shared shape, with `webhooks.ca_file` and `webhooks.timeout_secs`.
 fn http_client(cfg: &WebhooksConfig) -> Result<reqwest::Client, WebhookError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    let files: Vec<std::path::PathBuf> = match &cfg.ca_file {
-        Some(p) => vec![p.clone()],
-        None => [
-            "/etc/ssl/certs/ca-certificates.crt",
-            "/etc/pki/tls/certs/ca-bundle.crt",
-            "/etc/ssl/cert.pem",
-        ]
-        .iter()
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.exists())
-        .take(1)
-        .collect(),
-    };
-    for f in &files {
-        let certs =
-            CertificateDer::pem_file_iter(f).map_err(|e| crate::config::ConfigError::Key {
-                key: "webhooks.ca_file".into(),
-                message: format!("cannot read {}: {e}", f.display()),
-            })?;
-        for c in certs.flatten() {
-            // A bundle may hold a certificate rustls cannot use; the others still count.
-            let _ = roots.add(c);
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| WebhookError::Client(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let timeout = Duration::from_secs(cfg.timeout_secs.max(1));
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| WebhookError::Client(e.to_string()))
+    crate::https_client::build(
+        cfg.ca_file.as_deref(),
+        "webhooks.ca_file",
+        Duration::from_secs(cfg.timeout_secs.max(1)),
+    )
+    .map_err(|e| match e {
+        crate::https_client::ClientError::Config(c) => WebhookError::Config(c),
+        crate::https_client::ClientError::Client(m) => WebhookError::Client(m),
+    })
 }
 
 /// What one attempt came to.
@@ -445,43 +465,86 @@ enum Attempt {
     Refused(u16),
 }
 
-async fn lane(mut rx: mpsc::Receiver<Arc<Envelope>>, lc: LaneConfig) {
-    while let Some(env) = rx.recv().await {
-        let body = match serde_json::to_vec(&*env) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot encode webhook event");
-                lc.failed.inc();
-                continue;
-            }
+/// The signing secret of `cfg`: `webhooks.secret`, or the content of `webhooks.secret_file`
+/// (read now: at start and on every SIGHUP).
+pub fn signing_secret(cfg: &WebhooksConfig) -> Result<Vec<u8>, crate::config::ConfigError> {
+    let secret = match (&cfg.secret, &cfg.secret_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(p)) => {
+            crate::secret::read_one(p).map_err(|e| crate::config::ConfigError::Key {
+                key: "webhooks.secret_file".into(),
+                message: e.to_string(),
+            })?
+        }
+        (None, None) => {
+            return Err(crate::config::ConfigError::Key {
+                key: "webhooks.secret".into(),
+                message: "required when webhooks.urls is set".into(),
+            })
+        }
+    };
+    Ok(secret.expose().as_bytes().to_vec())
+}
+
+/// One delivery lane: events in order, one at a time, until the flush at shutdown has
+/// emptied its queue.
+async fn lane(
+    mut rx: mpsc::Receiver<Arc<Envelope>>,
+    lc: LaneConfig,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    pending: Arc<AtomicU64>,
+) {
+    loop {
+        let env = tokio::select! {
+            biased;
+            e = rx.recv() => e,
+            // Closing: take what is queued without waiting; an empty queue ends the lane.
+            _ = closing.wait_for(|c| *c) => rx.try_recv().ok(),
         };
-        let mut attempt = 1u32;
-        loop {
-            let started = Instant::now();
-            let r = post(&lc, &env, &body).await;
-            lc.latency.observe(started.elapsed().as_secs_f64());
-            match r {
-                Attempt::Delivered => {
-                    lc.delivered.inc();
-                    break;
-                }
-                Attempt::Refused(code) => {
-                    tracing::warn!(url = %lc.url, event = env.event.kind(), id = %env.id, code, "webhook refused by the receiver; not retried");
-                    lc.failed.inc();
-                    break;
-                }
-                Attempt::Retry(why) if attempt < lc.max_attempts => {
-                    let wait = backoff(lc.retry_initial, lc.retry_max, attempt);
-                    tracing::debug!(url = %lc.url, event = env.event.kind(), attempt, error = %why, ?wait, "webhook delivery failed; retrying");
-                    lc.retried.inc();
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Attempt::Retry(why) => {
-                    tracing::warn!(url = %lc.url, event = env.event.kind(), id = %env.id, attempts = attempt, error = %why, "webhook given up");
-                    lc.failed.inc();
-                    break;
-                }
+        let Some(env) = env else {
+            return;
+        };
+        deliver(&lc, &env).await;
+        pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Deliver one event: retried with backoff until delivered, refused or given up.
+async fn deliver(lc: &LaneConfig, env: &Envelope) {
+    let body = match serde_json::to_vec(env) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot encode webhook event");
+            lc.failed.inc();
+            return;
+        }
+    };
+    let mut attempt = 1u32;
+    loop {
+        let started = Instant::now();
+        let r = post(lc, env, &body).await;
+        lc.latency.observe(started.elapsed().as_secs_f64());
+        match r {
+            Attempt::Delivered => {
+                lc.delivered.inc();
+                break;
+            }
+            Attempt::Refused(code) => {
+                tracing::warn!(url = %lc.url, event = env.event.kind(), id = %env.id, code, "webhook refused by the receiver; not retried");
+                lc.failed.inc();
+                break;
+            }
+            Attempt::Retry(why) if attempt < lc.max_attempts => {
+                let wait = backoff(lc.retry_initial, lc.retry_max, attempt);
+                tracing::debug!(url = %lc.url, event = env.event.kind(), attempt, error = %why, ?wait, "webhook delivery failed; retrying");
+                lc.retried.inc();
+                tokio::time::sleep(wait).await;
+                attempt += 1;
+            }
+            Attempt::Retry(why) => {
+                tracing::warn!(url = %lc.url, event = env.event.kind(), id = %env.id, attempts = attempt, error = %why, "webhook given up");
+                lc.failed.inc();
+                break;
             }
         }
     }
@@ -489,7 +552,7 @@ async fn lane(mut rx: mpsc::Receiver<Arc<Envelope>>, lc: LaneConfig) {
 
 async fn post(lc: &LaneConfig, env: &Envelope, body: &[u8]) -> Attempt {
     let t = crate::crypto::unix_now();
-    let sig = signature(&lc.secret, t, body);
+    let sig = signature(&lc.secret.load(), t, body);
     let r = lc
         .client
         .post(lc.url.clone())

@@ -338,6 +338,175 @@ async fn admin_api_is_absent_unless_enabled() {
     srv.shutdown();
 }
 
+/// Without admin tokens (allowed on loopback only) the API serves local processes, but not a
+/// request that a reverse proxy on the same host relays for someone else; and a reload cannot
+/// turn the API off (or on): the routes are fixed at start.
+#[tokio::test]
+async fn a_tokenless_api_serves_only_local_unrelayed_clients_and_admin_api_is_fixed() {
+    let text = "[http]\nlisten = \"127.0.0.1:0\"\nadmin_api = true\n\
+                [turn]\nlisten = [\"127.0.0.1:0\"]\n";
+    let srv = Server::new(Config::from_toml(text).unwrap())
+        .start()
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    let r = c.get(admin_url(&srv, "/rooms")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a local process");
+    for h in ["x-forwarded-for", "forwarded", "x-real-ip"] {
+        let v = if h == "forwarded" {
+            "for=203.0.113.30"
+        } else {
+            "203.0.113.30"
+        };
+        let r = c
+            .get(admin_url(&srv, "/rooms"))
+            .header(h, v)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "relayed by a local proxy ({h})");
+    }
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.http.admin_api = false;
+    let e = srv.shared().reload(&cfg).unwrap_err().to_string();
+    assert!(e.contains("http.admin_api"), "{e}");
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.http.listen = "127.0.0.1:1".parse().unwrap();
+    let e = srv.shared().reload(&cfg).unwrap_err().to_string();
+    assert!(e.contains("http.listen"), "{e}");
+    srv.shutdown();
+}
+
+/// SIGHUP reloads the webhook signing secret like the other secrets: events after the reload
+/// are signed with the new one only, and an unreadable secret file refuses the reload and
+/// keeps the running secret.
+#[tokio::test]
+async fn the_webhook_secret_is_reloaded() {
+    use switchboard::webhooks::{verify, Event};
+    let mut hooks = Receiver::start().await;
+    let srv = start(&hooks.url(), "").await;
+    const NEXT: &str = "next-hook-secret-0123456789";
+    let mut cfg = (*srv.shared().config).clone();
+    cfg.webhooks.secret = Some(NEXT.into());
+    srv.shared().reload(&cfg).unwrap();
+    let signed_with = |hooks: &mut Receiver| {
+        let h = hooks.rx.try_recv().expect("a webhook");
+        let sig = h.headers["switchboard-signature"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let now = switchboard::auth::unix_now();
+        (
+            verify(NEXT.as_bytes(), &sig, &h.body, now, 300),
+            verify(HOOK_SECRET.as_bytes(), &sig, &h.body, now, 300),
+        )
+    };
+    let w = srv.shared().webhooks.clone();
+    w.emit("r", Event::RoomCreated { room: "r".into() });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while hooks.rx.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("delivered");
+    assert_eq!(signed_with(&mut hooks), (true, false), "new secret only");
+
+    cfg.webhooks.secret = None;
+    cfg.webhooks.secret_file = Some("/nonexistent/hook-secret".into());
+    let e = srv.shared().reload(&cfg).unwrap_err().to_string();
+    assert!(e.contains("webhooks.secret_file"), "{e}");
+    w.emit("r", Event::RoomCreated { room: "r".into() });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while hooks.rx.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("delivered");
+    assert_eq!(
+        signed_with(&mut hooks),
+        (true, false),
+        "kept after a bad reload"
+    );
+    srv.shutdown();
+}
+
+/// The flush at shutdown waits for the queued events to be delivered, and counts the ones a
+/// hanging receiver never took (`dropped_total{reason="webhook_shutdown"}`), as well as
+/// events emitted once the lanes have ended.
+#[tokio::test]
+async fn the_shutdown_flush_delivers_the_queues_and_counts_what_is_left() {
+    use switchboard::webhooks::Event;
+    let mut hooks = Receiver::start().await;
+    let srv = start(&hooks.url(), "").await;
+    let w = srv.shared().webhooks.clone();
+    for i in 0..8 {
+        w.emit(
+            &format!("r{i}"),
+            Event::RoomCreated {
+                room: format!("r{i}"),
+            },
+        );
+    }
+    let left = w
+        .flush(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert_eq!(left, 0);
+    let mut got = 0;
+    while hooks.rx.try_recv().is_ok() {
+        got += 1;
+    }
+    assert_eq!(
+        got, 8,
+        "every queued event was delivered when flush returned"
+    );
+    w.emit(
+        "late",
+        Event::RoomCreated {
+            room: "late".into(),
+        },
+    );
+    let dropped = |srv: &RunningServer| {
+        turn_common::metric(
+            &srv.shared().metrics.render(),
+            "switchboard_dropped_total{reason=\"webhook_shutdown\"}",
+        )
+    };
+    assert_eq!(dropped(&srv), 1, "emitted after the flush");
+    srv.shutdown();
+
+    let hooks = Receiver::start().await;
+    hooks.hang.store(true, Ordering::SeqCst);
+    let srv = start(&hooks.url(), "").await;
+    let w = srv.shared().webhooks.clone();
+    for i in 0..6 {
+        w.emit(
+            &format!("r{i}"),
+            Event::RoomCreated {
+                room: format!("r{i}"),
+            },
+        );
+    }
+    let t = Instant::now();
+    let left = w
+        .flush(tokio::time::Instant::now() + Duration::from_millis(300))
+        .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the deadline bounds it"
+    );
+    assert_eq!(left, 6);
+    assert_eq!(dropped(&srv), 6);
+    let again = w.flush(tokio::time::Instant::now()).await;
+    assert_eq!(
+        (again, dropped(&srv)),
+        (0, 6),
+        "a second flush counts nothing twice"
+    );
+    srv.shutdown();
+}
+
 /// A UDP echo peer on loopback.
 async fn echo_peer() -> SocketAddr {
     let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -578,3 +578,66 @@ async fn secret_files_are_read_at_start_and_on_sighup_and_never_printed() {
         assert!(!log.contains(s), "log shows {s}:\n{log}");
     }
 }
+
+/// Webhook events queued when the process stops are delivered before it exits (issue #28):
+/// allocations still alive when the drain times out end with `allocation.ended
+/// {reason:"shutdown"}`, and each of those reaches a receiver that takes 100 ms per POST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_webhooks_are_flushed_at_exit() {
+    use std::sync::{Arc, Mutex};
+    let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let g = g.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                    g.lock().unwrap().push(v);
+                }
+                "ok"
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[server]\ndrain_timeout_secs = 1\n[auth]\nturn_secrets = [\"s1\"]\n\
+             [webhooks]\nurls = [\"http://{hook}/hook\"]\nsecret = \"hook-secret-0123456789\"\n"
+        ),
+    );
+    let mut p = Proc::start(&cfg);
+    const N: usize = 8;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let (u, pw) = rest_creds("s1");
+        let mut c = Raw::new(p.udp).await;
+        assert_eq!(c.allocate(&u, &pw).await.code(), None);
+        clients.push(c);
+    }
+    p.signal("-TERM");
+    let (code, _) = tokio::task::spawn_blocking(move || {
+        let r = p.wait_exit(Duration::from_secs(15));
+        drop(p);
+        r
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    let got = got.lock().unwrap();
+    let ended = got
+        .iter()
+        .filter(|v| v["type"] == "allocation.ended" && v["reason"] == "shutdown")
+        .count();
+    assert_eq!(
+        ended, N,
+        "every allocation.ended(shutdown) arrived before exit: {got:?}"
+    );
+}

@@ -598,3 +598,111 @@ async fn issued_credentials_allocate_with_turnutils_uclient() {
     srv.shutdown();
     srv.wait().await;
 }
+
+/// An Ed25519 signing key made in the test, and its public JWK `x`.
+fn ed25519_key() -> (EncodingKey, String) {
+    use base64::Engine;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let kp = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(kp.public_key().as_ref());
+    (EncodingKey::from_ed_der(pkcs8.as_ref()), x)
+}
+
+fn ed_token(key: &EncodingKey, kid: &str, sub: &str) -> String {
+    let mut h = Header::new(Algorithm::EdDSA);
+    h.kid = Some(kid.to_string());
+    encode(&h, &json!({"sub": sub, "exp": now() + 60}), key).unwrap()
+}
+
+/// `auth.jwt.jwks_url`: keys come from a JWKS server in the test that rotates them. The first
+/// token signed with a rotated-in key logs in (a fetch on the unknown kid), a rotated-out kid
+/// stops working, a flood of made-up kids costs at most one fetch per
+/// `jwks_min_interval_secs`, and while the URL is down the last good set stays in use.
+#[tokio::test]
+async fn jwks_keys_are_fetched_rotated_rate_limited_and_kept_while_down() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+    let (key_a, x_a) = ed25519_key();
+    let (key_b, x_b) = ed25519_key();
+    let jwk = |kid: &str, x: &str| json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig"});
+    let doc = Arc::new(Mutex::new(json!({"keys": [jwk("a", &x_a)]})));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(AtomicBool::new(false));
+    let (d, h, dn) = (doc.clone(), hits.clone(), down.clone());
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let (d, h, dn) = (d.clone(), h.clone(), dn.clone());
+            async move {
+                h.fetch_add(1, Ordering::SeqCst);
+                if dn.load(Ordering::SeqCst) {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new());
+                }
+                let body = d.lock().unwrap().to_string();
+                (axum::http::StatusCode::OK, body)
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    const MIN_INTERVAL: u64 = 2;
+    let srv = start(&format!(
+        "[auth]\nbackends = [\"jwt\"]\n[auth.jwt]\njwks_url = \"http://{jwks_addr}/jwks\"\n\
+         jwks_min_interval_secs = {MIN_INTERVAL}\n"
+    ))
+    .await;
+    let wait_interval = || tokio::time::sleep(Duration::from_millis(MIN_INTERVAL * 1000 + 100));
+
+    let (s, v) = post_bearer(&srv, &ed_token(&key_a, "a", "ann")).await;
+    assert_eq!(s, 200, "key a from the set: {v}");
+    assert_eq!(v["userId"], "ann");
+    let (s, _) = post_bearer(&srv, &ed_token(&key_b, "a", "mallory")).await;
+    assert_eq!(s, 401, "kid a with another key's signature");
+
+    // The issuer rotates: only key b is published now.
+    *doc.lock().unwrap() = json!({"keys": [jwk("b", &x_b)]});
+    wait_interval().await;
+    let (s, v) = post_bearer(&srv, &ed_token(&key_b, "b", "bob")).await;
+    assert_eq!(s, 200, "the first token of the new key logs in: {v}");
+    wait_interval().await;
+    let (s, _) = post_bearer(&srv, &ed_token(&key_a, "a", "ann")).await;
+    assert_eq!(s, 401, "the rotated-out key no longer verifies");
+
+    // Made-up kids: at most one fetch per interval, however many arrive.
+    let before = hits.load(Ordering::SeqCst);
+    let t = Instant::now();
+    for i in 0..20 {
+        let (s, _) = post_bearer(&srv, &ed_token(&key_b, &format!("bogus-{i}"), "x")).await;
+        assert_eq!(s, 401);
+    }
+    let fetched = hits.load(Ordering::SeqCst) - before;
+    let allowed = 1 + (t.elapsed().as_secs() / MIN_INTERVAL) as usize;
+    assert!(
+        fetched <= allowed,
+        "{fetched} fetches for 20 unknown kids in {:?} (at most {allowed})",
+        t.elapsed()
+    );
+
+    // The URL goes down: a fetch is tried and fails, and key b keeps working.
+    down.store(true, Ordering::SeqCst);
+    wait_interval().await;
+    let before = hits.load(Ordering::SeqCst);
+    let (s, _) = post_bearer(&srv, &ed_token(&key_b, "c", "x")).await;
+    assert_eq!(s, 401);
+    assert!(hits.load(Ordering::SeqCst) > before, "a fetch was tried");
+    let (s, v) = post_bearer(&srv, &ed_token(&key_b, "b", "bob")).await;
+    assert_eq!(s, 200, "the last good set stays while the URL is down: {v}");
+    let m = srv.shared().metrics.render();
+    assert!(
+        turn_common::metric(&m, "switchboard_jwks_fetches_total{result=\"failed\"}") >= 1,
+        "{m}"
+    );
+    srv.shutdown();
+    srv.wait().await;
+}

@@ -283,11 +283,13 @@ async fn dropped_peer_resumes_and_gets_missed_frames_replayed() {
     let r = recv_type(&mut a, "peer-reconnecting").await;
     assert_eq!(r["peerId"], jb["peerId"]);
     for i in 0..3 {
-        send(
-            &mut a,
-            json!({"type": "signal", "to": jb["peerId"], "data": {"missed": i}}),
-        )
-        .await;
+        // The middle one is a broadcast (no `to`): buffered and replayed like the others.
+        let f = if i == 1 {
+            json!({"type": "signal", "data": {"missed": i}})
+        } else {
+            json!({"type": "signal", "to": jb["peerId"], "data": {"missed": i}})
+        };
+        send(&mut a, f).await;
     }
     let mut b2 = hello(&srv, "b").await;
     send(
@@ -316,7 +318,13 @@ async fn dropped_peer_resumes_and_gets_missed_frames_replayed() {
         json!({"type": "resume", "resumeToken": jb["resumeToken"]}),
     )
     .await;
-    assert_eq!(recv(&mut eve).await["code"], "bad_resume");
+    let e = recv(&mut eve).await;
+    assert_eq!(e["code"], "bad_resume");
+    // The message names the real cause, not "unknown or expired".
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("another user"),
+        "{e}"
+    );
     let m = srv.shared().metrics.render();
     assert!(
         m.contains("switchboard_resumes_total{outcome=\"resumed\"} 1"),

@@ -72,6 +72,10 @@ impl std::fmt::Debug for Key {
 pub struct JwtVerifier {
     keys: Vec<Key>,
     leeway: u64,
+    /// The issuer's fetched key set (`auth.jwt.jwks_url`), which outlives reloads.
+    jwks: Option<std::sync::Arc<super::jwks::Jwks>>,
+    /// The pinned validation of each algorithm a JWKS key may have.
+    jwks_validation: Vec<(Algorithm, Validation)>,
 }
 
 /// The claims switchboard uses.
@@ -130,35 +134,102 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             keys,
             leeway: cfg.leeway_secs,
+            jwks: None,
+            jwks_validation: [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+                .into_iter()
+                .map(|a| (a, validation(cfg, a)))
+                .collect(),
         })
+    }
+
+    /// Also verify with the keys of `jwks`, picked by the token's `kid`.
+    pub fn with_jwks(mut self, jwks: Option<std::sync::Arc<super::jwks::Jwks>>) -> JwtVerifier {
+        self.jwks = jwks;
+        self
+    }
+
+    /// The fetched key set, if one is configured.
+    pub fn jwks(&self) -> Option<&std::sync::Arc<super::jwks::Jwks>> {
+        self.jwks.as_ref()
     }
 
     /// Verify signature and claims at `now_unix`.
     pub fn verify(&self, token: &str, now_unix: u64) -> Result<Claims, JwtError> {
         let token = token.trim();
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
-        // A named kid picks its key; keys configured without a kid stand in for unknown ids.
-        let by_kid: Vec<&Key> = match &header.kid {
+        let fetched = self.jwks.as_ref().map(|j| j.all()).unwrap_or_default();
+        let jwks_validation = |alg: Algorithm| {
+            self.jwks_validation
+                .iter()
+                .find(|(a, _)| *a == alg)
+                .map(|(_, v)| v)
+        };
+        fn configured(k: &Key) -> (Algorithm, &DecodingKey, &Validation) {
+            (k.alg, &k.key, &k.validation)
+        }
+        // A named kid picks its key: configured first, then the issuer's set; keys configured
+        // without a kid stand in for ids neither knows.
+        let mut unknown_kid = false;
+        let candidates: Vec<(Algorithm, &DecodingKey, &Validation)> = match &header.kid {
             Some(kid) => {
-                let named: Vec<&Key> = self
+                let named: Vec<_> = self
                     .keys
                     .iter()
                     .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                    .map(configured)
                     .collect();
-                if named.is_empty() {
-                    self.keys.iter().filter(|k| k.kid.is_none()).collect()
-                } else {
+                if !named.is_empty() {
                     named
+                } else if let Some(j) = fetched.iter().find(|j| &j.kid == kid) {
+                    jwks_validation(j.alg)
+                        .map(|v| (j.alg, &j.key, v))
+                        .into_iter()
+                        .collect()
+                } else {
+                    unknown_kid = true;
+                    self.keys
+                        .iter()
+                        .filter(|k| k.kid.is_none())
+                        .map(configured)
+                        .collect()
                 }
             }
-            None => self.keys.iter().collect(),
+            None => self
+                .keys
+                .iter()
+                .map(configured)
+                .chain(
+                    fetched
+                        .iter()
+                        .filter_map(|j| jwks_validation(j.alg).map(|v| (j.alg, &j.key, v))),
+                )
+                .collect(),
         };
-        if by_kid.is_empty() {
+        let r = self.try_keys(token, &header, &candidates, now_unix);
+        if unknown_kid && r.is_err() {
+            if let Some(j) = &self.jwks {
+                // Perhaps the issuer rotated: ask for a (rate-limited) refresh.
+                j.unknown_kid();
+                return Err(JwtError::UnknownKey);
+            }
+        }
+        r
+    }
+
+    /// Verify `token` with each candidate key of the header's algorithm.
+    fn try_keys(
+        &self,
+        token: &str,
+        header: &jsonwebtoken::Header,
+        candidates: &[(Algorithm, &DecodingKey, &Validation)],
+        now_unix: u64,
+    ) -> Result<Claims, JwtError> {
+        if candidates.is_empty() {
             return Err(JwtError::UnknownKey);
         }
         let mut last = None;
-        for k in by_kid.iter().filter(|k| k.alg == header.alg) {
-            match jsonwebtoken::decode::<RawClaims>(token, &k.key, &k.validation) {
+        for (_, key, validation) in candidates.iter().filter(|(a, _, _)| *a == header.alg) {
+            match jsonwebtoken::decode::<RawClaims>(token, key, validation) {
                 Ok(data) => return self.check_time(data.claims, now_unix),
                 Err(e) => {
                     let e = map_error(e.kind());
@@ -209,12 +280,11 @@ fn validation(cfg: &JwtConfig, alg: Algorithm) -> Validation {
         v.set_issuer(&[iss]);
         required.push("iss");
     }
-    match &cfg.audience {
-        Some(aud) => {
-            v.set_audience(&[aud]);
-            required.push("aud");
-        }
-        None => v.validate_aud = false,
+    // `validate_aud` stays on (the crate's default): with no audience configured, the crate
+    // refuses any token that carries an `aud`, since it was minted for some other service.
+    if let Some(aud) = &cfg.audience {
+        v.set_audience(&[aud]);
+        required.push("aud");
     }
     v.set_required_spec_claims(&required);
     v
@@ -356,6 +426,57 @@ mod tests {
             serde_json::json!({"sub":"u","exp":exp,"aud":"sb"}),
         );
         assert_eq!(v.verify(&no_iss, now()), Err(JwtError::Claims));
+    }
+
+    /// docs/security.md: a token minted for another service (it carries an `aud`) is refused
+    /// when no audience is configured; with one configured, `aud` is required and matched.
+    #[test]
+    fn audience_is_checked_with_and_without_one_configured() {
+        let exp = now() + 60;
+        let none = hs("k");
+        let plain = mint("k", None, serde_json::json!({"sub":"u","exp":exp}));
+        assert!(
+            none.verify(&plain, now()).is_ok(),
+            "no aud, none configured"
+        );
+        for aud in [
+            serde_json::json!("other-service"),
+            serde_json::json!(["a", "b"]),
+        ] {
+            let t = mint(
+                "k",
+                None,
+                serde_json::json!({"sub":"u","exp":exp,"aud":aud}),
+            );
+            assert_eq!(
+                none.verify(&t, now()),
+                Err(JwtError::Claims),
+                "a token for {aud} with no audience configured"
+            );
+        }
+        let sb = JwtVerifier::from_config(&JwtConfig {
+            hs256_secret: Some("k".into()),
+            audience: Some("sb".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let ok = mint(
+            "k",
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"aud":"sb"}),
+        );
+        assert!(sb.verify(&ok, now()).is_ok());
+        let wrong = mint(
+            "k",
+            None,
+            serde_json::json!({"sub":"u","exp":exp,"aud":"other"}),
+        );
+        assert_eq!(sb.verify(&wrong, now()), Err(JwtError::Claims), "wrong aud");
+        assert_eq!(
+            sb.verify(&plain, now()),
+            Err(JwtError::Claims),
+            "aud missing"
+        );
     }
 
     #[test]

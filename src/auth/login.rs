@@ -108,6 +108,32 @@ impl Login {
         })
     }
 
+    /// Also verify JWTs with the issuer's fetched key set (`auth.jwt.jwks_url`), which
+    /// is built once at start and handed to every rebuilt `Login`.
+    pub fn with_jwks(mut self, jwks: Option<std::sync::Arc<super::jwks::Jwks>>) -> Login {
+        self.jwt = self.jwt.map(|v| v.with_jwks(jwks));
+        self
+    }
+
+    /// [`Login::authenticate`] for a bearer JWT; when its `kid` is not in the fetched key
+    /// set, fetch the set again (at most once per `auth.jwt.jwks_min_interval_secs`) and try
+    /// once more, so the first token signed with a rotated-in key logs in.
+    pub async fn authenticate_bearer(
+        &self,
+        token: &str,
+        now_unix: u64,
+    ) -> Result<Identity, LoginError> {
+        let c = Credentials::Bearer(token);
+        let r = self.authenticate(&c, now_unix);
+        match (&r, self.jwt.as_ref().and_then(|v| v.jwks())) {
+            (Err(LoginError::Jwt(JwtError::UnknownKey)), Some(jwks)) => {
+                jwks.refresh_for_unknown_kid().await;
+                self.authenticate(&c, now_unix)
+            }
+            _ => r,
+        }
+    }
+
     /// Whether a backend is enabled.
     pub fn enabled(&self, b: Backend) -> bool {
         self.backends.contains(&b)

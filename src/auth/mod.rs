@@ -1,6 +1,7 @@
 //! The one place that knows secrets: TURN REST credentials, static TURN users and
 //! session tokens. Every credential switchboard issues or checks goes through here.
 
+pub mod jwks;
 pub mod jwt;
 pub mod login;
 

@@ -45,7 +45,30 @@ pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .layer(axum::middleware::from_fn_with_state(shared, require_admin))
 }
 
+/// Whether a request comes from this host itself: its client address, as
+/// `http.trusted_proxies` resolves it, is loopback, and no proxy relayed it (a reverse proxy
+/// on the same host connects from loopback for clients anywhere). A request without a known
+/// peer address (driven in-process, not served) is not local.
+pub fn is_local(
+    peer: Option<std::net::IpAddr>,
+    headers: &axum::http::HeaderMap,
+    trusted: &[String],
+) -> bool {
+    let Some(peer) = peer else {
+        return false;
+    };
+    let relayed = ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| headers.contains_key(*h));
+    !relayed && super::client_ip::client_ip(peer, headers, trusted).is_loopback()
+}
+
 async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let local = is_local(peer, req.headers(), &s.config.http.trusted_proxies);
     let h = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -56,7 +79,7 @@ async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -
             .and_then(|t| std::str::from_utf8(t).ok())
             .is_some_and(|t| s.login.load().admin_jwt(t, crate::auth::unix_now()))
     };
-    if let Err(e) = crate::admin::authorize(&s.admin_tokens.load(), h).or_else(|e| {
+    if let Err(e) = crate::admin::authorize(&s.admin_tokens.load(), h, local).or_else(|e| {
         if by_jwt() {
             Ok(())
         } else {
@@ -114,5 +137,31 @@ async fn revoke_user(State(s): State<Arc<Shared>>, Path(user): Path<String>) -> 
     match crate::admin::revoke_user(&s, &user) {
         Ok(r) => Json(r).into_response(),
         Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local;
+    use axum::http::HeaderMap;
+
+    #[test]
+    fn only_unrelayed_loopback_clients_are_local() {
+        let none = HeaderMap::new();
+        let mut xff = HeaderMap::new();
+        xff.insert("x-forwarded-for", "203.0.113.30".parse().unwrap());
+        let lo = Some("127.0.0.1".parse().unwrap());
+        let v6 = Some("::ffff:127.0.0.1".parse().unwrap());
+        let public = Some("203.0.113.10".parse().unwrap());
+        assert!(is_local(lo, &none, &[]));
+        assert!(is_local(v6, &none, &[]));
+        assert!(!is_local(public, &none, &[]));
+        assert!(!is_local(None, &none, &[]), "in-process, no peer");
+        // A proxy on this host relays someone else: not local, trusted or not.
+        assert!(!is_local(lo, &xff, &[]));
+        assert!(!is_local(lo, &xff, &["127.0.0.1/32".to_string()]));
+        let mut real = HeaderMap::new();
+        real.insert("x-real-ip", "203.0.113.30".parse().unwrap());
+        assert!(!is_local(lo, &real, &[]));
     }
 }

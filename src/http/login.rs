@@ -278,7 +278,7 @@ async fn login_inner(
         }
         // A name check and a signature check take microseconds: no thread hop needed.
         Presented::Name(n) => login.authenticate(&Credentials::Name(&n), now),
-        Presented::Bearer(t) => login.authenticate(&Credentials::Bearer(&t), now),
+        Presented::Bearer(t) => login.authenticate_bearer(&t, now).await,
     }
     .map_err(|e| {
         tracing::info!(backend = label, error = %e, "login refused");

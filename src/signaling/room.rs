@@ -303,6 +303,14 @@ pub enum RoomError {
     /// Resume token unknown or its window closed.
     #[error("cannot resume: unknown or expired resume token")]
     BadResume,
+    /// The resume token is live but its seat belongs to another user: the client
+    /// authenticated as someone else (a fresh `open` login gets a new user id). Same code as
+    /// [`RoomError::BadResume`], its own message so the cause is visible.
+    #[error(
+        "cannot resume: the resume token belongs to another user; authenticate with the session \
+         token of the user that joined (the newest one from ice-servers)"
+    )]
+    ResumeOtherUser,
     /// A malformed field.
     #[error("{0}")]
     BadRequest(String),
@@ -323,7 +331,7 @@ impl RoomError {
             RoomError::AlreadyInRoom => "already_in_room",
             RoomError::TooManyRooms | RoomError::TooManyRoomsForUser => "too_many_rooms",
             RoomError::ForbiddenRoom => "forbidden_room",
-            RoomError::BadResume => "bad_resume",
+            RoomError::BadResume | RoomError::ResumeOtherUser => "bad_resume",
             RoomError::BadRequest(_) => "bad_request",
             RoomError::ClusterUnavailable => "cluster_unavailable",
         }
@@ -1131,7 +1139,7 @@ impl Hub {
         let room = self.rooms.get_mut(&room_id).ok_or(RoomError::BadResume)?;
         let me = room.peers.get_mut(&peer_id).ok_or(RoomError::BadResume)?;
         if me.user != member.user {
-            return Err(RoomError::BadResume);
+            return Err(RoomError::ResumeOtherUser);
         }
         // A live connection for this seat (half-open socket) is taken over.
         if let Some(old) = me.conn.take() {
@@ -1665,10 +1673,12 @@ mod tests {
         );
         out.clear();
         let tok = b["resumeToken"].as_str().unwrap();
-        assert_eq!(
-            h.resume(5, &m("mallory"), tok, 0, plain, &mut out),
-            Err(RoomError::BadResume)
-        );
+        let e = h
+            .resume(5, &m("mallory"), tok, 0, plain, &mut out)
+            .unwrap_err();
+        assert_eq!(e, RoomError::ResumeOtherUser);
+        assert_eq!(e.code(), "bad_resume", "the code stays");
+        assert!(e.to_string().contains("another user"), "{e}");
         h.resume(3, &m("b"), tok, 0, plain, &mut out).unwrap();
         let got = sent_to(&out, 3);
         assert_eq!(got[0]["type"], "resumed");

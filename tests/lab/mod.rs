@@ -439,6 +439,34 @@ impl Lab {
             .unwrap_or(-1)
     }
 
+    /// Send `sig` to the named process started by the lab (SIGHUP to reload a server).
+    pub fn signal(&self, name: &str, sig: nix::sys::signal::Signal) {
+        let (_, c) = self
+            .children
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no lab process named {name}"));
+        // `ip netns exec` execs the program, so the child's pid is the program's own.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)
+            .unwrap_or_else(|e| panic!("cannot signal {name}: {e}"));
+    }
+
+    /// Wait until the log of the named process contains `needle` (10 s), and return the log.
+    pub fn wait_log(&self, name: &str, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log(name);
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log of {name}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A file mounted over `/etc/<name>` for processes started in `h` (e.g. `hosts`).
     pub fn etc_file(&mut self, h: Host, name: &str, text: &str) {
         let d = PathBuf::from(format!("/etc/netns/{}", self.ns(h)));
