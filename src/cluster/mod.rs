@@ -343,37 +343,19 @@ impl Cluster {
         member: &Member,
         room: &str,
     ) -> Result<Route, RoomError> {
-        for attempt in 0..5u32 {
-            if self.has_room(room) {
-                return Ok(Route::Local);
+        let find = move || async move {
+            match self.owner_of(room).await? {
+                Some(owner) if owner.node != *self.node => Ok(Some(owner)),
+                _ => Err(RoomError::UnknownRoom),
             }
-            if !self.is_up() {
-                return Err(RoomError::ClusterUnavailable);
-            }
-            let Some(owner) = self.owner_of(room).await? else {
-                return Err(RoomError::UnknownRoom);
-            };
-            if owner.node == *self.node {
-                return Err(RoomError::UnknownRoom);
-            }
-            let who = Self::who(member);
-            let (_, a) = self
-                .forward(&owner, Some((conn, room)), |req| Wire::Join {
-                    req,
-                    conn,
-                    who,
-                    room: room.to_string(),
-                })
-                .await?;
-            match a {
-                Answer::Err(code, _) if code == "not_owner" => {
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                }
-                Answer::Ok(v) => return Ok(Route::Remote(Answer::Ok(v))),
-                a => return Ok(Route::Remote(a)),
-            }
-        }
-        Err(RoomError::ClusterUnavailable)
+        };
+        self.to_owner(conn, room, find, |req| Wire::Join {
+            req,
+            conn,
+            who: Self::who(member),
+            room: room.to_string(),
+        })
+        .await
     }
 
     /// `resume` from a connection of this node: local when the room lives here; forwarded to
@@ -386,6 +368,39 @@ impl Cluster {
         room: &str,
         r: ResumeRequest<'_>,
     ) -> Result<Route, RoomError> {
+        let find = move || async move {
+            match self.owner_of(room).await? {
+                Some(o) if o.node != *self.node => Ok(Some(o)),
+                _ if self.lifecycle.is_draining() => Err(RoomError::ClusterUnavailable),
+                // `None`: taken over here, the room is local now.
+                _ => self.take_over(room).await,
+            }
+        };
+        self.to_owner(conn, room, find, |req| Wire::Resume {
+            req,
+            conn,
+            who: Self::who(member),
+            token: r.token.to_string(),
+            last: r.last,
+            id: r.id.clone(),
+        })
+        .await
+    }
+
+    /// What `join` and `resume` share: local when the room lives here, else forwarded to the
+    /// owner that `find` names (`None`: the room is local now), retried with backoff while its
+    /// lease changes hands (the owner answers `not_owner`).
+    async fn to_owner<F, Fut>(
+        &self,
+        conn: ConnId,
+        room: &str,
+        mut find: F,
+        make: impl Fn(u64) -> Wire,
+    ) -> Result<Route, RoomError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Owner>, RoomError>>,
+    {
         for attempt in 0..5u32 {
             if self.has_room(room) {
                 return Ok(Route::Local);
@@ -393,35 +408,14 @@ impl Cluster {
             if !self.is_up() {
                 return Err(RoomError::ClusterUnavailable);
             }
-            let owner = self.owner_of(room).await?;
-            let owner = match owner {
-                Some(o) if o.node != *self.node => o,
-                _ => {
-                    if self.lifecycle.is_draining() {
-                        return Err(RoomError::ClusterUnavailable);
-                    }
-                    match self.take_over(room).await? {
-                        Some(o) => o,
-                        None => return Ok(Route::Local),
-                    }
-                }
+            let Some(owner) = find().await? else {
+                return Ok(Route::Local);
             };
-            let who = Self::who(member);
-            let (_, a) = self
-                .forward(&owner, Some((conn, room)), |req| Wire::Resume {
-                    req,
-                    conn,
-                    who,
-                    token: r.token.to_string(),
-                    last: r.last,
-                    id: r.id.clone(),
-                })
-                .await?;
+            let (_, a) = self.forward(&owner, Some((conn, room)), &make).await?;
             match a {
                 Answer::Err(code, _) if code == "not_owner" => {
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                 }
-                Answer::Ok(v) => return Ok(Route::Remote(Answer::Ok(v))),
                 a => return Ok(Route::Remote(a)),
             }
         }

@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use super::bus::Proxy;
 use super::lease::Owner;
-use super::wire::{Envelope, Wire};
+use super::wire::{Envelope, Who, Wire};
 use super::{lock, Answer, Cluster};
 use crate::signaling::bus::Outbound;
 use crate::signaling::conn::with_id_text;
-use crate::signaling::room::{token_room, ConnId, Frame, Member, RoomError};
+use crate::signaling::room::{token_room, Action, ConnId, Frame, Hub, Member, RoomError};
 use crate::signaling::service::static_kind;
 
 fn error_text(code: &str, message: &str, id: Option<&RawValue>) -> String {
@@ -72,6 +72,45 @@ impl Cluster {
         );
     }
 
+    /// Seats a connection of another node in `room` as a proxy and runs `seat` (a join or a
+    /// resume) for it on the hub. The answer goes back before anything else the seat is sent,
+    /// and the proxy goes again when the hub refuses; true when seated.
+    fn seat_proxy(
+        &self,
+        from: &Arc<str>,
+        req: u64,
+        conn: ConnId,
+        room: &str,
+        who: Who,
+        seat: impl FnOnce(&mut Hub, ConnId, &Member, &mut Vec<Action>) -> Result<Value, RoomError>,
+    ) -> bool {
+        let member = Member {
+            user: who.user,
+            room_limit: who.limit,
+        };
+        let p = self.sig.new_conn_id();
+        let epoch = self.epoch_of(room);
+        self.remote.add_proxy(
+            p,
+            Proxy {
+                node: from.clone(),
+                conn,
+                room: room.to_string(),
+                epoch,
+            },
+        );
+        let seated = self.sig.apply(&self.metrics, room, |h, out| {
+            let r = seat(h, p, &member, out);
+            let ok = r.is_ok();
+            self.answer(from, req, epoch, r);
+            ok
+        });
+        if !seated {
+            self.remote.remove_proxy(p);
+        }
+        seated
+    }
+
     /// Handle one envelope, in order.
     pub(crate) fn handle(&self, env: Envelope) {
         let from: Arc<str> = env.from.as_str().into();
@@ -93,32 +132,11 @@ impl Cluster {
                 if !self.has_room(&room) || self.lifecycle.is_draining() {
                     return self.not_owner(from, req);
                 }
-                let member = Member {
-                    user: who.user,
-                    room_limit: who.limit,
-                };
-                let p = sig.new_conn_id();
-                let epoch = self.epoch_of(&room);
-                self.remote.add_proxy(
-                    p,
-                    Proxy {
-                        node: from.clone(),
-                        conn,
-                        room: room.clone(),
-                        epoch,
-                    },
-                );
-                let ok = sig.apply(&self.metrics, &room, |h, out| {
-                    let r = h.join(p, &member, &room, out);
-                    let ok = r.is_ok();
-                    // Answered before anything else this seat is sent.
-                    self.answer(from, req, epoch, r);
-                    ok
+                let seated = self.seat_proxy(from, req, conn, &room, who, |h, p, m, out| {
+                    h.join(p, m, &room, out)
                 });
-                if ok {
+                if seated {
                     self.mirror(&room);
-                } else {
-                    self.remote.remove_proxy(p);
                 }
             }
             Wire::Resume {
@@ -135,44 +153,18 @@ impl Cluster {
                 if !self.has_room(&room) {
                     return self.not_owner(from, req);
                 }
-                let member = Member {
-                    user: who.user,
-                    room_limit: who.limit,
-                };
                 // A resume from a connection that is seated already takes its seat over.
                 if let Some(old) = self.remote.proxy_of(from, conn) {
                     self.remote.remove_proxy(old);
                 }
-                let p = sig.new_conn_id();
-                let epoch = self.epoch_of(&room);
-                self.remote.add_proxy(
-                    p,
-                    Proxy {
-                        node: from.clone(),
-                        conn,
-                        room: room.clone(),
-                        epoch,
-                    },
-                );
                 let id = raw(&id);
-                let ok = sig.apply(&self.metrics, &room, |h, out| {
-                    let r = h.resume(
-                        p,
-                        &member,
-                        &token,
-                        last,
-                        |v| with_id_text(&v, id.as_deref()),
-                        out,
-                    );
-                    let ok = r.is_ok();
-                    self.answer(from, req, epoch, r.map(|()| Value::Null));
-                    ok
+                let seated = self.seat_proxy(from, req, conn, &room, who, |h, p, m, out| {
+                    let reply = |v| with_id_text(&v, id.as_deref());
+                    h.resume(p, m, &token, last, reply, out)
+                        .map(|()| Value::Null)
                 });
-                let outcome = if ok { "resumed" } else { "rejected" };
+                let outcome = if seated { "resumed" } else { "rejected" };
                 self.metrics.resumes.with_label_values(&[outcome]).inc();
-                if !ok {
-                    self.remote.remove_proxy(p);
-                }
             }
             Wire::Leave { req, conn } => {
                 let Some(p) = self.remote.proxy_of(from, conn) else {
