@@ -76,6 +76,12 @@ pub struct Metrics {
     pub cluster_ownership_changes: IntCounterVec,
     /// 1 while Redis answers and this node's pub/sub subscription delivers; 0 otherwise.
     pub cluster_redis_up: IntGauge,
+    /// Allocates answered 300 Try Alternate, by reason (`draining|capacity`).
+    pub turn_redirects: IntCounterVec,
+    /// Ready nodes in this node's TURN membership snapshot (itself included).
+    pub cluster_nodes_ready: IntGauge,
+    /// This node's TURN membership state: 1 for the state it is in (`ready|draining`).
+    pub cluster_node_state: IntGaugeVec,
     /// Relayed payload bytes by client transport (`udp|tcp|tls`) and direction.
     pub relay_bytes_by_transport: ByTransport,
     /// Webhook events by final outcome (`delivered|failed`), and retries (`retried`).
@@ -336,6 +342,23 @@ impl Metrics {
                 r,
                 "cluster_redis_up",
                 "1 while Redis answers and this node's subscription delivers (0 in single-node mode).",
+            ),
+            turn_redirects: cv(
+                r,
+                "turn_redirects_total",
+                "Allocates answered 300 Try Alternate, by reason (draining, capacity).",
+                &["reason"],
+            ),
+            cluster_nodes_ready: g(
+                r,
+                "cluster_nodes_ready",
+                "Ready nodes in this node's TURN membership snapshot, itself included.",
+            ),
+            cluster_node_state: gv(
+                r,
+                "cluster_node_state",
+                "1 for this node's TURN membership state (ready or draining), 0 for the other.",
+                &["state"],
             ),
             relay_bytes_by_transport,
             webhook_deliveries: cv(

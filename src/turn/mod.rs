@@ -2,6 +2,7 @@
 
 pub mod allocation;
 pub mod core;
+pub mod members;
 pub mod offload;
 pub mod policy;
 pub mod relay;

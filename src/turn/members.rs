@@ -1,0 +1,357 @@
+//! What one node knows about the TURN side of the cluster, and the decisions it takes from
+//! that knowledge alone: which node a login points at, and where a redirected Allocate goes.
+//!
+//! Sans-IO: the cluster shell (`src/cluster/members.rs`) reads the records from Redis and
+//! swaps a [`Snapshot`] into [`Live`]; the TURN core and the login path only read it, so
+//! neither ever waits on Redis. Public address discovery writes its results here too.
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Whether a node takes new allocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Takes new allocations and logins.
+    Ready,
+    /// Shutting down: keeps its allocations, takes no new ones.
+    Draining,
+}
+
+/// One node's published record (JSON in Redis, and the rows of `GET /v1/admin/nodes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The node id (`cluster.node_id`).
+    pub node: String,
+    /// `ready` or `draining`.
+    pub state: NodeState,
+    /// Host put in this node's own URIs: a per-node name or an IP literal (`[v6]` bracketed).
+    pub host: String,
+    /// The `turn:`/`turns:` URIs that reach this node (udp, tcp, tls).
+    pub uris: Vec<String>,
+    /// Public addresses, at most one per family.
+    pub addrs: Vec<IpAddr>,
+    /// UDP/TCP port of STUN/TURN (0: none).
+    pub port: u16,
+    /// TLS port (0: none).
+    pub tls_port: u16,
+    /// Allocations held now.
+    pub allocations: u64,
+    /// `turn.capacity_allocations`: allocations above which the node redirects.
+    pub capacity: u64,
+    /// Packets relayed per second (both directions), over the last refresh period.
+    pub packets_per_sec: f64,
+    /// CPU share of the relay shards, 0..=1 of the whole host.
+    pub cpu: f64,
+}
+
+impl NodeRecord {
+    /// Load in 0..=1+ (allocations over capacity), what placement compares.
+    pub fn load(&self) -> f64 {
+        self.allocations as f64 / self.capacity.max(1) as f64
+    }
+
+    fn addr_of(&self, v6: bool) -> Option<IpAddr> {
+        self.addrs.iter().copied().find(|a| a.is_ipv6() == v6)
+    }
+}
+
+/// Every live node record this node knows of, itself included.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Records, each fresh within the membership TTL.
+    pub nodes: Vec<NodeRecord>,
+}
+
+/// Where a redirected Allocate is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alternate {
+    /// ALTERNATE-SERVER.
+    pub addr: SocketAddr,
+    /// ALTERNATE-DOMAIN, for TLS: the name to check the certificate against.
+    pub domain: Option<String>,
+}
+
+/// Why an Allocate is turned away with 300.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedirectReason {
+    /// This node drains.
+    Draining,
+    /// This node holds `turn.capacity_allocations`.
+    Capacity,
+}
+
+impl RedirectReason {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RedirectReason::Draining => "draining",
+            RedirectReason::Capacity => "capacity",
+        }
+    }
+}
+
+/// Pick the node an Allocate that this node turns away should try: a ready node other than
+/// `me`, below its capacity, with a public address of the client's family (libwebrtc refuses
+/// a change of family), least loaded first. `tls` needs a TLS port and names the domain.
+pub fn alternate(
+    snap: &Snapshot,
+    me: &str,
+    v6: bool,
+    tls: bool,
+    tls_domain: Option<&str>,
+) -> Option<Alternate> {
+    let n = snap
+        .nodes
+        .iter()
+        .filter(|n| n.node != me && n.state == NodeState::Ready)
+        .filter(|n| n.allocations < n.capacity)
+        .filter(|n| if tls { n.tls_port != 0 } else { n.port != 0 })
+        .filter(|n| n.addr_of(v6).is_some())
+        .min_by(|a, b| a.load().total_cmp(&b.load()))?;
+    let ip = n.addr_of(v6)?;
+    let port = if tls { n.tls_port } else { n.port };
+    let domain = tls.then(|| {
+        tls_domain
+            .map(str::to_string)
+            .unwrap_or_else(|| n.host.trim_matches(['[', ']']).to_string())
+    });
+    Some(Alternate {
+        addr: SocketAddr::new(ip, port),
+        domain,
+    })
+}
+
+/// The Allocate decision before anything is bound: `None` to go on here, else the reason to
+/// answer 300 and where to. A draining node with no alternate answers with the static
+/// `turn.alternate_server` or 508 (the caller's business); a full node with none goes on.
+pub fn redirect(
+    draining: bool,
+    allocations: u64,
+    capacity: u64,
+    pick: impl FnOnce() -> Option<Alternate>,
+) -> Option<(RedirectReason, Option<Alternate>)> {
+    if draining {
+        return Some((RedirectReason::Draining, pick()));
+    }
+    if capacity > 0 && allocations >= capacity {
+        return pick().map(|a| (RedirectReason::Capacity, Some(a)));
+    }
+    None
+}
+
+/// Placement at login: the ready node with the lowest load, counting the logins this node
+/// already pointed at each since its record was last read (`pending`), so a burst of logins
+/// spreads before the records catch up. Ties go to the lowest node id.
+pub fn least_loaded<'a>(
+    snap: &'a Snapshot,
+    pending: &HashMap<String, u64>,
+) -> Option<&'a NodeRecord> {
+    let score = |n: &NodeRecord| {
+        (n.allocations + pending.get(&n.node).copied().unwrap_or(0)) as f64
+            / n.capacity.max(1) as f64
+    };
+    snap.nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Ready)
+        .min_by(|a, b| score(a).total_cmp(&score(b)).then(a.node.cmp(&b.node)))
+}
+
+/// Who this node is in the cluster, for redirects.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterId {
+    /// This node's id.
+    pub me: String,
+    /// `public.turns_host`: the shared TLS name for ALTERNATE-DOMAIN.
+    pub tls_domain: Option<String>,
+}
+
+/// The live, shared part of the relay settings: what discovery and membership learn while
+/// the server runs. Writers swap whole values; readers never block.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Set once in cluster mode: this node's id and the shared TLS name.
+    pub cluster: std::sync::OnceLock<ClusterId>,
+    /// `turn.capacity_allocations` (or `turn.max_allocations`).
+    pub capacity: u64,
+    /// Discovered `(public, local)` pairs for `turn.relay_ip = "auto"`.
+    pub discovered: ArcSwap<Vec<(IpAddr, Option<IpAddr>)>>,
+    /// The cluster's node records.
+    pub members: ArcSwap<Snapshot>,
+    /// Logins pointed at each node since its record was last read (see [`least_loaded`]).
+    pub pending: Mutex<HashMap<String, u64>>,
+    /// Bumped each time `members` is replaced.
+    pub generation: AtomicU64,
+}
+
+impl Live {
+    /// Replace the membership snapshot; logins counted as pending are now in the records.
+    pub fn set_members(&self, s: Snapshot) {
+        self.members.store(std::sync::Arc::new(s));
+        match self.pending.lock() {
+            Ok(mut p) => p.clear(),
+            Err(p) => p.into_inner().clear(),
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The discovered public address of one family.
+    pub fn discovered_public(&self, v6: bool) -> Option<IpAddr> {
+        self.discovered
+            .load()
+            .iter()
+            .map(|(p, _)| *p)
+            .find(|p| p.is_ipv6() == v6)
+    }
+
+    /// Placement for one login: the least loaded ready node, counted as pending.
+    pub fn place(&self) -> Option<NodeRecord> {
+        let snap = self.members.load();
+        let mut p = match self.pending.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        let n = least_loaded(&snap, &p)?.clone();
+        *p.entry(n.node.clone()).or_insert(0) += 1;
+        Some(n)
+    }
+
+    /// This node's own record in the snapshot, if published.
+    pub fn own(&self) -> Option<NodeRecord> {
+        self.node(&self.cluster.get()?.me)
+    }
+
+    /// A node's record by id.
+    pub fn node(&self, id: &str) -> Option<NodeRecord> {
+        self.members
+            .load()
+            .nodes
+            .iter()
+            .find(|n| n.node == id)
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, ip: &str, state: NodeState, allocs: u64, cap: u64) -> NodeRecord {
+        NodeRecord {
+            node: id.into(),
+            state,
+            host: ip.into(),
+            uris: vec![],
+            addrs: vec![ip.parse().unwrap()],
+            port: 3478,
+            tls_port: 5349,
+            allocations: allocs,
+            capacity: cap,
+            packets_per_sec: 0.0,
+            cpu: 0.0,
+        }
+    }
+
+    fn snap() -> Snapshot {
+        Snapshot {
+            nodes: vec![
+                rec("a", "203.0.113.11", NodeState::Ready, 5, 10),
+                rec("b", "203.0.113.12", NodeState::Ready, 9, 10),
+                rec("c", "203.0.113.13", NodeState::Ready, 2, 10),
+                rec("d", "2001:db8::4", NodeState::Ready, 0, 10),
+                rec("e", "203.0.113.15", NodeState::Draining, 0, 10),
+                rec("f", "203.0.113.16", NodeState::Ready, 10, 10),
+            ],
+        }
+    }
+
+    #[test]
+    fn alternate_is_a_ready_node_with_room_of_the_same_family_least_loaded_first() {
+        let s = snap();
+        // c is the least loaded v4 node; e drains, f is full, d is v6, a is me.
+        let a = alternate(&s, "a", false, false, None).unwrap();
+        assert_eq!(a.addr, "203.0.113.13:3478".parse().unwrap());
+        assert_eq!(a.domain, None);
+        let a = alternate(&s, "c", false, false, None).unwrap();
+        assert_eq!(a.addr, "203.0.113.11:3478".parse().unwrap());
+        let a = alternate(&s, "a", true, false, None).unwrap();
+        assert_eq!(a.addr, "[2001:db8::4]:3478".parse().unwrap());
+        assert_eq!(
+            alternate(&s, "d", true, false, None),
+            None,
+            "no other v6 node"
+        );
+    }
+
+    #[test]
+    fn tls_alternate_carries_the_domain_and_the_tls_port() {
+        let s = snap();
+        let a = alternate(&s, "a", false, true, Some("turn.example.com")).unwrap();
+        assert_eq!(a.addr, "203.0.113.13:5349".parse().unwrap());
+        assert_eq!(a.domain.as_deref(), Some("turn.example.com"));
+        let mut s2 = s.clone();
+        s2.nodes[2].host = "c.turn.example.com".into();
+        let a = alternate(&s2, "a", false, true, None).unwrap();
+        assert_eq!(a.domain.as_deref(), Some("c.turn.example.com"));
+        s2.nodes.iter_mut().for_each(|n| n.tls_port = 0);
+        assert_eq!(alternate(&s2, "a", false, true, None), None);
+    }
+
+    #[test]
+    fn redirect_only_when_draining_or_full() {
+        let s = snap();
+        let pick = || alternate(&s, "a", false, false, None);
+        assert_eq!(redirect(false, 5, 10, pick), None);
+        assert_eq!(
+            redirect(false, 50, 0, pick),
+            None,
+            "capacity 0: no soft cap"
+        );
+        let (r, a) = redirect(false, 10, 10, pick).unwrap();
+        assert_eq!(r, RedirectReason::Capacity);
+        assert_eq!(a.unwrap().addr.ip().to_string(), "203.0.113.13");
+        let (r, _) = redirect(true, 0, 10, pick).unwrap();
+        assert_eq!(r, RedirectReason::Draining);
+        // Full with nowhere to go: stay (the hard cap answers 508 later); draining: no alt.
+        let empty = Snapshot::default();
+        assert_eq!(
+            redirect(false, 10, 10, || alternate(&empty, "a", false, false, None)),
+            None
+        );
+        assert_eq!(
+            redirect(true, 0, 10, || alternate(&empty, "a", false, false, None)),
+            Some((RedirectReason::Draining, None))
+        );
+    }
+
+    #[test]
+    fn placement_spreads_a_burst_through_pending_counts() {
+        let s = Snapshot {
+            nodes: vec![
+                rec("a", "203.0.113.11", NodeState::Ready, 0, 100),
+                rec("b", "203.0.113.12", NodeState::Ready, 0, 100),
+                rec("c", "203.0.113.13", NodeState::Ready, 0, 100),
+                rec("d", "203.0.113.14", NodeState::Draining, 0, 100),
+            ],
+        };
+        let live = Live::default();
+        live.set_members(s);
+        let mut count: HashMap<String, u32> = HashMap::new();
+        for _ in 0..300 {
+            *count.entry(live.place().unwrap().node).or_default() += 1;
+        }
+        assert_eq!(count.get("d"), None, "a draining node is never placed");
+        for n in ["a", "b", "c"] {
+            assert_eq!(count[n], 100, "{count:?}");
+        }
+        // A fresh snapshot replaces the pending counts.
+        let mut s = (**live.members.load()).clone();
+        s.nodes[0].allocations = 50;
+        live.set_members(s);
+        assert_ne!(live.place().unwrap().node, "a");
+    }
+}
