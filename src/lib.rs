@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod discover;
 pub mod http;
 pub mod ice;
 pub mod lifecycle;

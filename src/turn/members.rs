@@ -47,6 +47,10 @@ pub struct NodeRecord {
     pub packets_per_sec: f64,
     /// CPU share of the relay shards, 0..=1 of the whole host.
     pub cpu: f64,
+    /// When the record was built (Unix milliseconds, the publisher's clock): logins placed
+    /// after it are not in `allocations` yet.
+    #[serde(default)]
+    pub at_ms: u64,
 }
 
 impl NodeRecord {
@@ -144,21 +148,33 @@ pub fn redirect(
     None
 }
 
-/// Placement at login: the ready node with the lowest load, counting the logins this node
-/// already pointed at each since its record was last read (`pending`), so a burst of logins
-/// spreads before the records catch up. Ties go to the lowest node id.
+/// Loads within this share of capacity of the least loaded node count as equal.
+pub const LOAD_BAND: f64 = 0.02;
+
+/// Placement at login. Load is `allocations` over capacity, plus the logins this node pointed
+/// at a node after its record was built (`pending`: Unix ms of each), so a burst counts
+/// before the records catch up. Records are up to a refresh old and other nodes place logins
+/// too, so "the one least loaded" would herd every node onto the same stale minimum: the
+/// ready nodes within [`LOAD_BAND`] of the minimum are equals, and among them the one this
+/// node pointed fewest logins at (`placed`) wins, then the lowest id. That is round-robin
+/// among equals on every node, and the sum over nodes stays even.
 pub fn least_loaded<'a>(
     snap: &'a Snapshot,
-    pending: &HashMap<String, u64>,
+    pending: &HashMap<String, Vec<u64>>,
+    placed: &HashMap<String, u64>,
 ) -> Option<&'a NodeRecord> {
     let score = |n: &NodeRecord| {
-        (n.allocations + pending.get(&n.node).copied().unwrap_or(0)) as f64
-            / n.capacity.max(1) as f64
+        let newer = pending
+            .get(&n.node)
+            .map_or(0, |v| v.iter().filter(|t| **t >= n.at_ms).count() as u64);
+        (n.allocations + newer) as f64 / n.capacity.max(1) as f64
     };
-    snap.nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Ready)
-        .min_by(|a, b| score(a).total_cmp(&score(b)).then(a.node.cmp(&b.node)))
+    let ready = || snap.nodes.iter().filter(|n| n.state == NodeState::Ready);
+    let min = ready().map(score).min_by(f64::total_cmp)?;
+    let count = |n: &NodeRecord| placed.get(&n.node).copied().unwrap_or(0);
+    ready()
+        .filter(|n| score(n) <= min + LOAD_BAND)
+        .min_by(|a, b| count(a).cmp(&count(b)).then(a.node.cmp(&b.node)))
 }
 
 /// Who this node is in the cluster, for redirects.
@@ -168,6 +184,13 @@ pub struct ClusterId {
     pub me: String,
     /// `public.turns_host`: the shared TLS name for ALTERNATE-DOMAIN.
     pub tls_domain: Option<String>,
+}
+
+/// Now in Unix milliseconds, the clock of [`NodeRecord::at_ms`] and [`Live::place`].
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The live, shared part of the relay settings: what discovery and membership learn while
@@ -182,20 +205,28 @@ pub struct Live {
     pub discovered: ArcSwap<Vec<(IpAddr, Option<IpAddr>)>>,
     /// The cluster's node records.
     pub members: ArcSwap<Snapshot>,
-    /// Logins pointed at each node since its record was last read (see [`least_loaded`]).
-    pub pending: Mutex<HashMap<String, u64>>,
+    /// When this node pointed logins at each node recently (Unix ms, see [`least_loaded`]).
+    pub pending: Mutex<HashMap<String, Vec<u64>>>,
+    /// Logins this node pointed at each node, ever (round-robin among equals).
+    pub placed: Mutex<HashMap<String, u64>>,
     /// Bumped each time `members` is replaced.
     pub generation: AtomicU64,
 }
 
 impl Live {
-    /// Replace the membership snapshot; logins counted as pending are now in the records.
+    /// Replace the membership snapshot; pending logins older than every record are dropped.
     pub fn set_members(&self, s: Snapshot) {
+        let oldest = s.nodes.iter().map(|n| n.at_ms).min().unwrap_or(u64::MAX);
         self.members.store(std::sync::Arc::new(s));
-        match self.pending.lock() {
-            Ok(mut p) => p.clear(),
-            Err(p) => p.into_inner().clear(),
-        }
+        let mut p = match self.pending.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        p.retain(|_, v| {
+            v.retain(|t| *t >= oldest);
+            !v.is_empty()
+        });
+        drop(p);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
@@ -208,15 +239,21 @@ impl Live {
             .find(|p| p.is_ipv6() == v6)
     }
 
-    /// Placement for one login: the least loaded ready node, counted as pending.
-    pub fn place(&self) -> Option<NodeRecord> {
+    /// Placement for one login at `now_ms` (Unix ms): the least loaded ready node, counted
+    /// as pending until a record built after it arrives.
+    pub fn place(&self, now_ms: u64) -> Option<NodeRecord> {
         let snap = self.members.load();
         let mut p = match self.pending.lock() {
             Ok(g) => g,
             Err(e) => e.into_inner(),
         };
-        let n = least_loaded(&snap, &p)?.clone();
-        *p.entry(n.node.clone()).or_insert(0) += 1;
+        let mut placed = match self.placed.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        let n = least_loaded(&snap, &p, &placed)?.clone();
+        p.entry(n.node.clone()).or_default().push(now_ms);
+        *placed.entry(n.node.clone()).or_insert(0) += 1;
         Some(n)
     }
 
@@ -253,6 +290,7 @@ mod tests {
             capacity: cap,
             packets_per_sec: 0.0,
             cpu: 0.0,
+            at_ms: 1000,
         }
     }
 
@@ -329,6 +367,26 @@ mod tests {
     }
 
     #[test]
+    fn placement_prefers_a_node_clearly_less_loaded_over_round_robin() {
+        let s = Snapshot {
+            nodes: vec![
+                rec("a", "203.0.113.11", NodeState::Ready, 30, 100),
+                rec("b", "203.0.113.12", NodeState::Ready, 10, 100),
+                rec("c", "203.0.113.13", NodeState::Ready, 11, 100),
+            ],
+        };
+        let live = Live::default();
+        live.set_members(s);
+        let mut count: HashMap<String, u32> = HashMap::new();
+        for i in 0..20 {
+            *count.entry(live.place(2000 + i).unwrap().node).or_default() += 1;
+        }
+        // b and c fill up to a's load first (10 + 11 + 20 = 41 = 2 × 20.5).
+        assert_eq!(count.get("a"), None, "{count:?}");
+        assert!(count["b"].abs_diff(count["c"]) <= 2, "{count:?}");
+    }
+
+    #[test]
     fn placement_spreads_a_burst_through_pending_counts() {
         let s = Snapshot {
             nodes: vec![
@@ -341,17 +399,26 @@ mod tests {
         let live = Live::default();
         live.set_members(s);
         let mut count: HashMap<String, u32> = HashMap::new();
-        for _ in 0..300 {
-            *count.entry(live.place().unwrap().node).or_default() += 1;
+        for i in 0..300 {
+            *count.entry(live.place(2000 + i).unwrap().node).or_default() += 1;
         }
         assert_eq!(count.get("d"), None, "a draining node is never placed");
         for n in ["a", "b", "c"] {
             assert_eq!(count[n], 100, "{count:?}");
         }
-        // A fresh snapshot replaces the pending counts.
+        // Records built after the logins replace their pending counts.
         let mut s = (**live.members.load()).clone();
+        s.nodes.iter_mut().for_each(|n| n.at_ms = 3000);
         s.nodes[0].allocations = 50;
         live.set_members(s);
-        assert_ne!(live.place().unwrap().node, "a");
+        assert!(live.pending.lock().unwrap().is_empty());
+        assert_ne!(live.place(3001).unwrap().node, "a");
+        // A record older than a login still counts it as pending.
+        let mut s = (**live.members.load()).clone();
+        s.nodes[1].at_ms = 2500;
+        live.set_members(s);
+        // b's record predates the login placed on it at 3001 (still pending), so c goes
+        // first; a stays out of the band of equals.
+        assert_eq!(live.place(3002).unwrap().node, "c");
     }
 }

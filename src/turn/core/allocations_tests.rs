@@ -880,6 +880,7 @@ fn cluster_of(h: &H, me: &str, nodes: &[(&str, &str, crate::turn::members::NodeS
                 capacity: 100,
                 packets_per_sec: 0.0,
                 cpu: 0.0,
+                at_ms: 0,
             })
             .collect(),
     });
