@@ -202,18 +202,22 @@ fn turn_uris(
 
 /// The host and ports a login points at: in cluster mode this node's own address
 /// (`cluster.turn_placement = "self"`) or the least loaded ready node's; else `public_host`.
-fn placement(shared: &Shared, request_host: Option<&str>) -> (String, u16, Option<u16>) {
+/// A refresh (`refresh`) keeps the node the user's login was pointed at, unless it drains.
+fn placement(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    refresh: bool,
+    until: u64,
+) -> (String, u16, Option<u16>) {
     let (port, tls_port) = ports(shared);
     let Some(_) = &shared.cluster else {
         return (public_host(shared, request_host), port, tls_port);
     };
     if shared.config.cluster.turn_placement == crate::config::TurnPlacement::LeastLoaded {
-        if let Some(n) = shared
-            .turn
-            .settings
-            .live
-            .place(crate::turn::members::unix_ms())
-        {
+        let now = crate::turn::members::unix_ms();
+        let live = &shared.turn.settings.live;
+        if let Some(n) = live.place_for(user, refresh, now, until) {
             let tls = (n.tls_port != 0).then_some(n.tls_port);
             return (n.host, n.port, tls.or(tls_port));
         }
@@ -255,7 +259,7 @@ impl crate::signaling::IceSource for Shared {
         now_unix: u64,
         not_after: u64,
     ) -> crate::signaling::IceGrant {
-        let c = ice_config_until(self, host, user, now_unix, Some(not_after));
+        let c = ice_refresh(self, host, user, now_unix, not_after);
         crate::signaling::IceGrant {
             servers: serde_json::json!(c.servers),
             credentials: c.credentials,
@@ -282,8 +286,33 @@ pub fn ice_config_until(
     now_unix: u64,
     not_after: Option<u64>,
 ) -> IceConfig {
+    ice_config_placed(shared, request_host, user, now_unix, not_after, false)
+}
+
+/// Like [`ice_config_until`] for a session that already has `iceServers` (the
+/// `ice-servers` refreshes): in cluster mode it keeps the node its login was pointed at,
+/// unless that node drains or left.
+pub fn ice_refresh(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    now_unix: u64,
+    not_after: u64,
+) -> IceConfig {
+    ice_config_placed(shared, request_host, user, now_unix, Some(not_after), true)
+}
+
+fn ice_config_placed(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    now_unix: u64,
+    not_after: Option<u64>,
+    refresh: bool,
+) -> IceConfig {
     let c = &shared.config;
-    let (host, port, tls_port) = placement(shared, request_host);
+    let until = not_after.unwrap_or(now_unix + shared.auth.session_ttl());
+    let (host, port, tls_port) = placement(shared, request_host, user, refresh, until);
     let turns_host = match (&shared.cluster, &c.public.turns_host) {
         (Some(_), Some(t)) => t.clone(),
         _ => host.clone(),

@@ -182,22 +182,37 @@ impl Cluster {
         );
         assert_eq!(st, 200, "{r}");
         let v = body(&r);
-        let turn = v["iceServers"]
-            .as_array()
-            .and_then(|a| a.iter().find(|s| s["username"].is_string()))
-            .cloned()
-            .unwrap_or_else(|| panic!("no TURN server in {v}"));
-        let url = turn["urls"][0].as_str().unwrap().to_string();
-        let host = url
-            .strip_prefix("turn:")
-            .and_then(|u| u.split(':').next())
-            .unwrap()
-            .to_string();
-        (
-            host,
-            turn["username"].as_str().unwrap().to_string(),
-            turn["credential"].as_str().unwrap().to_string(),
-        )
+        turn_of(&v)
+    }
+
+    /// Log in on node `n`: the session token and the TURN host handed out.
+    fn login_token(&self, n: usize, name: &str) -> (String, String) {
+        let (st, r) = self.lab.http(
+            Host::Home1,
+            Self::http_of(n),
+            "POST",
+            "/v1/login",
+            &[],
+            &format!(r#"{{"name":"{name}"}}"#),
+        );
+        assert_eq!(st, 200, "{r}");
+        let v = body(&r);
+        (v["token"].as_str().unwrap().to_string(), turn_of(&v).0)
+    }
+
+    /// `GET /v1/ice-servers` on node `n`: the TURN host of the refreshed `iceServers`.
+    fn refresh(&self, n: usize, token: &str) -> String {
+        let auth = format!("Bearer {token}");
+        let (st, r) = self.lab.http(
+            Host::Home1,
+            Self::http_of(n),
+            "GET",
+            "/v1/ice-servers",
+            &[("Authorization", &auth)],
+            "",
+        );
+        assert_eq!(st, 200, "{r}");
+        turn_of(&body(&r)).0
     }
 
     fn metrics(&self, n: usize) -> String {
@@ -214,6 +229,26 @@ impl Cluster {
             pass,
         )
     }
+}
+
+/// The TURN server of a login or refresh answer: host of its first URI, username, password.
+fn turn_of(v: &Value) -> (String, String, String) {
+    let turn = v["iceServers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["username"].is_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no TURN server in {v}"));
+    let url = turn["urls"][0].as_str().unwrap().to_string();
+    let host = url
+        .strip_prefix("turn:")
+        .and_then(|u| u.split(':').next())
+        .unwrap()
+        .to_string();
+    (
+        host,
+        turn["username"].as_str().unwrap().to_string(),
+        turn["credential"].as_str().unwrap().to_string(),
+    )
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -355,6 +390,22 @@ async fn a_draining_node_keeps_relaying_redirects_new_allocates_and_exits_when_d
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // A session whose login pointed at node 1: its refreshes stay there while other logins
+    // move on (round-robin among equals)…
+    let token = (0..6)
+        .map(|i| c.login_token(1, &format!("stay{i}")))
+        .find(|(_, host)| host == a)
+        .expect("a login on node-1")
+        .0;
+    for i in 0..4 {
+        assert_eq!(
+            c.refresh(1, &token),
+            a,
+            "refresh {i} keeps the session's node"
+        );
+        c.login(1, &format!("other{i}"));
+    }
+
     c.lab.signal("node1", nix::sys::signal::Signal::SIGTERM);
     let t0 = Instant::now();
     c.until(
@@ -371,6 +422,12 @@ async fn a_draining_node_keeps_relaying_redirects_new_allocates_and_exits_when_d
         .lab
         .http(Host::Home1, Cluster::http_of(0), "GET", "/readyz", &[], "");
     assert_eq!(st, 503, "readyz while draining");
+    // …until it drains.
+    assert_ne!(
+        c.refresh(1, &token),
+        a,
+        "a refresh moves off the draining node"
+    );
     // Logins anywhere stop pointing at it.
     for i in 0..12 {
         let (host, _, _) = c.login(1 + i % 2, &format!("d{i}"));

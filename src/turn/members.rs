@@ -186,6 +186,9 @@ pub struct ClusterId {
     pub tls_domain: Option<String>,
 }
 
+/// Users whose placement is remembered at once; beyond it, expired ones go, then all.
+const MAX_STICKY: usize = 200_000;
+
 /// Now in Unix milliseconds, the clock of [`NodeRecord::at_ms`] and [`Live::place`].
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -209,6 +212,9 @@ pub struct Live {
     pub pending: Mutex<HashMap<String, Vec<u64>>>,
     /// Logins this node pointed at each node, ever (round-robin among equals).
     pub placed: Mutex<HashMap<String, u64>>,
+    /// The node each user's last login pointed at, until the login ends (Unix seconds):
+    /// refreshes keep a session on its node unless that node drains or leaves.
+    pub sticky: Mutex<HashMap<String, (String, u64)>>,
     /// Bumped each time `members` is replaced.
     pub generation: AtomicU64,
 }
@@ -254,6 +260,38 @@ impl Live {
         let n = least_loaded(&snap, &p, &placed)?.clone();
         p.entry(n.node.clone()).or_default().push(now_ms);
         *placed.entry(n.node.clone()).or_insert(0) += 1;
+        Some(n)
+    }
+
+    /// Placement for a user: on refresh (`refresh`), the node its login was pointed at while
+    /// that node is ready; else a new [`Live::place`], remembered until `until` (Unix s).
+    pub fn place_for(
+        &self,
+        user: &str,
+        refresh: bool,
+        now_ms: u64,
+        until: u64,
+    ) -> Option<NodeRecord> {
+        let mut st = match self.sticky.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        let now_s = now_ms / 1000;
+        if refresh {
+            if let Some((node, _)) = st.get(user).filter(|(_, end)| *end > now_s) {
+                if let Some(n) = self.node(node).filter(|n| n.state == NodeState::Ready) {
+                    return Some(n);
+                }
+            }
+        }
+        let n = self.place(now_ms)?;
+        if st.len() >= MAX_STICKY {
+            st.retain(|_, (_, end)| *end > now_s);
+            if st.len() >= MAX_STICKY {
+                st.clear();
+            }
+        }
+        st.insert(user.to_string(), (n.node.clone(), until));
         Some(n)
     }
 
@@ -384,6 +422,30 @@ mod tests {
         // b and c fill up to a's load first (10 + 11 + 20 = 41 = 2 × 20.5).
         assert_eq!(count.get("a"), None, "{count:?}");
         assert!(count["b"].abs_diff(count["c"]) <= 2, "{count:?}");
+    }
+
+    #[test]
+    fn refreshes_keep_a_user_on_its_node_until_it_drains() {
+        let live = Live::default();
+        live.set_members(snap());
+        let first = live.place_for("ann", false, 5_000, 100).unwrap().node;
+        for t in 0..5 {
+            assert_eq!(
+                live.place_for("ann", true, 6_000 + t, 100).unwrap().node,
+                first
+            );
+            // Other logins move on meanwhile.
+            live.place_for("bob", false, 6_000 + t, 100);
+        }
+        let mut s = snap();
+        s.nodes
+            .iter_mut()
+            .filter(|n| n.node == first)
+            .for_each(|n| n.state = NodeState::Draining);
+        live.set_members(s);
+        assert_ne!(live.place_for("ann", true, 7_000, 100).unwrap().node, first);
+        // A login past its end is placed afresh.
+        assert!(live.place_for("ann", true, 200_000, 300).is_some());
     }
 
     #[test]
