@@ -426,6 +426,12 @@ impl Metrics {
         for v in ["login", "ice_servers", "rest_api", "refresh"] {
             m.turn_credentials_issued.with_label_values(&[v]);
         }
+        for r in ["draining", "capacity"] {
+            m.turn_redirects.with_label_values(&[r]);
+        }
+        for st in ["ready", "draining"] {
+            m.cluster_node_state.with_label_values(&[st]);
+        }
         for r in [
             "not_stun",
             "no_permission",

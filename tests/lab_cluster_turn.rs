@@ -5,259 +5,11 @@
 
 mod lab;
 
-use lab::turn::Client;
-use lab::{sa, Host, Lab, PEER};
-use serde_json::Value;
+use lab::cluster::{alternate_of, metric, Cluster, PUBLIC};
+use lab::{sa, Host, PEER};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use switchboard::stun::codec::{attr, decode_address, method};
-
-const ADMIN: &str = "lab-admin-token-0123456789";
-const PUBLIC: [&str; 3] = ["203.0.113.11", "203.0.113.12", "203.0.113.13"];
-
-/// The one configuration every node runs, as a DaemonSet would hand it out.
-fn node_config(extra_turn: &str) -> String {
-    format!(
-        r#"
-[server]
-drain_timeout_secs = 20
-[http]
-listen = "0.0.0.0:8080"
-admin_api = true
-[turn]
-listen = ["0.0.0.0:3478"]
-relay_ip = "auto"
-relay_port_min = 50000
-relay_port_max = 50999
-max_allocations_per_user = 2
-{extra_turn}
-[public]
-host = "auto"
-discover_stun = ["stun:{PEER}:3478"]
-[auth]
-backends = ["open"]
-allow_open_on_public = true
-login_rate_per_minute = 100000
-session_keys = ["lab-cluster-session-key-0123456789"]
-turn_secrets = ["lab-cluster-turn-secret"]
-admin_tokens = ["{ADMIN}"]
-[cluster]
-redis_url = "redis://{PEER}:6379"
-turn_placement = "least_loaded"
-node_ttl_ms = 5000
-"#
-    )
-}
-
-/// A switchboard on the public segment that only answers STUN Binding: what discovery asks.
-const STUN_ONLY: &str = r#"
-[http]
-listen = "203.0.113.30:8090"
-[turn]
-listen = ["203.0.113.30:3478"]
-relay = false
-[auth]
-backends = ["open"]
-allow_open_on_public = true
-"#;
-
-struct Cluster {
-    lab: Lab,
-}
-
-fn body(resp: &str) -> Value {
-    let b = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    serde_json::from_str(b).unwrap_or(Value::Null)
-}
-
-impl Cluster {
-    /// Redis and STUN on the public segment, then three NATed nodes with the same config.
-    fn start(test: &str, extra_turn: &str) -> Option<Cluster> {
-        let mut lab = Lab::start(test)?;
-        for n in 1..=3 {
-            lab.add_nat_node(n).expect("NATed node");
-        }
-        lab.spawn(
-            Host::Peer,
-            "redis",
-            "redis-server",
-            &[
-                "--bind",
-                PEER,
-                "--port",
-                "6379",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
-        );
-        let stun = lab.dir.path().join("stun.toml");
-        std::fs::write(&stun, STUN_ONLY).unwrap();
-        lab.spawn_switchboard(Host::Peer, "stun", "stun", &stun);
-        let t = Instant::now();
-        while lab.tcp(Host::Peer, sa(PEER, 6379)).is_err()
-            || lab.tcp(Host::Peer, sa(PEER, 8090)).is_err()
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(15),
-                "redis and STUN start:\n{}",
-                lab.log("stun")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let cfg = lab.dir.path().join("node.toml");
-        std::fs::write(&cfg, node_config(extra_turn)).unwrap();
-        for n in 1..=3u8 {
-            lab.spawn_switchboard(
-                Host::Node(n),
-                &format!("node{n}"),
-                &format!("node-{n}"),
-                &cfg,
-            );
-        }
-        let mut c = Cluster { lab };
-        for n in 0..3 {
-            c.wait_http(n);
-        }
-        // Every node sees the three records.
-        c.until(Duration::from_secs(10), "three ready nodes", |c| {
-            (0..3).all(|n| c.nodes(n).iter().filter(|r| r["state"] == "ready").count() == 3)
-        });
-        Some(c)
-    }
-
-    fn http_of(n: usize) -> SocketAddr {
-        sa(PUBLIC[n], 8080)
-    }
-
-    fn wait_http(&mut self, n: usize) {
-        let t = Instant::now();
-        while self.lab.tcp(Host::Home1, Self::http_of(n)).is_err() {
-            let name = format!("node{}", n + 1);
-            assert!(
-                self.lab.running(&name) && t.elapsed() < Duration::from_secs(20),
-                "{name} did not come up:\n{}",
-                self.lab.log(&name)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn until(&mut self, within: Duration, what: &str, mut f: impl FnMut(&mut Cluster) -> bool) {
-        let t = Instant::now();
-        while !f(self) {
-            assert!(t.elapsed() < within, "not within {within:?}: {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `GET /v1/admin/nodes` on node `n` (from the home, through its NAT).
-    fn nodes(&self, n: usize) -> Vec<Value> {
-        let auth = format!("Bearer {ADMIN}");
-        let (st, r) = self.lab.http(
-            Host::Home1,
-            Self::http_of(n),
-            "GET",
-            "/v1/admin/nodes",
-            &[("Authorization", &auth)],
-            "",
-        );
-        assert_eq!(st, 200, "{r}");
-        body(&r)["nodes"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// Log in on node `n` as `name`: the TURN server handed out and its credentials.
-    fn login(&self, n: usize, name: &str) -> (String, String, String) {
-        let (st, r) = self.lab.http(
-            Host::Home1,
-            Self::http_of(n),
-            "POST",
-            "/v1/login",
-            &[],
-            &format!(r#"{{"name":"{name}"}}"#),
-        );
-        assert_eq!(st, 200, "{r}");
-        let v = body(&r);
-        turn_of(&v)
-    }
-
-    /// Log in on node `n`: the session token and the TURN host handed out.
-    fn login_token(&self, n: usize, name: &str) -> (String, String) {
-        let (st, r) = self.lab.http(
-            Host::Home1,
-            Self::http_of(n),
-            "POST",
-            "/v1/login",
-            &[],
-            &format!(r#"{{"name":"{name}"}}"#),
-        );
-        assert_eq!(st, 200, "{r}");
-        let v = body(&r);
-        (v["token"].as_str().unwrap().to_string(), turn_of(&v).0)
-    }
-
-    /// `GET /v1/ice-servers` on node `n`: the TURN host of the refreshed `iceServers`.
-    fn refresh(&self, n: usize, token: &str) -> String {
-        let auth = format!("Bearer {token}");
-        let (st, r) = self.lab.http(
-            Host::Home1,
-            Self::http_of(n),
-            "GET",
-            "/v1/ice-servers",
-            &[("Authorization", &auth)],
-            "",
-        );
-        assert_eq!(st, 200, "{r}");
-        turn_of(&body(&r)).0
-    }
-
-    fn metrics(&self, n: usize) -> String {
-        self.lab
-            .http(Host::Home1, Self::http_of(n), "GET", "/metrics", &[], "")
-            .1
-    }
-
-    fn client(&self, server: &str, user: &str, pass: &str) -> Client {
-        Client::new(
-            self.lab.udp(Host::Home1, "0.0.0.0:0"),
-            sa(server, 3478),
-            user,
-            pass,
-        )
-    }
-}
-
-/// The TURN server of a login or refresh answer: host of its first URI, username, password.
-fn turn_of(v: &Value) -> (String, String, String) {
-    let turn = v["iceServers"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["username"].is_string()))
-        .cloned()
-        .unwrap_or_else(|| panic!("no TURN server in {v}"));
-    let url = turn["urls"][0].as_str().unwrap().to_string();
-    let host = url
-        .strip_prefix("turn:")
-        .and_then(|u| u.split(':').next())
-        .unwrap()
-        .to_string();
-    (
-        host,
-        turn["username"].as_str().unwrap().to_string(),
-        turn["credential"].as_str().unwrap().to_string(),
-    )
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
+use switchboard::stun::codec::{attr, method};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn natted_nodes_discover_their_addresses_relay_with_them_and_logins_spread() {
@@ -338,16 +90,6 @@ async fn natted_nodes_discover_their_addresses_relay_with_them_and_logins_spread
         let n = count.get(ip).copied().unwrap_or(0);
         assert!((85..=115).contains(&n), "{ip} got {n} of 300: {count:?}");
     }
-}
-
-/// ALTERNATE-SERVER of a 300 answer.
-fn alternate_of(r: &lab::turn::Resp) -> SocketAddr {
-    let v = r
-        .msg()
-        .get(attr::ALTERNATE_SERVER)
-        .expect("ALTERNATE-SERVER")
-        .to_vec();
-    decode_address(&v).expect("an address")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -443,9 +185,15 @@ async fn a_draining_node_keeps_relaying_redirects_new_allocates_and_exits_when_d
         [PUBLIC[1], PUBLIC[2]].contains(&alt.ip().to_string().as_str()) && alt.port() == 3478,
         "alternate {alt}"
     );
-    let mut follow = c.client(&alt.ip().to_string(), &u2, &p2);
-    let r = follow.allocate().await;
-    assert_eq!(r.code(), None, "Allocate at the alternate");
+    // Follow it as libwebrtc does: the same socket, REALM and NONCE copied from the 300. The
+    // nodes share the nonce key, so the alternate answers at once: one more round trip.
+    nc.server = alt;
+    let r = nc.allocate_once().await;
+    assert_eq!(
+        r.code(),
+        None,
+        "one signed Allocate at the alternate succeeds"
+    );
     assert_eq!(
         r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().ip(),
         alt.ip(),

@@ -474,6 +474,12 @@ impl<R: Relay> Table<R> {
             }
             300 => match &r.alt {
                 Some(alt) => {
+                    // libwebrtc copies REALM and NONCE from a 300 into its Allocate at the
+                    // alternate; the cluster's nodes share the nonce key, so that Allocate
+                    // needs no new challenge: the redirect costs one round trip.
+                    e.attr(attr::REALM, self.settings.realm.as_bytes());
+                    let nonce = self.make_nonce(env.unix);
+                    e.attr(attr::NONCE, nonce.as_bytes());
                     e.address(attr::ALTERNATE_SERVER, alt.addr);
                     if let Some(d) = &alt.domain {
                         e.attr(attr::ALTERNATE_DOMAIN, d.as_bytes());

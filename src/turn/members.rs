@@ -189,6 +189,22 @@ pub struct ClusterId {
 /// Users whose placement is remembered at once; beyond it, expired ones go, then all.
 const MAX_STICKY: usize = 200_000;
 
+/// The nonce key of every node of a cluster: derived from the last (longest-lived, since
+/// rotation prepends) `auth.turn_secrets` entry, so that the NONCE of a 300 answer is good at
+/// the node it names and the client's next Allocate there needs no new challenge. `None`
+/// outside cluster mode (a random key per process).
+pub fn shared_nonce_key(config: &crate::config::Config) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    if !config.cluster.enabled() {
+        return None;
+    }
+    let secret = config.auth.turn_secrets.last()?;
+    let mut h = sha2::Sha256::new();
+    h.update(b"switchboard cluster nonce key v1\0");
+    h.update(secret.expose().as_bytes());
+    Some(h.finalize().into())
+}
+
 /// Now in Unix milliseconds, the clock of [`NodeRecord::at_ms`] and [`Live::place`].
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()

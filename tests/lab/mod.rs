@@ -467,6 +467,31 @@ impl Lab {
         self.children.push((name.to_string(), child));
     }
 
+    /// A switchboard that answers only STUN Binding on the public segment (`PEER:3478`), as
+    /// a public STUN server would: what `"auto"` addresses ask. Returns its `stun:` URI.
+    pub fn stun_server(&mut self) -> String {
+        let cfg = self.dir.path().join("stun.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[http]\nlisten = \"{PEER}:8090\"\n[turn]\nlisten = [\"{PEER}:3478\"]\n\
+                 relay = false\n[auth]\nbackends = [\"open\"]\nallow_open_on_public = true\n"
+            ),
+        )
+        .expect("stun config");
+        self.spawn_switchboard(Host::Peer, "stun", "stun", &cfg);
+        let t = Instant::now();
+        while self.tcp(Host::Peer, sa(PEER, 8090)).is_err() {
+            assert!(
+                self.running("stun") && t.elapsed() < Duration::from_secs(15),
+                "the lab STUN server did not start:\n{}",
+                self.log("stun")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!("stun:{PEER}:3478")
+    }
+
     /// Send `sig` to the process started as `name` (its whole process group).
     pub fn signal(&mut self, name: &str, sig: nix::sys::signal::Signal) {
         let c = self
@@ -761,4 +786,5 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), port)
 }
 
+pub mod cluster;
 pub mod turn;

@@ -69,6 +69,14 @@ impl Pool {
             nonce_key: rand::random(),
         }
     }
+    /// A fresh pool whose nonces are signed with `nonce_key`: nodes of a cluster share it,
+    /// so a NONCE handed out with a 300 redirect is good at the alternate node.
+    pub fn with_nonce_key(nonce_key: [u8; 32]) -> Pool {
+        Pool {
+            inner: Mutex::new(PoolInner::default()),
+            nonce_key,
+        }
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
         // A poisoned lock only means another table panicked mid-update of plain counters.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
