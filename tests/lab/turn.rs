@@ -141,6 +141,11 @@ impl Client {
         self.request(method::ALLOCATE, &t, None).await
     }
 
+    /// Transactions (request/response round trips) this client has made so far.
+    pub fn transactions(&self) -> u8 {
+        self.tid
+    }
+
     /// One Allocate, no retry: what the server answers to the nonce and realm this client
     /// holds (after a 300, those of the redirecting node).
     pub async fn allocate_once(&mut self) -> Resp {
