@@ -361,3 +361,53 @@ fn auto_addresses_without_a_stun_answer_stop_the_server_with_exit_2() {
         assert!(err.contains(key), "{key} named: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_node_redirects_to_a_node_with_room_and_leaves_placement() {
+    let Some(mut c) = Cluster::start("cluster_turn_capacity", "capacity_allocations = 2") else {
+        return;
+    };
+    let mut held = Vec::new();
+    for u in ["f1", "f2"] {
+        let (_, user, pass) = c.login(0, u);
+        let mut cl = c.client(PUBLIC[0], &user, &pass);
+        assert_eq!(cl.allocate().await.code(), None);
+        held.push(cl);
+    }
+    // Full: the third Allocate on node 1 is sent to a node with room, in one more round trip.
+    let (_, user, pass) = c.login(0, "f3");
+    let mut cl = c.client(PUBLIC[0], &user, &pass);
+    let r = cl.allocate().await;
+    assert_eq!(r.code(), Some(300), "Allocate on a full node");
+    let alt = alternate_of(&r);
+    assert!(
+        [PUBLIC[1], PUBLIC[2]].contains(&alt.ip().to_string().as_str()),
+        "{alt}"
+    );
+    cl.server = alt;
+    assert_eq!(cl.allocate_once().await.code(), None, "at the alternate");
+    assert_eq!(
+        metric(
+            &c.metrics(0),
+            "switchboard_turn_redirects_total{reason=\"capacity\"}"
+        ),
+        1.0
+    );
+    // Once the records say so, logins stop naming the full node.
+    c.until(
+        Duration::from_secs(4),
+        "node-1 full in node-2's view",
+        |c| {
+            c.nodes(1)
+                .iter()
+                .any(|n| n["node"] == "node-1" && n["allocations"] == 2)
+        },
+    );
+    for i in 0..9 {
+        assert_ne!(
+            c.login(1, &format!("g{i}")).0,
+            PUBLIC[0],
+            "login {i} named the full node"
+        );
+    }
+}

@@ -155,7 +155,8 @@ pub const LOAD_BAND: f64 = 0.02;
 /// at a node after its record was built (`pending`: Unix ms of each), so a burst counts
 /// before the records catch up. Records are up to a refresh old and other nodes place logins
 /// too, so "the one least loaded" would herd every node onto the same stale minimum: the
-/// ready nodes within [`LOAD_BAND`] of the minimum are equals, and among them the one this
+/// ready nodes with room (all ready nodes when none has any) within [`LOAD_BAND`] of the
+/// minimum are equals, and among them the one this
 /// node pointed fewest logins at (`placed`) wins, then the lowest id. That is round-robin
 /// among equals on every node, and the sum over nodes stays even.
 pub fn least_loaded<'a>(
@@ -169,7 +170,17 @@ pub fn least_loaded<'a>(
             .map_or(0, |v| v.iter().filter(|t| **t >= n.at_ms).count() as u64);
         (n.allocations + newer) as f64 / n.capacity.max(1) as f64
     };
-    let ready = || snap.nodes.iter().filter(|n| n.state == NodeState::Ready);
+    // A node at its capacity is placed only when every ready node is.
+    let has_room = snap
+        .nodes
+        .iter()
+        .any(|n| n.state == NodeState::Ready && n.allocations < n.capacity);
+    let ready = || {
+        snap.nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Ready)
+            .filter(move |n| !has_room || n.allocations < n.capacity)
+    };
     let min = ready().map(score).min_by(f64::total_cmp)?;
     let count = |n: &NodeRecord| placed.get(&n.node).copied().unwrap_or(0);
     ready()
@@ -438,6 +449,18 @@ mod tests {
         // b and c fill up to a's load first (10 + 11 + 20 = 41 = 2 × 20.5).
         assert_eq!(count.get("a"), None, "{count:?}");
         assert!(count["b"].abs_diff(count["c"]) <= 2, "{count:?}");
+        // A full node is left out while another has room, whatever the pending guesses say.
+        let s = Snapshot {
+            nodes: vec![
+                rec("a", "203.0.113.11", NodeState::Ready, 2, 2),
+                rec("b", "203.0.113.12", NodeState::Ready, 1, 2),
+            ],
+        };
+        let live = Live::default();
+        live.set_members(s);
+        for i in 0..5 {
+            assert_eq!(live.place(2000 + i).unwrap().node, "b");
+        }
     }
 
     #[test]
