@@ -411,3 +411,43 @@ async fn a_full_node_redirects_to_a_node_with_room_and_leaves_placement() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_public_address_changes_learns_it_and_hands_it_out() {
+    let Some(mut c) = Cluster::start("cluster_turn_address_change", "") else {
+        return;
+    };
+    const MOVED: &str = "203.0.113.19";
+    c.lab.renat_node(3, MOVED).expect("re-NAT node 3");
+    // discover_interval_secs = 10: within one interval and a refresh, the record says so…
+    c.until(
+        Duration::from_secs(15),
+        "node-3 publishes its new address",
+        |c| {
+            c.nodes(0)
+                .iter()
+                .any(|n| n["node"] == "node-3" && n["addrs"][0] == MOVED && n["host"] == MOVED)
+        },
+    );
+    assert!(
+        c.lab.log("node3").contains("public address changed"),
+        "{}",
+        c.lab.log("node3")
+    );
+    // …logins hand it out, and new allocations report it.
+    let mut seen = false;
+    for i in 0..6 {
+        let host = c.login(i % 2, &format!("m{i}")).0;
+        assert_ne!(host, PUBLIC[2], "a login named node 3's old address");
+        seen |= host == MOVED;
+    }
+    assert!(seen, "logins name node 3 at its new address");
+    let (_, user, pass) = c.login(0, "moved");
+    let mut cl = c.client(MOVED, &user, &pass);
+    let r = cl.allocate().await;
+    assert_eq!(r.code(), None);
+    assert_eq!(
+        r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().ip().to_string(),
+        MOVED
+    );
+}

@@ -33,6 +33,7 @@ max_allocations_per_user = 2
 [public]
 host = "auto"
 discover_stun = ["stun:{PEER}:3478"]
+discover_interval_secs = 10
 [auth]
 backends = ["open"]
 allow_open_on_public = true

@@ -437,6 +437,44 @@ impl Lab {
         Ok((public, private))
     }
 
+    /// Move node `n`'s 1:1 NAT to another public address (an elastic address re-assigned):
+    /// the gateway takes `public` and maps it, and only it, to the node both ways.
+    pub fn renat_node(&mut self, n: u8, public: &str) -> Result<(), String> {
+        let gw = Host::Gw(n);
+        let private = format!("10.0.{n}.10");
+        self.ip(gw, &format!("addr add {public}/24 dev e0"))?;
+        self.exec_ok(gw, "iptables", &["-t", "nat", "-F"])?;
+        // Old mappings would keep the old address for flows already seen.
+        let _ = self.exec_ok(gw, "conntrack", &["-F"]);
+        let nat = |args: &[&str]| {
+            let mut a = vec!["-t", "nat", "-A"];
+            a.extend_from_slice(args);
+            self.exec_ok(gw, "iptables", &a)
+        };
+        nat(&[
+            "PREROUTING",
+            "-i",
+            "e0",
+            "-d",
+            public,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &private,
+        ])?;
+        nat(&[
+            "POSTROUTING",
+            "-o",
+            "e0",
+            "-s",
+            &private,
+            "-j",
+            "SNAT",
+            "--to-source",
+            public,
+        ])
+    }
+
     /// Start the real `switchboard` binary in `h` as process `name`, in a UTS namespace of
     /// its own whose host name is `hostname` (a separate machine has its own), with
     /// `config` and no `SWITCHBOARD_*` variable from the test's environment.
