@@ -1556,6 +1556,57 @@ mod tests {
     }
 
     #[test]
+    fn auto_addresses_need_a_stun_server_and_node_names_their_placeholder() {
+        let e = err_of("[turn]\nrelay_ip = \"auto\"\n");
+        assert!(
+            e.contains("public.discover_stun") && e.contains("turn.relay_ip"),
+            "{e}"
+        );
+        let e = err_of("[public]\nhost = \"auto\"\n");
+        assert!(
+            e.contains("public.discover_stun") && e.contains("public.host"),
+            "{e}"
+        );
+        let e = err_of("[turn]\nrelay_ip = [\"auto\", \"203.0.113.1\"]\n[public]\ndiscover_stun = [\"stun:a\"]\n");
+        assert!(e.contains("turn.relay_ip"), "{e}");
+        let e = err_of("[public]\ndiscover_stun = [\"turn:a:3478\"]\n");
+        assert!(e.contains("public.discover_stun[0]"), "{e}");
+        let e = err_of("[public]\nnode_host = \"turn.example.com\"\n");
+        assert!(e.contains("public.node_host"), "{e}");
+        let c = Config::from_toml(
+            "[turn]\nrelay_ip = \"auto\"\nrelay_bind = \"0.0.0.0\"\n[public]\nhost = \"auto\"\n\
+             discover_stun = [\"stun:stun.example.net\", \"stun:[2001:db8::1]:3479\"]\n\
+             node_host = \"{node}.turn.example.com\"\n",
+        )
+        .unwrap();
+        assert!(c.turn.relay_auto() && c.public.host_auto());
+        assert_eq!(c.turn.relay_ip[0].to_string(), "auto");
+        assert_eq!(
+            stun_target(&c.public.discover_stun[0]),
+            Some(("stun.example.net".into(), 3478))
+        );
+        assert_eq!(
+            stun_target(&c.public.discover_stun[1]),
+            Some(("2001:db8::1".into(), 3479))
+        );
+        // It prints back as it was written.
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn cluster_turn_keys_are_checked() {
+        let base = "[auth]\nsession_keys = [\"k-0123456789abcdef\"]\nturn_secrets = [\"s\"]\n\
+                    [cluster]\nredis_url = \"redis://127.0.0.1\"\n";
+        let e = err_of(&format!("{base}node_ttl_ms = 500\n"));
+        assert!(e.contains("cluster.node_ttl_ms"), "{e}");
+        let c = Config::from_toml(&format!("{base}turn_placement = \"least_loaded\"\n")).unwrap();
+        assert_eq!(c.cluster.turn_placement, TurnPlacement::LeastLoaded);
+        let e = err_of(&format!("{base}turn_placement = \"random\"\n"));
+        assert!(e.contains("cluster.turn_placement"), "{e}");
+    }
+
+    #[test]
     fn empty_is_default_and_valid() {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c, Config::default());

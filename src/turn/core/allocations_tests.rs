@@ -984,3 +984,52 @@ fn relay_ip_auto_reports_the_discovered_public_address() {
         .unwrap();
     assert_eq!(relayed.ip(), "203.0.113.11".parse::<IpAddr>().unwrap());
 }
+
+#[test]
+fn tls_redirect_names_the_tls_port_and_the_domain() {
+    use crate::turn::members::{ClusterId, NodeRecord, NodeState, Snapshot};
+    let mut h = harness_on(cfg(), "tls");
+    let c = rest(&h, 3600);
+    let live = &h.t.settings.live;
+    let _ = live.cluster.set(ClusterId {
+        me: "a".into(),
+        tls_domain: Some("turn.example.com".into()),
+    });
+    let node = |id: &str, ip: &str, tls_port| NodeRecord {
+        node: id.into(),
+        state: NodeState::Ready,
+        host: ip.into(),
+        uris: vec![],
+        addrs: vec![ip.parse().unwrap()],
+        port: 3478,
+        tls_port,
+        allocations: 0,
+        capacity: 10,
+        packets_per_sec: 0.0,
+        cpu: 0.0,
+        at_ms: 0,
+    };
+    live.set_members(Snapshot {
+        nodes: vec![
+            node("a", "203.0.113.11", 5349),
+            node("b", "203.0.113.12", 0),
+            node("c", "203.0.113.13", 443),
+        ],
+    });
+    h.env.draining = true;
+    let r = h.allocate(client(1), &c, 1);
+    assert_eq!(r.code(), Some(300));
+    let m = r.msg();
+    let alt = crate::stun::codec::decode_address(m.get(attr::ALTERNATE_SERVER).unwrap()).unwrap();
+    assert_eq!(
+        alt,
+        "203.0.113.13:443".parse().unwrap(),
+        "b has no TLS listener"
+    );
+    assert_eq!(
+        m.get(attr::ALTERNATE_DOMAIN),
+        Some(&b"turn.example.com"[..])
+    );
+    // REALM and NONCE, for the client to sign its Allocate at the alternate at once.
+    assert!(m.get(attr::NONCE).is_some() && m.get(attr::REALM).is_some());
+}
