@@ -9,7 +9,6 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Whether a node takes new allocations.
@@ -242,8 +241,6 @@ pub struct Live {
     /// The node each user's last login pointed at, until the login ends (Unix seconds):
     /// refreshes keep a session on its node unless that node drains or leaves.
     pub sticky: Mutex<HashMap<String, (String, u64)>>,
-    /// Bumped each time `members` is replaced.
-    pub generation: AtomicU64,
 }
 
 impl Live {
@@ -259,8 +256,6 @@ impl Live {
             v.retain(|t| *t >= oldest);
             !v.is_empty()
         });
-        drop(p);
-        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The discovered public address of one family.
@@ -320,11 +315,6 @@ impl Live {
         }
         st.insert(user.to_string(), (n.node.clone(), until));
         Some(n)
-    }
-
-    /// This node's own record in the snapshot, if published.
-    pub fn own(&self) -> Option<NodeRecord> {
-        self.node(&self.cluster.get()?.me)
     }
 
     /// A node's record by id.
