@@ -423,10 +423,13 @@ async fn a_node_whose_public_address_changes_learns_it_and_hands_it_out() {
     c.until(
         Duration::from_secs(15),
         "node-3 publishes its new address",
+        // Logins below go through nodes 1 and 2: both must have read it.
         |c| {
-            c.nodes(0)
-                .iter()
-                .any(|n| n["node"] == "node-3" && n["addrs"][0] == MOVED && n["host"] == MOVED)
+            (0..2).all(|v| {
+                c.nodes(v)
+                    .iter()
+                    .any(|n| n["node"] == "node-3" && n["addrs"][0] == MOVED && n["host"] == MOVED)
+            })
         },
     );
     assert!(
@@ -450,4 +453,32 @@ async fn a_node_whose_public_address_changes_learns_it_and_hands_it_out() {
         r.addr(attr::XOR_RELAYED_ADDRESS).unwrap().ip().to_string(),
         MOVED
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_node_names_go_into_login_answers_and_addresses_into_redirects() {
+    let Some(c) = Cluster::start_with(
+        "cluster_turn_node_names",
+        "",
+        "node_host = \"{node}.turn.example.com\"",
+    ) else {
+        return;
+    };
+    let mut hosts = std::collections::BTreeSet::new();
+    for i in 0..9 {
+        hosts.insert(c.login(i % 3, &format!("n{i}")).0);
+    }
+    let want: std::collections::BTreeSet<String> = (1..=3)
+        .map(|n| format!("node-{n}.turn.example.com"))
+        .collect();
+    assert_eq!(hosts, want, "each node by its own name");
+    // ALTERNATE-SERVER carries an address: the record keeps the public one too.
+    let nodes = c.nodes(0);
+    for n in &nodes {
+        assert_eq!(
+            n["host"],
+            format!("{}.turn.example.com", n["node"].as_str().unwrap())
+        );
+        assert!(PUBLIC.contains(&n["addrs"][0].as_str().unwrap()), "{n}");
+    }
 }

@@ -156,12 +156,13 @@ pub const LOAD_BAND: f64 = 0.02;
 /// too, so "the one least loaded" would herd every node onto the same stale minimum: the
 /// ready nodes with room (all ready nodes when none has any) within [`LOAD_BAND`] of the
 /// minimum are equals, and among them the one this
-/// node pointed fewest logins at (`placed`) wins, then the lowest id. That is round-robin
+/// node pointed fewest logins at (`placed`) wins, then an order of this node's own (`salt`). That is round-robin
 /// among equals on every node, and the sum over nodes stays even.
 pub fn least_loaded<'a>(
     snap: &'a Snapshot,
     pending: &HashMap<String, Vec<u64>>,
     placed: &HashMap<String, u64>,
+    salt: u64,
 ) -> Option<&'a NodeRecord> {
     let score = |n: &NodeRecord| {
         let newer = pending
@@ -184,7 +185,12 @@ pub fn least_loaded<'a>(
     let count = |n: &NodeRecord| placed.get(&n.node).copied().unwrap_or(0);
     ready()
         .filter(|n| score(n) <= min + LOAD_BAND)
-        .min_by(|a, b| count(a).cmp(&count(b)).then(a.node.cmp(&b.node)))
+        .min_by(|a, b| {
+            count(a)
+                .cmp(&count(b))
+                .then(mix(salt, &a.node).cmp(&mix(salt, &b.node)))
+                .then(a.node.cmp(&b.node))
+        })
 }
 
 /// Who this node is in the cluster, for redirects.
@@ -213,6 +219,14 @@ pub fn shared_nonce_key(config: &crate::config::Config) -> Option<[u8; 32]> {
     h.update(b"switchboard cluster nonce key v1\0");
     h.update(secret.expose().as_bytes());
     Some(h.finalize().into())
+}
+
+/// FNV-1a of `id` from `salt`: each node walks the ready nodes in its own order, so nodes
+/// that all start counting at zero do not all pick the same first node.
+fn mix(salt: u64, id: &str) -> u64 {
+    id.bytes().fold(salt ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Now in Unix milliseconds, the clock of [`NodeRecord::at_ms`] and [`Live::place`].
@@ -279,7 +293,8 @@ impl Live {
             Ok(g) => g,
             Err(e) => e.into_inner(),
         };
-        let n = least_loaded(&snap, &p, &placed)?.clone();
+        let salt = self.cluster.get().map_or(0, |c| mix(0, &c.me));
+        let n = least_loaded(&snap, &p, &placed, salt)?.clone();
         p.entry(n.node.clone()).or_default().push(now_ms);
         *placed.entry(n.node.clone()).or_insert(0) += 1;
         Some(n)
@@ -504,12 +519,28 @@ mod tests {
         live.set_members(s);
         assert!(live.pending.lock().unwrap().is_empty());
         assert_ne!(live.place(3001).unwrap().node, "a");
-        // A record older than a login still counts it as pending.
-        let mut s = (**live.members.load()).clone();
-        s.nodes[1].at_ms = 2500;
-        live.set_members(s);
-        // b's record predates the login placed on it at 3001 (still pending), so c goes
-        // first; a stays out of the band of equals.
-        assert_eq!(live.place(3002).unwrap().node, "c");
+        // Logins placed after a node's record count against it; older ones do not.
+        let mut b = rec("b", "203.0.113.12", NodeState::Ready, 0, 100);
+        b.at_ms = 2500;
+        let mut c = rec("c", "203.0.113.13", NodeState::Ready, 1, 100);
+        c.at_ms = 3000;
+        let snap = Snapshot { nodes: vec![b, c] };
+        let logins = vec![2600, 2700, 2800, 2900, 2950];
+        let pending: HashMap<String, Vec<u64>> =
+            [("b".into(), logins.clone()), ("c".into(), logins)].into();
+        // Without the pending logins b would win (less loaded, and pointed at less often).
+        let placed: HashMap<String, u64> = [("c".into(), 1)].into();
+        for salt in [0, 1, 2, 3] {
+            assert_eq!(
+                least_loaded(&snap, &pending, &placed, salt).unwrap().node,
+                "c"
+            );
+            assert_eq!(
+                least_loaded(&snap, &HashMap::new(), &placed, salt)
+                    .unwrap()
+                    .node,
+                "b"
+            );
+        }
     }
 }

@@ -15,7 +15,7 @@ pub const ADMIN: &str = "lab-admin-token-0123456789";
 pub const PUBLIC: [&str; 3] = ["203.0.113.11", "203.0.113.12", "203.0.113.13"];
 
 /// The one configuration every node runs, as a DaemonSet would hand it out.
-pub fn node_config(extra_turn: &str) -> String {
+pub fn node_config(extra_turn: &str, extra_public: &str) -> String {
     format!(
         r#"
 [server]
@@ -34,6 +34,7 @@ max_allocations_per_user = 2
 host = "auto"
 discover_stun = ["stun:{PEER}:3478"]
 discover_interval_secs = 10
+{extra_public}
 [auth]
 backends = ["open"]
 allow_open_on_public = true
@@ -64,6 +65,11 @@ pub fn body(resp: &str) -> Value {
 impl Cluster {
     /// Redis and STUN on the public segment, then three NATed nodes with the same config.
     pub fn start(test: &str, extra_turn: &str) -> Option<Cluster> {
+        Cluster::start_with(test, extra_turn, "")
+    }
+
+    /// [`Cluster::start`] with extra keys in `[public]` too.
+    pub fn start_with(test: &str, extra_turn: &str, extra_public: &str) -> Option<Cluster> {
         let mut lab = Lab::start(test)?;
         for n in 1..=3 {
             lab.add_nat_node(n).expect("NATed node");
@@ -96,7 +102,7 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         let cfg = lab.dir.path().join("node.toml");
-        std::fs::write(&cfg, node_config(extra_turn)).unwrap();
+        std::fs::write(&cfg, node_config(extra_turn, extra_public)).unwrap();
         for n in 1..=3u8 {
             lab.spawn_switchboard(
                 Host::Node(n),
