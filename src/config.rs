@@ -89,6 +89,23 @@ pub struct ClusterConfig {
     /// Bytes of messages queued for Redis before more are dropped (bounds memory while Redis
     /// is slow or away).
     pub publish_queue_bytes: usize,
+    /// Milliseconds a node's TURN membership record lives without refresh (refreshed every
+    /// second); a dead node leaves login answers within it.
+    pub node_ttl_ms: u64,
+    /// Which node a login's `iceServers` point at: `self` or `least_loaded`.
+    pub turn_placement: TurnPlacement,
+}
+
+/// How a login picks the TURN node it hands out.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnPlacement {
+    /// The node that answers the login.
+    #[default]
+    #[serde(rename = "self")]
+    Own,
+    /// The ready node with the fewest allocations for its capacity.
+    LeastLoaded,
 }
 
 impl Default for ClusterConfig {
@@ -99,7 +116,16 @@ impl Default for ClusterConfig {
             lease_ms: 6000,
             forward_timeout_ms: 2000,
             publish_queue_bytes: 64 << 20,
+            node_ttl_ms: 5000,
+            turn_placement: TurnPlacement::Own,
         }
+    }
+}
+
+impl TurnConfig {
+    /// Whether `turn.relay_ip = "auto"`.
+    pub fn relay_auto(&self) -> bool {
+        self.relay_ip.iter().any(RelayIp::is_auto)
     }
 }
 
@@ -243,6 +269,9 @@ pub struct TurnConfig {
     pub max_allocations_per_user: u32,
     /// Allocations the whole server may hold at once (508 beyond).
     pub max_allocations: u32,
+    /// Allocations this node advertises as its capacity; in cluster mode an Allocate beyond
+    /// it is redirected (300) to a node with room. 0 means `max_allocations`.
+    pub capacity_allocations: u32,
     /// Per-allocation relay bandwidth cap in bytes per second; 0 means unlimited.
     pub max_bps_per_allocation: u64,
     /// Peer CIDRs allowed even if they fall in a denied range.
@@ -295,6 +324,7 @@ impl Default for TurnConfig {
             nonce_lifetime_secs: 600,
             max_allocations_per_user: 10,
             max_allocations: 10_000,
+            capacity_allocations: 0,
             max_bps_per_allocation: 0,
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
@@ -323,9 +353,26 @@ pub struct RelayIp {
     pub private: Option<IpAddr>,
 }
 
+impl RelayIp {
+    /// `"auto"`: learn the public address by STUN (`public.discover_stun`) at start and
+    /// every few minutes, paired with the local address that asked.
+    pub const AUTO: RelayIp = RelayIp {
+        public: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        private: None,
+    };
+
+    /// Whether this entry is `"auto"` (a literal never has an unspecified public address).
+    pub fn is_auto(&self) -> bool {
+        self.public.is_unspecified()
+    }
+}
+
 impl std::str::FromStr for RelayIp {
     type Err = String;
     fn from_str(s: &str) -> Result<RelayIp, String> {
+        if s.trim() == "auto" {
+            return Ok(RelayIp::AUTO);
+        }
         let (p, l) = match s.split_once('/') {
             Some((p, l)) => (p, Some(l)),
             None => (s, None),
@@ -356,6 +403,9 @@ impl std::str::FromStr for RelayIp {
 
 impl std::fmt::Display for RelayIp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_auto() {
+            return f.write_str("auto");
+        }
         match self.private {
             Some(l) => write!(f, "{}/{}", self.public, l),
             None => write!(f, "{}", self.public),
@@ -560,7 +610,7 @@ impl Default for AuthConfig {
 }
 
 /// Addresses advertised to clients; each defaults to the bound address.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PublicConfig {
     /// Host name or IP put in `stun:`/`turn:` URIs.
@@ -571,6 +621,37 @@ pub struct PublicConfig {
     pub turns_port: Option<u16>,
     /// Full signaling URL (`wss://…/v1/ws`) handed out at login.
     pub signaling_url: Option<String>,
+    /// STUN servers (`stun:host[:port]`) that `public.host = "auto"` and
+    /// `turn.relay_ip = "auto"` ask for this node's public address.
+    pub discover_stun: Vec<String>,
+    /// Seconds between two public address discoveries after the first.
+    pub discover_interval_secs: u64,
+    /// Per-node host name in cluster mode (`{node}.turn.example.com`); empty: IP literals.
+    pub node_host: Option<String>,
+    /// Shared `turns:` name that the certificate covers, added to per-node `iceServers`.
+    pub turns_host: Option<String>,
+}
+
+impl Default for PublicConfig {
+    fn default() -> Self {
+        PublicConfig {
+            host: None,
+            turn_port: None,
+            turns_port: None,
+            signaling_url: None,
+            discover_stun: Vec::new(),
+            discover_interval_secs: 300,
+            node_host: None,
+            turns_host: None,
+        }
+    }
+}
+
+impl PublicConfig {
+    /// Whether `public.host = "auto"`.
+    pub fn host_auto(&self) -> bool {
+        self.host.as_deref() == Some("auto")
+    }
 }
 
 /// Certificate and key, PEM.
@@ -1180,8 +1261,15 @@ impl Config {
                 ));
             }
         }
+        validate_discovery(self)?;
         let k = &self.cluster;
         if k.enabled() {
+            if !(1000..=60_000).contains(&k.node_ttl_ms) {
+                return Err(ConfigError::key(
+                    "cluster.node_ttl_ms",
+                    "must be between 1000 and 60000",
+                ));
+            }
             if !(k.redis_url.starts_with("redis://") || k.redis_url.starts_with("redis+unix://")) {
                 return Err(ConfigError::key(
                     "cluster.redis_url",
@@ -1351,6 +1439,75 @@ impl Config {
     }
 }
 
+/// `"auto"` addresses need a STUN server to ask; per-node names need their placeholder.
+fn validate_discovery(c: &Config) -> Result<(), ConfigError> {
+    let p = &c.public;
+    if c.turn.relay_auto() && c.turn.relay_ip.len() > 1 {
+        return Err(ConfigError::key(
+            "turn.relay_ip",
+            "\"auto\" learns every address itself: list nothing else",
+        ));
+    }
+    if (c.turn.relay_auto() || p.host_auto()) && p.discover_stun.is_empty() {
+        let key = if p.host_auto() {
+            "public.host"
+        } else {
+            "turn.relay_ip"
+        };
+        return Err(ConfigError::key(
+            "public.discover_stun",
+            format!("{key} = \"auto\" needs a STUN server to ask (stun:host:port)"),
+        ));
+    }
+    for (i, u) in p.discover_stun.iter().enumerate() {
+        if stun_target(u).is_none() {
+            return Err(ConfigError::key(
+                format!("public.discover_stun[{i}]"),
+                "must be stun:host or stun:host:port",
+            ));
+        }
+    }
+    if p.discover_interval_secs < 10 {
+        return Err(ConfigError::key(
+            "public.discover_interval_secs",
+            "must be at least 10",
+        ));
+    }
+    if let Some(h) = &p.node_host {
+        if !h.contains("{node}") || h.contains(['/', ' ', ':']) {
+            return Err(ConfigError::key(
+                "public.node_host",
+                "must be a host name with {node}, like {node}.turn.example.com",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `stun:host[:port]` → (host, port), for `public.discover_stun`.
+pub fn stun_target(uri: &str) -> Option<(String, u16)> {
+    let rest = uri.strip_prefix("stun:")?;
+    if rest.is_empty() || rest.contains(['/', '?', ' ']) {
+        return None;
+    }
+    if let Ok(a) = rest.parse::<SocketAddr>() {
+        return Some((a.ip().to_string(), a.port()));
+    }
+    if let Some(v6) = rest.strip_prefix('[') {
+        let (h, p) = v6.split_once(']')?;
+        let port = match p.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if p.is_empty() => 3478,
+            None => return None,
+        };
+        return Some((h.to_string(), port));
+    }
+    match rest.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((rest.to_string(), 3478)),
+    }
+}
+
 /// Relay addressing: every relay socket must have an address that clients can be told.
 fn validate_relay_addresses(t: &TurnConfig) -> Result<(), ConfigError> {
     for (i, a) in t.relay_ip.iter().enumerate() {
@@ -1366,9 +1523,10 @@ fn validate_relay_addresses(t: &TurnConfig) -> Result<(), ConfigError> {
         }
     }
     let catch_all = |v4: bool| {
-        t.relay_ip
-            .iter()
-            .any(|r| r.private.is_none() && r.public.is_ipv4() == v4)
+        t.relay_auto()
+            || t.relay_ip
+                .iter()
+                .any(|r| r.private.is_none() && r.public.is_ipv4() == v4)
     };
     if let Some(b) = t.relay_bind {
         if b.is_unspecified() && !catch_all(b.is_ipv4()) {
@@ -1482,6 +1640,57 @@ mod tests {
 
     fn err_of(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn auto_addresses_need_a_stun_server_and_node_names_their_placeholder() {
+        let e = err_of("[turn]\nrelay_ip = \"auto\"\n");
+        assert!(
+            e.contains("public.discover_stun") && e.contains("turn.relay_ip"),
+            "{e}"
+        );
+        let e = err_of("[public]\nhost = \"auto\"\n");
+        assert!(
+            e.contains("public.discover_stun") && e.contains("public.host"),
+            "{e}"
+        );
+        let e = err_of("[turn]\nrelay_ip = [\"auto\", \"203.0.113.1\"]\n[public]\ndiscover_stun = [\"stun:a\"]\n");
+        assert!(e.contains("turn.relay_ip"), "{e}");
+        let e = err_of("[public]\ndiscover_stun = [\"turn:a:3478\"]\n");
+        assert!(e.contains("public.discover_stun[0]"), "{e}");
+        let e = err_of("[public]\nnode_host = \"turn.example.com\"\n");
+        assert!(e.contains("public.node_host"), "{e}");
+        let c = Config::from_toml(
+            "[turn]\nrelay_ip = \"auto\"\nrelay_bind = \"0.0.0.0\"\n[public]\nhost = \"auto\"\n\
+             discover_stun = [\"stun:stun.example.net\", \"stun:[2001:db8::1]:3479\"]\n\
+             node_host = \"{node}.turn.example.com\"\n",
+        )
+        .unwrap();
+        assert!(c.turn.relay_auto() && c.public.host_auto());
+        assert_eq!(c.turn.relay_ip[0].to_string(), "auto");
+        assert_eq!(
+            stun_target(&c.public.discover_stun[0]),
+            Some(("stun.example.net".into(), 3478))
+        );
+        assert_eq!(
+            stun_target(&c.public.discover_stun[1]),
+            Some(("2001:db8::1".into(), 3479))
+        );
+        // It prints back as it was written.
+        let again = Config::from_toml(&c.to_toml()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn cluster_turn_keys_are_checked() {
+        let base = "[auth]\nsession_keys = [\"k-0123456789abcdef\"]\nturn_secrets = [\"s\"]\n\
+                    [cluster]\nredis_url = \"redis://127.0.0.1\"\n";
+        let e = err_of(&format!("{base}node_ttl_ms = 500\n"));
+        assert!(e.contains("cluster.node_ttl_ms"), "{e}");
+        let c = Config::from_toml(&format!("{base}turn_placement = \"least_loaded\"\n")).unwrap();
+        assert_eq!(c.cluster.turn_placement, TurnPlacement::LeastLoaded);
+        let e = err_of(&format!("{base}turn_placement = \"random\"\n"));
+        assert!(e.contains("cluster.turn_placement"), "{e}");
     }
 
     #[test]

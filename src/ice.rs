@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::auth::TurnCredentials;
 use crate::shared::Shared;
+use crate::turn::members::{NodeRecord, NodeState};
 
 /// Browsers accept more, but every URL costs a gathering round; coturn users expect ≤ 4.
 pub const MAX_URLS: usize = 4;
@@ -39,10 +40,20 @@ pub struct IceConfig {
 ///    through its `turn.relay_ip` mapping; never `0.0.0.0` or `::`);
 /// 4. a `turn.relay_ip` that maps every address; else loopback (local development).
 pub fn public_host(shared: &Shared, request_host: Option<&str>) -> String {
-    if let Some(h) = &shared.config.public.host {
-        return h.clone();
-    }
     let s = &shared.turn.settings;
+    match shared.config.public.host.as_deref() {
+        Some("auto") => {
+            if let Some(ip) = s
+                .live
+                .discovered_public(false)
+                .or_else(|| s.live.discovered_public(true))
+            {
+                return host_of(ip);
+            }
+        }
+        Some(h) => return h.to_string(),
+        None => {}
+    }
     let mapped = |ip: IpAddr| host_of(s.advertised(ip).unwrap_or(ip));
     let bound = shared.bound.get();
     let first = bound.and_then(|b| b.udp.first().or(b.tcp.first()).or(b.tls.first()).copied());
@@ -60,6 +71,158 @@ pub fn public_host(shared: &Shared, request_host: Option<&str>) -> String {
         return host_of(*public);
     }
     "127.0.0.1".into()
+}
+
+/// This node's own host for per-node URIs: `public.node_host` with its id, else its public
+/// address (discovered, configured or bound).
+pub fn own_host(shared: &Shared) -> String {
+    if let (Some(t), Some(c)) = (&shared.config.public.node_host, &shared.cluster) {
+        return t.replace("{node}", c.node());
+    }
+    let live = &shared.turn.settings.live;
+    if shared.turn.settings.relay_auto {
+        if let Some(ip) = live
+            .discovered_public(false)
+            .or_else(|| live.discovered_public(true))
+        {
+            return host_of(ip);
+        }
+    }
+    public_host(shared, None)
+}
+
+/// This node's TURN membership record, less its state and load (the cluster shell adds
+/// those): what other nodes hand out and redirect to.
+pub fn own_record(shared: &Shared) -> NodeRecord {
+    let host = own_host(shared);
+    let (port, tls_port) = ports(shared);
+    let mut addrs: Vec<IpAddr> = Vec::new();
+    let s = &shared.turn.settings;
+    for v6 in [false, true] {
+        if let Some(ip) = s.live.discovered_public(v6) {
+            addrs.push(ip);
+        }
+    }
+    let bound = shared.bound.get().cloned().unwrap_or_default();
+    for a in bound.udp.iter().chain(&bound.tcp).chain(&bound.tls) {
+        let ip = if a.ip().is_unspecified() {
+            // A wildcard listener: the family's catch-all mapping, if any.
+            s.advertised(a.ip()).filter(|i| !i.is_unspecified())
+        } else {
+            s.advertised(a.ip())
+        };
+        if let Some(ip) = ip.filter(|i| !addrs.iter().any(|x| x.is_ipv6() == i.is_ipv6())) {
+            addrs.push(ip);
+        }
+    }
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        if !addrs.iter().any(|x| x.is_ipv6() == ip.is_ipv6()) {
+            addrs.push(ip);
+        }
+    }
+    let c = &shared.config;
+    let turns_host = c.public.turns_host.clone().unwrap_or_else(|| host.clone());
+    let uris = turn_uris(c, &host, port, &turns_host, tls_port);
+    NodeRecord {
+        node: String::new(),
+        state: NodeState::Ready,
+        host,
+        uris,
+        addrs,
+        port,
+        tls_port: tls_port.unwrap_or(0),
+        allocations: 0,
+        capacity: 0,
+        packets_per_sec: 0.0,
+        cpu: 0.0,
+        at_ms: 0,
+    }
+}
+
+/// A record with nothing in it, for a server that is going away.
+pub fn empty_record() -> NodeRecord {
+    NodeRecord {
+        node: String::new(),
+        state: NodeState::Draining,
+        host: String::new(),
+        uris: Vec::new(),
+        addrs: Vec::new(),
+        port: 0,
+        tls_port: 0,
+        allocations: 0,
+        capacity: 0,
+        packets_per_sec: 0.0,
+        cpu: 0.0,
+        at_ms: 0,
+    }
+}
+
+/// The advertised STUN/TURN port and TLS port (when a TLS listener exists).
+fn ports(shared: &Shared) -> (u16, Option<u16>) {
+    let c = &shared.config;
+    let bound = shared.bound.get().cloned().unwrap_or_default();
+    let port = c
+        .public
+        .turn_port
+        .or(bound.udp.first().or(bound.tcp.first()).map(|a| a.port()))
+        .or(c.turn.listen.first().map(|a| a.port()))
+        .unwrap_or(3478);
+    // turns: only when a TLS listener really exists; public.turns_port only renames its port.
+    let tls_port = (!c.turn.tls_listen.is_empty()).then(|| {
+        c.public
+            .turns_port
+            .or(bound.tls.first().map(|a| a.port()))
+            .or(c.turn.tls_listen.first().map(|a| a.port()))
+            .unwrap_or(5349)
+    });
+    (port, tls_port)
+}
+
+/// `turn:` (udp, tcp) and `turns:` URIs for one host.
+fn turn_uris(
+    c: &crate::config::Config,
+    host: &str,
+    port: u16,
+    turns_host: &str,
+    tls_port: Option<u16>,
+) -> Vec<String> {
+    let mut urls = Vec::with_capacity(3);
+    if c.turn.udp && !c.turn.listen.is_empty() {
+        urls.push(format!("turn:{host}:{port}?transport=udp"));
+    }
+    if c.turn.tcp && !c.turn.listen.is_empty() {
+        urls.push(format!("turn:{host}:{port}?transport=tcp"));
+    }
+    if let Some(tp) = tls_port {
+        // turns: needs a name the certificate covers; an IP works only with an IP SAN.
+        urls.push(format!("turns:{turns_host}:{tp}?transport=tcp"));
+    }
+    urls
+}
+
+/// The host and ports a login points at: in cluster mode this node's own address
+/// (`cluster.turn_placement = "self"`) or the least loaded ready node's; else `public_host`.
+/// A refresh (`refresh`) keeps the node the user's login was pointed at, unless it drains.
+fn placement(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    refresh: bool,
+    until: u64,
+) -> (String, u16, Option<u16>) {
+    let (port, tls_port) = ports(shared);
+    let Some(_) = &shared.cluster else {
+        return (public_host(shared, request_host), port, tls_port);
+    };
+    if shared.config.cluster.turn_placement == crate::config::TurnPlacement::LeastLoaded {
+        let now = crate::turn::members::unix_ms();
+        let live = &shared.turn.settings.live;
+        if let Some(n) = live.place_for(user, refresh, now, until) {
+            let tls = (n.tls_port != 0).then_some(n.tls_port);
+            return (n.host, n.port, tls.or(tls_port));
+        }
+    }
+    (own_host(shared), port, tls_port)
 }
 
 fn host_of(ip: IpAddr) -> String {
@@ -96,7 +259,7 @@ impl crate::signaling::IceSource for Shared {
         now_unix: u64,
         not_after: u64,
     ) -> crate::signaling::IceGrant {
-        let c = ice_config_until(self, host, user, now_unix, Some(not_after));
+        let c = ice_refresh(self, host, user, now_unix, not_after);
         crate::signaling::IceGrant {
             servers: serde_json::json!(c.servers),
             credentials: c.credentials,
@@ -123,25 +286,38 @@ pub fn ice_config_until(
     now_unix: u64,
     not_after: Option<u64>,
 ) -> IceConfig {
+    ice_config_placed(shared, request_host, user, now_unix, not_after, false)
+}
+
+/// Like [`ice_config_until`] for a session that already has `iceServers` (the
+/// `ice-servers` refreshes): in cluster mode it keeps the node its login was pointed at,
+/// unless that node drains or left.
+pub fn ice_refresh(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    now_unix: u64,
+    not_after: u64,
+) -> IceConfig {
+    ice_config_placed(shared, request_host, user, now_unix, Some(not_after), true)
+}
+
+fn ice_config_placed(
+    shared: &Shared,
+    request_host: Option<&str>,
+    user: &str,
+    now_unix: u64,
+    not_after: Option<u64>,
+    refresh: bool,
+) -> IceConfig {
     let c = &shared.config;
-    let host = public_host(shared, request_host);
-    let bound = shared.bound.get().cloned().unwrap_or_default();
-    let port = c
-        .public
-        .turn_port
-        .or(bound.udp.first().or(bound.tcp.first()).map(|a| a.port()))
-        .or(c.turn.listen.first().map(|a| a.port()))
-        .unwrap_or(3478);
-    // turns: only when a TLS listener really exists; public.turns_port only renames its port.
-    let tls_port = (!c.turn.tls_listen.is_empty()).then(|| {
-        c.public
-            .turns_port
-            .or(bound.tls.first().map(|a| a.port()))
-            .or(c.turn.tls_listen.first().map(|a| a.port()))
-            .unwrap_or(5349)
-    });
+    let until = not_after.unwrap_or(now_unix + shared.auth.session_ttl());
+    let (host, port, tls_port) = placement(shared, request_host, user, refresh, until);
+    let turns_host = match (&shared.cluster, &c.public.turns_host) {
+        (Some(_), Some(t)) => t.clone(),
+        _ => host.clone(),
+    };
     let has_udp = c.turn.udp && !c.turn.listen.is_empty();
-    let has_tcp = c.turn.tcp && !c.turn.listen.is_empty();
 
     let mut servers = Vec::with_capacity(2);
     // Browsers speak `stun:` over UDP only; a TCP-only listener gets no STUN entry.
@@ -154,17 +330,7 @@ pub fn ice_config_until(
     }
     let mut credentials = None;
     if c.turn.relay {
-        let mut urls = Vec::with_capacity(3);
-        if has_udp {
-            urls.push(format!("turn:{host}:{port}?transport=udp"));
-        }
-        if has_tcp {
-            urls.push(format!("turn:{host}:{port}?transport=tcp"));
-        }
-        if let Some(tp) = tls_port {
-            // turns: needs a name the certificate covers; an IP works only with an IP SAN.
-            urls.push(format!("turns:{host}:{tp}?transport=tcp"));
-        }
+        let mut urls = turn_uris(c, &host, port, &turns_host, tls_port);
         let room = MAX_URLS.saturating_sub(servers.iter().map(|s| s.urls.len()).sum());
         urls.truncate(room);
         if !urls.is_empty() {

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod crypto;
+pub mod discover;
 pub mod http;
 pub mod https_client;
 pub mod ice;

@@ -78,6 +78,12 @@ pub struct Metrics {
     pub cluster_redis_up: IntGauge,
     /// 1 while another live process claims this node's `cluster.node_id` (alert on it).
     pub cluster_node_id_conflict: IntGauge,
+    /// Allocates answered 300 Try Alternate, by reason (`draining|capacity`).
+    pub turn_redirects: IntCounterVec,
+    /// Ready nodes in this node's TURN membership snapshot (itself included).
+    pub cluster_nodes_ready: IntGauge,
+    /// This node's TURN membership state: 1 for the state it is in (`ready|draining`).
+    pub cluster_node_state: IntGaugeVec,
     /// Relayed payload bytes by client transport (`udp|tcp|tls`) and direction.
     pub relay_bytes_by_transport: ByTransport,
     /// Webhook events by final outcome (`delivered|failed`), and retries (`retried`).
@@ -347,6 +353,23 @@ impl Metrics {
                 "cluster_node_id_conflict",
                 "1 while another live process claims this node's cluster.node_id: it owns no room.",
             ),
+            turn_redirects: cv(
+                r,
+                "turn_redirects_total",
+                "Allocates answered 300 Try Alternate, by reason (draining, capacity).",
+                &["reason"],
+            ),
+            cluster_nodes_ready: g(
+                r,
+                "cluster_nodes_ready",
+                "Ready nodes in this node's TURN membership snapshot, itself included.",
+            ),
+            cluster_node_state: gv(
+                r,
+                "cluster_node_state",
+                "1 for this node's TURN membership state (ready or draining), 0 for the other.",
+                &["state"],
+            ),
             relay_bytes_by_transport,
             webhook_deliveries: cv(
                 r,
@@ -418,6 +441,12 @@ impl Metrics {
         }
         for v in ["login", "ice_servers", "rest_api", "refresh"] {
             m.turn_credentials_issued.with_label_values(&[v]);
+        }
+        for r in ["draining", "capacity"] {
+            m.turn_redirects.with_label_values(&[r]);
+        }
+        for st in ["ready", "draining"] {
+            m.cluster_node_state.with_label_values(&[st]);
         }
         for r in [
             "not_stun",

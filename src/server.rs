@@ -53,6 +53,13 @@ impl Server {
             // Refuse to start as a second live process under one node id.
             c.claim_node_id().await?;
         }
+        // `"auto"` addresses are learnt before anything is handed out.
+        crate::discover::initial(&config, &shared.turn.settings.live)
+            .await
+            .map_err(|e| crate::config::ConfigError::Key {
+                key: e.key.into(),
+                message: e.to_string(),
+            })?;
         let mut tasks = JoinSet::new();
         let mut bound = Bound::default();
 
@@ -170,6 +177,34 @@ impl Server {
             tasks.spawn(jwks.clone().run(shared.lifecycle.subscribe()));
         }
         let _ = shared.bound.set(bound);
+        tasks.spawn(crate::discover::run(
+            config.clone(),
+            shared.turn.settings.live.clone(),
+            shared.lifecycle.clone(),
+        ));
+        if let Some(c) = &shared.cluster {
+            let live = shared.turn.settings.live.clone();
+            let _ = live.cluster.set(crate::turn::members::ClusterId {
+                me: c.node().to_string(),
+                tls_domain: config.public.turns_host.clone(),
+            });
+            let me = Arc::downgrade(&shared);
+            let m = crate::cluster::members::Membership {
+                node: c.node().to_string(),
+                redis_url: config.cluster.redis_url.clone(),
+                ttl: std::time::Duration::from_millis(config.cluster.node_ttl_ms),
+                live,
+                pool: shared.turn.pool.clone(),
+                metrics: shared.metrics.clone(),
+                lifecycle: shared.lifecycle.clone(),
+                describe: Box::new(move || {
+                    me.upgrade()
+                        .map(|s| crate::ice::own_record(&s))
+                        .unwrap_or_else(crate::ice::empty_record)
+                }),
+            };
+            tasks.spawn(m.run());
+        }
         shared.lifecycle.set_ready();
         Ok(RunningServer { shared, tasks })
     }

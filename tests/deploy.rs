@@ -161,6 +161,11 @@ fn kubernetes_manifests_are_consistent() {
     let mut env = Vec::new();
     for e in c["env"].as_sequence().unwrap() {
         let name = e["name"].as_str().unwrap().to_string();
+        // Downward API values differ per node; stand in a node name.
+        if e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
+            env.push((name, "node-a".to_string()));
+            continue;
+        }
         let key = e["valueFrom"]["secretKeyRef"]["key"].as_str().unwrap();
         let v = secret["stringData"][key]
             .as_str()
@@ -172,6 +177,22 @@ fn kubernetes_manifests_are_consistent() {
     std::fs::write(&f, toml).unwrap();
     let cfg = Config::load(Some(&f), env).expect("ConfigMap + Secret form a valid config");
     assert!(!cfg.auth.turn_secrets.is_empty());
+    // One ConfigMap for every node: addresses are learnt, names come from the node.
+    assert!(cfg.turn.relay_auto(), "relay_ip = \"auto\"");
+    assert!(!cfg.public.discover_stun.is_empty());
+    assert!(
+        cfg.cluster.enabled(),
+        "the Secret's redis-url turns cluster mode on"
+    );
+    assert_eq!(
+        cfg.cluster.node_id, "node-a",
+        "node id from the downward API"
+    );
+    assert!(cfg
+        .public
+        .node_host
+        .as_deref()
+        .is_some_and(|h| h.contains("{node}")));
 
     // Probes hit the right endpoints on the configured HTTP port.
     let http_port = c["ports"]

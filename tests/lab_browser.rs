@@ -60,7 +60,10 @@ fn start_shipped(lab: &mut Lab, extra: &[(&str, &str)]) {
     assert!(toml.contains("listen = [\"0.0.0.0:3478\"]"), "{toml}");
     let signaling = format!("ws://{SERVER}:8080/v1/ws");
     let origins = format!("[\"{ORIGIN}\"]");
+    // The shipped STUN servers for relay_ip = "auto" are outside the lab: name the lab's.
+    let stun = format!(r#"["{}"]"#, lab.stun_server());
     let mut env = vec![
+        ("SWITCHBOARD_PUBLIC__DISCOVER_STUN", stun.as_str()),
         ("SWITCHBOARD_AUTH__BACKENDS", r#"["open"]"#),
         ("SWITCHBOARD_AUTH__ALLOW_OPEN_ON_PUBLIC", "true"),
         ("SWITCHBOARD_AUTH__TURN_SECRETS", r#"["lab-secret"]"#),

@@ -234,10 +234,13 @@ async fn shipped_kubernetes_config_relays_between_natted_homes() {
         return;
     };
     let toml = shipped_configmap_toml();
+    // The shipped STUN servers for relay_ip = "auto" are outside the lab: name the lab's.
+    let stun = format!(r#"["{}"]"#, lab.stun_server());
     // The JWT key of secret.yaml is not in the lab: log in with the open backend instead.
     lab.start_switchboard(
         &toml,
         &[
+            ("SWITCHBOARD_PUBLIC__DISCOVER_STUN", stun.as_str()),
             ("SWITCHBOARD_AUTH__BACKENDS", r#"["open"]"#),
             ("SWITCHBOARD_AUTH__ALLOW_OPEN_ON_PUBLIC", "true"),
             ("SWITCHBOARD_AUTH__TURN_SECRETS", r#"["lab-secret"]"#),

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod claim;
 pub mod lease;
 pub mod link;
+pub mod members;
 pub mod owner;
 pub mod wire;
 

@@ -42,6 +42,7 @@ pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/v1/admin/rooms/{room}/close", post(close_room))
         .route("/v1/admin/rooms/{room}/peers/{peer}/kick", post(kick_peer))
         .route("/v1/admin/users/{user}/revoke", post(revoke_user))
+        .route("/v1/admin/nodes", get(list_nodes))
         .layer(axum::middleware::from_fn_with_state(shared, require_admin))
 }
 
@@ -104,6 +105,12 @@ async fn require_admin(State(s): State<Arc<Shared>>, req: Request, next: Next) -
 
 async fn list_rooms(State(s): State<Arc<Shared>>) -> Response {
     Json(serde_json::json!({ "rooms": s.signaling.rooms() })).into_response()
+}
+
+/// The TURN membership records this node sees (itself included); empty outside cluster mode.
+async fn list_nodes(State(s): State<Arc<Shared>>) -> Response {
+    let snap = s.turn.settings.live.members.load();
+    Json(serde_json::json!({ "nodes": snap.nodes })).into_response()
 }
 
 async fn get_room(State(s): State<Arc<Shared>>, Path(room): Path<String>) -> Response {

@@ -335,13 +335,7 @@ async fn ice_servers(
     })?;
     // TURN credentials never outlast the login they are handed to.
     let end = shared.auth.session_end(&session);
-    let ice = crate::ice::ice_config_until(
-        &shared,
-        request_host(&headers),
-        &session.user,
-        now,
-        Some(end),
-    );
+    let ice = crate::ice::ice_refresh(&shared, request_host(&headers), &session.user, now, end);
     shared
         .metrics
         .turn_credentials_issued

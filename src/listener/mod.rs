@@ -75,7 +75,10 @@ impl TurnShared {
             .set_own(&own, t.relay_port_min..=t.relay_port_max);
         TurnShared {
             settings: Arc::new(settings),
-            pool: Arc::new(crate::turn::core::Pool::new()),
+            pool: Arc::new(crate::turn::members::shared_nonce_key(config).map_or_else(
+                crate::turn::core::Pool::new,
+                crate::turn::core::Pool::with_nonce_key,
+            )),
             conns: Arc::new(crate::turn::relay::Conns::new(
                 config.turn.max_pending_connections_per_allocation,
             )),

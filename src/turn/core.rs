@@ -185,10 +185,16 @@ pub enum Outcome {
 struct Reject {
     code: u16,
     reason: &'static str,
+    /// For 300: the node to try (else the static `turn.alternate_server`).
+    alt: Option<crate::turn::members::Alternate>,
 }
 
 fn reject(code: u16, reason: &'static str) -> Reject {
-    Reject { code, reason }
+    Reject {
+        code,
+        reason,
+        alt: None,
+    }
 }
 
 /// One allocation table: all allocations of one listener (UDP socket) or connection (stream).
@@ -395,6 +401,44 @@ impl<R: Relay> Table<R> {
         }
     }
 
+    /// An Allocate on a draining or full node: 300 naming a ready node with room from the
+    /// membership snapshot (same family as the client, the TLS name for `turns:`), else the
+    /// static `turn.alternate_server` (300) or 508 while draining; `None` goes on here.
+    fn try_alternate(&self, env: Env, client: SocketAddr) -> Option<Reject> {
+        let live = &self.settings.live;
+        let tls = self.transport == "tls";
+        let v6 = crate::turn::policy::canonical(client.ip()).is_ipv6();
+        let id = live.cluster.get();
+        let total = if id.is_some() {
+            u64::from(self.pool.total())
+        } else {
+            0
+        };
+        let pick = || {
+            let id = id?;
+            crate::turn::members::alternate(
+                &live.members.load(),
+                &id.me,
+                v6,
+                tls,
+                id.tls_domain.as_deref(),
+            )
+        };
+        let (why, alt) = crate::turn::members::redirect(env.draining, total, live.capacity, pick)?;
+        if alt.is_none() && self.settings.alternate.is_none() {
+            return Some(reject(508, "Insufficient Capacity"));
+        }
+        self.metrics
+            .turn_redirects
+            .with_label_values(&[why.label()])
+            .inc();
+        Some(Reject {
+            code: 300,
+            reason: "Try Alternate",
+            alt,
+        })
+    }
+
     fn count_error(&self, code: u16) {
         let mut b = itoa_buf();
         self.metrics
@@ -431,11 +475,25 @@ impl<R: Relay> Table<R> {
                 algs[4..6].copy_from_slice(&ALG_SHA256.to_be_bytes());
                 e.attr(attr::PASSWORD_ALGORITHMS, &algs);
             }
-            300 => {
-                if let Some(alt) = self.settings.alternate {
-                    e.address(attr::ALTERNATE_SERVER, alt);
+            300 => match &r.alt {
+                Some(alt) => {
+                    // libwebrtc copies REALM and NONCE from a 300 into its Allocate at the
+                    // alternate; the cluster's nodes share the nonce key, so that Allocate
+                    // needs no new challenge: the redirect costs one round trip.
+                    e.attr(attr::REALM, self.settings.realm.as_bytes());
+                    let nonce = self.make_nonce(env.unix);
+                    e.attr(attr::NONCE, nonce.as_bytes());
+                    e.address(attr::ALTERNATE_SERVER, alt.addr);
+                    if let Some(d) = &alt.domain {
+                        e.attr(attr::ALTERNATE_DOMAIN, d.as_bytes());
+                    }
                 }
-            }
+                None => {
+                    if let Some(alt) = self.settings.alternate {
+                        e.address(attr::ALTERNATE_SERVER, alt);
+                    }
+                }
+            },
             // Only DONT-FRAGMENT reaches here as an unsupported attribute.
             420 => {
                 e.unknown_attributes(&[attr::DONT_FRAGMENT]);

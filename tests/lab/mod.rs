@@ -79,6 +79,10 @@ pub enum Host {
     Router3,
     /// Client host in home 3.
     Home3,
+    /// The 1:1 NAT gateway of cluster node `n` (see [`Lab::add_nat_node`]).
+    Gw(u8),
+    /// Cluster node `n`, on a private address behind its gateway.
+    Node(u8),
 }
 
 const ALL: [Host; 10] = [
@@ -95,8 +99,10 @@ const ALL: [Host; 10] = [
 ];
 
 impl Host {
-    fn role(self) -> &'static str {
-        match self {
+    fn role(self) -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed(match self {
+            Host::Gw(n) => return format!("gw{n}").into(),
+            Host::Node(n) => return format!("node{n}").into(),
             Host::Wan => "wan",
             Host::Server => "server",
             Host::Peer => "peer",
@@ -107,7 +113,7 @@ impl Host {
             Host::Home2 => "home2",
             Host::Router3 => "router3",
             Host::Home3 => "home3",
-        }
+        })
     }
 }
 
@@ -360,6 +366,168 @@ impl Lab {
                 "DROP",
             ],
         )
+    }
+
+    /// Cluster node `n` (1..=9) behind a 1:1 NAT, like a cloud VM with an elastic address:
+    /// the node holds only `10.0.<n>.10`, and its gateway maps `203.0.113.1<n>` to it both
+    /// ways (DNAT in, SNAT out, ports kept). Returns `(public, private)`.
+    pub fn add_nat_node(&mut self, n: u8) -> Result<(String, String), String> {
+        assert!((1..=9).contains(&n), "node numbers are 1..=9");
+        let public = format!("203.0.113.1{n}");
+        let private = format!("10.0.{n}.10");
+        let (gw, node) = (Host::Gw(n), Host::Node(n));
+        for h in [gw, node] {
+            let ns = self.ns(h);
+            run_ok("ip", &["netns", "add", &ns])?;
+            self.built.push(ns.clone());
+            run_ok("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        let (wan, g, nd) = (self.ns(Host::Wan), self.ns(gw), self.ns(node));
+        let port = format!("p-gw{n}");
+        run_ok(
+            "ip",
+            &[
+                "link", "add", "e0", "netns", &g, "type", "veth", "peer", "name", &port, "netns",
+                &wan,
+            ],
+        )?;
+        self.ip(Host::Wan, &format!("link set {port} master br0 up"))?;
+        self.ip(gw, &format!("addr add {public}/24 dev e0"))?;
+        self.ip(gw, "link set e0 up")?;
+        run_ok(
+            "ip",
+            &[
+                "link", "add", "l0", "netns", &g, "type", "veth", "peer", "name", "e0", "netns",
+                &nd,
+            ],
+        )?;
+        self.ip(gw, &format!("addr add 10.0.{n}.1/24 dev l0"))?;
+        self.ip(gw, "link set l0 up")?;
+        self.ip(node, &format!("addr add {private}/24 dev e0"))?;
+        self.ip(node, "link set e0 up")?;
+        self.ip(node, &format!("route add default via 10.0.{n}.1"))?;
+        self.exec_ok(gw, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let nat = |args: &[&str]| {
+            let mut a = vec!["-t", "nat", "-A"];
+            a.extend_from_slice(args);
+            self.exec_ok(gw, "iptables", &a)
+        };
+        nat(&[
+            "PREROUTING",
+            "-i",
+            "e0",
+            "-d",
+            &public,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &private,
+        ])?;
+        nat(&[
+            "POSTROUTING",
+            "-o",
+            "e0",
+            "-s",
+            &private,
+            "-j",
+            "SNAT",
+            "--to-source",
+            &public,
+        ])?;
+        Ok((public, private))
+    }
+
+    /// Move node `n`'s 1:1 NAT to another public address (an elastic address re-assigned):
+    /// the gateway takes `public` and maps it, and only it, to the node both ways.
+    pub fn renat_node(&mut self, n: u8, public: &str) -> Result<(), String> {
+        let gw = Host::Gw(n);
+        let private = format!("10.0.{n}.10");
+        self.ip(gw, &format!("addr add {public}/24 dev e0"))?;
+        self.exec_ok(gw, "iptables", &["-t", "nat", "-F"])?;
+        // Old mappings would keep the old address for flows already seen.
+        let _ = self.exec_ok(gw, "conntrack", &["-F"]);
+        let nat = |args: &[&str]| {
+            let mut a = vec!["-t", "nat", "-A"];
+            a.extend_from_slice(args);
+            self.exec_ok(gw, "iptables", &a)
+        };
+        nat(&[
+            "PREROUTING",
+            "-i",
+            "e0",
+            "-d",
+            public,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &private,
+        ])?;
+        nat(&[
+            "POSTROUTING",
+            "-o",
+            "e0",
+            "-s",
+            &private,
+            "-j",
+            "SNAT",
+            "--to-source",
+            public,
+        ])
+    }
+
+    /// Start the real `switchboard` binary in `h` as process `name`, in a UTS namespace of
+    /// its own whose host name is `hostname` (a separate machine has its own), with
+    /// `config` and no `SWITCHBOARD_*` variable from the test's environment.
+    pub fn spawn_switchboard(&mut self, h: Host, name: &str, hostname: &str, config: &Path) {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let mut cmd = self.command(h, "unshare");
+        cmd.args([
+            "--uts",
+            "sh",
+            "-c",
+            "hostname \"$0\" && exec \"$@\"",
+            hostname,
+        ])
+        .arg(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info,switchboard=debug")
+        .stdout(f.try_clone().expect("log"))
+        .stderr(f)
+        .process_group(0);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("SWITCHBOARD_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd.spawn().expect("start switchboard");
+        self.children.push((name.to_string(), child));
+    }
+
+    /// A switchboard that answers only STUN Binding on the public segment (`PEER:3478`), as
+    /// a public STUN server would: what `"auto"` addresses ask. Returns its `stun:` URI.
+    pub fn stun_server(&mut self) -> String {
+        let cfg = self.dir.path().join("stun.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[http]\nlisten = \"{PEER}:8090\"\n[turn]\nlisten = [\"{PEER}:3478\"]\n\
+                 relay = false\n[auth]\nbackends = [\"open\"]\nallow_open_on_public = true\n"
+            ),
+        )
+        .expect("stun config");
+        self.spawn_switchboard(Host::Peer, "stun", "stun", &cfg);
+        let t = Instant::now();
+        while self.tcp(Host::Peer, sa(PEER, 8090)).is_err() {
+            assert!(
+                self.running("stun") && t.elapsed() < Duration::from_secs(15),
+                "the lab STUN server did not start:\n{}",
+                self.log("stun")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!("stun:{PEER}:3478")
     }
 
     /// The namespace name of `h`.
@@ -674,4 +842,5 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), port)
 }
 
+pub mod cluster;
 pub mod turn;

@@ -141,6 +141,18 @@ impl Client {
         self.request(method::ALLOCATE, &t, None).await
     }
 
+    /// Transactions (request/response round trips) this client has made so far.
+    pub fn transactions(&self) -> u8 {
+        self.tid
+    }
+
+    /// One Allocate, no retry: what the server answers to the nonce and realm this client
+    /// holds (after a 300, those of the redirecting node).
+    pub async fn allocate_once(&mut self) -> Resp {
+        let t = vec![(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])];
+        self.request_once(method::ALLOCATE, &t, None).await
+    }
+
     /// CreatePermission for `peer`.
     pub async fn permit(&mut self, peer: SocketAddr) -> Resp {
         self.request(method::CREATE_PERMISSION, &[], Some(peer))

@@ -221,12 +221,8 @@ impl<R: Relay> Table<R> {
             l => l,
         }
         .min(self.settings.max_age.min(u32::MAX as u64) as u32);
-        if env.draining {
-            return Err(if self.settings.alternate.is_some() {
-                reject(300, "Try Alternate")
-            } else {
-                reject(508, "Insufficient Capacity")
-            });
+        if let Some(r) = self.try_alternate(env, client) {
+            return Err(r);
         }
         let (bind_ip, adv_ip) = match token {
             Some(_) => (IpAddr::from([0u8; 4]), IpAddr::from([0u8; 4])),

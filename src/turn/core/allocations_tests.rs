@@ -857,3 +857,179 @@ fn huge_maximum_age_does_not_overflow() {
     h.t.handle_timeout(h.env);
     assert!(h.t.is_empty());
 }
+
+fn cluster_of(h: &H, me: &str, nodes: &[(&str, &str, crate::turn::members::NodeState)]) {
+    use crate::turn::members::{ClusterId, NodeRecord, Snapshot};
+    let live = &h.t.settings.live;
+    let _ = live.cluster.set(ClusterId {
+        me: me.into(),
+        tls_domain: None,
+    });
+    live.set_members(Snapshot {
+        nodes: nodes
+            .iter()
+            .map(|(id, ip, state)| NodeRecord {
+                node: id.to_string(),
+                state: *state,
+                host: ip.to_string(),
+                uris: vec![],
+                addrs: vec![ip.parse().unwrap()],
+                port: 3478,
+                tls_port: 0,
+                allocations: 0,
+                capacity: 100,
+                packets_per_sec: 0.0,
+                cpu: 0.0,
+                at_ms: 0,
+            })
+            .collect(),
+    });
+}
+
+#[test]
+fn draining_cluster_node_redirects_to_a_ready_node_and_counts_it() {
+    use crate::turn::members::NodeState::*;
+    let mut h = harness(cfg());
+    let c = rest(&h, 3600);
+    cluster_of(
+        &h,
+        "a",
+        &[
+            ("a", "203.0.113.11", Ready),
+            ("b", "203.0.113.12", Draining),
+            ("c", "203.0.113.13", Ready),
+        ],
+    );
+    assert_eq!(h.allocate(client(1), &c, 1).outcome, Outcome::Success);
+    h.env.draining = true;
+    let r = h.allocate(client(2), &c, 2);
+    assert_eq!(r.code(), Some(300));
+    let alt = r.msg().get(attr::ALTERNATE_SERVER).unwrap().to_vec();
+    assert_eq!(
+        crate::stun::codec::decode_address(&alt).unwrap(),
+        "203.0.113.13:3478".parse().unwrap(),
+        "the ready node, not the draining one"
+    );
+    assert_eq!(
+        h.metrics
+            .turn_redirects
+            .with_label_values(&["draining"])
+            .get(),
+        1
+    );
+    // No ready node with room: 508, as outside cluster mode.
+    cluster_of(&h, "a", &[("a", "203.0.113.11", Draining)]);
+    assert_eq!(h.allocate(client(3), &c, 3).code(), Some(508));
+}
+
+#[test]
+fn full_cluster_node_redirects_at_its_capacity() {
+    use crate::turn::members::NodeState::*;
+    let mut t = cfg();
+    t.capacity_allocations = 1;
+    let mut h = harness(t);
+    let c = rest(&h, 3600);
+    assert_eq!(h.allocate(client(1), &c, 1).outcome, Outcome::Success);
+    // Outside cluster mode the soft capacity changes nothing.
+    assert_eq!(h.allocate(client(2), &c, 2).outcome, Outcome::Success);
+    cluster_of(
+        &h,
+        "a",
+        &[("a", "203.0.113.11", Ready), ("b", "203.0.113.12", Ready)],
+    );
+    let r = h.allocate(client(3), &c, 3);
+    assert_eq!(r.code(), Some(300));
+    assert_eq!(
+        h.metrics
+            .turn_redirects
+            .with_label_values(&["capacity"])
+            .get(),
+        1
+    );
+}
+
+#[test]
+fn allocations_on_other_nodes_count_towards_the_user_quota() {
+    let mut t = cfg();
+    t.max_allocations_per_user = 2;
+    let mut h = harness(t);
+    let c = rest(&h, 3600);
+    assert_eq!(h.allocate(client(1), &c, 1).outcome, Outcome::Success);
+    let user = super::super::ports::quota_name(&c.user).to_string();
+    h.t.pool.set_remote([(user, 1)].into());
+    assert_eq!(h.allocate(client(2), &c, 2).code(), Some(486));
+    h.t.pool.set_remote(Default::default());
+    assert_eq!(h.allocate(client(3), &c, 3).outcome, Outcome::Success);
+}
+
+#[test]
+fn relay_ip_auto_reports_the_discovered_public_address() {
+    let mut t = cfg();
+    t.relay_bind = Some("127.0.0.1".parse().unwrap());
+    t.relay_ip = vec![crate::config::RelayIp::AUTO];
+    let mut h = harness(t);
+    let c = rest(&h, 3600);
+    h.t.settings
+        .live
+        .discovered
+        .store(std::sync::Arc::new(vec![(
+            "203.0.113.11".parse().unwrap(),
+            Some("10.1.0.10".parse().unwrap()),
+        )]));
+    let r = h.allocate(client(1), &c, 1);
+    let relayed = r
+        .msg()
+        .xor_address(attr::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(relayed.ip(), "203.0.113.11".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn tls_redirect_names_the_tls_port_and_the_domain() {
+    use crate::turn::members::{ClusterId, NodeRecord, NodeState, Snapshot};
+    let mut h = harness_on(cfg(), "tls");
+    let c = rest(&h, 3600);
+    let live = &h.t.settings.live;
+    let _ = live.cluster.set(ClusterId {
+        me: "a".into(),
+        tls_domain: Some("turn.example.com".into()),
+    });
+    let node = |id: &str, ip: &str, tls_port| NodeRecord {
+        node: id.into(),
+        state: NodeState::Ready,
+        host: ip.into(),
+        uris: vec![],
+        addrs: vec![ip.parse().unwrap()],
+        port: 3478,
+        tls_port,
+        allocations: 0,
+        capacity: 10,
+        packets_per_sec: 0.0,
+        cpu: 0.0,
+        at_ms: 0,
+    };
+    live.set_members(Snapshot {
+        nodes: vec![
+            node("a", "203.0.113.11", 5349),
+            node("b", "203.0.113.12", 0),
+            node("c", "203.0.113.13", 443),
+        ],
+    });
+    h.env.draining = true;
+    let r = h.allocate(client(1), &c, 1);
+    assert_eq!(r.code(), Some(300));
+    let m = r.msg();
+    let alt = crate::stun::codec::decode_address(m.get(attr::ALTERNATE_SERVER).unwrap()).unwrap();
+    assert_eq!(
+        alt,
+        "203.0.113.13:443".parse().unwrap(),
+        "b has no TLS listener"
+    );
+    assert_eq!(
+        m.get(attr::ALTERNATE_DOMAIN),
+        Some(&b"turn.example.com"[..])
+    );
+    // REALM and NONCE, for the client to sign its Allocate at the alternate at once.
+    assert!(m.get(attr::NONCE).is_some() && m.get(attr::REALM).is_some());
+}

@@ -41,6 +41,8 @@ struct PoolInner {
     /// EVEN-PORT reservations: token → (relay socket, expiry). Shared because the client
     /// redeems the token on another 5-tuple (another connection, for stream transports).
     reservations: HashMap<[u8; 8], Reservation>,
+    /// Allocations of each user on the other nodes of the cluster, as last read from Redis.
+    remote: HashMap<String, u32>,
 }
 
 impl std::fmt::Debug for PoolInner {
@@ -67,6 +69,14 @@ impl Pool {
             nonce_key: rand::random(),
         }
     }
+    /// A fresh pool whose nonces are signed with `nonce_key`: nodes of a cluster share it,
+    /// so a NONCE handed out with a 300 redirect is good at the alternate node.
+    pub fn with_nonce_key(nonce_key: [u8; 32]) -> Pool {
+        Pool {
+            inner: Mutex::new(PoolInner::default()),
+            nonce_key,
+        }
+    }
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner> {
         // A poisoned lock only means another table panicked mid-update of plain counters.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -89,6 +99,17 @@ impl Pool {
         }
     }
 
+    /// Allocations per user on this node, which cluster mode publishes for the others.
+    pub fn users(&self) -> HashMap<String, u32> {
+        self.lock().per_user.clone()
+    }
+
+    /// Allocations per user on the other nodes (cluster mode); they count towards
+    /// `turn.max_allocations_per_user` here. An empty map makes the quota per node again.
+    pub fn set_remote(&self, remote: HashMap<String, u32>) {
+        self.lock().remote = remote;
+    }
+
     /// The key nonces are signed with, the same for every table so a nonce from one listener
     /// is good on another.
     pub(super) fn nonce_key(&self) -> &[u8; 32] {
@@ -103,7 +124,9 @@ impl Pool {
         max_total: u32,
     ) -> Result<(), QuotaFull> {
         let mut p = self.lock();
-        if p.per_user.get(user).copied().unwrap_or(0) >= max_per_user {
+        let here = p.per_user.get(user).copied().unwrap_or(0);
+        let there = p.remote.get(user).copied().unwrap_or(0);
+        if here.saturating_add(there) >= max_per_user {
             return Err(QuotaFull::User);
         }
         if p.total >= max_total {

@@ -1,6 +1,7 @@
 //! Relay addressing, limits and peer policy, derived from the `[turn]` section once.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crate::config::TurnConfig;
 use crate::turn::policy::PeerPolicy;
@@ -40,6 +41,10 @@ pub struct Settings {
     pub policy: PeerPolicy,
     /// SOFTWARE attribute.
     pub software: String,
+    /// `turn.relay_ip = "auto"`: relayed addresses come from discovery ([`Live`]).
+    pub relay_auto: bool,
+    /// What discovery and cluster membership learn while the server runs.
+    pub live: Arc<crate::turn::members::Live>,
 }
 
 impl Settings {
@@ -64,7 +69,12 @@ impl Settings {
                 t.relay_bind_v6.or(t.relay_bind.filter(|i| i.is_ipv6())),
                 listen_v6,
             ),
-            relay_map: t.relay_ip.iter().map(|r| (r.public, r.private)).collect(),
+            relay_map: t
+                .relay_ip
+                .iter()
+                .filter(|r| !r.is_auto())
+                .map(|r| (r.public, r.private))
+                .collect(),
             port_min: t.relay_port_min,
             port_max: t.relay_port_max,
             default_lifetime: t.default_lifetime_secs,
@@ -77,6 +87,15 @@ impl Settings {
             alternate: t.alternate_server,
             policy: PeerPolicy::new(&t.allow_peers, &t.deny_peers, allow_loopback),
             software: t.software.clone(),
+            relay_auto: t.relay_auto(),
+            live: Arc::new(crate::turn::members::Live {
+                capacity: u64::from(if t.capacity_allocations == 0 {
+                    t.max_allocations
+                } else {
+                    t.capacity_allocations
+                }),
+                ..Default::default()
+            }),
         }
     }
 }
@@ -97,14 +116,29 @@ impl Settings {
     /// The address clients are told for a relay bound to `bind`: its `relay_ip` mapping,
     /// else `bind` itself; `None` for an unmapped wildcard (refused by config validation).
     pub fn advertised(&self, bind: IpAddr) -> Option<IpAddr> {
-        let exact = self.relay_map.iter().find(|(_, l)| *l == Some(bind));
-        let any = || {
-            self.relay_map
-                .iter()
-                .find(|(p, l)| l.is_none() && p.is_ipv4() == bind.is_ipv4())
+        let found = |map: &[(IpAddr, Option<IpAddr>)]| {
+            let exact = map.iter().find(|(_, l)| *l == Some(bind));
+            let any = || {
+                map.iter()
+                    .find(|(p, l)| l.is_none() && p.is_ipv4() == bind.is_ipv4())
+            };
+            exact.or_else(any).map(|(p, _)| *p)
         };
-        match exact.or_else(any) {
-            Some((p, _)) => Some(*p),
+        // Discovered pairs name the local address that asked; a relay bound elsewhere (or on
+        // a wildcard) of the same family still sits behind the same 1:1 NAT.
+        let discovered = || {
+            if !self.relay_auto {
+                return None;
+            }
+            let d = self.live.discovered.load();
+            found(&d).or_else(|| {
+                d.iter()
+                    .find(|(p, _)| p.is_ipv4() == bind.is_ipv4())
+                    .map(|(p, _)| *p)
+            })
+        };
+        match found(&self.relay_map).or_else(discovered) {
+            Some(p) => Some(p),
             None => (!bind.is_unspecified()).then_some(bind),
         }
     }

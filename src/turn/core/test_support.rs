@@ -79,6 +79,11 @@ pub(super) fn cfg() -> TurnConfig {
 }
 
 pub(super) fn harness(t: TurnConfig) -> H {
+    harness_on(t, "udp")
+}
+
+/// A harness whose table serves `transport` (`udp|tcp|tls`).
+pub(super) fn harness_on(t: TurnConfig, transport: &'static str) -> H {
     let auth = Arc::new(Auth::new(&AuthConfig {
         turn_secrets: vec![SECRET.into()],
         turn_users: [("alice".to_string(), "wonder".into())].into(),
@@ -92,7 +97,7 @@ pub(super) fn harness(t: TurnConfig) -> H {
             auth.clone(),
             metrics.clone(),
             Arc::new(Pool::new()),
-            "udp",
+            transport,
             (),
         ),
         env: Env {
