@@ -18,6 +18,7 @@ mod layering;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
+pub mod peerjs;
 pub mod secret;
 pub mod server;
 pub mod shared;
