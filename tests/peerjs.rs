@@ -384,3 +384,19 @@ async fn the_http_side_hands_out_ids_and_lists_peers_only_with_discovery() {
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!(["alice"]));
 }
+
+#[test]
+fn the_vendored_client_is_the_npm_packages_build() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let npm =
+        std::fs::read_to_string(dir.join("tests/peerjs/node_modules/peerjs/dist/peerjs.min.js"))
+            .expect(
+                "the peerjs npm package (scripts/install-test-deps.sh runs npm ci in tests/peerjs)",
+            );
+    let npm: Vec<&str> = npm
+        .lines()
+        .filter(|l| !l.starts_with("//# sourceMappingURL="))
+        .collect();
+    let ours = std::fs::read_to_string(dir.join("web/vendor/peerjs.min.js")).unwrap();
+    assert_eq!(ours.lines().collect::<Vec<_>>(), npm);
+}
