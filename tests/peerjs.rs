@@ -11,9 +11,24 @@ use tokio_tungstenite::tungstenite::Message;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+const ADMIN: &str = "admin-token-0123456789";
+
+/// `POST` a server API route with the admin token.
+async fn admin_post(srv: &RunningServer, path: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}{path}", srv.http_addr()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
 async fn start(peerjs: &str) -> RunningServer {
     let text = format!(
-        "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+        "[http]\nlisten = \"127.0.0.1:0\"\nadmin_api = true\n\
+         [turn]\nlisten = [\"127.0.0.1:0\"]\n\
+         [auth]\nadmin_tokens = [\"{ADMIN}\"]\n\
          [signaling]\nmax_frame_bytes = 4096\n[peerjs]\nenabled = true\n{peerjs}\n"
     );
     Server::new(Config::from_toml(&text).expect("valid test config"))
@@ -300,14 +315,40 @@ async fn session_auth_binds_the_id_to_the_user_and_the_same_user_takes_it_back()
     )
     .await;
     assert_eq!(next(&mut a).await["src"], "desk-2");
-    // Revoking Ann through the server API's path closes her socket.
-    srv.shared()
-        .auth
-        .revoke_user("ann", switchboard::auth::unix_now());
-    let n = srv.shared().peerjs.revoke_user("ann");
-    assert_eq!(n, 1);
+    // Revoking Ann through the server API closes her socket at once and frees her id.
+    let (code, v) = admin_post(&srv, "/v1/admin/users/ann/revoke").await;
+    assert_eq!((code, &v["peersRemoved"]), (200, &json!(1)), "{v}");
     let seen = closes(&mut a).await;
     assert_eq!(seen.last().map(|v| v["type"].clone()), Some(json!("ERROR")));
+    // Her old session no longer opens anything; the id is free for Bob now.
+    let mut t = connect(&srv, "peerjs", "desk-1", &ann2).await;
+    assert_eq!(closes(&mut t).await[0]["type"], "ERROR");
+    let mut taken = None;
+    for _ in 0..50 {
+        let mut ws = connect(&srv, "peerjs", "desk-1", &bob).await;
+        if next(&mut ws).await["type"] == "OPEN" {
+            taken = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(taken.is_some(), "a revoked user's id stayed reserved");
+}
+
+#[tokio::test]
+async fn the_server_api_kicks_a_peerjs_id() {
+    let srv = start("auth = \"open\"").await;
+    let mut a = open(&srv, "alice", "tokA").await;
+    let (code, v) = admin_post(&srv, "/v1/admin/peerjs/alice/kick").await;
+    assert_eq!(
+        (code, v),
+        (200, json!({"peerjsId": "alice", "kicked": true}))
+    );
+    assert!(closes(&mut a).await.is_empty());
+    // The id is free at once, for any token.
+    let _b = open(&srv, "alice", "someone-else").await;
+    let (code, _) = admin_post(&srv, "/v1/admin/peerjs/nobody/kick").await;
+    assert_eq!(code, 404);
 }
 
 #[tokio::test]
