@@ -214,6 +214,7 @@ impl Shared {
             peerjs: Arc::new(crate::peerjs::PeerJs::new(
                 &config.peerjs,
                 &config.signaling,
+                webhooks.clone(),
             )),
             signaling,
             cluster,

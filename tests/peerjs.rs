@@ -441,3 +441,86 @@ fn the_vendored_client_is_the_npm_packages_build() {
     let ours = std::fs::read_to_string(dir.join("web/vendor/peerjs.min.js")).unwrap();
     assert_eq!(ours.lines().collect::<Vec<_>>(), npm);
 }
+
+/// A webhook endpoint that records every POSTed event.
+async fn hook_receiver() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    (url, rx)
+}
+
+#[tokio::test]
+async fn peerjs_ids_are_reported_as_peers_of_the_peerjs_pseudo_room() {
+    let (url, mut hooks) = hook_receiver().await;
+    let srv = start(&format!(
+        "auth = \"session\"\n[webhooks]\nurls = [\"{url}\"]\nsecret = \"hook-secret-0123456789\"\n"
+    ))
+    .await;
+    let mut next_hook = async || {
+        let v = tokio::time::timeout(Duration::from_secs(5), hooks.recv())
+            .await
+            .expect("a webhook within 5 s")
+            .unwrap();
+        (
+            v["type"].clone(),
+            v["room"].clone(),
+            v["peer"].clone(),
+            v["user"].clone(),
+            v["reason"].clone(),
+        )
+    };
+    let mut a = open(&srv, "desk-1", &session(&srv, "ann")).await;
+    assert_eq!(
+        next_hook().await,
+        (
+            json!("peer.joined"),
+            json!("peerjs"),
+            json!("desk-1"),
+            json!("ann"),
+            Value::Null
+        )
+    );
+    // The client's LEAVE without dst frees the id at once.
+    send(&mut a, json!({"type": "LEAVE"})).await;
+    assert!(closes(&mut a).await.is_empty());
+    assert_eq!(
+        next_hook().await,
+        (
+            json!("peer.left"),
+            json!("peerjs"),
+            json!("desk-1"),
+            json!("ann"),
+            json!("left")
+        )
+    );
+    let _b = open(&srv, "desk-2", &session(&srv, "bob")).await;
+    assert_eq!(next_hook().await.0, json!("peer.joined"));
+    assert_eq!(
+        admin_post(&srv, "/v1/admin/peerjs/desk-2/kick").await.0,
+        200
+    );
+    assert_eq!(
+        next_hook().await,
+        (
+            json!("peer.left"),
+            json!("peerjs"),
+            json!("desk-2"),
+            json!("bob"),
+            json!("kicked")
+        )
+    );
+}

@@ -183,13 +183,18 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
     pj.ensure_timer(&deps.lifecycle);
     let (me, mut outbox) = pj.open();
     let reg = pj.apply(|c| match c.register(&id, &token, user.as_deref(), me) {
-        Registered::Open(held) => (Ok(None), held),
-        Registered::TakenBack { old, held } => (Ok(old), held),
+        Registered::Open(held) => (Ok((true, None)), held),
+        Registered::TakenBack { old, held } => (Ok((false, old)), held),
         Registered::IdTaken => (Err("ID-TAKEN"), Vec::new()),
         Registered::Full => (Err("full"), Vec::new()),
     });
     let old = match reg {
-        Ok(old) => old,
+        Ok((fresh, old)) => {
+            if fresh {
+                pj.joined(&id, user.as_deref());
+            }
+            old
+        }
         Err(why) => {
             pj.forget(me);
             if why == "ID-TAKEN" {
@@ -213,15 +218,15 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
         pj.close_conn(old, 4000, "taken back by the same holder");
     }
     tracing::debug!(peer_id = %id, "peerjs peer registered");
-    let mut left = false;
+    let mut free = None;
     if send(ws, deps, "OPEN", "{\"type\":\"OPEN\"}".into(), wt).await {
-        left = run(pj, deps, ws, &mut outbox, &id, session.as_ref(), dead_after).await;
+        free = run(pj, deps, ws, &mut outbox, &id, session.as_ref(), dead_after).await;
     }
     let now = Instant::now();
-    if left {
+    if let Some(reason) = free {
         pj.apply(|c| {
             if c.conn_of(&id) == Some(me) {
-                c.remove(&id);
+                c.remove(&id, reason);
             }
             ((), Vec::new())
         });
@@ -238,7 +243,8 @@ fn m_auth_failure(deps: &Deps, reason: &str) {
         .inc();
 }
 
-/// The connected loop; returns whether the client left cleanly (`LEAVE` without `dst`).
+/// The connected loop; returns why the id is to be freed at once (`left`: `LEAVE` without
+/// `dst`; `revoked`), or `None` when the socket just went (a session user's id stays reserved).
 async fn run(
     pj: &Arc<PeerJs>,
     deps: &Deps,
@@ -247,7 +253,7 @@ async fn run(
     id: &str,
     session: Option<&crate::auth::Session>,
     dead_after: Duration,
-) -> bool {
+) -> Option<&'static str> {
     let lim = &pj.limits;
     let m = &deps.metrics;
     let wt = dead_after;
@@ -274,19 +280,19 @@ async fn run(
                             m.drops.with_label_values(&["peerjs_frame_too_large"]).inc();
                             close(ws, 1009, "message too large", wt).await;
                         }
-                        return false;
+                        return None;
                     }
-                    None => return false,
+                    None => return None,
                 };
                 last_heard = Instant::now();
                 let text = match msg {
                     Message::Text(t) => t,
                     Message::Binary(_) => {
                         let t = notice("ERROR", "Invalid message: send JSON text");
-                        if !send(ws, deps, "ERROR", t, wt).await { return false; }
+                        if !send(ws, deps, "ERROR", t, wt).await { return None; }
                         continue;
                     }
-                    Message::Close(_) => return false,
+                    Message::Close(_) => return None,
                     _ => continue,
                 };
                 let step = if text.len() > lim.max_frame_bytes {
@@ -301,11 +307,11 @@ async fn run(
                 match step {
                     Step::Go => {}
                     Step::Reply(kind, t) => {
-                        if !send(ws, deps, kind, t, wt).await { return false; }
+                        if !send(ws, deps, kind, t, wt).await { return None; }
                     }
                     Step::Leave => {
                         close(ws, 1000, "left", wt).await;
-                        return true;
+                        return Some("left");
                     }
                 }
             }
@@ -323,7 +329,7 @@ async fn run(
                             n += 1;
                         }
                         ok = ok && tokio::time::timeout(wt, ws.flush()).await.is_ok_and(|r| r.is_ok());
-                        if !ok { return false; }
+                        if !ok { return None; }
                     }
                     Some(Out::Close(code, why)) => {
                         if code == 4005 {
@@ -332,12 +338,12 @@ async fn run(
                         close(ws, code, why, wt).await;
                         // Taken over or kicked: the id is not this socket's to free. Revoked:
                         // freed at once, with no reservation.
-                        return code == 4005;
+                        return (code == 4005).then_some("revoked");
                     }
                     None => {
                         m.drops.with_label_values(&["peerjs_slow_consumer"]).inc();
                         close(ws, 4002, "too slow", wt).await;
-                        return false;
+                        return None;
                     }
                 }
             }
@@ -347,19 +353,19 @@ async fn run(
                         send(ws, deps, "ERROR", notice("ERROR", "The user was revoked"), wt).await;
                         close(ws, 4005, "revoked", wt).await;
                         // A revoked user keeps no reservation.
-                        return true;
+                        return Some("revoked");
                     }
                 }
                 if last_heard.elapsed() >= dead_after {
                     m.drops.with_label_values(&["peerjs_dead_peer"]).inc();
-                    return false;
+                    return None;
                 }
                 let w = tokio::time::timeout(wt, ws.send(Message::Ping(Vec::new().into()))).await;
-                if !matches!(w, Ok(Ok(()))) { return false; }
+                if !matches!(w, Ok(Ok(()))) { return None; }
             }
             _ = &mut stop => {
                 close(ws, 1001, "server shutting down", wt).await;
-                return false;
+                return None;
             }
         }
     }

@@ -65,6 +65,17 @@ pub enum Relayed {
     Refused(Deliver),
 }
 
+/// An id that stopped being held, for `peer.left` webhooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Freed {
+    /// The PeerJS id.
+    pub id: String,
+    /// Its session user (`None` under open auth).
+    pub user: Option<String>,
+    /// `left`, `timeout` (a reservation ran out), `kicked` or `revoked`.
+    pub reason: &'static str,
+}
+
 #[derive(Debug)]
 struct Client {
     /// `None` while a session user's dropped id is reserved for its resume window.
@@ -104,6 +115,7 @@ pub struct Core {
     queues: HashMap<String, Queue>,
     timers: BTreeSet<(Instant, Timer)>,
     held_bytes: usize,
+    freed: Vec<Freed>,
 }
 
 /// `{"type":"EXPIRE","src":<target>,"dst":<sender>}`: the target did not connect in time.
@@ -120,6 +132,7 @@ impl Core {
             queues: HashMap::new(),
             timers: BTreeSet::new(),
             held_bytes: 0,
+            freed: Vec::new(),
         }
     }
 
@@ -144,6 +157,11 @@ impl Core {
             .filter(|c| c.user.as_deref() == Some(user))
             .filter_map(|c| c.conn)
             .collect()
+    }
+
+    /// The ids freed since the last call.
+    pub fn drain_freed(&mut self) -> Vec<Freed> {
+        std::mem::take(&mut self.freed)
     }
 
     /// Bytes of held messages (for tests and metrics).
@@ -225,18 +243,27 @@ impl Core {
             let until = now + self.limits.resume_window;
             c.reserved_until = Some(until);
             self.timers.insert((until, Timer::Reserve(id.to_string())));
-        } else {
-            self.clients.remove(id);
+        } else if let Some(c) = self.clients.remove(id) {
+            self.freed.push(Freed {
+                id: id.to_string(),
+                user: c.user,
+                reason: "left",
+            });
         }
         true
     }
 
-    /// Free `id` at once, whatever its state (a kick, a revocation, a clean `LEAVE`).
-    pub fn remove(&mut self, id: &str) -> Option<ConnKey> {
+    /// Free `id` at once, whatever its state, for `reason` (`kicked`, `revoked`, `left`).
+    pub fn remove(&mut self, id: &str, reason: &'static str) -> Option<ConnKey> {
         let c = self.clients.remove(id)?;
         if let Some(until) = c.reserved_until {
             self.timers.remove(&(until, Timer::Reserve(id.to_string())));
         }
+        self.freed.push(Freed {
+            id: id.to_string(),
+            user: c.user,
+            reason,
+        });
         c.conn
     }
 
@@ -320,7 +347,13 @@ impl Core {
                         .get(&id)
                         .is_some_and(|c| c.conn.is_none() && c.reserved_until == Some(at))
                     {
-                        self.clients.remove(&id);
+                        if let Some(c) = self.clients.remove(&id) {
+                            self.freed.push(Freed {
+                                id,
+                                user: c.user,
+                                reason: "timeout",
+                            });
+                        }
                     }
                 }
             }
@@ -405,7 +438,16 @@ mod tests {
         assert!(c.unregister(t, "a", 5));
         c.handle_timeout(t + Duration::from_secs(29));
         assert_eq!(c.register("a", "x", Some("bob"), 6), Registered::IdTaken);
+        assert!(c.drain_freed().is_empty());
         c.handle_timeout(t + Duration::from_secs(30));
+        assert_eq!(
+            c.drain_freed(),
+            vec![Freed {
+                id: "a".into(),
+                user: Some("ann".into()),
+                reason: "timeout"
+            }]
+        );
         assert!(open(c.register("a", "x", Some("bob"), 7)).is_empty());
     }
 
@@ -511,7 +553,15 @@ mod tests {
             open(c.register(id, "tok", None, i as u64));
         }
         assert_eq!(c.register("d", "tok", None, 9), Registered::Full);
-        assert_eq!(c.remove("a"), Some(0));
+        assert_eq!(c.remove("a", "kicked"), Some(0));
+        assert_eq!(
+            c.drain_freed(),
+            vec![Freed {
+                id: "a".into(),
+                user: None,
+                reason: "kicked"
+            }]
+        );
         assert!(open(c.register("d", "tok", None, 9)).is_empty());
         let v: serde_json::Value = serde_json::from_str(&expire_text("b", "a")).unwrap();
         assert_eq!(

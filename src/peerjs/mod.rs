@@ -13,9 +13,13 @@ use tokio::sync::{mpsc, Notify};
 
 use self::core::{ConnKey, Core, Deliver, Limits};
 use crate::config::{PeerJsConfig, SignalingConfig};
+use crate::webhooks::{Event, Webhooks};
 
 /// The metric label of this wire protocol.
 pub const PROTOCOL: &str = "peerjs";
+
+/// The pseudo-room of `peer.joined`/`peer.left` webhooks for PeerJS ids (docs/peerjs.md).
+pub const WEBHOOK_ROOM: &str = "peerjs";
 
 /// The handles a PeerJS connection uses, and nothing else (built by the app layer).
 #[derive(Debug, Clone)]
@@ -52,6 +56,7 @@ pub struct PeerJs {
     next: AtomicU64,
     timer: Notify,
     timer_started: AtomicBool,
+    webhooks: Webhooks,
 }
 
 impl std::fmt::Debug for PeerJs {
@@ -62,7 +67,7 @@ impl std::fmt::Debug for PeerJs {
 
 impl PeerJs {
     /// An empty realm with the configured bounds.
-    pub fn new(cfg: &PeerJsConfig, limits: &SignalingConfig) -> PeerJs {
+    pub fn new(cfg: &PeerJsConfig, limits: &SignalingConfig, webhooks: Webhooks) -> PeerJs {
         let core = Core::new(Limits {
             max_peers: cfg.max_peers,
             expire_after: Duration::from_secs(cfg.expire_timeout_secs),
@@ -80,6 +85,7 @@ impl PeerJs {
             next: AtomicU64::new(1),
             timer: Notify::new(),
             timer_started: AtomicBool::new(false),
+            webhooks,
         }
     }
 
@@ -102,8 +108,20 @@ impl PeerJs {
         let before = st.core.poll_timeout();
         let (t, out) = f(&mut st.core);
         let after = st.core.poll_timeout();
+        let freed = st.core.drain_freed();
         deliver(&mut st, out);
         drop(st);
+        for f in freed {
+            self.webhooks.emit(
+                WEBHOOK_ROOM,
+                Event::PeerLeft {
+                    room: WEBHOOK_ROOM.into(),
+                    peer: f.id,
+                    user: f.user.unwrap_or_default(),
+                    reason: f.reason.into(),
+                },
+            );
+        }
         if after.is_some() && (before.is_none() || after < before) {
             self.timer.notify_one();
         }
@@ -120,6 +138,18 @@ impl PeerJs {
         push(&mut self.lock(), conn, Out::Close(code, why));
     }
 
+    /// Report a newly registered id to the webhooks.
+    fn joined(&self, id: &str, user: Option<&str>) {
+        self.webhooks.emit(
+            WEBHOOK_ROOM,
+            Event::PeerJoined {
+                room: WEBHOOK_ROOM.into(),
+                peer: id.into(),
+                user: user.unwrap_or_default().into(),
+            },
+        );
+    }
+
     /// Connected ids (for `allow_discovery`).
     pub fn ids(&self) -> Vec<String> {
         self.lock().core.ids()
@@ -127,12 +157,12 @@ impl PeerJs {
 
     /// Close the connection holding `id` and free the id; whether one was connected.
     pub fn kick(&self, id: &str) -> bool {
-        let mut st = self.lock();
-        let Some(conn) = st.core.remove(id) else {
-            return false;
-        };
-        push(&mut st, conn, Out::Close(4001, "kicked"));
-        true
+        self.apply(|c| {
+            let conn = c.remove(id, "kicked");
+            (conn, Vec::new())
+        })
+        .map(|conn| self.close_conn(conn, 4001, "kicked"))
+        .is_some()
     }
 
     /// Close every connection of `user` (the server API's revocation) and free their ids.
