@@ -25,11 +25,15 @@ async fn admin_post(srv: &RunningServer, path: &str) -> (u16, Value) {
 }
 
 async fn start(peerjs: &str) -> RunningServer {
+    start_with("max_frame_bytes = 4096", peerjs).await
+}
+
+async fn start_with(signaling: &str, peerjs: &str) -> RunningServer {
     let text = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\nadmin_api = true\n\
          [turn]\nlisten = [\"127.0.0.1:0\"]\n\
          [auth]\nadmin_tokens = [\"{ADMIN}\"]\n\
-         [signaling]\nmax_frame_bytes = 4096\n[peerjs]\nenabled = true\n{peerjs}\n"
+         [signaling]\n{signaling}\n[peerjs]\nenabled = true\n{peerjs}\n"
     );
     Server::new(Config::from_toml(&text).expect("valid test config"))
         .start()
@@ -523,4 +527,63 @@ async fn peerjs_ids_are_reported_as_peers_of_the_peerjs_pseudo_room() {
             json!("kicked")
         )
     );
+}
+
+#[tokio::test]
+async fn the_signaling_rate_and_per_ip_limits_apply_to_peerjs_sockets() {
+    let srv = start_with(
+        "rate_per_sec = 1\nrate_burst = 3\nmax_connections_per_ip = 2",
+        "auth = \"open\"",
+    )
+    .await;
+    let mut a = open(&srv, "alice", "tokA").await;
+    let mut b = open(&srv, "bob", "tokB").await;
+    // A third socket from the same address is refused in the PeerJS error shape.
+    let mut c = connect(&srv, "peerjs", "carol", "tokC").await;
+    let seen = closes(&mut c).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["type"], "ERROR");
+    // Over the burst: an ERROR, and the over-rate message is not relayed.
+    for n in 0..4 {
+        send(
+            &mut a,
+            json!({"type": "CANDIDATE", "dst": "bob", "payload": n}),
+        )
+        .await;
+    }
+    let v = next(&mut a).await;
+    assert_eq!(v["type"], "ERROR", "{v}");
+    for n in 0..3 {
+        assert_eq!(next(&mut b).await["payload"], n);
+    }
+    // The socket keeps serving once the bucket refills.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send(
+        &mut a,
+        json!({"type": "CANDIDATE", "dst": "bob", "payload": "later"}),
+    )
+    .await;
+    assert_eq!(next(&mut b).await["payload"], "later");
+}
+
+#[test]
+fn invalid_peerjs_keys_are_refused_by_name() {
+    for (toml, key) in [
+        ("path = \"peerjs\"", "peerjs.path"),
+        ("path = \"/peerjs/\"", "peerjs.path"),
+        ("path = \"/v1/peerjs\"", "peerjs.path"),
+        ("key = \"\"", "peerjs.key"),
+        ("key = \"a/b\"", "peerjs.key"),
+        ("expire_timeout_secs = 0", "peerjs.expire_timeout_secs"),
+        ("max_peers = 0", "peerjs.max_peers"),
+        ("max_held_per_peer = 0", "peerjs.max_held_per_peer"),
+    ] {
+        let e = Config::from_toml(&format!("[peerjs]\nenabled = true\n{toml}\n"))
+            .expect_err(toml)
+            .to_string();
+        assert!(e.contains(key), "{toml}: {e}");
+    }
+    let e = Config::from_toml("[peerjs]\nauth = \"maybe\"\n").expect_err("auth");
+    assert!(e.to_string().contains("auth"), "{e}");
+    assert!(Config::from_toml("[peerjs]\nenabled = true\npath = \"/a/b-c\"\n").is_ok());
 }
