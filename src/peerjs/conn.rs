@@ -181,7 +181,7 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
     };
     let user = session.as_ref().map(|s| s.user.clone());
     pj.ensure_timer(&deps.lifecycle);
-    let (me, mut outbox) = pj.open();
+    let (me, outbox) = pj.open();
     let reg = pj.apply(|c| match c.register(&id, &token, user.as_deref(), me) {
         Registered::Open(held) => (Ok((true, None)), held),
         Registered::TakenBack { old, held } => (Ok((false, old)), held),
@@ -220,7 +220,7 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
     tracing::debug!(peer_id = %id, "peerjs peer registered");
     let mut free = None;
     if send(ws, deps, "OPEN", "{\"type\":\"OPEN\"}".into(), wt).await {
-        free = run(pj, deps, ws, &mut outbox, &id, session.as_ref(), dead_after).await;
+        free = run(pj, deps, ws, &outbox, &id, session.as_ref(), dead_after).await;
     }
     let now = Instant::now();
     if let Some(reason) = free {
@@ -249,7 +249,7 @@ async fn run(
     pj: &Arc<PeerJs>,
     deps: &Deps,
     ws: &mut WebSocket,
-    outbox: &mut tokio::sync::mpsc::Receiver<Out>,
+    outbox: &super::Outbox,
     id: &str,
     session: Option<&crate::auth::Session>,
     dead_after: Duration,
@@ -323,7 +323,7 @@ async fn run(
                         // Write what else is queued, then flush once.
                         let mut n = 1;
                         while ok && n < 64 {
-                            let Ok(Out::Text(t)) = outbox.try_recv() else { break };
+                            let Some(t) = outbox.try_recv_text() else { break };
                             m.protocol_messages.with_label_values(&[PROTOCOL, "out", "relay"]).inc();
                             ok = tokio::time::timeout(wt, ws.feed(Message::Text(t.into()))).await.is_ok_and(|r| r.is_ok());
                             n += 1;

@@ -6,10 +6,11 @@ pub mod conn;
 pub mod core;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use self::core::{ConnKey, Core, Deliver, Limits};
 use crate::config::{PeerJsConfig, SignalingConfig};
@@ -41,9 +42,70 @@ pub enum Out {
     Close(u16, &'static str),
 }
 
+/// A connection's queue of frames, bounded in frames. An idle connection holds an empty
+/// `VecDeque` (no preallocated channel block), which keeps idle sockets small.
+#[derive(Debug)]
+pub struct Outbox {
+    q: Mutex<(VecDeque<Out>, bool)>,
+    ready: Notify,
+    max: usize,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, (VecDeque<Out>, bool)> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue `item`; `false` once the outbox is full (it then ends) or ended.
+    fn push(&self, item: Out) -> bool {
+        let mut q = self.lock();
+        if q.1 {
+            return false;
+        }
+        let ok = q.0.len() < self.max;
+        if ok {
+            q.0.push_back(item);
+        } else {
+            q.1 = true;
+        }
+        drop(q);
+        self.ready.notify_one();
+        ok
+    }
+
+    /// The next item without waiting, if it is a text frame (a close stays queued).
+    pub fn try_recv_text(&self) -> Option<String> {
+        let mut q = self.lock();
+        match q.0.pop_front() {
+            Some(Out::Text(t)) => Some(t),
+            Some(other) => {
+                q.0.push_front(other);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The next item; `None` once the outbox ended (it overflowed) and is drained.
+    pub async fn recv(&self) -> Option<Out> {
+        loop {
+            {
+                let mut q = self.lock();
+                if let Some(x) = q.0.pop_front() {
+                    return Some(x);
+                }
+                if q.1 {
+                    return None;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 struct State {
     core: Core,
-    outboxes: HashMap<ConnKey, mpsc::Sender<Out>>,
+    outboxes: HashMap<ConnKey, Arc<Outbox>>,
 }
 
 /// One node's PeerJS realm: shared by every PeerJS connection of the server.
@@ -94,11 +156,15 @@ impl PeerJs {
     }
 
     /// A new connection handle and its outbox (bounded by `signaling.outbox_frames`).
-    fn open(&self) -> (ConnKey, mpsc::Receiver<Out>) {
+    fn open(&self) -> (ConnKey, Arc<Outbox>) {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.limits.outbox_frames.max(1));
-        self.lock().outboxes.insert(key, tx);
-        (key, rx)
+        let ob = Arc::new(Outbox {
+            q: Mutex::new((VecDeque::new(), false)),
+            ready: Notify::new(),
+            max: self.limits.outbox_frames.max(1),
+        });
+        self.lock().outboxes.insert(key, ob.clone());
+        (key, ob)
     }
 
     /// Run `f` on the core, then hand its deliveries to the outboxes and wake the timer
@@ -208,8 +274,8 @@ impl PeerJs {
     }
 }
 
-/// Hand deliveries to their outboxes. A full outbox loses its sender: its task writes what
-/// is queued, then sees the outbox end and closes (too slow).
+/// Hand deliveries to their outboxes. A full outbox ends and leaves the map: its task writes
+/// what is queued, then sees the end and closes (too slow).
 fn deliver(st: &mut State, out: Vec<Deliver>) {
     for d in out {
         push(st, d.conn, Out::Text(d.text));
@@ -217,9 +283,37 @@ fn deliver(st: &mut State, out: Vec<Deliver>) {
 }
 
 fn push(st: &mut State, conn: ConnKey, item: Out) {
-    if let Some(tx) = st.outboxes.get(&conn) {
-        if tx.try_send(item).is_err() {
+    if let Some(ob) = st.outboxes.get(&conn) {
+        if !ob.push(item) {
             st.outboxes.remove(&conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_outbox_is_bounded_ends_on_overflow_and_keeps_a_close_queued() {
+        let ob = Outbox {
+            q: Mutex::new((VecDeque::new(), false)),
+            ready: Notify::new(),
+            max: 2,
+        };
+        assert!(ob.push(Out::Text("a".into())));
+        assert!(ob.push(Out::Close(4001, "kicked")));
+        // A batch of text stops at the close, which stays queued.
+        assert_eq!(ob.try_recv_text().as_deref(), Some("a"));
+        assert_eq!(ob.try_recv_text(), None);
+        assert!(matches!(ob.recv().await, Some(Out::Close(4001, _))));
+        assert!(ob.push(Out::Text("b".into())));
+        assert!(ob.push(Out::Text("c".into())));
+        // Full: the outbox ends; what was queued is still delivered, then None.
+        assert!(!ob.push(Out::Text("d".into())));
+        assert!(!ob.push(Out::Text("e".into())));
+        assert!(matches!(ob.recv().await, Some(Out::Text(t)) if t == "b"));
+        assert!(matches!(ob.recv().await, Some(Out::Text(t)) if t == "c"));
+        assert!(ob.recv().await.is_none());
     }
 }
