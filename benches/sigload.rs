@@ -33,7 +33,7 @@ fn usage() -> &'static str {
     "sigload hold     --target sb|peerjs --addr HOST:PORT --pid PID --n N [--src IP] [--secs S]\n\
      sigload latency  --target sb|peerjs --addr HOST:PORT --pid PID [--idle M] [--pairs P]\n\
                       [--rate MSGS_PER_S] [--secs S] [--src IP]\n\
-     sigload compare  --sb HOST:PORT/PID --peerjs HOST:PORT/PID [--n N] [--pairs P]\n\
+     sigload compare  --sb HOST:PORT/PID [--sb-peerjs HOST:PORT/PID] --peerjs HOST:PORT/PID [--n N] [--pairs P]\n\
                       [--rate R[,R2…]] [--secs S]   (hold N, then latency at each rate while\n\
                       the N stay connected; prints a markdown table with ratios)\n\
      sigload cluster  --single HOST:PORT/PID --nodes HOST:PORT/PID,HOST:PORT/PID [--pairs P]\n\
@@ -57,6 +57,9 @@ pub(crate) struct Server {
     /// Source IP for this server's client sockets (any 127/8 address): separate source IPs
     /// keep each run's ephemeral ports (and TIME_WAIT) apart.
     pub(crate) src: IpAddr,
+    /// Where a PeerJS-protocol server serves its `path` option: "" for the PeerJS server's
+    /// default `/`, "/peerjs" for switchboard's `[peerjs]`.
+    pub(crate) peerjs_path: &'static str,
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -178,9 +181,12 @@ async fn make_pair_on(s: &Server, sb: &Server, tag: &str) -> Result<Pair, Error>
         }
         Target::PeerJs => {
             let (a_id, b_id) = (format!("{tag}a"), format!("{tag}b"));
-            let mut a = open_ws(s, &format!("/peerjs?key=peerjs&id={a_id}&token=t"), None).await?;
+            let p = s.peerjs_path;
+            let mut a =
+                open_ws(s, &format!("{p}/peerjs?key=peerjs&id={a_id}&token=t"), None).await?;
             until_type(&mut a, "OPEN").await?;
-            let mut b = open_ws(s, &format!("/peerjs?key=peerjs&id={b_id}&token=t"), None).await?;
+            let mut b =
+                open_ws(s, &format!("{p}/peerjs?key=peerjs&id={b_id}&token=t"), None).await?;
             until_type(&mut b, "OPEN").await?;
             Ok(Pair { a, b, a_id, b_id })
         }
@@ -492,6 +498,7 @@ fn parse_server(target: Target, spec: &str, src: &str) -> Result<Server, Error> 
         addr: addr.parse()?,
         pid: pid.parse()?,
         src: src.parse()?,
+        peerjs_path: "",
     })
 }
 
@@ -523,17 +530,20 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let servers = [
-        (
-            "switchboard",
-            parse_server(Target::Switchboard, &get("sb", ""), "127.0.10.1")?,
-        ),
-        (
-            "PeerJS",
-            parse_server(Target::PeerJs, &get("peerjs", ""), "127.0.20.1")?,
-        ),
-    ];
-    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut servers = vec![(
+        "switchboard /v1/ws",
+        parse_server(Target::Switchboard, &get("sb", ""), "127.0.10.1")?,
+    )];
+    if let Some(spec) = args.get("sb-peerjs") {
+        // switchboard's [peerjs] protocol, on its own process, spoken exactly as to PeerJS.
+        let mut s = parse_server(Target::PeerJs, spec, "127.0.30.1")?;
+        s.peerjs_path = "/peerjs";
+        servers.push(("switchboard PeerJS protocol", s));
+    }
+    servers.push((
+        "PeerJS server",
+        parse_server(Target::PeerJs, &get("peerjs", ""), "127.0.20.1")?,
+    ));
     let mut results = Vec::new();
     for (name, s) in &servers {
         eprintln!("{name}: holding {n} connections");
@@ -558,7 +568,8 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
         // Let the closed sockets go before the next server's run.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let (sb, pj) = (&results[0], &results[1]);
+    // Ratios of each switchboard column to the PeerJS server (the last column).
+    let pj = results.len() - 1;
     let ratio = |a: f64, b: f64| {
         if b > 0.0 {
             format!("{:.2}×", a / b)
@@ -566,56 +577,59 @@ async fn compare(args: &HashMap<String, String>) -> Result<(), Error> {
             "–".into()
         }
     };
-    rows.push((
-        format!("RSS per idle connection ({} held), KiB", sb.1),
-        vec![
-            format!("{:.2}", sb.0),
-            format!("{:.2}", pj.0),
-            ratio(sb.0, pj.0),
-        ],
+    let row = |k: String, vals: Vec<f64>| {
+        let mut cells: Vec<String> = vals.iter().map(|x| format!("{x:.3}")).collect();
+        for x in &vals[..pj] {
+            cells.push(ratio(*x, vals[pj]));
+        }
+        (k, cells)
+    };
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    rows.push(row(
+        format!("RSS per idle connection ({} held), KiB", results[0].1),
+        results.iter().map(|r| r.0).collect(),
     ));
     for (i, r) in rates.iter().enumerate() {
-        let (a, b) = (&sb.2[i], &pj.2[i]);
-        let label = format!("{r} msgs/s, {pairs} pairs, {} idle", sb.1);
-        for (what, x, y) in [
-            ("p50 ms", a.p50_ms, b.p50_ms),
-            ("p99 ms", a.p99_ms, b.p99_ms),
-            ("p99.9 ms", a.p999_ms, b.p999_ms),
-            ("max ms", a.max_ms, b.max_ms),
-            (
-                "server CPU ms per 1,000 msgs",
-                a.cpu_ms_per_1000,
-                b.cpu_ms_per_1000,
-            ),
-            ("achieved msgs/s", a.achieved_rate, b.achieved_rate),
-        ] {
-            rows.push((
-                format!("{label}: {what}"),
-                vec![format!("{x:.3}"), format!("{y:.3}"), ratio(x, y)],
-            ));
-        }
-        rows.push((
-            format!("{label}: lost / reordered / altered"),
-            vec![
+        let label = format!("{r} msgs/s, {pairs} pairs, {} idle", results[0].1);
+        let col = |f: &dyn Fn(&LatencyReport) -> f64| -> Vec<f64> {
+            results.iter().map(|x| f(&x.2[i])).collect()
+        };
+        rows.push(row(format!("{label}: p50 ms"), col(&|a| a.p50_ms)));
+        rows.push(row(format!("{label}: p99 ms"), col(&|a| a.p99_ms)));
+        rows.push(row(format!("{label}: p99.9 ms"), col(&|a| a.p999_ms)));
+        rows.push(row(format!("{label}: max ms"), col(&|a| a.max_ms)));
+        rows.push(row(
+            format!("{label}: server CPU ms per 1,000 msgs"),
+            col(&|a| a.cpu_ms_per_1000),
+        ));
+        rows.push(row(
+            format!("{label}: achieved msgs/s"),
+            col(&|a| a.achieved_rate),
+        ));
+        let mut cells: Vec<String> = results
+            .iter()
+            .map(|x| {
+                let a = &x.2[i];
                 format!(
                     "{} / {} / {}",
                     a.sent - a.received.min(a.sent),
                     a.reordered,
                     a.altered
-                ),
-                format!(
-                    "{} / {} / {}",
-                    b.sent - b.received.min(b.sent),
-                    b.reordered,
-                    b.altered
-                ),
-                String::new(),
-            ],
-        ));
+                )
+            })
+            .collect();
+        cells.extend((0..pj).map(|_| String::new()));
+        rows.push((format!("{label}: lost / reordered / altered"), cells));
     }
-    println!("\n| | switchboard | PeerJS server | ratio |\n|---|---|---|---|");
+    let names: Vec<&str> = servers.iter().map(|(n, _)| *n).collect();
+    let mut head = format!("\n| | {} |", names.join(" | "));
+    for n in &names[..pj] {
+        head.push_str(&format!(" {n} ÷ PeerJS |"));
+    }
+    println!("{head}");
+    println!("|{}", "---|".repeat(1 + names.len() + pj));
     for (k, v) in rows {
-        println!("| {k} | {} | {} | {} |", v[0], v[1], v[2]);
+        println!("| {k} | {} |", v.join(" | "));
     }
     Ok(())
 }
@@ -722,6 +736,11 @@ async fn run(mode: &str, args: HashMap<String, String>) -> Result<(), Error> {
         addr: get("addr", "127.0.0.1:8080").parse()?,
         pid: get("pid", "0").parse()?,
         src: get("src", "127.0.0.1").parse()?,
+        peerjs_path: if get("peerjs-path", "") == "/peerjs" {
+            "/peerjs"
+        } else {
+            ""
+        },
     };
     match mode {
         "hold" => {
@@ -767,11 +786,32 @@ async fn smoke() -> Result<(), Error> {
         addr: srv.http_addr(),
         pid: std::process::id(),
         src: "127.0.0.1".parse()?,
+        peerjs_path: "",
     };
     let held = hold(&s, 8, "h").await?;
     assert_eq!(held.conns, 8);
     let r = latency(&s, 2, 200, 0.5, "l").await?;
     print_latency("smoke", &r);
+    assert_eq!((r.received, r.reordered, r.altered), (r.sent, 0, 0));
+    srv.shutdown();
+    srv.wait().await;
+    // The same through switchboard's PeerJS protocol, spoken as to the PeerJS server.
+    let text = "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+                [peerjs]\nenabled = true\nauth = \"open\"\n";
+    let srv = switchboard::Server::new(switchboard::Config::from_toml(text)?)
+        .start()
+        .await?;
+    let s = Server {
+        target: Target::PeerJs,
+        addr: srv.http_addr(),
+        pid: std::process::id(),
+        src: "127.0.0.1".parse()?,
+        peerjs_path: "/peerjs",
+    };
+    let held = hold(&s, 8, "h").await?;
+    assert_eq!(held.conns, 8);
+    let r = latency(&s, 2, 200, 0.5, "l").await?;
+    print_latency("smoke peerjs", &r);
     assert_eq!((r.received, r.reordered, r.altered), (r.sent, 0, 0));
     srv.shutdown();
     srv.wait().await;

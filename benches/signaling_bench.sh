@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Signaling benchmark: switchboard vs the PeerJS server (npm `peer`, run with node), side by
-# side in one run through the same load tool (benches/sigload.rs). Not part of the test suite.
+# Signaling benchmark: switchboard (its own protocol on /v1/ws, and the PeerJS protocol of
+# [peerjs] on a second process) vs the PeerJS server (npm `peer`, run with node), side by side
+# in one run through the same load tool (benches/sigload.rs). Not part of the test suite.
 #
 #   benches/signaling_bench.sh                       # 19,000 idle connections, 5k and 20k msgs/s
 #   N=2000 RATES=5000 SECS=5 benches/signaling_bench.sh   # quicker run
@@ -27,7 +28,8 @@ BASE=${BASE_PORT:-$((20000 + RANDOM % 20000))}
 SB_PORT=$BASE
 TURN_PORT=$((BASE + 1))
 PJ_PORT=$((BASE + 2))
-PEERJS_DIR=${PEERJS_DIR:-$(mktemp -d)}
+# The `peer` package pinned in tests/peerjs/package-lock.json (scripts/install-test-deps.sh).
+PEERJS_DIR=${PEERJS_DIR:-tests/peerjs}
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -98,9 +100,9 @@ if [ "${MODE:-}" = cluster ]; then
 fi
 
 if [ ! -f "$PEERJS_DIR/node_modules/peer/dist/bin/peerjs.js" ]; then
-  (cd "$PEERJS_DIR" && npm init -y >/dev/null && npm install --no-audit --no-fund peer@1 >/dev/null)
+  (cd "$PEERJS_DIR" && npm ci --no-audit --no-fund >/dev/null)
 fi
-echo "PeerJS server $(node -p "require('$PEERJS_DIR/node_modules/peer/package.json').version"), node $(node --version)"
+echo "PeerJS server $(node -p "require(require('path').resolve('$PEERJS_DIR/node_modules/peer/package.json')).version"), node $(node --version)"
 
 # Defaults except what a load test from one address needs: connections and logins per IP,
 # rooms, and the per-user room quota (every tool user creates one room).
@@ -114,15 +116,22 @@ SWITCHBOARD_AUTH__LOGIN_RATE_PER_MINUTE=100000000 \
   "$CARGO_TARGET_DIR/release/switchboard" &
 SB_PID=$!
 PIDS+=("$SB_PID")
+# switchboard's PeerJS protocol on its own process, so its RSS is measured from a fresh start;
+# open auth, as the PeerJS server.
+SBPJ_PORT=$((BASE + 3))
+sb "$SBPJ_PORT" $((BASE + 4)) SWITCHBOARD_PEERJS__ENABLED=true SWITCHBOARD_PEERJS__AUTH=open
+SBPJ_PID=$!
+PIDS+=("$SBPJ_PID")
 node "$PEERJS_DIR/node_modules/peer/dist/bin/peerjs.js" --port "$PJ_PORT" --host 127.0.0.1 \
   --concurrent_limit 100000 --alive_timeout 600000 >/dev/null &
 PJ_PID=$!
 PIDS+=("$PJ_PID")
 for _ in $(seq 50); do
-  if curl -sf "http://127.0.0.1:$SB_PORT/livez" >/dev/null && curl -s "http://127.0.0.1:$PJ_PORT/" >/dev/null; then break; fi
+  if curl -sf "http://127.0.0.1:$SB_PORT/livez" >/dev/null && curl -sf "http://127.0.0.1:$SBPJ_PORT/livez" >/dev/null && curl -s "http://127.0.0.1:$PJ_PORT/" >/dev/null; then break; fi
   sleep 0.2
 done
 
 cargo bench --bench sigload -- compare \
-  --sb "127.0.0.1:$SB_PORT/$SB_PID" --peerjs "127.0.0.1:$PJ_PORT/$PJ_PID" \
+  --sb "127.0.0.1:$SB_PORT/$SB_PID" --sb-peerjs "127.0.0.1:$SBPJ_PORT/$SBPJ_PID" \
+  --peerjs "127.0.0.1:$PJ_PORT/$PJ_PID" \
   --n "$N" --pairs "$PAIRS" --rate "$RATES" --secs "$SECS"

@@ -460,6 +460,7 @@ async fn signaling(o: Opts, http: SocketAddr, pid: u32, c: Arc<Counts>, stop: Ar
         addr: http,
         pid,
         src: LO,
+        peerjs_path: "",
     };
     let pairs = (o.ws / 2).max(1);
     let mut tasks = Vec::new();

@@ -24,6 +24,7 @@ command -v clang >/dev/null 2>&1 || need+=(clang)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: installing ${need[*]}"
@@ -40,4 +41,7 @@ if pgrep -x redis-server >/dev/null 2>&1 && [ -f /run/redis/redis-server.pid ]; 
 fi
 # Nor may the nginx package leave its default site holding port 80 (the lab runs its own).
 if [ -f /run/nginx.pid ]; then nginx -s stop 2>/dev/null || true; fi
+# The real `peerjs` client and the reference PeerJS server (`peer`), pinned by the lock file,
+# for tests/peerjs*.rs and benches/signaling_bench.sh.
+(cd "$(dirname "$0")/../tests/peerjs" && npm ci --no-audit --no-fund --silent)
 echo "install-test-deps: ok"

@@ -112,7 +112,8 @@ pub fn revoke_user(shared: &Shared, user: &str) -> Result<Revoked, AdminError> {
     }
     let now = crate::auth::unix_now();
     shared.auth.revoke_user(user, now);
-    let peers_removed = shared.signaling.remove_user(user, &shared.metrics);
+    let peers_removed =
+        shared.signaling.remove_user(user, &shared.metrics) + shared.peerjs.revoke_user(user);
     tracing::info!(user, peers_removed, "user revoked through the server API");
     Ok(Revoked {
         user: user.to_string(),

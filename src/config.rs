@@ -72,6 +72,111 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Several nodes sharing rooms through Redis (off unless `redis_url` is set).
     pub cluster: ClusterConfig,
+    /// The PeerJS server protocol, so apps written for PeerJS switch servers unchanged.
+    pub peerjs: PeerJsConfig,
+}
+
+/// The PeerJS server protocol (`peerjs` 1.x clients), off by default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerJsConfig {
+    /// Serve the PeerJS protocol under `path`.
+    pub enabled: bool,
+    /// Where it is served: the client's `path` option (`/<path>/peerjs` is the WebSocket).
+    pub path: String,
+    /// The client's `key` option; another key gets `INVALID-KEY`.
+    pub key: String,
+    /// `open` (any id, the PeerJS token decides) or `session` (the `token` is a session
+    /// token from `/v1/login` and the id is bound to its user).
+    pub auth: PeerJsAuth,
+    /// Answer `GET <path>/<key>/peers` with the connected ids.
+    pub allow_discovery: bool,
+    /// Seconds a message for an id that is not connected is held before `EXPIRE`.
+    pub expire_timeout_secs: u64,
+    /// Ids registered at once on this node.
+    pub max_peers: usize,
+    /// Messages held for one id that is not connected.
+    pub max_held_per_peer: usize,
+    /// Bytes held for all ids together.
+    pub max_held_bytes: usize,
+}
+
+/// How a PeerJS connection proves who it is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerJsAuth {
+    /// As the PeerJS server: anyone may register a free id.
+    Open,
+    /// A switchboard session token in the `token` query parameter.
+    Session,
+}
+
+impl Default for PeerJsConfig {
+    fn default() -> Self {
+        PeerJsConfig {
+            enabled: false,
+            path: "/peerjs".into(),
+            key: "peerjs".into(),
+            auth: PeerJsAuth::Session,
+            allow_discovery: false,
+            expire_timeout_secs: 5,
+            max_peers: 100_000,
+            max_held_per_peer: 64,
+            max_held_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl PeerJsConfig {
+    /// Checks of the `[peerjs]` keys.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.path;
+        let ok = p.starts_with('/')
+            && p.len() > 1
+            && !p.ends_with('/')
+            && p.split('/').skip(1).all(|seg| {
+                !seg.is_empty()
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            })
+            && p != "/v1"
+            && !p.starts_with("/v1/");
+        if !ok {
+            return Err(ConfigError::key(
+                "peerjs.path",
+                "must look like /peerjs: a leading /, no trailing /, letters, digits, - _ . only, not under /v1",
+            ));
+        }
+        if self.key.is_empty()
+            || self.key.len() > 64
+            || !self
+                .key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(ConfigError::key(
+                "peerjs.key",
+                "must be 1 to 64 letters, digits, - _ or .",
+            ));
+        }
+        if self.expire_timeout_secs == 0 || self.expire_timeout_secs > 300 {
+            return Err(ConfigError::key(
+                "peerjs.expire_timeout_secs",
+                "must be between 1 and 300",
+            ));
+        }
+        if self.max_peers == 0 {
+            return Err(ConfigError::key("peerjs.max_peers", "must be at least 1"));
+        }
+        if self.max_held_per_peer == 0 {
+            return Err(ConfigError::key(
+                "peerjs.max_held_per_peer",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Cluster mode: rooms owned by one node each, with connections on any node.
@@ -1343,6 +1448,7 @@ impl Config {
             ));
         }
         self.validate_webhooks()?;
+        self.peerjs.validate()?;
         let s = &self.signaling;
         if s.max_frame_bytes < 1024 {
             return Err(ConfigError::key(

@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod net;
+pub mod peerjs;
 pub mod secret;
 pub mod server;
 pub mod shared;

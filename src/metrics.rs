@@ -95,6 +95,11 @@ pub struct Metrics {
     /// JWKS fetches (`auth.jwt.jwks_url`) by result (`ok|failed`): a rising `failed` means
     /// logins run on the last good key set.
     pub jwks_fetches: IntCounterVec,
+    /// Open signaling connections by wire protocol (`peerjs`; `/v1/ws` keeps
+    /// `ws_connections_active`).
+    pub protocol_connections_active: IntGaugeVec,
+    /// Signaling messages by wire protocol, direction (`in|out`) and a bounded `type`.
+    pub protocol_messages: IntCounterVec,
 }
 
 /// Pre-resolved relayed-byte counters for each client transport and direction, so the relay
@@ -278,6 +283,18 @@ impl Metrics {
                 "turn_credentials_issued_total",
                 "Time-limited TURN credentials issued, by path.",
                 &["via"],
+            ),
+            protocol_connections_active: gv(
+                r,
+                "protocol_connections_active",
+                "Signaling connections currently open, by wire protocol.",
+                &["protocol"],
+            ),
+            protocol_messages: cv(
+                r,
+                "protocol_messages_total",
+                "Signaling messages by wire protocol, direction and type.",
+                &["protocol", "direction", "type"],
             ),
             ws_connections_active: g(
                 r,

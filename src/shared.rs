@@ -63,6 +63,8 @@ pub struct Shared {
     pub password_checks: Arc<tokio::sync::Semaphore>,
     /// Room signaling.
     pub signaling: Arc<crate::signaling::conn::Signaling>,
+    /// The PeerJS realm (`[peerjs]`): one per server, so an id is unique on the node.
+    pub peerjs: Arc<crate::peerjs::PeerJs>,
     /// This node's part of the cluster, in cluster mode.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Per-IP login attempt limiter.
@@ -264,6 +266,11 @@ impl Shared {
             login: arc_swap::ArcSwap::from_pointee(login),
             password_checks: Arc::new(tokio::sync::Semaphore::new(
                 config.auth.password_check_slots(),
+            )),
+            peerjs: Arc::new(crate::peerjs::PeerJs::new(
+                &config.peerjs,
+                &config.signaling,
+                webhooks.clone(),
             )),
             signaling,
             cluster,

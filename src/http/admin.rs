@@ -43,6 +43,7 @@ pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/v1/admin/rooms/{room}/peers/{peer}/kick", post(kick_peer))
         .route("/v1/admin/users/{user}/revoke", post(revoke_user))
         .route("/v1/admin/nodes", get(list_nodes))
+        .route("/v1/admin/peerjs/{id}/kick", post(kick_peerjs))
         .layer(axum::middleware::from_fn_with_state(shared, require_admin))
 }
 
@@ -137,6 +138,15 @@ async fn kick_peer(
             Json(serde_json::json!({ "room": room, "peer": peer, "kicked": true })).into_response()
         }
         Err(e) => AdminError::from(e).into_response(),
+    }
+}
+
+/// Close a PeerJS connection by its id and free the id (docs/peerjs.md).
+async fn kick_peerjs(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    if s.peerjs.kick(&id) {
+        Json(serde_json::json!({ "peerjsId": id, "kicked": true })).into_response()
+    } else {
+        crate::admin::AdminError::UnknownPeer.into_response()
     }
 }
 

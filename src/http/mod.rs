@@ -14,6 +14,7 @@ use crate::shared::Shared;
 pub mod admin;
 pub mod client_ip;
 pub mod login;
+pub mod peerjs;
 pub mod ws;
 
 /// Serve `make_router(shared)` on `listener` (plain TCP or TLS) until shutdown.
@@ -46,6 +47,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .merge(login::routes())
         .merge(ws::routes())
         .merge(admin::routes(shared.clone()))
+        .merge(peerjs::routes(&shared))
         .merge(web_routes(shared.config.http.demo))
         .layer(cors(shared.clone()))
         .with_state(shared)
