@@ -254,8 +254,17 @@ pub struct TurnConfig {
     /// UDP worker shards on each listen address, each a thread with its own SO_REUSEPORT
     /// socket and its own allocations; 0 means one per CPU core.
     pub shards: usize,
-    /// SOFTWARE attribute value.
+    /// SOFTWARE attribute value; empty (the default) leaves the attribute out, which keeps
+    /// unauthenticated answers small and the version private.
     pub software: String,
+    /// Put MAPPED-ADDRESS next to XOR-MAPPED-ADDRESS in Binding responses, for clients that
+    /// send the RFC 5389 cookie but read only the old attribute; off keeps answers lean.
+    pub mapped_address: bool,
+    /// Bytes per second of unauthenticated UDP answers (Binding, 401, 400, 438, …) one source
+    /// address (IPv6: one /64) may receive; beyond, they are dropped (reflector limit). 0: off.
+    pub unauthenticated_bytes_per_second: u64,
+    /// Burst of unauthenticated UDP answers one source may receive at once, in bytes.
+    pub unauthenticated_burst_bytes: u64,
 }
 
 impl Default for TurnConfig {
@@ -291,7 +300,10 @@ impl Default for TurnConfig {
             data_connection_idle_timeout_secs: 300,
             kernel_offload: crate::turn::offload::OffloadMode::Off,
             shards: 0,
-            software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
+            software: String::new(),
+            mapped_address: false,
+            unauthenticated_bytes_per_second: 8 * 1024,
+            unauthenticated_burst_bytes: 32 * 1024,
         }
     }
 }
@@ -902,6 +914,12 @@ impl Config {
             return Err(ConfigError::key(
                 "turn.nonce_lifetime_secs",
                 "must be positive",
+            ));
+        }
+        if t.unauthenticated_bytes_per_second > 0 && t.unauthenticated_burst_bytes < 1500 {
+            return Err(ConfigError::key(
+                "turn.unauthenticated_burst_bytes",
+                "must be at least 1500 (one answer) while turn.unauthenticated_bytes_per_second is on",
             ));
         }
         if t.realm.is_empty() || t.realm.len() > 127 {
