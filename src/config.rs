@@ -1425,6 +1425,17 @@ mod tests {
     }
 
     #[test]
+    fn reflector_burst_must_hold_one_answer() {
+        let e = err_of("[turn]\nunauthenticated_burst_bytes = 100\n");
+        assert!(e.contains("turn.unauthenticated_burst_bytes"), "{e}");
+        // With the limit off the burst does not matter.
+        Config::from_toml(
+            "[turn]\nunauthenticated_bytes_per_second = 0\nunauthenticated_burst_bytes = 0\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err_of("[turn]\nrelay_portz = 5\n");
         assert!(e.contains("turn"), "{e}");
