@@ -164,10 +164,30 @@ pub struct Offload {
     routes: Mutex<Routes>,
 }
 
+/// What the kernel's upstream map is keyed by: one client, listener and channel.
+type RouteKey = (SocketAddrV4, SocketAddrV4, u16);
+
+fn key_of(r: &ChannelRoute) -> RouteKey {
+    (r.client, r.listener, r.channel)
+}
+
 #[derive(Debug, Default)]
 struct Routes {
-    by_client: HashMap<(SocketAddrV4, SocketAddrV4, u16), Slot>,
+    by_client: HashMap<RouteKey, Slot>,
     next_id: u32,
+}
+
+impl Routes {
+    /// Take out the slot installed for exactly `route`. A newer route under the same key
+    /// (another peer or relay for that client's channel) is not `route`'s to remove: its
+    /// install already took `route`'s kernel entries back, so nothing is left to do.
+    fn take(&mut self, route: &ChannelRoute) -> Option<Slot> {
+        let key = key_of(route);
+        if self.by_client.get(&key)?.route != *route {
+            return None;
+        }
+        self.by_client.remove(&key)
+    }
 }
 
 impl std::fmt::Debug for Offload {
@@ -248,7 +268,7 @@ impl Offload {
         usage: Option<Arc<Usage>>,
     ) -> Result<(), OffloadError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (route.client, route.listener, route.channel);
+        let key = key_of(route);
         let (id, last) = match routes.by_client.get(&key) {
             Some(old) => {
                 if old.route != *route {
@@ -289,9 +309,7 @@ impl Offload {
     /// nothing; `None` if it was not installed.
     pub fn remove(&self, route: &ChannelRoute) -> Option<ChannelCounters> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = routes
-            .by_client
-            .remove(&(route.client, route.listener, route.channel))?;
+        let slot = routes.take(route)?;
         let now = self.kernel_read(slot.id);
         self.kernel_remove(&slot.route, true);
         self.kernel_forget(slot.id);
@@ -404,6 +422,42 @@ const _: fn() = || {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slot(route: ChannelRoute, id: u32) -> Slot {
+        Slot {
+            route,
+            id,
+            last: ChannelCounters::default(),
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn removing_an_older_route_leaves_a_newer_one_with_the_same_key() {
+        let old = ChannelRoute {
+            client: "203.0.113.21:40000".parse().unwrap(),
+            listener: "203.0.113.10:3478".parse().unwrap(),
+            channel: 0x4001,
+            relay: "203.0.113.10:50000".parse().unwrap(),
+            peer: "203.0.113.30:3480".parse().unwrap(),
+        };
+        // The same client, listener and channel, later bound to another peer and relay (a
+        // new allocation from the same 5-tuple, or the channel rebound after its cooldown).
+        let new = ChannelRoute {
+            relay: "203.0.113.10:50002".parse().unwrap(),
+            peer: "203.0.113.31:3480".parse().unwrap(),
+            ..old
+        };
+        let mut r = Routes::default();
+        r.by_client.insert(key_of(&new), slot(new, 2));
+        assert!(
+            r.take(&old).is_none(),
+            "the older route is not installed any more"
+        );
+        assert_eq!(r.by_client.get(&key_of(&new)).map(|s| s.id), Some(2));
+        assert_eq!(r.take(&new).map(|s| s.route), Some(new));
+        assert!(r.by_client.is_empty());
+    }
 
     #[test]
     fn deltas_take_a_drop_as_a_reset() {
