@@ -251,6 +251,8 @@ pub struct TurnConfig {
     pub data_connection_idle_timeout_secs: u64,
     /// Kernel (eBPF at TC ingress) fast path for ChannelData: off, auto or on.
     pub kernel_offload: crate::turn::offload::OffloadMode,
+    /// How the kernel program attaches: `auto` (TCX on 6.6+, clsact before) or `clsact`.
+    pub kernel_offload_attach: crate::turn::offload::OffloadAttach,
     /// UDP worker shards on each listen address, each a thread with its own SO_REUSEPORT
     /// socket and its own allocations; 0 means one per CPU core.
     pub shards: usize,
@@ -299,6 +301,7 @@ impl Default for TurnConfig {
             max_pending_connections_per_allocation: 8,
             data_connection_idle_timeout_secs: 300,
             kernel_offload: crate::turn::offload::OffloadMode::Off,
+            kernel_offload_attach: crate::turn::offload::OffloadAttach::Auto,
             shards: 0,
             software: String::new(),
             mapped_address: false,

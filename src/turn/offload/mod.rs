@@ -27,6 +27,15 @@ mod sync;
 
 pub use sync::{desired_routes, diff, ChannelSync};
 
+/// How long the kernel may use a route without hearing from user space: each map entry
+/// carries this deadline (checked against `bpf_ktime_get_ns`), and [`Offload::take_deltas`]
+/// pushes it forward while the process lives. Why: after a SIGKILL on a kernel that keeps
+/// the program attached (clsact, before 6.6), relaying stops by then instead of never.
+pub const KERNEL_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How old a route's deadline may get before [`Offload::take_deltas`] renews it.
+const RENEW_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Whether to use the kernel fast path (`turn.kernel_offload`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +47,27 @@ pub enum OffloadMode {
     Auto,
     /// Require the kernel path: start-up fails (exit 2) when it cannot load.
     On,
+}
+
+/// How the program is attached at TC ingress (`turn.kernel_offload_attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadAttach {
+    /// A TCX link on kernels 6.6 and later (the kernel detaches it when the process dies,
+    /// even by SIGKILL), the clsact qdisc before.
+    #[default]
+    Auto,
+    /// Always a clsact filter (what kernels before 6.6 get), e.g. next to tools that manage
+    /// tc filters; it outlives a killed process until the routes' deadlines pass.
+    Clsact,
+}
+
+/// Detach the kernel program everywhere now, whoever still holds the offload; the binary
+/// calls it on every way out of `main` that runs, because a clsact attachment would outlive
+/// the process. Routes fall back to user space. Without the feature it does nothing.
+pub fn detach_all() {
+    #[cfg(feature = "kernel-offload")]
+    kernel::detach_all();
 }
 
 /// One channel binding as the kernel forwards it (IPv4 over UDP only): what arrives from
@@ -144,6 +174,18 @@ struct Slot {
     id: u32,
     last: ChannelCounters,
     usage: Option<Arc<Usage>>,
+    /// When its kernel deadline was last set ([`KERNEL_LEASE`] from then).
+    renewed: std::time::Instant,
+}
+
+/// The kernel deadline of a route installed or renewed now.
+#[cfg(feature = "kernel-offload")]
+fn lease_deadline() -> u64 {
+    kernel::monotonic_ns().saturating_add(KERNEL_LEASE.as_nanos() as u64)
+}
+#[cfg(not(feature = "kernel-offload"))]
+fn lease_deadline() -> u64 {
+    0
 }
 
 fn credit(usage: &Option<Arc<Usage>>, d: ChannelCounters) {
@@ -162,6 +204,8 @@ pub struct Offload {
     #[cfg(feature = "kernel-offload")]
     kernel: kernel::Kernel,
     routes: Mutex<Routes>,
+    /// Held by [`Offload::take_deltas`] only, so two readers never interleave.
+    reader: Mutex<()>,
 }
 
 /// What the kernel's upstream map is keyed by: one client, listener and channel.
@@ -203,17 +247,23 @@ impl Offload {
     /// `addrs` (a wildcard means every interface with an IPv4 address except loopback).
     /// Needs CAP_BPF and CAP_NET_ADMIN (or root); runs in the caller's network namespace.
     pub fn start(addrs: &[IpAddr]) -> Result<Offload, OffloadError> {
+        Offload::start_with(addrs, OffloadAttach::Auto)
+    }
+
+    /// [`Offload::start`] with an explicit attachment (`turn.kernel_offload_attach`).
+    pub fn start_with(addrs: &[IpAddr], attach: OffloadAttach) -> Result<Offload, OffloadError> {
         #[cfg(feature = "kernel-offload")]
         {
-            let kernel = kernel::Kernel::start(addrs)?;
+            let kernel = kernel::Kernel::start(addrs, attach)?;
             Ok(Offload {
                 kernel,
                 routes: Mutex::new(Routes::default()),
+                reader: Mutex::new(()),
             })
         }
         #[cfg(not(feature = "kernel-offload"))]
         {
-            let _ = addrs;
+            let _ = (addrs, attach);
             Err(OffloadError::NotBuilt)
         }
     }
@@ -221,9 +271,18 @@ impl Offload {
     /// Apply `mode` at start-up: `Off` gives `None`; `Auto` gives `None` with one warning
     /// when the kernel path cannot start; `On` turns that into an error (exit 2).
     pub fn enable(mode: OffloadMode, addrs: &[IpAddr]) -> Result<Option<Offload>, OffloadError> {
+        Offload::enable_with(mode, OffloadAttach::Auto, addrs)
+    }
+
+    /// [`Offload::enable`] with an explicit attachment (`turn.kernel_offload_attach`).
+    pub fn enable_with(
+        mode: OffloadMode,
+        attach: OffloadAttach,
+        addrs: &[IpAddr],
+    ) -> Result<Option<Offload>, OffloadError> {
         match mode {
             OffloadMode::Off => Ok(None),
-            OffloadMode::Auto => match Offload::start(addrs) {
+            OffloadMode::Auto => match Offload::start_with(addrs, attach) {
                 Ok(o) => {
                     tracing::info!(interfaces = ?o.interfaces(), "turn kernel offload active");
                     Ok(Some(o))
@@ -234,7 +293,7 @@ impl Offload {
                 }
             },
             OffloadMode::On => {
-                let o = Offload::start(addrs)?;
+                let o = Offload::start_with(addrs, attach)?;
                 tracing::info!(interfaces = ?o.interfaces(), "turn kernel offload active");
                 Ok(Some(o))
             }
@@ -282,7 +341,7 @@ impl Offload {
                 (routes.next_id, ChannelCounters::default())
             }
         };
-        if let Err(e) = self.kernel_install(route, id) {
+        if let Err(e) = self.kernel_install(route, id, lease_deadline()) {
             // Leave nothing half-installed: the binding goes back to user space whole.
             if let Some(old) = routes.by_client.remove(&key) {
                 self.kernel_remove(&old.route, true);
@@ -298,6 +357,7 @@ impl Offload {
                 id,
                 last,
                 usage,
+                renewed: std::time::Instant::now(),
             },
         );
         Ok(())
@@ -320,19 +380,53 @@ impl Offload {
 
     /// Per installed route, what the kernel relayed since the previous call (routes with
     /// no traffic are left out), already credited to the route's allocation usage; the
-    /// caller adds them to the metrics.
+    /// caller adds them to the metrics. Called once a second, it also renews each route's
+    /// kernel deadline ([`KERNEL_LEASE`]) once it is [`RENEW_AFTER`] old.
+    ///
+    /// The shards take the route table's lock on every ChannelBind and expiry, so this holds
+    /// it only to copy the table and then once per route whose counters moved, never across
+    /// the kernel reads: a route installed, replaced or removed in between is recognised by
+    /// its counter slot and left to whoever changed it (`remove` credits its last counts).
     pub fn take_deltas(&self) -> Vec<(ChannelRoute, ChannelCounters)> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        // One reader at a time, so `last` only moves forward; the shards never take this.
+        let _reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let at = std::time::Instant::now();
+        let snapshot: Vec<(RouteKey, u32, ChannelCounters, bool)> = {
+            let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            routes
+                .by_client
+                .iter()
+                .map(|(k, s)| {
+                    let due = at.saturating_duration_since(s.renewed) >= RENEW_AFTER;
+                    (*k, s.id, s.last, due)
+                })
+                .collect()
+        };
         let mut out = Vec::new();
-        for slot in routes.by_client.values_mut() {
-            let Some(now) = self.kernel_read(slot.id) else {
+        for (key, id, last, due) in snapshot {
+            let now = self.kernel_read(id);
+            let moved = now.is_some_and(|n| n != last);
+            if !moved && !due {
+                continue;
+            }
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(slot) = routes.by_client.get_mut(&key).filter(|s| s.id == id) else {
                 continue;
             };
-            let d = ChannelCounters::delta(slot.last, now);
-            slot.last = now;
-            credit(&slot.usage, d);
-            if !d.is_zero() {
-                out.push((slot.route, d));
+            if let Some(now) = now.filter(|_| moved) {
+                let d = ChannelCounters::delta(slot.last, now);
+                slot.last = now;
+                credit(&slot.usage, d);
+                if !d.is_zero() {
+                    out.push((slot.route, d));
+                }
+            }
+            if due {
+                // Still installed under the lock, so this cannot bring back a removed route.
+                match self.kernel_install(&slot.route, id, lease_deadline()) {
+                    Ok(()) => slot.renewed = at,
+                    Err(e) => tracing::debug!(error = %e, "kernel route not renewed"),
+                }
             }
         }
         out
@@ -381,11 +475,16 @@ impl Offload {
     }
 
     #[cfg(feature = "kernel-offload")]
-    fn kernel_install(&self, route: &ChannelRoute, id: u32) -> Result<(), OffloadError> {
-        self.kernel.install(route, id)
+    fn kernel_install(
+        &self,
+        route: &ChannelRoute,
+        id: u32,
+        deadline: u64,
+    ) -> Result<(), OffloadError> {
+        self.kernel.install(route, id, deadline)
     }
     #[cfg(not(feature = "kernel-offload"))]
-    fn kernel_install(&self, _: &ChannelRoute, _: u32) -> Result<(), OffloadError> {
+    fn kernel_install(&self, _: &ChannelRoute, _: u32, _: u64) -> Result<(), OffloadError> {
         Err(OffloadError::NotBuilt)
     }
 
@@ -429,6 +528,7 @@ mod tests {
             id,
             last: ChannelCounters::default(),
             usage: None,
+            renewed: std::time::Instant::now(),
         }
     }
 
