@@ -153,6 +153,9 @@ struct Maps {
 /// The loaded program (its TC links live in `_ebpf`) and its maps.
 pub(super) struct Kernel {
     maps: Mutex<Maps>,
+    /// A second handle on the COUNTERS map for [`Kernel::read`]: lookups need no `&mut`, so
+    /// the counter reader takes no lock that the shards' installs and removals take.
+    counters_ro: HashMap<MapData, u32, Counters>,
     /// Local IPv4 address -> interface index, for the egress of each direction.
     ifindex: StdHashMap<Ipv4Addr, u32>,
     interfaces: Vec<String>,
@@ -201,7 +204,18 @@ impl Kernel {
         };
         let up = HashMap::try_from(take(&mut ebpf, "UPSTREAM")?).map_err(load_err)?;
         let down = HashMap::try_from(take(&mut ebpf, "DOWNSTREAM")?).map_err(load_err)?;
-        let counters = HashMap::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
+        let counters: HashMap<MapData, u32, Counters> =
+            HashMap::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
+        let fd = {
+            use aya::maps::IterableMap;
+            use std::os::fd::AsFd;
+            counters.map().fd().as_fd().try_clone_to_owned()
+        }
+        .map_err(load_err)?;
+        let counters_ro = HashMap::try_from(aya::maps::Map::LruHashMap(
+            MapData::from_fd(fd).map_err(load_err)?,
+        ))
+        .map_err(load_err)?;
         let ebpf = Arc::new(Mutex::new(Some(ebpf)));
         ATTACHED
             .lock()
@@ -209,6 +223,7 @@ impl Kernel {
             .push(Arc::downgrade(&ebpf));
         Ok(Kernel {
             maps: Mutex::new(Maps { up, down, counters }),
+            counters_ro,
             ifindex,
             interfaces: ifaces,
             _ebpf: ebpf,
@@ -284,8 +299,7 @@ impl Kernel {
     }
 
     pub(super) fn read(&self, id: u32) -> Option<ChannelCounters> {
-        let m = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        let c = m.counters.get(&id, 0).ok()?;
+        let c = self.counters_ro.get(&id, 0).ok()?;
         Some(ChannelCounters {
             up_packets: c.up_packets,
             up_bytes: c.up_bytes,
