@@ -30,7 +30,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let m = Message::parse(black_box(&req)).unwrap();
             out.clear();
-            binding::respond(&m, src, Some(local), "switchboard", &mut out);
+            binding::respond(&m, src, Some(local), "switchboard", true, &mut out);
             black_box(out.len())
         })
     });

@@ -11,7 +11,11 @@
 // returns TC_ACT_OK untouched: user space is the fallback for all of it.
 //
 // The maps mirror the control plane's forwarding table; user space installs and removes the
-// entries and reads the per-channel counters. The program never checks lifetimes.
+// entries and reads the per-channel counters. Each entry carries a deadline (CLOCK_MONOTONIC
+// nanoseconds, as bpf_ktime_get_ns reads it) that user space keeps pushing forward while it
+// lives; past it the entry is ignored and the datagram goes up the stack. So a process that
+// died without detaching the program (SIGKILL, with the clsact attachment of kernels before
+// 6.6) stops being relayed for by its deadline instead of never.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -44,6 +48,8 @@ struct up_val {
 	__u16 peer_port;
 	__u32 ifindex; // egress towards the peer
 	__u32 id;      // counter slot
+	__u32 pad;
+	__u64 deadline_ns; // bpf_ktime_get_ns after which the entry is not used
 };
 
 // Peer -> relay socket: what arrives.
@@ -64,6 +70,7 @@ struct down_val {
 	__u16 pad;
 	__u32 ifindex; // egress towards the client
 	__u32 id;
+	__u64 deadline_ns;
 };
 
 // Per channel binding, payload bytes (what user space would have relayed).
@@ -219,6 +226,8 @@ static __always_inline int upstream(struct __sk_buff *skb, struct headers *h, __
 	struct up_val *v = bpf_map_lookup_elem(&UPSTREAM, &k);
 	if (!v)
 		return -1;
+	if (bpf_ktime_get_ns() > v->deadline_ns)
+		return TC_ACT_OK; // past its deadline: user space (if alive) relays it
 	__u32 data_len = bpf_ntohs(cd[1]);
 	__u32 extra = udp_len - sizeof(struct udphdr) - 4;
 	if (data_len > extra)
@@ -299,6 +308,8 @@ static __always_inline int downstream(struct __sk_buff *skb, struct headers *h, 
 	struct down_val *v = bpf_map_lookup_elem(&DOWNSTREAM, &k);
 	if (!v)
 		return TC_ACT_OK;
+	if (bpf_ktime_get_ns() > v->deadline_ns)
+		return TC_ACT_OK; // past its deadline: not ours any more
 	__u32 data_len = udp_len - sizeof(struct udphdr);
 	if (data_len > 0xffff - 4 - sizeof(struct udphdr) - sizeof(struct iphdr))
 		return TC_ACT_OK;

@@ -321,6 +321,19 @@ impl Default for HttpConfig {
     }
 }
 
+/// How the program is attached at TC ingress (`turn.kernel_offload_attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadAttach {
+    /// A TCX link on kernels 6.6 and later (the kernel detaches it when the process dies,
+    /// even by SIGKILL), the clsact qdisc before.
+    #[default]
+    Auto,
+    /// Always a clsact filter (what kernels before 6.6 get), e.g. next to tools that manage
+    /// tc filters; it outlives a killed process until the routes' deadlines pass.
+    Clsact,
+}
+
 /// Whether to use the kernel fast path (`turn.kernel_offload`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -402,11 +415,22 @@ pub struct TurnConfig {
     pub data_connection_idle_timeout_secs: u64,
     /// Kernel (eBPF at TC ingress) fast path for ChannelData: off, auto or on.
     pub kernel_offload: OffloadMode,
+    /// How the kernel program attaches: `auto` (TCX on 6.6+, clsact before) or `clsact`.
+    pub kernel_offload_attach: OffloadAttach,
     /// UDP worker shards on each listen address, each a thread with its own SO_REUSEPORT
     /// socket and its own allocations; 0 means one per CPU core.
     pub shards: usize,
-    /// SOFTWARE attribute value.
+    /// SOFTWARE attribute value; empty (the default) leaves the attribute out, which keeps
+    /// unauthenticated answers small and the version private.
     pub software: String,
+    /// Put MAPPED-ADDRESS next to XOR-MAPPED-ADDRESS in Binding responses, for clients that
+    /// send the RFC 5389 cookie but read only the old attribute; off keeps answers lean.
+    pub mapped_address: bool,
+    /// Bytes per second of unauthenticated UDP answers (Binding, 401, 400, 438, …) one source
+    /// address (IPv6: one /64) may receive; beyond, they are dropped (reflector limit). 0: off.
+    pub unauthenticated_bytes_per_second: u64,
+    /// Burst of unauthenticated UDP answers one source may receive at once, in bytes.
+    pub unauthenticated_burst_bytes: u64,
 }
 
 impl Default for TurnConfig {
@@ -442,8 +466,12 @@ impl Default for TurnConfig {
             max_pending_connections_per_allocation: 8,
             data_connection_idle_timeout_secs: 300,
             kernel_offload: OffloadMode::Off,
+            kernel_offload_attach: OffloadAttach::Auto,
             shards: 0,
-            software: concat!("switchboard/", env!("CARGO_PKG_VERSION")).into(),
+            software: String::new(),
+            mapped_address: false,
+            unauthenticated_bytes_per_second: 8 * 1024,
+            unauthenticated_burst_bytes: 32 * 1024,
         }
     }
 }
@@ -1132,6 +1160,12 @@ impl Config {
                 "must be positive",
             ));
         }
+        if t.unauthenticated_bytes_per_second > 0 && t.unauthenticated_burst_bytes < 1500 {
+            return Err(ConfigError::key(
+                "turn.unauthenticated_burst_bytes",
+                "must be at least 1500 (one answer) while turn.unauthenticated_bytes_per_second is on",
+            ));
+        }
         if t.realm.is_empty() || t.realm.len() > 127 {
             return Err(ConfigError::key(
                 "turn.realm",
@@ -1806,6 +1840,17 @@ mod tests {
         assert_eq!(c.http.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.turn.listen, vec!["127.0.0.1:3478".parse().unwrap()]);
         assert!(c.loopback_only());
+    }
+
+    #[test]
+    fn reflector_burst_must_hold_one_answer() {
+        let e = err_of("[turn]\nunauthenticated_burst_bytes = 100\n");
+        assert!(e.contains("turn.unauthenticated_burst_bytes"), "{e}");
+        // With the limit off the burst does not matter.
+        Config::from_toml(
+            "[turn]\nunauthenticated_bytes_per_second = 0\nunauthenticated_burst_bytes = 0\n",
+        )
+        .unwrap();
     }
 
     #[test]

@@ -56,7 +56,19 @@ fn hash_password_command() -> ExitCode {
     }
 }
 
+/// Detaches the kernel offload on every way out of `main` that runs destructors (a return,
+/// an error, a panic unwinding the main thread): a clsact attachment would otherwise keep
+/// relaying after the process is gone. SIGTERM and SIGINT end through the same return.
+struct DetachOffload;
+
+impl Drop for DetachOffload {
+    fn drop(&mut self) {
+        switchboard::turn::offload::detach_all();
+    }
+}
+
 fn main() -> ExitCode {
+    let _detach = DetachOffload;
     let cli = Cli::parse();
     if let Some(Command::HashPassword) = cli.command {
         return hash_password_command();

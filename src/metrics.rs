@@ -481,6 +481,7 @@ impl Metrics {
             "ws_connections_per_ip",
             "ws_slow_consumer",
             "peer_datagram_oversized",
+            "unauthenticated_rate",
             "peer_connections_per_allocation",
             "connection_bind_refused",
             "data_connection_idle",

@@ -209,7 +209,12 @@ impl Shared {
             let mut addrs: Vec<std::net::IpAddr> =
                 config.turn.listen.iter().map(|a| a.ip()).collect();
             addrs.extend(config.turn.relay_bind);
-            crate::turn::offload::Offload::enable(config.turn.kernel_offload, &addrs)?.map(Arc::new)
+            crate::turn::offload::Offload::enable_with(
+                config.turn.kernel_offload,
+                config.turn.kernel_offload_attach,
+                &addrs,
+            )?
+            .map(Arc::new)
         } else {
             None
         };

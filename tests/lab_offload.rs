@@ -713,4 +713,109 @@ mod kernel {
             );
         }
     }
+
+    /// On kernels before 6.6 the program hangs off the clsact qdisc, which outlives a process
+    /// killed by SIGKILL. `kernel_offload_attach = "clsact"` gets that attachment on any
+    /// kernel: after the SIGKILL the kernel may go on relaying the bound channel, but only
+    /// until the route's deadline (at most KERNEL_LEASE after the last renewal), then never.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_sigkill_the_kernel_stops_relaying_by_the_routes_deadline() {
+        use switchboard::turn::offload::KERNEL_LEASE;
+        let Some(mut lab) = Lab::start("offload_sigkill_deadline") else {
+            return;
+        };
+        start_offloaded(&mut lab, "kernel_offload_attach = \"clsact\"");
+        let peer = lab.udp(Host::Peer, &format!("{PEER}:40000"));
+        let mut raw = turn_common::Raw::on(lab.udp(Host::Home1, "0.0.0.0:0"), sa(SERVER, 3478));
+        let relay = bind_channel(&mut raw).await;
+        both_ways(&raw.sock, &peer, relay, true, "before the kill").await;
+
+        lab.signal("switchboard", nix::sys::signal::Signal::SIGKILL);
+        assert!(
+            lab.wait_exit("switchboard", Duration::from_secs(10)),
+            "the server did not die"
+        );
+        let killed = Instant::now();
+        // The route was installed (or last renewed) before the kill: its deadline is at most
+        // KERNEL_LEASE from now. Probe both directions until well after it.
+        let end = killed + KERNEL_LEASE + Duration::from_secs(3);
+        let (mut first, mut last) = (None, None);
+        let up = channel_data(CHANNEL, b"after the kill", false);
+        let mut b = [0u8; 2048];
+        while Instant::now() < end {
+            raw.sock.send_to(&up, sa(SERVER, 3478)).await.unwrap();
+            peer.send_to(b"after the kill", relay).await.unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(250);
+            while let Ok(Ok((n, _))) =
+                tokio::time::timeout_at(deadline, peer.recv_from(&mut b)).await
+            {
+                if &b[..n] == b"after the kill" {
+                    first.get_or_insert_with(Instant::now);
+                    last = Some(Instant::now());
+                }
+            }
+            while let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(1), raw.sock.recv_from(&mut b)).await
+            {
+                if b[..n] == channel_data(CHANNEL, b"after the kill", false)[..] {
+                    last = Some(Instant::now());
+                }
+            }
+        }
+        let first = first.expect(
+            "nothing relayed right after the SIGKILL: the clsact attachment did not outlive \
+             the process, so this test shows nothing",
+        );
+        assert!(first < killed + Duration::from_secs(2));
+        let last = last.expect("relayed after the kill");
+        assert!(
+            last <= killed + KERNEL_LEASE + Duration::from_millis(500),
+            "the kernel still relayed {:.1?} after the SIGKILL (lease {KERNEL_LEASE:?})",
+            last - killed
+        );
+    }
+
+    /// Every exit that runs (here SIGTERM, which drains and returns from `main`) detaches a
+    /// clsact attachment: no tc filter is left and nothing is relayed afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_clean_exit_detaches_the_clsact_program() {
+        let Some(mut lab) = Lab::start("offload_exit_detaches") else {
+            return;
+        };
+        start_offloaded(&mut lab, "kernel_offload_attach = \"clsact\"");
+        let filters = |lab: &Lab| {
+            let out = lab.output(
+                Host::Server,
+                "tc",
+                &["filter", "show", "dev", "e0", "ingress"],
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        assert!(filters(&lab).contains("turn_ingress"), "{}", filters(&lab));
+        let peer = lab.udp(Host::Peer, &format!("{PEER}:40000"));
+        let mut raw = turn_common::Raw::on(lab.udp(Host::Home1, "0.0.0.0:0"), sa(SERVER, 3478));
+        let relay = bind_channel(&mut raw).await;
+        both_ways(&raw.sock, &peer, relay, true, "before the exit").await;
+        // A second SIGTERM ends the drain at once (an allocation is still open).
+        lab.signal("switchboard", nix::sys::signal::Signal::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        lab.signal("switchboard", nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            lab.wait_exit("switchboard", Duration::from_secs(10)),
+            "the server did not exit:\n{}",
+            lab.log("switchboard")
+        );
+        assert_eq!(
+            lab.exit_code("switchboard"),
+            0,
+            "{}",
+            lab.log("switchboard")
+        );
+        assert!(
+            !filters(&lab).contains("turn_ingress"),
+            "the program is still attached after the exit:\n{}",
+            filters(&lab)
+        );
+        both_ways(&raw.sock, &peer, relay, false, "after the exit").await;
+    }
 }

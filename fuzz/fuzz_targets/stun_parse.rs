@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = m.verify_integrity_sha256(b"key");
         let mut out = Vec::new();
         let src = "192.0.2.1:1234".parse().expect("literal address");
-        binding::respond(&m, src, None, "fuzz", &mut out);
+        binding::respond(&m, src, None, "fuzz", true, &mut out);
         if !out.is_empty() {
             assert!(Message::parse(&out).is_ok(), "responses always parse");
         }

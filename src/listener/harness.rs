@@ -264,6 +264,7 @@ impl TurnPort {
         let ctx = PortCtx {
             metrics: &self.metrics,
             software: &self.software,
+            mapped_address: true,
             local: Some(SocketAddr::new(local, 3478)),
         };
         let open = self.open.clone();

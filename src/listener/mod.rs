@@ -129,9 +129,10 @@ pub(crate) fn answer_binding(
     src: std::net::SocketAddr,
     local: Option<std::net::SocketAddr>,
     software: &str,
+    mapped_address: bool,
     out: &mut Vec<u8>,
 ) {
-    let o = crate::stun::binding::respond(msg, src, local, software, out);
+    let o = crate::stun::binding::respond(msg, src, local, software, mapped_address, out);
     if o != crate::stun::binding::Outcome::Ignored {
         metrics.stun_requests.with_label_values(&[o.label()]).inc();
     }
@@ -207,6 +208,8 @@ impl PeerCounts {
 pub(crate) struct PortCtx<'a> {
     pub metrics: &'a crate::metrics::Metrics,
     pub software: &'a str,
+    /// `turn.mapped_address`: MAPPED-ADDRESS in Binding responses too.
+    pub mapped_address: bool,
     /// The local address the client reached (RESPONSE-ORIGIN of Binding responses).
     pub local: Option<std::net::SocketAddr>,
 }
@@ -296,7 +299,15 @@ where
         return None;
     }
     if msg.method() == method::BINDING {
-        answer_binding(ctx.metrics, msg, client, ctx.local, ctx.software, out);
+        answer_binding(
+            ctx.metrics,
+            msg,
+            client,
+            ctx.local,
+            ctx.software,
+            ctx.mapped_address,
+            out,
+        );
         return None;
     }
     match table {

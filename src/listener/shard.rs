@@ -26,6 +26,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::Deps;
 use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
+use crate::stun::reflect::ReflectLimiter;
 use crate::turn::core::{Bucket, DeleteReason, Env, PeerRoute, Relay, RelayKind, Table, View};
 use crate::turn::offload::ChannelSync;
 use crate::turn::wire::{channel_header, data_indication};
@@ -35,6 +36,9 @@ use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 const MAX_DATAGRAM: usize = 65_536;
 /// Room in front of a peer payload for the ChannelData header.
 const HEADROOM: usize = 4;
+/// Smallest per-shard burst of the reflector limit: one answer of any size the port sends
+/// unauthenticated always fits.
+const MIN_REFLECT_BURST: u64 = 1500;
 /// Receive batches read from one socket per turn before the others get their go.
 const TURN_BUDGET: usize = 8;
 const TOKEN_LISTEN: Token = Token(0);
@@ -156,6 +160,7 @@ pub async fn serve(deps: Arc<Deps>, socks: Vec<std::net::UdpSocket>) {
     let revoked_gen = Arc::new(AtomicU64::new(0));
     let mut wakers = Vec::new();
     let mut threads = Vec::new();
+    let shards = socks.len();
     for (i, sock) in socks.into_iter().enumerate() {
         let poll = match Poll::new() {
             Ok(p) => p,
@@ -176,7 +181,9 @@ pub async fn serve(deps: Arc<Deps>, socks: Vec<std::net::UdpSocket>) {
         let t = std::thread::Builder::new()
             .name(format!("turn-shard-{i}"))
             .spawn(move || {
-                if let Err(e) = Shard::new(sh, sock, poll, waker).and_then(|s| s.run(&st, &rg)) {
+                if let Err(e) =
+                    Shard::new(sh, sock, poll, waker, shards).and_then(|s| s.run(&st, &rg))
+                {
                     tracing::error!(shard = i, error = %e, "TURN shard stopped");
                 }
             });
@@ -220,6 +227,8 @@ struct Counts {
     no_perm: u64,
     capped: u64,
     send_full: u64,
+    /// Unauthenticated answers dropped by the reflector limit.
+    reflect: u64,
     oversized: u64,
 }
 
@@ -241,6 +250,8 @@ struct Shard {
     counts: Counts,
     peer_counts: PeerCounts,
     tid_state: u64,
+    /// This shard's share of the per-source budget for unauthenticated answers.
+    reflect: ReflectLimiter,
 }
 
 impl Shard {
@@ -249,6 +260,7 @@ impl Shard {
         sock: std::net::UdpSocket,
         poll: Poll,
         waker: Arc<Waker>,
+        shards: usize,
     ) -> io::Result<Shard> {
         let state = UdpSocketState::new((&sock).into())?;
         let local = sock.local_addr()?;
@@ -290,6 +302,12 @@ impl Shard {
             counts: Counts::default(),
             peer_counts: PeerCounts::default(),
             tid_state: rand::random::<u64>() | 1,
+            reflect: ReflectLimiter::for_shard(
+                deps.config.unauthenticated_bytes_per_second,
+                deps.config.unauthenticated_burst_bytes,
+                shards,
+                MIN_REFLECT_BURST,
+            ),
             deps,
         })
     }
@@ -420,6 +438,7 @@ impl Shard {
         let ctx = PortCtx {
             metrics,
             software: &deps.config.software,
+            mapped_address: deps.config.mapped_address,
             local,
         };
         let env = || Env {
@@ -450,7 +469,14 @@ impl Shard {
             peer_counts,
             &mut bind,
         );
-        if !out.is_empty() {
+        // The reflector limit: an answer a stranger can provoke without credentials, from
+        // any source address he claims, is sent only within that source's budget.
+        if !out.is_empty()
+            && crate::stun::reflect::is_unauthenticated(&out)
+            && !self.reflect.allow(now, src.ip(), out.len())
+        {
+            self.counts.reflect += 1;
+        } else if !out.is_empty() {
             self.queue(&out, src, from);
         }
         self.out = out;
@@ -596,6 +622,7 @@ impl Shard {
             ("bandwidth_cap", c.capped),
             ("client_send_full", c.send_full),
             ("peer_datagram_oversized", c.oversized),
+            ("unauthenticated_rate", c.reflect),
         ] {
             if n > 0 {
                 m.drops.with_label_values(&[label]).inc_by(n);

@@ -416,6 +416,7 @@ pub async fn serve_stream<S>(
                     let ctx = PortCtx {
                         metrics: &m,
                         software: &software,
+                        mapped_address: deps.config.mapped_address,
                         local,
                     };
                     let conns = deps.turn.conns.clone();

@@ -47,12 +47,14 @@ impl Outcome {
 
 /// Answer a Binding message from `src`, appending the response to `out`.
 ///
-/// `local` is the address the request arrived on, reported as RESPONSE-ORIGIN when known.
+/// `local` is the address the request arrived on, reported as RESPONSE-ORIGIN when known;
+/// `mapped_address` adds MAPPED-ADDRESS for clients that read only that (`turn.mapped_address`).
 pub fn respond(
     req: &Message<'_>,
     src: SocketAddr,
     local: Option<SocketAddr>,
     software: &str,
+    mapped_address: bool,
     out: &mut Vec<u8>,
 ) -> Outcome {
     if req.method() != method::BINDING || req.class() != Class::Request {
@@ -73,17 +75,19 @@ pub fn respond(
         let mut e = Encoder::new(out, method::BINDING, Class::Error, &tid);
         e.error_code(420, "Unknown Attribute");
         e.unknown_attributes(&unknown[..n]);
-        e.attr(attr::SOFTWARE, software.as_bytes());
+        e.software(software);
         finish(e, req.has_fingerprint());
         return Outcome::Error(420);
     }
     let mut e = Encoder::new(out, method::BINDING, Class::Success, &tid);
     e.xor_address(attr::XOR_MAPPED_ADDRESS, src);
-    e.address(attr::MAPPED_ADDRESS, src);
+    if mapped_address {
+        e.address(attr::MAPPED_ADDRESS, src);
+    }
     if let Some(l) = local.filter(|l| !l.ip().is_unspecified()) {
         e.address(attr::RESPONSE_ORIGIN, l);
     }
-    e.attr(attr::SOFTWARE, software.as_bytes());
+    e.software(software);
     finish(e, req.has_fingerprint());
     Outcome::Success
 }
@@ -119,6 +123,7 @@ mod tests {
             src,
             Some("192.0.2.1:3478".parse().unwrap()),
             "sb",
+            true,
             &mut out,
         );
         assert_eq!(o, Outcome::Success);
@@ -138,12 +143,42 @@ mod tests {
     }
 
     #[test]
+    fn lean_answer_has_no_mapped_address_nor_software() {
+        let mut req = Vec::new();
+        request(&[3; 12], false, &mut req);
+        let m = Message::parse(&req).unwrap();
+        let src: SocketAddr = "203.0.113.5:40000".parse().unwrap();
+        let mut out = Vec::new();
+        let local = Some("192.0.2.1:3478".parse().unwrap());
+        assert_eq!(
+            respond(&m, src, local, "", false, &mut out),
+            Outcome::Success
+        );
+        let r = Message::parse(&out).unwrap();
+        assert_eq!(
+            r.xor_address(attr::XOR_MAPPED_ADDRESS).unwrap().unwrap(),
+            src
+        );
+        assert!(r.get(attr::MAPPED_ADDRESS).is_none());
+        assert!(r.get(attr::SOFTWARE).is_none());
+        // Header, XOR-MAPPED-ADDRESS and RESPONSE-ORIGIN (IPv4): 20 + 12 + 12.
+        assert_eq!(out.len(), 44);
+    }
+
+    #[test]
     fn no_fingerprint_when_request_had_none() {
         let mut req = Vec::new();
         request(&[4; 12], false, &mut req);
         let m = Message::parse(&req).unwrap();
         let mut out = Vec::new();
-        respond(&m, "[2001:db8::1]:5".parse().unwrap(), None, "sb", &mut out);
+        respond(
+            &m,
+            "[2001:db8::1]:5".parse().unwrap(),
+            None,
+            "sb",
+            true,
+            &mut out,
+        );
         let r = Message::parse(&out).unwrap();
         assert!(!r.has_fingerprint());
         assert_eq!(
@@ -162,7 +197,7 @@ mod tests {
         let m = Message::parse(&req).unwrap();
         let mut out = Vec::new();
         assert_eq!(
-            respond(&m, "1.2.3.4:5".parse().unwrap(), None, "sb", &mut out),
+            respond(&m, "1.2.3.4:5".parse().unwrap(), None, "sb", true, &mut out),
             Outcome::Error(420)
         );
         let r = Message::parse(&out).unwrap();
@@ -180,7 +215,7 @@ mod tests {
         let m = Message::parse(&buf).unwrap();
         let mut out = Vec::new();
         assert_eq!(
-            respond(&m, "1.2.3.4:5".parse().unwrap(), None, "sb", &mut out),
+            respond(&m, "1.2.3.4:5".parse().unwrap(), None, "sb", true, &mut out),
             Outcome::Ignored
         );
         assert!(out.is_empty());

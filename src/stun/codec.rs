@@ -579,6 +579,14 @@ impl<'b> Encoder<'b> {
         self
     }
 
+    /// Append SOFTWARE, unless `name` is empty (`turn.software = ""` keeps answers lean).
+    pub fn software(&mut self, name: &str) -> &mut Self {
+        if name.is_empty() {
+            return self;
+        }
+        self.attr(attr::SOFTWARE, name.as_bytes())
+    }
+
     /// Append a 32-bit attribute.
     pub fn u32_attr(&mut self, typ: u16, v: u32) -> &mut Self {
         self.attr(typ, &v.to_be_bytes())

@@ -2,5 +2,6 @@
 
 pub mod binding;
 pub mod codec;
+pub mod reflect;
 
 pub use codec::{attr, method, Class, DecodeError, Encoder, Message};

@@ -500,7 +500,7 @@ impl<R: Relay> Table<R> {
             }
             _ => {}
         }
-        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        e.software(&self.settings.software);
         if let Some(k) = key {
             sign(&mut e, k, alg);
         }
@@ -524,7 +524,7 @@ impl<R: Relay> Table<R> {
         if let Some(l) = lifetime {
             e.u32_attr(attr::LIFETIME, l);
         }
-        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        e.software(&self.settings.software);
         sign(&mut e, key, alg);
         finish(e, msg);
     }

@@ -596,6 +596,21 @@ impl Lab {
             .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Wait up to `wait` for the named process to exit; true when it has.
+    pub fn wait_exit(&mut self, name: &str, wait: Duration) -> bool {
+        let Some((_, c)) = self.children.iter_mut().find(|(n, _)| n == name) else {
+            panic!("no process named {name}");
+        };
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// The exit code of a process started with [`Lab::spawn`] once it has exited; -1 while
     /// it runs or when a signal ended it.
     pub fn exit_code(&mut self, name: &str) -> i32 {

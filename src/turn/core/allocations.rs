@@ -307,7 +307,7 @@ impl<R: Relay> Table<R> {
             if let Some(t) = new_token {
                 e.attr(attr::RESERVATION_TOKEN, &t);
             }
-            e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+            e.software(&self.settings.software);
             sign(&mut e, key, alg);
             finish(e, msg);
         }

@@ -98,7 +98,7 @@ impl<R: Relay> Table<R> {
             }
             _ => {}
         }
-        e.attr(attr::SOFTWARE, self.settings.software.as_bytes());
+        e.software(&self.settings.software);
         sign(&mut e, &key, alg);
         if fp {
             e.finish_with_fingerprint();

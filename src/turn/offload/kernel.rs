@@ -3,13 +3,30 @@
 
 use std::collections::HashMap as StdHashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use aya::maps::{HashMap, MapData};
+use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::Ebpf;
 
-use super::{ChannelCounters, ChannelRoute, OffloadError};
+use super::{ChannelCounters, ChannelRoute, OffloadAttach, OffloadError};
+
+/// The loaded program of each live [`Kernel`], so [`detach_all`] can reach them on the way
+/// out of the process whoever still holds the offload.
+static ATTACHED: Mutex<Vec<Weak<Mutex<Option<Ebpf>>>>> = Mutex::new(Vec::new());
+
+/// Detach every loaded program now: dropping the `Ebpf` drops its TC links, which removes
+/// the clsact filter or closes the TCX link. The maps stay readable; the kernel stops
+/// relaying and user space (if still running) gets every datagram.
+pub(super) fn detach_all() {
+    let mut all = ATTACHED.lock().unwrap_or_else(|p| p.into_inner());
+    for w in all.drain(..) {
+        if let Some(e) = w.upgrade() {
+            drop(e.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
+    }
+}
 
 /// The object file clang produced; aligned because aya parses it in place.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/turn_offload.o"));
@@ -37,6 +54,8 @@ struct UpVal {
     peer_port: u16,
     ifindex: u32,
     id: u32,
+    pad: u32,
+    deadline_ns: u64,
 }
 
 #[repr(C)]
@@ -59,6 +78,7 @@ struct DownVal {
     pad: u16,
     ifindex: u32,
     id: u32,
+    deadline_ns: u64,
 }
 
 #[repr(C)]
@@ -90,9 +110,9 @@ unsafe impl aya::Pod for Counters {}
 
 const _: () = {
     assert!(std::mem::size_of::<UpKey>() == 16);
-    assert!(std::mem::size_of::<UpVal>() == 20);
+    assert!(std::mem::size_of::<UpVal>() == 32);
     assert!(std::mem::size_of::<DownKey>() == 12);
-    assert!(std::mem::size_of::<DownVal>() == 24);
+    assert!(std::mem::size_of::<DownVal>() == 32);
     assert!(std::mem::size_of::<Counters>() == 32);
 };
 
@@ -133,11 +153,14 @@ struct Maps {
 /// The loaded program (its TC links live in `_ebpf`) and its maps.
 pub(super) struct Kernel {
     maps: Mutex<Maps>,
+    /// A second handle on the COUNTERS map for [`Kernel::read`]: lookups need no `&mut`, so
+    /// the counter reader takes no lock that the shards' installs and removals take.
+    counters_ro: HashMap<MapData, u32, Counters>,
     /// Local IPv4 address -> interface index, for the egress of each direction.
     ifindex: StdHashMap<Ipv4Addr, u32>,
     interfaces: Vec<String>,
-    // Dropped last: closing it detaches the program.
-    _ebpf: Ebpf,
+    // Dropped last: closing it detaches the program ([`detach_all`] may do so earlier).
+    _ebpf: Arc<Mutex<Option<Ebpf>>>,
 }
 
 fn load_err(e: impl std::fmt::Display) -> OffloadError {
@@ -145,7 +168,7 @@ fn load_err(e: impl std::fmt::Display) -> OffloadError {
 }
 
 impl Kernel {
-    pub(super) fn start(addrs: &[IpAddr]) -> Result<Kernel, OffloadError> {
+    pub(super) fn start(addrs: &[IpAddr], attach: OffloadAttach) -> Result<Kernel, OffloadError> {
         let (ifaces, ifindex) = interfaces_for(addrs);
         if ifaces.is_empty() {
             return Err(OffloadError::NoInterfaces(addrs.to_vec()));
@@ -160,11 +183,20 @@ impl Kernel {
         for iface in &ifaces {
             // Kernels before 6.6 attach through the clsact qdisc; it may already exist.
             let _ = tc::qdisc_add_clsact(iface);
-            prog.attach(iface, TcAttachType::Ingress)
-                .map_err(|e| OffloadError::Attach {
-                    iface: iface.clone(),
-                    reason: e.to_string(),
-                })?;
+            let attached = match attach {
+                // A TCX link where the kernel has it (6.6+), which dies with the process.
+                OffloadAttach::Auto => prog.attach(iface, TcAttachType::Ingress),
+                // A clsact filter, which outlives a process killed without detaching it.
+                OffloadAttach::Clsact => prog.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                ),
+            };
+            attached.map_err(|e| OffloadError::Attach {
+                iface: iface.clone(),
+                reason: e.to_string(),
+            })?;
         }
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -172,9 +204,26 @@ impl Kernel {
         };
         let up = HashMap::try_from(take(&mut ebpf, "UPSTREAM")?).map_err(load_err)?;
         let down = HashMap::try_from(take(&mut ebpf, "DOWNSTREAM")?).map_err(load_err)?;
-        let counters = HashMap::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
+        let counters: HashMap<MapData, u32, Counters> =
+            HashMap::try_from(take(&mut ebpf, "COUNTERS")?).map_err(load_err)?;
+        let fd = {
+            use aya::maps::IterableMap;
+            use std::os::fd::AsFd;
+            counters.map().fd().as_fd().try_clone_to_owned()
+        }
+        .map_err(load_err)?;
+        let counters_ro = HashMap::try_from(aya::maps::Map::LruHashMap(
+            MapData::from_fd(fd).map_err(load_err)?,
+        ))
+        .map_err(load_err)?;
+        let ebpf = Arc::new(Mutex::new(Some(ebpf)));
+        ATTACHED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&ebpf));
         Ok(Kernel {
             maps: Mutex::new(Maps { up, down, counters }),
+            counters_ro,
             ifindex,
             interfaces: ifaces,
             _ebpf: ebpf,
@@ -192,7 +241,14 @@ impl Kernel {
             .ok_or(OffloadError::NoInterface(*ip))
     }
 
-    pub(super) fn install(&self, r: &ChannelRoute, id: u32) -> Result<(), OffloadError> {
+    /// Install (or renew) `r` with counter slot `id`, used by the program until `deadline_ns`
+    /// (CLOCK_MONOTONIC, see [`monotonic_ns`]).
+    pub(super) fn install(
+        &self,
+        r: &ChannelRoute,
+        id: u32,
+        deadline_ns: u64,
+    ) -> Result<(), OffloadError> {
         if self.ifindex.contains_key(r.peer.ip()) {
             return Err(OffloadError::LocalPeer(*r.peer.ip()));
         }
@@ -205,6 +261,8 @@ impl Kernel {
             peer_port: port_be(&r.peer),
             ifindex: to_peer,
             id,
+            pad: 0,
+            deadline_ns,
         };
         let down = DownVal {
             listen_ip: ip_be(&r.listener),
@@ -215,6 +273,7 @@ impl Kernel {
             pad: 0,
             ifindex: to_client,
             id,
+            deadline_ns,
         };
         let mut m = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let map_err = |e: aya::maps::MapError| OffloadError::Map(e.to_string());
@@ -240,8 +299,7 @@ impl Kernel {
     }
 
     pub(super) fn read(&self, id: u32) -> Option<ChannelCounters> {
-        let m = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        let c = m.counters.get(&id, 0).ok()?;
+        let c = self.counters_ro.get(&id, 0).ok()?;
         Some(ChannelCounters {
             up_packets: c.up_packets,
             up_bytes: c.up_bytes,
@@ -254,6 +312,26 @@ impl Kernel {
         let mut m = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         let _ = m.counters.remove(&id);
     }
+}
+
+/// Now on the clock `bpf_ktime_get_ns` reads (CLOCK_MONOTONIC), in nanoseconds.
+/// On failure (never expected) it reads 0, so every deadline is already past and the kernel
+/// hands everything to user space.
+pub(super) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the whole call and CLOCK_MONOTONIC is a
+    // clock every Linux kernel has; clock_gettime writes only into `ts`.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if r != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// EEXIST without a libc dependency of our own.

@@ -25,7 +25,24 @@ mod sync;
 
 pub use sync::{desired_routes, diff, ChannelSync};
 
-pub use crate::config::OffloadMode;
+pub use crate::config::{OffloadAttach, OffloadMode};
+
+/// How long the kernel may use a route without hearing from user space: each map entry
+/// carries this deadline (checked against `bpf_ktime_get_ns`), and [`Offload::take_deltas`]
+/// pushes it forward while the process lives. Why: after a SIGKILL on a kernel that keeps
+/// the program attached (clsact, before 6.6), relaying stops by then instead of never.
+pub const KERNEL_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How old a route's deadline may get before [`Offload::take_deltas`] renews it.
+const RENEW_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Detach the kernel program everywhere now, whoever still holds the offload; the binary
+/// calls it on every way out of `main` that runs, because a clsact attachment would outlive
+/// the process. Routes fall back to user space. Without the feature it does nothing.
+pub fn detach_all() {
+    #[cfg(feature = "kernel-offload")]
+    kernel::detach_all();
+}
 
 /// One channel binding as the kernel forwards it (IPv4 over UDP only): what arrives from
 /// the client and where it goes, and the reverse.
@@ -131,6 +148,18 @@ struct Slot {
     id: u32,
     last: ChannelCounters,
     usage: Option<Arc<Usage>>,
+    /// When its kernel deadline was last set ([`KERNEL_LEASE`] from then).
+    renewed: std::time::Instant,
+}
+
+/// The kernel deadline of a route installed or renewed now.
+#[cfg(feature = "kernel-offload")]
+fn lease_deadline() -> u64 {
+    kernel::monotonic_ns().saturating_add(KERNEL_LEASE.as_nanos() as u64)
+}
+#[cfg(not(feature = "kernel-offload"))]
+fn lease_deadline() -> u64 {
+    0
 }
 
 fn credit(usage: &Option<Arc<Usage>>, d: ChannelCounters) {
@@ -149,12 +178,34 @@ pub struct Offload {
     #[cfg(feature = "kernel-offload")]
     kernel: kernel::Kernel,
     routes: Mutex<Routes>,
+    /// Held by [`Offload::take_deltas`] only, so two readers never interleave.
+    reader: Mutex<()>,
+}
+
+/// What the kernel's upstream map is keyed by: one client, listener and channel.
+type RouteKey = (SocketAddrV4, SocketAddrV4, u16);
+
+fn key_of(r: &ChannelRoute) -> RouteKey {
+    (r.client, r.listener, r.channel)
 }
 
 #[derive(Debug, Default)]
 struct Routes {
-    by_client: HashMap<(SocketAddrV4, SocketAddrV4, u16), Slot>,
+    by_client: HashMap<RouteKey, Slot>,
     next_id: u32,
+}
+
+impl Routes {
+    /// Take out the slot installed for exactly `route`. A newer route under the same key
+    /// (another peer or relay for that client's channel) is not `route`'s to remove: its
+    /// install already took `route`'s kernel entries back, so nothing is left to do.
+    fn take(&mut self, route: &ChannelRoute) -> Option<Slot> {
+        let key = key_of(route);
+        if self.by_client.get(&key)?.route != *route {
+            return None;
+        }
+        self.by_client.remove(&key)
+    }
 }
 
 impl std::fmt::Debug for Offload {
@@ -170,17 +221,23 @@ impl Offload {
     /// `addrs` (a wildcard means every interface with an IPv4 address except loopback).
     /// Needs CAP_BPF and CAP_NET_ADMIN (or root); runs in the caller's network namespace.
     pub fn start(addrs: &[IpAddr]) -> Result<Offload, OffloadError> {
+        Offload::start_with(addrs, OffloadAttach::Auto)
+    }
+
+    /// [`Offload::start`] with an explicit attachment (`turn.kernel_offload_attach`).
+    pub fn start_with(addrs: &[IpAddr], attach: OffloadAttach) -> Result<Offload, OffloadError> {
         #[cfg(feature = "kernel-offload")]
         {
-            let kernel = kernel::Kernel::start(addrs)?;
+            let kernel = kernel::Kernel::start(addrs, attach)?;
             Ok(Offload {
                 kernel,
                 routes: Mutex::new(Routes::default()),
+                reader: Mutex::new(()),
             })
         }
         #[cfg(not(feature = "kernel-offload"))]
         {
-            let _ = addrs;
+            let _ = (addrs, attach);
             Err(OffloadError::NotBuilt)
         }
     }
@@ -188,9 +245,18 @@ impl Offload {
     /// Apply `mode` at start-up: `Off` gives `None`; `Auto` gives `None` with one warning
     /// when the kernel path cannot start; `On` turns that into an error (exit 2).
     pub fn enable(mode: OffloadMode, addrs: &[IpAddr]) -> Result<Option<Offload>, OffloadError> {
+        Offload::enable_with(mode, OffloadAttach::Auto, addrs)
+    }
+
+    /// [`Offload::enable`] with an explicit attachment (`turn.kernel_offload_attach`).
+    pub fn enable_with(
+        mode: OffloadMode,
+        attach: OffloadAttach,
+        addrs: &[IpAddr],
+    ) -> Result<Option<Offload>, OffloadError> {
         match mode {
             OffloadMode::Off => Ok(None),
-            OffloadMode::Auto => match Offload::start(addrs) {
+            OffloadMode::Auto => match Offload::start_with(addrs, attach) {
                 Ok(o) => {
                     tracing::info!(interfaces = ?o.interfaces(), "turn kernel offload active");
                     Ok(Some(o))
@@ -201,7 +267,7 @@ impl Offload {
                 }
             },
             OffloadMode::On => {
-                let o = Offload::start(addrs)?;
+                let o = Offload::start_with(addrs, attach)?;
                 tracing::info!(interfaces = ?o.interfaces(), "turn kernel offload active");
                 Ok(Some(o))
             }
@@ -235,7 +301,7 @@ impl Offload {
         usage: Option<Arc<Usage>>,
     ) -> Result<(), OffloadError> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (route.client, route.listener, route.channel);
+        let key = key_of(route);
         let (id, last) = match routes.by_client.get(&key) {
             Some(old) => {
                 if old.route != *route {
@@ -249,7 +315,7 @@ impl Offload {
                 (routes.next_id, ChannelCounters::default())
             }
         };
-        if let Err(e) = self.kernel_install(route, id) {
+        if let Err(e) = self.kernel_install(route, id, lease_deadline()) {
             // Leave nothing half-installed: the binding goes back to user space whole.
             if let Some(old) = routes.by_client.remove(&key) {
                 self.kernel_remove(&old.route, true);
@@ -265,6 +331,7 @@ impl Offload {
                 id,
                 last,
                 usage,
+                renewed: std::time::Instant::now(),
             },
         );
         Ok(())
@@ -276,9 +343,7 @@ impl Offload {
     /// nothing; `None` if it was not installed.
     pub fn remove(&self, route: &ChannelRoute) -> Option<ChannelCounters> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = routes
-            .by_client
-            .remove(&(route.client, route.listener, route.channel))?;
+        let slot = routes.take(route)?;
         let now = self.kernel_read(slot.id);
         self.kernel_remove(&slot.route, true);
         self.kernel_forget(slot.id);
@@ -289,19 +354,53 @@ impl Offload {
 
     /// Per installed route, what the kernel relayed since the previous call (routes with
     /// no traffic are left out), already credited to the route's allocation usage; the
-    /// caller adds them to the metrics.
+    /// caller adds them to the metrics. Called once a second, it also renews each route's
+    /// kernel deadline ([`KERNEL_LEASE`]) once it is [`RENEW_AFTER`] old.
+    ///
+    /// The shards take the route table's lock on every ChannelBind and expiry, so this holds
+    /// it only to copy the table and then once per route whose counters moved, never across
+    /// the kernel reads: a route installed, replaced or removed in between is recognised by
+    /// its counter slot and left to whoever changed it (`remove` credits its last counts).
     pub fn take_deltas(&self) -> Vec<(ChannelRoute, ChannelCounters)> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        // One reader at a time, so `last` only moves forward; the shards never take this.
+        let _reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let at = std::time::Instant::now();
+        let snapshot: Vec<(RouteKey, u32, ChannelCounters, bool)> = {
+            let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            routes
+                .by_client
+                .iter()
+                .map(|(k, s)| {
+                    let due = at.saturating_duration_since(s.renewed) >= RENEW_AFTER;
+                    (*k, s.id, s.last, due)
+                })
+                .collect()
+        };
         let mut out = Vec::new();
-        for slot in routes.by_client.values_mut() {
-            let Some(now) = self.kernel_read(slot.id) else {
+        for (key, id, last, due) in snapshot {
+            let now = self.kernel_read(id);
+            let moved = now.is_some_and(|n| n != last);
+            if !moved && !due {
+                continue;
+            }
+            let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(slot) = routes.by_client.get_mut(&key).filter(|s| s.id == id) else {
                 continue;
             };
-            let d = ChannelCounters::delta(slot.last, now);
-            slot.last = now;
-            credit(&slot.usage, d);
-            if !d.is_zero() {
-                out.push((slot.route, d));
+            if let Some(now) = now.filter(|_| moved) {
+                let d = ChannelCounters::delta(slot.last, now);
+                slot.last = now;
+                credit(&slot.usage, d);
+                if !d.is_zero() {
+                    out.push((slot.route, d));
+                }
+            }
+            if due {
+                // Still installed under the lock, so this cannot bring back a removed route.
+                match self.kernel_install(&slot.route, id, lease_deadline()) {
+                    Ok(()) => slot.renewed = at,
+                    Err(e) => tracing::debug!(error = %e, "kernel route not renewed"),
+                }
             }
         }
         out
@@ -350,11 +449,16 @@ impl Offload {
     }
 
     #[cfg(feature = "kernel-offload")]
-    fn kernel_install(&self, route: &ChannelRoute, id: u32) -> Result<(), OffloadError> {
-        self.kernel.install(route, id)
+    fn kernel_install(
+        &self,
+        route: &ChannelRoute,
+        id: u32,
+        deadline: u64,
+    ) -> Result<(), OffloadError> {
+        self.kernel.install(route, id, deadline)
     }
     #[cfg(not(feature = "kernel-offload"))]
-    fn kernel_install(&self, _: &ChannelRoute, _: u32) -> Result<(), OffloadError> {
+    fn kernel_install(&self, _: &ChannelRoute, _: u32, _: u64) -> Result<(), OffloadError> {
         Err(OffloadError::NotBuilt)
     }
 
@@ -391,6 +495,43 @@ const _: fn() = || {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn slot(route: ChannelRoute, id: u32) -> Slot {
+        Slot {
+            route,
+            id,
+            last: ChannelCounters::default(),
+            usage: None,
+            renewed: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn removing_an_older_route_leaves_a_newer_one_with_the_same_key() {
+        let old = ChannelRoute {
+            client: "203.0.113.21:40000".parse().unwrap(),
+            listener: "203.0.113.10:3478".parse().unwrap(),
+            channel: 0x4001,
+            relay: "203.0.113.10:50000".parse().unwrap(),
+            peer: "203.0.113.30:3480".parse().unwrap(),
+        };
+        // The same client, listener and channel, later bound to another peer and relay (a
+        // new allocation from the same 5-tuple, or the channel rebound after its cooldown).
+        let new = ChannelRoute {
+            relay: "203.0.113.10:50002".parse().unwrap(),
+            peer: "203.0.113.31:3480".parse().unwrap(),
+            ..old
+        };
+        let mut r = Routes::default();
+        r.by_client.insert(key_of(&new), slot(new, 2));
+        assert!(
+            r.take(&old).is_none(),
+            "the older route is not installed any more"
+        );
+        assert_eq!(r.by_client.get(&key_of(&new)).map(|s| s.id), Some(2));
+        assert_eq!(r.take(&new).map(|s| s.route), Some(new));
+        assert!(r.by_client.is_empty());
+    }
 
     #[test]
     fn deltas_take_a_drop_as_a_reset() {
