@@ -1126,6 +1126,20 @@ impl Config {
 
     /// Check relations between keys that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_turn()?;
+        self.validate_tls()?;
+        self.validate_http()?;
+        self.validate_auth()?;
+        validate_discovery(self)?;
+        self.validate_cluster()?;
+        self.validate_admin()?;
+        self.validate_webhooks()?;
+        self.peerjs.validate()?;
+        self.validate_signaling()
+    }
+
+    /// `[turn]`: ports, listeners, lifetimes, stream caps, peer ranges and relay addresses.
+    fn validate_turn(&self) -> Result<(), ConfigError> {
         let t = &self.turn;
         if t.relay_port_min == 0 || t.relay_port_min > t.relay_port_max {
             return Err(ConfigError::key(
@@ -1212,7 +1226,12 @@ impl Config {
             crate::turn::policy::Cidr::parse(c)
                 .map_err(|m| ConfigError::key(format!("turn.deny_peers[{i}]"), m))?;
         }
-        if !t.tls_listen.is_empty() || self.http.tls {
+        Ok(())
+    }
+
+    /// `[tls]`: a certificate and key wherever TLS is served.
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if !self.turn.tls_listen.is_empty() || self.http.tls {
             if self.tls.cert_file.is_none() {
                 return Err(ConfigError::key(
                     "tls.cert_file",
@@ -1226,10 +1245,28 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `[http]`: trusted proxy ranges and allowed origins.
+    fn validate_http(&self) -> Result<(), ConfigError> {
         for (i, c) in self.http.trusted_proxies.iter().enumerate() {
             crate::turn::policy::Cidr::parse(c)
                 .map_err(|m| ConfigError::key(format!("http.trusted_proxies[{i}]"), m))?;
         }
+        for (i, o) in self.http.allowed_origins.iter().enumerate() {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(ConfigError::key(
+                    format!("http.allowed_origins[{i}]"),
+                    "must be `*` or an origin like https://app.example.com",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[auth]`: backends, keys, lifetimes and the length of every secret.
+    fn validate_auth(&self) -> Result<(), ConfigError> {
         let a = &self.auth;
         if a.backends.is_empty() {
             return Err(ConfigError::key(
@@ -1392,15 +1429,11 @@ impl Config {
                 ));
             }
         }
-        for (i, o) in self.http.allowed_origins.iter().enumerate() {
-            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
-                return Err(ConfigError::key(
-                    format!("http.allowed_origins[{i}]"),
-                    "must be `*` or an origin like https://app.example.com",
-                ));
-            }
-        }
-        validate_discovery(self)?;
+        Ok(())
+    }
+
+    /// `[cluster]`: Redis, timings, the node id, and the secrets every node must share.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
         let k = &self.cluster;
         if k.enabled() {
             if !(1000..=60_000).contains(&k.node_ttl_ms) {
@@ -1417,13 +1450,13 @@ impl Config {
             }
             // Nodes verify each other's session tokens and TURN credentials: a random key per
             // process would make every cross-node resume and relay fail.
-            if a.session_keys.is_empty() {
+            if self.auth.session_keys.is_empty() {
                 return Err(ConfigError::key(
                     "auth.session_keys",
                     "cluster mode needs session keys shared by every node",
                 ));
             }
-            if t.relay && a.turn_secrets.is_empty() {
+            if self.turn.relay && self.auth.turn_secrets.is_empty() {
                 return Err(ConfigError::key(
                     "auth.turn_secrets",
                     "cluster mode needs TURN secrets shared by every node",
@@ -1459,7 +1492,12 @@ impl Config {
                 ));
             }
         }
-        for (i, t) in a.admin_tokens.iter().enumerate() {
+        Ok(())
+    }
+
+    /// The server API (`http.admin_api`): admin tokens long enough, and required off loopback.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        for (i, t) in self.auth.admin_tokens.iter().enumerate() {
             if t.len() < 16 {
                 return Err(ConfigError::key(
                     format!("auth.admin_tokens[{i}]"),
@@ -1468,8 +1506,8 @@ impl Config {
             }
         }
         if self.http.admin_api
-            && a.admin_tokens.is_empty()
-            && a.admin_tokens_file.is_none()
+            && self.auth.admin_tokens.is_empty()
+            && self.auth.admin_tokens_file.is_none()
             && !self.http.listen.ip().is_loopback()
         {
             return Err(ConfigError::key(
@@ -1481,8 +1519,11 @@ impl Config {
                 ),
             ));
         }
-        self.validate_webhooks()?;
-        self.peerjs.validate()?;
+        Ok(())
+    }
+
+    /// `[signaling]`: frame, room, outbox and rate bounds.
+    fn validate_signaling(&self) -> Result<(), ConfigError> {
         let s = &self.signaling;
         if s.max_frame_bytes < 1024 {
             return Err(ConfigError::key(
