@@ -2,7 +2,22 @@
 //! receiving and sending with the local address (IP_PKTINFO), and DF on relay sockets. A leaf:
 //! it knows no protocol, so the listener shells and the TURN relay drivers both use it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+/// The key per-source limits count under (stream caps, login attempts, the reflector budget):
+/// the address for IPv4 (IPv4-mapped IPv6 included), the /64 for IPv6 (one subscriber's prefix).
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
 
 /// A UDP socket with large buffers (relay bursts), IPV6_V6ONLY on v6 and SO_REUSEPORT, for the
 /// STUN/TURN port (`listener::udp::bind`) and the shards' sibling sockets on a bound address.

@@ -269,7 +269,7 @@ impl<C: Clock + Clone> RateLimiter<C> {
                 self.inner.retain_recent();
             }
         }
-        let key = crate::listener::tcp::ip_key(ip);
+        let key = crate::net::ip_key(ip);
         self.inner.check_key(&key).map_err(|not_until| {
             not_until
                 .wait_time_from(self.clock.now())

@@ -97,11 +97,8 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        if !origin.to_str().is_ok_and(|o| shared.origin_allowed(o)) {
-            shared.metrics.drops.with_label_values(&["ws_origin"]).inc();
-            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-        }
+    if let Some(refused) = super::ws::origin_refused(&shared, &headers) {
+        return refused;
     }
     let limit = shared.config.signaling.max_frame_bytes;
     // Messages up to 4x the limit are read and answered with an ERROR; larger ones close.

@@ -41,18 +41,25 @@ pub fn routes() -> Router<Arc<Shared>> {
     Router::new().route("/v1/ws", get(upgrade))
 }
 
+/// The 403 for a browser `Origin` that may not open a signaling socket (`/v1/ws` and the
+/// PeerJS socket alike); a present but unreadable Origin is refused, not treated as none.
+pub(crate) fn origin_refused(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
+    let origin = headers.get(header::ORIGIN)?;
+    if origin.to_str().is_ok_and(|o| shared.origin_allowed(o)) {
+        return None;
+    }
+    shared.metrics.drops.with_label_values(&["ws_origin"]).inc();
+    Some((StatusCode::FORBIDDEN, "origin not allowed\n").into_response())
+}
+
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    // A present but unreadable Origin is refused, not treated as "no Origin".
-    if let Some(origin) = headers.get(header::ORIGIN) {
-        if !origin.to_str().is_ok_and(|o| shared.origin_allowed(o)) {
-            shared.metrics.drops.with_label_values(&["ws_origin"]).inc();
-            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
-        }
+    if let Some(refused) = origin_refused(&shared, &headers) {
+        return refused;
     }
     // `Sec-WebSocket-Protocol: switchboard.v1, <session token>` keeps the token out of URLs.
     let offered: Vec<String> = headers

@@ -123,20 +123,6 @@ impl Drop for StreamPermit {
     }
 }
 
-/// The per-IP key: the address itself for IPv4, the /64 for IPv6 (one subscriber's prefix).
-pub fn ip_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
 impl StreamLimits {
     /// Allow `max` connections in all and `max_per_ip` from one address.
     pub fn new(max: usize, max_per_ip: usize) -> Arc<StreamLimits> {
@@ -167,7 +153,7 @@ impl StreamLimits {
 
     /// Tie a slot to a client address, or refuse when that address is at its cap.
     pub fn admit(self: &Arc<Self>, slot: StreamSlot, ip: IpAddr) -> Option<StreamPermit> {
-        let key = ip_key(ip);
+        let key = crate::net::ip_key(ip);
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(key).or_insert(0);
         if *n >= self.max_per_ip {

@@ -27,21 +27,6 @@ pub fn is_unauthenticated(response: &[u8]) -> bool {
     }
 }
 
-/// The key a source is counted under: the address, IPv4-mapped IPv6 as IPv4, IPv6 by /64
-/// (one host owns a whole /64).
-pub fn source_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Budget {
     /// Bytes available, in millibytes (so slow refills are not lost to rounding).
@@ -128,7 +113,7 @@ impl ReflectLimiter {
         if self.limits.rate == 0 {
             return true;
         }
-        let key = source_key(src);
+        let key = crate::net::ip_key(src);
         let l = self.limits;
         if let Some(b) = self.sources.get_mut(&key) {
             return b.take(&l, now, len);
