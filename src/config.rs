@@ -66,6 +66,8 @@ pub struct Config {
     pub public: PublicConfig,
     /// Certificate for `turns:` and `https:`/`wss:`.
     pub tls: TlsConfig,
+    /// One TCP port (usually 443) carrying HTTPS, WSS, `turns:` and `turn:` over TCP.
+    pub shared_port: SharedPortConfig,
     /// Room signaling limits and timers.
     pub signaling: SignalingConfig,
     /// Signed HTTP callbacks that tell the app backend what happens in rooms and relays.
@@ -595,6 +597,29 @@ impl Default for TlsConfig {
     }
 }
 
+/// One TCP port for networks that let out only TCP 443: each connection is routed by its
+/// first bytes and ALPN to HTTPS/WSS, TURN over TLS, or plain TURN over TCP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedPortConfig {
+    /// Addresses of the shared port, e.g. `["0.0.0.0:443"]`; empty turns it off.
+    pub listen: Vec<SocketAddr>,
+    /// Also serve plain (non-TLS) TURN over TCP there, for clients that cannot do `turns:`.
+    pub plain_turn: bool,
+    /// Port put in the 443 URIs and redirects, when a NAT or load balancer renames it.
+    pub public_port: Option<u16>,
+}
+
+impl Default for SharedPortConfig {
+    fn default() -> Self {
+        SharedPortConfig {
+            listen: Vec::new(),
+            plain_turn: true,
+            public_port: None,
+        }
+    }
+}
+
 /// Room signaling limits and timers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -1006,6 +1031,26 @@ impl Config {
                 ));
             }
         }
+        if !self.shared_port.listen.is_empty() {
+            for key in ["tls.cert_file", "tls.key_file"] {
+                let set = match key {
+                    "tls.cert_file" => self.tls.cert_file.is_some(),
+                    _ => self.tls.key_file.is_some(),
+                };
+                if !set {
+                    return Err(ConfigError::key(
+                        key,
+                        "required when shared_port.listen is set",
+                    ));
+                }
+            }
+            if self.shared_port.public_port == Some(0) {
+                return Err(ConfigError::key(
+                    "shared_port.public_port",
+                    "must be positive",
+                ));
+            }
+        }
         for (i, c) in self.http.trusted_proxies.iter().enumerate() {
             crate::turn::policy::Cidr::parse(c)
                 .map_err(|m| ConfigError::key(format!("http.trusted_proxies[{i}]"), m))?;
@@ -1347,6 +1392,7 @@ impl Config {
                 .listen
                 .iter()
                 .chain(self.turn.tls_listen.iter())
+                .chain(self.shared_port.listen.iter())
                 .all(|a| a.ip().is_loopback())
     }
 }

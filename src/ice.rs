@@ -158,6 +158,22 @@ pub fn ice_config_until(
         if has_udp {
             urls.push(format!("turn:{host}:{port}?transport=udp"));
         }
+        // The shared port (usually 443) right after UDP: a browser tries UDP first, and a
+        // network that lets out only TCP 443 still reaches the relay; the dedicated TCP/TLS
+        // ports come last and are the first cut by MAX_URLS.
+        let shared_port = (!c.shared_port.listen.is_empty()).then(|| {
+            c.shared_port
+                .public_port
+                .or(bound.shared.first().map(|a| a.port()))
+                .or(c.shared_port.listen.first().map(|a| a.port()))
+                .unwrap_or(443)
+        });
+        if let Some(sp) = shared_port {
+            urls.push(format!("turns:{host}:{sp}?transport=tcp"));
+            if c.shared_port.plain_turn {
+                urls.push(format!("turn:{host}:{sp}?transport=tcp"));
+            }
+        }
         if has_tcp {
             urls.push(format!("turn:{host}:{port}?transport=tcp"));
         }

@@ -36,6 +36,15 @@ where
     }
 }
 
+/// Marks requests that reached the shared port over TLS, so login answers name `wss://`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
+/// The main HTTP API as the shared port serves it (always behind TLS).
+pub fn router_over_tls(shared: Arc<Shared>) -> Router {
+    router(shared).layer(axum::Extension(OverTls))
+}
+
 /// The main HTTP API.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()

@@ -322,13 +322,29 @@ pub async fn serve_stream<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let started = tokio::time::Instant::now();
+    serve_stream_since(deps, stream, peer, local, transport, started).await
+}
+
+/// [`serve_stream`] with the first-message deadline counted from `started`: the shared port
+/// has already spent part of it reading the bytes that told it this is STUN.
+pub async fn serve_stream_since<S>(
+    deps: Arc<Deps>,
+    stream: S,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    transport: &'static str,
+    started: tokio::time::Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let boxed: Box<dyn Stream> = Box::new(stream);
     let (mut rd, wr) = tokio::io::split(boxed);
     let mut wr = Some(wr);
     let mut session: Option<Session> = None;
     let idle = Duration::from_secs(deps.config.tcp_idle_timeout_secs.max(1));
     let first = Duration::from_secs(deps.config.stream_first_message_timeout_secs.max(1));
-    let mut idle_at = tokio::time::Instant::now() + first;
+    let mut idle_at = started + first;
     let mut shutdown = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
     let software = deps.config.software.clone();
     let m = deps.metrics.clone();
