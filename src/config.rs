@@ -953,10 +953,12 @@ impl Config {
                 "at least one STUN/TURN listen address is required",
             ));
         }
-        if !t.udp && !t.tcp && t.tls_listen.is_empty() {
+        // The shared port serves STUN/TURN over TCP and TLS too (a 443-only deployment).
+        if !t.udp && !t.tcp && t.tls_listen.is_empty() && self.shared_port.listen.is_empty() {
             return Err(ConfigError::key(
                 "turn.udp",
-                "turn.udp, turn.tcp and turn.tls_listen are all off; nothing would serve STUN",
+                "turn.udp, turn.tcp, turn.tls_listen and shared_port.listen are all off; \
+                 nothing would serve STUN",
             ));
         }
         if t.default_lifetime_secs == 0 || t.default_lifetime_secs > t.max_lifetime_secs {

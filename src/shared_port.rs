@@ -212,70 +212,94 @@ async fn handle(
         Opening::Stun if !ctx.plain_turn => Some("shared_plain_turn_off"),
         Opening::Stun => {
             let s = Prefixed::new(head, stream);
-            crate::listener::tcp::serve_stream_since(deps, s, peer, local, "tcp", started).await;
+            // Boxed, like the branches below: an idle stranger's task holds only the
+            // classifier's small state.
+            let serve =
+                crate::listener::tcp::serve_stream_since(deps, s, peer, local, "tcp", started);
+            Box::pin(serve).await;
             drop((permit, open));
             None
         }
-        Opening::Http => {
-            let answer = loop {
-                match crate::demux::plain_http_answer(&head, ctx.https_port) {
-                    PlainHttp::Answer(a) => break a,
-                    PlainHttp::NeedMore => {}
-                }
-                match read_more(&mut stream, &mut head, crate::demux::HTTP_HEAD_MAX, until).await {
-                    Ok(true) => {}
-                    Ok(false) => return None,
-                    Err(reason) => return Some(reason),
-                }
-            };
-            let _ = tokio::time::timeout_at(until, async {
-                let _ = stream.write_all(&answer).await;
-                let _ = stream.shutdown().await;
-            })
-            .await;
-            ctx.shared
-                .metrics
-                .drops
-                .with_label_values(&["shared_plain_http_redirected"])
-                .inc();
+        Opening::Http => Box::pin(plain_http(ctx, stream, head, until)).await,
+        Opening::Tls => Box::pin(tls(ctx, stream, head, peer, local, permit, open)).await,
+    }
+}
+
+/// Answer a plain HTTP request with the redirect (or 400), then close.
+async fn plain_http(
+    ctx: &Ctx,
+    mut stream: TcpStream,
+    mut head: Vec<u8>,
+    until: Instant,
+) -> Option<&'static str> {
+    let answer = loop {
+        match crate::demux::plain_http_answer(&head, ctx.https_port) {
+            PlainHttp::Answer(a) => break a,
+            PlainHttp::NeedMore => {}
+        }
+        match read_more(&mut stream, &mut head, crate::demux::HTTP_HEAD_MAX, until).await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(reason) => return Some(reason),
+        }
+    };
+    let _ = tokio::time::timeout_at(until, async {
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    ctx.shared
+        .metrics
+        .drops
+        .with_label_values(&["shared_plain_http_redirected"])
+        .inc();
+    None
+}
+
+/// Handshake, then route by ALPN or first bytes to TURN over TLS or to HTTPS.
+async fn tls(
+    ctx: &Ctx,
+    stream: TcpStream,
+    head: Vec<u8>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    permit: crate::listener::tcp::StreamPermit,
+    open: OpenGuard,
+) -> Option<&'static str> {
+    let deps = ctx.shared.listener.clone();
+    let tls = match handshake(ctx, Prefixed::new(head, stream)).await {
+        Ok(t) => t,
+        Err(reason) => return Some(reason),
+    };
+    let done = Instant::now();
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let mut tls = tls;
+    let mut first = Vec::new();
+    let inner = loop {
+        match classify_inner(alpn.as_deref(), &first) {
+            Inner::NeedMore => {}
+            i => break i,
+        }
+        match read_more(&mut tls, &mut first, 64, done + ctx.deadline).await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(reason) => return Some(reason),
+        }
+    };
+    let s = Prefixed::new(first, tls);
+    match inner {
+        Inner::Turn => {
+            let serve = crate::listener::tcp::serve_stream_since(deps, s, peer, local, "tls", done);
+            Box::pin(serve).await;
+            drop((permit, open));
             None
         }
-        Opening::Tls => {
-            let tls = match handshake(ctx, Prefixed::new(head, stream)).await {
-                Ok(t) => t,
-                Err(reason) => return Some(reason),
-            };
-            let done = Instant::now();
-            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-            let mut tls = tls;
-            let mut first = Vec::new();
-            let inner = loop {
-                match classify_inner(alpn.as_deref(), &first) {
-                    Inner::NeedMore => {}
-                    i => break i,
-                }
-                match read_more(&mut tls, &mut first, 64, done + ctx.deadline).await {
-                    Ok(true) => {}
-                    Ok(false) => return None,
-                    Err(reason) => return Some(reason),
-                }
-            };
-            let s = Prefixed::new(first, tls);
-            match inner {
-                Inner::Turn => {
-                    crate::listener::tcp::serve_stream_since(deps, s, peer, local, "tls", done)
-                        .await;
-                    drop((permit, open));
-                    None
-                }
-                _ => {
-                    // HTTP connections live under the HTTP server's own rules (as on the HTTPS
-                    // listener), not under the TURN stream caps: free the TURN slot now.
-                    drop((permit, open));
-                    let _ = ctx.http.send((Box::new(s), peer)).await;
-                    None
-                }
-            }
+        _ => {
+            // HTTP connections live under the HTTP server's own rules (as on the HTTPS
+            // listener), not under the TURN stream caps: free the TURN slot now.
+            drop((permit, open));
+            let _ = ctx.http.send((Box::new(s), peer)).await;
+            None
         }
     }
 }
