@@ -251,7 +251,7 @@ async fn plain_http(
     ctx.shared
         .metrics
         .drops
-        .with_label_values(&["shared_plain_http_redirected"])
+        .with_label_values(&["shared_plain_http"])
         .inc();
     None
 }

@@ -424,7 +424,7 @@ async fn plain_http_is_redirected_and_garbage_closed() {
     assert_eq!(
         metric(
             &text,
-            "switchboard_dropped_total{reason=\"shared_plain_http_redirected\"}"
+            "switchboard_dropped_total{reason=\"shared_plain_http\"}"
         ),
         1
     );
