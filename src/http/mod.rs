@@ -173,7 +173,7 @@ async fn info(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "name": "switchboard",
         "version": env!("CARGO_PKG_VERSION"),
         "services": {
-            "stun": { "udp": b.udp, "tcp": b.tcp, "tls": b.tls },
+            "stun": { "udp": b.udp, "tcp": b.tcp, "tls": b.tls, "shared": b.shared },
             "turn": { "enabled": c.turn.relay, "realm": c.turn.realm },
             "signaling": { "path": "/v1/ws" },
             "login": { "backends": c.auth.backends },
