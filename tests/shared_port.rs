@@ -461,3 +461,25 @@ async fn plain_turn_can_be_switched_off() {
     );
     srv.shutdown();
 }
+
+#[test]
+fn the_shared_port_needs_a_certificate_and_a_positive_public_port() {
+    let base = "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\n\
+                [shared_port]\nlisten = [\"127.0.0.1:0\"]\n";
+    let e = Config::from_toml(base)
+        .expect_err("no certificate")
+        .to_string();
+    assert!(e.contains("tls.cert_file"), "{e}");
+    let e = Config::from_toml(&format!(
+        "{base}public_port = 0\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n"
+    ))
+    .expect_err("port 0")
+    .to_string();
+    assert!(e.contains("shared_port.public_port"), "{e}");
+    // A 443-only deployment: no UDP or TCP on turn.listen, STUN/TURN only on the shared port.
+    Config::from_toml(
+        "[turn]\nlisten = [\"127.0.0.1:3478\"]\nudp = false\ntcp = false\n\
+         [shared_port]\nlisten = [\"127.0.0.1:0\"]\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n",
+    )
+    .expect("valid");
+}
