@@ -11,7 +11,7 @@
 //! ```text
 //! cargo build --release --bin switchboard
 //! cargo bench --bench turn_tls_443 -- --bin target/release/switchboard [--runs 50] \
-//!     [--packets 20000] [--size 160] [--window 32]
+//!     [--packets 200000] [--size 160] [--window 32]
 //! ```
 //!
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run: one first
@@ -296,7 +296,7 @@ async fn main() {
         return;
     }
     let runs = num("--runs", 50);
-    let packets = num("--packets", 20_000);
+    let packets = num("--packets", 200_000);
     let size = num("--size", 160);
     let window = num("--window", 32);
     let bin = arg("--bin").unwrap_or_else(|| "target/release/switchboard".into());
