@@ -6,19 +6,22 @@
 //! - Chromium in home 1 (443 only, iptables in its namespace) loads `https://turn.example.com/`,
 //!   signals over `wss://` on 443 and calls NATed home 2 relay-only (`?relay=1`): the selected
 //!   pair's local candidate in home 1 is a relay over TLS on the server's address.
+//! - coturn's `turnutils_uclient` in home 1 relays 50/50 datagrams over plain TURN/TCP on 443
+//!   to a public echo peer; towards 3478 it gets nothing through (control).
 //! - Control: with 443 closed too (home 1 may reach only the HTTP port 8080 for the page and
 //!   signaling), the same relay-only call never connects and the page gives up.
 //!
-//! `shared_port.plain_turn` is off here: Chromium ranks TURN over TCP above TURN over TLS, so
-//! with both on 443 it would pick plain TCP; that path is covered by tests/shared_port.rs.
+//! `shared_port.plain_turn` is off for the browser tests: Chromium ranks TURN over TCP above TURN over TLS, so
+//! with both on 443 it would pick plain TCP; the uclient test covers that path.
 
 mod lab;
 #[path = "support/rtc_stats.rs"]
 mod rtc_stats;
+mod turn_common;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
-use lab::{sa, Host, Lab, SERVER};
+use lab::{sa, Host, Lab, PEER, SERVER};
 use rtc_stats::{PC_STATS, PC_WRAPPER};
 use serde_json::Value;
 use std::path::Path;
@@ -130,14 +133,14 @@ fn nss_db(home: &Path, ca: &Path) {
     }
 }
 
-fn start_server(lab: &mut Lab) {
+fn start_server(lab: &mut Lab, plain_turn: bool) {
     let dir = lab.dir.path().to_path_buf();
     lab_ca(&dir);
     let config = format!(
         "[http]\nlisten = \"0.0.0.0:8080\"\n\
          allowed_origins = [\"{HTTPS_ORIGIN}\", \"{HTTP_ORIGIN}\"]\n\
          [turn]\nlisten = [\"0.0.0.0:3478\"]\nrealm = \"example.com\"\n\
-         [shared_port]\nlisten = [\"0.0.0.0:443\"]\nplain_turn = false\n\
+         [shared_port]\nlisten = [\"0.0.0.0:443\"]\nplain_turn = {plain_turn}\n\
          [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\
          [auth]\nbackends = [\"open\"]\nallow_open_on_public = true\n\
          turn_secrets = [\"lab-secret\"]\n\
@@ -239,7 +242,7 @@ async fn chromium_behind_a_443_only_firewall_calls_over_turn_tls_on_443() {
         return;
     };
     let _slot = BROWSERS.lock().await;
-    start_server(&mut lab);
+    start_server(&mut lab, false);
     firewall(&lab, 443);
     let h1 = home(&mut lab, Host::Home1).await;
     let h2 = home(&mut lab, Host::Home2).await;
@@ -284,7 +287,7 @@ async fn control_with_443_closed_too_the_relay_only_call_fails() {
         return;
     };
     let _slot = BROWSERS.lock().await;
-    start_server(&mut lab);
+    start_server(&mut lab, false);
     // Only the HTTP port: the page and signaling work, every TURN port is closed.
     firewall(&lab, 8080);
     let h1 = home(&mut lab, Host::Home1).await;
@@ -335,4 +338,66 @@ fn metric(text: &str, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// coturn's client in home 1 behind the 443-only firewall, relaying to a public echo peer.
+fn uclient_from_home1(lab: &Lab, port: u16) -> turn_common::Report {
+    let p = port.to_string();
+    let out = lab.output(
+        Host::Home1,
+        "turnutils_uclient",
+        &[
+            "-t",
+            "-p",
+            &p,
+            "-W",
+            "lab-secret",
+            "-e",
+            PEER,
+            "-r",
+            "3480",
+            "-n",
+            "25",
+            "-l",
+            "120",
+            "-z",
+            "5",
+            SERVER,
+        ],
+    );
+    turn_common::parse_report(&format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uclient_behind_the_443_only_firewall_relays_over_plain_tcp_on_443() {
+    let Some(mut lab) = Lab::start("uclient_behind_the_443_only_firewall") else {
+        return;
+    };
+    start_server(&mut lab, true);
+    lab.spawn(
+        Host::Peer,
+        "peer",
+        "turnutils_peer",
+        &["-L", PEER, "-p", "3480"],
+    );
+    firewall(&lab, 443);
+    let r = uclient_from_home1(&lab, 443);
+    assert_eq!(r.sent, 50, "{}", r.output);
+    assert_eq!(r.received, 50, "{}", r.output);
+    assert_eq!(r.lost, 0, "{}", r.output);
+    // Control: the dedicated TURN port is closed by the same firewall.
+    let r = uclient_from_home1(&lab, 3478);
+    assert_eq!(r.received, 0, "3478 got through the firewall: {}", r.output);
+    let (_, m) = lab.http(Host::Peer, sa_http(), "GET", "/metrics", &[], "");
+    assert!(
+        metric(
+            &m,
+            "switchboard_turn_allocations_created_total{transport=\"tcp\"}"
+        ) >= 2.0,
+        "{m}"
+    );
 }
