@@ -26,6 +26,14 @@ use turn_common::*;
 mod cert;
 
 async fn start_shared(dir: &std::path::Path, extra: &str) -> RunningServer {
+    Server::new(shared_config(dir, extra))
+        .start()
+        .await
+        .expect("server starts")
+}
+
+/// The test config, with a fresh certificate written to `dir/shared.{crt,key}`.
+fn shared_config(dir: &std::path::Path, extra: &str) -> Config {
     let (c, k) = cert::make_cert(dir, "shared");
     let text = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n\
@@ -37,10 +45,7 @@ async fn start_shared(dir: &std::path::Path, extra: &str) -> RunningServer {
         c.display(),
         k.display()
     );
-    Server::new(Config::from_toml(&text).expect("valid config"))
-        .start()
-        .await
-        .expect("server starts")
+    Config::from_toml(&text).expect("valid config")
 }
 
 fn shared_addr(srv: &RunningServer) -> SocketAddr {
@@ -202,9 +207,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
         panic!("no answer after the nonce");
     }
 
-    /// Allocate, bind channel 0x4000 to `peer`, and relay `n` distinct datagrams through it;
-    /// how many came back.
+    /// Allocate, bind channel 0x4000 to `peer`, and relay `n` datagrams through it.
     async fn relay(&mut self, peer: SocketAddr, n: usize) -> usize {
+        self.open(peer).await;
+        self.burst(n).await
+    }
+
+    /// Allocate and bind channel 0x4000 to `peer`.
+    async fn open(&mut self, peer: SocketAddr) {
         let r = self
             .request(
                 method::ALLOCATE,
@@ -229,6 +239,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
             Class::Success,
             "channel bind"
         );
+    }
+
+    /// Relay `n` distinct datagrams on channel 0x4000 at once (as a media stream sends);
+    /// how many came back.
+    async fn burst(&mut self, n: usize) -> usize {
         // All at once (a burst, as a media stream sends), then count what comes back.
         let mut burst = Vec::new();
         for i in 0..n {
@@ -482,4 +497,62 @@ fn the_shared_port_needs_a_certificate_and_a_positive_public_port() {
          [shared_port]\nlisten = [\"127.0.0.1:0\"]\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n",
     )
     .expect("valid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_reload_keeps_turn_over_tls_and_wss_on_the_shared_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = start_shared(dir.path(), "").await;
+    let to = shared_addr(&srv);
+    let peer = echo_peer().await;
+    let old_tls = tls_connect(dir.path(), to, &[b"stun.turn"]).await;
+    let old_cert = old_tls.get_ref().1.peer_certificates().expect("cert")[0].clone();
+    let mut turn = StreamTurn::new(old_tls);
+    assert_eq!(turn.relay(peer, 20).await, 20);
+    let mut h = tls_connect(dir.path(), to, &[b"http/1.1"]).await;
+    let v = json_body(&http(&mut h, "POST", "/v1/login", r#"{"name":"Cy"}"#).await);
+    let tls = tls_connect(dir.path(), to, &[b"http/1.1"]).await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/v1/ws", tls)
+        .await
+        .expect("wss");
+    let text = |v: Value| tokio_tungstenite::tungstenite::Message::Text(v.to_string().into());
+    ws.send(text(json!({"type": "hello", "token": v["token"], "id": 1})))
+        .await
+        .unwrap();
+    async fn next_json(
+        ws: &mut tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+        want: &str,
+    ) -> Value {
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a frame")
+                .expect("open")
+                .expect("frame");
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == want {
+                    return v;
+                }
+            }
+        }
+    }
+    next_json(&mut ws, "welcome").await;
+
+    // A new certificate and key in the same files, then the reload SIGHUP does.
+    let config = shared_config(dir.path(), "");
+    srv.shared().reload(&config).expect("reload");
+    let fresh = tls_connect(dir.path(), to, &[b"stun.turn"]).await;
+    let new_cert = fresh.get_ref().1.peer_certificates().expect("cert")[0].clone();
+    assert_ne!(
+        old_cert, new_cert,
+        "new connections get the new certificate"
+    );
+    // The allocation made before the swap still relays, and the WSS socket still answers.
+    assert_eq!(turn.burst(20).await, 20);
+    ws.send(text(json!({"type": "create", "id": "c"})))
+        .await
+        .unwrap();
+    next_json(&mut ws, "created").await;
+    srv.shutdown();
 }
