@@ -214,8 +214,7 @@ async fn handle(
             let s = Prefixed::new(head, stream);
             // Boxed, like the branches below: an idle stranger's task holds only the
             // classifier's small state.
-            let serve =
-                crate::listener::tcp::serve_stream_since(deps, s, peer, local, "tcp", started);
+            let serve = crate::listener::tcp::serve_stream(deps, s, peer, local, "tcp", started);
             Box::pin(serve).await;
             drop((permit, open));
             None
@@ -289,7 +288,7 @@ async fn tls(
     let s = Prefixed::new(first, tls);
     match inner {
         Inner::Turn => {
-            let serve = crate::listener::tcp::serve_stream_since(deps, s, peer, local, "tls", done);
+            let serve = crate::listener::tcp::serve_stream(deps, s, peer, local, "tls", done);
             Box::pin(serve).await;
             drop((permit, open));
             None

@@ -250,7 +250,8 @@ pub async fn serve(deps: Arc<Deps>, listener: TcpListener) {
         tokio::spawn(async move {
             let _permit = permit;
             let _open = OpenGuard::new(&deps.metrics, "tcp");
-            serve_stream(deps, stream, peer, local, "tcp").await;
+            let started = tokio::time::Instant::now();
+            serve_stream(deps, stream, peer, local, "tcp", started).await;
         });
     }
 }
@@ -313,22 +314,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// `turn.stream_first_message_timeout_secs` of the start; afterwards a connection without an
 /// allocation must send a complete STUN message at least every `turn.tcp_idle_timeout_secs`.
 /// Stray bytes never move a deadline, so trickling one byte at a time keeps nothing alive.
+///
+/// `started` is when the first-message deadline began: the accept for the dedicated ports; on
+/// the shared port it has already spent part of it reading the bytes that told it this is STUN.
 pub async fn serve_stream<S>(
-    deps: Arc<Deps>,
-    stream: S,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
-    transport: &'static str,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let started = tokio::time::Instant::now();
-    serve_stream_since(deps, stream, peer, local, transport, started).await
-}
-
-/// [`serve_stream`] with the first-message deadline counted from `started`: the shared port
-/// has already spent part of it reading the bytes that told it this is STUN.
-pub async fn serve_stream_since<S>(
     deps: Arc<Deps>,
     stream: S,
     peer: SocketAddr,
