@@ -25,6 +25,9 @@ command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+# The shared-port lab: certutil (a Chromium NSS db trusting the lab CA), pebble (ACME).
+command -v certutil >/dev/null 2>&1 || need+=(libnss3-tools)
+command -v pebble >/dev/null 2>&1 || need+=(pebble)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-test-deps: installing ${need[*]}"

@@ -66,6 +66,8 @@ pub struct Config {
     pub public: PublicConfig,
     /// Certificate for `turns:` and `https:`/`wss:`.
     pub tls: TlsConfig,
+    /// One TCP port (usually 443) carrying HTTPS, WSS, `turns:` and `turn:` over TCP.
+    pub shared_port: SharedPortConfig,
     /// Room signaling limits and timers.
     pub signaling: SignalingConfig,
     /// Signed HTTP callbacks that tell the app backend what happens in rooms and relays.
@@ -809,6 +811,29 @@ impl Default for TlsConfig {
     }
 }
 
+/// One TCP port for networks that let out only TCP 443: each connection is routed by its
+/// first bytes and ALPN to HTTPS/WSS, TURN over TLS, or plain TURN over TCP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedPortConfig {
+    /// Addresses of the shared port, e.g. `["0.0.0.0:443"]`; empty turns it off.
+    pub listen: Vec<SocketAddr>,
+    /// Also serve plain (non-TLS) TURN over TCP there, for clients that cannot do `turns:`.
+    pub plain_turn: bool,
+    /// Port put in the 443 URIs and redirects, when a NAT or load balancer renames it.
+    pub public_port: Option<u16>,
+}
+
+impl Default for SharedPortConfig {
+    fn default() -> Self {
+        SharedPortConfig {
+            listen: Vec::new(),
+            plain_turn: true,
+            public_port: None,
+        }
+    }
+}
+
 /// Room signaling limits and timers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -1156,10 +1181,12 @@ impl Config {
                 "at least one STUN/TURN listen address is required",
             ));
         }
-        if !t.udp && !t.tcp && t.tls_listen.is_empty() {
+        // The shared port serves STUN/TURN over TCP and TLS too (a 443-only deployment).
+        if !t.udp && !t.tcp && t.tls_listen.is_empty() && self.shared_port.listen.is_empty() {
             return Err(ConfigError::key(
                 "turn.udp",
-                "turn.udp, turn.tcp and turn.tls_listen are all off; nothing would serve STUN",
+                "turn.udp, turn.tcp, turn.tls_listen and shared_port.listen are all off; \
+                 nothing would serve STUN",
             ));
         }
         if t.default_lifetime_secs == 0 || t.default_lifetime_secs > t.max_lifetime_secs {
@@ -1242,6 +1269,26 @@ impl Config {
                 return Err(ConfigError::key(
                     "tls.key_file",
                     "required when turn.tls_listen or http.tls is set",
+                ));
+            }
+        }
+        if !self.shared_port.listen.is_empty() {
+            for key in ["tls.cert_file", "tls.key_file"] {
+                let set = match key {
+                    "tls.cert_file" => self.tls.cert_file.is_some(),
+                    _ => self.tls.key_file.is_some(),
+                };
+                if !set {
+                    return Err(ConfigError::key(
+                        key,
+                        "required when shared_port.listen is set",
+                    ));
+                }
+            }
+            if self.shared_port.public_port == Some(0) {
+                return Err(ConfigError::key(
+                    "shared_port.public_port",
+                    "must be positive",
                 ));
             }
         }
@@ -1616,6 +1663,7 @@ impl Config {
                 .listen
                 .iter()
                 .chain(self.turn.tls_listen.iter())
+                .chain(self.shared_port.listen.iter())
                 .all(|a| a.ip().is_loopback())
     }
 }

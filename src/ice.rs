@@ -122,7 +122,7 @@ pub fn own_record(shared: &Shared) -> NodeRecord {
     }
     let c = &shared.config;
     let turns_host = c.public.turns_host.clone().unwrap_or_else(|| host.clone());
-    let uris = turn_uris(c, &host, port, &turns_host, tls_port);
+    let uris = turn_uris(c, &host, port, &turns_host, tls_port, shared_port(shared));
     NodeRecord {
         node: String::new(),
         state: NodeState::Ready,
@@ -178,17 +178,39 @@ fn ports(shared: &Shared) -> (u16, Option<u16>) {
     (port, tls_port)
 }
 
-/// `turn:` (udp, tcp) and `turns:` URIs for one host.
+/// The shared port a login names (`shared_port.listen`, usually 443), when one is served.
+fn shared_port(shared: &Shared) -> Option<u16> {
+    let c = &shared.config;
+    let bound = shared.bound.get().cloned().unwrap_or_default();
+    (!c.shared_port.listen.is_empty()).then(|| {
+        c.shared_port
+            .public_port
+            .or(bound.shared.first().map(|a| a.port()))
+            .or(c.shared_port.listen.first().map(|a| a.port()))
+            .unwrap_or(443)
+    })
+}
+
+/// `turn:` (udp, tcp) and `turns:` URIs for one host, in the order a browser should try them:
+/// UDP, then the shared port (usually 443: a network that lets out only TCP 443 still reaches
+/// the relay), then the dedicated TCP/TLS ports, which are the first cut by `MAX_URLS`.
 fn turn_uris(
     c: &crate::config::Config,
     host: &str,
     port: u16,
     turns_host: &str,
     tls_port: Option<u16>,
+    shared_port: Option<u16>,
 ) -> Vec<String> {
     let mut urls = Vec::with_capacity(3);
     if c.turn.udp && !c.turn.listen.is_empty() {
         urls.push(format!("turn:{host}:{port}?transport=udp"));
+    }
+    if let Some(sp) = shared_port {
+        urls.push(format!("turns:{turns_host}:{sp}?transport=tcp"));
+        if c.shared_port.plain_turn {
+            urls.push(format!("turn:{host}:{sp}?transport=tcp"));
+        }
     }
     if c.turn.tcp && !c.turn.listen.is_empty() {
         urls.push(format!("turn:{host}:{port}?transport=tcp"));
@@ -330,7 +352,7 @@ fn ice_config_placed(
     }
     let mut credentials = None;
     if c.turn.relay {
-        let mut urls = turn_uris(c, &host, port, &turns_host, tls_port);
+        let mut urls = turn_uris(c, &host, port, &turns_host, tls_port, shared_port(shared));
         let room = MAX_URLS.saturating_sub(servers.iter().map(|s| s.urls.len()).sum());
         urls.truncate(room);
         if !urls.is_empty() {

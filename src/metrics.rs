@@ -412,7 +412,7 @@ impl Metrics {
         for t in ["tcp", "tls"] {
             m.stream_connections_active.with_label_values(&[t]);
         }
-        for l in ["turns", "https"] {
+        for l in ["turns", "https", "shared"] {
             m.tls_handshakes_active.with_label_values(&[l]);
         }
         // Pre-create the common label values so dashboards show zeros, not gaps.
@@ -476,6 +476,8 @@ impl Metrics {
             "stream_global_limit",
             "tls_handshake_failed",
             "tls_handshake_timeout",
+            "shared_plain_http",
+            "shared_plain_turn_off",
             "ws_rate_limited",
             "ws_frame_too_large",
             "ws_connections_per_ip",

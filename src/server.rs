@@ -34,7 +34,10 @@ impl Server {
     /// Bind every listener and start serving on the current runtime.
     pub async fn start(self) -> Result<RunningServer, StartError> {
         let config = Arc::new(self.config);
-        let tls = if config.http.tls || !config.turn.tls_listen.is_empty() {
+        let tls = if config.http.tls
+            || !config.turn.tls_listen.is_empty()
+            || !config.shared_port.listen.is_empty()
+        {
             match (&config.tls.cert_file, &config.tls.key_file) {
                 (Some(c), Some(k)) => Some(Arc::new(crate::tls::ReloadableCert::load(c, k)?)),
                 // Config validation requires both; keep the error explicit anyway.
@@ -96,6 +99,21 @@ impl Server {
                     l,
                     turns_config,
                 ));
+            }
+        }
+
+        if let Some(cert) = &tls {
+            for &addr in &config.shared_port.listen {
+                let l = crate::listener::tcp::bind(addr).map_err(|source| StartError::Bind {
+                    what: "shared port",
+                    addr,
+                    source,
+                })?;
+                let local = l.local_addr().unwrap_or(addr);
+                let cfg = cert.server_config(&crate::demux::ALPN_SHARED)?;
+                tracing::info!(addr = %local, "shared port listening (https, wss, turns, turn over tcp)");
+                bound.shared.push(local);
+                tasks.spawn(crate::shared_port::serve(shared.clone(), l, cfg));
             }
         }
 

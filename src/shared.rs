@@ -127,6 +127,10 @@ fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
             "turn.tls_listen",
             old.turn.tls_listen != new.turn.tls_listen,
         ),
+        (
+            "shared_port.listen",
+            old.shared_port.listen != new.shared_port.listen,
+        ),
         // Delivery lanes are started per URL at start; only the secret is reloaded.
         ("webhooks.urls", old.webhooks.urls != new.webhooks.urls),
         // The key set and its refresh task are built at start.
@@ -318,6 +322,8 @@ pub struct Bound {
     pub tcp: Vec<SocketAddr>,
     /// STUN/TURN over TLS.
     pub tls: Vec<SocketAddr>,
+    /// The shared port (HTTPS, WSS, `turns:`, `turn:` over TCP).
+    pub shared: Vec<SocketAddr>,
 }
 
 /// The server API's tokens: `auth.admin_tokens` and the lines of `auth.admin_tokens_file`.

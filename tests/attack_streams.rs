@@ -1,5 +1,5 @@
-//! Floods of unauthenticated TCP and TLS connections on the STUN/TURN ports, against the real
-//! in-process server: the per-IP and global caps hold, idle strangers cost a few bytes each
+//! Floods of unauthenticated TCP and TLS connections on the STUN/TURN ports and on the shared
+//! port (`shared_port.listen`), against the real in-process server: the per-IP and global caps hold, idle strangers cost a few bytes each
 //! and are closed at the first-message deadline however they trickle, stalled TLS handshakes
 //! cannot exceed their cap, and a legitimate client is served during and after each flood.
 //!
@@ -19,6 +19,48 @@ use tokio::net::{TcpSocket, TcpStream};
 
 #[path = "support/cert.rs"]
 mod cert;
+
+/// Which port a flood targets: the dedicated STUN/TURN port, or the shared port (443 in
+/// production), where every connection is classified before it reaches TURN or HTTP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Port {
+    Dedicated,
+    Shared,
+}
+
+impl Port {
+    /// Config for the shared port (with a fresh certificate in `dir`), or nothing.
+    fn config(self, dir: &std::path::Path) -> String {
+        match self {
+            Port::Dedicated => String::new(),
+            Port::Shared => {
+                let (c, k) = cert::make_cert(dir, "shared");
+                format!(
+                    "[shared_port]\nlisten = [\"127.0.0.1:0\"]\n\
+                     [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                    c.display(),
+                    k.display()
+                )
+            }
+        }
+    }
+
+    /// The plain-TCP target.
+    fn addr(self, srv: &RunningServer) -> SocketAddr {
+        match self {
+            Port::Dedicated => srv.bound().tcp[0],
+            Port::Shared => srv.bound().shared[0],
+        }
+    }
+
+    /// The gauge of open connections on this port.
+    fn open_gauge(self) -> &'static str {
+        match self {
+            Port::Dedicated => "switchboard_stream_connections_active{transport=\"tcp\"}",
+            Port::Shared => "switchboard_stream_connections_active{transport=\"shared\"}",
+        }
+    }
+}
 
 async fn start(first_message_secs: u64, extra_turn: &str, extra: &str) -> RunningServer {
     let text = format!(
@@ -124,8 +166,23 @@ fn fd_budget() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_gets_only_its_share_of_stream_connections() {
-    let srv = start(2, "max_stream_connections_per_ip = 64", "").await;
-    let to = srv.bound().tcp[0];
+    per_ip_cap(Port::Dedicated).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_gets_only_its_share_of_the_shared_port() {
+    per_ip_cap(Port::Shared).await;
+}
+
+async fn per_ip_cap(port: Port) {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(
+        2,
+        "max_stream_connections_per_ip = 64",
+        &port.config(dir.path()),
+    )
+    .await;
+    let to = port.addr(&srv);
     let attacker = Ipv4Addr::new(127, 0, 0, 1);
     let mut held = Vec::new();
     for _ in 0..1000 {
@@ -141,10 +198,7 @@ async fn one_address_gets_only_its_share_of_stream_connections() {
         "switchboard_dropped_total{reason=\"stream_per_ip_limit\"}",
     );
     assert!(refused >= 900, "refused {refused}");
-    let open = metric(
-        &srv,
-        "switchboard_stream_connections_active{transport=\"tcp\"}",
-    );
+    let open = metric(&srv, port.open_gauge());
     assert!(open <= 64, "open {open}");
     // Another address is served during the flood.
     legit_binding(to).await;
@@ -173,13 +227,7 @@ async fn one_address_gets_only_its_share_of_stream_connections() {
     assert!(took < Duration::from_millis(3500), "closed after {took:?}");
     // The 64 held idle connections are gone after the deadline, and the address is free again.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(
-        metric(
-            &srv,
-            "switchboard_stream_connections_active{transport=\"tcp\"}"
-        ),
-        0
-    );
+    assert_eq!(metric(&srv, port.open_gauge()), 0);
     assert!(
         metric(
             &srv,
@@ -194,16 +242,30 @@ async fn one_address_gets_only_its_share_of_stream_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_many_addresses_cost_little_and_stop_at_the_global_cap() {
+    global_cap(Port::Dedicated).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_on_the_shared_port_cost_little_and_stop_at_the_global_cap() {
+    global_cap(Port::Shared).await;
+}
+
+async fn global_cap(port: Port) {
+    let dir = tempfile::tempdir().unwrap();
     // Two descriptors per connection (both ends live in this process): stay well inside.
     let n = 5000usize.min(fd_budget().saturating_sub(512) / 2);
     let cap = n - 500;
     let srv = start(
         30,
-        &format!("max_stream_connections = {cap}\nmax_stream_connections_per_ip = 64"),
-        "",
+        // Each listener's accept loop holds one slot while it waits: serve the shared port alone.
+        &format!(
+            "max_stream_connections = {cap}\nmax_stream_connections_per_ip = 64\ntcp = {}",
+            port == Port::Dedicated
+        ),
+        &port.config(dir.path()),
     )
     .await;
-    let to = srv.bound().tcp[0];
+    let to = port.addr(&srv);
     legit_binding(to).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib();
@@ -218,10 +280,7 @@ async fn idle_connections_from_many_addresses_cost_little_and_stop_at_the_global
     // Let the server accept up to its cap.
     let mut open = 0;
     for _ in 0..100 {
-        open = metric(
-            &srv,
-            "switchboard_stream_connections_active{transport=\"tcp\"}",
-        );
+        open = metric(&srv, port.open_gauge());
         if open as usize >= cap {
             break;
         }
@@ -237,7 +296,7 @@ async fn idle_connections_from_many_addresses_cost_little_and_stop_at_the_global
     );
     let per_conn = (after.saturating_sub(before) * 1024) / cap as u64;
     println!(
-        "idle TCP flood: {n} connections from {} addresses, {cap} admitted; RSS {before} KiB -> {after} KiB \
+        "idle TCP flood ({port:?} port): {n} connections from {} addresses, {cap} admitted; RSS {before} KiB -> {after} KiB \
          (+{} KiB, {per_conn} bytes per admitted connection, both ends in one process)",
         n.div_ceil(50),
         after.saturating_sub(before)
@@ -271,19 +330,38 @@ fn connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_tls_handshakes_are_capped_and_time_out() {
+    stalled_handshakes(Port::Dedicated).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_on_the_shared_port_are_capped_and_time_out() {
+    stalled_handshakes(Port::Shared).await;
+}
+
+async fn stalled_handshakes(port: Port) {
     let dir = tempfile::tempdir().unwrap();
     let (c, k) = cert::make_cert(dir.path(), "turns");
     let srv = start(
         2,
         "tls_listen = [\"127.0.0.1:0\"]",
         &format!(
-            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_concurrent_handshakes = 8\n",
+            "[shared_port]\nlisten = [\"127.0.0.1:0\"]\n\
+             [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nmax_concurrent_handshakes = 8\n",
             c.display(),
             k.display()
         ),
     )
     .await;
-    let to = srv.bound().tls[0];
+    let (to, gauge) = match port {
+        Port::Dedicated => (
+            srv.bound().tls[0],
+            "switchboard_tls_handshakes_active{listener=\"turns\"}",
+        ),
+        Port::Shared => (
+            srv.bound().shared[0],
+            "switchboard_tls_handshakes_active{listener=\"shared\"}",
+        ),
+    };
     // 200 stalled handshakes from 20 addresses: half silent, half sending the first byte of
     // a ClientHello and nothing more (those take handshake permits).
     let mut stalled = Vec::new();
@@ -326,15 +404,12 @@ async fn stalled_tls_handshakes_are_capped_and_time_out() {
         }
     });
     while !legit.is_finished() && t0.elapsed() < Duration::from_secs(30) {
-        peak = peak.max(metric(
-            &srv,
-            "switchboard_tls_handshakes_active{listener=\"turns\"}",
-        ));
+        peak = peak.max(metric(&srv, gauge));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (took, tries) = legit.await.unwrap();
     println!(
-        "TLS handshake flood: 200 stalled, peak {peak} in progress (cap 8); \
+        "TLS handshake flood ({port:?} port): 200 stalled, peak {peak} in progress (cap 8); \
          legit client served after {took:?} ({tries} tries)"
     );
     assert!(peak <= 8, "peak {peak}");

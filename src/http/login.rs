@@ -139,11 +139,15 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn signaling_url(shared: &Shared, headers: &HeaderMap) -> String {
+fn signaling_url(shared: &Shared, headers: &HeaderMap, over_tls: bool) -> String {
     if let Some(u) = &shared.config.public.signaling_url {
         return u.clone();
     }
-    let scheme = if shared.config.http.tls { "wss" } else { "ws" };
+    let scheme = if shared.config.http.tls || over_tls {
+        "wss"
+    } else {
+        "ws"
+    };
     let host = request_host(headers)
         .map(str::to_string)
         .unwrap_or_else(|| {
@@ -211,12 +215,13 @@ fn presented(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Result<Presen
 async fn login(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    over_tls: Option<axum::Extension<super::OverTls>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<LoginResponse>, ApiError> {
     let started = Instant::now();
     let m = &shared.metrics;
-    let r = login_inner(&shared, peer, &headers, body).await;
+    let r = login_inner(&shared, peer, &headers, body, over_tls.is_some()).await;
     m.login_duration.observe(started.elapsed().as_secs_f64());
     match &r {
         Ok((_, backend)) => m.logins.with_label_values(&[backend, "ok"]).inc(),
@@ -239,6 +244,7 @@ async fn login_inner(
     peer: SocketAddr,
     headers: &HeaderMap,
     body: Bytes,
+    over_tls: bool,
 ) -> Result<(LoginResponse, &'static str), (ApiError, &'static str)> {
     let client =
         super::client_ip::client_ip(peer.ip(), headers, &shared.config.http.trusted_proxies);
@@ -306,7 +312,7 @@ async fn login_inner(
         LoginResponse {
             token,
             expires_at: session.expires_at,
-            signaling_url: signaling_url(shared, headers),
+            signaling_url: signaling_url(shared, headers, over_tls),
             ice_servers: ice.servers,
             ttl: shared.auth.turn_ttl(),
             user_id: identity.user,

@@ -37,6 +37,15 @@ where
     }
 }
 
+/// Marks requests that reached the shared port over TLS, so login answers name `wss://`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
+
+/// The main HTTP API as the shared port serves it (always behind TLS).
+pub fn router_over_tls(shared: Arc<Shared>) -> Router {
+    router(shared).layer(axum::Extension(OverTls))
+}
+
 /// The main HTTP API.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -166,7 +175,7 @@ async fn info(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "name": "switchboard",
         "version": env!("CARGO_PKG_VERSION"),
         "services": {
-            "stun": { "udp": b.udp, "tcp": b.tcp, "tls": b.tls },
+            "stun": { "udp": b.udp, "tcp": b.tcp, "tls": b.tls, "shared": b.shared },
             "turn": { "enabled": c.turn.relay, "realm": c.turn.realm },
             "signaling": { "path": "/v1/ws" },
             "login": { "backends": c.auth.backends },

@@ -236,7 +236,8 @@ pub async fn serve(deps: Arc<Deps>, listener: TcpListener) {
         tokio::spawn(async move {
             let _permit = permit;
             let _open = OpenGuard::new(&deps.metrics, "tcp");
-            serve_stream(deps, stream, peer, local, "tcp").await;
+            let started = tokio::time::Instant::now();
+            serve_stream(deps, stream, peer, local, "tcp", started).await;
         });
     }
 }
@@ -299,12 +300,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 /// `turn.stream_first_message_timeout_secs` of the start; afterwards a connection without an
 /// allocation must send a complete STUN message at least every `turn.tcp_idle_timeout_secs`.
 /// Stray bytes never move a deadline, so trickling one byte at a time keeps nothing alive.
+///
+/// `started` is when the first-message deadline began: the accept for the dedicated ports; on
+/// the shared port it has already spent part of it reading the bytes that told it this is STUN.
 pub async fn serve_stream<S>(
     deps: Arc<Deps>,
     stream: S,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     transport: &'static str,
+    started: tokio::time::Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -314,7 +319,7 @@ pub async fn serve_stream<S>(
     let mut session: Option<Session> = None;
     let idle = Duration::from_secs(deps.config.tcp_idle_timeout_secs.max(1));
     let first = Duration::from_secs(deps.config.stream_first_message_timeout_secs.max(1));
-    let mut idle_at = tokio::time::Instant::now() + first;
+    let mut idle_at = started + first;
     let mut shutdown = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
     let software = deps.config.software.clone();
     let m = deps.metrics.clone();

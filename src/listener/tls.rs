@@ -46,7 +46,8 @@ pub async fn serve(deps: Arc<Deps>, listener: TcpListener, config: Arc<rustls::S
                     .await;
             let reason = match r {
                 Ok(tls) => {
-                    super::tcp::serve_stream(deps, tls, peer, local, "tls").await;
+                    let started = tokio::time::Instant::now();
+                    super::tcp::serve_stream(deps, tls, peer, local, "tls", started).await;
                     return;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
