@@ -3,7 +3,8 @@
 //! messages between ids on different nodes arrive in order with the server's `src`, `LEAVE`
 //! crosses nodes, the holder's token takes an id over on another node (and a sender that knew
 //! the old node still reaches it), held messages reach an id that connects on another node, and
-//! with Redis away a cross-node message gets `EXPIRE` while local relaying goes on.
+//! with Redis away a cross-node message gets `EXPIRE` while local relaying goes on. Last, the
+//! real `peerjs` client in two Chromium instances, each served by a different node.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -17,7 +18,7 @@ type Ws =
 #[path = "support/webdriver.rs"]
 mod webdriver;
 
-use webdriver::free_port;
+use webdriver::{free_port, Browser, Driver, LOOPBACK_UDP_FLAG};
 
 /// A redis-server of our own, killed on drop.
 struct Redis {
@@ -358,4 +359,71 @@ async fn session_ids_are_bound_to_their_user_across_nodes() {
     assert_eq!(next(&mut y).await["type"], "ID-TAKEN");
     let ann3 = session("ann");
     let _a3 = n1.open("ann-phone", &ann3).await;
+}
+
+async fn wait_js(b: &Browser, what: &str, script: &str) -> Value {
+    b.poll(script, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|last| {
+            panic!(
+                "{}: timed out waiting for {what}; last value: {last}",
+                b.label()
+            )
+        })
+}
+
+/// The PeerJS demo page of `node` as `name` with the fixed id `id`; waits for `open`.
+async fn page(d: &Driver, node: &Node, name: &str, id: &str, p: &tempfile::TempDir) -> Browser {
+    let b = d.browser(name, p.path(), &[LOOPBACK_UDP_FLAG]).await;
+    b.go(&format!(
+        "http://127.0.0.1:{}/peerjs.html?name={name}&id={id}",
+        node.port
+    ))
+    .await;
+    wait_js(
+        &b,
+        "the peer to open",
+        "const s = window.pjState; if (s && s.errors.length) return s.errors; return s && s.open && s.id",
+    )
+    .await;
+    assert_eq!(b.js("return window.pjState.id").await, id);
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_chromium_peerjs_clients_on_different_nodes_connect_and_exchange_messages() {
+    let redis = Redis::start();
+    let n1 = Node::start_auth(&redis, "pj1", "session").await;
+    let n2 = Node::start_auth(&redis, "pj2", "session").await;
+    let d = Driver::start().await;
+    let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = page(&d, &n1, "ann", "alice", &pa).await;
+    let b = page(&d, &n2, "bob", "bob", &pb).await;
+    // bob (node 2) opens a data connection to alice (node 1): the offer, answer and
+    // candidates cross the nodes through Redis.
+    b.js("return window.pj.connect('alice')").await;
+    for x in [&a, &b] {
+        wait_js(
+            x,
+            "the data connection",
+            "return window.pjState.dataOpen === true",
+        )
+        .await;
+    }
+    assert_eq!(b.js("return window.pj.sendMany(200, 'b')").await, 200);
+    assert_eq!(a.js("return window.pj.sendMany(200, 'a')").await, 200);
+    for (x, from) in [(&a, "b"), (&b, "a")] {
+        let got = wait_js(
+            x,
+            "200 messages",
+            "const r = window.pjState.received; return r.length >= 200 && r",
+        )
+        .await;
+        let want: Vec<Value> = (0..200)
+            .map(|i| Value::from(format!("{from}:{i}")))
+            .collect();
+        assert_eq!(got.as_array().unwrap(), &want, "{}", x.label());
+    }
+    a.quit().await;
+    b.quit().await;
 }
