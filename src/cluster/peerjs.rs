@@ -191,7 +191,9 @@ impl Cluster {
         if !self.is_up() {
             return Vec::new();
         }
+        // EVALSHA in a pipeline does not load the script by itself.
         let mut pipe = redis::pipe();
+        pipe.load_script(&self.pj.refresh).ignore();
         for (id, holder) in &ids {
             pipe.invoke_script(
                 self.pj
@@ -222,6 +224,7 @@ impl Cluster {
         let me = self.clone();
         tokio::spawn(async move {
             let mut pipe = redis::pipe();
+            pipe.load_script(&me.pj.release).ignore();
             for id in &ids {
                 pipe.invoke_script(me.pj.release.key(id_key(id)).arg(&me.pj.inst))
                     .ignore();
