@@ -247,6 +247,20 @@ impl Shared {
         };
         let webhooks = crate::webhooks::Webhooks::start(&config.webhooks, &metrics)?;
         signaling.set_webhooks(webhooks.clone());
+        // In cluster mode PeerJS ids are claimed and relayed through the cluster.
+        let router = cluster.as_ref().map(|c| {
+            Arc::new(crate::cluster::peerjs::Router(c.clone()))
+                as Arc<dyn crate::peerjs::router::PeerjsRouter>
+        });
+        let peerjs = Arc::new(crate::peerjs::PeerJs::new(
+            &config.peerjs,
+            &config.signaling,
+            webhooks.clone(),
+            router,
+        ));
+        if let Some(c) = &cluster {
+            c.attach_peerjs(&peerjs);
+        }
         let admin_tokens = admin_tokens(&config)?;
         if config.http.admin_api && admin_tokens.is_empty() {
             tracing::warn!(
@@ -276,11 +290,7 @@ impl Shared {
             password_checks: Arc::new(tokio::sync::Semaphore::new(
                 config.auth.password_check_slots(),
             )),
-            peerjs: Arc::new(crate::peerjs::PeerJs::new(
-                &config.peerjs,
-                &config.signaling,
-                webhooks.clone(),
-            )),
+            peerjs,
             signaling,
             cluster,
             webhooks,

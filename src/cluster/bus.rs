@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 use super::wire::Wire;
+use crate::peerjs::router::RemoteMsg;
 use crate::signaling::bus::{Bus, Delivery, LocalBus, Outbox};
 use crate::signaling::room::{Action, ConnId, RoomState};
 
@@ -43,6 +44,12 @@ fn wire_weight(w: &Wire) -> usize {
             to.as_ref().map_or(0, String::len) + data.len() + id.as_ref().map_or(0, String::len)
         }
         Wire::Frame { kind, text, .. } => kind.len() + text.len(),
+        Wire::Peerjs(m) => match m {
+            RemoteMsg::Relay { src, dst, text, .. } | RemoteMsg::Miss { src, dst, text, .. } => {
+                src.len() + dst.len() + text.len()
+            }
+            RemoteMsg::Here { id } | RemoteMsg::Kick { id } => id.len(),
+        },
         Wire::Answer { ok, err, .. } => {
             ok.as_ref().map_or(0, |v| v.to_string().len())
                 + err.as_ref().map_or(0, |(c, m)| c.len() + m.len())

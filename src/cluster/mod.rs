@@ -9,6 +9,7 @@ pub mod lease;
 pub mod link;
 pub mod members;
 pub mod owner;
+pub mod peerjs;
 pub mod wire;
 
 use futures_util::future::BoxFuture;
@@ -117,6 +118,8 @@ pub struct Cluster {
     /// This process's claim on the node id, and whether another live process holds it.
     claim: claim::Claim,
     clash: AtomicBool,
+    /// The cluster-wide PeerJS id registry.
+    pj: peerjs::PjCluster,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -168,6 +171,10 @@ impl Cluster {
         let cl = Arc::new(Cluster {
             leases: Leases::new(&node, k.lease_ms, grace),
             claim: claim::Claim::new(&node, k.lease_ms),
+            pj: peerjs::PjCluster::new(
+                Duration::from_millis(k.lease_ms),
+                Duration::from_secs(config.peerjs.expire_timeout_secs),
+            ),
             clash: AtomicBool::new(false),
             node,
             client,

@@ -123,6 +123,7 @@ impl Cluster {
         let now = Instant::now();
         let sig = &self.sig;
         match w {
+            Wire::Peerjs(m) => self.peerjs_in(from, m),
             Wire::Join {
                 req,
                 conn,

@@ -122,6 +122,8 @@ pub enum Wire {
     },
     /// A node's own liveness probe through Redis.
     Ping,
+    /// A PeerJS message between nodes (relayed frames, hand-overs, takeovers).
+    Peerjs(crate::peerjs::router::RemoteMsg),
 }
 
 #[cfg(test)]

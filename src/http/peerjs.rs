@@ -26,12 +26,6 @@ pub fn routes(shared: &Shared) -> Router<Arc<Shared>> {
     if !cfg.enabled {
         return Router::new();
     }
-    if shared.cluster.is_some() {
-        tracing::warn!(
-            "peerjs.enabled with cluster mode: PeerJS ids are per node, so clients on \
-             different nodes cannot reach each other (docs/peerjs.md)"
-        );
-    }
     let p = cfg.path.as_str();
     let r = Router::new()
         .route(&format!("{p}/peerjs"), get(upgrade))

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::core::Registered;
+use super::router::{Claimed, RemoteMsg};
 use super::{Deps, Out, PeerJs, PROTOCOL};
 use crate::auth::unix_now;
 use crate::config::PeerJsAuth;
@@ -181,6 +182,24 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
     };
     let user = session.as_ref().map(|s| s.user.clone());
     pj.ensure_timer(&deps.lifecycle);
+    // Cluster mode: the id is claimed cluster-wide first; another holder anywhere gets
+    // ID-TAKEN, the same holder takes it over from the node it was on.
+    let mut claimed = None;
+    if let Some(r) = &pj.router {
+        match r.claim(&id, &super::holder(&token, user.as_deref())).await {
+            Claimed::Taken => {
+                deps.metrics
+                    .drops
+                    .with_label_values(&["peerjs_id_taken"])
+                    .inc();
+                send(ws, deps, "ID-TAKEN", notice("ID-TAKEN", "ID is taken"), wt).await;
+                close(ws, 1008, "id taken", wt).await;
+                return;
+            }
+            Claimed::Mine { waiting, previous } => claimed = Some((r.clone(), waiting, previous)),
+            Claimed::Unavailable => {}
+        }
+    }
     let (me, outbox) = pj.open();
     let reg = pj.apply(|c| match c.register(&id, &token, user.as_deref(), me) {
         Registered::Open(held) => (Ok((true, None)), held),
@@ -197,6 +216,11 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
         }
         Err(why) => {
             pj.forget(me);
+            if why == "full" {
+                if let Some((r, _, None)) = &claimed {
+                    r.release(vec![id.clone()]);
+                }
+            }
             if why == "ID-TAKEN" {
                 deps.metrics
                     .drops
@@ -216,6 +240,16 @@ async fn serve_inner(pj: &Arc<PeerJs>, deps: &Deps, ws: &mut WebSocket, p: Param
     if let Some(old) = old {
         // The holder came back: its old socket goes, the id stays.
         pj.close_conn(old, 4000, "taken back by the same holder");
+    }
+    if let Some((r, waiting, previous)) = claimed {
+        // The node the holder left closes its socket; nodes holding messages for the id send
+        // them here (after the `OPEN` below is queued: they arrive through the outbox).
+        if let Some(node) = previous {
+            r.send(&node, RemoteMsg::Kick { id: id.clone() });
+        }
+        for node in waiting {
+            r.send(&node, RemoteMsg::Here { id: id.clone() });
+        }
     }
     tracing::debug!(peer_id = %id, "peerjs peer registered");
     let mut free = None;
@@ -302,7 +336,7 @@ async fn run(
                     m.drops.with_label_values(&["peerjs_rate_limited"]).inc();
                     Step::Reply("ERROR", notice("ERROR", "Too many messages; slow down"))
                 } else {
-                    handle(pj, deps, id, text.as_str())
+                    handle(pj, deps, id, text.as_str()).await
                 };
                 match step {
                     Step::Go => {}
@@ -372,7 +406,7 @@ async fn run(
 }
 
 /// One text message from `src`.
-fn handle(pj: &PeerJs, deps: &Deps, src: &str, text: &str) -> Step {
+async fn handle(pj: &PeerJs, deps: &Deps, src: &str, text: &str) -> Step {
     let count = |ty: &str| {
         deps.metrics
             .protocol_messages
@@ -413,18 +447,7 @@ fn handle(pj: &PeerJs, deps: &Deps, src: &str, text: &str) -> Step {
         return Step::Reply("ERROR", notice("ERROR", "Invalid dst"));
     }
     let t = relayed(ty, src, dst, msg.payload);
-    let now = Instant::now();
-    pj.apply(|c| match c.relay(now, src, ty, dst, t) {
-        super::core::Relayed::Deliver(d) => ((), vec![d]),
-        super::core::Relayed::Refused(d) => {
-            deps.metrics
-                .drops
-                .with_label_values(&["peerjs_held_full"])
-                .inc();
-            ((), vec![d])
-        }
-        super::core::Relayed::Held | super::core::Relayed::Dropped => ((), Vec::new()),
-    });
+    pj.relay(&deps.metrics, src, ty, dst, t).await;
     Step::Go
 }
 

@@ -63,6 +63,22 @@ pub enum Relayed {
     Dropped,
     /// The hold bounds are reached: the sender gets this `EXPIRE` at once.
     Refused(Deliver),
+    /// The target is connected on that node (cluster mode): send it there, in order.
+    Remote {
+        /// The node holding the target.
+        node: String,
+        /// The frame text.
+        text: String,
+    },
+}
+
+/// A message that was held for an id, handed over when the id connected on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handed {
+    /// The sending id.
+    pub src: String,
+    /// The frame text.
+    pub text: String,
 }
 
 /// An id that stopped being held, for `peer.left` webhooks.
@@ -116,6 +132,9 @@ pub struct Core {
     timers: BTreeSet<(Instant, Timer)>,
     held_bytes: usize,
     freed: Vec<Freed>,
+    /// Ids connected on other nodes, as last located (cluster mode): a cache, corrected when a
+    /// node answers that the id is not there any more.
+    remotes: HashMap<String, String>,
 }
 
 /// `{"type":"EXPIRE","src":<target>,"dst":<sender>}`: the target did not connect in time.
@@ -133,7 +152,62 @@ impl Core {
             timers: BTreeSet::new(),
             held_bytes: 0,
             freed: Vec::new(),
+            remotes: HashMap::new(),
         }
+    }
+
+    /// Whether the shell must locate `dst` in the cluster before relaying to it: it is not
+    /// connected here, nothing is held for it, and no node is known to hold it.
+    pub fn needs_lookup(&self, dst: &str) -> bool {
+        self.conn_of(dst).is_none()
+            && !self.queues.contains_key(dst)
+            && !self.remotes.contains_key(dst)
+    }
+
+    /// `id` is connected on `node`. The cache is bounded: past its bound it starts over.
+    pub fn set_remote(&mut self, id: &str, node: &str) {
+        if self.remotes.len() >= self.limits.max_peers.max(1024) * 2 {
+            self.remotes.clear();
+        }
+        self.remotes.insert(id.to_string(), node.to_string());
+    }
+
+    /// `id` is not where it was located any more.
+    pub fn forget_remote(&mut self, id: &str) {
+        self.remotes.remove(id);
+    }
+
+    /// `id` connected on `node`: what was held for it goes there, in order, and so does what
+    /// follows.
+    pub fn arrived_remote(&mut self, id: &str, node: &str) -> Vec<Handed> {
+        if self.clients.contains_key(id) {
+            return Vec::new();
+        }
+        self.set_remote(id, node);
+        let Some(q) = self.queues.remove(id) else {
+            return Vec::new();
+        };
+        self.timers
+            .remove(&(q.deadline, Timer::Queue(id.to_string())));
+        q.msgs
+            .into_iter()
+            .map(|h| {
+                self.held_bytes -= h.text.len();
+                Handed {
+                    src: h.src,
+                    text: h.text,
+                }
+            })
+            .collect()
+    }
+
+    /// Every registered id (connected or reserved) with its token and session user, for the
+    /// cluster-wide claims that the shell refreshes.
+    pub fn claims(&self) -> Vec<(String, String, Option<String>)> {
+        self.clients
+            .iter()
+            .map(|(id, c)| (id.clone(), c.token.clone(), c.user.clone()))
+            .collect()
     }
 
     /// Ids with a live connection (for discovery).
@@ -148,6 +222,11 @@ impl Core {
     /// The connection holding `id`, if one is connected.
     pub fn conn_of(&self, id: &str) -> Option<ConnKey> {
         self.clients.get(id).and_then(|c| c.conn)
+    }
+
+    /// Whether `id` is registered here, connected or reserved.
+    pub fn is_registered(&self, id: &str) -> bool {
+        self.clients.contains_key(id)
     }
 
     /// Connections of `user` (for revocation).
@@ -201,6 +280,7 @@ impl Core {
         if self.clients.len() >= self.limits.max_peers {
             return Registered::Full;
         }
+        self.remotes.remove(id);
         self.clients.insert(
             id.to_string(),
             Client {
@@ -271,6 +351,15 @@ impl Core {
     pub fn relay(&mut self, now: Instant, src: &str, ty: &str, dst: &str, text: String) -> Relayed {
         if let Some(conn) = self.conn_of(dst) {
             return Relayed::Deliver(Deliver { conn, text });
+        }
+        // Behind held messages, a message waits its turn even when the target's node is known.
+        if !self.queues.contains_key(dst) {
+            if let Some(node) = self.remotes.get(dst) {
+                return Relayed::Remote {
+                    node: node.clone(),
+                    text,
+                };
+            }
         }
         if ty == "LEAVE" || ty == "EXPIRE" {
             return Relayed::Dropped;
@@ -544,6 +633,68 @@ mod tests {
             })
         );
         assert_eq!(c.held_bytes(), 999);
+    }
+
+    #[test]
+    fn remote_ids_are_relayed_to_their_node_but_never_ahead_of_held_messages() {
+        let t = Instant::now();
+        let mut c = Core::new(limits());
+        open(c.register("a", "tok", None, 1));
+        assert!(c.needs_lookup("b"));
+        assert!(!c.needs_lookup("a"), "local ids need no lookup");
+        // Nowhere: held; the queue alone decides afterwards.
+        assert_eq!(c.relay(t, "a", "OFFER", "b", "m1".into()), Relayed::Held);
+        assert!(!c.needs_lookup("b"));
+        // A node is learnt while messages are held: new ones queue behind them.
+        c.set_remote("b", "n2");
+        assert_eq!(c.relay(t, "a", "OFFER", "b", "m2".into()), Relayed::Held);
+        // b connected on n2: the held messages go there in order, then the rest directly.
+        assert_eq!(
+            c.arrived_remote("b", "n2"),
+            vec![
+                Handed {
+                    src: "a".into(),
+                    text: "m1".into()
+                },
+                Handed {
+                    src: "a".into(),
+                    text: "m2".into()
+                }
+            ]
+        );
+        assert_eq!(c.held_bytes(), 0);
+        assert_eq!(c.poll_timeout(), None, "the queue's deadline went with it");
+        assert_eq!(
+            c.relay(t, "a", "LEAVE", "b", "m3".into()),
+            Relayed::Remote {
+                node: "n2".into(),
+                text: "m3".into()
+            }
+        );
+        // The node answered that b is gone: held again, as for an id that is nowhere.
+        c.forget_remote("b");
+        assert_eq!(c.relay(t, "a", "OFFER", "b", "m4".into()), Relayed::Held);
+        // b registering here drops the stale node and takes what is held.
+        c.set_remote("b", "n2");
+        assert_eq!(open(c.register("b", "tok", None, 2)).len(), 1);
+        assert_eq!(
+            c.relay(t, "a", "OFFER", "b", "m5".into()),
+            Relayed::Deliver(Deliver {
+                conn: 2,
+                text: "m5".into()
+            })
+        );
+        // A local id is never handed to another node.
+        assert!(c.arrived_remote("b", "n3").is_empty());
+        let mut claims = c.claims();
+        claims.sort();
+        assert_eq!(
+            claims,
+            vec![
+                ("a".into(), "tok".into(), None),
+                ("b".into(), "tok".into(), None)
+            ]
+        );
     }
 
     #[test]

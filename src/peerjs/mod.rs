@@ -4,6 +4,7 @@
 
 pub mod conn;
 pub mod core;
+pub mod router;
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -12,7 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-use self::core::{ConnKey, Core, Deliver, Limits};
+use self::core::{ConnKey, Core, Deliver, Limits, Relayed};
+use self::router::{Located, PeerjsRouter, RemoteMsg};
 use crate::config::{PeerJsConfig, SignalingConfig};
 use crate::webhooks::{Event, Webhooks};
 
@@ -119,6 +121,22 @@ pub struct PeerJs {
     timer: Notify,
     timer_started: AtomicBool,
     webhooks: Webhooks,
+    /// The cluster, in cluster mode: ids are claimed cluster-wide and relayed between nodes.
+    router: Option<Arc<dyn PeerjsRouter>>,
+}
+
+/// Who holds an id in the cluster-wide registry: the session user, or (open auth) a hash of
+/// the token, so that Redis never stores a token that takes the id back.
+pub fn holder(token: &str, user: Option<&str>) -> String {
+    use sha2::Digest;
+    match user {
+        Some(u) => format!("u:{u}"),
+        None => {
+            let h = sha2::Sha256::digest(token.as_bytes());
+            let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+            format!("t:{hex}")
+        }
+    }
 }
 
 impl std::fmt::Debug for PeerJs {
@@ -129,7 +147,12 @@ impl std::fmt::Debug for PeerJs {
 
 impl PeerJs {
     /// An empty realm with the configured bounds.
-    pub fn new(cfg: &PeerJsConfig, limits: &SignalingConfig, webhooks: Webhooks) -> PeerJs {
+    pub fn new(
+        cfg: &PeerJsConfig,
+        limits: &SignalingConfig,
+        webhooks: Webhooks,
+        router: Option<Arc<dyn PeerjsRouter>>,
+    ) -> PeerJs {
         let core = Core::new(Limits {
             max_peers: cfg.max_peers,
             expire_after: Duration::from_secs(cfg.expire_timeout_secs),
@@ -148,6 +171,7 @@ impl PeerJs {
             timer: Notify::new(),
             timer_started: AtomicBool::new(false),
             webhooks,
+            router,
         }
     }
 
@@ -177,6 +201,11 @@ impl PeerJs {
         let freed = st.core.drain_freed();
         deliver(&mut st, out);
         drop(st);
+        if let Some(r) = &self.router {
+            if !freed.is_empty() {
+                r.release(freed.iter().map(|f| f.id.clone()).collect());
+            }
+        }
         for f in freed {
             self.webhooks.emit(
                 WEBHOOK_ROOM,
@@ -241,11 +270,212 @@ impl PeerJs {
         conns.len()
     }
 
+    /// Relay `text` (stamped with `src`) of type `ty` from `src` to `dst`: to a local socket,
+    /// to the node holding `dst` (located in the cluster first when unknown), or held. Awaited
+    /// by the sender's task, so one sender's messages keep their order.
+    async fn relay(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        src: &str,
+        ty: &str,
+        dst: &str,
+        text: String,
+    ) {
+        let droppable = ty == "LEAVE" || ty == "EXPIRE";
+        if let Some(r) = &self.router {
+            if self.lock().core.needs_lookup(dst) {
+                if let Located::On(node) = r.locate(dst).await {
+                    self.lock().core.set_remote(dst, &node);
+                }
+                // `Nowhere`: held here, and this node is told when it connects. `Unavailable`
+                // (Redis away): held here as in single-node mode.
+            }
+        }
+        let now = Instant::now();
+        let mut st = self.lock();
+        let out = match st.core.relay(now, src, ty, dst, text) {
+            Relayed::Deliver(d) => vec![d],
+            Relayed::Refused(d) => {
+                metrics.drops.with_label_values(&["peerjs_held_full"]).inc();
+                vec![d]
+            }
+            Relayed::Remote { node, text } => {
+                let msg = RemoteMsg::Relay {
+                    src: src.to_string(),
+                    dst: dst.to_string(),
+                    droppable,
+                    text,
+                };
+                // Sent under the lock, so a hand-over of held messages cannot overtake it.
+                let sent = self.router.as_ref().is_some_and(|r| r.send(&node, msg));
+                match (sent, st.core.conn_of(src)) {
+                    (false, Some(conn)) if !droppable => {
+                        metrics
+                            .drops
+                            .with_label_values(&["peerjs_cluster_unavailable"])
+                            .inc();
+                        vec![Deliver {
+                            conn,
+                            text: core::expire_text(dst, src),
+                        }]
+                    }
+                    _ => Vec::new(),
+                }
+            }
+            Relayed::Held | Relayed::Dropped => Vec::new(),
+        };
+        let timer = st.core.poll_timeout();
+        deliver(&mut st, out);
+        drop(st);
+        if timer.is_some() {
+            self.timer.notify_one();
+        }
+    }
+
+    /// A PeerJS message from node `from` (cluster mode).
+    pub fn on_remote(self: &Arc<Self>, from: &str, msg: RemoteMsg) {
+        let Some(r) = self.router.clone() else { return };
+        match msg {
+            RemoteMsg::Relay {
+                src,
+                dst,
+                droppable,
+                text,
+            } => {
+                let mut st = self.lock();
+                match st.core.conn_of(&dst) {
+                    Some(conn) => push(&mut st, conn, Out::Text(text)),
+                    // A session user's id reserved here for its resume window: held here.
+                    None if st.core.is_registered(&dst) => {
+                        let ty = if droppable { "LEAVE" } else { "OFFER" };
+                        let _ = st.core.relay(Instant::now(), &src, ty, &dst, text);
+                        drop(st);
+                        self.timer.notify_one();
+                    }
+                    None => {
+                        drop(st);
+                        r.send(
+                            from,
+                            RemoteMsg::Miss {
+                                src,
+                                dst,
+                                droppable,
+                                text,
+                            },
+                        );
+                    }
+                }
+            }
+            RemoteMsg::Miss {
+                src,
+                dst,
+                droppable,
+                text,
+            } => {
+                // The target left that node: hold the message here as for an id that is
+                // nowhere, and locate the id again.
+                let ty = if droppable { "LEAVE" } else { "OFFER" };
+                let held = self.apply(|c| {
+                    c.forget_remote(&dst);
+                    match c.relay(Instant::now(), &src, ty, &dst, text) {
+                        Relayed::Held => (true, Vec::new()),
+                        Relayed::Refused(d) => (false, vec![d]),
+                        Relayed::Deliver(d) => (false, vec![d]),
+                        Relayed::Remote { .. } | Relayed::Dropped => (false, Vec::new()),
+                    }
+                });
+                if held {
+                    let me = self.clone();
+                    let from = from.to_string();
+                    tokio::spawn(async move {
+                        // The node that missed may still name itself until its release lands.
+                        for _ in 0..20 {
+                            match r.locate(&dst).await {
+                                Located::On(node) if node == from => {
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                }
+                                Located::On(node) => return me.hand_over(&dst, &node),
+                                _ => return,
+                            }
+                        }
+                    });
+                }
+            }
+            RemoteMsg::Here { id } => self.hand_over(&id, from),
+            RemoteMsg::Kick { id } => {
+                // The holder reconnected on `from`: this socket goes, the claim is theirs.
+                if let Some(conn) = self.apply(|c| (c.remove(&id, "moved"), Vec::new())) {
+                    self.close_conn(conn, 4000, "taken back by the same holder");
+                }
+            }
+        }
+    }
+
+    /// `id` connected on `node`: send what is held for it there, in order, under the lock.
+    fn hand_over(&self, id: &str, node: &str) {
+        let Some(r) = &self.router else { return };
+        let mut st = self.lock();
+        for h in st.core.arrived_remote(id, node) {
+            r.send(
+                node,
+                RemoteMsg::Relay {
+                    src: h.src,
+                    dst: id.to_string(),
+                    droppable: false,
+                    text: h.text,
+                },
+            );
+        }
+    }
+
+    /// Keep this node's cluster-wide claims alive; an id another node claimed meanwhile (this
+    /// node was cut off from Redis) is closed here.
+    fn start_refresh(self: &Arc<Self>, lifecycle: &crate::lifecycle::Lifecycle) {
+        let Some(r) = self.router.clone() else { return };
+        let weak: Weak<PeerJs> = Arc::downgrade(self);
+        let stop = crate::lifecycle::shutdown_signal(lifecycle.subscribe());
+        tokio::spawn(async move {
+            let mut stop = std::pin::pin!(stop);
+            let mut tick = tokio::time::interval(r.refresh_every());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = &mut stop => return,
+                }
+                let Some(me) = weak.upgrade() else { return };
+                let ids: Vec<(String, String)> = me
+                    .lock()
+                    .core
+                    .claims()
+                    .into_iter()
+                    .map(|(id, token, user)| {
+                        let h = holder(&token, user.as_deref());
+                        (id, h)
+                    })
+                    .collect();
+                drop(me);
+                if ids.is_empty() {
+                    continue;
+                }
+                let lost = r.refresh(ids).await;
+                let Some(me) = weak.upgrade() else { return };
+                for id in lost {
+                    tracing::warn!("peerjs: an id of this node is claimed by another node");
+                    if let Some(conn) = me.apply(|c| (c.remove(&id, "moved"), Vec::new())) {
+                        me.close_conn(conn, 4000, "taken back by the same holder");
+                    }
+                }
+            }
+        });
+    }
+
     /// Start the one task that expires held messages and reservations, once per realm.
     fn ensure_timer(self: &Arc<Self>, lifecycle: &crate::lifecycle::Lifecycle) {
         if self.timer_started.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.start_refresh(lifecycle);
         let weak: Weak<PeerJs> = Arc::downgrade(self);
         let stop = crate::lifecycle::shutdown_signal(lifecycle.subscribe());
         tokio::spawn(async move {
