@@ -838,19 +838,18 @@ async fn relay_off_firefox_firefox_ends_with_the_named_error() {
 }
 
 /// The relay is down when the call starts and comes back once the watchdog has restarted ICE:
-/// the next restart gathers relay candidates and the call connects (Firefox ↔ Chromium).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_back_during_the_restarts_and_the_call_recovers() {
+/// the next restart gathers relay candidates and the call connects.
+async fn relay_back_during_the_restarts_and_the_call_recovers(ea: Engine, eb: Engine) {
     let _slot = browser_slot().await;
     let srv = start_with("udp = false\n", "").await;
     let base = format!("http://{}", srv.http_addr());
     let relay = RelaySwitch::start(srv.bound().tcp[0], false).await;
     let d = Driver::start().await;
-    d.screenshots_on_panic("relay_back", async {
+    d.screenshots_on_panic(&format!("relay_back-{}-{}", ea.name(), eb.name()), async {
         let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let test = json!({"turnVia": relay.port});
-        let a = person_in(&d, Engine::Firefox, "A", &pa, test.clone()).await;
-        let b = person_in(&d, Engine::Chromium, "B", &pb, test).await;
+        let a = person_in(&d, ea, "A", &pa, test.clone()).await;
+        let b = person_in(&d, eb, "B", &pb, test).await;
         let t0 = ui_start(&a, &b, &base, "?relay=1").await.unwrap();
         // Wait for the first ICE restart on either page, then bring the relay back.
         let restarted = "return (window.sbState.restarts || 0) >= 1";
@@ -864,9 +863,14 @@ async fn relay_back_during_the_restarts_and_the_call_recovers() {
         }
         relay.set(true);
         println!("relay back after {} ms", t0.elapsed().as_millis());
-        until_both_in_call(&a, &b, Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("the call did not recover once the relay was back:\n{e}"));
+        if let Err(e) = until_both_in_call(&a, &b, Duration::from_secs(30)).await {
+            let m = srv.shared().metrics.render();
+            let turn: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("switchboard_turn") && !l.ends_with(" 0"))
+                .collect();
+            panic!("the call did not recover once the relay was back:\n{e}\nserver: {turn:#?}");
+        }
         let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
         println!(
             "recovered after {} ms; A {} B {}",
@@ -884,6 +888,26 @@ async fn relay_back_during_the_restarts_and_the_call_recovers() {
     .await;
     srv.shutdown();
     srv.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_back_chromium_chromium_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Chromium, Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_back_firefox_chromium_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_back_chromium_firefox_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Chromium, Engine::Firefox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_back_firefox_firefox_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Firefox).await;
 }
 
 /// One batch of calls between a browser of engine `.0` (the caller, A) and one of engine `.1`
@@ -1016,4 +1040,115 @@ async fn firefox_calls_over_turn_tcp() {
         ],
     )
     .await;
+}
+
+/// The names on a page's tiles and whether each decodes relayed video, e.g.
+/// `[["P2#1a2b", true], ...]`, sorted.
+const TILES: &str = "return [...document.querySelectorAll('figure.tile')].map((t) => { \
+     const s = (window.sbState.tiles || []).find((x) => x.peerId === t.dataset.peer); \
+     return [t.querySelector('.name').textContent, \
+             !!s && s.framesDecoded > 0 && s.connectionType === 'relay' && s.phase === 'in call', \
+             t.querySelector('.path').textContent]; }).sort()";
+
+/// Wait until `page` shows exactly one tile per name in `others`, each decoding relayed video.
+async fn until_tiles(page: &Browser, others: &[&str]) -> Value {
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = page.js(TILES).await;
+        let tiles = v.as_array().cloned().unwrap_or_default();
+        let ok = tiles.len() == others.len()
+            && others.iter().all(|n| {
+                tiles.iter().any(|t| {
+                    t[0].as_str()
+                        .is_some_and(|s| s.starts_with(&format!("{n}#")))
+                        && t[1] == true
+                        && t[2] == "relay over UDP"
+                })
+            });
+        if ok && page.js("return window.sbState.state").await == "in call" {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "page {} does not show {others:?} decoding relayed video: {v}; state {}",
+            page.label(),
+            page.js("return window.sbState").await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A group call of four (`?max=4`, relay only), Chromium and Firefox mixed: every page decodes
+/// video from the three others, one tile each with the person's name and the path; one person
+/// hangs up and every other page drops that tile; a fifth person joins late and everyone sees
+/// them. The mute and camera buttons turn the local tracks off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_of_four_mesh_over_the_relay() {
+    use Engine::{Chromium as C, Firefox as F};
+    let _slot = browser_slot().await;
+    let srv = start_with("tcp = false\n", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    d.screenshots_on_panic("room_of_four", async {
+        let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+        let p1 = person_in(&d, C, "P1", &dirs[0], json!({})).await;
+        p1.go(&format!("{base}/?max=4&relay=1&name=P1&auto=1")).await;
+        let link = wait_js(&p1, "P1's shared link", "return window.sbState.link").await;
+        let link = link.as_str().unwrap().to_string();
+        let mut pages = vec![p1];
+        for (i, e) in [(2, F), (3, C), (4, F)] {
+            let p = person_in(&d, e, &format!("P{i}"), &dirs[i - 1], json!({})).await;
+            p.go(&format!("{link}&name=P{i}&auto=1")).await;
+            pages.push(p);
+        }
+        let names = ["P1", "P2", "P3", "P4"];
+        for (i, p) in pages.iter().enumerate() {
+            let others: Vec<&str> = names.iter().copied().filter(|n| *n != names[i]).collect();
+            let v = until_tiles(p, &others).await;
+            println!("{} ({}) shows {v}", p.label(), p.engine().name());
+        }
+        // The toggles: mute and camera off disable the local tracks; on again enables them.
+        let p2 = &pages[1];
+        p2.click("#mute").await;
+        p2.click("#camera").await;
+        let off = p2
+            .js("const s = document.getElementById('local').srcObject; \
+                 return s.getAudioTracks().every((t) => !t.enabled) && s.getVideoTracks().every((t) => !t.enabled) \
+                 && document.getElementById('mute').textContent === 'Unmute'")
+            .await;
+        assert_eq!(off, true, "mute and camera off disable the tracks");
+        p2.click("#mute").await;
+        p2.click("#camera").await;
+        let on = p2
+            .js("return document.getElementById('local').srcObject.getTracks().every((t) => t.enabled)")
+            .await;
+        assert_eq!(on, true, "mute and camera on again enable the tracks");
+
+        // P4 hangs up: the three others drop its tile.
+        let p4 = pages.pop().unwrap();
+        p4.click("#leave").await;
+        wait_js(&p4, "P4 to leave", "return window.sbState.state === 'left the call'").await;
+        p4.quit().await;
+        for (i, p) in pages.iter().enumerate() {
+            let others: Vec<&str> =
+                names[..3].iter().copied().filter(|n| *n != names[i]).collect();
+            until_tiles(p, &others).await;
+        }
+        // A fifth person joins late: everyone sees them, and they see everyone.
+        let p5 = person_in(&d, F, "P5", &dirs[4], json!({})).await;
+        p5.go(&format!("{link}&name=P5&auto=1")).await;
+        pages.push(p5);
+        let names = ["P1", "P2", "P3", "P5"];
+        for (i, p) in pages.iter().enumerate() {
+            let others: Vec<&str> = names.iter().copied().filter(|n| *n != names[i]).collect();
+            let v = until_tiles(p, &others).await;
+            println!("after P4 left and P5 joined, {} shows {v}", p.label());
+        }
+        for p in pages {
+            p.quit().await;
+        }
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
 }
