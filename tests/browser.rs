@@ -910,6 +910,33 @@ async fn relay_back_firefox_firefox_recovers() {
     relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Firefox).await;
 }
 
+/// The path the page names, in the words of `clients/js` `path()`, for getStats' selected pair.
+fn stats_path(v: &Value) -> String {
+    if v["localType"] == "relay" {
+        format!(
+            "relay over {}",
+            v["relayProtocol"].as_str().unwrap_or("udp").to_uppercase()
+        )
+    } else if v["remoteType"] == "relay" {
+        "relay (the other side's)".into()
+    } else {
+        "direct".into()
+    }
+}
+
+/// A page's stats once the path it shows agrees with the selected pair (ICE may switch pairs
+/// just after connecting, and the page reads its path every 500 ms); at most 5 s.
+async fn path_settled(b: &Browser) -> Value {
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = pc_stats(b).await;
+        if v["pagePath"] == stats_path(&v) || tokio::time::Instant::now() >= end {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// One batch of calls between a browser of engine `.0` (the caller, A) and one of engine `.1`
 /// (B), with the page query `.2` ("?relay=1" or ""), `.3` calls in a row.
 type Batch = (Engine, Engine, &'static str, usize);
@@ -940,7 +967,7 @@ async fn calls_in_a_row(name: &str, turn: &str, relay_protocol: &str, batches: &
             for i in 1..=n {
                 match ui_call(&a, &b, &base, query).await {
                     Ok(t) => {
-                        let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
+                        let (sa, sb) = tokio::join!(path_settled(&a), path_settled(&b));
                         println!(
                             "{name} {batch} {i:2}: connected in {:5} ms; A path {} ({}), B path {} ({})",
                             t.as_millis(),

@@ -60,6 +60,9 @@ const NO_CANDIDATE_MS = 4000;
 /** ICE still `new`/`checking` (or `disconnected`) this long after both descriptions are set:
  * restart. The polite side waits longer so that the two sides rarely restart at once. */
 const STUCK_MS = { impolite: 5000, polite: 7000 };
+/** ICE connected but no RTP packet received (while a transceiver receives) for this long:
+ * restart ICE. */
+const NO_MEDIA_MS = 5000;
 /** A negotiation (an offer without its answer) unfinished this long counts as stuck: roll back
  * and restart ICE. */
 const NEGOTIATION_MS = 5000;
@@ -458,7 +461,9 @@ export class Switchboard extends EventTarget {
     pc.oniceconnectionstatechange = () => {
       const ice = pc.iceConnectionState;
       if (ice === "connected" || ice === "completed") {
-        st.restarts = 0;
+        // A connection that carries media counts as recovered once packets arrive (the
+        // watchdog's stats), not merely when ICE connects.
+        if (!expectsMedia(pc)) st.restarts = 0;
         st.restarting = false;
         st.stuckSince = null;
       } else if (ice === "failed") {
@@ -499,10 +504,14 @@ export class Switchboard extends EventTarget {
         stats.forEach((r) => { if (r.type === "inbound-rtp") n += r.packetsReceived || 0; });
         st.packetsFlowing = n > (st.packets ?? n);
         st.packets = n;
+        if (st.packetsFlowing) st.restarts = 0;
+        if (expectsMedia(pc) && !st.packetsFlowing) st.silentSince ??= performance.now();
+        else st.silentSince = null;
         this._updatePhase(peerId, st);
       }, () => {});
     } else {
       st.packetsFlowing = false;
+      st.silentSince = null;
       this._updatePhase(peerId, st);
     }
     const now = performance.now();
@@ -522,6 +531,13 @@ export class Switchboard extends EventTarget {
       const was = pc.signalingState;
       pc.setLocalDescription({ type: "rollback" }).catch(() => {});
       this._restartIce(peerId, st, `the negotiation stayed in "${was}"`);
+      return;
+    }
+    if (connected && pc.signalingState === "stable" && st.silentSince !== null && now - st.silentSince >= NO_MEDIA_MS) {
+      // ICE and DTLS are up but no media arrives (seen in Firefox after restarts while the
+      // relay was down): restart rather than show "connecting" forever.
+      st.silentSince = null;
+      this._restartIce(peerId, st, "no media arrived over the connection");
       return;
     }
     const settled = pc.signalingState === "stable" && pc.localDescription && pc.remoteDescription;
@@ -616,10 +632,8 @@ export class Switchboard extends EventTarget {
       }
       if (data.restartIce) {
         // The polite side asks: restart unless our own restart is still being negotiated.
-        const ice = pc.iceConnectionState;
         const busy = st.makingOffer || pc.signalingState !== "stable";
-        if (!st.polite && !busy && ice !== "connected" && ice !== "completed")
-          this._restartIce(from, st, "the other side asked for an ICE restart");
+        if (!st.polite && !busy) this._restartIce(from, st, "the other side asked for an ICE restart");
         return;
       }
       if (data.description) {
@@ -703,6 +717,15 @@ export class Switchboard extends EventTarget {
     });
     return n;
   }
+}
+
+/**
+ * Whether a connection should be receiving RTP: some transceiver receives.
+ * @param {RTCPeerConnection} pc
+ * @returns {boolean}
+ */
+function expectsMedia(pc) {
+  return pc.getTransceivers().some((t) => t.currentDirection === "sendrecv" || t.currentDirection === "recvonly");
 }
 
 /**
