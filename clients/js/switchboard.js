@@ -464,6 +464,7 @@ export class Switchboard extends EventTarget {
         // A connection that carries media counts as recovered once packets arrive (the
         // watchdog's stats), not merely when ICE connects.
         if (!expectsMedia(pc)) st.restarts = 0;
+        st.iceErrors = []; // errors of earlier attempts no longer explain a failure
         st.restarting = false;
         st.stuckSince = null;
       } else if (ice === "failed") {
@@ -579,7 +580,8 @@ export class Switchboard extends EventTarget {
     st.mayOffer = true;
     this._emit("ice-restart", { peerId, attempt: st.restarts, reason });
     this._updatePhase(peerId, st);
-    if (st.polite) this._send({ type: "signal", to: peerId, data: { restartIce: st.restarts } });
+    const why = st.iceErrors.length ? st.iceErrors.join("; ") : reason;
+    if (st.polite) this._send({ type: "signal", to: peerId, data: { restartIce: st.restarts, why } });
     else st.pc.restartIce();
   }
 
@@ -626,14 +628,17 @@ export class Switchboard extends EventTarget {
     try {
       if (data.iceFailed) {
         // The other side gave up: end here too, with the same reason, rather than wait alone.
+        // Our own ICE errors (a TURN 401 here) explain it best; else the other side's reason.
         const { why, restarts } = data.iceFailed;
-        this._giveUp(from, st, `${why} (the other side gave up)`, restarts);
+        const mine = st.iceErrors.join("; ");
+        this._giveUp(from, st, mine || `${why} (the other side gave up)`, restarts);
         return;
       }
       if (data.restartIce) {
         // The polite side asks: restart unless our own restart is still being negotiated.
         const busy = st.makingOffer || pc.signalingState !== "stable";
-        if (!st.polite && !busy) this._restartIce(from, st, "the other side asked for an ICE restart");
+        const why = data.why ? ` (${data.why})` : "";
+        if (!st.polite && !busy) this._restartIce(from, st, `the other side asked for an ICE restart${why}`);
         return;
       }
       if (data.description) {

@@ -369,6 +369,33 @@ pub const FIREFOX_PREFS: &[(&str, &str)] = &[
     ("extensions.update.enabled", "false"),
 ];
 
+/// The prefs of the lab's Firefox: [`FIREFOX_PREFS`] without the loopback-only ones, plus the
+/// camera on the lab's plain-HTTP demo origin.
+pub const FIREFOX_LAB_PREFS: &[(&str, &str)] = &[
+    ("media.navigator.streams.fake", "true"),
+    ("media.navigator.permission.disabled", "true"),
+    ("media.peerconnection.ice.obfuscate_host_addresses", "false"),
+    ("media.devices.insecure.enabled", "true"),
+    ("media.getusermedia.insecure.enabled", "true"),
+    ("media.autoplay.default", "0"),
+    ("browser.shell.checkDefaultBrowser", "false"),
+    ("browser.startup.homepage_override.mstone", "\"ignore\""),
+    ("datareporting.policy.dataSubmissionEnabled", "false"),
+    ("toolkit.telemetry.reportingpolicy.firstRun", "false"),
+    ("app.update.disabledForTesting", "true"),
+    ("network.captive-portal-service.enabled", "false"),
+    ("network.connectivity-service.enabled", "false"),
+];
+
+/// Write `prefs` as the `user.js` of a fresh Firefox profile directory.
+pub fn firefox_profile(profile: &Path, prefs: &[(&str, &str)]) {
+    let text: String = prefs
+        .iter()
+        .map(|(k, v)| format!("user_pref(\"{k}\", {v});\n"))
+        .collect();
+    std::fs::write(profile.join("user.js"), text).expect("write user.js");
+}
+
 /// Which engine a test page runs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Engine {
@@ -393,11 +420,7 @@ impl Driver {
     /// with its process group when the returned [`Browser`] is dropped.
     pub async fn firefox(&self, label: &str, profile: &Path) -> Browser {
         use std::os::unix::process::CommandExt;
-        let prefs: String = FIREFOX_PREFS
-            .iter()
-            .map(|(k, v)| format!("user_pref(\"{k}\", {v});\n"))
-            .collect();
-        std::fs::write(profile.join("user.js"), prefs).expect("write user.js");
+        firefox_profile(profile, FIREFOX_PREFS);
         let port = free_port();
         let child = Command::new("firefox-esr")
             .args(["--headless", "--no-remote", "--profile"])
@@ -413,15 +436,22 @@ impl Driver {
                 panic!("start firefox-esr: {e} (firefox-esr: scripts/install-test-deps.sh)")
             });
         let proc = Proc(child);
+        self.firefox_attach(label, &format!("ws://127.0.0.1:{port}/session"), Some(proc))
+            .await
+    }
+
+    /// Drive a Firefox that something else started (e.g. inside a lab namespace) through its
+    /// BiDi endpoint `url` (`ws://host:port/session`); `proc`, if given, is killed on drop.
+    pub async fn firefox_attach(&self, label: &str, url: &str, proc: Option<Proc>) -> Browser {
         let mut conn = None;
         for _ in 0..300 {
-            if let Ok(c) = bidi::Conn::connect(&format!("ws://127.0.0.1:{port}/session")).await {
+            if let Ok(c) = bidi::Conn::connect(url).await {
                 conn = Some(c);
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let conn = conn.unwrap_or_else(|| panic!("Firefox {label}: no WebDriver BiDi on {port}"));
+        let conn = conn.unwrap_or_else(|| panic!("Firefox {label}: no WebDriver BiDi at {url}"));
         conn.cmd("session.new", json!({"capabilities": {}}))
             .await
             .unwrap_or_else(|e| panic!("Firefox {label}: session.new: {e}"));
@@ -464,7 +494,7 @@ impl Driver {
 
 /// A browser process started directly (Firefox): its whole process group is killed on drop, so
 /// no browser outlives a test, also when it panicked.
-struct Proc(Child);
+pub struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -598,7 +628,10 @@ enum Inner {
     /// A chromedriver session.
     Wd { http: reqwest::Client, url: String },
     /// A Firefox over BiDi, with its process.
-    Bidi { conn: Arc<bidi::Conn>, _proc: Proc },
+    Bidi {
+        conn: Arc<bidi::Conn>,
+        _proc: Option<Proc>,
+    },
 }
 
 /// One browser instance (a Chromium WebDriver session or a Firefox over BiDi) and its page;
