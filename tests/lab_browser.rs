@@ -126,7 +126,12 @@ async fn firefox(lab: &mut Lab, h: Host, home: &Home, label: &str) -> Browser {
     let local = lab.forward_tcp(h, 9222);
     let b = home
         .driver
-        .firefox_attach(label, &format!("ws://{local}/session"), None)
+        .firefox_attach(
+            label,
+            &format!("ws://{local}/session"),
+            Some("127.0.0.1:9222"),
+            None,
+        )
         .await;
     b.add_init_script(PC_WRAPPER).await;
     b

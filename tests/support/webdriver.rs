@@ -436,16 +436,28 @@ impl Driver {
                 panic!("start firefox-esr: {e} (firefox-esr: scripts/install-test-deps.sh)")
             });
         let proc = Proc(child);
-        self.firefox_attach(label, &format!("ws://127.0.0.1:{port}/session"), Some(proc))
-            .await
+        self.firefox_attach(
+            label,
+            &format!("ws://127.0.0.1:{port}/session"),
+            None,
+            Some(proc),
+        )
+        .await
     }
 
     /// Drive a Firefox that something else started (e.g. inside a lab namespace) through its
-    /// BiDi endpoint `url` (`ws://host:port/session`); `proc`, if given, is killed on drop.
-    pub async fn firefox_attach(&self, label: &str, url: &str, proc: Option<Proc>) -> Browser {
+    /// BiDi endpoint `url` (`ws://host:port/session`), sending `host` as the Host header when
+    /// given (a forwarded port); `proc`, if given, is killed on drop.
+    pub async fn firefox_attach(
+        &self,
+        label: &str,
+        url: &str,
+        host: Option<&str>,
+        proc: Option<Proc>,
+    ) -> Browser {
         let mut conn = None;
         for _ in 0..300 {
-            if let Ok(c) = bidi::Conn::connect(url).await {
+            if let Ok(c) = bidi::Conn::connect(url, host).await {
                 conn = Some(c);
                 break;
             }
@@ -528,11 +540,19 @@ pub mod bidi {
     }
 
     impl Conn {
-        /// Connect to a BiDi endpoint such as `ws://127.0.0.1:9222/session`.
-        pub async fn connect(url: &str) -> Result<Conn, String> {
+        /// Connect to a BiDi endpoint such as `ws://127.0.0.1:9222/session`. `host` replaces
+        /// the Host header (Firefox accepts only its own host and port there, which a
+        /// forwarded port does not match).
+        pub async fn connect(url: &str, host: Option<&str>) -> Result<Conn, String> {
             use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
             use tokio_tungstenite::tungstenite::Message;
-            let (ws, _) = tokio_tungstenite::connect_async(url)
+            let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+            if let Some(h) = host {
+                req.headers_mut()
+                    .insert("host", h.parse().map_err(|_| format!("bad host {h}"))?);
+            }
+            let (ws, _) = tokio_tungstenite::connect_async(req)
                 .await
                 .map_err(|e| e.to_string())?;
             let (mut sink, mut stream) = ws.split();
