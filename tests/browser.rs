@@ -896,7 +896,7 @@ async fn relay_back_chromium_chromium_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, 1 run in 3: after ICE restarts with the relay down, Firefox as the offerer sends RTP that the other side never receives (ICE and DTLS connected, persists across restarts); docs/testing.md"]
+#[ignore = "known bug (failed 3 runs of 3 at the last count): after ICE restarts with the relay down, Firefox as the offerer sends RTP that the other side never receives (ICE and DTLS connected, persists across restarts); docs/testing.md"]
 async fn relay_back_firefox_chromium_recovers() {
     relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Chromium).await;
 }
@@ -907,7 +907,7 @@ async fn relay_back_chromium_firefox_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug, 1 run in 3: after ICE restarts with the relay down, Firefox as the offerer sends RTP that the other side never receives (ICE and DTLS connected, persists across restarts); docs/testing.md"]
+#[ignore = "known bug (failed 3 runs of 3 at the last count): after ICE restarts with the relay down, Firefox as the offerer sends RTP that the other side never receives (ICE and DTLS connected, persists across restarts); docs/testing.md"]
 async fn relay_back_firefox_firefox_recovers() {
     relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Firefox).await;
 }

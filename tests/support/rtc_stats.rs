@@ -34,6 +34,10 @@ pub const PC_WRAPPER: &str = r#"(() => {
       });
     }
     setConfiguration(cfg) { return super.setConfiguration(spoil(cfg)); }
+    setLocalDescription(d, ...rest) {
+      if (d && d.type === "rollback") this.__sdp.push("rollback");
+      return super.setLocalDescription(d, ...rest);
+    }
     // IPv6 candidates are dropped: Firefox gathers the machine's global IPv6 address even with
     // ICE forced onto `lo`, and a call must stay on 127.0.0.1.
     addIceCandidate(c, ...rest) {
