@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs from Debian's packages: coturn's turnutils_* clients and
 # turnserver (interop and the side-by-side benchmark), promtool (metrics format check),
-# and Chromium with its driver (browser end-to-end tests); iproute2, iptables and nginx for the
+# Chromium with its driver and Firefox ESR (browser end-to-end tests; Firefox is driven over
+# WebDriver BiDi, so no geckodriver); iproute2, iptables and nginx for the
 # network lab (tests/lab: namespaces, NAT routers, a reverse proxy); clang, libbpf-dev and the
 # kernel's UAPI headers to build the eBPF program of the kernel offload (--features
 # kernel-offload), ethtool for its lab test; redis-server for the cluster-mode tests.
@@ -13,6 +14,7 @@ command -v turnutils_uclient >/dev/null 2>&1 || need+=(coturn)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v firefox-esr >/dev/null 2>&1 || need+=(firefox-esr)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)

@@ -21,7 +21,7 @@ mod rtc_stats;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 use rtc_stats::{PC_STATS, PC_WRAPPER};
-use webdriver::{Browser, Driver, LOOPBACK_UDP_FLAG};
+use webdriver::{Browser, Driver, Engine, LOOPBACK_UDP_FLAG};
 
 /// One browser pair at a time: six Chromium instances encoding video would starve two cores.
 static BROWSERS: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
@@ -343,7 +343,21 @@ async fn pc_stats(b: &Browser) -> Value {
 
 /// A Chromium instance with its own profile and the connection wrapper installed.
 async fn person(d: &Driver, label: &str, profile: &tempfile::TempDir, test: Value) -> Browser {
-    let b = d.browser(label, profile.path(), &[LOOPBACK_UDP_FLAG]).await;
+    person_in(d, Engine::Chromium, label, profile, test).await
+}
+
+/// A browser of `engine` (Chromium with [`LOOPBACK_UDP_FLAG`], or Firefox with its loopback
+/// prefs) with its own profile and the connection wrapper installed.
+async fn person_in(
+    d: &Driver,
+    engine: Engine,
+    label: &str,
+    profile: &tempfile::TempDir,
+    test: Value,
+) -> Browser {
+    let b = d
+        .open_engine(engine, label, profile.path(), &[LOOPBACK_UDP_FLAG])
+        .await;
     b.add_init_script(&format!("window.__sbTest = {test};"))
         .await;
     b.add_init_script(PC_WRAPPER).await;
@@ -431,6 +445,19 @@ async fn until_both_in_call(a: &Browser, b: &Browser, budget: Duration) -> Resul
 /// types a name and presses Enter. Returns the time from B's Enter until both pages are in the
 /// call with video decoded.
 async fn ui_call(a: &Browser, b: &Browser, base: &str, query: &str) -> Result<Duration, String> {
+    let t0 = ui_start(a, b, base, query).await?;
+    until_both_in_call(a, b, Duration::from_secs(20)).await?;
+    Ok(t0.elapsed())
+}
+
+/// The first part of [`ui_call`]: A starts a call, B opens the link and presses Enter. Returns
+/// the moment of B's Enter.
+async fn ui_start(
+    a: &Browser,
+    b: &Browser,
+    base: &str,
+    query: &str,
+) -> Result<std::time::Instant, String> {
     a.go(&format!("{base}/{query}")).await;
     a.type_into("#name", "Ann").await;
     a.click("#go").await;
@@ -455,8 +482,7 @@ async fn ui_call(a: &Browser, b: &Browser, base: &str, query: &str) -> Result<Du
     );
     let t0 = std::time::Instant::now();
     b.type_into("#name", "Bob\u{E007}").await;
-    until_both_in_call(a, b, Duration::from_secs(20)).await?;
-    Ok(t0.elapsed())
+    Ok(t0)
 }
 
 /// Both hang up with the visible button; the camera is released and the page says so.
@@ -673,6 +699,483 @@ async fn wrong_turn_credential_shows_a_clear_error() {
         assert_eq!(cam, true, "the camera is released after the error");
         a.quit().await;
         b.quit().await;
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// A TCP proxy in front of the server's TURN/TCP listener that the test switches on and off:
+/// while off, every connection is closed at once, as a relay that is down would be.
+struct RelaySwitch {
+    port: u16,
+    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelaySwitch {
+    async fn start(target: std::net::SocketAddr, on: bool) -> RelaySwitch {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(on));
+        let f = flag.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                if !f.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the relay is off
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut s) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                });
+            }
+        });
+        RelaySwitch {
+            port,
+            on: flag,
+            task,
+        }
+    }
+
+    fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for RelaySwitch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The client's watchdog budget (`GIVE_UP_WITHIN_MS` of clients/js/switchboard.js), read from
+/// the page's own module.
+async fn give_up_budget(b: &Browser) -> Duration {
+    let ms = b
+        .js("return (await import('/switchboard.js')).GIVE_UP_WITHIN_MS")
+        .await;
+    Duration::from_millis(
+        ms.as_u64()
+            .unwrap_or_else(|| panic!("GIVE_UP_WITHIN_MS: {ms}")),
+    )
+}
+
+/// A relay-only call with the relay off cannot connect: the watchdogs of both pages restart
+/// ICE (both see "no candidate" at the same tick, so both want to restart at once), and both
+/// pages must end with the named error within the watchdog's budget, never stuck in
+/// "reconnecting" or back at "waiting for a peer".
+async fn relay_off_call_ends_with_the_named_error(ea: Engine, eb: Engine) {
+    let _slot = browser_slot().await;
+    let srv = start_with("udp = false\n", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let relay = RelaySwitch::start(srv.bound().tcp[0], false).await;
+    let d = Driver::start().await;
+    let name = format!("relay_off-{}-{}", ea.name(), eb.name());
+    d.screenshots_on_panic(&name, async {
+        let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let test = json!({"turnVia": relay.port});
+        let a = person_in(&d, ea, "A", &pa, test.clone()).await;
+        let b = person_in(&d, eb, "B", &pb, test).await;
+        let t0 = ui_start(&a, &b, &base, "?relay=1")
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let budget = give_up_budget(&a).await;
+        let ended = |v: &Value| {
+            v["page"] == "error"
+                && v["errorText"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("Could not connect to") && t.contains("ICE restarts"))
+        };
+        let (mut done_a, mut done_b) = (None, None);
+        loop {
+            let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
+            assert_honest("A", &sa);
+            assert_honest("B", &sb);
+            if done_a.is_none() && ended(&sa) {
+                done_a = Some((t0.elapsed(), sa["errorText"].clone()));
+            }
+            if done_b.is_none() && ended(&sb) {
+                done_b = Some((t0.elapsed(), sb["errorText"].clone()));
+            }
+            if let (Some(ta), Some(tb)) = (&done_a, &done_b) {
+                println!("{name}: A ended after {} ms: {}", ta.0.as_millis(), ta.1);
+                println!("{name}: B ended after {} ms: {}", tb.0.as_millis(), tb.1);
+                break;
+            }
+            assert!(
+                t0.elapsed() < budget,
+                "{name}: not both pages ended with the named error within {budget:?}:\nA: {sa}\nB: {sb}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        a.quit().await;
+        b.quit().await;
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_off_chromium_chromium_ends_with_the_named_error() {
+    relay_off_call_ends_with_the_named_error(Engine::Chromium, Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_off_firefox_chromium_ends_with_the_named_error() {
+    relay_off_call_ends_with_the_named_error(Engine::Firefox, Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_off_chromium_firefox_ends_with_the_named_error() {
+    relay_off_call_ends_with_the_named_error(Engine::Chromium, Engine::Firefox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_off_firefox_firefox_ends_with_the_named_error() {
+    relay_off_call_ends_with_the_named_error(Engine::Firefox, Engine::Firefox).await;
+}
+
+/// The relay is down when the call starts and comes back once the watchdog has restarted ICE:
+/// the next restart gathers relay candidates and the call connects.
+async fn relay_back_during_the_restarts_and_the_call_recovers(ea: Engine, eb: Engine) {
+    let _slot = browser_slot().await;
+    let srv = start_with("udp = false\n", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let relay = RelaySwitch::start(srv.bound().tcp[0], false).await;
+    let d = Driver::start().await;
+    d.screenshots_on_panic(&format!("relay_back-{}-{}", ea.name(), eb.name()), async {
+        let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let test = json!({"turnVia": relay.port});
+        let a = person_in(&d, ea, "A", &pa, test.clone()).await;
+        let b = person_in(&d, eb, "B", &pb, test).await;
+        let t0 = ui_start(&a, &b, &base, "?relay=1").await.unwrap();
+        // Wait for the first ICE restart on either page, then bring the relay back.
+        let restarted = "return (window.sbState.restarts || 0) >= 1";
+        let end = tokio::time::Instant::now() + Duration::from_secs(30);
+        while a.js(restarted).await != true && b.js(restarted).await != true {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "no ICE restart while the relay was off"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        relay.set(true);
+        println!("relay back after {} ms", t0.elapsed().as_millis());
+        if let Err(e) = until_both_in_call(&a, &b, Duration::from_secs(30)).await {
+            let m = srv.shared().metrics.render();
+            let turn: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with("switchboard_turn") && !l.ends_with(" 0"))
+                .collect();
+            panic!("the call did not recover once the relay was back:\n{e}\nserver: {turn:#?}");
+        }
+        let (sa, sb) = tokio::join!(pc_stats(&a), pc_stats(&b));
+        println!(
+            "recovered after {} ms; A {} B {}",
+            t0.elapsed().as_millis(),
+            sa["pagePath"],
+            sb["pagePath"]
+        );
+        for s in [&sa, &sb] {
+            assert_eq!(s["localType"], "relay", "{s}");
+            assert_eq!(s["error"], Value::Null, "{s}");
+        }
+        a.quit().await;
+        b.quit().await;
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_back_chromium_chromium_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Chromium, Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug (failed 3 runs of 3 at the last count): after ICE restarts with the relay down, Firefox as the offerer sends RTP that the other side never receives (ICE and DTLS connected, persists across restarts); docs/testing.md"]
+async fn relay_back_firefox_chromium_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_back_chromium_firefox_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Chromium, Engine::Firefox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug (failed 3 runs of 3 at the last count): after ICE restarts with the relay down, Firefox as the offerer sends RTP that the other side never receives (ICE and DTLS connected, persists across restarts); docs/testing.md"]
+async fn relay_back_firefox_firefox_recovers() {
+    relay_back_during_the_restarts_and_the_call_recovers(Engine::Firefox, Engine::Firefox).await;
+}
+
+/// The path the page names, in the words of `clients/js` `path()`, for getStats' selected pair.
+fn stats_path(v: &Value) -> String {
+    if v["localType"] == "relay" {
+        format!(
+            "relay over {}",
+            v["relayProtocol"].as_str().unwrap_or("udp").to_uppercase()
+        )
+    } else if v["remoteType"] == "relay" {
+        "relay (the other side's)".into()
+    } else {
+        "direct".into()
+    }
+}
+
+/// A page's stats once the path it shows agrees with the selected pair (ICE may switch pairs
+/// just after connecting, and the page reads its path every 500 ms); at most 5 s.
+async fn path_settled(b: &Browser) -> Value {
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = pc_stats(b).await;
+        if v["pagePath"] == stats_path(&v) || tokio::time::Instant::now() >= end {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One batch of calls between a browser of engine `.0` (the caller, A) and one of engine `.1`
+/// (B), with the page query `.2` ("?relay=1" or ""), `.3` calls in a row.
+type Batch = (Engine, Engine, &'static str, usize);
+
+/// Calls in a row through the page, batch by batch, each with a fresh pair of browsers. Every
+/// call must connect within 20 s with video decoded on both sides, over the relay with
+/// `relay_protocol` when the batch is relay-only, or directly otherwise. Prints the time to
+/// connect of each call and the p50 and max.
+async fn calls_in_a_row(name: &str, turn: &str, relay_protocol: &str, batches: &[Batch]) {
+    let _slot = browser_slot().await;
+    let srv = start_with(turn, "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    let t_all = std::time::Instant::now();
+    d.screenshots_on_panic(name, async {
+        let mut times = Vec::new();
+        let mut failures = Vec::new();
+        for &(ea, eb, query, n) in batches {
+            let batch = format!(
+                "{}->{} {}",
+                ea.name(),
+                eb.name(),
+                if query.is_empty() { "direct" } else { "relay" }
+            );
+            let (pa, pb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let a = person_in(&d, ea, "A", &pa, json!({})).await;
+            let b = person_in(&d, eb, "B", &pb, json!({})).await;
+            for i in 1..=n {
+                match ui_call(&a, &b, &base, query).await {
+                    Ok(t) => {
+                        let (sa, sb) = tokio::join!(path_settled(&a), path_settled(&b));
+                        println!(
+                            "{name} {batch} {i:2}: connected in {:5} ms; A path {} ({}), B path {} ({})",
+                            t.as_millis(),
+                            sa["pagePath"],
+                            sa["localType"],
+                            sb["pagePath"],
+                            sb["localType"]
+                        );
+                        for (who, s) in [("A", &sa), ("B", &sb)] {
+                            if query.is_empty() {
+                                assert_eq!(s["pagePath"], "direct", "{batch} {who}: {s}");
+                                assert_ne!(s["localType"], "relay", "{batch} {who}: {s}");
+                            } else {
+                                assert_eq!(s["localType"], "relay", "{batch} {who}: {s}");
+                                assert_eq!(
+                                    s["pagePath"],
+                                    format!("relay over {}", relay_protocol.to_uppercase()),
+                                    "{batch} {who}: {s}"
+                                );
+                            }
+                        }
+                        times.push(t);
+                    }
+                    Err(e) => {
+                        println!("{name} {batch} {i:2}: did NOT connect within 20 s\n{e}");
+                        d.screenshot_all(&format!("{name}-{i}")).await;
+                        failures.push(format!("{batch} {i}"));
+                    }
+                }
+                hang_up(&a, &b).await;
+            }
+            a.quit().await;
+            b.quit().await;
+        }
+        let mut sorted = times.clone();
+        sorted.sort();
+        if !sorted.is_empty() {
+            println!(
+                "{name}: time to connect over {} calls: p50 {} ms, max {} ms; {} s in all",
+                sorted.len(),
+                percentile(&sorted, 0.5).as_millis(),
+                sorted[sorted.len() - 1].as_millis(),
+                t_all.elapsed().as_secs()
+            );
+        }
+        assert!(failures.is_empty(), "calls that did not connect: {failures:?}");
+    })
+    .await;
+    srv.shutdown();
+    srv.wait().await;
+}
+
+/// Firefox ↔ Chromium, both ways round: 10 relay-only calls over TURN/UDP and 10 direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_and_chromium_calls_all_connect() {
+    use Engine::{Chromium as C, Firefox as F};
+    calls_in_a_row(
+        "firefox_chromium",
+        "tcp = false\n",
+        "udp",
+        &[
+            (F, C, "?relay=1", 5),
+            (C, F, "?relay=1", 5),
+            (F, C, "", 5),
+            (C, F, "", 5),
+        ],
+    )
+    .await;
+}
+
+/// Firefox ↔ Firefox: 10 relay-only calls over TURN/UDP and 10 direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_and_firefox_calls_all_connect() {
+    use Engine::Firefox as F;
+    calls_in_a_row(
+        "firefox_firefox",
+        "tcp = false\n",
+        "udp",
+        &[(F, F, "?relay=1", 10), (F, F, "", 10)],
+    )
+    .await;
+}
+
+/// Relay-only over `turn:` TCP (the server has no UDP listener): Firefox ↔ Chromium both ways
+/// and Firefox ↔ Firefox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_calls_over_turn_tcp() {
+    use Engine::{Chromium as C, Firefox as F};
+    calls_in_a_row(
+        "firefox_tcp",
+        "udp = false\n",
+        "tcp",
+        &[
+            (F, C, "?relay=1", 2),
+            (C, F, "?relay=1", 2),
+            (F, F, "?relay=1", 2),
+        ],
+    )
+    .await;
+}
+
+/// The names on a page's tiles and whether each decodes relayed video, e.g.
+/// `[["P2#1a2b", true], ...]`, sorted.
+const TILES: &str = "return [...document.querySelectorAll('figure.tile')].map((t) => { \
+     const s = (window.sbState.tiles || []).find((x) => x.peerId === t.dataset.peer); \
+     return [t.querySelector('.name').textContent, \
+             !!s && s.framesDecoded > 0 && s.connectionType === 'relay' && s.phase === 'in call', \
+             t.querySelector('.path').textContent]; }).sort()";
+
+/// Wait until `page` shows exactly one tile per name in `others`, each decoding relayed video.
+async fn until_tiles(page: &Browser, others: &[&str]) -> Value {
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = page.js(TILES).await;
+        let tiles = v.as_array().cloned().unwrap_or_default();
+        let ok = tiles.len() == others.len()
+            && others.iter().all(|n| {
+                tiles.iter().any(|t| {
+                    t[0].as_str()
+                        .is_some_and(|s| s.starts_with(&format!("{n}#")))
+                        && t[1] == true
+                        && t[2] == "relay over UDP"
+                })
+            });
+        if ok && page.js("return window.sbState.state").await == "in call" {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "page {} does not show {others:?} decoding relayed video: {v}; state {}",
+            page.label(),
+            page.js("return window.sbState").await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A group call of four (`?max=4`, relay only), Chromium and Firefox mixed: every page decodes
+/// video from the three others, one tile each with the person's name and the path; one person
+/// hangs up and every other page drops that tile; a fifth person joins late and everyone sees
+/// them. The mute and camera buttons turn the local tracks off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_of_four_mesh_over_the_relay() {
+    use Engine::{Chromium as C, Firefox as F};
+    let _slot = browser_slot().await;
+    let srv = start_with("tcp = false\n", "").await;
+    let base = format!("http://{}", srv.http_addr());
+    let d = Driver::start().await;
+    d.screenshots_on_panic("room_of_four", async {
+        let dirs: Vec<_> = (0..5).map(|_| tempfile::tempdir().unwrap()).collect();
+        let p1 = person_in(&d, C, "P1", &dirs[0], json!({})).await;
+        p1.go(&format!("{base}/?max=4&relay=1&name=P1&auto=1")).await;
+        let link = wait_js(&p1, "P1's shared link", "return window.sbState.link").await;
+        let link = link.as_str().unwrap().to_string();
+        let mut pages = vec![p1];
+        for (i, e) in [(2, F), (3, C), (4, F)] {
+            let p = person_in(&d, e, &format!("P{i}"), &dirs[i - 1], json!({})).await;
+            p.go(&format!("{link}&name=P{i}&auto=1")).await;
+            pages.push(p);
+        }
+        let names = ["P1", "P2", "P3", "P4"];
+        for (i, p) in pages.iter().enumerate() {
+            let others: Vec<&str> = names.iter().copied().filter(|n| *n != names[i]).collect();
+            let v = until_tiles(p, &others).await;
+            println!("{} ({}) shows {v}", p.label(), p.engine().name());
+        }
+        // The toggles: mute and camera off disable the local tracks; on again enables them.
+        let p2 = &pages[1];
+        p2.click("#mute").await;
+        p2.click("#camera").await;
+        let off = p2
+            .js("const s = document.getElementById('local').srcObject; \
+                 return s.getAudioTracks().every((t) => !t.enabled) && s.getVideoTracks().every((t) => !t.enabled) \
+                 && document.getElementById('mute').textContent === 'Unmute'")
+            .await;
+        assert_eq!(off, true, "mute and camera off disable the tracks");
+        p2.click("#mute").await;
+        p2.click("#camera").await;
+        let on = p2
+            .js("return document.getElementById('local').srcObject.getTracks().every((t) => t.enabled)")
+            .await;
+        assert_eq!(on, true, "mute and camera on again enable the tracks");
+
+        // P4 hangs up: the three others drop its tile.
+        let p4 = pages.pop().unwrap();
+        p4.click("#leave").await;
+        wait_js(&p4, "P4 to leave", "return window.sbState.state === 'left the call'").await;
+        p4.quit().await;
+        for (i, p) in pages.iter().enumerate() {
+            let others: Vec<&str> =
+                names[..3].iter().copied().filter(|n| *n != names[i]).collect();
+            until_tiles(p, &others).await;
+        }
+        // A fifth person joins late: everyone sees them, and they see everyone.
+        let p5 = person_in(&d, F, "P5", &dirs[4], json!({})).await;
+        p5.go(&format!("{link}&name=P5&auto=1")).await;
+        pages.push(p5);
+        let names = ["P1", "P2", "P3", "P5"];
+        for (i, p) in pages.iter().enumerate() {
+            let others: Vec<&str> = names.iter().copied().filter(|n| *n != names[i]).collect();
+            let v = until_tiles(p, &others).await;
+            println!("after P4 left and P5 joined, {} shows {v}", p.label());
+        }
+        for p in pages {
+            p.quit().await;
+        }
     })
     .await;
     srv.shutdown();

@@ -22,7 +22,7 @@ use lab::{sa, Host, Lab, ROUTER3, SERVER};
 use rtc_stats::{PC_STATS, PC_WRAPPER};
 use serde_json::Value;
 use std::time::Duration;
-use webdriver::{Browser, Driver};
+use webdriver::{Browser, Driver, Engine};
 
 /// Where the homes load the demo page: the server's public address, plain HTTP.
 const ORIGIN: &str = "http://203.0.113.10:8080";
@@ -105,6 +105,41 @@ async fn home(lab: &mut Lab, h: Host) -> Home {
     }
 }
 
+/// A headless Firefox ESR inside `h` (fresh profile with [`webdriver::FIREFOX_LAB_PREFS`]),
+/// driven over WebDriver BiDi through a forwarded port, with the connection wrapper installed.
+/// `home`'s driver registers it for screenshots; the lab kills it when dropped.
+async fn firefox(lab: &mut Lab, h: Host, home: &Home, label: &str) -> Browser {
+    let dir = home.profile.path().join("firefox");
+    std::fs::create_dir_all(&dir).expect("firefox profile dir");
+    webdriver::firefox_profile(&dir, webdriver::FIREFOX_LAB_PREFS);
+    let dir = dir.display().to_string();
+    lab.spawn(
+        h,
+        &format!("firefox-{h:?}"),
+        "firefox-esr",
+        &[
+            "--headless",
+            "--no-remote",
+            "--profile",
+            &dir,
+            "--remote-debugging-port=9222",
+            "about:blank",
+        ],
+    );
+    let local = lab.forward_tcp(h, 9222);
+    let b = home
+        .driver
+        .firefox_attach(
+            label,
+            &format!("ws://{local}/session"),
+            Some("127.0.0.1:9222"),
+            None,
+        )
+        .await;
+    b.add_init_script(PC_WRAPPER).await;
+    b
+}
+
 /// A Chromium instance in `home` that may use the camera on the plain-HTTP demo origin, with
 /// the connection wrapper installed.
 async fn chromium(home: &Home, label: &str) -> Browser {
@@ -177,7 +212,16 @@ async fn chromium_in_two_natted_homes_calls_over_the_relay_with_the_shipped_conf
     let Some(mut lab) = Lab::start("chromium_in_two_natted_homes_calls_over_the_relay") else {
         return;
     };
-    call_over_the_relay(&mut lab, &[]).await;
+    call_over_the_relay(&mut lab, &[], Engine::Chromium).await;
+}
+
+/// The same call with Firefox ESR in home 1 (over WebDriver BiDi) and Chromium in home 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_and_chromium_in_two_natted_homes_call_over_the_relay() {
+    let Some(mut lab) = Lab::start("firefox_and_chromium_in_two_natted_homes") else {
+        return;
+    };
+    call_over_the_relay(&mut lab, &[], Engine::Firefox).await;
 }
 
 /// The same call with `turn.kernel_offload = "on"`: the eBPF program relays the media. The
@@ -193,7 +237,12 @@ async fn chromium_call_through_the_kernel_offload() {
         lab.exec_ok(h, "ethtool", &["-K", "e0", "tx", "off"])
             .expect("ethtool -K e0 tx off");
     }
-    call_over_the_relay(&mut lab, &[("SWITCHBOARD_TURN__KERNEL_OFFLOAD", "on")]).await;
+    call_over_the_relay(
+        &mut lab,
+        &[("SWITCHBOARD_TURN__KERNEL_OFFLOAD", "on")],
+        Engine::Chromium,
+    )
+    .await;
     assert!(
         lab.log("switchboard")
             .contains("turn kernel offload active"),
@@ -221,14 +270,18 @@ async fn chromium_call_through_the_kernel_offload() {
     }
 }
 
-/// Two Chromium instances in the NATed homes call each other on the shipped config (with
-/// `extra` environment) and ICE settles on a relay; video flows both ways.
-async fn call_over_the_relay(lab: &mut Lab, extra: &[(&str, &str)]) {
+/// Two browsers in the NATed homes (home 1's of engine `first`, home 2's Chromium) call each
+/// other on the shipped config (with `extra` environment) and ICE settles on a relay; video
+/// flows both ways.
+async fn call_over_the_relay(lab: &mut Lab, extra: &[(&str, &str)], first: Engine) {
     let _slot = browser_slot().await;
     start_shipped(lab, extra);
     let h1 = home(lab, Host::Home1).await;
     let h2 = home(lab, Host::Home2).await;
-    let a = chromium(&h1, "home1").await;
+    let a = match first {
+        Engine::Chromium => chromium(&h1, "home1").await,
+        Engine::Firefox => firefox(lab, Host::Home1, &h1, "home1").await,
+    };
     let b = chromium(&h2, "home2").await;
     let drivers = [&h1.driver, &h2.driver];
     screenshots_on_panic(&drivers, "lab_relay", async {

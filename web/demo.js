@@ -1,8 +1,9 @@
-// The demo call page: give a name, start a call (or open a shared link and join it), see both
-// videos, the call's real state and its path (direct, or relay over UDP/TCP/TLS) from
-// getStats. URL switches: ?room=ID is a shared link, ?relay=1 forces TURN, ?name=N fills the
-// name, ?auto=1 starts without a click, ?glare=1 makes both sides offer at once (to see
-// collision handling at work).
+// The demo call page: give a name, start a call (or open a shared link and join it), see every
+// other person's video in its own tile with their name, the call's real state and the path
+// (direct, or relay over UDP/TCP/TLS) from getStats. A call is a mesh: one RTCPeerConnection per
+// other person. URL switches: ?room=ID is a shared link, ?max=N makes a room for up to N people
+// (2 to 16; without it the server's default), ?relay=1 forces TURN, ?name=N fills the name, ?auto=1 starts without a
+// click, ?glare=1 makes both sides offer at once (to see collision handling at work).
 import { Switchboard, MAX_ICE_RESTARTS } from "/switchboard.js";
 
 const $ = (id) => document.getElementById(id);
@@ -10,7 +11,9 @@ const params = new URLSearchParams(location.search);
 const relayOnly = params.get("relay") === "1";
 const invitedTo = params.get("room");
 const glare = params.get("glare") === "1";
-// Exposed for tests and for poking around in the console.
+const max = Math.min(16, Math.max(2, Number(params.get("max")) || 2));
+// Exposed for tests and for poking around in the console. The single-peer fields (path,
+// connectionType, framesDecoded, restarts) describe the first other person; `tiles` has all.
 window.sbState = {
   state: "idle",
   room: null,
@@ -23,13 +26,16 @@ window.sbState = {
   error: null,
   notice: null,
   messages: [],
+  tiles: [],
+  muted: false,
+  cameraOff: false,
 };
 
 let sb = null;
 let stream = null; // the one camera stream; reused on a retry, stopped on leave or error
 let ticker = null;
 let busy = false;
-let peerAway = false;
+const away = new Set(); // peers whose signaling socket dropped (peer-reconnecting)
 
 if (params.get("name")) $("name").value = params.get("name");
 if (invitedTo) {
@@ -64,6 +70,26 @@ function fail(e) {
   end("error");
 }
 
+/** The tile (a figure with the video, the name, the path and the state) of one peer. */
+function tile(peerId, name) {
+  let t = document.querySelector(`figure.tile[data-peer="${CSS.escape(peerId)}"]`);
+  if (!t) {
+    t = document.createElement("figure");
+    t.className = "tile";
+    t.dataset.peer = peerId;
+    t.innerHTML = '<figcaption><span class="name"></span> · <span class="phase">connecting</span>' +
+      ' · <span class="path">–</span></figcaption><video autoplay muted playsinline></video>';
+    $("tiles").append(t);
+  }
+  if (name) t.querySelector(".name").textContent = name;
+  return t;
+}
+
+function dropTile(peerId) {
+  document.querySelector(`figure.tile[data-peer="${CSS.escape(peerId)}"]`)?.remove();
+  away.delete(peerId);
+}
+
 /** Leave the call (if any), stop the camera, and offer the form again. */
 function end(state) {
   clearInterval(ticker);
@@ -74,8 +100,11 @@ function end(state) {
   if (stream) for (const t of stream.getTracks()) t.stop();
   stream = null;
   $("local").srcObject = null;
-  $("remote").srcObject = null;
+  $("tiles").replaceChildren();
+  away.clear();
+  window.sbState.tiles = [];
   $("leave").hidden = true;
+  $("toggles").hidden = true;
   $("start").hidden = false;
   $("go").textContent = invitedTo ? "Join the call" : "Start a call";
   $("path").textContent = "–";
@@ -83,44 +112,71 @@ function end(state) {
   setState(state);
 }
 
-/** What the page says, from the client's state: never "in call" before media flows. */
+/** What the page says, from the client's state: never "in call" before media flows to and
+ * from everyone who is still reachable. */
 function render() {
   if (!sb) return;
-  const [st] = sb.peers.values();
   if (sb.resuming) return setState("reconnecting");
-  if (!st) return setState(sb.room ? "waiting for a peer" : "joining");
-  if (peerAway && st.phase !== "in call") return setState("the other person is reconnecting");
-  setState(st.phase);
-  if (st.phase === "in call") notice(null);
+  const live = [...sb.peers.entries()].filter(([, st]) => !st.failed);
+  for (const [peerId, st] of sb.peers) tile(peerId).querySelector(".phase").textContent = away.has(peerId) && st.phase !== "in call" ? "reconnecting" : st.phase;
+  if (!live.length) return setState(sb.room ? "waiting for a peer" : "joining");
+  const phases = live.map(([peerId, st]) => (away.has(peerId) && st.phase !== "in call" ? "away" : st.phase));
+  if (phases.every((p) => p === "in call")) {
+    setState("in call");
+    notice(null);
+  } else if (phases.includes("away")) setState(live.length === 1 ? "the other person is reconnecting" : "someone is reconnecting");
+  else if (phases.includes("reconnecting")) setState("reconnecting");
+  else setState("connecting");
 }
 
 async function tick() {
   if (!sb) return;
-  const [peerId] = sb.peers.keys();
   const s = window.sbState;
   s.peers = sb.peers.size;
   s.resumes = sb.resumes;
-  if (peerId) {
-    const st = sb.peers.get(peerId);
-    const { pc } = st;
+  const tiles = [];
+  for (const [peerId, st] of [...sb.peers]) {
+    const [path, type, frames] = await Promise.all([sb.path(peerId), sb.connectionType(peerId), sb.framesDecoded(peerId)]);
+    if (sb?.peers.get(peerId) !== st) continue;
+    tile(peerId).querySelector(".path").textContent = path || "–";
+    tiles.push({ peerId, name: st.userId, phase: st.phase, path, connectionType: type, framesDecoded: frames });
+  }
+  if (!sb) return;
+  s.tiles = tiles;
+  const [first] = sb.peers.values();
+  if (first) {
+    const { pc } = first;
     s.signalingState = pc.signalingState;
     s.iceState = pc.iceConnectionState;
     s.gathering = pc.iceGatheringState;
     s.descriptions = [pc.localDescription?.type, pc.remoteDescription?.type];
-    s.restarts = st.restarts;
-    s.iceErrors = st.iceErrors;
-    const [path, type, frames] = await Promise.all([sb.path(peerId), sb.connectionType(peerId), sb.framesDecoded(peerId)]);
-    if (sb?.peers.get(peerId) !== st) return;
-    s.path = path;
-    s.connectionType = type;
-    s.framesDecoded = frames;
-    $("path").textContent = path || "–";
-    $("frames").textContent = frames;
+    s.restarts = first.restarts;
+    s.iceErrors = first.iceErrors;
+    s.path = tiles[0]?.path ?? null;
+    s.connectionType = tiles[0]?.connectionType ?? null;
+    s.framesDecoded = tiles[0]?.framesDecoded ?? 0;
   } else {
     s.path = null;
-    $("path").textContent = "–";
+    s.connectionType = null;
   }
+  $("path").textContent = s.path || "–";
+  $("frames").textContent = tiles.map((t) => t.framesDecoded).join(" / ") || "0";
   render();
+}
+
+/** Mute the microphone, or turn the camera off (the tracks stay, sending silence/black). */
+function toggle(kind) {
+  if (!stream) return;
+  const tracks = kind === "audio" ? stream.getAudioTracks() : stream.getVideoTracks();
+  const off = tracks.some((t) => t.enabled);
+  for (const t of tracks) t.enabled = !off;
+  if (kind === "audio") {
+    window.sbState.muted = off;
+    $("mute").textContent = off ? "Unmute" : "Mute";
+  } else {
+    window.sbState.cameraOff = off;
+    $("camera").textContent = off ? "Camera on" : "Camera off";
+  }
 }
 
 async function start(roomToJoin) {
@@ -137,22 +193,24 @@ async function start(roomToJoin) {
       stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: true });
     }
     $("local").srcObject = stream;
+    $("toggles").hidden = false;
+    $("mute").textContent = "Mute";
+    $("camera").textContent = "Camera off";
+    window.sbState.muted = false;
+    window.sbState.cameraOff = false;
     const name = $("name").value.trim() || "guest";
     $("local-label").textContent = `You (${name})`;
     sb = new Switchboard({ credentials: { name }, stream, relayOnly, offerOnJoin: glare });
     window.sb = sb;
-    sb.addEventListener("peer", (ev) => {
-      $("remote-label").textContent = ev.detail.userId || "The other person";
-    });
-    sb.addEventListener("track", (ev) => { $("remote").srcObject = ev.detail.stream; });
-    sb.addEventListener("peer-left", () => {
-      $("remote").srcObject = null;
-      $("remote-label").textContent = "The other person";
-      peerAway = false;
+    sb.addEventListener("peer", (ev) => { tile(ev.detail.peerId, ev.detail.userId || "guest"); render(); });
+    sb.addEventListener("track", (ev) => { tile(ev.detail.peerId).querySelector("video").srcObject = ev.detail.stream; });
+    sb.addEventListener("peer-left", (ev) => {
+      dropTile(ev.detail.peerId);
+      if (!sb?.peers.size) notice(null);
       render();
     });
-    sb.addEventListener("peer-reconnecting", () => { peerAway = true; render(); });
-    sb.addEventListener("peer-resumed", () => { peerAway = false; render(); });
+    sb.addEventListener("peer-reconnecting", (ev) => { away.add(ev.detail.peerId); render(); });
+    sb.addEventListener("peer-resumed", (ev) => { away.delete(ev.detail.peerId); render(); });
     sb.addEventListener("peer-state", render);
     sb.addEventListener("disconnected", render);
     sb.addEventListener("resumed", () => { window.sbState.resumes = sb.resumes; render(); });
@@ -165,13 +223,20 @@ async function start(roomToJoin) {
       notice(`Restarting the connection (attempt ${ev.detail.attempt} of ${MAX_ICE_RESTARTS}): ${ev.detail.reason}.`);
     });
     sb.addEventListener("error", (ev) => {
-      if (["ice_failed", "replaced", "kicked", "room_closed"].includes(ev.detail.code)) fail(ev.detail);
-      else notice(ev.detail.message || ev.detail.code);
+      const d = ev.detail;
+      if (d.code === "ice_failed" && [...sb.peers.values()].some((st) => !st.failed)) {
+        // One person of a group cannot be reached: say so, drop their tile, stay with the rest.
+        $("error").textContent = d.message;
+        window.sbState.error = d.code;
+        dropTile(d.peerId);
+        render();
+      } else if (["ice_failed", "replaced", "kicked", "room_closed"].includes(d.code)) fail(d);
+      else notice(d.message || d.code);
     });
     sb.addEventListener("message", (ev) => window.sbState.messages.push(ev.detail.data));
     setState("logging in");
     await sb.connect();
-    const room = roomToJoin || (await sb.createRoom());
+    const room = roomToJoin || (await sb.createRoom(undefined, params.has("max") ? max : undefined));
     await sb.join(room);
     window.sbState.room = room;
     const link = `${location.origin}/?room=${encodeURIComponent(room)}${relayOnly ? "&relay=1" : ""}${glare ? "&glare=1" : ""}`;
@@ -199,5 +264,7 @@ $("leave").onclick = () => {
   $("share").innerHTML = "";
   end("left the call");
 };
+$("mute").onclick = () => toggle("audio");
+$("camera").onclick = () => toggle("video");
 addEventListener("pagehide", () => { if (sb) sb.close(); });
 if (params.get("auto") === "1") start(invitedTo);

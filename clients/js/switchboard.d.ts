@@ -10,6 +10,10 @@ export function describeIceError(e: {
 }): string;
 /** ICE restarts per outage before giving up with an error. */
 export const MAX_ICE_RESTARTS: 3;
+/** The watchdog's budget: a call that cannot connect ends with an `ice_failed` error on both
+ * sides within this long of its connection being made (each restart waits at most a stuck
+ * negotiation plus a stuck ICE check of the polite side, plus the first offer's wait). */
+export const GIVE_UP_WITHIN_MS: number;
 /** A refusal from the server, with its error `code` (docs/protocol.md, docs/http-api.md). */
 export class SwitchboardError extends Error {
     /**
@@ -131,8 +135,14 @@ export class Switchboard extends EventTarget {
     private _negotiate;
     /** Watchdog tick: restart ICE on a connection that is not getting anywhere. @private */
     private _watch;
-    /** @private */
+    /**
+     * Restart ICE (impolite side) or ask the other side to (polite side); after MAX_ICE_RESTARTS
+     * give up, tell the other side, and report `ice_failed`.
+     * @private
+     */
     private _restartIce;
+    /** Stop trying to reach a peer and report why. @private */
+    private _giveUp;
     /** Recompute a peer's phase: connecting, in call, reconnecting or failed. @private */
     private _updatePhase;
     /** @private */

@@ -8,6 +8,14 @@
 // offer may never start gathering). Perfect negotiation still resolves renegotiation, ICE
 // restarts and real collisions. A watchdog restarts ICE when a connection gathers nothing or
 // stays in `new`/`checking`, a bounded number of times, then reports why it gave up.
+//
+// ICE restarts: only the impolite side restarts ICE. When the polite side's watchdog fires
+// first, it asks the impolite side to restart (`{restartIce}` signal) rather than make a restart
+// offer of its own, so two restart offers never cross (Chromium rejects a Firefox restart
+// offer that collides with its own, and both sides then waited for an answer forever). The
+// watchdog also acts on a negotiation stuck in `have-local-offer`/`have-remote-offer`: it rolls
+// back and restarts (or asks for one). The side that gives up tells the other (`{iceFailed}`),
+// so both pages end with the same named error within GIVE_UP_WITHIN_MS.
 
 /**
  * The answer of `POST /v1/login` (docs/http-api.md).
@@ -52,10 +60,20 @@ const NO_CANDIDATE_MS = 4000;
 /** ICE still `new`/`checking` (or `disconnected`) this long after both descriptions are set:
  * restart. The polite side waits longer so that the two sides rarely restart at once. */
 const STUCK_MS = { impolite: 5000, polite: 7000 };
+/** ICE connected but no RTP packet received (while a transceiver receives) for this long:
+ * restart ICE. */
+const NO_MEDIA_MS = 5000;
+/** A negotiation (an offer without its answer) unfinished this long counts as stuck: roll back
+ * and restart ICE. */
+const NEGOTIATION_MS = 5000;
 /** The newcomer offers itself if the first offer has not come after this long. */
 const FIRST_OFFER_MS = 6000;
 /** ICE restarts per outage before giving up with an error. */
 export const MAX_ICE_RESTARTS = 3;
+/** The watchdog's budget: a call that cannot connect ends with an `ice_failed` error on both
+ * sides within this long of its connection being made (each restart waits at most a stuck
+ * negotiation plus a stuck ICE check of the polite side, plus the first offer's wait). */
+export const GIVE_UP_WITHIN_MS = FIRST_OFFER_MS + (MAX_ICE_RESTARTS + 1) * (NEGOTIATION_MS + STUCK_MS.polite);
 
 /**
  * An `icecandidateerror` in words a person can act on.
@@ -407,7 +425,9 @@ export class Switchboard extends EventTarget {
       gathered: 0, // candidates gathered since the last (re)start of ICE
       restarts: 0, // ICE restarts in this outage
       restarting: false,
+      lastRestart: 0, // when we last restarted (impolite) or asked for a restart (polite)
       stuckSince: null,
+      unsettledSince: null, // when the current offer/answer exchange began
       iceErrors: [], // recent icecandidateerror texts, newest last
       failed: false,
       phase: "connecting",
@@ -441,7 +461,10 @@ export class Switchboard extends EventTarget {
     pc.oniceconnectionstatechange = () => {
       const ice = pc.iceConnectionState;
       if (ice === "connected" || ice === "completed") {
-        st.restarts = 0;
+        // A connection that carries media counts as recovered once packets arrive (the
+        // watchdog's stats), not merely when ICE connects.
+        if (!expectsMedia(pc)) st.restarts = 0;
+        st.iceErrors = []; // errors of earlier attempts no longer explain a failure
         st.restarting = false;
         st.stuckSince = null;
       } else if (ice === "failed") {
@@ -482,10 +505,14 @@ export class Switchboard extends EventTarget {
         stats.forEach((r) => { if (r.type === "inbound-rtp") n += r.packetsReceived || 0; });
         st.packetsFlowing = n > (st.packets ?? n);
         st.packets = n;
+        if (st.packetsFlowing) st.restarts = 0;
+        if (expectsMedia(pc) && !st.packetsFlowing) st.silentSince ??= performance.now();
+        else st.silentSince = null;
         this._updatePhase(peerId, st);
       }, () => {});
     } else {
       st.packetsFlowing = false;
+      st.silentSince = null;
       this._updatePhase(peerId, st);
     }
     const now = performance.now();
@@ -495,8 +522,27 @@ export class Switchboard extends EventTarget {
       this._negotiate(peerId, st);
       return;
     }
+    const connected = ice === "connected" || ice === "completed";
+    if (pc.signalingState === "stable") st.unsettledSince = null;
+    else st.unsettledSince ??= now;
+    if (!connected && st.unsettledSince !== null && now - st.unsettledSince >= NEGOTIATION_MS) {
+      // An offer whose answer never came (lost, or refused by the other side): roll it back and
+      // start over, counted as an ICE restart.
+      st.unsettledSince = null;
+      const was = pc.signalingState;
+      pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+      this._restartIce(peerId, st, `the negotiation stayed in "${was}"`);
+      return;
+    }
+    if (connected && pc.signalingState === "stable" && st.silentSince !== null && now - st.silentSince >= NO_MEDIA_MS) {
+      // ICE and DTLS are up but no media arrives (seen in Firefox after restarts while the
+      // relay was down): restart rather than show "connecting" forever.
+      st.silentSince = null;
+      this._restartIce(peerId, st, "no media arrived over the connection");
+      return;
+    }
     const settled = pc.signalingState === "stable" && pc.localDescription && pc.remoteDescription;
-    if (!settled || ice === "connected" || ice === "completed") {
+    if (!settled || connected) {
       st.stuckSince = null;
       return;
     }
@@ -511,26 +557,42 @@ export class Switchboard extends EventTarget {
     }
   }
 
-  /** @private */
+  /**
+   * Restart ICE (impolite side) or ask the other side to (polite side); after MAX_ICE_RESTARTS
+   * give up, tell the other side, and report `ice_failed`.
+   * @private
+   */
   _restartIce(peerId, st, reason) {
     if (st.failed) return;
     if (st.restarts >= MAX_ICE_RESTARTS) {
-      st.failed = true;
-      clearInterval(st.watch);
       const why = st.iceErrors.length ? st.iceErrors.join("; ") : reason;
-      const message = `Could not connect to ${st.userId || "the other person"}: ${why} (after ${st.restarts} ICE restarts).`;
-      this._updatePhase(peerId, st);
-      this._emit("error", { code: "ice_failed", message, peerId });
+      this._send({ type: "signal", to: peerId, data: { iceFailed: { why, restarts: st.restarts } } });
+      this._giveUp(peerId, st, why, st.restarts);
       return;
     }
+    // The polite side waits for its request to be served before it asks again.
+    if (st.polite && performance.now() - st.lastRestart < STUCK_MS.polite) return;
     st.restarts++;
     st.restarting = true;
+    st.lastRestart = performance.now();
     st.stuckSince = null;
     st.gathered = 0;
     st.mayOffer = true;
     this._emit("ice-restart", { peerId, attempt: st.restarts, reason });
     this._updatePhase(peerId, st);
-    st.pc.restartIce();
+    const why = st.iceErrors.length ? st.iceErrors.join("; ") : reason;
+    if (st.polite) this._send({ type: "signal", to: peerId, data: { restartIce: st.restarts, why } });
+    else st.pc.restartIce();
+  }
+
+  /** Stop trying to reach a peer and report why. @private */
+  _giveUp(peerId, st, why, restarts) {
+    if (st.failed) return;
+    st.failed = true;
+    clearInterval(st.watch);
+    const message = `Could not connect to ${st.userId || "the other person"}: ${why} (after ${restarts} ICE restarts).`;
+    this._updatePhase(peerId, st);
+    this._emit("error", { code: "ice_failed", message, peerId });
   }
 
   /** Recompute a peer's phase: connecting, in call, reconnecting or failed. @private */
@@ -564,11 +626,28 @@ export class Switchboard extends EventTarget {
     if (st.failed) return;
     const { pc } = st;
     try {
+      if (data.iceFailed) {
+        // The other side gave up: end here too, with the same reason, rather than wait alone.
+        // Our own ICE errors (a TURN 401 here) explain it best; else the other side's reason.
+        const { why, restarts } = data.iceFailed;
+        const mine = st.iceErrors.join("; ");
+        this._giveUp(from, st, mine || `${why} (the other side gave up)`, restarts);
+        return;
+      }
+      if (data.restartIce) {
+        // The polite side asks: restart unless our own restart is still being negotiated.
+        const busy = st.makingOffer || pc.signalingState !== "stable";
+        const why = data.why ? ` (${data.why})` : "";
+        if (!st.polite && !busy) this._restartIce(from, st, `the other side asked for an ICE restart${why}`);
+        return;
+      }
       if (data.description) {
         const d = data.description;
         const collision = d.type === "offer" && (st.makingOffer || pc.signalingState !== "stable");
         st.ignoreOffer = !st.polite && collision;
         if (st.ignoreOffer) return;
+        // The polite side rolls its own offer back explicitly before taking the other's.
+        if (collision && pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
         await pc.setRemoteDescription(d);
         // Candidates that came with an offer we ignored in a glare still name the peer's
         // addresses (the polite side keeps its ICE agent through the rollback). With relay
@@ -646,6 +725,15 @@ export class Switchboard extends EventTarget {
 }
 
 /**
+ * Whether a connection should be receiving RTP: some transceiver receives.
+ * @param {RTCPeerConnection} pc
+ * @returns {boolean}
+ */
+function expectsMedia(pc) {
+  return pc.getTransceivers().some((t) => t.currentDirection === "sendrecv" || t.currentDirection === "recvonly");
+}
+
+/**
  * The candidate pair ICE selected, from the transport's report; with `orNominated`, a
  * succeeded nominated pair where the browser names no selected pair.
  * @param {RTCStatsReport} stats
@@ -657,6 +745,11 @@ function selectedPair(stats, orNominated) {
   stats.forEach((r) => {
     if (r.type === "transport" && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId);
   });
+  // Firefox has no transport stats: it marks the pair in use with a non-standard `selected`.
+  if (!pair)
+    stats.forEach((r) => {
+      if (r.type === "candidate-pair" && r.selected) pair = r;
+    });
   if (!pair && orNominated)
     stats.forEach((r) => {
       if (r.type === "candidate-pair" && r.state === "succeeded" && r.nominated) pair = r;

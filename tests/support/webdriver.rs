@@ -1,5 +1,6 @@
-//! A small W3C WebDriver client for chromedriver and Debian's Chromium, shared by the tests
-//! that drive real browsers.
+//! A small browser driver for the tests that use real browsers: Debian's Chromium through
+//! chromedriver (W3C WebDriver over HTTP) and Debian's Firefox ESR over WebDriver BiDi (one
+//! WebSocket, no geckodriver), behind one [`Browser`] API.
 //!
 //! - [`Launch`] starts chromedriver, optionally behind a command prefix (for example
 //!   `ip netns exec sblab-home1`) and with extra chromedriver flags; [`Driver::attach`] talks to
@@ -92,7 +93,24 @@ impl Chromium {
     }
 }
 
-type Registry = Arc<Mutex<Vec<(String, String)>>>;
+/// An open page for failure screenshots: a WebDriver session URL, or a Firefox BiDi connection.
+#[derive(Clone)]
+enum Handle {
+    Wd(String),
+    Bidi(Arc<bidi::Conn>),
+}
+
+impl Handle {
+    fn same(&self, other: &Handle) -> bool {
+        match (self, other) {
+            (Handle::Wd(a), Handle::Wd(b)) => a == b,
+            (Handle::Bidi(a), Handle::Bidi(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+type Registry = Arc<Mutex<Vec<(String, Handle)>>>;
 
 /// A chromedriver process (or one started elsewhere) and an HTTP client for it.
 pub struct Driver {
@@ -231,10 +249,12 @@ impl Driver {
         self.open
             .lock()
             .unwrap()
-            .push((c.label.clone(), url.clone()));
+            .push((c.label.clone(), Handle::Wd(url.clone())));
         Browser {
-            http: self.http.clone(),
-            url,
+            inner: Inner::Wd {
+                http: self.http.clone(),
+                url,
+            },
             label: c.label.clone(),
             open: self.open.clone(),
         }
@@ -261,9 +281,13 @@ impl Driver {
     pub async fn screenshot_all(&self, name: &str) {
         let dir = screenshot_dir();
         let open = self.open.lock().unwrap().clone();
-        for (label, url) in open {
+        for (label, h) in open {
             let path = dir.join(format!("{name}-{label}.png"));
-            match screenshot(&self.http, &url, &path).await {
+            let r = match h {
+                Handle::Wd(url) => screenshot(&self.http, &url, &path).await,
+                Handle::Bidi(c) => c.screenshot(&path).await,
+            };
+            match r {
                 Ok(()) => eprintln!("screenshot of page {label}: {}", path.display()),
                 Err(e) => eprintln!("no screenshot of page {label}: {e}"),
             }
@@ -322,13 +346,326 @@ async fn call(
     Ok(value)
 }
 
-/// One Chromium instance (a WebDriver session) and its page.
+/// Prefs every test Firefox gets (written to its fresh profile's `user.js`): fake camera and
+/// microphone without a prompt, loopback STUN/TURN allowed (Firefox skips loopback candidates
+/// by default), host candidates as real addresses rather than mDNS names, ICE kept on `lo` so
+/// that a call stays on loopback, and no background traffic.
+pub const FIREFOX_PREFS: &[(&str, &str)] = &[
+    ("media.navigator.streams.fake", "true"),
+    ("media.navigator.permission.disabled", "true"),
+    ("media.peerconnection.ice.loopback", "true"),
+    ("media.peerconnection.ice.obfuscate_host_addresses", "false"),
+    ("media.peerconnection.ice.force_interface", "\"lo\""),
+    ("media.autoplay.default", "0"),
+    ("browser.shell.checkDefaultBrowser", "false"),
+    ("browser.startup.homepage_override.mstone", "\"ignore\""),
+    ("datareporting.policy.dataSubmissionEnabled", "false"),
+    ("toolkit.telemetry.reportingpolicy.firstRun", "false"),
+    ("app.update.disabledForTesting", "true"),
+    ("network.captive-portal-service.enabled", "false"),
+    ("network.connectivity-service.enabled", "false"),
+    ("browser.safebrowsing.malware.enabled", "false"),
+    ("browser.safebrowsing.phishing.enabled", "false"),
+    ("extensions.update.enabled", "false"),
+];
+
+/// The prefs of the lab's Firefox: [`FIREFOX_PREFS`] without the loopback-only ones, plus the
+/// camera on the lab's plain-HTTP demo origin.
+pub const FIREFOX_LAB_PREFS: &[(&str, &str)] = &[
+    ("media.navigator.streams.fake", "true"),
+    ("media.navigator.permission.disabled", "true"),
+    ("media.peerconnection.ice.obfuscate_host_addresses", "false"),
+    ("media.devices.insecure.enabled", "true"),
+    ("media.getusermedia.insecure.enabled", "true"),
+    ("media.autoplay.default", "0"),
+    ("browser.shell.checkDefaultBrowser", "false"),
+    ("browser.startup.homepage_override.mstone", "\"ignore\""),
+    ("datareporting.policy.dataSubmissionEnabled", "false"),
+    ("toolkit.telemetry.reportingpolicy.firstRun", "false"),
+    ("app.update.disabledForTesting", "true"),
+    ("network.captive-portal-service.enabled", "false"),
+    ("network.connectivity-service.enabled", "false"),
+];
+
+/// Write `prefs` as the `user.js` of a fresh Firefox profile directory.
+pub fn firefox_profile(profile: &Path, prefs: &[(&str, &str)]) {
+    let text: String = prefs
+        .iter()
+        .map(|(k, v)| format!("user_pref(\"{k}\", {v});\n"))
+        .collect();
+    std::fs::write(profile.join("user.js"), text).expect("write user.js");
+}
+
+/// Which engine a test page runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Chromium,
+    Firefox,
+}
+
+impl Engine {
+    /// A short name for labels and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Chromium => "chromium",
+            Engine::Firefox => "firefox",
+        }
+    }
+}
+
+impl Driver {
+    /// A new headless Firefox ESR instance (Debian's `firefox-esr`) with a fresh profile in
+    /// `profile` holding [`FIREFOX_PREFS`], driven over WebDriver BiDi on a free loopback port.
+    /// It is registered for [`Driver::screenshots_on_panic`] like a Chromium page, and killed
+    /// with its process group when the returned [`Browser`] is dropped.
+    pub async fn firefox(&self, label: &str, profile: &Path) -> Browser {
+        use std::os::unix::process::CommandExt;
+        firefox_profile(profile, FIREFOX_PREFS);
+        let port = free_port();
+        let child = Command::new("firefox-esr")
+            .args(["--headless", "--no-remote", "--profile"])
+            .arg(profile)
+            .args(["--width", "1000", "--height", "800"])
+            .arg(format!("--remote-debugging-port={port}"))
+            .arg("about:blank")
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("start firefox-esr: {e} (firefox-esr: scripts/install-test-deps.sh)")
+            });
+        let proc = Proc(child);
+        self.firefox_attach(
+            label,
+            &format!("ws://127.0.0.1:{port}/session"),
+            None,
+            Some(proc),
+        )
+        .await
+    }
+
+    /// Drive a Firefox that something else started (e.g. inside a lab namespace) through its
+    /// BiDi endpoint `url` (`ws://host:port/session`), sending `host` as the Host header when
+    /// given (a forwarded port); `proc`, if given, is killed on drop.
+    pub async fn firefox_attach(
+        &self,
+        label: &str,
+        url: &str,
+        host: Option<&str>,
+        proc: Option<Proc>,
+    ) -> Browser {
+        let mut conn = None;
+        for _ in 0..300 {
+            if let Ok(c) = bidi::Conn::connect(url, host).await {
+                conn = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let conn = conn.unwrap_or_else(|| panic!("Firefox {label}: no WebDriver BiDi at {url}"));
+        conn.cmd("session.new", json!({"capabilities": {}}))
+            .await
+            .unwrap_or_else(|e| panic!("Firefox {label}: session.new: {e}"));
+        let tree = conn
+            .cmd("browsingContext.getTree", json!({}))
+            .await
+            .unwrap_or_else(|e| panic!("Firefox {label}: getTree: {e}"));
+        let ctx = tree["contexts"][0]["context"]
+            .as_str()
+            .unwrap_or_else(|| panic!("Firefox {label}: no browsing context: {tree}"))
+            .to_string();
+        *conn.context.lock().unwrap() = ctx;
+        let conn = Arc::new(conn);
+        self.open
+            .lock()
+            .unwrap()
+            .push((label.to_string(), Handle::Bidi(conn.clone())));
+        Browser {
+            inner: Inner::Bidi { conn, _proc: proc },
+            label: label.into(),
+            open: self.open.clone(),
+        }
+    }
+
+    /// A page in `engine`: Chromium with [`CHROMIUM_FLAGS`] plus `chromium_extra`, or Firefox
+    /// with [`FIREFOX_PREFS`].
+    pub async fn open_engine(
+        &self,
+        engine: Engine,
+        label: &str,
+        profile: &Path,
+        chromium_extra: &[&str],
+    ) -> Browser {
+        match engine {
+            Engine::Chromium => self.browser(label, profile, chromium_extra).await,
+            Engine::Firefox => self.firefox(label, profile).await,
+        }
+    }
+}
+
+/// A browser process started directly (Firefox): its whole process group is killed on drop, so
+/// no browser outlives a test, also when it panicked.
+pub struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A minimal WebDriver BiDi client (JSON commands over one WebSocket), enough to drive a page.
+pub mod bidi {
+    use serde_json::{json, Value};
+    use std::collections::HashMap;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::sync::{mpsc, oneshot};
+
+    type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+
+    /// One BiDi connection; commands are matched to answers by id, events are ignored.
+    pub struct Conn {
+        tx: mpsc::UnboundedSender<String>,
+        waiting: Waiting,
+        next: AtomicU64,
+        /// The top-level browsing context the tests drive.
+        pub context: Mutex<String>,
+    }
+
+    impl Conn {
+        /// Connect to a BiDi endpoint such as `ws://127.0.0.1:9222/session`. `host` replaces
+        /// the Host header (Firefox accepts only its own host and port there, which a
+        /// forwarded port does not match).
+        pub async fn connect(url: &str, host: Option<&str>) -> Result<Conn, String> {
+            use futures_util::{SinkExt, StreamExt};
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            use tokio_tungstenite::tungstenite::Message;
+            let mut req = url.into_client_request().map_err(|e| e.to_string())?;
+            if let Some(h) = host {
+                req.headers_mut()
+                    .insert("host", h.parse().map_err(|_| format!("bad host {h}"))?);
+            }
+            let (ws, _) = tokio_tungstenite::connect_async(req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sink, mut stream) = ws.split();
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            let waiting: Waiting = Arc::default();
+            tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
+                    if sink.send(Message::Text(m.into())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let w = waiting.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = stream.next().await {
+                    let Message::Text(t) = m else { continue };
+                    let Ok(v) = serde_json::from_str::<Value>(&t) else {
+                        continue;
+                    };
+                    if let Some(id) = v["id"].as_u64() {
+                        if let Some(s) = w.lock().unwrap().remove(&id) {
+                            let _ = s.send(v);
+                        }
+                    }
+                }
+                w.lock().unwrap().clear();
+            });
+            Ok(Conn {
+                tx,
+                waiting,
+                next: AtomicU64::new(1),
+                context: Mutex::new(String::new()),
+            })
+        }
+
+        /// Send one command and wait (at most 60 s) for its result; `Err` carries BiDi's error.
+        pub async fn cmd(&self, method: &str, params: Value) -> Result<Value, String> {
+            self.cmd_within(method, params, Duration::from_secs(60))
+                .await
+        }
+
+        /// [`Conn::cmd`] with its own time limit.
+        pub async fn cmd_within(
+            &self,
+            method: &str,
+            params: Value,
+            limit: Duration,
+        ) -> Result<Value, String> {
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            let (s, r) = oneshot::channel();
+            self.waiting.lock().unwrap().insert(id, s);
+            let msg = json!({"id": id, "method": method, "params": params});
+            self.tx
+                .send(msg.to_string())
+                .map_err(|_| format!("{method}: connection closed"))?;
+            let v = tokio::time::timeout(limit, r)
+                .await
+                .map_err(|_| format!("{method}: no answer in {limit:?}"))?
+                .map_err(|_| format!("{method}: connection closed"))?;
+            if v["type"] == "error" {
+                return Err(format!("{method}: {}: {}", v["error"], v["message"]));
+            }
+            Ok(v["result"].clone())
+        }
+
+        /// The driven browsing context.
+        pub fn ctx(&self) -> String {
+            self.context.lock().unwrap().clone()
+        }
+
+        /// Save a PNG of the viewport.
+        pub async fn screenshot(&self, path: &Path) -> Result<(), String> {
+            use base64::Engine;
+            let v = self
+                .cmd_within(
+                    "browsingContext.captureScreenshot",
+                    json!({"context": self.ctx()}),
+                    Duration::from_secs(15),
+                )
+                .await?;
+            let b64 = v["data"]
+                .as_str()
+                .ok_or_else(|| format!("screenshot: {v}"))?;
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| e.to_string())?;
+            std::fs::write(path, png).map_err(|e| e.to_string())
+        }
+    }
+}
+
+enum Inner {
+    /// A chromedriver session.
+    Wd { http: reqwest::Client, url: String },
+    /// A Firefox over BiDi, with its process.
+    Bidi {
+        conn: Arc<bidi::Conn>,
+        _proc: Option<Proc>,
+    },
+}
+
+/// One browser instance (a Chromium WebDriver session or a Firefox over BiDi) and its page;
+/// the same calls drive both.
 pub struct Browser {
-    http: reqwest::Client,
-    url: String,
+    inner: Inner,
     label: String,
     open: Registry,
 }
+
+/// Runs a WebDriver-style script body (`arguments` holds the arguments; it may `await`) and
+/// hands its value back as JSON text, for BiDi's `script.callFunction`.
+const BIDI_WRAP: &str = "async function(__json) {\n  const __f = async function() {\n";
+const BIDI_WRAP_END: &str = "\n  };\n  const __r = await __f.apply(window, JSON.parse(__json));\n  return JSON.stringify(__r === undefined ? null : __r);\n}";
 
 impl Browser {
     /// The label given at launch.
@@ -336,36 +673,109 @@ impl Browser {
         &self.label
     }
 
+    /// Which engine this page runs in.
+    pub fn engine(&self) -> Engine {
+        match self.inner {
+            Inner::Wd { .. } => Engine::Chromium,
+            Inner::Bidi { .. } => Engine::Firefox,
+        }
+    }
+
     async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        call(&self.http, method, &format!("{}{path}", self.url), body)
+        let Inner::Wd { http, url } = &self.inner else {
+            panic!("page {}: {path} is a WebDriver command", self.label)
+        };
+        call(http, method, &format!("{url}{path}"), body)
             .await
             .unwrap_or_else(|e| panic!("page {}: {path}: {e}", self.label))
     }
 
+    async fn bidi(&self, method: &str, params: Value) -> Value {
+        let Inner::Bidi { conn, .. } = &self.inner else {
+            panic!("page {}: {method} is a BiDi command", self.label)
+        };
+        conn.cmd(method, params)
+            .await
+            .unwrap_or_else(|e| panic!("page {}: {e}", self.label))
+    }
+
+    fn ctx(&self) -> String {
+        match &self.inner {
+            Inner::Bidi { conn, .. } => conn.ctx(),
+            Inner::Wd { .. } => String::new(),
+        }
+    }
+
     /// Navigate and wait for the load event.
     pub async fn go(&self, url: &str) {
-        self.cmd(reqwest::Method::POST, "/url", Some(json!({"url": url})))
-            .await;
+        match &self.inner {
+            Inner::Wd { .. } => {
+                self.cmd(reqwest::Method::POST, "/url", Some(json!({"url": url})))
+                    .await;
+            }
+            Inner::Bidi { .. } => {
+                self.bidi(
+                    "browsingContext.navigate",
+                    json!({"context": self.ctx(), "url": url, "wait": "complete"}),
+                )
+                .await;
+            }
+        }
     }
 
     /// The page's current URL.
     pub async fn current_url(&self) -> String {
-        self.cmd(reqwest::Method::GET, "/url", None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        match &self.inner {
+            Inner::Wd { .. } => self
+                .cmd(reqwest::Method::GET, "/url", None)
+                .await
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            Inner::Bidi { .. } => self
+                .js("return location.href")
+                .await
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        }
     }
 
     /// Run `script` (a function body; `arguments` holds `args`) and return its value. A promise
     /// returned by the script is awaited.
     pub async fn js_args(&self, script: &str, args: Value) -> Value {
-        self.cmd(
-            reqwest::Method::POST,
-            "/execute/sync",
-            Some(json!({"script": script, "args": args})),
-        )
-        .await
+        match &self.inner {
+            Inner::Wd { .. } => {
+                self.cmd(
+                    reqwest::Method::POST,
+                    "/execute/sync",
+                    Some(json!({"script": script, "args": args})),
+                )
+                .await
+            }
+            Inner::Bidi { .. } => {
+                let r = self
+                    .bidi(
+                        "script.callFunction",
+                        json!({
+                            "functionDeclaration": format!("{BIDI_WRAP}{script}{BIDI_WRAP_END}"),
+                            "arguments": [{"type": "string", "value": args.to_string()}],
+                            "target": {"context": self.ctx()},
+                            "awaitPromise": true,
+                            "resultOwnership": "none",
+                        }),
+                    )
+                    .await;
+                if r["type"] == "exception" {
+                    panic!(
+                        "page {}: script threw: {}",
+                        self.label, r["exceptionDetails"]["text"]
+                    );
+                }
+                let text = r["result"]["value"].as_str().unwrap_or("null");
+                serde_json::from_str(text).unwrap_or(Value::Null)
+            }
+        }
     }
 
     /// [`Browser::js_args`] without arguments.
@@ -374,74 +784,167 @@ impl Browser {
     }
 
     /// Run `source` in every document this page loads from now on, before the page's own
-    /// scripts (Chromium's `Page.addScriptToEvaluateOnNewDocument`).
+    /// scripts (Chromium's `Page.addScriptToEvaluateOnNewDocument`, BiDi's preload scripts).
     pub async fn add_init_script(&self, source: &str) {
-        self.cmd(
-            reqwest::Method::POST,
-            "/goog/cdp/execute",
-            Some(json!({"cmd": "Page.addScriptToEvaluateOnNewDocument",
-                        "params": {"source": source}})),
-        )
-        .await;
+        match &self.inner {
+            Inner::Wd { .. } => {
+                self.cmd(
+                    reqwest::Method::POST,
+                    "/goog/cdp/execute",
+                    Some(json!({"cmd": "Page.addScriptToEvaluateOnNewDocument",
+                                "params": {"source": source}})),
+                )
+                .await;
+            }
+            Inner::Bidi { .. } => {
+                self.bidi(
+                    "script.addPreloadScript",
+                    json!({"functionDeclaration": format!("() => {{\n{source}\n}}")}),
+                )
+                .await;
+            }
+        }
     }
 
-    /// The WebDriver element id for the first match of a CSS selector.
+    /// The WebDriver element id (BiDi: shared id) for the first match of a CSS selector.
     pub async fn find(&self, css: &str) -> String {
-        let v = self
-            .cmd(
-                reqwest::Method::POST,
-                "/element",
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await;
-        v.as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
-            .unwrap_or_else(|| panic!("page {}: no element {css}: {v}", self.label))
-            .to_string()
+        match &self.inner {
+            Inner::Wd { .. } => {
+                let v = self
+                    .cmd(
+                        reqwest::Method::POST,
+                        "/element",
+                        Some(json!({"using": "css selector", "value": css})),
+                    )
+                    .await;
+                v.as_object()
+                    .and_then(|o| o.values().next())
+                    .and_then(Value::as_str)
+                    .unwrap_or_else(|| panic!("page {}: no element {css}: {v}", self.label))
+                    .to_string()
+            }
+            Inner::Bidi { .. } => {
+                let r = self
+                    .bidi(
+                        "script.callFunction",
+                        json!({
+                            "functionDeclaration": "(css) => document.querySelector(css)",
+                            "arguments": [{"type": "string", "value": css}],
+                            "target": {"context": self.ctx()},
+                            "awaitPromise": false,
+                        }),
+                    )
+                    .await;
+                r["result"]["sharedId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("page {}: no element {css}: {r}", self.label))
+                    .to_string()
+            }
+        }
     }
 
     /// Click the element matching `css`, as a user would (it must be visible).
     pub async fn click(&self, css: &str) {
         let e = self.find(css).await;
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{e}/click"),
-            Some(json!({})),
-        )
-        .await;
+        match &self.inner {
+            Inner::Wd { .. } => {
+                self.cmd(
+                    reqwest::Method::POST,
+                    &format!("/element/{e}/click"),
+                    Some(json!({})),
+                )
+                .await;
+            }
+            Inner::Bidi { .. } => {
+                self.bidi(
+                    "input.performActions",
+                    json!({"context": self.ctx(), "actions": [{
+                    "type": "pointer", "id": "mouse", "parameters": {"pointerType": "mouse"},
+                    "actions": [
+                        {"type": "pointerMove", "x": 0, "y": 0,
+                         "origin": {"type": "element", "element": {"sharedId": e}}},
+                        {"type": "pointerDown", "button": 0},
+                        {"type": "pointerUp", "button": 0}
+                    ]}]}),
+                )
+                .await;
+            }
+        }
     }
 
     /// Clear the input matching `css` and type `text` into it key by key.
     pub async fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css).await;
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{e}/clear"),
-            Some(json!({})),
-        )
-        .await;
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{e}/value"),
-            Some(json!({"text": text})),
-        )
-        .await;
+        match &self.inner {
+            Inner::Wd { .. } => {
+                let e = self.find(css).await;
+                self.cmd(
+                    reqwest::Method::POST,
+                    &format!("/element/{e}/clear"),
+                    Some(json!({})),
+                )
+                .await;
+                self.cmd(
+                    reqwest::Method::POST,
+                    &format!("/element/{e}/value"),
+                    Some(json!({"text": text})),
+                )
+                .await;
+            }
+            Inner::Bidi { .. } => {
+                self.js_args(
+                    "const e = document.querySelector(arguments[0]); e.value = ''; e.focus(); return true",
+                    json!([css]),
+                )
+                .await;
+                let keys: Vec<Value> = text
+                    .chars()
+                    .flat_map(|c| {
+                        let c = c.to_string();
+                        [
+                            json!({"type": "keyDown", "value": c}),
+                            json!({"type": "keyUp", "value": c}),
+                        ]
+                    })
+                    .collect();
+                self.bidi(
+                    "input.performActions",
+                    json!({"context": self.ctx(), "actions": [
+                        {"type": "key", "id": "keyboard", "actions": keys}]}),
+                )
+                .await;
+            }
+        }
     }
 
     /// The visible text of the element matching `css`.
     pub async fn text(&self, css: &str) -> String {
-        let e = self.find(css).await;
-        self.cmd(reqwest::Method::GET, &format!("/element/{e}/text"), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        match &self.inner {
+            Inner::Wd { .. } => {
+                let e = self.find(css).await;
+                self.cmd(reqwest::Method::GET, &format!("/element/{e}/text"), None)
+                    .await
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+            Inner::Bidi { .. } => self
+                .js_args(
+                    "return document.querySelector(arguments[0]).innerText",
+                    json!([css]),
+                )
+                .await
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        }
     }
 
     /// Save a PNG of the page's viewport.
     pub async fn screenshot(&self, path: &Path) -> Result<(), String> {
-        screenshot(&self.http, &self.url, path).await
+        match &self.inner {
+            Inner::Wd { http, url } => screenshot(http, url, path).await,
+            Inner::Bidi { conn, .. } => conn.screenshot(path).await,
+        }
     }
 
     /// Poll `script` every 100 ms until it returns something other than null or false, for
@@ -460,9 +963,21 @@ impl Browser {
         }
     }
 
-    /// End the session, which closes this Chromium instance.
+    /// End the session, which closes this browser instance.
     pub async fn quit(self) {
-        let _ = call(&self.http, reqwest::Method::DELETE, &self.url, None).await;
-        self.open.lock().unwrap().retain(|(_, u)| u != &self.url);
+        let mine = match &self.inner {
+            Inner::Wd { http, url } => {
+                let _ = call(http, reqwest::Method::DELETE, url, None).await;
+                Handle::Wd(url.clone())
+            }
+            Inner::Bidi { conn, .. } => {
+                let _ = conn
+                    .cmd_within("browser.close", json!({}), Duration::from_secs(5))
+                    .await;
+                Handle::Bidi(conn.clone())
+            }
+        };
+        self.open.lock().unwrap().retain(|(_, h)| !h.same(&mine));
+        // A Firefox's process group is killed when `self` drops here.
     }
 }
