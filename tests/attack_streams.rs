@@ -62,6 +62,10 @@ impl Port {
     }
 }
 
+/// The global-cap tests measure the process's RSS, so they run alone: they take this lock for
+/// writing, every other test of this file for reading.
+static RSS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn start(first_message_secs: u64, extra_turn: &str, extra: &str) -> RunningServer {
     let text = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n[turn]\nlisten = [\"127.0.0.1:0\"]\nudp = false\n\
@@ -175,6 +179,7 @@ async fn one_address_gets_only_its_share_of_the_shared_port() {
 }
 
 async fn per_ip_cap(port: Port) {
+    let _shared = RSS.read().await;
     let dir = tempfile::tempdir().unwrap();
     let srv = start(
         2,
@@ -251,6 +256,8 @@ async fn idle_connections_on_the_shared_port_cost_little_and_stop_at_the_global_
 }
 
 async fn global_cap(port: Port) {
+    // The RSS measured here is the whole test process's: no other test of this file may run.
+    let _alone = RSS.write().await;
     let dir = tempfile::tempdir().unwrap();
     // Two descriptors per connection (both ends live in this process): stay well inside.
     let n = 5000usize.min(fd_budget().saturating_sub(512) / 2);
@@ -339,6 +346,7 @@ async fn stalled_tls_handshakes_on_the_shared_port_are_capped_and_time_out() {
 }
 
 async fn stalled_handshakes(port: Port) {
+    let _shared = RSS.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (c, k) = cert::make_cert(dir.path(), "turns");
     let srv = start(
