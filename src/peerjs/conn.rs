@@ -3,6 +3,7 @@
 //! `EXPIRE` with `src` stamped by the server, under the `[signaling]` byte, rate and
 //! dead-peer bounds. Bad input gets the PeerJS error shape and the socket keeps serving.
 
+use crate::signaling::conn::RateLimit;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::SinkExt;
 use serde::Deserialize;
@@ -86,28 +87,6 @@ fn relayed(ty: &str, src: &str, dst: &str, payload: Option<&RawValue>) -> String
     }
     t.push('}');
     t
-}
-
-/// Per-connection token bucket for incoming messages (`signaling.rate_per_sec`/`rate_burst`).
-struct Bucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn allow(&mut self, now: Instant) -> bool {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// What handling one message asks of the task.
@@ -291,12 +270,7 @@ async fn run(
     let lim = &pj.limits;
     let m = &deps.metrics;
     let wt = dead_after;
-    let mut bucket = Bucket {
-        tokens: lim.rate_burst as f64,
-        rate: lim.rate_per_sec as f64,
-        burst: lim.rate_burst.max(1) as f64,
-        at: Instant::now(),
-    };
+    let mut bucket = RateLimit::new(lim.rate_per_sec, lim.rate_burst, Instant::now());
     let every = Duration::from_secs(lim.ping_interval_secs.max(1));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

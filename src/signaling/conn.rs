@@ -119,8 +119,9 @@ fn room_err(e: &RoomError, id: Option<&RawValue>) -> Reply {
     error_frame(e.code(), &e.to_string(), id)
 }
 
-/// Per-connection token bucket for incoming frames.
-struct RateLimit {
+/// Per-connection token bucket for incoming frames (`signaling.rate_per_sec`/`rate_burst`);
+/// the PeerJS socket counts its messages with it too.
+pub(crate) struct RateLimit {
     tokens: f64,
     rate: f64,
     burst: f64,
@@ -128,7 +129,18 @@ struct RateLimit {
 }
 
 impl RateLimit {
-    fn allow(&mut self, now: Instant) -> bool {
+    /// A full bucket of `burst` frames, refilled at `per_sec`.
+    pub(crate) fn new(per_sec: u32, burst: u32, now: Instant) -> RateLimit {
+        RateLimit {
+            tokens: f64::from(burst),
+            rate: f64::from(per_sec),
+            burst: f64::from(burst.max(1)),
+            at: now,
+        }
+    }
+
+    /// Whether one more frame may pass at `now`.
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
         self.tokens = (self.tokens
             + now.saturating_duration_since(self.at).as_secs_f64() * self.rate)
             .min(self.burst);
@@ -215,12 +227,7 @@ pub async fn serve(
         ice_due: None,
         session: None,
     };
-    let mut rate = RateLimit {
-        tokens: cfg.rate_burst as f64,
-        rate: cfg.rate_per_sec as f64,
-        burst: cfg.rate_burst.max(1) as f64,
-        at: Instant::now(),
-    };
+    let mut rate = RateLimit::new(cfg.rate_per_sec, cfg.rate_burst, Instant::now());
     let mut stop = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(cfg.ping_interval_secs.max(1)),
