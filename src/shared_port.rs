@@ -82,29 +82,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 type HttpIo = Box<dyn Stream>;
 
-/// HTTPS connections the shared port has classified, fed to axum as a listener.
-struct HttpConns {
-    rx: mpsc::Receiver<(HttpIo, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl axum::serve::Listener for HttpConns {
-    type Io = HttpIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(x) => x,
-            // Shut down: never yield again; axum's graceful shutdown ends the server.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
 /// What every connection task of one shared listener needs.
 struct Ctx {
     shared: Arc<Shared>,
@@ -126,7 +103,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, tls: Arc<rustls::
     let (tx, rx) = mpsc::channel(256);
     let http = tokio::spawn(crate::http::serve(
         shared.clone(),
-        HttpConns { rx, local },
+        crate::tls::Accepted::from_channel(rx, local),
         crate::http::router_over_tls,
     ));
     let ctx = Arc::new(Ctx {

@@ -141,12 +141,28 @@ pub async fn bounded_handshake(
     r.map_err(|_| timed_out())?
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
-/// handshake never delays the next client; yields finished streams.
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+/// Connections a task of their own accepted (and, for TLS, handshook), handed to axum as a
+/// listener: the HTTPS listener's and the shared port's HTTPS side.
+pub struct Accepted<Io> {
+    rx: mpsc::Receiver<(Io, SocketAddr)>,
     local: SocketAddr,
 }
+
+impl<Io> Accepted<Io> {
+    /// A listener over what the accepting task sends on `rx`, reporting `local`.
+    pub fn from_channel(rx: mpsc::Receiver<(Io, SocketAddr)>, local: SocketAddr) -> Accepted<Io> {
+        Accepted { rx, local }
+    }
+
+    /// The next connection, or `None` once the listener has shut down.
+    pub async fn next(&mut self) -> Option<(Io, SocketAddr)> {
+        self.rx.recv().await
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
+/// handshake never delays the next client; yields finished streams.
+pub type TlsListener = Accepted<TlsStream<TcpStream>>;
 
 impl TlsListener {
     /// Start handshaking connections from `tcp` until `shutdown` resolves, at most
@@ -200,17 +216,15 @@ impl TlsListener {
                 });
             }
         });
-        Ok(TlsListener { rx, local })
-    }
-
-    /// The next handshaken stream, or `None` once the listener has shut down.
-    pub async fn next(&mut self) -> Option<(TlsStream<TcpStream>, SocketAddr)> {
-        self.rx.recv().await
+        Ok(Accepted::from_channel(rx, local))
     }
 }
 
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+impl<Io> axum::serve::Listener for Accepted<Io>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = Io;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
