@@ -184,19 +184,11 @@ impl Core {
             return Vec::new();
         }
         self.set_remote(id, node);
-        let Some(q) = self.queues.remove(id) else {
-            return Vec::new();
-        };
-        self.timers
-            .remove(&(q.deadline, Timer::Queue(id.to_string())));
-        q.msgs
+        self.unhold(id)
             .into_iter()
-            .map(|h| {
-                self.held_bytes -= h.text.len();
-                Handed {
-                    src: h.src,
-                    text: h.text,
-                }
+            .map(|h| Handed {
+                src: h.src,
+                text: h.text,
             })
             .collect()
     }
@@ -294,18 +286,22 @@ impl Core {
     }
 
     fn take_held(&mut self, id: &str, conn: ConnKey) -> Vec<Deliver> {
+        self.unhold(id)
+            .into_iter()
+            .map(|h| Deliver { conn, text: h.text })
+            .collect()
+    }
+
+    /// Everything held for `id`, in order, with its expiry timer and its bytes given back.
+    fn unhold(&mut self, id: &str) -> Vec<Held> {
         let Some(q) = self.queues.remove(id) else {
             return Vec::new();
         };
         self.timers
             .remove(&(q.deadline, Timer::Queue(id.to_string())));
-        q.msgs
-            .into_iter()
-            .map(|h| {
-                self.held_bytes -= h.text.len();
-                Deliver { conn, text: h.text }
-            })
-            .collect()
+        let msgs: Vec<Held> = q.msgs.into_iter().collect();
+        self.held_bytes -= msgs.iter().map(|h| h.text.len()).sum::<usize>();
+        msgs
     }
 
     /// `conn`, holding `id`, is gone. Only the current holder frees the id (a socket that was
