@@ -5,11 +5,13 @@
 //! socket keeping the id.
 
 use serde_json::Value;
-use std::time::Duration;
 use switchboard::{Config, RunningServer, Server};
 
+#[path = "support/peerjs_page.rs"]
+mod peerjs_page;
 #[path = "support/webdriver.rs"]
 mod webdriver;
+use peerjs_page::{exchange_in_order, wait_js};
 use webdriver::{Browser, Driver, LOOPBACK_UDP_FLAG};
 
 /// One browser pair at a time: Chromium instances encoding video would starve two cores.
@@ -29,17 +31,6 @@ async fn start(turn: &str) -> RunningServer {
     ))
     .expect("valid config");
     Server::new(cfg).start().await.expect("server starts")
-}
-
-async fn wait_js(b: &Browser, what: &str, script: &str) -> Value {
-    b.poll(script, Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|last| {
-            panic!(
-                "{}: timed out waiting for {what}; last value: {last}",
-                b.label()
-            )
-        })
 }
 
 /// The page as a named person with a fixed PeerJS id; waits for `open`.
@@ -95,34 +86,7 @@ async fn two_chromium_peerjs_clients_exchange_200_messages_each_way_in_order_and
     let a = page(&d, &base, "ann", "alice", "", &pa, &[LOOPBACK_UDP_FLAG]).await;
     let b = page(&d, &base, "bob", "bob", "", &pb, &[LOOPBACK_UDP_FLAG]).await;
 
-    b.js("return window.pj.connect('alice')").await;
-    for x in [&a, &b] {
-        wait_js(
-            x,
-            "the data connection",
-            "return window.pjState.dataOpen === true",
-        )
-        .await;
-    }
-    assert_eq!(b.js("return window.pj.sendMany(200, 'b')").await, 200);
-    assert_eq!(a.js("return window.pj.sendMany(200, 'a')").await, 200);
-    for (x, from) in [(&a, "b"), (&b, "a")] {
-        let got = wait_js(
-            x,
-            "200 messages",
-            "const r = window.pjState.received; return r.length >= 200 && r",
-        )
-        .await;
-        let want: Vec<Value> = (0..200)
-            .map(|i| Value::from(format!("{from}:{i}")))
-            .collect();
-        assert_eq!(
-            got.as_array().unwrap(),
-            &want,
-            "{} got them out of order",
-            x.label()
-        );
-    }
+    exchange_in_order(&a, &b, "alice", 200).await;
     // The offer, answer and candidates went through switchboard, stamped with src.
     assert!(
         metric(&srv, "switchboard_protocol_messages_total{direction=\"in\",protocol=\"peerjs\",type=\"OFFER\"}") >= 1.0

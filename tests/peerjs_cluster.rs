@@ -16,8 +16,11 @@ use tokio_tungstenite::tungstenite::Message;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
+#[path = "support/peerjs_page.rs"]
+mod peerjs_page;
 #[path = "support/webdriver.rs"]
 mod webdriver;
+use peerjs_page::{exchange_in_order, wait_js};
 
 use webdriver::{free_port, Browser, Driver, LOOPBACK_UDP_FLAG};
 
@@ -368,17 +371,6 @@ async fn session_ids_are_bound_to_their_user_across_nodes() {
     let _a3 = n1.open("ann-phone", &ann3).await;
 }
 
-async fn wait_js(b: &Browser, what: &str, script: &str) -> Value {
-    b.poll(script, Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|last| {
-            panic!(
-                "{}: timed out waiting for {what}; last value: {last}",
-                b.label()
-            )
-        })
-}
-
 /// The PeerJS demo page of `node` as `name` with the fixed id `id`; waits for `open`.
 async fn page(d: &Driver, node: &Node, name: &str, id: &str, p: &tempfile::TempDir) -> Browser {
     let b = d.browser(name, p.path(), &[LOOPBACK_UDP_FLAG]).await;
@@ -408,29 +400,7 @@ async fn two_chromium_peerjs_clients_on_different_nodes_connect_and_exchange_mes
     let b = page(&d, &n2, "bob", "bob", &pb).await;
     // bob (node 2) opens a data connection to alice (node 1): the offer, answer and
     // candidates cross the nodes through Redis.
-    b.js("return window.pj.connect('alice')").await;
-    for x in [&a, &b] {
-        wait_js(
-            x,
-            "the data connection",
-            "return window.pjState.dataOpen === true",
-        )
-        .await;
-    }
-    assert_eq!(b.js("return window.pj.sendMany(200, 'b')").await, 200);
-    assert_eq!(a.js("return window.pj.sendMany(200, 'a')").await, 200);
-    for (x, from) in [(&a, "b"), (&b, "a")] {
-        let got = wait_js(
-            x,
-            "200 messages",
-            "const r = window.pjState.received; return r.length >= 200 && r",
-        )
-        .await;
-        let want: Vec<Value> = (0..200)
-            .map(|i| Value::from(format!("{from}:{i}")))
-            .collect();
-        assert_eq!(got.as_array().unwrap(), &want, "{}", x.label());
-    }
+    exchange_in_order(&a, &b, "alice", 200).await;
     a.quit().await;
     b.quit().await;
 }
