@@ -407,33 +407,7 @@ impl Lab {
         self.ip(node, "link set e0 up")?;
         self.ip(node, &format!("route add default via 10.0.{n}.1"))?;
         self.exec_ok(gw, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        let nat = |args: &[&str]| {
-            let mut a = vec!["-t", "nat", "-A"];
-            a.extend_from_slice(args);
-            self.exec_ok(gw, "iptables", &a)
-        };
-        nat(&[
-            "PREROUTING",
-            "-i",
-            "e0",
-            "-d",
-            &public,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &private,
-        ])?;
-        nat(&[
-            "POSTROUTING",
-            "-o",
-            "e0",
-            "-s",
-            &private,
-            "-j",
-            "SNAT",
-            "--to-source",
-            &public,
-        ])?;
+        self.one_to_one_nat(gw, &public, &private)?;
         Ok((public, private))
     }
 
@@ -446,6 +420,12 @@ impl Lab {
         self.exec_ok(gw, "iptables", &["-t", "nat", "-F"])?;
         // Old mappings would keep the old address for flows already seen.
         let _ = self.exec_ok(gw, "conntrack", &["-F"]);
+        self.one_to_one_nat(gw, public, &private)
+    }
+
+    /// The 1:1 NAT of a node's gateway: `public` maps to `private` inbound (DNAT) and the
+    /// node's traffic leaves as `public` (SNAT).
+    fn one_to_one_nat(&self, gw: Host, public: &str, private: &str) -> Result<(), String> {
         let nat = |args: &[&str]| {
             let mut a = vec!["-t", "nat", "-A"];
             a.extend_from_slice(args);
@@ -460,14 +440,14 @@ impl Lab {
             "-j",
             "DNAT",
             "--to-destination",
-            &private,
+            private,
         ])?;
         nat(&[
             "POSTROUTING",
             "-o",
             "e0",
             "-s",
-            &private,
+            private,
             "-j",
             "SNAT",
             "--to-source",
