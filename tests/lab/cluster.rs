@@ -167,21 +167,17 @@ impl Cluster {
 
     /// Log in on node `n` as `name`: the TURN server handed out and its credentials.
     pub fn login(&self, n: usize, name: &str) -> (String, String, String) {
-        let (st, r) = self.lab.http(
-            Host::Home1,
-            Self::http_of(n),
-            "POST",
-            "/v1/login",
-            &[],
-            &format!(r#"{{"name":"{name}"}}"#),
-        );
-        assert_eq!(st, 200, "{r}");
-        let v = body(&r);
-        turn_of(&v)
+        turn_of(&self.login_answer(n, name))
     }
 
     /// Log in on node `n`: the session token and the TURN host handed out.
     pub fn login_token(&self, n: usize, name: &str) -> (String, String) {
+        let v = self.login_answer(n, name);
+        (v["token"].as_str().unwrap().to_string(), turn_of(&v).0)
+    }
+
+    /// The answer of `POST /v1/login` on node `n` as `name` (from the home, through its NAT).
+    fn login_answer(&self, n: usize, name: &str) -> Value {
         let (st, r) = self.lab.http(
             Host::Home1,
             Self::http_of(n),
@@ -191,8 +187,7 @@ impl Cluster {
             &format!(r#"{{"name":"{name}"}}"#),
         );
         assert_eq!(st, 200, "{r}");
-        let v = body(&r);
-        (v["token"].as_str().unwrap().to_string(), turn_of(&v).0)
+        body(&r)
     }
 
     /// `GET /v1/ice-servers` on node `n`: the TURN host of the refreshed `iceServers`.
