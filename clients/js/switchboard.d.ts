@@ -131,13 +131,29 @@ export class Switchboard extends EventTarget {
      * @private
      */
     private _peer;
+    /**
+     * Make the RTCPeerConnection to a peer (the first, or a fresh one that replaces a failed
+     * connection at `st.gen`), with our tracks and the data channel, and reset what describes
+     * one connection's progress.
+     * @private
+     */
+    private _connect;
+    /**
+     * Replace a peer's connection with a fresh one at generation `gen`: the offerer (impolite)
+     * side when it restarts after a failure, the other side when that fresh offer arrives.
+     * @private
+     */
+    private _renew;
     /** @private */
     private _negotiate;
     /** Watchdog tick: restart ICE on a connection that is not getting anywhere. @private */
     private _watch;
     /**
      * Restart ICE (impolite side) or ask the other side to (polite side); after MAX_ICE_RESTARTS
-     * give up, tell the other side, and report `ice_failed`.
+     * give up, tell the other side, and report `ice_failed`. After a failure (`fresh`: this
+     * connection reached "failed", or it carried no media although connected) the impolite side
+     * makes a fresh connection instead: Firefox's connection whose DTLS failed before it ever
+     * connected sends no RTP on the wire after later ICE restarts, although it counts it as sent.
      * @private
      */
     private _restartIce;

@@ -16,6 +16,15 @@
 // watchdog also acts on a negotiation stuck in `have-local-offer`/`have-remote-offer`: it rolls
 // back and restarts (or asks for one). The side that gives up tells the other (`{iceFailed}`),
 // so both pages end with the same named error within GIVE_UP_WITHIN_MS.
+//
+// Fresh connections: a restart after a failure (the connection reached "failed", or it is
+// connected and no media arrives) does not ICE-restart that connection; the impolite side
+// closes it and makes a fresh RTCPeerConnection (same tracks, same negotiated data channel),
+// and the polite side replaces its own when the fresh offer arrives. SDP and candidates carry
+// `gen`, the connection they belong to, so that those of a replaced one are dropped. Why:
+// Firefox's connection whose DTLS failed before it ever connected (ICE failed while the relay
+// was down) reconnects ICE and DTLS after later restarts, receives, and counts its RTP as sent,
+// but puts none of it on the wire, restart after restart.
 
 /**
  * The answer of `POST /v1/login` (docs/http-api.md).
@@ -412,27 +421,49 @@ export class Switchboard extends EventTarget {
   _peer(peerId, polite, { initiator = false, userId = null } = {}) {
     if (!this.peerConnections) return null;
     if (this.peers.has(peerId)) return this.peers.get(peerId);
-    const pc = new RTCPeerConnection(this._config());
     const st = {
-      pc,
+      pc: null,
+      gen: 0, // which connection to this peer: a fresh one (after a failure) is the next
       polite,
       userId,
+      restarts: 0, // ICE restarts (or fresh connections) in this outage
+      restarting: false,
+      lastRestart: 0, // when we last restarted (impolite) or asked for a restart (polite)
+      iceErrors: [], // recent icecandidateerror texts, newest last
+      failed: false,
+      phase: "connecting",
+    };
+    this.peers.set(peerId, st);
+    this._connect(peerId, st, initiator);
+    st.watch = setInterval(() => this._watch(peerId, st), WATCH_EVERY_MS);
+    this._emit("peer", { peerId, pc: st.pc, polite, userId });
+    return st;
+  }
+
+  /**
+   * Make the RTCPeerConnection to a peer (the first, or a fresh one that replaces a failed
+   * connection at `st.gen`), with our tracks and the data channel, and reset what describes
+   * one connection's progress.
+   * @private
+   */
+  _connect(peerId, st, initiator) {
+    const pc = new RTCPeerConnection(this._config());
+    const gen = st.gen;
+    Object.assign(st, {
+      pc,
       makingOffer: false,
       ignoreOffer: false,
       early: [],
       mayOffer: initiator,
       created: performance.now(),
       gathered: 0, // candidates gathered since the last (re)start of ICE
-      restarts: 0, // ICE restarts in this outage
-      restarting: false,
-      lastRestart: 0, // when we last restarted (impolite) or asked for a restart (polite)
       stuckSince: null,
       unsettledSince: null, // when the current offer/answer exchange began
-      iceErrors: [], // recent icecandidateerror texts, newest last
-      failed: false,
-      phase: "connecting",
-    };
-    this.peers.set(peerId, st);
+      pcFailed: false, // this connection reached "failed" (ICE or DTLS)
+      packets: undefined,
+      packetsFlowing: false,
+      silentSince: null,
+    });
     if (this.stream) for (const t of this.stream.getTracks()) pc.addTrack(t, this.stream);
     // A pre-negotiated data channel (same id on both sides) for app messages.
     st.channel = pc.createDataChannel("switchboard", { negotiated: true, id: 0 });
@@ -440,25 +471,31 @@ export class Switchboard extends EventTarget {
     st.channel.onopen = () => this._emit("channel-open", { peerId });
     pc.onnegotiationneeded = () => {
       // The newcomer's own tracks go into its answer to the first offer.
-      if (st.mayOffer) this._negotiate(peerId, st);
+      if (st.pc === pc && st.mayOffer) this._negotiate(peerId, st);
     };
     pc.onicecandidate = ({ candidate }) => {
-      if (candidate) {
+      if (candidate && st.pc === pc) {
         st.gathered++;
-        this._send({ type: "signal", to: peerId, data: { candidate } });
+        this._send({ type: "signal", to: peerId, data: { candidate, gen } });
       }
     };
     pc.onicecandidateerror = (e) => {
+      if (st.pc !== pc) return;
       const message = describeIceError(e);
       if (!st.iceErrors.includes(message)) st.iceErrors = [...st.iceErrors.slice(-4), message];
       this._emit("ice-error", { peerId, code: e.errorCode, url: e.url, message });
     };
     pc.ontrack = ({ track, streams }) => {
+      if (st.pc !== pc) return;
       track.onunmute = () => this._updatePhase(peerId, st);
       track.onmute = () => this._updatePhase(peerId, st);
       this._emit("track", { peerId, stream: streams[0] });
     };
+    pc.onconnectionstatechange = () => {
+      if (st.pc === pc && pc.connectionState === "failed") st.pcFailed = true;
+    };
     pc.oniceconnectionstatechange = () => {
+      if (st.pc !== pc) return;
       const ice = pc.iceConnectionState;
       if (ice === "connected" || ice === "completed") {
         // A connection that carries media counts as recovered once packets arrive (the
@@ -468,14 +505,25 @@ export class Switchboard extends EventTarget {
         st.restarting = false;
         st.stuckSince = null;
       } else if (ice === "failed") {
+        st.pcFailed = true;
         this._restartIce(peerId, st, "the connectivity checks failed");
       }
       this._emit("ice-state", { peerId, state: ice });
       this._updatePhase(peerId, st);
     };
-    st.watch = setInterval(() => this._watch(peerId, st), WATCH_EVERY_MS);
-    this._emit("peer", { peerId, pc, polite, userId });
-    return st;
+  }
+
+  /**
+   * Replace a peer's connection with a fresh one at generation `gen`: the offerer (impolite)
+   * side when it restarts after a failure, the other side when that fresh offer arrives.
+   * @private
+   */
+  _renew(peerId, st, gen, initiator) {
+    const old = st.pc;
+    st.gen = gen;
+    old.close();
+    this._connect(peerId, st, initiator);
+    this._emit("peer", { peerId, pc: st.pc, polite: st.polite, userId: st.userId, renewed: true });
   }
 
   /** @private */
@@ -484,11 +532,13 @@ export class Switchboard extends EventTarget {
     try {
       st.makingOffer = true;
       await pc.setLocalDescription();
-      this._send({ type: "signal", to: peerId, data: { description: pc.localDescription } });
+      if (st.pc !== pc) return;
+      this._send({ type: "signal", to: peerId, data: { description: pc.localDescription, gen: st.gen } });
     } catch (e) {
+      if (st.pc !== pc) return; // replaced meanwhile
       this._emit("error", { code: "negotiation", message: String(e) });
     } finally {
-      st.makingOffer = false;
+      if (st.pc === pc) st.makingOffer = false;
     }
   }
 
@@ -501,6 +551,7 @@ export class Switchboard extends EventTarget {
     const ice = pc.iceConnectionState;
     if (ice === "connected" || ice === "completed") {
       pc.getStats().then((stats) => {
+        if (st.pc !== pc) return;
         let n = 0;
         stats.forEach((r) => { if (r.type === "inbound-rtp") n += r.packetsReceived || 0; });
         st.packetsFlowing = n > (st.packets ?? n);
@@ -538,7 +589,7 @@ export class Switchboard extends EventTarget {
       // ICE and DTLS are up but no media arrives (seen in Firefox after restarts while the
       // relay was down): restart rather than show "connecting" forever.
       st.silentSince = null;
-      this._restartIce(peerId, st, "no media arrived over the connection");
+      this._restartIce(peerId, st, "no media arrived over the connection", true);
       return;
     }
     const settled = pc.signalingState === "stable" && pc.localDescription && pc.remoteDescription;
@@ -559,10 +610,13 @@ export class Switchboard extends EventTarget {
 
   /**
    * Restart ICE (impolite side) or ask the other side to (polite side); after MAX_ICE_RESTARTS
-   * give up, tell the other side, and report `ice_failed`.
+   * give up, tell the other side, and report `ice_failed`. After a failure (`fresh`: this
+   * connection reached "failed", or it carried no media although connected) the impolite side
+   * makes a fresh connection instead: Firefox's connection whose DTLS failed before it ever
+   * connected sends no RTP on the wire after later ICE restarts, although it counts it as sent.
    * @private
    */
-  _restartIce(peerId, st, reason) {
+  _restartIce(peerId, st, reason, fresh = st.pcFailed) {
     if (st.failed) return;
     if (st.restarts >= MAX_ICE_RESTARTS) {
       const why = st.iceErrors.length ? st.iceErrors.join("; ") : reason;
@@ -581,7 +635,8 @@ export class Switchboard extends EventTarget {
     this._emit("ice-restart", { peerId, attempt: st.restarts, reason });
     this._updatePhase(peerId, st);
     const why = st.iceErrors.length ? st.iceErrors.join("; ") : reason;
-    if (st.polite) this._send({ type: "signal", to: peerId, data: { restartIce: st.restarts, why } });
+    if (st.polite) this._send({ type: "signal", to: peerId, data: { restartIce: st.restarts, why, fresh } });
+    else if (fresh) this._renew(peerId, st, st.gen + 1, true);
     else st.pc.restartIce();
   }
 
@@ -624,7 +679,7 @@ export class Switchboard extends EventTarget {
     }
     const st = this.peers.get(from) ?? this._peer(from, true);
     if (st.failed) return;
-    const { pc } = st;
+    let { pc } = st;
     try {
       if (data.iceFailed) {
         // The other side gave up: end here too, with the same reason, rather than wait alone.
@@ -638,8 +693,19 @@ export class Switchboard extends EventTarget {
         // The polite side asks: restart unless our own restart is still being negotiated.
         const busy = st.makingOffer || pc.signalingState !== "stable";
         const why = data.why ? ` (${data.why})` : "";
-        if (!st.polite && !busy) this._restartIce(from, st, `the other side asked for an ICE restart${why}`);
+        const fresh = st.pcFailed || data.fresh === true;
+        if (!st.polite && !busy) this._restartIce(from, st, `the other side asked for an ICE restart${why}`, fresh);
         return;
+      }
+      // SDP and candidates name the connection they belong to (`gen`; 0 from a client that
+      // never replaces one). Those of an earlier connection are stale; an offer for a newer
+      // one means the other side made a fresh connection: make ours fresh too, then answer.
+      const gen = typeof data.gen === "number" ? data.gen : 0;
+      if ((data.description || data.candidate) && gen < st.gen) return;
+      if (data.description && gen > st.gen) {
+        if (data.description.type !== "offer") return;
+        this._renew(from, st, gen, false);
+        pc = st.pc;
       }
       if (data.description) {
         const d = data.description;
@@ -655,7 +721,8 @@ export class Switchboard extends EventTarget {
         for (const c of st.early.splice(0)) pc.addIceCandidate(c).catch(() => {});
         if (d.type === "offer") {
           await pc.setLocalDescription();
-          this._send({ type: "signal", to: from, data: { description: pc.localDescription } });
+          if (st.pc !== pc) return;
+          this._send({ type: "signal", to: from, data: { description: pc.localDescription, gen: st.gen } });
           // Our answer carried our tracks; from now on we renegotiate like any peer.
           st.mayOffer = true;
         }
@@ -671,7 +738,8 @@ export class Switchboard extends EventTarget {
         }
       }
     } catch (e) {
-      this._emit("error", { code: "negotiation", message: String(e) });
+      // A connection replaced meanwhile was closed under the exchange: not an error.
+      if (st.pc === pc) this._emit("error", { code: "negotiation", message: String(e) });
     }
   }
 
