@@ -8,6 +8,7 @@
 //!   `renew_before_secs` ahead) comes within seconds: the served certificate changes while a
 //!   TURN-over-TLS allocation (coturn's `turnutils_uclient -S` on 443, relaying to a public
 //!   echo peer) and a WSS signaling socket stay up, and both still work after it.
+//! - A restart serves the cached certificate at once and orders nothing.
 //! - With pebble stopped at renewal time, the old certificate keeps serving and
 //!   `switchboard_acme_renewals_total{result="error"}` and `switchboard_acme_renewal_failing`
 //!   rise.
@@ -212,8 +213,10 @@ fn wait_for<T>(secs: u64, what: &str, lab: &Lab, mut f: impl FnMut() -> Option<T
         }
         assert!(
             Instant::now() < end,
-            "{what} within {secs} s\n---- switchboard ----\n{}\n---- pebble ----\n{}",
+            "{what} within {secs} s\n---- switchboard ----\n{}\n---- restarted ----\n{}\n\
+             ---- pebble ----\n{}",
             lab.log("switchboard"),
+            lab.log("restarted"),
             lab.log("pebble")
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -416,7 +419,7 @@ async fn certificate_from_pebble_then_renewed_under_live_turn_tls_and_wss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_pebble_gone_at_renewal_the_old_certificate_keeps_serving() {
+async fn a_restart_serves_the_cache_and_with_pebble_gone_the_old_certificate_stays() {
     let Some(mut lab) = Lab::start("acme_renewal_failure") else {
         return;
     };
@@ -424,6 +427,33 @@ async fn with_pebble_gone_at_renewal_the_old_certificate_keeps_serving() {
     start_server(&mut lab);
     let (issuer, serial) = first_certificate(&lab);
     let expiry = metric(&metrics(&lab), "switchboard_tls_cert_expiry_seconds");
+
+    // A restart (a crash, even) serves the cached certificate at once and orders nothing.
+    lab.signal("switchboard", nix::sys::signal::Signal::SIGKILL);
+    assert!(lab.wait_exit("switchboard", Duration::from_secs(5)));
+    let config = lab.dir.path().join("switchboard.toml");
+    lab.spawn_switchboard(Host::Server, "restarted", "server", &config);
+    wait_for(20, "the restarted server", &lab, || {
+        lab.tcp(Host::Server, sa(SERVER, 8080)).ok()
+    });
+    assert_eq!(served(&lab), Some((issuer.clone(), serial.clone())));
+    let m = metrics(&lab);
+    assert_eq!(
+        metric(&m, "switchboard_tls_cert_expiry_seconds"),
+        expiry,
+        "{m}"
+    );
+    for r in ["ok", "error"] {
+        let name = format!("switchboard_acme_renewals_total{{result=\"{r}\"}}");
+        assert_eq!(metric(&m, &name), 0.0, "{m}");
+    }
+    assert!(
+        lab.log("restarted")
+            .contains("ACME: serving the cached certificate"),
+        "{}",
+        lab.log("restarted")
+    );
+
     lab.signal("pebble", nix::sys::signal::Signal::SIGKILL);
     assert!(
         lab.wait_exit("pebble", Duration::from_secs(5)),
@@ -439,7 +469,7 @@ async fn with_pebble_gone_at_renewal_the_old_certificate_keeps_serving() {
     assert_eq!(metric(&m, "switchboard_acme_renewal_failing"), 1.0, "{m}");
     assert_eq!(
         metric(&m, "switchboard_acme_renewals_total{result=\"ok\"}"),
-        1.0,
+        0.0,
         "{m}"
     );
     assert_eq!(
@@ -449,7 +479,7 @@ async fn with_pebble_gone_at_renewal_the_old_certificate_keeps_serving() {
     );
     // Meanwhile the old certificate is still served.
     assert_eq!(served(&lab), Some((issuer, serial)));
-    let log = lab.log("switchboard");
+    let log = lab.log("restarted");
     assert!(
         log.contains("ACME: order failed; any served certificate stays"),
         "{log}"

@@ -55,10 +55,13 @@ pub enum AcmeError {
 /// The certificate file in the cache: the chain, then its private key (one file, replaced
 /// atomically, so a reader never pairs a new chain with an old key).
 const CERT_FILE: &str = "certificate.pem";
-/// The names the cached certificate was ordered for, one a line.
-const DOMAINS_FILE: &str = "certificate.domains";
-/// The ACME account (key and URL), JSON.
+/// What the cached certificate was ordered for: the directory, then the names, one a line
+/// (a certificate from another CA, say staging, or for other names is not served).
+const META_FILE: &str = "certificate.meta";
+/// The ACME account (key and URL), JSON; one per directory, since an account lives on one CA.
 const ACCOUNT_FILE: &str = "account.json";
+/// The directory the account in [`ACCOUNT_FILE`] belongs to.
+const ACCOUNT_DIRECTORY_FILE: &str = "account.directory";
 
 /// The ACME task of one server.
 pub struct Acme {
@@ -119,7 +122,8 @@ impl Acme {
         }
     }
 
-    fn domains(&self) -> String {
+    /// The contents of [`META_FILE`] for the configured directory and names.
+    fn meta(&self) -> String {
         let mut d: Vec<String> = self
             .config
             .domains
@@ -127,7 +131,7 @@ impl Acme {
             .map(|d| d.to_ascii_lowercase())
             .collect();
         d.sort();
-        d.join("\n") + "\n"
+        format!("{}\n{}\n", self.config.directory, d.join("\n"))
     }
 
     /// Serve the cached certificate when it is for our names, still valid, and not the one
@@ -142,12 +146,12 @@ impl Acme {
                 Err(source) => Err(AcmeError::Cache { path, source }),
             }
         };
-        let (Some(domains), Some(pem)) = (read(DOMAINS_FILE)?, read(CERT_FILE)?) else {
+        let (Some(meta), Some(pem)) = (read(META_FILE)?, read(CERT_FILE)?) else {
             return Ok(false);
         };
-        if domains != self.domains().as_bytes() {
+        if meta != self.meta().as_bytes() {
             return Err(AcmeError::Cert(
-                "the cached certificate is for other names; ordering anew".into(),
+                "the cached certificate is from another directory or for other names".into(),
             ));
         }
         let ck = crate::tls::certified_key_from_pem(&pem, &pem)
@@ -247,7 +251,9 @@ impl Acme {
     async fn account(&self) -> Result<Account, AcmeError> {
         let path = self.config.cache_dir.join(ACCOUNT_FILE);
         let http = || Account::builder_with_http(Box::new(client::Client(self.http.clone())));
-        if let Ok(bytes) = std::fs::read(&path) {
+        let same_ca = std::fs::read(self.config.cache_dir.join(ACCOUNT_DIRECTORY_FILE))
+            .is_ok_and(|d| d == self.config.directory.as_bytes());
+        if let Some(bytes) = same_ca.then(|| std::fs::read(&path).ok()).flatten() {
             if let Ok(creds) = serde_json::from_slice::<AccountCredentials>(&bytes) {
                 return Ok(http().from_credentials(creds).await?);
             }
@@ -266,7 +272,13 @@ impl Acme {
             )
             .await?;
         let json = serde_json::to_vec(&creds).map_err(|e| AcmeError::Cert(e.to_string()))?;
-        write_private(&self.config.cache_dir, ACCOUNT_FILE, &json)?;
+        let dir = &self.config.cache_dir;
+        write_private(
+            dir,
+            ACCOUNT_DIRECTORY_FILE,
+            self.config.directory.as_bytes(),
+        )?;
+        write_private(dir, ACCOUNT_FILE, &json)?;
         Ok(account)
     }
 
@@ -321,7 +333,7 @@ impl Acme {
             .and_then(|c| crate::tls::validity(c))
             .ok_or_else(|| AcmeError::Cert("unreadable validity".into()))?;
         let dir = &self.config.cache_dir;
-        write_private(dir, DOMAINS_FILE, self.domains().as_bytes())?;
+        write_private(dir, META_FILE, self.meta().as_bytes())?;
         write_private(dir, CERT_FILE, format!("{chain_pem}{key_pem}").as_bytes())?;
         Ok((Arc::new(ck), validity))
     }
@@ -416,13 +428,14 @@ mod tests {
     }
 
     /// A cache as an issuer leaves it, with a certificate valid until `until` (y, m, d).
-    fn cache(dir: &Path, domains: &str, until: (i32, u8, u8)) {
+    fn cache(dir: &Path, names: &str, until: (i32, u8, u8)) {
+        let meta = format!("{}\n{names}", crate::config::LETS_ENCRYPT_DIRECTORY);
         let mut p = rcgen::CertificateParams::new(vec!["turn.example.com".into()]).expect("p");
         p.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = p.self_signed(&key).expect("cert");
         let pem = format!("{}{}", cert.pem(), key.serialize_pem());
-        write_private(dir, DOMAINS_FILE, domains.as_bytes()).expect("domains");
+        write_private(dir, META_FILE, meta.as_bytes()).expect("meta");
         write_private(dir, CERT_FILE, pem.as_bytes()).expect("cert");
     }
 
@@ -450,6 +463,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         cache(dir.path(), "other.example.com\n", (2090, 1, 1));
         assert!(start(dir.path()).0.current().is_none());
+        // The right names from another CA (staging, say) are not served either.
+        write_private(
+            dir.path(),
+            META_FILE,
+            b"https://acme-staging-v02.api.letsencrypt.org/directory\nturn.example.com\n",
+        )
+        .expect("meta");
+        assert!(start(dir.path()).0.current().is_none());
         cache(dir.path(), "turn.example.com\n", (2001, 1, 1));
         let (cert, m, _) = start(dir.path());
         assert!(cert.current().is_none());
@@ -458,6 +479,48 @@ mod tests {
         let (cert, _, acme) = start(&dir.path().join("none"));
         assert!(cert.current().is_none());
         assert_eq!(schedule::next_attempt(acme.served, None, &acme.policy()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_node_that_does_not_order_follows_the_issuers_cache() {
+        let dir = tempfile::tempdir().expect("dir");
+        let cert = Arc::new(ReloadableCert::acme());
+        let m = crate::metrics::Metrics::new().acme;
+        let cfg = AcmeConfig {
+            follow_interval_secs: 1,
+            ..acme_config(dir.path())
+        };
+        // Cluster mode and no `issuer`: this node must not order.
+        let acme = Acme::new(&cfg, true, cert.clone(), m.clone()).expect("acme");
+        assert!(!acme.orders);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(acme.run(rx));
+        let expiry_becomes = |want: i64| {
+            let m = m.clone();
+            async move {
+                for _ in 0..40 {
+                    if m.cert_expiry.get() == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("expiry gauge {} never became {want}", m.cert_expiry.get());
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(cert.current().is_none());
+        // The issuer writes a certificate, then a renewed one: both are picked up.
+        cache(dir.path(), "turn.example.com\n", (2090, 1, 1));
+        expiry_becomes(3_786_912_000).await;
+        assert!(cert.current().is_some());
+        cache(dir.path(), "turn.example.com\n", (2091, 1, 1));
+        expiry_becomes(3_818_448_000).await;
+        // It never ordered anything itself.
+        for r in ["ok", "error"] {
+            assert_eq!(m.renewals.with_label_values(&[r]).get(), 0);
+        }
+        let _ = stop.send(true);
+        task.await.expect("task ends at shutdown");
     }
 
     #[test]
