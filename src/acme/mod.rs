@@ -203,8 +203,12 @@ impl Acme {
         }
         let mut account = None;
         let mut failed: Option<Failures> = None;
+        let mut last_ok = 0u64;
         loop {
-            let at = schedule::next_attempt(self.served, failed, &self.policy());
+            // A certificate already due when it arrives (a CA issuing near-empty lifetimes,
+            // a skewed clock) waits like a failure would, rather than ordering in a loop.
+            let at = schedule::next_attempt(self.served, failed, &self.policy())
+                .max(last_ok.saturating_add(self.config.retry_min_secs));
             let wait = Duration::from_secs(at.saturating_sub(now()));
             if !wait.is_zero() {
                 tracing::debug!(secs = wait.as_secs(), "ACME: next order");
@@ -227,6 +231,7 @@ impl Acme {
                     );
                     self.serve(ck, validity);
                     failed = None;
+                    last_ok = now();
                     self.metrics.renewals.with_label_values(&["ok"]).inc();
                     self.metrics.renewal_failing.set(0);
                 }
