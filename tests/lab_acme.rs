@@ -11,7 +11,7 @@
 //! - A restart serves the cached certificate at once and orders nothing.
 //! - With pebble stopped at renewal time, the old certificate keeps serving and
 //!   `switchboard_acme_renewals_total{result="error"}` and `switchboard_acme_renewal_failing`
-//!   rise.
+//!   rise; once a (fresh) pebble is back, the renewal goes through and the alarm clears.
 
 mod lab;
 mod turn_common;
@@ -118,10 +118,16 @@ fn start_pebble(lab: &mut Lab) {
         "hosts",
         &format!("127.0.0.1 localhost\n{SERVER} {DOMAIN}\n"),
     );
-    let cfg = cfg.display().to_string();
+    run_pebble(lab, "pebble");
+}
+
+/// Start pebble (configured by [`start_pebble`]) as process `name`; a fresh pebble has new
+/// roots and knows no account.
+fn run_pebble(lab: &mut Lab, name: &str) {
+    let cfg = lab.dir.path().join("pebble.json").display().to_string();
     lab.spawn(
         Host::Peer,
-        "pebble",
+        name,
         "env",
         &[
             // Real validation, no random sleeps; every order validates again (no reuse of
@@ -137,9 +143,9 @@ fn start_pebble(lab: &mut Lab) {
     let t = Instant::now();
     while lab.tcp(Host::Peer, sa(PEER, 14000)).is_err() {
         assert!(
-            lab.running("pebble") && t.elapsed() < Duration::from_secs(15),
+            lab.running(name) && t.elapsed() < Duration::from_secs(15),
             "pebble did not start:\n{}",
-            lab.log("pebble")
+            lab.log(name)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -419,7 +425,7 @@ async fn certificate_from_pebble_then_renewed_under_live_turn_tls_and_wss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_serves_the_cache_and_with_pebble_gone_the_old_certificate_stays() {
+async fn restart_from_cache_then_pebble_gone_keeps_the_old_certificate_until_it_is_back() {
     let Some(mut lab) = Lab::start("acme_renewal_failure") else {
         return;
     };
@@ -478,10 +484,29 @@ async fn a_restart_serves_the_cache_and_with_pebble_gone_the_old_certificate_sta
         "{m}"
     );
     // Meanwhile the old certificate is still served.
-    assert_eq!(served(&lab), Some((issuer, serial)));
+    assert_eq!(served(&lab), Some((issuer, serial.clone())));
     let log = lab.log("restarted");
     assert!(
         log.contains("ACME: order failed; any served certificate stays"),
         "{log}"
+    );
+
+    // The CA comes back (a fresh pebble that knows no account): the next attempts make a new
+    // account, the renewal succeeds and the alarm clears.
+    run_pebble(&mut lab, "pebble-again");
+    let (issuer2, _) = wait_for(20, "a renewal once the CA is back", &lab, || {
+        served(&lab).filter(|(_, s)| *s != serial)
+    });
+    assert!(issuer2.contains("Pebble Intermediate CA"), "{issuer2}");
+    let m = metrics(&lab);
+    assert_eq!(metric(&m, "switchboard_acme_renewal_failing"), 0.0, "{m}");
+    assert_eq!(
+        metric(&m, "switchboard_acme_renewals_total{result=\"ok\"}"),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "switchboard_tls_cert_expiry_seconds") > expiry,
+        "{m}"
     );
 }

@@ -13,8 +13,17 @@ const MAX_BODY: usize = 1 << 20;
 /// An [`HttpClient`] for instant-acme on a reqwest client.
 pub struct Client(pub reqwest::Client);
 
+/// The error with its causes ("error sending request" alone does not say "connection
+/// refused" or "certificate unknown").
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> instant_acme::Error {
-    instant_acme::Error::Other(Box::new(e))
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    instant_acme::Error::Other(text.into())
 }
 
 impl HttpClient for Client {

@@ -52,6 +52,16 @@ pub enum AcmeError {
     },
 }
 
+impl AcmeError {
+    /// Whether the CA no longer knows the cached account (RFC 8555 `accountDoesNotExist`).
+    fn account_unknown(&self) -> bool {
+        let AcmeError::Protocol(instant_acme::Error::Api(p)) = self else {
+            return false;
+        };
+        p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist")
+    }
+}
+
 /// The certificate file in the cache: the chain, then its private key (one file, replaced
 /// atomically, so a reader never pairs a new chain with an old key).
 const CERT_FILE: &str = "certificate.pem";
@@ -236,6 +246,12 @@ impl Acme {
                     self.metrics.renewal_failing.set(0);
                 }
                 Err(e) => {
+                    if e.account_unknown() {
+                        // The CA forgot the account (a reset test CA, a deactivated account):
+                        // make a new one at the next attempt instead of failing forever.
+                        account = None;
+                        let _ = std::fs::remove_file(self.config.cache_dir.join(ACCOUNT_FILE));
+                    }
                     let count = failed.map_or(0, |f| f.count).saturating_add(1);
                     failed = Some(Failures { count, at: now() });
                     self.metrics.renewals.with_label_values(&["error"]).inc();
@@ -526,6 +542,20 @@ mod tests {
         }
         let _ = stop.send(true);
         task.await.expect("task ends at shutdown");
+    }
+
+    #[test]
+    fn only_an_unknown_account_drops_the_cached_one() {
+        let problem = |t: &str| {
+            let p: instant_acme::Problem =
+                serde_json::from_value(serde_json::json!({"type": t, "status": 400}))
+                    .expect("problem");
+            AcmeError::Protocol(instant_acme::Error::Api(p))
+        };
+        assert!(problem("urn:ietf:params:acme:error:accountDoesNotExist").account_unknown());
+        assert!(!problem("urn:ietf:params:acme:error:rateLimited").account_unknown());
+        assert!(!problem("urn:ietf:params:acme:error:unauthorized").account_unknown());
+        assert!(!AcmeError::State("order is Invalid".into()).account_unknown());
     }
 
     #[test]
