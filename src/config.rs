@@ -799,6 +799,8 @@ pub struct TlsConfig {
     pub key_file: Option<PathBuf>,
     /// TLS handshakes in progress at once on each TLS listener; accepting pauses beyond.
     pub max_concurrent_handshakes: usize,
+    /// Certificates ordered and renewed over ACME instead of files, when set.
+    pub acme: Option<AcmeConfig>,
 }
 
 impl Default for TlsConfig {
@@ -807,6 +809,7 @@ impl Default for TlsConfig {
             cert_file: None,
             key_file: None,
             max_concurrent_handshakes: 128,
+            acme: None,
         }
     }
 }
@@ -1258,6 +1261,9 @@ impl Config {
 
     /// `[tls]`: a certificate and key wherever TLS is served.
     fn validate_tls(&self) -> Result<(), ConfigError> {
+        if let Some(acme) = &self.tls.acme {
+            return acme.validate(self);
+        }
         if !self.turn.tls_listen.is_empty() || self.http.tls {
             if self.tls.cert_file.is_none() {
                 return Err(ConfigError::key(
@@ -1863,12 +1869,201 @@ fn jwks_url_ok(u: &str) -> Result<(), String> {
     }
 }
 
+// ---- [tls.acme] ----
+
+/// Let's Encrypt's production directory, the default `tls.acme.directory`.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// `[tls.acme]`: certificates for the shared port ordered and renewed over ACME (TLS-ALPN-01),
+/// so an operator needs no certificate files and no restart at renewal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// DNS names on the certificate (no wildcards: TLS-ALPN-01 cannot prove them).
+    pub domains: Vec<String>,
+    /// Account contacts, each `mailto:`; the CA writes there about expiry and incidents.
+    pub contact: Vec<String>,
+    /// The ACME directory URL (https); Let's Encrypt production by default.
+    pub directory: String,
+    /// PEM CA bundle trusted for the directory instead of the system roots (test or private CAs).
+    pub directory_ca_file: Option<PathBuf>,
+    /// Where the account key and the certificate live (0600), so a restart orders nothing.
+    pub cache_dir: PathBuf,
+    /// Whether this node orders; unset means yes alone and no in cluster mode (one issuer).
+    pub issuer: Option<bool>,
+    /// Renew this long before notAfter, or at 2/3 of the lifetime when that comes first.
+    pub renew_before_secs: u64,
+    /// First wait after a failed order; doubled per failure up to `retry_max_secs`.
+    pub retry_min_secs: u64,
+    /// Longest wait between failed orders.
+    pub retry_max_secs: u64,
+    /// How often a node that does not order looks for a newer certificate in `cache_dir`.
+    pub follow_interval_secs: u64,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            domains: Vec::new(),
+            contact: Vec::new(),
+            directory: LETS_ENCRYPT_DIRECTORY.into(),
+            directory_ca_file: None,
+            cache_dir: PathBuf::from("/var/lib/switchboard/acme"),
+            issuer: None,
+            renew_before_secs: 30 * 86_400,
+            retry_min_secs: 60,
+            retry_max_secs: 6 * 3600,
+            follow_interval_secs: 300,
+        }
+    }
+}
+
+impl AcmeConfig {
+    /// Whether this node orders certificates (see `issuer`).
+    pub fn orders(&self, cluster: bool) -> bool {
+        self.issuer.unwrap_or(!cluster)
+    }
+
+    /// Checks of the `[tls.acme]` keys and of what ACME needs elsewhere.
+    fn validate(&self, c: &Config) -> Result<(), ConfigError> {
+        if c.tls.cert_file.is_some() || c.tls.key_file.is_some() {
+            return Err(ConfigError::key(
+                "tls.acme",
+                "set either tls.cert_file/tls.key_file or [tls.acme], not both",
+            ));
+        }
+        if c.shared_port.listen.is_empty() && !c.http.tls {
+            return Err(ConfigError::key(
+                "tls.acme",
+                "needs shared_port.listen (or http.tls): TLS-ALPN-01 is answered there",
+            ));
+        }
+        if self.domains.is_empty() {
+            return Err(ConfigError::key(
+                "tls.acme.domains",
+                "must name at least one domain",
+            ));
+        }
+        for d in &self.domains {
+            let ok = !d.starts_with("*.")
+                && d.len() <= 253
+                && d.contains('.')
+                && d.parse::<std::net::IpAddr>().is_err()
+                && d.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if !ok {
+                return Err(ConfigError::key(
+                    "tls.acme.domains",
+                    format!("{d:?} is not a DNS name (no wildcards, no IP addresses)"),
+                ));
+            }
+        }
+        if let Some(bad) = self
+            .contact
+            .iter()
+            .find(|m| !m.starts_with("mailto:") || m.len() <= "mailto:".len() || !m.contains('@'))
+        {
+            return Err(ConfigError::key(
+                "tls.acme.contact",
+                format!("{bad:?} must look like mailto:ops@example.com"),
+            ));
+        }
+        if !self.directory.starts_with("https://") || self.directory.len() <= "https://".len() {
+            return Err(ConfigError::key(
+                "tls.acme.directory",
+                "must be an https:// URL",
+            ));
+        }
+        if self.cache_dir.as_os_str().is_empty() {
+            return Err(ConfigError::key("tls.acme.cache_dir", "must be set"));
+        }
+        if self.retry_min_secs == 0 || self.retry_max_secs < self.retry_min_secs {
+            return Err(ConfigError::key(
+                "tls.acme.retry_min_secs",
+                "must be positive and at most retry_max_secs",
+            ));
+        }
+        if self.follow_interval_secs == 0 {
+            return Err(ConfigError::key(
+                "tls.acme.follow_interval_secs",
+                "must be positive",
+            ));
+        }
+        if c.shared_port.public_port == Some(0) {
+            return Err(ConfigError::key(
+                "shared_port.public_port",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn err_of(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn acme_keys_are_checked_with_clear_errors() {
+        let base = "[shared_port]\nlisten = [\"0.0.0.0:443\"]\n[tls.acme]\n";
+        let ok = format!(
+            "{base}domains = [\"turn.example.com\"]\ncontact = [\"mailto:ops@example.com\"]\n"
+        );
+        let c = Config::from_toml(&ok).expect("valid acme config");
+        let a = c.tls.acme.as_ref().expect("acme");
+        assert_eq!(a.directory, LETS_ENCRYPT_DIRECTORY);
+        assert!(
+            a.orders(false) && !a.orders(true),
+            "one issuer by default in a cluster"
+        );
+        for (extra, want) in [
+            ("domains = []\n", "tls.acme.domains"),
+            ("domains = [\"*.example.com\"]\n", "no wildcards"),
+            ("domains = [\"203.0.113.10\"]\n", "tls.acme.domains"),
+            (
+                "domains = [\"a.example.com\"]\ncontact = [\"ops@example.com\"]\n",
+                "mailto:",
+            ),
+            (
+                "domains = [\"a.example.com\"]\ndirectory = \"http://ca.example/dir\"\n",
+                "https://",
+            ),
+            (
+                "domains = [\"a.example.com\"]\nretry_min_secs = 0\n",
+                "retry_min_secs",
+            ),
+        ] {
+            let e = err_of(&format!("{base}{extra}"));
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let e = err_of(
+            "[shared_port]\nlisten = [\"0.0.0.0:443\"]\n[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\n\
+             [tls.acme]\ndomains = [\"a.example.com\"]\n",
+        );
+        assert!(e.contains("not both"), "{e}");
+        let e = err_of("[tls.acme]\ndomains = [\"a.example.com\"]\n");
+        assert!(e.contains("shared_port.listen"), "{e}");
+        // The one issuer of a cluster is chosen per pod by environment (deploy/kubernetes).
+        let c = Config::from_toml_with_env(
+            &ok,
+            [(
+                "SWITCHBOARD_TLS__ACME__ISSUER".to_string(),
+                "true".to_string(),
+            )],
+        )
+        .expect("env override");
+        assert_eq!(c.tls.acme.as_ref().and_then(|a| a.issuer), Some(true));
+        // No [tls.acme]: ACME stays off, as with no config at all.
+        assert!(Config::from_toml("").expect("defaults").tls.acme.is_none());
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub enum Inner {
     Turn,
     /// HTTPS or WSS.
     Http,
+    /// An ACME TLS-ALPN-01 validation: the handshake was the whole answer; close.
+    AcmeValidation,
 }
 
 /// Route a TLS connection: by ALPN when the client sent one, else by its first bytes (a STUN
@@ -75,6 +77,7 @@ pub enum Inner {
 pub fn classify_inner(alpn: Option<&[u8]>, first: &[u8]) -> Inner {
     match alpn {
         Some(ALPN_TURN) => Inner::Turn,
+        Some(crate::tls::ALPN_ACME) => Inner::AcmeValidation,
         Some(_) => Inner::Http,
         None => match first.first() {
             None => Inner::NeedMore,
@@ -234,6 +237,10 @@ mod tests {
         assert_eq!(classify_inner(Some(ALPN_TURN), b""), Inner::Turn);
         assert_eq!(classify_inner(Some(ALPN_HTTP1), &req), Inner::Http);
         assert_eq!(classify_inner(Some(b"h2"), b""), Inner::Http);
+        assert_eq!(
+            classify_inner(Some(b"acme-tls/1"), b""),
+            Inner::AcmeValidation
+        );
     }
 
     #[test]

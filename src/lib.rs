@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod admin;
 pub mod auth;
 pub mod cluster;

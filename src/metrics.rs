@@ -100,6 +100,57 @@ pub struct Metrics {
     pub protocol_connections_active: IntGaugeVec,
     /// Signaling messages by wire protocol, direction (`in|out`) and a bounded `type`.
     pub protocol_messages: IntCounterVec,
+    /// The served certificate's expiry and the ACME renewals (`[tls.acme]`).
+    pub acme: AcmeMetrics,
+}
+
+/// Certificate metrics: what an operator alerts on before a certificate runs out.
+#[derive(Clone)]
+pub struct AcmeMetrics {
+    /// ACME orders by result (`ok|error`).
+    pub renewals: IntCounterVec,
+    /// 1 while the last ACME order failed (the previous certificate keeps serving).
+    pub renewal_failing: IntGauge,
+    /// Unix time of the served certificate's notAfter; 0 while none is served.
+    pub cert_expiry: IntGauge,
+}
+
+impl AcmeMetrics {
+    fn register(r: &Registry) -> AcmeMetrics {
+        let renewals = IntCounterVec::new(
+            Opts::new(
+                "acme_renewals_total",
+                "ACME certificate orders by result: ok, error (the old certificate stays).",
+            ),
+            &["result"],
+        )
+        .expect("static metric definition is valid");
+        let renewal_failing = IntGauge::new(
+            "acme_renewal_failing",
+            "1 while the last ACME order failed; the previous certificate keeps serving.",
+        )
+        .expect("static metric definition is valid");
+        let cert_expiry = IntGauge::new(
+            "tls_cert_expiry_seconds",
+            "Unix time of the served TLS certificate's notAfter (0: none served yet).",
+        )
+        .expect("static metric definition is valid");
+        for c in [
+            Box::new(renewals.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(renewal_failing.clone()),
+            Box::new(cert_expiry.clone()),
+        ] {
+            r.register(c).expect("metric names are unique");
+        }
+        for v in ["ok", "error"] {
+            renewals.with_label_values(&[v]);
+        }
+        AcmeMetrics {
+            renewals,
+            renewal_failing,
+            cert_expiry,
+        }
+    }
 }
 
 /// Pre-resolved relayed-byte counters for each client transport and direction, so the relay
@@ -407,6 +458,7 @@ impl Metrics {
                 "Server API requests by result.",
                 &["result"],
             ),
+            acme: AcmeMetrics::register(r),
             registry,
         };
         for t in ["tcp", "tls"] {

@@ -40,6 +40,10 @@ impl Server {
         {
             match (&config.tls.cert_file, &config.tls.key_file) {
                 (Some(c), Some(k)) => Some(Arc::new(crate::tls::ReloadableCert::load(c, k)?)),
+                // ACME fills the slot (from its cache at once when it can).
+                _ if config.tls.acme.is_some() => {
+                    Some(Arc::new(crate::tls::ReloadableCert::acme()))
+                }
                 // Config validation requires both; keep the error explicit anyway.
                 _ => {
                     return Err(crate::tls::TlsError::Config(
@@ -52,6 +56,18 @@ impl Server {
             None
         };
         let shared = Shared::build(config.clone(), tls.clone())?;
+        let acme = match (&config.tls.acme, &tls) {
+            (Some(a), Some(cert)) => Some(crate::acme::Acme::new(
+                a,
+                config.cluster.enabled(),
+                cert.clone(),
+                shared.metrics.acme.clone(),
+            )?),
+            _ => {
+                crate::acme::record_expiry(tls.as_deref(), &shared.metrics.acme);
+                None
+            }
+        };
         if let Some(c) = &shared.cluster {
             // Refuse to start as a second live process under one node id.
             c.claim_node_id().await?;
@@ -190,6 +206,9 @@ impl Server {
         }
         if let Some(c) = &shared.cluster {
             tasks.spawn(c.clone().run());
+        }
+        if let Some(acme) = acme {
+            tasks.spawn(acme.run(shared.lifecycle.subscribe()));
         }
         if let Some(jwks) = &shared.jwks {
             tasks.spawn(jwks.clone().run(shared.lifecycle.subscribe()));

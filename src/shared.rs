@@ -131,6 +131,8 @@ fn fixed_at_start(old: &Config, new: &Config) -> Result<(), ReloadError> {
             "shared_port.listen",
             old.shared_port.listen != new.shared_port.listen,
         ),
+        // The ACME task is started at start with these settings (files vs ACME too).
+        ("tls.acme", old.tls.acme != new.tls.acme),
         // Delivery lanes are started per URL at start; only the secret is reloaded.
         ("webhooks.urls", old.webhooks.urls != new.webhooks.urls),
         // The key set and its refresh task are built at start.
@@ -164,6 +166,9 @@ impl Shared {
         };
         if let Some(tls) = &self.tls {
             tls.reload()?;
+            if !tls.is_acme() {
+                crate::acme::record_expiry(Some(tls), &self.metrics.acme);
+            }
         }
         if let Some(secret) = hook_secret {
             self.webhooks.set_secret(secret);

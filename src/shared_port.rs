@@ -250,6 +250,11 @@ async fn tls(
     let done = Instant::now();
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let mut tls = tls;
+    if classify_inner(alpn.as_deref(), &[]) == Inner::AcmeValidation {
+        // The validator read the challenge certificate in the handshake; nothing follows.
+        let _ = tokio::time::timeout(ctx.deadline, tls.shutdown()).await;
+        return None;
+    }
     let mut first = Vec::new();
     let inner = loop {
         match classify_inner(alpn.as_deref(), &first) {
