@@ -14,8 +14,9 @@ use crate::auth::Auth;
 use crate::config::{AuthConfig, TurnConfig};
 use crate::metrics::Metrics;
 use crate::turn::core::{
-    AllocAudit, DeleteReason, Env, Outcome, PeerRoute, Pool, PoolAudit, Relay, RelayKind, Settings,
-    Table, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME, RESERVATION_LIFETIME,
+    to_client, AllocAudit, DeleteReason, Env, Frame, Outcome, Pool, PoolAudit, Relay, RelayKind,
+    Settings, Table, Tids, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
+    RESERVATION_LIFETIME,
 };
 
 /// The shared TURN secret of the harness (REST credentials are derived from it).
@@ -372,21 +373,32 @@ impl TurnPort {
             return None;
         }
         let view = lock(&self.views).get(&relay).cloned()?;
-        let client = view.client?;
-        let frame = match view.route(peer, self.now) {
-            PeerRoute::Denied => return None,
-            PeerRoute::Channel(ch) => {
-                let mut f = crate::turn::wire::channel_header(ch, data.len()).to_vec();
+        // The harness sets no bandwidth cap, so a fresh bucket per datagram is never used.
+        let mut bucket = None;
+        let mut tids = Tids::new(7);
+        let mut out = Vec::new();
+        let d = to_client(
+            &view,
+            &mut bucket,
+            self.now,
+            peer,
+            data,
+            &mut tids,
+            &mut out,
+        )
+        .ok()?;
+        let frame = match d.frame {
+            Frame::Channel(header) => {
+                let mut f = header.to_vec();
                 f.extend_from_slice(data);
                 f
             }
-            PeerRoute::Indication => {
-                let mut f = Vec::new();
-                crate::turn::wire::data_indication(&mut f, &[7; 12], peer, data).ok()?;
-                f
-            }
+            Frame::Indication => out,
         };
-        Some(Delivered { client, frame })
+        Some(Delivered {
+            client: d.client,
+            frame,
+        })
     }
 
     /// Move both clocks by `d` (forwards) and run every timer that came due, as the shard

@@ -36,6 +36,7 @@ mod rfc6062;
 mod settings;
 #[cfg(test)]
 mod test_support;
+mod to_client;
 
 pub use allocations::{
     Bucket, PeerRoute, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_NUMBERS, MAX_CHANNELS,
@@ -43,6 +44,7 @@ pub use allocations::{
 };
 pub use ports::{Pool, PoolAudit, RESERVATION_LIFETIME};
 pub use settings::{RelayBind, Settings};
+pub use to_client::{to_client, Dropped, Frame, Tids, ToClient, HEADROOM};
 
 use credentials::{finish, sign, ALG_MD5, ALG_SHA256};
 
