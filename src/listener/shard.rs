@@ -24,12 +24,12 @@ use arc_swap::ArcSwap;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::Deps;
-use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
+use super::{dispatch, forward_events, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::stun::reflect::ReflectLimiter;
 use crate::turn::core::{
-    to_client, Bucket, DeleteReason, Dropped, Env, Frame, Relay, RelayKind, Table, Tids, View,
-    HEADROOM,
+    to_client, Bucket, DeleteReason, Dropped, Env, Frame, Outcome, Relay, RelayKind, Table, Tids,
+    View, HEADROOM,
 };
 use crate::turn::offload::ChannelSync;
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
@@ -288,16 +288,14 @@ impl Shard {
             .register(&mut sock, TOKEN_LISTEN, Interest::READABLE)?;
         let metrics = deps.metrics.clone();
         let table = deps.config.relay.then(|| {
-            let mut t = Table::new(
+            Table::new(
                 deps.turn.settings.clone(),
                 deps.auth.clone(),
                 metrics.clone(),
                 deps.turn.pool.clone(),
                 "udp",
                 (),
-            );
-            t.set_events(deps.webhooks.clone());
-            t
+            )
         });
         Ok(Shard {
             metrics,
@@ -375,6 +373,7 @@ impl Shard {
                         local: None,
                     };
                     t.handle_timeout(env);
+                    forward_events(t, &self.deps.webhooks);
                 }
             }
             let gen = revoked_gen.load(Ordering::Acquire);
@@ -382,6 +381,7 @@ impl Shard {
                 revoked_seen = gen;
                 if let Some(t) = self.table.as_mut() {
                     t.sweep_revoked();
+                    forward_events(t, &self.deps.webhooks);
                 }
             }
             self.close_released();
@@ -389,6 +389,7 @@ impl Shard {
         }
         if let Some(mut t) = self.table.take() {
             t.clear(DeleteReason::Shutdown);
+            forward_events(&mut t, &self.deps.webhooks);
         }
         self.close_released();
         Ok(())
@@ -476,7 +477,7 @@ impl Shard {
             });
             Ok(r)
         };
-        dispatch(
+        let mut outcome = dispatch(
             &ctx,
             table.as_mut(),
             env,
@@ -485,8 +486,15 @@ impl Shard {
             pkt,
             &mut out,
             peer_counts,
-            &mut bind,
         );
+        if let Some(t) = table.as_mut() {
+            // The table asks for relay sockets; the shard opens them and answers.
+            while let Some(Outcome::Bind(b)) = outcome {
+                let r = bind(b.addr, b.kind);
+                outcome = Some(t.bound(env(), b.id, r, &mut out));
+            }
+            forward_events(t, &deps.webhooks);
+        }
         // The reflector limit: an answer a stranger can provoke without credentials, from
         // any source address he claims, is sent only within that source's budget.
         if !out.is_empty()
