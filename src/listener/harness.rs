@@ -14,8 +14,8 @@ use crate::auth::Auth;
 use crate::config::{AuthConfig, TurnConfig};
 use crate::metrics::Metrics;
 use crate::turn::core::{
-    to_client, AllocAudit, Bind, DeleteReason, Env, Event, Frame, Outcome, Pool, PoolAudit, Relay,
-    RelayKind, Settings, Table, Tids, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME,
+    to_client, AllocAudit, Bind, DeleteReason, Dropped, Env, Event, Frame, Outcome, Pool,
+    PoolAudit, Relay, RelayKind, Settings, Table, Tids, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME,
     PERMISSION_LIFETIME, RESERVATION_LIFETIME,
 };
 
@@ -56,6 +56,17 @@ pub struct Delivered {
     pub client: SocketAddr,
     /// The frame as sent: ChannelData or a Data indication.
     pub frame: Vec<u8>,
+}
+
+/// Why a peer datagram reached no client in [`TurnPort::peer_input`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMiss {
+    /// No relay socket is bound on that address.
+    NoSocket,
+    /// The address is an RFC 6062 TCP relay: peers connect, datagrams go nowhere.
+    TcpRelay,
+    /// The peer→client decision dropped it.
+    Dropped(Dropped),
 }
 
 /// A relay socket that binds nothing: it remembers its port as open until dropped and logs
@@ -409,18 +420,21 @@ impl TurnPort {
     }
 
     /// A datagram from `peer` arriving at the relay address `relay`, routed as the relay
-    /// shells route it: through the allocation's last published [`View`] at the current time.
-    /// `None` when nothing reaches a client (no socket, a reserved one, no permission).
+    /// shells route it: through `turn::core::to_client` with the allocation's last published
+    /// [`View`] at the current time; the error says why nothing reaches a client.
     pub fn peer_input(
         &self,
         relay: SocketAddr,
         peer: SocketAddr,
         data: &[u8],
-    ) -> Option<Delivered> {
+    ) -> Result<Delivered, PeerMiss> {
         if self.is_tcp_relay(relay) {
-            return None;
+            return Err(PeerMiss::TcpRelay);
         }
-        let view = lock(&self.views).get(&relay).cloned()?;
+        let view = lock(&self.views)
+            .get(&relay)
+            .cloned()
+            .ok_or(PeerMiss::NoSocket)?;
         // The harness sets no bandwidth cap, so a fresh bucket per datagram is never used.
         let mut bucket = None;
         let mut tids = Tids::new(7);
@@ -434,7 +448,7 @@ impl TurnPort {
             &mut tids,
             &mut out,
         )
-        .ok()?;
+        .map_err(PeerMiss::Dropped)?;
         let frame = match d.frame {
             Frame::Channel(header) => {
                 let mut f = header.to_vec();
@@ -443,7 +457,7 @@ impl TurnPort {
             }
             Frame::Indication => out,
         };
-        Some(Delivered {
+        Ok(Delivered {
             client: d.client,
             frame,
         })
