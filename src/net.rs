@@ -36,6 +36,25 @@ pub fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(sock.into())
 }
 
+/// The one relay socket bind, for the UDP shards' and the stream clients' relays alike: a
+/// nonblocking UDP socket on `addr` with IPV6_V6ONLY on v6, a 1 MiB receive buffer (peer
+/// bursts) and fragmentation allowed (a TURN server sets DF only when the client asks, RFC
+/// 8656 §14). No SO_REUSEPORT: a relay port belongs to one allocation.
+pub fn bind_relay(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = s.set_recv_buffer_size(1 << 20);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    let sock: std::net::UdpSocket = s.into();
+    crate::udp_batch::allow_fragmentation(&sock, addr.is_ipv6());
+    Ok(sock)
+}
+
 /// Receiving and sending with the local address (IP_PKTINFO), for wildcard listeners: a
 /// multi-homed host must answer from the address the client sent to, and relays bind it.
 pub mod pktinfo {

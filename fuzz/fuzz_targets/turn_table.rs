@@ -18,12 +18,14 @@ use libfuzzer_sys::fuzz_target;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
-use switchboard::listener::harness::{Limits, Sent, Transport, TurnPort, REALM, STATIC_USER};
+use switchboard::listener::harness::{
+    Limits, PeerMiss, Sent, Transport, TurnPort, REALM, STATIC_USER,
+};
 use switchboard::stun::codec::{
     decode_error_code, decode_u32, long_term_key, long_term_key_sha256,
 };
 use switchboard::stun::{attr, method, Class, Encoder, Message};
-use switchboard::turn::core::Outcome;
+use switchboard::turn::core::{Dropped, Outcome};
 
 const CLIENTS: usize = 8;
 const PEERS: usize = 8;
@@ -489,13 +491,21 @@ impl Fuzz {
         let now = self.port.now();
         let got = self.port.peer_input(relay, p, data);
         if self.port.is_tcp_relay(relay) {
-            assert_eq!(got, None, "a datagram through the TCP relay {relay}");
+            assert_eq!(
+                got,
+                Err(PeerMiss::TcpRelay),
+                "a datagram through the TCP relay {relay}"
+            );
             return;
         }
         let Some(owner) = allocs.iter().find(|a| a.relay == relay) else {
-            assert_eq!(
-                got, None,
-                "peer data through {relay}, which no allocation holds"
+            // No socket there, or one only reserved (EVEN-PORT) and dropped silently.
+            assert!(
+                matches!(
+                    got,
+                    Err(PeerMiss::NoSocket | PeerMiss::Dropped(Dropped::Reserved))
+                ),
+                "peer data through {relay}, which no allocation holds: {got:?}"
             );
             return;
         };
@@ -504,12 +514,22 @@ impl Fuzz {
             .get(&owner.client)
             .expect("allocation never answered");
         let permitted = m.perms.get(&p.ip()).is_some_and(|e| *e > now);
-        let Some(got) = got else {
-            assert!(
-                !permitted,
-                "peer data from {p} dropped despite a permission"
-            );
-            return;
+        let got = match got {
+            Ok(got) => got,
+            Err(why) => {
+                // The harness sets no bandwidth cap, so the only reasons left for an
+                // allocation's socket are a missing permission and a payload too large to frame.
+                assert!(
+                    why == PeerMiss::Dropped(Dropped::NoPermission)
+                        || (why == PeerMiss::Dropped(Dropped::Oversized) && data.len() > 65_000),
+                    "peer data from {p} dropped: {why:?}"
+                );
+                assert!(
+                    !permitted,
+                    "peer data from {p} dropped despite a permission"
+                );
+                return;
+            }
         };
         assert!(permitted, "peer data from {p} relayed without a permission");
         assert_eq!(got.client, owner.client, "peer data to another client");

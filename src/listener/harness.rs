@@ -14,8 +14,9 @@ use crate::auth::Auth;
 use crate::config::{AuthConfig, TurnConfig};
 use crate::metrics::Metrics;
 use crate::turn::core::{
-    AllocAudit, DeleteReason, Env, Outcome, PeerRoute, Pool, PoolAudit, Relay, RelayKind, Settings,
-    Table, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME, RESERVATION_LIFETIME,
+    to_client, AllocAudit, Bind, DeleteReason, Dropped, Env, Event, Frame, Outcome, Pool,
+    PoolAudit, Relay, RelayKind, Settings, Table, Tids, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME,
+    PERMISSION_LIFETIME, RESERVATION_LIFETIME,
 };
 
 /// The shared TURN secret of the harness (REST credentials are derived from it).
@@ -55,6 +56,17 @@ pub struct Delivered {
     pub client: SocketAddr,
     /// The frame as sent: ChannelData or a Data indication.
     pub frame: Vec<u8>,
+}
+
+/// Why a peer datagram reached no client in [`TurnPort::peer_input`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMiss {
+    /// No relay socket is bound on that address.
+    NoSocket,
+    /// The address is an RFC 6062 TCP relay: peers connect, datagrams go nowhere.
+    TcpRelay,
+    /// The peer→client decision dropped it.
+    Dropped(Dropped),
 }
 
 /// A relay socket that binds nothing: it remembers its port as open until dropped and logs
@@ -136,6 +148,59 @@ pub struct TurnPort {
     log: Log,
     views: Views,
     tcp: Addrs,
+    events: EventLog,
+}
+
+/// The allocation events the tables returned: ids created and not yet ended, and the first
+/// inconsistency seen (an end without a start, a start twice).
+#[derive(Default)]
+struct EventLog {
+    live: HashSet<String>,
+    wrong: Option<String>,
+}
+
+impl EventLog {
+    fn take(&mut self, t: &mut Table<FakeRelay>) {
+        while let Some(e) = t.poll_event() {
+            let (id, ok) = match e {
+                Event::Created { allocation, .. } => {
+                    let fresh = self.live.insert(allocation.clone());
+                    (allocation, fresh)
+                }
+                Event::Ended { allocation, .. } => {
+                    let known = self.live.remove(&allocation);
+                    (allocation, known)
+                }
+            };
+            if !ok && self.wrong.is_none() {
+                self.wrong = Some(format!("inconsistent events for allocation {id}"));
+            }
+        }
+    }
+}
+
+/// Open a fake relay socket for the table's [`Bind`]: refused when the address is taken.
+fn fake_bind(
+    open: &Addrs,
+    log: &Log,
+    views: &Views,
+    tcp: &Addrs,
+    b: Bind,
+) -> std::io::Result<FakeRelay> {
+    let a = b.addr;
+    if !lock(open).insert(a) {
+        return Err(std::io::ErrorKind::AddrInUse.into());
+    }
+    if b.kind == RelayKind::Tcp {
+        lock(tcp).insert(a);
+    }
+    Ok(FakeRelay {
+        addr: a,
+        open: open.clone(),
+        log: log.clone(),
+        views: views.clone(),
+        tcp: tcp.clone(),
+    })
 }
 
 /// Which transport a harness input arrives on.
@@ -203,6 +268,7 @@ impl TurnPort {
             log: Default::default(),
             views: Default::default(),
             tcp: Default::default(),
+            events: EventLog::default(),
         }
     }
 
@@ -267,25 +333,6 @@ impl TurnPort {
             mapped_address: true,
             local: Some(SocketAddr::new(local, 3478)),
         };
-        let open = self.open.clone();
-        let log = self.log.clone();
-        let views = self.views.clone();
-        let tcp = self.tcp.clone();
-        let mut bind = move |a: SocketAddr, kind: RelayKind| {
-            if !lock(&open).insert(a) {
-                return Err(std::io::ErrorKind::AddrInUse.into());
-            }
-            if kind == RelayKind::Tcp {
-                lock(&tcp).insert(a);
-            }
-            Ok(FakeRelay {
-                addr: a,
-                open: open.clone(),
-                log: log.clone(),
-                views: views.clone(),
-                tcp: tcp.clone(),
-            })
-        };
         let mut out = Vec::new();
         let mut counts = PeerCounts::default();
         let label = match transport {
@@ -307,18 +354,23 @@ impl TurnPort {
                 t
             }),
         };
-        let outcome = dispatch(
+        let mut outcome = dispatch(
             &ctx,
-            Some(table),
+            Some(&mut *table),
             || env,
             self.now,
             client,
             pkt,
             &mut out,
             &mut counts,
-            &mut bind,
         );
+        // The table asks for relay sockets; the fake ones are answered at once.
+        while let Some(Outcome::Bind(b)) = outcome {
+            let r = fake_bind(&self.open, &self.log, &self.views, &self.tcp, b);
+            outcome = Some(table.bound(env, b.id, r, &mut out));
+        }
         counts.flush(&self.metrics, label);
+        self.drain_events();
         let sent = std::mem::take(&mut *lock(&self.log))
             .into_iter()
             .map(|(relay, peer, data)| Sent {
@@ -351,6 +403,14 @@ impl TurnPort {
     pub fn close_stream(&mut self, client: SocketAddr) {
         if let Some(mut t) = self.streams.remove(&client) {
             t.clear(DeleteReason::Closed);
+            self.events.take(&mut t);
+        }
+    }
+
+    /// Drain every table's allocation events, as the shells forward them to webhooks.
+    fn drain_events(&mut self) {
+        for t in self.shards.iter_mut().chain(self.streams.values_mut()) {
+            self.events.take(t);
         }
     }
 
@@ -360,33 +420,47 @@ impl TurnPort {
     }
 
     /// A datagram from `peer` arriving at the relay address `relay`, routed as the relay
-    /// shells route it: through the allocation's last published [`View`] at the current time.
-    /// `None` when nothing reaches a client (no socket, a reserved one, no permission).
+    /// shells route it: through `turn::core::to_client` with the allocation's last published
+    /// [`View`] at the current time; the error says why nothing reaches a client.
     pub fn peer_input(
         &self,
         relay: SocketAddr,
         peer: SocketAddr,
         data: &[u8],
-    ) -> Option<Delivered> {
+    ) -> Result<Delivered, PeerMiss> {
         if self.is_tcp_relay(relay) {
-            return None;
+            return Err(PeerMiss::TcpRelay);
         }
-        let view = lock(&self.views).get(&relay).cloned()?;
-        let client = view.client?;
-        let frame = match view.route(peer, self.now) {
-            PeerRoute::Denied => return None,
-            PeerRoute::Channel(ch) => {
-                let mut f = crate::turn::wire::channel_header(ch, data.len()).to_vec();
+        let view = lock(&self.views)
+            .get(&relay)
+            .cloned()
+            .ok_or(PeerMiss::NoSocket)?;
+        // The harness sets no bandwidth cap, so a fresh bucket per datagram is never used.
+        let mut bucket = None;
+        let mut tids = Tids::new(7);
+        let mut out = Vec::new();
+        let d = to_client(
+            &view,
+            &mut bucket,
+            self.now,
+            peer,
+            data,
+            &mut tids,
+            &mut out,
+        )
+        .map_err(PeerMiss::Dropped)?;
+        let frame = match d.frame {
+            Frame::Channel(header) => {
+                let mut f = header.to_vec();
                 f.extend_from_slice(data);
                 f
             }
-            PeerRoute::Indication => {
-                let mut f = Vec::new();
-                crate::turn::wire::data_indication(&mut f, &[7; 12], peer, data).ok()?;
-                f
-            }
+            Frame::Indication => out,
         };
-        Some(Delivered { client, frame })
+        Ok(Delivered {
+            client: d.client,
+            frame,
+        })
     }
 
     /// Move both clocks by `d` (forwards) and run every timer that came due, as the shard
@@ -414,6 +488,7 @@ impl TurnPort {
                 t.handle_timeout(env);
             }
         }
+        self.drain_events();
     }
 
     /// Every allocation of both shards and every stream connection.
@@ -449,6 +524,16 @@ impl TurnPort {
     /// quotas hold, and the shared pool matches the allocations that exist.
     pub fn check(&self) -> Result<(), String> {
         let allocs = self.allocations();
+        if let Some(e) = &self.events.wrong {
+            return Err(e.clone());
+        }
+        if self.events.live.len() != allocs.len() {
+            return Err(format!(
+                "{} allocations created and not ended by events, {} exist",
+                self.events.live.len(),
+                allocs.len()
+            ));
+        }
         let pool = self.pool();
         let now = self.now;
         let mut per_user: HashMap<&str, u32> = HashMap::new();
@@ -586,5 +671,6 @@ impl TurnPort {
         for t in self.shards.iter_mut().chain(self.streams.values_mut()) {
             t.clear(DeleteReason::Shutdown);
         }
+        self.drain_events();
     }
 }

@@ -204,6 +204,53 @@ impl PeerCounts {
     }
 }
 
+/// Forward the allocations `table` created and ended to the webhooks: the table only queues
+/// them, so every shell calls this after handling requests, timeouts, revocations and close.
+pub(crate) fn forward_events<R: crate::turn::core::Relay>(
+    table: &mut crate::turn::core::Table<R>,
+    hooks: &crate::webhooks::Webhooks,
+) {
+    use crate::turn::core::Event;
+    while let Some(e) = table.poll_event() {
+        if !hooks.enabled() {
+            continue;
+        }
+        match e {
+            Event::Created {
+                allocation,
+                user,
+                transport,
+                relay,
+            } => hooks.emit(
+                &allocation.clone(),
+                crate::webhooks::Event::AllocationCreated {
+                    allocation,
+                    user,
+                    transport: transport.to_string(),
+                    relay_transport: relay.label().to_string(),
+                },
+            ),
+            Event::Ended {
+                allocation,
+                user,
+                transport,
+                relay,
+                reason,
+                created,
+                usage,
+            } => hooks.allocation_ended(crate::webhooks::AllocationEnd {
+                allocation: &allocation,
+                user: &user,
+                transport,
+                relay_transport: relay.label(),
+                reason: reason.label(),
+                created,
+                usage: &usage,
+            }),
+        }
+    }
+}
+
 /// What a shell needs to know about the port a message arrived on.
 pub(crate) struct PortCtx<'a> {
     pub metrics: &'a crate::metrics::Metrics,
@@ -217,8 +264,9 @@ pub(crate) struct PortCtx<'a> {
 /// The one request dispatch of the STUN/TURN port, shared by the UDP shards and the stream
 /// connections: ChannelData and Send indications are relayed to the peer, Binding is answered,
 /// TURN requests go to the allocation table (or get 400 with the relay off). A response, if
-/// any, is appended to `out`; the table's outcome comes back for the stream-only methods
-/// (RFC 6062 Connect and ConnectionBind) that the shell finishes.
+/// any, is appended to `out`; the table's outcome comes back for what the shell finishes: a
+/// relay socket to bind ([`Outcome::Bind`](crate::turn::core::Outcome::Bind), answered with
+/// `Table::bound`) and the stream-only methods (RFC 6062 Connect and ConnectionBind).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch<R>(
     ctx: &PortCtx<'_>,
@@ -229,7 +277,6 @@ pub(crate) fn dispatch<R>(
     pkt: &[u8],
     out: &mut Vec<u8>,
     counts: &mut PeerCounts,
-    bind: &mut dyn FnMut(std::net::SocketAddr, crate::turn::core::RelayKind) -> std::io::Result<R>,
 ) -> Option<crate::turn::core::Outcome>
 where
     R: crate::turn::core::Relay + SendToPeer,
@@ -244,7 +291,7 @@ where
             None
         }
         Kind::Stun => match crate::stun::Message::parse(pkt) {
-            Ok(msg) => dispatch_stun(ctx, table, env, now, client, &msg, out, counts, bind),
+            Ok(msg) => dispatch_stun(ctx, table, env, now, client, &msg, out, counts),
             Err(e) => {
                 ctx.metrics
                     .stun_requests
@@ -285,7 +332,6 @@ pub(crate) fn dispatch_stun<R>(
     msg: &crate::stun::Message<'_>,
     out: &mut Vec<u8>,
     counts: &mut PeerCounts,
-    bind: &mut dyn FnMut(std::net::SocketAddr, crate::turn::core::RelayKind) -> std::io::Result<R>,
 ) -> Option<crate::turn::core::Outcome>
 where
     R: crate::turn::core::Relay + SendToPeer,
@@ -311,7 +357,7 @@ where
         return None;
     }
     match table {
-        Some(t) => Some(t.handle_request(env(), client, msg, out, bind)),
+        Some(t) => Some(t.handle_request(env(), client, msg, out)),
         None => {
             refuse_relay_disabled(ctx.metrics, msg, out);
             None

@@ -24,18 +24,18 @@ use arc_swap::ArcSwap;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::Deps;
-use super::{dispatch, PeerCounts, PortCtx, SendToPeer};
+use super::{dispatch, forward_events, PeerCounts, PortCtx, SendToPeer};
 use crate::metrics::Metrics;
 use crate::stun::reflect::ReflectLimiter;
-use crate::turn::core::{Bucket, DeleteReason, Env, PeerRoute, Relay, RelayKind, Table, View};
+use crate::turn::core::{
+    to_client, Bucket, DeleteReason, Dropped, Env, Frame, Outcome, Relay, RelayKind, Table, Tids,
+    View, HEADROOM,
+};
 use crate::turn::offload::ChannelSync;
-use crate::turn::wire::{channel_header, data_indication};
 use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 /// Largest datagram read from any socket.
 const MAX_DATAGRAM: usize = 65_536;
-/// Room in front of a peer payload for the ChannelData header.
-const HEADROOM: usize = 4;
 /// Smallest per-shard burst of the reflector limit: one answer of any size the port sends
 /// unauthenticated always fits.
 const MIN_REFLECT_BURST: u64 = 1500;
@@ -61,8 +61,14 @@ struct RelaySock {
     sock: mio::net::UdpSocket,
     addr: SocketAddr,
     view: ArcSwap<View>,
-    /// Bandwidth cap state; only the owning shard takes it, and only when a cap is set.
-    bucket: Mutex<Option<Bucket>>,
+}
+
+/// A relay socket in the shard's poll set, with the state only the shard touches.
+struct Slot {
+    relay: Arc<RelaySock>,
+    /// Bandwidth cap state, made on the first datagram when the view sets a cap; the shard
+    /// owns it outright, so taking it needs no lock.
+    bucket: Option<Bucket>,
 }
 
 /// A relay socket as the allocation table holds it. Dropping it hands the socket back to the
@@ -232,6 +238,18 @@ struct Counts {
     oversized: u64,
 }
 
+impl Counts {
+    /// Count a peer datagram the peer→client decision dropped.
+    fn dropped(&mut self, why: Dropped) {
+        match why {
+            Dropped::Reserved => {}
+            Dropped::NoPermission => self.no_perm += 1,
+            Dropped::BandwidthCap => self.capped += 1,
+            Dropped::Oversized => self.oversized += 1,
+        }
+    }
+}
+
 struct Shard {
     deps: Arc<Deps>,
     metrics: Arc<Metrics>,
@@ -242,14 +260,14 @@ struct Shard {
     poll: Poll,
     waker: Arc<Waker>,
     table: Option<Table<ShardRelay>>,
-    relays: Vec<Option<Arc<RelaySock>>>,
+    relays: Vec<Option<Slot>>,
     free: Vec<usize>,
     released: Arc<Released>,
     tx: SendQueue,
     out: Vec<u8>,
     counts: Counts,
     peer_counts: PeerCounts,
-    tid_state: u64,
+    tids: Tids,
     /// This shard's share of the per-source budget for unauthenticated answers.
     reflect: ReflectLimiter,
 }
@@ -270,16 +288,14 @@ impl Shard {
             .register(&mut sock, TOKEN_LISTEN, Interest::READABLE)?;
         let metrics = deps.metrics.clone();
         let table = deps.config.relay.then(|| {
-            let mut t = Table::new(
+            Table::new(
                 deps.turn.settings.clone(),
                 deps.auth.clone(),
                 metrics.clone(),
                 deps.turn.pool.clone(),
                 "udp",
                 (),
-            );
-            t.set_events(deps.webhooks.clone());
-            t
+            )
         });
         Ok(Shard {
             metrics,
@@ -301,7 +317,7 @@ impl Shard {
             out: Vec::with_capacity(1500),
             counts: Counts::default(),
             peer_counts: PeerCounts::default(),
-            tid_state: rand::random::<u64>() | 1,
+            tids: Tids::new(rand::random()),
             reflect: ReflectLimiter::for_shard(
                 deps.config.unauthenticated_bytes_per_second,
                 deps.config.unauthenticated_burst_bytes,
@@ -357,6 +373,7 @@ impl Shard {
                         local: None,
                     };
                     t.handle_timeout(env);
+                    forward_events(t, &self.deps.webhooks);
                 }
             }
             let gen = revoked_gen.load(Ordering::Acquire);
@@ -364,6 +381,7 @@ impl Shard {
                 revoked_seen = gen;
                 if let Some(t) = self.table.as_mut() {
                     t.sweep_revoked();
+                    forward_events(t, &self.deps.webhooks);
                 }
             }
             self.close_released();
@@ -371,6 +389,7 @@ impl Shard {
         }
         if let Some(mut t) = self.table.take() {
             t.clear(DeleteReason::Shutdown);
+            forward_events(&mut t, &self.deps.webhooks);
         }
         self.close_released();
         Ok(())
@@ -458,7 +477,7 @@ impl Shard {
             });
             Ok(r)
         };
-        dispatch(
+        let mut outcome = dispatch(
             &ctx,
             table.as_mut(),
             env,
@@ -467,8 +486,15 @@ impl Shard {
             pkt,
             &mut out,
             peer_counts,
-            &mut bind,
         );
+        if let Some(t) = table.as_mut() {
+            // The table asks for relay sockets; the shard opens them and answers.
+            while let Some(Outcome::Bind(b)) = outcome {
+                let r = bind(b.addr, b.kind);
+                outcome = Some(t.bound(env(), b.id, r, &mut out));
+            }
+            forward_events(t, &deps.webhooks);
+        }
         // The reflector limit: an answer a stranger can provoke without credentials, from
         // any source address he claims, is sent only within that source's budget.
         if !out.is_empty()
@@ -485,29 +511,62 @@ impl Shard {
     /// Read one relay socket and queue what its permissions allow towards the client; true
     /// when its budget ran out with data left.
     fn serve_relay(&mut self, rx: &mut RecvBatch, slot: usize, now: Instant) -> bool {
-        let Some(Some(r)) = self.relays.get(slot).cloned() else {
+        let Shard {
+            relays,
+            state,
+            tx,
+            sock,
+            out,
+            counts,
+            tids,
+            wildcard,
+            ..
+        } = self;
+        let Some(Some(Slot { relay, bucket })) = relays.get_mut(slot) else {
             return false;
         };
-        let view = r.view.load();
-        let client = view.client;
+        let view = relay.view.load();
+        // On a wildcard listener, peer data leaves from the address the client sends to.
+        let from = if *wildcard { view.local } else { None };
         for _ in 0..TURN_BUDGET {
-            let n = match rx.recv(&self.state, &r.sock) {
+            let n = match rx.recv(state, &relay.sock) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(_) => continue,
             };
-            let Some(client) = client else {
-                // Reserved (EVEN-PORT) socket: nothing may be relayed yet; discard.
-                if n < RECV_BATCH {
-                    return false;
-                }
-                continue;
-            };
-            let (p0, b0) = (self.counts.to_client, self.counts.to_client_bytes);
+            let (p0, b0) = (counts.to_client, counts.to_client_bytes);
             for (data, peer, _) in rx.iter() {
-                self.relay_to_client(&r, &view, now, data, peer, client);
+                let d = match to_client(&view, bucket, now, peer, data, tids, out) {
+                    Ok(d) => d,
+                    Err(why) => {
+                        counts.dropped(why);
+                        continue;
+                    }
+                };
+                if tx.is_full() {
+                    counts.send_full += tx.flush(sock).dropped as u64;
+                }
+                let n = data.len();
+                let ok = match d.frame {
+                    Frame::Channel(header) => match tx.slot_mut() {
+                        Some(s) if s.len() >= HEADROOM + n => {
+                            s[..HEADROOM].copy_from_slice(&header);
+                            s[HEADROOM..HEADROOM + n].copy_from_slice(data);
+                            tx.commit(HEADROOM + n, d.client, from);
+                            true
+                        }
+                        _ => false,
+                    },
+                    Frame::Indication => tx.push(out, d.client, from),
+                };
+                if ok {
+                    counts.to_client += 1;
+                    counts.to_client_bytes += n as u64;
+                } else {
+                    counts.send_full += 1;
+                }
             }
-            let (p, b) = (self.counts.to_client - p0, self.counts.to_client_bytes - b0);
+            let (p, b) = (counts.to_client - p0, counts.to_client_bytes - b0);
             if p > 0 {
                 view.usage.to_client(p, b);
             }
@@ -516,71 +575,6 @@ impl Shard {
             }
         }
         true
-    }
-
-    fn relay_to_client(
-        &mut self,
-        r: &RelaySock,
-        view: &View,
-        now: Instant,
-        data: &[u8],
-        peer: SocketAddr,
-        client: SocketAddr,
-    ) {
-        let route = view.route(peer, now);
-        if route == PeerRoute::Denied {
-            self.counts.no_perm += 1;
-            return;
-        }
-        if view.max_bps > 0 {
-            let mut b = r.bucket.lock().unwrap_or_else(|p| p.into_inner());
-            let b = b.get_or_insert_with(|| Bucket::new(view.max_bps, now));
-            if !b.allow(now, data.len()) {
-                self.counts.capped += 1;
-                return;
-            }
-        }
-        let n = data.len();
-        // On a wildcard listener, peer data leaves from the address the client sends to.
-        let from = if self.wildcard { view.local } else { None };
-        if self.tx.is_full() {
-            self.flush();
-        }
-        let ok = match route {
-            PeerRoute::Channel(ch) => match self.tx.slot_mut() {
-                Some(slot) if slot.len() >= HEADROOM + n => {
-                    slot[..HEADROOM].copy_from_slice(&channel_header(ch, n));
-                    slot[HEADROOM..HEADROOM + n].copy_from_slice(data);
-                    self.tx.commit(HEADROOM + n, client, from);
-                    true
-                }
-                _ => false,
-            },
-            PeerRoute::Denied | PeerRoute::Indication => {
-                let mut out = std::mem::take(&mut self.out);
-                out.clear();
-                self.tid_state ^= self.tid_state << 13;
-                self.tid_state ^= self.tid_state >> 7;
-                self.tid_state ^= self.tid_state << 17;
-                let mut tid = [0u8; 12];
-                tid[..8].copy_from_slice(&self.tid_state.to_le_bytes());
-                if data_indication(&mut out, &tid, peer, data).is_err() {
-                    // Too large for a Data indication's 16-bit length: dropped whole.
-                    self.out = out;
-                    self.counts.oversized += 1;
-                    return;
-                }
-                let ok = self.tx.push(&out, client, from);
-                self.out = out;
-                ok
-            }
-        };
-        if ok {
-            self.counts.to_client += 1;
-            self.counts.to_client_bytes += n as u64;
-        } else {
-            self.counts.send_full += 1;
-        }
     }
 
     /// Close relay sockets whose allocation is gone.
@@ -598,7 +592,7 @@ impl Shard {
         for t in gone {
             let slot = t - FIRST_RELAY;
             if let Some(r) = self.relays.get_mut(slot).and_then(Option::take) {
-                if let Ok(mut r) = Arc::try_unwrap(r) {
+                if let Ok(mut r) = Arc::try_unwrap(r.relay) {
                     let _ = self.poll.registry().deregister(&mut r.sock);
                 }
                 self.free.push(slot);
@@ -635,21 +629,12 @@ impl Shard {
 fn open_relay(
     addr: SocketAddr,
     poll: &Poll,
-    relays: &mut Vec<Option<Arc<RelaySock>>>,
+    relays: &mut Vec<Option<Slot>>,
     free: &mut Vec<usize>,
     released: &Arc<Released>,
     waker: &Arc<Waker>,
 ) -> io::Result<ShardRelay> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    let _ = s.set_recv_buffer_size(1 << 20);
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    let std_sock: std::net::UdpSocket = s.into();
-    crate::udp_batch::allow_fragmentation(&std_sock, addr.is_ipv6());
+    let std_sock = crate::net::bind_relay(addr)?;
     let local = std_sock.local_addr()?;
     let mut sock = mio::net::UdpSocket::from_std(std_sock);
     let slot = free.pop().unwrap_or_else(|| {
@@ -668,9 +653,11 @@ fn open_relay(
         sock,
         addr: local,
         view: ArcSwap::from_pointee(View::default()),
-        bucket: Mutex::new(None),
     });
-    relays[slot] = Some(inner.clone());
+    relays[slot] = Some(Slot {
+        relay: inner.clone(),
+        bucket: None,
+    });
     Ok(ShardRelay {
         inner,
         sync: None,

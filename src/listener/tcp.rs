@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Deps;
-use super::{dispatch_stun, relay_channel_data, PeerCounts, PortCtx};
+use super::{dispatch_stun, forward_events, relay_channel_data, PeerCounts, PortCtx};
 use crate::lifecycle::shutdown_signal;
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::Message;
@@ -392,7 +392,6 @@ pub async fn serve_stream<S>(
                                 ClientSink::Stream(sink.clone()),
                             );
                             t.set_stream();
-                            t.set_events(deps.webhooks.clone());
                             t
                         });
                         Session {
@@ -410,9 +409,7 @@ pub async fn serve_stream<S>(
                         mapped_address: deps.config.mapped_address,
                         local,
                     };
-                    let conns = deps.turn.conns.clone();
-                    let mut bind = |a, kind| AnyRelay::bind(a, kind, &m, &conns);
-                    let outcome = dispatch_stun(
+                    let mut outcome = dispatch_stun(
                         &ctx,
                         table.as_mut(),
                         || env(&deps),
@@ -421,9 +418,14 @@ pub async fn serve_stream<S>(
                         &msg,
                         &mut out,
                         &mut counts,
-                        &mut bind,
                     );
                     if let Some(t) = table.as_mut() {
+                        // The table asks for relay sockets; this task opens them and answers.
+                        while let Some(Outcome::Bind(b)) = outcome {
+                            let r = AnyRelay::bind(b.addr, b.kind, &m, &deps.turn.conns);
+                            outcome = Some(t.bound(env(&deps), b.id, r, &mut out));
+                        }
+                        forward_events(t, &deps.webhooks);
                         match outcome {
                             Some(Outcome::Connect(to)) => {
                                 let tx = connect_tx.clone();
@@ -550,13 +552,16 @@ pub async fn serve_stream<S>(
             _ = &mut timer, if armed.is_some() => {
                 if let Some(t) = session.as_mut().and_then(|s| s.table.as_mut()) {
                     t.handle_timeout(env(&deps));
+                    forward_events(t, &deps.webhooks);
                 }
                 armed = None;
                 continue;
             }
             Ok(()) = revoked.changed() => {
                 if let Some(t) = session.as_mut().and_then(|s| s.table.as_mut()) {
-                    if t.sweep_revoked() > 0 {
+                    let swept = t.sweep_revoked();
+                    forward_events(t, &deps.webhooks);
+                    if swept > 0 {
                         // The connection carried the revoked allocation: close it too.
                         break;
                     }
@@ -574,6 +579,7 @@ pub async fn serve_stream<S>(
         Some(mut s) => {
             if let Some(mut t) = s.table.take() {
                 t.clear(DeleteReason::Closed);
+                forward_events(&mut t, &deps.webhooks);
             }
             s.sink.close();
             match s.writer.await.ok().flatten() {

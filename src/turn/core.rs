@@ -3,9 +3,13 @@
 //!
 //! It never touches a socket or the clock. Callers pass [`Env`] (the current `Instant`, the
 //! Unix time for credential expiry, and whether the server is draining) and the parsed
-//! request; the table writes the response into a caller-owned buffer. Relay sockets are
-//! opened through a caller-supplied `bind` function and kept as an opaque [`Relay`] handle,
-//! so dropping an allocation frees its socket.
+//! request; the table writes the response into a caller-owned buffer. It opens no socket and
+//! calls nothing back, as quinn-proto's endpoint: an Allocate that needs a relay socket returns
+//! [`Outcome::Bind`] ("bind a relay on this address for this allocation"), the shell binds it
+//! and hands the result to [`Table::bound`], which finishes the answer (or asks for another
+//! port). The socket is then kept as an opaque [`Relay`] handle, so dropping an allocation
+//! frees it. Allocations created and ended are queued as [`Event`]s that the shell drains with
+//! [`Table::poll_event`] and forwards (webhooks).
 //!
 //! This file is the dispatcher: [`Table::handle_request`] checks the method and credentials,
 //! then hands the request to the part that owns it:
@@ -18,7 +22,7 @@
 //! - `rfc6062`: TCP relays (Connect, ConnectionBind);
 //! - `settings`: relay addressing and limits derived from config.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +30,7 @@ use std::time::Instant;
 use crate::auth::Auth;
 use crate::metrics::Metrics;
 use crate::stun::codec::{attr, method, Class, Encoder, Message};
-use allocation::{Alg, Alloc, Key};
+use allocation::{Alg, Alloc, Key, Pending};
 
 mod allocation;
 mod allocations;
@@ -36,6 +40,7 @@ mod rfc6062;
 mod settings;
 #[cfg(test)]
 mod test_support;
+mod to_client;
 
 pub use allocations::{
     Bucket, PeerRoute, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_NUMBERS, MAX_CHANNELS,
@@ -43,8 +48,9 @@ pub use allocations::{
 };
 pub use ports::{Pool, PoolAudit, RESERVATION_LIFETIME};
 pub use settings::{RelayBind, Settings};
+pub use to_client::{to_client, Dropped, Frame, Tids, ToClient, HEADROOM};
 
-use credentials::{finish, sign, ALG_MD5, ALG_SHA256};
+use credentials::{close, finish, sign, ALG_MD5, ALG_SHA256};
 
 /// One allocation as [`Table::audit`] reports it, for invariant checks outside the table.
 #[doc(hidden)]
@@ -71,6 +77,78 @@ pub enum RelayKind {
     Udp,
     /// A TCP listening socket with a data connection per peer (RFC 6062).
     Tcp,
+}
+
+impl RelayKind {
+    /// `udp` or `tcp`, as metrics and webhooks name the relay transport.
+    pub fn label(self) -> &'static str {
+        kind_label(self)
+    }
+}
+
+/// The table's request for a relay socket, answered with [`Table::bound`]: the shell opens
+/// sockets, the table only picks the address (why: the core stays free of I/O and callbacks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind {
+    /// Which pending Allocate asked; [`Table::bound`] ignores a stale id.
+    pub id: u64,
+    /// The address to bind.
+    pub addr: SocketAddr,
+    /// UDP or TCP (RFC 6062) relay.
+    pub kind: RelayKind,
+}
+
+/// An allocation came or went: what the shell reports to webhooks, returned rather than
+/// pushed so the table holds no handle to the outside.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// An Allocate succeeded.
+    Created {
+        /// Allocation id, unique within this process.
+        allocation: String,
+        /// The name its quota counts (the user part of a REST username).
+        user: String,
+        /// The client's transport (`udp|tcp|tls`).
+        transport: &'static str,
+        /// The relay transport.
+        relay: RelayKind,
+    },
+    /// An allocation was deleted.
+    Ended {
+        /// Allocation id.
+        allocation: String,
+        /// The name its quota counted.
+        user: String,
+        /// The client's transport (`udp|tcp|tls`).
+        transport: &'static str,
+        /// The relay transport.
+        relay: RelayKind,
+        /// Why it ended.
+        reason: DeleteReason,
+        /// When it was created.
+        created: Instant,
+        /// Its relay usage (final: the relay was retired before the event was queued).
+        usage: Arc<crate::webhooks::Usage>,
+    },
+}
+
+/// A request as its answer needs it after the message itself is gone (a pending Allocate
+/// finished in [`Table::bound`]).
+#[derive(Debug, Clone, Copy)]
+struct Req {
+    method: u16,
+    tid: [u8; 12],
+    fingerprint: bool,
+}
+
+impl Req {
+    fn of(msg: &Message<'_>) -> Req {
+        Req {
+            method: msg.method(),
+            tid: msg.transaction_id(),
+            fingerprint: msg.has_fingerprint(),
+        }
+    }
 }
 
 /// Attributes a TURN request may carry that this table understands.
@@ -150,7 +228,8 @@ pub enum DeleteReason {
 }
 
 impl DeleteReason {
-    fn label(self) -> &'static str {
+    /// The metrics and webhook label.
+    pub fn label(self) -> &'static str {
         match self {
             DeleteReason::Expired => "expired",
             DeleteReason::RefreshedZero => "refreshed_zero",
@@ -179,6 +258,9 @@ pub enum Outcome {
     /// RFC 6062 ConnectionBind authenticated: a success response was written; the shell must
     /// claim this connection id (or answer 400 instead) and turn the stream into a data pipe.
     ConnectionBind(u32),
+    /// Allocate needs a relay socket: the shell binds it and reports the result with
+    /// [`Table::bound`], which writes the answer; nothing was written yet.
+    Bind(Bind),
 }
 
 /// An early answer: error code and whether the request was authenticated.
@@ -216,7 +298,12 @@ pub struct Table<R: Relay> {
     stream: bool,
     /// Username that the last ConnectionBind on this (data) connection authenticated as.
     bind_user: Option<String>,
-    events: crate::webhooks::Webhooks,
+    /// The Allocate waiting for its relay socket (the shell answers before the next request).
+    pending: Option<Pending<R>>,
+    /// Id of the next [`Bind`].
+    next_bind: u64,
+    /// Allocations created and ended, until the shell drains them.
+    events: VecDeque<Event>,
 }
 
 impl<R: Relay> Table<R> {
@@ -241,13 +328,16 @@ impl<R: Relay> Table<R> {
             sink,
             stream: false,
             bind_user: None,
-            events: crate::webhooks::Webhooks::disabled(),
+            pending: None,
+            next_bind: 0,
+            events: VecDeque::new(),
         }
     }
 
-    /// Report allocations created and ended (with their usage) to `events`.
-    pub fn set_events(&mut self, events: crate::webhooks::Webhooks) {
-        self.events = events;
+    /// The next allocation created or ended, for the shell to forward; shells drain this after
+    /// every call that may create or delete allocations, so the queue stays short.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// End now every allocation whose user was revoked since its credential was issued;
@@ -329,18 +419,21 @@ impl<R: Relay> Table<R> {
     }
 
     /// Handle one STUN request (Allocate, Refresh, CreatePermission, ChannelBind) from
-    /// `client`, appending the response to `out`. `bind` opens a relay socket on an address.
+    /// `client`, appending the response to `out`. An Allocate that needs a relay socket
+    /// returns [`Outcome::Bind`] instead, answered by [`Table::bound`].
     pub fn handle_request(
         &mut self,
         env: Env,
         client: SocketAddr,
         msg: &Message<'_>,
         out: &mut Vec<u8>,
-        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
     ) -> Outcome {
         if msg.class() != Class::Request {
             return Outcome::Ignored;
         }
+        // A shell that never answered a Bind: give its port and quota back.
+        self.abandon_pending();
+        let req = Req::of(msg);
         let m = msg.method();
         let tcp_methods = self.stream && matches!(m, method::CONNECT | method::CONNECTION_BIND);
         if !tcp_methods
@@ -352,7 +445,7 @@ impl<R: Relay> Table<R> {
                     | method::CHANNEL_BIND
             )
         {
-            return self.error(out, msg, None, Alg::Md5, reject(400, "Bad Request"), env);
+            return self.error(out, req, None, Alg::Md5, reject(400, "Bad Request"), env);
         }
         // A retransmitted Allocate gets the cached response before anything else.
         if m == method::ALLOCATE {
@@ -365,7 +458,7 @@ impl<R: Relay> Table<R> {
         }
         let (key, alg) = match self.authenticate(env, client, msg) {
             Ok(k) => k,
-            Err(r) => return self.error(out, msg, None, Alg::Md5, r, env),
+            Err(r) => return self.error(out, req, None, Alg::Md5, r, env),
         };
         let mut unknown = [0u16; 8];
         let n = msg.unknown_required(KNOWN, &mut unknown);
@@ -382,14 +475,17 @@ impl<R: Relay> Table<R> {
         if m == method::CONNECT {
             return match self.connect(env, client, msg, alg) {
                 Ok(peer) => Outcome::Connect(peer),
-                Err(rej) => self.error(out, msg, Some(&key), alg, rej, env),
+                Err(rej) => self.error(out, req, Some(&key), alg, rej, env),
             };
         }
         if m == method::CONNECTION_BIND {
             return self.connection_bind(env, msg, &key, alg, out);
         }
         let r = match m {
-            method::ALLOCATE => self.allocate(env, client, msg, &key, alg, out, bind),
+            method::ALLOCATE => match self.allocate(env, client, msg, &key, alg, out) {
+                Ok(o) => return o,
+                Err(rej) => Err(rej),
+            },
             method::REFRESH => self.refresh(env, client, msg, &key, alg, out),
             method::CREATE_PERMISSION => self.create_permission(env, client, msg, &key, alg, out),
             _ => self.channel_bind(env, client, msg, &key, alg, out),
@@ -397,7 +493,7 @@ impl<R: Relay> Table<R> {
         self.reschedule(client);
         match r {
             Ok(()) => Outcome::Success,
-            Err(rej) => self.error(out, msg, Some(&key), alg, rej, env),
+            Err(rej) => self.error(out, req, Some(&key), alg, rej, env),
         }
     }
 
@@ -450,20 +546,19 @@ impl<R: Relay> Table<R> {
     fn error(
         &self,
         out: &mut Vec<u8>,
-        msg: &Message<'_>,
+        req: Req,
         key: Option<&Key>,
         alg: Alg,
         r: Reject,
         env: Env,
     ) -> Outcome {
         tracing::debug!(
-            method = msg.method(),
+            method = req.method,
             code = r.code,
             reason = r.reason,
             "TURN error response"
         );
-        let tid = msg.transaction_id();
-        let mut e = Encoder::new(out, msg.method(), Class::Error, &tid);
+        let mut e = Encoder::new(out, req.method, Class::Error, &req.tid);
         e.error_code(r.code, r.reason);
         match r.code {
             401 | 438 => {
@@ -504,7 +599,7 @@ impl<R: Relay> Table<R> {
         if let Some(k) = key {
             sign(&mut e, k, alg);
         }
-        finish(e, msg);
+        close(e, req.fingerprint);
         self.count_error(r.code);
         Outcome::Error(r.code)
     }

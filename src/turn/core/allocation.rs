@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use super::{Bucket, RelayKind, CHANNEL_COOLDOWN, MAX_PERMISSIONS};
+use super::{Bucket, RelayKind, Req, CHANNEL_COOLDOWN, MAX_PERMISSIONS};
 
 /// The long-term key an allocation was created with; later requests on it are checked
 /// against this key rather than re-deriving one from a possibly expired username.
@@ -142,4 +142,33 @@ pub(super) enum Expiry {
     },
     /// Nothing was due.
     Nothing,
+}
+
+/// An Allocate between its checks and its relay socket: everything its answer needs, kept
+/// while the shell binds the socket(s) the table asked for.
+pub(super) struct Pending<R> {
+    pub(super) id: u64,
+    pub(super) client: SocketAddr,
+    pub(super) req: Req,
+    pub(super) key: Key,
+    pub(super) alg: Alg,
+    pub(super) kind: RelayKind,
+    pub(super) lifetime: u32,
+    pub(super) quota_user: String,
+    /// Where the relay binds, and the address advertised for it (unused when redeeming a
+    /// reservation, whose socket's own address decides).
+    pub(super) bind_ip: IpAddr,
+    pub(super) adv_ip: IpAddr,
+    /// The socket came from an EVEN-PORT reservation (RESERVATION-TOKEN).
+    pub(super) redeemed: bool,
+    /// EVEN-PORT: the port must be even; `pair`: reserve the next one too (R bit).
+    pub(super) even: bool,
+    pub(super) pair: bool,
+    pub(super) dont_fragment: bool,
+    /// Ports picked so far (the table gives up after `BIND_TRIES`).
+    pub(super) tries: u32,
+    /// The port of the current try.
+    pub(super) port: u16,
+    /// With `pair`: the first (even) socket, bound while the second is asked for.
+    pub(super) first: Option<R>,
 }

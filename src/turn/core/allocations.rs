@@ -6,10 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::allocation::{Alg, Alloc, Chan, Expiry, Key};
-use super::credentials::{finish, sign};
+use super::allocation::{Alg, Alloc, Chan, Expiry, Key, Pending};
+use super::credentials::{close, sign};
 use super::ports::{quota_name, QuotaFull};
-use super::{kind_label, reject, DeleteReason, Env, Reject, Relay, RelayKind, Table};
+use super::{
+    reject, Bind, DeleteReason, Env, Event, Outcome, Reject, Relay, RelayKind, Req, Table,
+};
 use crate::stun::codec::{attr, decode_u32, method, Class, Encoder, Message};
 
 /// Permission lifetime (RFC 8656 §9).
@@ -162,8 +164,7 @@ impl<R: Relay> Table<R> {
         key: &Key,
         alg: Alg,
         out: &mut Vec<u8>,
-        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
-    ) -> Result<(), Reject> {
+    ) -> Result<Outcome, Reject> {
         if self.allocs.contains_key(&client) {
             return Err(reject(437, "Allocation Mismatch"));
         }
@@ -247,49 +248,179 @@ impl<R: Relay> Table<R> {
             }
             Err(QuotaFull::Total) => return Err(reject(508, "Insufficient Capacity")),
         }
-        let mut new_token = None;
-        let relay = match token {
-            Some(t) => {
-                let taken = self.pool.take_reservation(&t);
-                match taken {
-                    Some((r, _, exp)) if exp > env.now => r
-                        .downcast::<R>()
-                        .map(|b| *b)
-                        .map_err(|_| reject(508, "Insufficient Capacity")),
-                    Some((_, port, _)) => {
-                        self.release_port(port);
-                        Err(reject(508, "Insufficient Capacity"))
+        self.next_bind += 1;
+        let mut p = Pending {
+            id: self.next_bind,
+            client,
+            req: Req::of(msg),
+            key: key.clone(),
+            alg,
+            kind,
+            lifetime,
+            quota_user,
+            bind_ip,
+            adv_ip,
+            redeemed: token.is_some(),
+            even: even.is_some(),
+            pair: reserve_next,
+            dont_fragment: msg.get(attr::DONT_FRAGMENT).is_some(),
+            tries: 0,
+            port: 0,
+            first: None,
+        };
+        let Some(t) = token else {
+            return match self.pick_port(&mut p) {
+                Ok(b) => {
+                    self.pending = Some(p);
+                    Ok(Outcome::Bind(b))
+                }
+                Err(e) => {
+                    self.unquota(&p.quota_user);
+                    Err(e)
+                }
+            };
+        };
+        let relay = match self.pool.take_reservation(&t) {
+            Some((r, _, exp)) if exp > env.now => r
+                .downcast::<R>()
+                .map(|b| *b)
+                .map_err(|_| reject(508, "Insufficient Capacity")),
+            Some((_, port, _)) => {
+                self.release_port(port);
+                Err(reject(508, "Insufficient Capacity"))
+            }
+            None => Err(reject(508, "Insufficient Capacity")),
+        };
+        match relay {
+            Ok(r) => Ok(self.finish_allocate(env, p, r, None, out)),
+            Err(e) => {
+                self.unquota(&p.quota_user);
+                Err(e)
+            }
+        }
+    }
+
+    /// The shell's answer to [`Outcome::Bind`] `id`: the socket, or why it could not be bound.
+    /// Writes the Allocate answer to `out` (success, or the error it would have got had the
+    /// bind been a call) or returns another [`Outcome::Bind`] (the second socket of an
+    /// EVEN-PORT pair, or another port after a failure). A stale `id` is ignored.
+    pub fn bound(
+        &mut self,
+        env: Env,
+        id: u64,
+        result: std::io::Result<R>,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let mut p = match self.pending.take() {
+            Some(p) if p.id == id => p,
+            other => {
+                self.pending = other;
+                return Outcome::Ignored;
+            }
+        };
+        let next = match result {
+            Ok(r) if p.pair && p.first.is_none() => {
+                p.first = Some(r);
+                Ok(Bind {
+                    id,
+                    addr: SocketAddr::new(p.bind_ip, p.port + 1),
+                    kind: p.kind,
+                })
+            }
+            Ok(r) => {
+                let (relay, token) = match p.first.take() {
+                    Some(first) => {
+                        let t: [u8; 8] = rand::random();
+                        let exp = env.now + super::RESERVATION_LIFETIME;
+                        self.pool.reserve(t, Box::new(r), p.port + 1, exp);
+                        self.reserved.insert((exp, t));
+                        (first, Some(t))
                     }
-                    None => Err(reject(508, "Insufficient Capacity")),
+                    None => (r, None),
+                };
+                return self.finish_allocate(env, p, relay, token, out);
+            }
+            Err(e) => {
+                if p.first.take().is_none() {
+                    tracing::debug!(port = p.port, error = %e, "relay port busy, trying another");
+                }
+                // Leaving a port another process holds marked as used for this table's
+                // lifetime would leak it; release it and rely on the random start.
+                self.release_port(p.port);
+                if p.pair {
+                    self.release_port(p.port + 1);
+                }
+                self.pick_port(&mut p)
+            }
+        };
+        match next {
+            Ok(b) => {
+                self.pending = Some(p);
+                Outcome::Bind(b)
+            }
+            Err(rej) => {
+                self.unquota(&p.quota_user);
+                self.error(out, p.req, Some(&p.key), p.alg, rej, env)
+            }
+        }
+    }
+
+    /// Give back the ports and quota of an Allocate whose Bind was never answered.
+    pub(super) fn abandon_pending(&mut self) {
+        if let Some(mut p) = self.pending.take() {
+            drop(p.first.take());
+            if p.port != 0 {
+                self.release_port(p.port);
+                if p.pair {
+                    self.release_port(p.port + 1);
                 }
             }
-            None => self
-                .open_relay(env, bind_ip, kind, even.is_some(), reserve_next, bind)
-                .map(|(r, t)| {
-                    new_token = t;
-                    r
-                }),
-        };
-        let relay = match relay {
-            Ok(r) => r,
-            Err(e) => {
-                self.unquota(&quota_user);
-                return Err(e);
-            }
-        };
-        if msg.get(attr::DONT_FRAGMENT).is_some() {
+            self.unquota(&p.quota_user);
+        }
+    }
+
+    /// The relay socket is there: apply DONT-FRAGMENT, install the allocation, answer.
+    fn finish_allocate(
+        &mut self,
+        env: Env,
+        p: Pending<R>,
+        relay: R,
+        new_token: Option<[u8; 8]>,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let Pending {
+            client,
+            req,
+            key,
+            alg,
+            kind,
+            lifetime,
+            quota_user,
+            adv_ip,
+            redeemed,
+            dont_fragment,
+            ..
+        } = p;
+        if dont_fragment {
             if let Err(e) = relay.set_dont_fragment() {
                 tracing::debug!(error = %e, "DONT-FRAGMENT cannot be applied; 420");
                 let port = relay.local_addr().port();
                 drop(relay);
                 self.release_port(port);
                 self.unquota(&quota_user);
-                return Err(reject(420, "Unknown Attribute"));
+                return self.error(
+                    out,
+                    req,
+                    Some(&key),
+                    alg,
+                    reject(420, "Unknown Attribute"),
+                    env,
+                );
             }
         }
         relay.attach(&self.sink);
         let local = relay.local_addr();
-        let adv_ip = if token.is_some() {
+        let adv_ip = if redeemed {
             self.settings.advertised(local.ip()).unwrap_or(local.ip())
         } else {
             adv_ip
@@ -297,7 +428,7 @@ impl<R: Relay> Table<R> {
         let advertised = SocketAddr::new(adv_ip, local.port());
         let span = tracing::info_span!("allocation", %client, relay = %advertised, transport = self.transport);
         span.in_scope(|| tracing::debug!(lifetime, user = %quota_user, "allocation created"));
-        let tid = msg.transaction_id();
+        let tid = req.tid;
         let start = out.len();
         {
             let mut e = Encoder::new(out, method::ALLOCATE, Class::Success, &tid);
@@ -308,8 +439,8 @@ impl<R: Relay> Table<R> {
                 e.attr(attr::RESERVATION_TOKEN, &t);
             }
             e.software(&self.settings.software);
-            sign(&mut e, key, alg);
-            finish(e, msg);
+            sign(&mut e, &key, alg);
+            close(e, req.fingerprint);
         }
         let a = Alloc {
             relay,
@@ -319,7 +450,7 @@ impl<R: Relay> Table<R> {
             client_local: env.local,
             expires: env.now + Duration::from_secs(lifetime as u64),
             born: env.now,
-            key: key.clone(),
+            key,
             quota_user,
             perms: Vec::new(),
             chans: Vec::new(),
@@ -332,17 +463,12 @@ impl<R: Relay> Table<R> {
             usage: Arc::default(),
             timer: None,
         };
-        if self.events.enabled() {
-            self.events.emit(
-                &a.id,
-                crate::webhooks::Event::AllocationCreated {
-                    allocation: a.id.clone(),
-                    user: a.quota_user.clone(),
-                    transport: self.transport.to_string(),
-                    relay_transport: kind_label(kind).to_string(),
-                },
-            );
-        }
+        self.events.push_back(Event::Created {
+            allocation: a.id.clone(),
+            user: a.quota_user.clone(),
+            transport: self.transport,
+            relay: kind,
+        });
         self.publish(client, &a);
         self.allocs.insert(client, a);
         self.reschedule(client);
@@ -354,7 +480,7 @@ impl<R: Relay> Table<R> {
             .turn_allocations_active
             .with_label_values(&[self.transport])
             .inc();
-        Ok(())
+        Outcome::Success
     }
 
     pub(super) fn lifetime(&self, msg: &Message<'_>) -> Result<u32, Reject> {
@@ -704,16 +830,15 @@ impl<R: Relay> Table<R> {
         self.unquota(&a.quota_user);
         self.release_port(a.relay.local_addr().port());
         a.relay.retire();
-        self.events
-            .allocation_ended(crate::webhooks::AllocationEnd {
-                allocation: &a.id,
-                user: &a.quota_user,
-                transport: self.transport,
-                relay_transport: kind_label(a.kind),
-                reason: reason.label(),
-                created: a.created,
-                usage: &a.usage,
-            });
+        self.events.push_back(Event::Ended {
+            allocation: a.id.clone(),
+            user: a.quota_user.clone(),
+            transport: self.transport,
+            relay: a.kind,
+            reason,
+            created: a.created,
+            usage: a.usage.clone(),
+        });
         if let Some(t) = a.timer {
             self.timers.remove(&(t, client));
         }
@@ -723,6 +848,7 @@ impl<R: Relay> Table<R> {
 
     /// Delete every allocation (server shutdown or connection close).
     pub fn clear(&mut self, reason: DeleteReason) {
+        self.abandon_pending();
         let all: Vec<SocketAddr> = self.allocs.keys().copied().collect();
         for c in all {
             self.delete(c, reason);

@@ -139,7 +139,12 @@ pub(super) fn sign(e: &mut Encoder<'_>, key: &Key, alg: Alg) {
 }
 
 pub(super) fn finish(e: Encoder<'_>, req: &Message<'_>) {
-    if req.has_fingerprint() {
+    close(e, req.has_fingerprint())
+}
+
+/// Close an answer like its request: with FINGERPRINT when the request had one.
+pub(super) fn close(e: Encoder<'_>, fingerprint: bool) {
+    if fingerprint {
         e.finish_with_fingerprint()
     } else {
         e.finish()

@@ -50,9 +50,7 @@ fn static_user_and_sha256_integrity() {
     e.finish();
     let msg = Message::parse(&buf).unwrap();
     let mut out = Vec::new();
-    let env = h.env;
-    let mut b = h.bind();
-    let o = h.t.handle_request(env, client(3), &msg, &mut out, &mut b);
+    let o = h.request(client(3), &msg, &mut out);
     assert_eq!(o, Outcome::Error(400));
 }
 
@@ -89,12 +87,7 @@ fn wrong_expired_unknown_credentials_get_401() {
     };
     let msg = Message::parse(&wrong_realm).unwrap();
     let mut out = Vec::new();
-    let env = h.env;
-    let mut b = h.bind();
-    assert_eq!(
-        h.t.handle_request(env, client(4), &msg, &mut out, &mut b),
-        Outcome::Error(401)
-    );
+    assert_eq!(h.request(client(4), &msg, &mut out), Outcome::Error(401));
 }
 
 #[test]
@@ -107,12 +100,7 @@ fn integrity_without_username_is_400() {
     e.finish();
     let msg = Message::parse(&buf).unwrap();
     let mut out = Vec::new();
-    let env = h.env;
-    let mut b = h.bind();
-    assert_eq!(
-        h.t.handle_request(env, client(1), &msg, &mut out, &mut b),
-        Outcome::Error(400)
-    );
+    assert_eq!(h.request(client(1), &msg, &mut out), Outcome::Error(400));
 }
 
 #[test]

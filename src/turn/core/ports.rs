@@ -2,14 +2,18 @@
 //! EVEN-PORT reservations waiting for their token, and allocation counts per user and in all.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{reject, Env, Reject, Relay, RelayKind, Table};
+use super::allocation::Pending;
+use super::{reject, Bind, Reject, Relay, Table};
 
 /// How long an EVEN-PORT reservation is kept (RFC 8656 §7.2: about 30 seconds).
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Ports an Allocate tries before it gives up with 508 (another process may hold some).
+const BIND_TRIES: u32 = 32;
 
 /// Counters shared by every table of the process: allocation quotas, used relay ports and the
 /// nonce key. Only control messages touch it, so a plain mutex is the clear choice.
@@ -244,57 +248,25 @@ impl<R: Relay> Table<R> {
         self.pool.drop_reservations(tokens);
     }
 
-    /// Pick free ports (even, and the next one reserved, when asked) and bind them.
-    pub(super) fn open_relay(
-        &mut self,
-        env: Env,
-        ip: IpAddr,
-        kind: RelayKind,
-        even: bool,
-        pair: bool,
-        bind: &mut dyn FnMut(SocketAddr, RelayKind) -> std::io::Result<R>,
-    ) -> Result<(R, Option<[u8; 8]>), Reject> {
+    /// Take the next port to try for the pending Allocate `p`, as the [`Bind`] the shell
+    /// answers; 508 once `BIND_TRIES` ports were tried or the pool has none left.
+    pub(super) fn pick_port(&mut self, p: &mut Pending<R>) -> Result<Bind, Reject> {
         let (lo, hi) = (self.settings.port_min as u32, self.settings.port_max as u32);
-        let exhausted = reject(508, "Insufficient Capacity");
-        for _ in 0..32 {
-            let picked = self
-                .pool
-                .take_port(lo, hi, even, pair)
-                .ok_or(reject(508, "Insufficient Capacity"))?;
-            let r = match bind(SocketAddr::new(ip, picked), kind) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(port = picked, error = %e, "relay port busy, trying another");
-                    // Leave a port another process holds marked as used for this table's
-                    // lifetime would leak it; release it and rely on the random start.
-                    self.release_port(picked);
-                    if pair {
-                        self.release_port(picked + 1);
-                    }
-                    continue;
-                }
-            };
-            let mut token = None;
-            if pair {
-                match bind(SocketAddr::new(ip, picked + 1), kind) {
-                    Ok(second) => {
-                        let t: [u8; 8] = rand::random();
-                        let exp = env.now + RESERVATION_LIFETIME;
-                        self.pool.reserve(t, Box::new(second), picked + 1, exp);
-                        self.reserved.insert((exp, t));
-                        token = Some(t);
-                    }
-                    Err(_) => {
-                        drop(r);
-                        self.release_port(picked);
-                        self.release_port(picked + 1);
-                        continue;
-                    }
-                }
-            }
-            return Ok((r, token));
+        if p.tries >= BIND_TRIES {
+            return Err(reject(508, "Insufficient Capacity"));
         }
-        Err(exhausted)
+        p.tries += 1;
+        p.port = 0;
+        let picked = self
+            .pool
+            .take_port(lo, hi, p.even, p.pair)
+            .ok_or(reject(508, "Insufficient Capacity"))?;
+        p.port = picked;
+        Ok(Bind {
+            id: p.id,
+            addr: SocketAddr::new(p.bind_ip, picked),
+            kind: p.kind,
+        })
     }
 }
 

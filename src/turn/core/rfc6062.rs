@@ -62,7 +62,10 @@ impl<R: Relay> Table<R> {
     ) -> Outcome {
         let id = match msg.get(attr::CONNECTION_ID).map(decode_u32) {
             Some(Ok(id)) if self.allocs.is_empty() => id,
-            _ => return self.error(out, msg, Some(key), alg, reject(400, "Bad Request"), env),
+            _ => {
+                let req = super::Req::of(msg);
+                return self.error(out, req, Some(key), alg, reject(400, "Bad Request"), env);
+            }
         };
         self.signed_success(out, method::CONNECTION_BIND, None, msg, key, alg);
         self.bind_user = Some(key.username.clone());

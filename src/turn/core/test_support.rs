@@ -190,6 +190,23 @@ impl H {
         attrs: &[(u16, Vec<u8>)],
         peers: &[SocketAddr],
     ) -> Resp {
+        let buf = self.encode(m, tid, creds, attrs, peers);
+        let msg = Message::parse(&buf).unwrap();
+        let mut out = Vec::new();
+        let outcome = self.request(from, &msg, &mut out);
+        Resp { raw: out, outcome }
+    }
+
+    /// A request as `send` encodes it (with the last nonce), for tests that drive the table
+    /// step by step.
+    pub(super) fn encode(
+        &self,
+        m: u16,
+        tid: [u8; 12],
+        creds: Option<&Creds>,
+        attrs: &[(u16, Vec<u8>)],
+        peers: &[SocketAddr],
+    ) -> Vec<u8> {
         let mut buf = Vec::new();
         {
             let mut e = Encoder::new(&mut buf, m, Class::Request, &tid);
@@ -212,12 +229,26 @@ impl H {
             }
             e.finish_with_fingerprint();
         }
-        let msg = Message::parse(&buf).unwrap();
-        let mut out = Vec::new();
+        buf
+    }
+
+    /// One request through the table, as a shell drives it: each relay socket the table asks
+    /// for is opened by the fake binder and handed back with `bound`.
+    pub(super) fn request(
+        &mut self,
+        from: SocketAddr,
+        msg: &Message<'_>,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         let env = self.env;
         let mut bind = self.bind();
-        let outcome = self.t.handle_request(env, from, &msg, &mut out, &mut bind);
-        Resp { raw: out, outcome }
+        let mut outcome = self.t.handle_request(env, from, msg, out);
+        while let Outcome::Bind(b) = outcome {
+            assert!(out.is_empty(), "a Bind comes before any answer");
+            let r = bind(b.addr, b.kind);
+            outcome = self.t.bound(env, b.id, r, out);
+        }
+        outcome
     }
 
     /// Fetch a nonce with an unauthenticated request, as clients do.

@@ -12,11 +12,7 @@ use tracing::Instrument;
 
 use super::ClientSink;
 use crate::metrics::Metrics;
-use crate::turn::core::{Bucket, PeerRoute, Relay, View};
-use crate::turn::wire::{channel_header, data_indication};
-
-/// Room kept in front of a received payload for the ChannelData header.
-const HEADROOM: usize = 4;
+use crate::turn::core::{to_client, Bucket, Dropped, Frame, Relay, Tids, View, HEADROOM};
 /// Largest datagram a relay socket reads.
 const MAX_PAYLOAD: usize = 65_535;
 /// Datagrams handled per wake-up before yielding, so one busy allocation cannot starve others.
@@ -62,15 +58,7 @@ impl UdpRelay {
     /// Bind a relay socket on `addr` and start its peer-to-client task. Must run inside a
     /// tokio runtime.
     pub fn bind(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<UdpRelay> {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
-        let _ = s.set_recv_buffer_size(1 << 20);
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
-        let sock = Arc::new(UdpSocket::from_std(s.into())?);
+        let sock = Arc::new(UdpSocket::from_std(crate::net::bind_relay(addr)?)?);
         let local = sock.local_addr()?;
         let view = Arc::new(ArcSwap::from_pointee(View::default()));
         let sink = Arc::new(arc_swap::ArcSwapOption::<ClientSink>::empty());
@@ -114,7 +102,7 @@ async fn peer_to_client(
     let mut buf = vec![0u8; HEADROOM + MAX_PAYLOAD + 4];
     let mut out: Vec<u8> = Vec::with_capacity(2048);
     let mut bucket: Option<Bucket> = None;
-    let mut tid_state: u64 = rand::random::<u64>() | 1;
+    let mut tids = Tids::new(rand::random());
     loop {
         if sock.readable().await.is_err() {
             return;
@@ -122,14 +110,11 @@ async fn peer_to_client(
         let now = Instant::now();
         let v = view.load();
         let s = sink.load();
-        let (Some(client), Some(sink)) = (v.client, s.as_deref()) else {
-            // Reserved (EVEN-PORT) socket: nothing may be relayed yet; discard.
+        let Some(sink) = s.as_deref() else {
+            // No allocation owns the socket yet: nothing may be relayed; discard.
             while sock.try_recv_from(&mut buf).is_ok() {}
             continue;
         };
-        if v.max_bps > 0 && bucket.is_none() {
-            bucket = Some(Bucket::new(v.max_bps, now));
-        }
         let (mut pkts, mut bytes) = (0u64, 0u64);
         let (mut denied, mut capped, mut full, mut big) = (0u64, 0u64, 0u64, 0u64);
         let mut drained = false;
@@ -142,40 +127,27 @@ async fn peer_to_client(
                 }
                 Err(_) => continue,
             };
-            let route = v.route(peer, now);
-            if route == PeerRoute::Denied {
-                denied += 1;
-                continue;
-            }
-            if let Some(b) = bucket.as_mut() {
-                if !b.allow(now, n) {
-                    capped += 1;
+            let payload = &buf[HEADROOM..HEADROOM + n];
+            let d = match to_client(&v, &mut bucket, now, peer, payload, &mut tids, &mut out) {
+                Ok(d) => d,
+                Err(why) => {
+                    match why {
+                        Dropped::Reserved => {}
+                        Dropped::NoPermission => denied += 1,
+                        Dropped::BandwidthCap => capped += 1,
+                        Dropped::Oversized => big += 1,
+                    }
                     continue;
                 }
-            }
-            let frame: &[u8] = match route {
-                PeerRoute::Channel(ch) => {
-                    buf[..HEADROOM].copy_from_slice(&channel_header(ch, n));
+            };
+            let frame: &[u8] = match d.frame {
+                Frame::Channel(header) => {
+                    buf[..HEADROOM].copy_from_slice(&header);
                     &buf[..HEADROOM + n]
                 }
-                PeerRoute::Denied | PeerRoute::Indication => {
-                    out.clear();
-                    tid_state ^= tid_state << 13;
-                    tid_state ^= tid_state >> 7;
-                    tid_state ^= tid_state << 17;
-                    let mut tid = [0u8; 12];
-                    tid[..8].copy_from_slice(&tid_state.to_le_bytes());
-                    if data_indication(&mut out, &tid, peer, &buf[HEADROOM..HEADROOM + n]).is_err()
-                    {
-                        // Too large for a Data indication's 16-bit length: dropped whole.
-                        big += 1;
-                        continue;
-                    }
-                    &out
-                }
+                Frame::Indication => &out,
             };
-            let sent = sink.deliver(frame, client, v.local);
-            if sent {
+            if sink.deliver(frame, d.client, v.local) {
                 pkts += 1;
                 bytes += n as u64;
             } else {
