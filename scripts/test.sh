@@ -10,19 +10,23 @@ cargo clippy --all-targets --locked -- -D warnings
 # behaviour. It is not exported here: the server refuses unknown SWITCHBOARD_* variables, and
 # tests that start the binary would inherit it.
 #
-# The integration tests are one binary, tests/it (tests/README.md). Its browser modules run
-# apart from the rest, so that a browser call never shares the two cores with the CPU-heavy
-# loopback tests: a filter is a substring of `module::test`, and `browser::` also matches
-# lab_browser, peerjs_browser and lab_cluster_browser.
-SERIAL=(browser:: lab_port443::)
+# The integration tests are one binary, tests/it (tests/README.md); a filter is a substring
+# of `module::test`. Its browser modules (`browser::` also matches lab_browser, peerjs_browser
+# and lab_cluster_browser) run apart from the rest, so that a call never shares the two cores
+# with the CPU-heavy loopback tests; within them one browser pair runs at a time
+# (support::browser_slot). ALONE runs one test at a time with nothing beside it: coturn's
+# client over TLS loses packets when it shares the cores with twenty other clients.
+BROWSERS=(browser:: lab_port443::)
+ALONE=(turn_tls::)
 skips=()
-for m in "${SERIAL[@]}"; do skips+=(--skip "$m"); done
+for m in "${BROWSERS[@]}" "${ALONE[@]}"; do skips+=(--skip "$m"); done
 cargo test --all-targets --locked --no-run
-# Unit tests and every test binary (the browser modules left out), then the browser modules,
-# then the benches as smoke runs.
+# The unit tests and every test binary (those modules left out), then those modules, then
+# the benches as smoke runs.
 cargo test --tests --locked -- "${skips[@]}"
-cargo test --test it --locked -- "${SERIAL[@]}"
-cargo test --bench "*" --locked
+cargo test --test it --locked -- "${BROWSERS[@]}"
+cargo test --test it --locked -- --test-threads 1 "${ALONE[@]}"
+cargo test --benches --locked
 # The JS client package (clients/js): tsc, its generated types, Node.js tests against the
 # server binary the step above built, and an installable `npm pack`.
 bash clients/js/check.sh
