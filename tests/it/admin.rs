@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchboard::stun::codec::{attr, method, Class};
 use switchboard::{Config, RunningServer, Server};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use turn_common::Raw;
 
@@ -507,19 +506,6 @@ async fn the_shutdown_flush_delivers_the_queues_and_counts_what_is_left() {
     srv.shutdown();
 }
 
-/// A UDP echo peer on loopback.
-async fn echo_peer() -> SocketAddr {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let a = s.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut b = vec![0u8; 2048];
-        while let Ok((n, from)) = s.recv_from(&mut b).await {
-            let _ = s.send_to(&b[..n], from).await;
-        }
-    });
-    a
-}
-
 fn channel_data(ch: u16, payload: &[u8]) -> Vec<u8> {
     let mut v = ch.to_be_bytes().to_vec();
     v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
@@ -531,7 +517,7 @@ fn channel_data(ch: u16, payload: &[u8]) -> Vec<u8> {
 async fn revoked_users_allocation_stops_relaying_within_a_second_and_usage_is_reported() {
     let mut hooks = Receiver::start().await;
     let srv = start(&hooks.url(), "").await;
-    let peer = echo_peer().await;
+    let peer = turn_common::echo_peer().await;
     let auth = srv.shared().auth.clone();
     let creds = auth.turn_credentials(Some("mallory"), switchboard::auth::unix_now());
     let mut c = Raw::new(turn_common::udp_addr(&srv)).await;

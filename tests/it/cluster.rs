@@ -17,63 +17,8 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 use crate::support::webdriver;
 
+use crate::support::redis::Redis;
 use webdriver::free_port;
-
-/// A redis-server of our own, killed on drop.
-struct Redis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let mut r = Redis {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        r.restart();
-        r
-    }
-
-    /// (Re)start on the same port with empty data.
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--port")
-            .arg(self.port.to_string())
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/install-test-deps.sh)");
-        self.child = Some(child);
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "redis-server starts");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// A node's configuration file, in a directory of its own.
 fn node_config(
@@ -199,19 +144,7 @@ impl Drop for Node {
 }
 
 async fn login(node: &Node, user: &str) -> String {
-    let v: Value = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}/v1/login", node.port))
-        .json(&json!({"name": user}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["token"]
-        .as_str()
-        .expect("login returns a token")
-        .to_string()
+    crate::support::http::login_token(([127, 0, 0, 1], node.port).into(), user).await
 }
 
 async fn send(ws: &mut Ws, v: Value) {

@@ -3,6 +3,7 @@
 //! jumps, SIGTERM in a storm of Allocates, a login abandoned half-way) and ends by checking
 //! that the server still serves and that nobody else lost state.
 
+use crate::support::http::post_login;
 use crate::support::turn_common;
 
 use crate::support::cert;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use switchboard::auth::{rest_password, unix_now};
 use switchboard::stun::codec::{attr, long_term_key, method, Class, Encoder, Message};
 use tokio::net::UdpSocket;
-use turn_common::{Raw, PASS, SECRET, USER};
+use turn_common::{echo_peer_task, Raw, PASS, SECRET, USER};
 
 // ---------------------------------------------------------------------------------------------
 // TURN data path helpers: permissions, Send indications, Data indications.
@@ -46,19 +47,6 @@ fn data_of(pkt: &[u8]) -> Option<Vec<u8>> {
     (m.method() == method::DATA && m.class() == Class::Indication)
         .then(|| m.get(attr::DATA).map(<[u8]>::to_vec))
         .flatten()
-}
-
-/// A UDP echo peer we control, so the test can make it vanish.
-async fn echo_peer() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = s.local_addr().unwrap();
-    let h = tokio::spawn(async move {
-        let mut b = [0u8; 2048];
-        while let Ok((n, from)) = s.recv_from(&mut b).await {
-            let _ = s.send_to(&b[..n], from).await;
-        }
-    });
-    (addr, h)
 }
 
 /// An allocated client with a permission for `peer`.
@@ -105,8 +93,8 @@ async fn echoes(c: &Raw, peer: SocketAddr, n: usize, tag: &str) -> usize {
 async fn echo_peer_vanishing_mid_stream_leaves_the_relay_serving() {
     let srv = turn_common::start("").await;
     let server = turn_common::udp_addr(&srv);
-    let (p1, h1) = echo_peer().await;
-    let (bystander_peer, _hb) = echo_peer().await;
+    let (p1, h1) = echo_peer_task().await;
+    let (bystander_peer, _hb) = echo_peer_task().await;
     let a = allocated(server, p1).await;
     let b = allocated(server, bystander_peer).await;
     assert_eq!(echoes(&a, p1, 20, "a1").await, 20);
@@ -119,7 +107,7 @@ async fn echo_peer_vanishing_mid_stream_leaves_the_relay_serving() {
     assert_eq!(echoes(&a, p1, 50, "a-lost").await, 0, "nobody echoes now");
 
     // The same allocation relays to a new peer, and the bystander never noticed.
-    let (p2, _h2) = echo_peer().await;
+    let (p2, _h2) = echo_peer_task().await;
     let mut a = a;
     permit(&mut a, p2).await;
     assert_eq!(echoes(&a, p2, 20, "a2").await, 20, "relay socket survived");
@@ -156,7 +144,7 @@ async fn tcp_reset_mid_frame_costs_only_that_connection() {
     let srv = turn_common::start("max_stream_connections_per_ip = 4").await;
     let tcp = srv.bound().tcp[0];
     let udp = turn_common::udp_addr(&srv);
-    let (peer, _h) = echo_peer().await;
+    let (peer, _h) = echo_peer_task().await;
     let bystander = allocated(udp, peer).await;
     let live = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(tcp).unwrap();
@@ -237,19 +225,8 @@ async fn abandoned_logins_release_their_slots_and_others_log_in() {
         .await
         .unwrap();
     let http = srv.http_addr();
-    let client = reqwest::Client::new();
-    let login = |user: &'static str, pw: &'static str| {
-        let client = client.clone();
-        async move {
-            let r = client
-                .post(format!("http://{http}/v1/login"))
-                .json(&json!({"username": user, "password": pw}))
-                .send()
-                .await
-                .unwrap();
-            let s = r.status().as_u16();
-            (s, r.json::<Value>().await.unwrap_or(Value::Null))
-        }
+    let login = |user: &'static str, pw: &'static str| async move {
+        post_login(http, &json!({"username": user, "password": pw})).await
     };
     // A session that exists before the faults, to check afterwards.
     let (s, before) = login("ann", "pw").await;
@@ -718,7 +695,7 @@ async fn sigterm_during_an_allocate_storm_drains_and_exits_0() {
     .unwrap();
     let mut p = Proc::start(&cfg, &dir.path().join("log"), "info");
     let server = p.udp;
-    let (peer, _h) = echo_peer().await;
+    let (peer, _h) = echo_peer_task().await;
     // Someone with a live allocation before the storm: served through the drain.
     let (user, pw) = rest_creds();
     let mut holder = Raw::new(server).await;

@@ -2,11 +2,13 @@
 //! refused, live work continues, exit 0 when idle or at the drain timeout), a second SIGTERM
 //! stops at once, and SIGHUP reloads secrets while a bad reload keeps the old config.
 
+use crate::support::http::{login_token, post_login};
 use crate::support::turn_common;
+use crate::support::ws;
 
 use crate::support::cert;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -132,7 +134,7 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     p
 }
 
-async fn ws_hello(http: SocketAddr, token: &str) -> turn_common_ws::Ws {
+async fn ws_hello(http: SocketAddr, token: &str) -> ws::Ws {
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/v1/ws"))
         .await
         .expect("ws connects");
@@ -141,48 +143,12 @@ async fn ws_hello(http: SocketAddr, token: &str) -> turn_common_ws::Ws {
     ))
     .await
     .unwrap();
-    assert_eq!(turn_common_ws::recv(&mut ws).await["type"], "welcome");
+    assert_eq!(ws::recv(&mut ws).await["type"], "welcome");
     ws
 }
 
-mod turn_common_ws {
-    use super::*;
-    pub type Ws = tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >;
-    pub async fn recv(ws: &mut Ws) -> Value {
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .expect("frame in time")
-                .expect("open")
-                .expect("ok");
-            if let Message::Text(t) = m {
-                return serde_json::from_str(&t).unwrap();
-            }
-        }
-    }
-    pub async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
-        loop {
-            let v = recv(ws).await;
-            if v["type"] == ty {
-                return v;
-            }
-        }
-    }
-}
-
 async fn login(http: SocketAddr) -> String {
-    let v: Value = reqwest::Client::new()
-        .post(format!("http://{http}/v1/login"))
-        .json(&json!({"name": "drainer"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["token"].as_str().unwrap().to_string()
+    login_token(http, "drainer").await
 }
 
 async fn readyz(http: SocketAddr) -> (u16, String) {
@@ -212,7 +178,7 @@ async fn sigterm_drains_live_work_then_exits_0() {
     ))
     .await
     .unwrap();
-    turn_common_ws::recv_type(&mut ws, "created").await;
+    ws::recv_type(&mut ws, "created").await;
     // A live allocation made before the drain.
     let (u, pw) = rest_creds("s1");
     let mut live = Raw::new(p.udp).await;
@@ -247,14 +213,11 @@ async fn sigterm_drains_live_work_then_exits_0() {
     ))
     .await
     .unwrap();
-    assert_eq!(
-        turn_common_ws::recv_type(&mut ws, "error").await["code"],
-        "draining"
-    );
+    assert_eq!(ws::recv_type(&mut ws, "error").await["code"], "draining");
     ws.send(Message::Text(json!({"type": "ping"}).to_string().into()))
         .await
         .unwrap();
-    turn_common_ws::recv_type(&mut ws, "pong").await;
+    ws::recv_type(&mut ws, "pong").await;
     // The last work ends: the allocation is released and the socket closes.
     let gone = live
         .request(
@@ -440,14 +403,7 @@ async fn sighup_keeps_random_secrets_and_reloads_login_users() {
     let mut p = Proc::start(&cfg);
     let http = p.http;
     let post = |u: &'static str, pw: &'static str| async move {
-        let r = reqwest::Client::new()
-            .post(format!("http://{http}/v1/login"))
-            .json(&json!({"username": u, "password": pw}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        post_login(http, &json!({"username": u, "password": pw})).await
     };
     let (s, v) = post("ann", "ann-pass").await;
     assert_eq!(s, 200, "{v}");

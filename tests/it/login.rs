@@ -26,14 +26,7 @@ fn url(srv: &RunningServer, path: &str) -> String {
 }
 
 async fn post_json(srv: &RunningServer, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(url(srv, "/v1/login"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    crate::support::http::post_login(srv.http_addr(), &body).await
 }
 
 async fn post_bearer(srv: &RunningServer, token: &str) -> (u16, Value) {

@@ -4,10 +4,10 @@
 //!
 //! All tests of this binary share one process. Tests that launch browsers take
 //! [`support::browser_slot`] so that only one browser pair runs at a time; `scripts/test.sh`
-//! runs the browser and heavy lab modules (`SERIAL` in `tests/README.md`) one test at a time
-//! and the rest in parallel. Two test files stay binaries of their own, because they measure
-//! the process itself: `tests/attack_login.rs` (its thread count) and
-//! `tests/attack_streams.rs` (its RSS and open-file budget).
+//! runs the browser modules and `turn_tls` apart from the rest (its `BROWSERS` and `ALONE`).
+//! Two test files stay binaries of their own, because they measure the process itself:
+//! `tests/attack_login.rs` (its thread count) and `tests/attack_streams.rs` (its RSS and
+//! open-file budget).
 
 #[path = "../support/mod.rs"]
 mod support;

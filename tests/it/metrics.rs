@@ -30,15 +30,7 @@ async fn scrape_after_real_traffic_passes_promtool_and_counts_right() {
     );
 
     // A login and a room join.
-    let v: Value = reqwest::Client::new()
-        .post(format!("http://{http}/v1/login"))
-        .json(&json!({"name": "metrics"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = crate::support::http::login(http, "metrics").await;
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/v1/ws"))
         .await
         .unwrap();

@@ -2,14 +2,13 @@
 //! speaks it: ids and tokens, session-bound ids, held messages and EXPIRE, bad input, and the
 //! HTTP side. The real `peerjs` client in Chromium is in `tests/it/peerjs_browser.rs`.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 use switchboard::{Config, RunningServer, Server};
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::support::ws::{next_within, recv as next, send, Ws};
 
 const ADMIN: &str = "admin-token-0123456789";
 
@@ -57,28 +56,6 @@ async fn connect(srv: &RunningServer, key: &str, id: &str, token: &str) -> Ws {
         .await
         .expect("ws connects")
         .0
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// The next text message, or `None` when the socket closes; panics after `secs`.
-async fn next_within(ws: &mut Ws, secs: u64) -> Option<Value> {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(secs), ws.next())
-            .await
-            .expect("a message or a close in time");
-        match m {
-            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-async fn next(ws: &mut Ws) -> Value {
-    next_within(ws, 5).await.expect("a message, not a close")
 }
 
 /// The socket closes (after any messages, which are returned).

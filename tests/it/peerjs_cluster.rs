@@ -7,67 +7,18 @@
 //! stay bound to their user across nodes. Last, the
 //! real `peerjs` client in two Chromium instances, each served by a different node.
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio_tungstenite::tungstenite::Message;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::support::ws::{next_within, recv as next, send, Ws};
 
 use crate::support::peerjs_page;
 use crate::support::webdriver;
 use peerjs_page::{exchange_in_order, wait_js};
 
+use crate::support::redis::Redis;
 use webdriver::{free_port, Browser, Driver, LOOPBACK_UDP_FLAG};
-
-/// A redis-server of our own, killed on drop.
-struct Redis {
-    port: u16,
-    _dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/install-test-deps.sh)");
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "redis-server starts");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis {
-            port,
-            _dir: dir,
-            child: Some(child),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// A switchboard process with PeerJS on, killed on drop.
 struct Node {
@@ -162,28 +113,6 @@ fn session(user: &str) -> String {
     switchboard::auth::Auth::new(&cfg.auth)
         .issue_session(user, None, switchboard::auth::unix_now())
         .0
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// The next text message, or `None` when the socket closes; panics after `secs`.
-async fn next_within(ws: &mut Ws, secs: u64) -> Option<Value> {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(secs), ws.next())
-            .await
-            .expect("a message or a close in time");
-        match m {
-            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-async fn next(ws: &mut Ws) -> Value {
-    next_within(ws, 5).await.expect("a message, not a close")
 }
 
 fn offer(dst: &str, n: usize) -> Value {

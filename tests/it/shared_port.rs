@@ -6,6 +6,7 @@
 //! WSS signaling socket work over TLS on the same port, the login lists the 443 URIs, plain
 //! HTTP is redirected to https, and garbage is closed.
 
+use crate::support::stream_turn::StreamTurn;
 use crate::support::turn_common;
 
 use futures_util::{SinkExt, StreamExt};
@@ -15,7 +16,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard::stun::codec::{attr, long_term_key, method, Class, Encoder};
+use switchboard::stun::codec::{attr, method, Class};
 use switchboard::stun::{binding, Message};
 use switchboard::{Config, RunningServer, Server};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -117,95 +118,9 @@ fn json_body(answer: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"))
 }
 
-/// A UDP echo peer on loopback, for as long as the test runs.
-async fn echo_peer() -> SocketAddr {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = sock.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut b = [0u8; 2048];
-        while let Ok((n, from)) = sock.recv_from(&mut b).await {
-            let _ = sock.send_to(&b[..n], from).await;
-        }
-    });
-    addr
-}
-
-/// A minimal TURN client over any byte stream (here TLS): long-term credentials, a UDP
-/// allocation, one channel, ChannelData both ways.
-struct StreamTurn<S> {
-    s: S,
-    nonce: Vec<u8>,
-    tid: u8,
-}
-
+/// What the shared-port tests add to the stream TURN client: a UDP allocation, one channel,
+/// ChannelData both ways.
 impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
-    fn new(s: S) -> Self {
-        StreamTurn {
-            s,
-            nonce: Vec::new(),
-            tid: 0,
-        }
-    }
-
-    async fn read_frame(&mut self) -> Vec<u8> {
-        let mut f = vec![0u8; 4];
-        self.s.read_exact(&mut f).await.expect("read header");
-        let len = u16::from_be_bytes([f[2], f[3]]) as usize;
-        let body = if f[0] & 0xC0 == 0 {
-            16 + len
-        } else {
-            (len + 3) & !3
-        };
-        f.resize(4 + body, 0);
-        self.s.read_exact(&mut f[4..]).await.expect("read body");
-        f
-    }
-
-    async fn request(
-        &mut self,
-        m: u16,
-        attrs: &[(u16, Vec<u8>)],
-        peer: Option<SocketAddr>,
-    ) -> Vec<u8> {
-        for _ in 0..2 {
-            self.tid += 1;
-            let tid = [self.tid; 12];
-            let mut buf = Vec::new();
-            let mut e = Encoder::new(&mut buf, m, Class::Request, &tid);
-            for (t, v) in attrs {
-                e.attr(*t, v);
-            }
-            if let Some(p) = peer {
-                e.xor_address(attr::XOR_PEER_ADDRESS, p);
-            }
-            if !self.nonce.is_empty() {
-                e.attr(attr::USERNAME, USER.as_bytes());
-                e.attr(attr::REALM, b"switchboard");
-                e.attr(attr::NONCE, &self.nonce);
-                e.integrity(&long_term_key(USER, "switchboard", PASS));
-            }
-            e.finish();
-            self.s.write_all(&buf).await.expect("write");
-            let f = loop {
-                let f = self.read_frame().await;
-                if f.len() >= 20 && f[8..20] == tid {
-                    break f;
-                }
-            };
-            let msg = Message::parse(&f).expect("response");
-            if msg.class() == Class::Error && self.nonce.is_empty() {
-                if let Some(n) = msg.get(attr::NONCE) {
-                    self.nonce = n.to_vec();
-                    continue;
-                }
-            }
-            return f;
-        }
-        panic!("no answer after the nonce");
-    }
-
     /// Allocate, bind channel 0x4000 to `peer`, and relay `n` datagrams through it.
     async fn relay(&mut self, peer: SocketAddr, n: usize) -> usize {
         self.open(peer).await;
@@ -215,7 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
     /// Allocate and bind channel 0x4000 to `peer`.
     async fn open(&mut self, peer: SocketAddr) {
         let r = self
-            .request(
+            .authed(
                 method::ALLOCATE,
                 &[(attr::REQUESTED_TRANSPORT, vec![17, 0, 0, 0])],
                 None,
@@ -227,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> StreamTurn<S> {
             "allocate"
         );
         let r = self
-            .request(
+            .authed(
                 method::CHANNEL_BIND,
                 &[(attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])],
                 Some(peer),

@@ -1,11 +1,12 @@
 //! TURN over TCP on the 3478 listener: coturn's `turnutils_uclient -t` relays with no loss,
 //! and a client that stops reading cannot slow relaying for another.
 
+use crate::support::stream_turn::{error_code, StreamTurn};
 use crate::support::turn_common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchboard::stun::codec::{attr, long_term_key, method, Class, Encoder, Message};
+use switchboard::stun::codec::{attr, method, Class, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use turn_common::*;
@@ -58,13 +59,7 @@ async fn uclient_over_tcp_with_send_indications_and_ten_clients() {
 }
 
 /// A TURN client on a TCP connection whose receive side can be left unread.
-struct TcpTurn {
-    s: TcpStream,
-    nonce: Vec<u8>,
-    tid: u8,
-    user: String,
-    pass: String,
-}
+type TcpTurn = StreamTurn<TcpStream>;
 
 impl TcpTurn {
     /// Connect with REST credentials minted for `name` from the shared secret.
@@ -81,64 +76,7 @@ impl TcpTurn {
         let sock = tokio::net::TcpSocket::new_v4().expect("socket");
         sock.set_recv_buffer_size(4096).expect("rcvbuf");
         let s = sock.connect(server).await.expect("connect");
-        TcpTurn {
-            s,
-            nonce: Vec::new(),
-            tid: 0,
-            user: USER.into(),
-            pass: PASS.into(),
-        }
-    }
-
-    async fn read_frame(&mut self) -> Vec<u8> {
-        let mut hdr = [0u8; 4];
-        self.s.read_exact(&mut hdr).await.expect("read header");
-        let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
-        let body = if hdr[0] & 0xC0 == 0 {
-            16 + len
-        } else {
-            (len + 3) & !3
-        };
-        let mut rest = vec![0u8; body];
-        self.s.read_exact(&mut rest).await.expect("read body");
-        let mut f = hdr.to_vec();
-        f.extend_from_slice(&rest);
-        f
-    }
-
-    async fn request(
-        &mut self,
-        m: u16,
-        attrs: &[(u16, Vec<u8>)],
-        peer: Option<SocketAddr>,
-    ) -> Vec<u8> {
-        self.tid += 1;
-        let tid = [self.tid; 12];
-        let mut buf = Vec::new();
-        let mut e = Encoder::new(&mut buf, m, Class::Request, &tid);
-        for (t, v) in attrs {
-            e.attr(*t, v);
-        }
-        if let Some(p) = peer {
-            e.xor_address(attr::XOR_PEER_ADDRESS, p);
-        }
-        if !self.nonce.is_empty() {
-            e.attr(attr::USERNAME, self.user.as_bytes());
-            e.attr(attr::REALM, b"switchboard");
-            e.attr(attr::NONCE, &self.nonce);
-            e.integrity(&long_term_key(&self.user, "switchboard", &self.pass));
-        }
-        e.finish();
-        self.s.write_all(&buf).await.expect("write");
-        loop {
-            let f = self.read_frame().await;
-            if f.len() >= 20 && f[8..20] == tid {
-                if let Some(n) = Message::parse(&f).ok().and_then(|m| m.get(attr::NONCE)) {
-                    self.nonce = n.to_vec();
-                }
-                return f;
-            }
-        }
+        TcpTurn::new(s)
     }
 }
 
@@ -223,20 +161,6 @@ async fn rfc6062_tcp_relay_between_two_uclient_sessions() {
 }
 
 impl TcpTurn {
-    /// A request, retried once after the 401 that hands out the nonce.
-    async fn authed(
-        &mut self,
-        m: u16,
-        attrs: &[(u16, Vec<u8>)],
-        peer: Option<SocketAddr>,
-    ) -> Vec<u8> {
-        let r = self.request(m, attrs, peer).await;
-        if error_code(&r) == Some(401) {
-            return self.request(m, attrs, peer).await;
-        }
-        r
-    }
-
     /// The next indication of method `m` (responses and other frames are skipped).
     async fn indication(&mut self, m: u16) -> Vec<u8> {
         loop {
@@ -281,14 +205,6 @@ impl TcpTurn {
             .await;
         error_code(&r)
     }
-}
-
-fn error_code(f: &[u8]) -> Option<u16> {
-    Message::parse(f)
-        .ok()?
-        .get(attr::ERROR_CODE)
-        .and_then(|v| switchboard::stun::codec::decode_error_code(v).ok())
-        .map(|(c, _)| c)
 }
 
 fn connection_id(f: &[u8]) -> u32 {

@@ -10,20 +10,6 @@ use turn::client::{Client, ClientConfig};
 use turn_common::*;
 use webrtc_util::Conn;
 
-async fn echo_peer() -> std::net::SocketAddr {
-    let sock = UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind echo peer");
-    let addr = sock.local_addr().expect("echo addr");
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            let _ = sock.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
 async fn relay_round_trip(username: String, password: String) {
     let server = start("").await;
     let addr = udp_addr(&server);

@@ -2,9 +2,12 @@
 //! helper is written once and every test file gets the same fixes.
 
 pub mod cert;
+pub mod http;
 pub mod lab;
 pub mod peerjs_page;
+pub mod redis;
 pub mod rtc_stats;
+pub mod stream_turn;
 pub mod turn_common;
 pub mod webdriver;
 pub mod ws;

@@ -1,5 +1,5 @@
-//! Helpers shared by the TURN integration tests: an in-process server, coturn's echo peer
-//! and `turnutils_uclient`, and a minimal raw STUN client for negative tests.
+//! Helpers shared by the TURN integration tests: an in-process server, echo peers (in-process,
+//! and coturn's), `turnutils_uclient`, and a minimal raw STUN client for negative tests.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -50,6 +50,27 @@ impl Drop for Peer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A UDP echo peer inside the test process, with the task that runs it (abort it to make the
+/// peer vanish): for relays that need no `turnutils_peer`.
+pub async fn echo_peer_task() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let s = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind echo peer");
+    let addr = s.local_addr().expect("echo peer addr");
+    let h = tokio::spawn(async move {
+        let mut b = [0u8; 2048];
+        while let Ok((n, from)) = s.recv_from(&mut b).await {
+            let _ = s.send_to(&b[..n], from).await;
+        }
+    });
+    (addr, h)
+}
+
+/// A UDP echo peer inside the test process, for as long as the process runs.
+pub async fn echo_peer() -> SocketAddr {
+    echo_peer_task().await.0
 }
 
 /// Start `turnutils_peer` on a free loopback port and wait until it echoes.
