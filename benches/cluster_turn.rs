@@ -1,5 +1,5 @@
 //! Cluster TURN in the network lab (needs root): three switchboard nodes behind 1:1 NAT with
-//! one shared configuration, a real redis-server and a STUN server (tests/lab/cluster.rs).
+//! one shared configuration, a real redis-server and a STUN server (tests/support/lab/cluster.rs).
 //! It measures what docs/performance.md reports:
 //!
 //! 1. placement balance: `--logins N` logins (`least_loaded`), each holding an allocation on
@@ -13,7 +13,7 @@
 //! `cargo bench --bench cluster_turn` runs it; `cargo test --all-targets` runs this target
 //! without `--bench`, a smoke run with 9 logins and 2 trials (skipped without root).
 
-#[path = "../tests/lab/mod.rs"]
+#[path = "../tests/support/lab/mod.rs"]
 #[allow(unused_imports)]
 mod lab;
 

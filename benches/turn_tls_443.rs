@@ -17,6 +17,11 @@
 //! Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run: one first
 //! packet through an in-process server's shared port.
 
+#[path = "../tests/support/cert.rs"]
+mod cert;
+#[path = "../tests/support/turn_common.rs"]
+mod turn_common;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -42,25 +47,6 @@ fn arg(name: &str) -> Option<String> {
 
 fn num(name: &str, default: usize) -> usize {
     arg(name).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn make_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost", "-addext"])
-        .arg("subjectAltName=DNS:localhost,IP:127.0.0.1")
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&k)
-        .arg("-out")
-        .arg(&c)
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(st.success(), "openssl made a certificate");
-    (c, k)
 }
 
 fn connector(ca: &std::path::Path) -> tokio_rustls::TlsConnector {
@@ -190,20 +176,6 @@ async fn first_packet(
     t.elapsed()
 }
 
-async fn echo_peer() -> SocketAddr {
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = sock.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let mut b = [0u8; 2048];
-        while let Ok((n, from)) = sock.recv_from(&mut b).await {
-            let _ = sock.send_to(&b[..n], from).await;
-        }
-    });
-    addr
-}
-
 /// utime + stime of a process, from /proc (clock ticks of 10 ms).
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -276,9 +248,9 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = make_cert(dir.path());
+    let (cert, key) = cert::make_cert(dir.path(), "localhost");
     let tls = connector(&cert);
-    let peer = echo_peer().await;
+    let peer = turn_common::echo_peer().await;
     if !std::env::args().any(|a| a == "--bench") {
         // Smoke run: the in-process server's shared port relays one packet.
         let text = format!(

@@ -6,7 +6,7 @@
 use serde_json::Value;
 use std::time::Duration;
 
-use crate::webdriver::Browser;
+use super::webdriver::Browser;
 
 /// The value `script` returns once it is truthy, within 60 s; panics naming `what`.
 pub async fn wait_js(b: &Browser, what: &str, script: &str) -> Value {

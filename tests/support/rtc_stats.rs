@@ -1,7 +1,7 @@
 //! Scripts that let a test read a page's real WebRTC connections through getStats instead of
 //! trusting what the page says; shared by the tests that drive Chromium and Firefox.
 //!
-//! Included with `#[path = "support/rtc_stats.rs"] mod rtc_stats;`.
+//! Used as `crate::support::rtc_stats`.
 
 /// Wraps `RTCPeerConnection` before the page's scripts run: every connection the page makes is
 /// kept in `window.__pcs`. With `window.__sbTest.badTurn`, TURN credentials are spoiled on the

@@ -12,8 +12,7 @@
 //! - [`Driver::screenshots_on_panic`] runs a test body and, if it panics, saves a screenshot of
 //!   every open page and prints where.
 //!
-//! Included with `#[path = "support/webdriver.rs"] mod webdriver;`; not every test uses every
-//! helper.
+//! Used as `crate::support::webdriver`; not every test uses every helper.
 #![allow(dead_code)]
 
 use serde_json::{json, Value};

@@ -1,5 +1,5 @@
-//! WebSocket client helpers shared by the signaling tests: connect to a running server's
-//! `/v1/ws`, send JSON frames, and read JSON frames with a deadline.
+//! WebSocket client helpers shared by the signaling and PeerJS tests: connect to a running
+//! server's `/v1/ws`, send JSON frames, and read JSON frames with a deadline.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -38,6 +38,21 @@ pub async fn recv(ws: &mut Ws) -> Value {
             Message::Text(t) => return serde_json::from_str(&t).unwrap(),
             Message::Close(c) => panic!("closed while waiting for a frame: {c:?}"),
             _ => continue,
+        }
+    }
+}
+
+/// The next JSON frame, or `None` when the socket closes (or fails); panics after `secs`. For
+/// tests in which the server closing the socket is the answer.
+pub async fn next_within(ws: &mut Ws, secs: u64) -> Option<Value> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(secs), ws.next())
+            .await
+            .expect("a message or a close in time");
+        match m {
+            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
         }
     }
 }
