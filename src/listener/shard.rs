@@ -34,6 +34,9 @@ use crate::udp_batch::{PeerSendQueue, RecvBatch, SendQueue, UdpSocketState, RECV
 
 /// Largest datagram read from any socket.
 const MAX_DATAGRAM: usize = 65_536;
+/// Slot size of the client-to-peer queue: media datagrams fit; a larger one is sent at once.
+/// Small slots keep the queue in a few pages (128 KiB) instead of 64 KiB per datagram.
+const PEER_SLOT: usize = 2048;
 /// Room in front of a peer payload for the ChannelData header.
 const HEADROOM: usize = 4;
 /// Smallest per-shard burst of the reflector limit: one answer of any size the port sends
@@ -339,7 +342,7 @@ impl Shard {
         let mut pending: Vec<Token> = Vec::new();
         let mut ready: Vec<Token> = Vec::with_capacity(1024);
         let mut rx = RecvBatch::new(MAX_DATAGRAM);
-        TO_PEERS.with(|q| *q.borrow_mut() = Some(PeerSendQueue::new(MAX_DATAGRAM)));
+        TO_PEERS.with(|q| *q.borrow_mut() = Some(PeerSendQueue::new(PEER_SLOT)));
         while !stop.load(Ordering::Acquire) {
             let timeout = if !pending.is_empty() {
                 Some(Duration::ZERO)
