@@ -1,15 +1,31 @@
-//! TURN relay load generator: a bare recvmmsg/sendmmsg forwarder (no TURN, the physical
-//! reference), coturn and switchboard measured side by side in one run.
+//! TURN relay load generator: a minimal forwarder (one socket each side, the physical
+//! limit), a bare recvmmsg/sendmmsg forwarder (no TURN, a TURN relay's socket topology),
+//! coturn and switchboard measured side by side in one run.
 //!
 //! `cargo bench --bench relay_load` runs the full measurement (see docs/performance.md);
 //! `cargo test --all-targets` runs this target without `--bench`, which is a smoke run of a
-//! few hundred packets through the bare forwarder.
+//! few hundred packets through the bare and minimal forwarders, video-like bursts through the
+//! bare one, and switchboard's TURN over TCP and TLS.
 //!
 //! Options (after `--`): `--rates 50000,100000,200000` (packets per second each way),
 //! `--allocs 50`, `--secs 4`, `--size 120`, `--alloc-count 2000` (allocations-per-second
-//! phase), `--rss-count 10000` (memory phase), `--servers bare,coturn,switchboard`,
-//! `--bin PATH` (switchboard binary, default the release build next to this bench),
-//! `--shards N` (switchboard `turn.shards`).
+//! phase; 0 leaves it and the memory phase out), `--rss-count 10000` (memory phase),
+//! `--servers minimal,bare,coturn,switchboard` (default `bare,coturn,switchboard`; add
+//! `switchboard@PATH` to measure another build in the same run), `--bin PATH` (switchboard
+//! binary, default the release build next to this bench), `--shards N` (switchboard
+//! `turn.shards`), `--repeat N` (N pairings: the server list N times per load, with the median
+//! of each pairing's ratios).
+//!
+//! `--video FLOWS,FPS,PKTS,SIZE` replaces the evenly paced load with video-like bursts: per
+//! flow (one allocation each), FPS frames a second, each PKTS ChannelData packets of SIZE
+//! payload bytes, the last two thirds as long. A client sends each frame with one GSO
+//! `sendmsg` and reads with GRO on, and the echo peer answers a frame as GSO messages, as
+//! their kernels would; the bare and minimal forwarders use neither GRO nor GSO.
+//!
+//! `--transport tcp|tls` makes the clients speak TURN over TCP or TLS (ChannelData framed on
+//! the stream, padded to 4 bytes; the relays stay UDP) to switchboard (`turn.tls_listen`) and
+//! coturn (its TCP port, `--tls-listening-port`), with a self-signed certificate from
+//! `openssl`; the UDP-only forwarders are left out.
 //!
 //! `--lab` runs the same measurement over veth interfaces instead of loopback: the load
 //! generator, the server and the echo peer each get a network namespace (`sblab-rl<pid>-*`,
@@ -1821,9 +1837,10 @@ fn start_switchboard(
          [http]\nlisten = \"{ip}:{http}\"\n[log]\nlevel = \"warn\"\n\
          [auth]\nturn_secrets = [\"{SECRET}\"]\n{open}{tls_files}"
     );
-    let path = dir.join(format!("{name}.toml"));
+    let path = dir.join(format!("{name}-{port}.toml"));
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+    let log_path = dir.join(format!("{name}-{port}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let child = server_cmd(&bin)
         .arg("--config")
         .arg(&path)
@@ -1835,7 +1852,7 @@ fn start_switchboard(
     if !wait_udp(addr, true) {
         return Err(format!(
             "{name} did not answer: {}",
-            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+            std::fs::read_to_string(&log_path).unwrap_or_default()
         ));
     }
     Ok(Server {
@@ -2223,7 +2240,7 @@ fn run(o: &Opts) -> Result<(), String> {
     };
     let mut servers = Vec::new();
     for name in &o.servers {
-        if !udp && !matches!(name.as_str(), "coturn" | "switchboard") {
+        if !(udp || name == "coturn" || name.starts_with("switchboard")) {
             println!("({name} left out: it relays UDP clients only)");
             continue;
         }
@@ -2233,6 +2250,19 @@ fn run(o: &Opts) -> Result<(), String> {
             "direct" => start_direct(echo.addr)?,
             "coturn" => start_coturn(dir.path(), tls.as_ref())?,
             "switchboard" => start_switchboard(o, dir.path(), false, tls.as_ref())?,
+            // Another build in the same run: `switchboard@PATH`.
+            other if other.starts_with("switchboard@") => {
+                let path = &other["switchboard@".len()..];
+                let mut o2 = o.clone();
+                o2.bin = Some(path.to_string());
+                let label = std::path::Path::new(path)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let mut s = start_switchboard(&o2, dir.path(), false, tls.as_ref())?;
+                s.name = format!("switchboard@{label}");
+                s
+            }
             "switchboard-offload" => start_switchboard(o, dir.path(), true, None)?,
             other => return Err(format!("unknown server {other}")),
         });
@@ -2371,13 +2401,22 @@ fn run(o: &Opts) -> Result<(), String> {
         print_idle_probe(&rows, &o.rates);
     }
     println!("per-thread server CPU seconds during each switchboard run:");
-    for r in rows.iter().filter(|r| r.server == "switchboard" && udp) {
+    for r in rows
+        .iter()
+        .filter(|r| r.server.starts_with("switchboard") && udp)
+    {
         let t: Vec<String> = r
             .threads
             .iter()
             .map(|(n, c)| format!("{n}={c:.2}"))
             .collect();
-        println!("  {} #{}: {}", r.label, r.pairing + 1, t.join(" "));
+        println!(
+            "  {} {} #{}: {}",
+            r.label,
+            r.server,
+            r.pairing + 1,
+            t.join(" ")
+        );
     }
     if o.alloc_count == 0 || !udp {
         return Ok(());
