@@ -1,15 +1,31 @@
-//! TURN relay load generator: a bare recvmmsg/sendmmsg forwarder (no TURN, the physical
-//! reference), coturn and switchboard measured side by side in one run.
+//! TURN relay load generator: a minimal forwarder (one socket each side, the physical
+//! limit), a bare recvmmsg/sendmmsg forwarder (no TURN, a TURN relay's socket topology),
+//! coturn and switchboard measured side by side in one run.
 //!
 //! `cargo bench --bench relay_load` runs the full measurement (see docs/performance.md);
 //! `cargo test --all-targets` runs this target without `--bench`, which is a smoke run of a
-//! few hundred packets through the bare forwarder.
+//! few hundred packets through the bare and minimal forwarders, video-like bursts through the
+//! bare one, and switchboard's TURN over TCP and TLS.
 //!
 //! Options (after `--`): `--rates 50000,100000,200000` (packets per second each way),
 //! `--allocs 50`, `--secs 4`, `--size 120`, `--alloc-count 2000` (allocations-per-second
-//! phase), `--rss-count 10000` (memory phase), `--servers bare,coturn,switchboard`,
-//! `--bin PATH` (switchboard binary, default the release build next to this bench),
-//! `--shards N` (switchboard `turn.shards`).
+//! phase; 0 leaves it and the memory phase out), `--rss-count 10000` (memory phase),
+//! `--servers minimal,bare,coturn,switchboard` (default `bare,coturn,switchboard`; add
+//! `switchboard@PATH` to measure another build in the same run), `--bin PATH` (switchboard
+//! binary, default the release build next to this bench), `--shards N` (switchboard
+//! `turn.shards`), `--repeat N` (N pairings: the server list N times per load, with the median
+//! of each pairing's ratios).
+//!
+//! `--video FLOWS,FPS,PKTS,SIZE` replaces the evenly paced load with video-like bursts: per
+//! flow (one allocation each), FPS frames a second, each PKTS ChannelData packets of SIZE
+//! payload bytes, the last two thirds as long. A client sends each frame with one GSO
+//! `sendmsg` and reads with GRO on, and the echo peer answers a frame as GSO messages, as
+//! their kernels would; the bare and minimal forwarders use neither GRO nor GSO.
+//!
+//! `--transport tcp|tls` makes the clients speak TURN over TCP or TLS (ChannelData framed on
+//! the stream, padded to 4 bytes; the relays stay UDP) to switchboard (`turn.tls_listen`) and
+//! coturn (its TCP port, `--tls-listening-port`), with a self-signed certificate from
+//! `openssl`; the UDP-only forwarders are left out.
 //!
 //! `--lab` runs the same measurement over veth interfaces instead of loopback: the load
 //! generator, the server and the echo peer each get a network namespace (`sblab-rl<pid>-*`,
@@ -39,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use switchboard::stun::codec::{attr, long_term_key, method, Class, Encoder, Message};
-use switchboard::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
+use switchboard::udp_batch::{set_gro, RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 const SECRET: &str = "bench-secret";
 const REALM: &str = "switchboard";
@@ -199,6 +215,68 @@ struct Opts {
     smoke: bool,
     lab: bool,
     idle_probe: bool,
+    /// `--video FLOWS,FPS,PKTS,SIZE`: bursts per flow instead of even pacing.
+    video: Option<Video>,
+    /// `--transport udp|tcp|tls`: how the generator reaches the TURN servers.
+    transport: Transport,
+    /// `--repeat N`: run every server N times per load (pairings), for medians of ratios.
+    repeat: usize,
+}
+
+/// The video-like load: per flow, `fps` frames a second, each a burst of `pkts` ChannelData
+/// packets of `size` payload bytes but the last, which is shorter (two thirds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Video {
+    flows: usize,
+    fps: u32,
+    pkts: usize,
+    size: usize,
+}
+
+impl Video {
+    fn last_size(&self) -> usize {
+        (self.size * 2 / 3).max(16)
+    }
+    /// Packets a second each way.
+    fn rate(&self) -> u64 {
+        self.flows as u64 * self.fps as u64 * self.pkts as u64
+    }
+}
+
+/// The clients' transport to the TURN server (the relay side is UDP in every case).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+/// One measured load: evenly paced packets, or video-like bursts.
+#[derive(Clone, Copy, Debug)]
+enum Load {
+    Paced { rate: u64, size: usize },
+    Video(Video),
+}
+
+impl Load {
+    fn rate(&self) -> u64 {
+        match self {
+            Load::Paced { rate, .. } => *rate,
+            Load::Video(v) => v.rate(),
+        }
+    }
+    fn label(&self) -> String {
+        match self {
+            Load::Paced { rate, .. } => format!("{}k paced", rate / 1000),
+            Load::Video(v) => format!(
+                "video {}x{}fps x{} ({} pkt/s)",
+                v.flows,
+                v.fps,
+                v.pkts,
+                v.rate()
+            ),
+        }
+    }
 }
 
 fn parse_opts() -> Opts {
@@ -216,6 +294,9 @@ fn parse_opts() -> Opts {
         smoke: !args.iter().any(|a| a == "--bench"),
         lab: false,
         idle_probe: false,
+        video: None,
+        transport: Transport::Udp,
+        repeat: 1,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -232,6 +313,26 @@ fn parse_opts() -> Opts {
             "--shards" => o.shards = v().parse().ok(),
             "--lab" => o.lab = true,
             "--idle-probe" => o.idle_probe = true,
+            "--video" => {
+                let v: Vec<usize> = v().split(',').filter_map(|s| s.parse().ok()).collect();
+                if let [flows, fps, pkts, size] = v[..] {
+                    o.video = Some(Video {
+                        flows,
+                        fps: fps as u32,
+                        pkts,
+                        size: size.max(16),
+                    });
+                    o.allocs = flows;
+                }
+            }
+            "--transport" => {
+                o.transport = match v().as_str() {
+                    "tcp" => Transport::Tcp,
+                    "tls" => Transport::Tls,
+                    _ => Transport::Udp,
+                }
+            }
+            "--repeat" => o.repeat = v().parse().unwrap_or(1).max(1),
             _ => {}
         }
     }
@@ -243,6 +344,11 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("--forwarder") {
         let port: u16 = args[2].parse().expect("port");
         forwarder(port);
+        return;
+    }
+    if args.get(1).map(String::as_str) == Some("--minimal") {
+        let port: u16 = args[2].parse().expect("port");
+        minimal(port);
         return;
     }
     raise_nofile(20_000);
@@ -367,6 +473,9 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Echo peer: one socket, batched both ways.
 
+/// Receive buffers that hold a GRO-coalesced read (up to 64 datagrams, 64 KiB).
+const GRO_BUF: usize = 65_536;
+
 pub(crate) struct Echo {
     pub(crate) addr: SocketAddr,
     count: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -375,7 +484,15 @@ pub(crate) struct Echo {
 }
 
 impl Echo {
+    /// The evenly paced load's peer: one datagram per message (the video-like load's peer
+    /// answers a burst from one relay as GSO messages, as a peer's kernel sending a video
+    /// frame would).
     pub(crate) fn start() -> Echo {
+        Echo::start_with(false)
+    }
+
+    /// An echo peer that answers a burst with GSO messages when `gso`.
+    pub(crate) fn start_with(gso: bool) -> Echo {
         let ip = if lab().is_some() { LAB_PEER } else { LO };
         let sock = UdpSocket::bind((ip, 0)).expect("echo bind");
         let sref = socket2::SockRef::from(&sock);
@@ -396,8 +513,9 @@ impl Echo {
                     .register(&mut ms, Token(0), Interest::READABLE)
                     .expect("register");
                 let mut ev = Events::with_capacity(8);
-                let mut rb = RecvBatch::new(2048);
+                let mut rb = RecvBatch::new(GRO_BUF);
                 let mut q = SendQueue::new(2048);
+                q.set_gso(gso);
                 while !s.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = poll.poll(&mut ev, Some(Duration::from_millis(50)));
                     while let Ok(n) = rb.recv(&state, &ms) {
@@ -478,12 +596,14 @@ fn reuseport_bind(port: u16) -> UdpSocket {
     s.into()
 }
 
-/// One forwarder thread: its own SO_REUSEPORT socket on the port, its own relay sockets.
+/// One forwarder thread: its own SO_REUSEPORT socket on the port, its own relay sockets. It
+/// uses neither GRO nor GSO: the plain batched reference.
 fn forwarder_shard(front: UdpSocket) {
     let sref = socket2::SockRef::from(&front);
     let _ = sref.set_recv_buffer_size(4 << 20);
     let _ = sref.set_send_buffer_size(4 << 20);
     let state = UdpSocketState::new((&front).into()).expect("state");
+    set_gro(&front, false);
     front.set_nonblocking(true).expect("nonblocking");
     let mut front = mio::net::UdpSocket::from_std(front);
     let mut poll = Poll::new().expect("poll");
@@ -497,6 +617,8 @@ fn forwarder_shard(front: UdpSocket) {
     let mut rb = RecvBatch::new(2048);
     let mut to_clients = SendQueue::new(2048);
     let mut to_peer = SendQueue::new(2048);
+    to_clients.set_gso(false);
+    to_peer.set_gso(false);
     let peer: SocketAddr = std::env::var("FWD_PEER")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -557,6 +679,103 @@ fn forwarder_shard(front: UdpSocket) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Minimal forwarder: the physical limit. One socket towards the clients, one towards the
+// peer, batches of 32 recvmmsg/sendmmsg, one thread, no GRO or GSO, and none of a TURN
+// relay's per-client sockets. The peer's answers are told apart by the flow index the load
+// generator writes into each payload (bytes 8..12 after the ChannelData header), a table
+// lookup like a relay's.
+
+fn minimal(port: u16) {
+    let front = reuseport_bind(port);
+    let back = UdpSocket::bind((fwd_ip(), 0)).expect("back bind");
+    for s in [&front, &back] {
+        let r = socket2::SockRef::from(s);
+        let _ = r.set_recv_buffer_size(4 << 20);
+        let _ = r.set_send_buffer_size(4 << 20);
+        s.set_nonblocking(true).expect("nonblocking");
+    }
+    let state = UdpSocketState::new((&front).into()).expect("state");
+    set_gro(&front, false);
+    set_gro(&back, false);
+    let peer: SocketAddr = std::env::var("FWD_PEER")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("FWD_PEER");
+    let mut front = mio::net::UdpSocket::from_std(front);
+    let mut back = mio::net::UdpSocket::from_std(back);
+    let mut poll = Poll::new().expect("poll");
+    poll.registry()
+        .register(&mut front, Token(0), Interest::READABLE)
+        .expect("register");
+    poll.registry()
+        .register(&mut back, Token(1), Interest::READABLE)
+        .expect("register");
+    let mut clients: Vec<Option<SocketAddr>> = Vec::new();
+    let mut ev = Events::with_capacity(8);
+    let mut rb = RecvBatch::new(2048);
+    let mut to_clients = SendQueue::new(2048);
+    let mut to_peer = SendQueue::new(2048);
+    to_clients.set_gso(false);
+    to_peer.set_gso(false);
+    let flow = |d: &[u8]| -> Option<usize> {
+        d.get(8..12)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    loop {
+        let _ = poll.poll(&mut ev, None);
+        // Each ready socket until a short batch says it is drained (edge-triggered readiness).
+        let mut more = [false; 2];
+        for e in ev.iter() {
+            more[e.token().0 & 1] = true;
+        }
+        while more[0] || more[1] {
+            if more[0] {
+                more[0] = false;
+                if let Ok(got) = rb.recv(&state, &front) {
+                    more[0] = got == RECV_BATCH;
+                    for (d, from, _) in rb.iter() {
+                        let Some(i) = d.get(4..).and_then(flow).filter(|i| *i < 1 << 16) else {
+                            continue;
+                        };
+                        if clients.len() <= i {
+                            clients.resize(i + 1, None);
+                        }
+                        clients[i] = Some(from);
+                        if to_peer.is_full() {
+                            to_peer.flush(&back);
+                        }
+                        to_peer.push(&d[4..], peer, None);
+                    }
+                    to_peer.flush(&back);
+                }
+            }
+            if more[1] {
+                more[1] = false;
+                if let Ok(got) = rb.recv(&state, &back) {
+                    more[1] = got == RECV_BATCH;
+                    for (d, _, _) in rb.iter() {
+                        let Some(Some(client)) = flow(d).and_then(|i| clients.get(i)) else {
+                            continue;
+                        };
+                        if to_clients.is_full() {
+                            to_clients.flush(&front);
+                        }
+                        if let Some(slot) = to_clients.slot_mut() {
+                            let n = d.len().min(slot.len() - 4);
+                            slot[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+                            slot[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+                            slot[4..4 + n].copy_from_slice(&d[..n]);
+                            to_clients.commit(4 + n, *client, None);
+                        }
+                    }
+                    to_clients.flush(&front);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // TURN client (long-term credentials over REST usernames).
 
 pub(crate) struct Session {
@@ -610,13 +829,25 @@ fn error_code(m: &Message<'_>) -> Option<u16> {
 }
 
 fn signed(s: &Session, meth: u16, t: &[u8; 12], f: impl FnOnce(&mut Encoder<'_>)) -> Vec<u8> {
+    signed_by(&s.user, &s.key, &s.realm, &s.nonce, meth, t, f)
+}
+
+fn signed_by(
+    user: &str,
+    key: &[u8; 16],
+    realm: &[u8],
+    nonce: &[u8],
+    meth: u16,
+    t: &[u8; 12],
+    f: impl FnOnce(&mut Encoder<'_>),
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(200);
     let mut e = Encoder::new(&mut out, meth, Class::Request, t);
     f(&mut e);
-    e.attr(attr::USERNAME, s.user.as_bytes());
-    e.attr(attr::REALM, &s.realm);
-    e.attr(attr::NONCE, &s.nonce);
-    e.integrity(&s.key);
+    e.attr(attr::USERNAME, user.as_bytes());
+    e.attr(attr::REALM, realm);
+    e.attr(attr::NONCE, nonce);
+    e.integrity(key);
     e.finish_with_fingerprint();
     out
 }
@@ -769,8 +1000,9 @@ pub(crate) struct Traffic {
     pub(crate) back: u64,
 }
 
-/// Send `rate` ChannelData packets per second spread over `socks` for `secs`, count what the
-/// echo peer and the clients receive.
+/// Send `rate` evenly paced ChannelData packets per second spread over `socks` for `secs`
+/// (benches/soak.rs's load).
+#[allow(dead_code)]
 pub(crate) fn traffic(
     socks: &[UdpSocket],
     echo: &Echo,
@@ -778,6 +1010,15 @@ pub(crate) fn traffic(
     secs: f64,
     size: usize,
 ) -> Traffic {
+    traffic_load(socks, echo, Load::Paced { rate, size }, secs)
+}
+
+/// Send `load`'s ChannelData packets over `socks` for `secs`, count what the echo peer and
+/// the clients receive. Each payload starts with a sequence number and the flow's index (the
+/// minimal forwarder's routing key). The video-like load sends each frame as one GSO message
+/// where the kernel has GSO, and reads with GRO, as clients' kernels and NICs would.
+fn traffic_load(socks: &[UdpSocket], echo: &Echo, load: Load, secs: f64) -> Traffic {
+    let video = matches!(load, Load::Video(_));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let back = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Receiver: all client sockets in one poll, batched reads.
@@ -803,8 +1044,13 @@ pub(crate) fn traffic(
                     .register(s, Token(i), Interest::READABLE)
                     .expect("register");
             }
+            if video {
+                for s in &ms {
+                    set_gro(s, true);
+                }
+            }
             let mut ev = Events::with_capacity(1024);
-            let mut rb = RecvBatch::new(2048);
+            let mut rb = RecvBatch::new(GRO_BUF);
             let mut n = 0u64;
             // Read what is already queued, then follow readiness.
             for s in &ms {
@@ -829,10 +1075,19 @@ pub(crate) fn traffic(
         })
         .expect("spawn rx");
     let echo0 = echo.received();
-    let mut payload = vec![0u8; 4 + size];
-    payload[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
-    payload[2..4].copy_from_slice(&(size as u16).to_be_bytes());
-    let mut queues: Vec<SendQueue> = socks.iter().map(|_| SendQueue::new(4 + size)).collect();
+    let size = match load {
+        Load::Paced { size, .. } => size,
+        Load::Video(v) => v.size,
+    };
+    let mut payload = vec![0u8; 4 + size.max(12)];
+    let mut queues: Vec<SendQueue> = socks
+        .iter()
+        .map(|_| {
+            let mut q = SendQueue::new(4 + size.max(12));
+            q.set_gso(video);
+            q
+        })
+        .collect();
     let peers: Vec<SocketAddr> = socks
         .iter()
         .map(|s| s.peer_addr().expect("connected"))
@@ -841,29 +1096,76 @@ pub(crate) fn traffic(
     let tick = Duration::from_micros(500);
     let mut sent = 0u64;
     let mut next = start;
-    let total = (rate as f64 * secs) as u64;
-    let mut rr = 0usize;
-    while sent < total {
-        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
-        while sent < due {
-            let i = rr % socks.len();
-            rr += 1;
-            payload[4..12].copy_from_slice(&sent.to_be_bytes());
-            if queues[i].is_full() {
-                queues[i].flush(&socks[i]);
+    let mut put = |q: &mut SendQueue, flow: usize, seq: u64, len: usize| {
+        payload[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+        payload[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        payload[4..12].copy_from_slice(&seq.to_be_bytes());
+        payload[12..16].copy_from_slice(&(flow as u32).to_be_bytes());
+        q.push(&payload[..4 + len], peers[flow], None);
+    };
+    match load {
+        Load::Paced { rate, size } => {
+            let total = (rate as f64 * secs) as u64;
+            let mut rr = 0usize;
+            while sent < total {
+                let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+                while sent < due {
+                    let i = rr % socks.len();
+                    rr += 1;
+                    if queues[i].is_full() {
+                        queues[i].flush(&socks[i]);
+                    }
+                    put(&mut queues[i], i, sent, size.max(12));
+                    sent += 1;
+                }
+                for (q, s) in queues.iter_mut().zip(socks) {
+                    if !q.is_empty() {
+                        q.flush(s);
+                    }
+                }
+                next += tick;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
             }
-            queues[i].push(&payload, peers[i], None);
-            sent += 1;
         }
-        for (q, s) in queues.iter_mut().zip(socks) {
-            if !q.is_empty() {
-                q.flush(s);
+        Load::Video(v) => {
+            // Flows start spread over one frame interval, then keep their own cadence.
+            let interval = Duration::from_secs_f64(1.0 / v.fps.max(1) as f64);
+            let frames = ((secs * v.fps as f64) as u64).max(1);
+            let n = socks.len();
+            let mut due: Vec<Instant> = (0..n)
+                .map(|i| start + interval.mul_f64(i as f64 / n as f64))
+                .collect();
+            let mut done = vec![0u64; n];
+            while done.iter().any(|d| *d < frames) {
+                let now = Instant::now();
+                for i in 0..n {
+                    while done[i] < frames && due[i] <= now {
+                        for k in 0..v.pkts {
+                            let len = if k + 1 == v.pkts && v.pkts > 1 {
+                                v.last_size()
+                            } else {
+                                v.size
+                            };
+                            if queues[i].is_full() {
+                                queues[i].flush(&socks[i]);
+                            }
+                            put(&mut queues[i], i, sent, len);
+                            sent += 1;
+                        }
+                        queues[i].flush(&socks[i]);
+                        done[i] += 1;
+                        due[i] += interval;
+                    }
+                }
+                next += tick;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
             }
-        }
-        next += tick;
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
         }
     }
     // Drain: wait until nothing new arrives for 300 ms.
@@ -899,6 +1201,398 @@ pub(crate) fn traffic(
 }
 
 // ---------------------------------------------------------------------------------------------
+// TURN over TCP and TLS clients: the control exchange and ChannelData framed on the stream
+// (RFC 8656 §12.5: padded to 4 bytes), with a UDP relay towards the peer.
+
+/// A blocking client connection, for the allocation exchange.
+enum Conn {
+    Tcp(std::net::TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>),
+}
+
+impl std::io::Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(b),
+            Conn::Tls(s) => s.read(b),
+        }
+    }
+}
+
+impl std::io::Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(b),
+            Conn::Tls(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A client config that trusts the bench's self-signed certificate.
+fn tls_client(cert: &str) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
+}
+
+/// Bytes a frame at the head of `b` takes on the stream (STUN message, or ChannelData with
+/// its padding), once its 4-byte head is there.
+fn frame_len(b: &[u8]) -> Option<usize> {
+    let len = u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize;
+    Some(if b[0] & 0xC0 == 0x40 {
+        4 + len.div_ceil(4) * 4
+    } else {
+        20 + len
+    })
+}
+
+/// Read one whole frame into `buf`.
+fn read_frame(c: &mut Conn, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read;
+    buf.resize(4, 0);
+    c.read_exact(&mut buf[..4])?;
+    let n = frame_len(buf).unwrap_or(4);
+    buf.resize(n, 0);
+    c.read_exact(&mut buf[4..])
+}
+
+/// One request and its answer on a stream (no retransmissions: the stream is reliable).
+fn stream_transact(c: &mut Conn, req: &[u8], want: &[u8; 12]) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    c.write_all(req).map_err(|e| e.to_string())?;
+    c.flush().map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    for _ in 0..16 {
+        read_frame(c, &mut buf).map_err(|e| e.to_string())?;
+        if let Ok(m) = Message::parse(&buf) {
+            if &m.transaction_id() == want {
+                return Ok(buf);
+            }
+        }
+    }
+    Err("no answer on the stream".into())
+}
+
+/// Connect over `transport` (TLS: to the server's TLS address), Allocate a UDP relay and bind
+/// channel 0x4000 to `peer`.
+fn stream_allocate(
+    s: &Server,
+    transport: Transport,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+    i: usize,
+    peer: SocketAddr,
+) -> Result<Conn, String> {
+    let addr = match transport {
+        Transport::Tls => s.tls.ok_or("no TLS listener")?,
+        _ => s.addr,
+    };
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| format!("{addr}: {e}"))?;
+    tcp.set_nodelay(true).ok();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut c = match (transport, tls) {
+        (Transport::Tls, Some(cfg)) => {
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let conn = rustls::ClientConnection::new(cfg.clone(), name.to_owned())
+                .map_err(|e| e.to_string())?;
+            Conn::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        }
+        _ => Conn::Tcp(tcp),
+    };
+    let (user, pass) = rest_user(i);
+    let t = tid();
+    let mut req = Vec::new();
+    {
+        let mut e = Encoder::new(&mut req, method::ALLOCATE, Class::Request, &t);
+        e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        e.finish_with_fingerprint();
+    }
+    let ans = stream_transact(&mut c, &req, &t)?;
+    let m = Message::parse(&ans).map_err(|e| e.to_string())?;
+    let realm = m.get(attr::REALM).ok_or("no REALM")?.to_vec();
+    let nonce = m.get(attr::NONCE).ok_or("no NONCE")?.to_vec();
+    let key = long_term_key(&user, &String::from_utf8_lossy(&realm), &pass);
+    let t = tid();
+    let req = signed_by(&user, &key, &realm, &nonce, method::ALLOCATE, &t, |e| {
+        e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+    });
+    let ans = stream_transact(&mut c, &req, &t)?;
+    let m = Message::parse(&ans).map_err(|e| e.to_string())?;
+    if m.class() != Class::Success {
+        return Err(format!("Allocate refused: {:?}", error_code(&m)));
+    }
+    let t = tid();
+    let req = signed_by(&user, &key, &realm, &nonce, method::CHANNEL_BIND, &t, |e| {
+        e.u32_attr(attr::CHANNEL_NUMBER, 0x4000 << 16);
+        e.xor_address(attr::XOR_PEER_ADDRESS, peer);
+    });
+    let ans = stream_transact(&mut c, &req, &t)?;
+    let m = Message::parse(&ans).map_err(|e| e.to_string())?;
+    if m.class() != Class::Success {
+        return Err(format!("ChannelBind refused: {:?}", error_code(&m)));
+    }
+    Ok(c)
+}
+
+/// A client stream during the traffic phase: non-blocking, frames queued and read in bulk.
+struct Live {
+    sock: mio::net::TcpStream,
+    tls: Option<rustls::ClientConnection>,
+    out: Vec<u8>,
+    inb: Vec<u8>,
+}
+
+impl Live {
+    fn new(c: Conn) -> Live {
+        let (sock, tls) = match c {
+            Conn::Tcp(s) => (s, None),
+            Conn::Tls(b) => {
+                let rustls::StreamOwned { mut conn, sock } = *b;
+                conn.set_buffer_limit(None);
+                (sock, Some(conn))
+            }
+        };
+        sock.set_nonblocking(true).expect("nonblocking");
+        Live {
+            sock: mio::net::TcpStream::from_std(sock),
+            tls,
+            out: Vec::new(),
+            inb: Vec::new(),
+        }
+    }
+
+    fn queue(&mut self, frame: &[u8]) {
+        use std::io::Write;
+        match &mut self.tls {
+            Some(t) => {
+                let _ = t.writer().write_all(frame);
+            }
+            None => self.out.extend_from_slice(frame),
+        }
+    }
+
+    /// Write what the socket takes now.
+    fn flush(&mut self) {
+        use std::io::Write;
+        match &mut self.tls {
+            Some(t) => {
+                while t.wants_write() {
+                    match t.write_tls(&mut self.sock) {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    }
+                }
+            }
+            None => {
+                let mut at = 0;
+                while at < self.out.len() {
+                    match self.sock.write(&self.out[at..]) {
+                        Ok(n) if n > 0 => at += n,
+                        _ => break,
+                    }
+                }
+                self.out.drain(..at);
+            }
+        }
+    }
+
+    /// Read everything there is; returns the ChannelData frames completed.
+    fn read(&mut self, tmp: &mut [u8]) -> u64 {
+        use std::io::Read;
+        match &mut self.tls {
+            Some(t) => loop {
+                match t.read_tls(&mut self.sock) {
+                    Ok(n) if n > 0 => {
+                        if t.process_new_packets().is_err() {
+                            break;
+                        }
+                        while let Ok(n) = t.reader().read(tmp) {
+                            if n == 0 {
+                                break;
+                            }
+                            self.inb.extend_from_slice(&tmp[..n]);
+                        }
+                    }
+                    _ => break,
+                }
+            },
+            None => {
+                while let Ok(n) = self.sock.read(tmp) {
+                    if n == 0 {
+                        break;
+                    }
+                    self.inb.extend_from_slice(&tmp[..n]);
+                }
+            }
+        }
+        let mut at = 0;
+        let mut frames = 0;
+        while let Some(n) = frame_len(&self.inb[at..]) {
+            if self.inb.len() - at < n {
+                break;
+            }
+            if self.inb[at] & 0xC0 == 0x40 {
+                frames += 1;
+            }
+            at += n;
+        }
+        self.inb.drain(..at);
+        frames
+    }
+}
+
+/// [`traffic_load`] over streams: ChannelData frames padded to 4 bytes on each client's
+/// connection, one thread sending and reading all of them.
+fn stream_traffic(conns: Vec<Conn>, echo: &Echo, load: Load, secs: f64) -> Traffic {
+    let mut lives: Vec<Live> = conns.into_iter().map(Live::new).collect();
+    let mut poll = Poll::new().expect("poll");
+    for (i, l) in lives.iter_mut().enumerate() {
+        poll.registry()
+            .register(
+                &mut l.sock,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .expect("register");
+    }
+    let mut ev = Events::with_capacity(1024);
+    let mut tmp = vec![0u8; 1 << 16];
+    let echo0 = echo.received();
+    let mut back = 0u64;
+    let size = match load {
+        Load::Paced { size, .. } => size,
+        Load::Video(v) => v.size,
+    }
+    .max(12);
+    let mut frame = vec![0u8; 4 + size + 3];
+    let mut put = |l: &mut Live, flow: usize, seq: u64, len: usize| {
+        frame[0..2].copy_from_slice(&0x4000u16.to_be_bytes());
+        frame[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        frame[4..12].copy_from_slice(&seq.to_be_bytes());
+        frame[12..16].copy_from_slice(&(flow as u32).to_be_bytes());
+        l.queue(&frame[..4 + len.div_ceil(4) * 4]);
+    };
+    let n = lives.len();
+    let start = Instant::now();
+    let tick = Duration::from_micros(500);
+    let mut next = start;
+    let mut sent = 0u64;
+    let mut rr = 0usize;
+    let (total, interval, frames) = match load {
+        Load::Paced { rate, .. } => ((rate as f64 * secs) as u64, Duration::ZERO, 0),
+        Load::Video(v) => {
+            let frames = ((secs * v.fps as f64) as u64).max(1);
+            (
+                frames * v.pkts as u64 * n as u64,
+                Duration::from_secs_f64(1.0 / v.fps.max(1) as f64),
+                frames,
+            )
+        }
+    };
+    let mut due: Vec<Instant> = (0..n)
+        .map(|i| start + interval.mul_f64(i as f64 / n as f64))
+        .collect();
+    let mut done = vec![0u64; n];
+    let mut quiet_since: Option<(Instant, u64, u64)> = None;
+    loop {
+        let now = Instant::now();
+        if sent < total {
+            match load {
+                Load::Paced { rate, .. } => {
+                    let want = ((start.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+                    while sent < want {
+                        let i = rr % n;
+                        rr += 1;
+                        put(&mut lives[i], i, sent, size);
+                        sent += 1;
+                    }
+                }
+                Load::Video(v) => {
+                    for i in 0..n {
+                        while done[i] < frames && due[i] <= now {
+                            for k in 0..v.pkts {
+                                let len = if k + 1 == v.pkts && v.pkts > 1 {
+                                    v.last_size()
+                                } else {
+                                    v.size
+                                };
+                                put(&mut lives[i], i, sent, len);
+                                sent += 1;
+                            }
+                            done[i] += 1;
+                            due[i] += interval;
+                        }
+                    }
+                }
+            }
+            for l in &mut lives {
+                l.flush();
+            }
+        } else {
+            // Drain: until nothing new arrives for 300 ms (4 s at most).
+            let seen = (echo.received(), back);
+            match quiet_since {
+                Some((t, a, b)) if (a, b) == seen => {
+                    if t.elapsed() > Duration::from_millis(300)
+                        || (b >= sent && t.elapsed() > Duration::from_millis(100))
+                    {
+                        break;
+                    }
+                }
+                _ => quiet_since = Some((now, seen.0, seen.1)),
+            }
+            if start.elapsed() > Duration::from_secs_f64(secs + 4.0) {
+                break;
+            }
+        }
+        next += tick;
+        let now = Instant::now();
+        if next < now {
+            next = now;
+        }
+        // Read (and finish writes) until the next tick.
+        loop {
+            let left = next.saturating_duration_since(Instant::now());
+            let _ = poll.poll(&mut ev, Some(left));
+            for e in ev.iter() {
+                let l = &mut lives[e.token().0];
+                if e.is_readable() {
+                    back += l.read(&mut tmp);
+                }
+                if e.is_writable() {
+                    l.flush();
+                }
+            }
+            if Instant::now() >= next {
+                break;
+            }
+        }
+    }
+    Traffic {
+        sent,
+        to_peer: echo.received() - echo0,
+        back,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Servers under test.
 
 struct Server {
@@ -906,6 +1600,8 @@ struct Server {
     addr: SocketAddr,
     child: Child,
     turn: bool,
+    /// Its TURN-over-TLS address, when the run's transport is TLS.
+    tls: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -979,17 +1675,79 @@ fn start_bare(peer: SocketAddr, dir: &std::path::Path) -> Server {
         addr,
         child,
         turn: false,
+        tls: None,
     }
 }
 
-fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
+/// A self-signed certificate for 127.0.0.1 (TURN over TLS), made by `openssl`: (cert, key).
+fn make_cert(dir: &std::path::Path) -> Result<(String, String), String> {
+    let cert = dir.join("bench.crt");
+    let key = dir.join("bench.key");
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost", "-addext"])
+        .args(["subjectAltName=DNS:localhost,IP:127.0.0.1,IP:203.0.113.10"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("openssl: {e}"))?;
+    if !st.success() {
+        return Err("openssl could not make a certificate".into());
+    }
+    Ok((
+        cert.to_string_lossy().to_string(),
+        key.to_string_lossy().to_string(),
+    ))
+}
+
+/// coturn; with `tls` (cert, key) also TURN over TLS on a port of its own (plain TCP is on
+/// the main port either way).
+fn start_minimal(peer: SocketAddr, dir: &std::path::Path) -> Server {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("minimal.log")).expect("log");
+    let exe = std::env::current_exe().expect("exe");
+    let child = server_cmd(&exe.to_string_lossy())
+        .args(["--minimal", &port.to_string()])
+        .env("FWD_PEER", peer.to_string())
+        .env("FWD_IP", server_ip().to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn minimal forwarder");
+    let addr = SocketAddr::new(server_ip(), port);
+    wait_udp(addr, false);
+    Server {
+        name: "minimal".into(),
+        addr,
+        child,
+        turn: false,
+        tls: None,
+    }
+}
+
+fn start_coturn(dir: &std::path::Path, tls: Option<&(String, String)>) -> Result<Server, String> {
     let port = free_port();
     let log = dir.join("coturn.log");
     let ip = server_ip().to_string();
+    let tls_port = tls.map(|_| free_port());
+    let tls_args: Vec<String> = match (tls, tls_port) {
+        (Some((cert, key)), Some(p)) => vec![
+            "--tls-listening-port".into(),
+            p.to_string(),
+            format!("--cert={cert}"),
+            format!("--pkey={key}"),
+        ],
+        _ => vec!["--no-tls".into()],
+    };
     let child = server_cmd("turnserver")
+        .args(&tls_args)
         .args([
             "-n",
-            "--no-tls",
             "--no-dtls",
             "--no-cli",
             "--no-tcp-relay",
@@ -1026,11 +1784,17 @@ fn start_coturn(dir: &std::path::Path) -> Result<Server, String> {
         addr,
         child,
         turn: true,
+        tls: tls_port.map(|p| SocketAddr::new(server_ip(), p)),
     })
 }
 
 /// switchboard, with `turn.kernel_offload = "on"` when `offload`.
-fn start_switchboard(o: &Opts, dir: &std::path::Path, offload: bool) -> Result<Server, String> {
+fn start_switchboard(
+    o: &Opts,
+    dir: &std::path::Path,
+    offload: bool,
+    tls: Option<&(String, String)>,
+) -> Result<Server, String> {
     let name = if offload {
         "switchboard-offload"
     } else {
@@ -1058,16 +1822,25 @@ fn start_switchboard(o: &Opts, dir: &std::path::Path, offload: bool) -> Result<S
     } else {
         ""
     };
+    let tls_port = tls.map(|_| free_port());
+    let (tls_listen, tls_files) = match (tls, tls_port) {
+        (Some((cert, key)), Some(p)) => (
+            format!("tls_listen = [\"{ip}:{p}\"]\n"),
+            format!("[tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n"),
+        ),
+        _ => (String::new(), String::new()),
+    };
     let cfg = format!(
-        "[turn]\nlisten = [\"{ip}:{port}\"]\nrealm = \"{REALM}\"\nkernel_offload = \"{mode}\"\n\
+        "[turn]\nlisten = [\"{ip}:{port}\"]\nrealm = \"{REALM}\"\nkernel_offload = \"{mode}\"\n{tls_listen}\
          max_allocations_per_user = 100000\nmax_allocations = 100000\n\
          relay_port_min = 20000\nrelay_port_max = 32000\n{shards}\
          [http]\nlisten = \"{ip}:{http}\"\n[log]\nlevel = \"warn\"\n\
-         [auth]\nturn_secrets = [\"{SECRET}\"]\n{open}"
+         [auth]\nturn_secrets = [\"{SECRET}\"]\n{open}{tls_files}"
     );
-    let path = dir.join(format!("{name}.toml"));
+    let path = dir.join(format!("{name}-{port}.toml"));
     std::fs::write(&path, cfg).map_err(|e| e.to_string())?;
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).map_err(|e| e.to_string())?;
+    let log_path = dir.join(format!("{name}-{port}.log"));
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let child = server_cmd(&bin)
         .arg("--config")
         .arg(&path)
@@ -1079,7 +1852,7 @@ fn start_switchboard(o: &Opts, dir: &std::path::Path, offload: bool) -> Result<S
     if !wait_udp(addr, true) {
         return Err(format!(
             "{name} did not answer: {}",
-            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+            std::fs::read_to_string(&log_path).unwrap_or_default()
         ));
     }
     Ok(Server {
@@ -1087,6 +1860,7 @@ fn start_switchboard(o: &Opts, dir: &std::path::Path, offload: bool) -> Result<S
         addr,
         child,
         turn: true,
+        tls: tls_port.map(|p| SocketAddr::new(ip, p)),
     })
 }
 
@@ -1119,6 +1893,10 @@ fn setup(s: &Server, n: usize, echo: SocketAddr, base: usize) -> Result<Vec<Sess
 struct Row {
     server: String,
     rate: u64,
+    /// The load, in words.
+    label: String,
+    /// Which repetition of the server list (`--repeat`).
+    pairing: usize,
     t: Traffic,
     cpu: f64,
     busy: f64,
@@ -1161,14 +1939,47 @@ impl Row {
     }
 }
 
+/// One stream-transport measurement: `o.allocs` TCP or TLS clients, each with a UDP relay.
+fn measure_stream(
+    s: &Server,
+    echo: &Echo,
+    o: &Opts,
+    load: Load,
+    base: usize,
+    tls: Option<&std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<Row, String> {
+    let mut conns = Vec::with_capacity(o.allocs);
+    for i in 0..o.allocs {
+        conns.push(stream_allocate(s, o.transport, tls, base + i, echo.addr)?);
+    }
+    let pid = s.child.id();
+    let c0 = proc_cpu(pid);
+    let m0 = machine_cpu();
+    let t = stream_traffic(conns, echo, load, o.secs);
+    let c1 = proc_cpu(pid);
+    let m1 = machine_cpu();
+    Ok(Row {
+        server: s.name.clone(),
+        rate: load.rate(),
+        label: load.label(),
+        pairing: 0,
+        t,
+        cpu: c1 - c0,
+        busy: m1.0 - m0.0,
+        used: None,
+        threads: Vec::new(),
+    })
+}
+
 fn measure(
     s: &Server,
     echo: &Echo,
     o: &Opts,
-    rate: u64,
+    load: Load,
     base: usize,
     probe: Option<&mut IdleProbe>,
 ) -> Result<Row, String> {
+    let rate = load.rate();
     let sessions = setup(s, o.allocs, echo.addr, base)?;
     let socks: Vec<UdpSocket> = sessions
         .iter()
@@ -1179,7 +1990,11 @@ fn measure(
     }
     let pid = s.child.id();
     // Warm-up so the first packets' relay creation (bare) is not measured.
-    let _ = traffic(&socks, echo, 2000, 0.2, o.size);
+    let warm = match load {
+        Load::Paced { size, .. } => Load::Paced { rate: 2000, size },
+        v => v,
+    };
+    let _ = traffic_load(&socks, echo, warm, 0.2);
     let mut probe = probe;
     if let Some(p) = probe.as_deref_mut() {
         // The quiet rate right before, over as long as the run: the machine drifts.
@@ -1190,7 +2005,7 @@ fn measure(
     let th0 = thread_cpu(pid);
     let c0 = proc_cpu(pid);
     let m0 = machine_cpu();
-    let t = traffic(&socks, echo, rate, o.secs, o.size);
+    let t = traffic_load(&socks, echo, load, o.secs);
     let c1 = proc_cpu(pid);
     let m1 = machine_cpu();
     let used = match (probe.as_deref(), p0) {
@@ -1217,6 +2032,8 @@ fn measure(
     Ok(Row {
         server: s.name.clone(),
         rate,
+        label: load.label(),
+        pairing: 0,
         t,
         cpu: c1 - c0,
         busy: m1.0 - m0.0,
@@ -1326,6 +2143,7 @@ fn start_direct(echo: SocketAddr) -> Result<Server, String> {
         addr: echo,
         child,
         turn: false,
+        tls: None,
     })
 }
 
@@ -1385,6 +2203,20 @@ fn num_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// The median of `v` (0 when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
 fn run(o: &Opts) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     // Under --lab: the echo peer's socket in the peer's namespace, everything else this
@@ -1392,18 +2224,46 @@ fn run(o: &Opts) -> Result<(), String> {
     if let Some(l) = lab() {
         l.enter("peer")?;
     }
-    let echo = Echo::start();
+    let echo = Echo::start_with(o.video.is_some());
     if let Some(l) = lab() {
         l.enter("cli")?;
     }
+    let udp = o.transport == Transport::Udp;
+    let tls = if o.transport == Transport::Tls {
+        Some(make_cert(dir.path())?)
+    } else {
+        None
+    };
+    let client_tls = match &tls {
+        Some((cert, _)) => Some(tls_client(cert)?),
+        None => None,
+    };
     let mut servers = Vec::new();
     for name in &o.servers {
+        if !(udp || name == "coturn" || name.starts_with("switchboard")) {
+            println!("({name} left out: it relays UDP clients only)");
+            continue;
+        }
         servers.push(match name.as_str() {
             "bare" => start_bare(echo.addr, dir.path()),
+            "minimal" => start_minimal(echo.addr, dir.path()),
             "direct" => start_direct(echo.addr)?,
-            "coturn" => start_coturn(dir.path())?,
-            "switchboard" => start_switchboard(o, dir.path(), false)?,
-            "switchboard-offload" => start_switchboard(o, dir.path(), true)?,
+            "coturn" => start_coturn(dir.path(), tls.as_ref())?,
+            "switchboard" => start_switchboard(o, dir.path(), false, tls.as_ref())?,
+            // Another build in the same run: `switchboard@PATH`.
+            other if other.starts_with("switchboard@") => {
+                let path = &other["switchboard@".len()..];
+                let mut o2 = o.clone();
+                o2.bin = Some(path.to_string());
+                let label = std::path::Path::new(path)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let mut s = start_switchboard(&o2, dir.path(), false, tls.as_ref())?;
+                s.name = format!("switchboard@{label}");
+                s
+            }
+            "switchboard-offload" => start_switchboard(o, dir.path(), true, None)?,
             other => return Err(format!("unknown server {other}")),
         });
     }
@@ -1419,88 +2279,147 @@ fn run(o: &Opts) -> Result<(), String> {
         "machine: {} CPUs, {cpu_model}; load generator, echo peer and server share them",
         num_cpus()
     );
-    println!(
-        "load: {} allocations x 1 channel, {} B ChannelData, {} s per rate, echo peer",
-        o.allocs, o.size, o.secs
-    );
+    let loads: Vec<Load> = match o.video {
+        Some(v) => vec![Load::Video(v)],
+        None => o
+            .rates
+            .iter()
+            .map(|&rate| Load::Paced { rate, size: o.size })
+            .collect(),
+    };
+    match o.video {
+        Some(v) => println!(
+            "load: {} flows over {:?}, each {} frames/s of {} packets ({} B, the last {} B), \
+             {} s, {} pairing(s), echo peer",
+            v.flows,
+            o.transport,
+            v.fps,
+            v.pkts,
+            v.size,
+            v.last_size(),
+            o.secs,
+            o.repeat
+        ),
+        None => println!(
+            "load: {} allocations x 1 channel over {:?}, {} B ChannelData, {} s per rate, \
+             {} pairing(s), echo peer",
+            o.allocs, o.transport, o.size, o.secs, o.repeat
+        ),
+    }
     println!();
     println!(
-        "| offered each way | server | sent | relayed (to peer + back) | loss | server CPU s | \
+        "| load (each way) | pairing | server | sent | relayed (to peer + back) | loss | server CPU s | \
          relayed / server CPU-s | server µs CPU / pkt | machine busy CPU-s | machine busy µs / pkt |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut probe = o.idle_probe.then(IdleProbe::start);
     let mut rows = Vec::new();
     let mut base = 0;
-    for &rate in &o.rates {
-        for s in &servers {
-            let r = measure(s, &echo, o, rate, base, probe.as_mut())?;
-            base += o.allocs;
-            println!(
-                "| {}k | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
-                rate / 1000,
-                r.server,
-                r.t.sent,
-                r.relayed(),
-                r.t.to_peer,
-                r.t.back,
-                r.loss(),
-                r.cpu,
-                r.per_cpu(),
-                if r.relayed() > 0 {
-                    r.cpu * 1e6 / r.relayed() as f64
+    for &load in &loads {
+        for pairing in 0..o.repeat {
+            for s in &servers {
+                let mut r = if udp {
+                    measure(s, &echo, o, load, base, probe.as_mut())?
                 } else {
-                    0.0
-                },
-                r.busy,
-                r.busy_per_pkt()
-            );
-            let _ = std::io::stdout().flush();
-            rows.push(r);
+                    measure_stream(s, &echo, o, load, base, client_tls.as_ref())?
+                };
+                r.pairing = pairing;
+                base += o.allocs;
+                println!(
+                    "| {} | {} | {} | {} | {} ({} + {}) | {:.3}% | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                    r.label,
+                    pairing + 1,
+                    r.server,
+                    r.t.sent,
+                    r.relayed(),
+                    r.t.to_peer,
+                    r.t.back,
+                    r.loss(),
+                    r.cpu,
+                    r.per_cpu(),
+                    if r.relayed() > 0 {
+                        r.cpu * 1e6 / r.relayed() as f64
+                    } else {
+                        0.0
+                    },
+                    r.busy,
+                    r.busy_per_pkt()
+                );
+                let _ = std::io::stdout().flush();
+                rows.push(r);
+            }
         }
     }
     println!();
-    println!("ratios of relayed packets per server CPU-second, same run:");
-    for &rate in &o.rates {
-        let get = |n: &str| row_at(&rows, rate, n).map(Row::per_cpu);
-        if let Some(sb) = get("switchboard") {
-            let b = get("bare")
-                .map(|b| format!("{:.2}", sb / b))
-                .unwrap_or("-".into());
-            let c = get("coturn")
-                .map(|c| format!("{:.2}", sb / c))
-                .unwrap_or("-".into());
-            println!(
-                "  {}k: switchboard/bare = {b}, switchboard/coturn = {c}",
-                rate / 1000
-            );
-        }
-    }
-    println!();
-    println!("machine-wide busy CPU per relayed packet relative to the bare forwarder, same run:");
-    for &rate in &o.rates {
-        let get = |n: &str| row_at(&rows, rate, n).map(Row::busy_per_pkt);
-        let Some(bare) = get("bare").filter(|b| *b > 0.0) else {
-            continue;
+    println!(
+        "ratios of relayed packets per server CPU-second (and of machine busy µs per relayed \
+         packet), each pairing's servers measured back to back; median over pairings [each]:"
+    );
+    for load in &loads {
+        let rate = load.rate();
+        let at = |p: usize, n: &str| {
+            rows.iter()
+                .find(|r| r.rate == rate && r.pairing == p && r.server == n)
         };
-        let parts: Vec<String> = ["switchboard", "switchboard-offload", "coturn"]
-            .iter()
-            .filter_map(|n| get(n).map(|v| format!("{n}/bare = {:.2}", v / bare)))
-            .collect();
-        println!("  {}k: {}", rate / 1000, parts.join(", "));
+        for reference in ["bare", "minimal", "coturn"] {
+            for s in &servers {
+                if s.name == reference || at(0, reference).is_none() {
+                    continue;
+                }
+                let (mut cpu, mut busy) = (Vec::new(), Vec::new());
+                for p in 0..o.repeat {
+                    if let (Some(x), Some(r)) = (at(p, &s.name), at(p, reference)) {
+                        if r.per_cpu() > 0.0 {
+                            cpu.push(x.per_cpu() / r.per_cpu());
+                        }
+                        if r.busy_per_pkt() > 0.0 {
+                            busy.push(x.busy_per_pkt() / r.busy_per_pkt());
+                        }
+                    }
+                }
+                let each = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!(
+                    "  {}: {}/{} = {:.2} [{}]; machine busy per packet {:.2} [{}]",
+                    load.label(),
+                    s.name,
+                    reference,
+                    median(cpu.clone()),
+                    each(&cpu),
+                    median(busy.clone()),
+                    each(&busy)
+                );
+            }
+        }
     }
     println!();
     if o.idle_probe {
         print_idle_probe(&rows, &o.rates);
     }
     println!("per-thread server CPU seconds during each switchboard run:");
-    for r in rows.iter().filter(|r| r.server == "switchboard") {
+    for r in rows
+        .iter()
+        .filter(|r| r.server.starts_with("switchboard") && udp)
+    {
         let t: Vec<String> = r
             .threads
             .iter()
             .map(|(n, c)| format!("{n}={c:.2}"))
             .collect();
-        println!("  {}k: {}", r.rate / 1000, t.join(" "));
+        println!(
+            "  {} {} #{}: {}",
+            r.label,
+            r.server,
+            r.pairing + 1,
+            t.join(" ")
+        );
+    }
+    if o.alloc_count == 0 || !udp {
+        return Ok(());
     }
     // Allocations per second and memory per allocation.
     println!();
@@ -1558,13 +2477,13 @@ fn run(o: &Opts) -> Result<(), String> {
     Ok(())
 }
 
-/// Under `cargo test --all-targets`: a few hundred packets through the bare forwarder, so the
-/// generator, echo peer and forwarder are exercised without minutes of load.
+/// Under `cargo test --all-targets`: a few hundred packets through the bare and the minimal
+/// forwarders (evenly paced), a second of video-like bursts through the bare forwarder, and
+/// switchboard with TURN over TCP and over TLS, so every mode of the load tool is exercised
+/// without minutes of load.
 fn smoke() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let echo = Echo::start();
-    let s = start_bare(echo.addr, dir.path());
-    let o = Opts {
+    let mut o = Opts {
         rates: vec![2000],
         allocs: 4,
         secs: 0.2,
@@ -1572,19 +2491,69 @@ fn smoke() {
         alloc_count: 0,
         rss_count: 0,
         servers: vec![],
-        bin: None,
-        shards: None,
+        bin: Some(env!("CARGO_BIN_EXE_switchboard").to_string()),
+        shards: Some(1),
         smoke: true,
         lab: false,
         idle_probe: false,
+        video: None,
+        transport: Transport::Udp,
+        repeat: 1,
     };
-    let r = measure(&s, &echo, &o, 2000, 0, None).expect("smoke run");
-    assert!(r.t.sent >= 300, "{r:?}");
-    assert!(r.relayed() > r.t.sent, "{r:?}");
-    println!(
-        "relay_load smoke: sent {} relayed {} loss {:.2}%",
-        r.t.sent,
-        r.relayed(),
-        r.loss()
-    );
+    let check = |what: &str, r: &Row| {
+        assert!(r.t.sent >= 300, "{what}: {r:?}");
+        assert!(r.relayed() > r.t.sent, "{what}: {r:?}");
+        println!(
+            "relay_load smoke, {what}: sent {} relayed {} loss {:.2}%",
+            r.t.sent,
+            r.relayed(),
+            r.loss()
+        );
+    };
+    let paced = Load::Paced {
+        rate: 2000,
+        size: 120,
+    };
+    {
+        let echo = Echo::start();
+        let s = start_bare(echo.addr, dir.path());
+        check(
+            "bare",
+            &measure(&s, &echo, &o, paced, 0, None).expect("bare"),
+        );
+        let s = start_minimal(echo.addr, dir.path());
+        check(
+            "minimal",
+            &measure(&s, &echo, &o, paced, 0, None).expect("minimal"),
+        );
+    }
+    {
+        let echo = Echo::start_with(true);
+        let s = start_bare(echo.addr, dir.path());
+        let v = Load::Video(Video {
+            flows: 4,
+            fps: 30,
+            pkts: 6,
+            size: 1200,
+        });
+        o.secs = 0.5;
+        check(
+            "bare, video",
+            &measure(&s, &echo, &o, v, 0, None).expect("video"),
+        );
+    }
+    let echo = Echo::start();
+    let tls = make_cert(dir.path()).expect("openssl makes a certificate");
+    let client = tls_client(&tls.0).expect("client config");
+    o.secs = 0.3;
+    let s = start_switchboard(&o, dir.path(), false, Some(&tls)).expect("switchboard starts");
+    for (t, name) in [
+        (Transport::Tcp, "switchboard, TCP"),
+        (Transport::Tls, "switchboard, TLS"),
+    ] {
+        o.transport = t;
+        let r = measure_stream(&s, &echo, &o, paced, 100, Some(&client)).expect(name);
+        assert_eq!(r.loss(), 0.0, "{name}: a stream loses nothing: {r:?}");
+        check(name, &r);
+    }
 }

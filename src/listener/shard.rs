@@ -32,10 +32,13 @@ use crate::turn::core::{
     View, HEADROOM,
 };
 use crate::turn::offload::ChannelSync;
-use crate::udp_batch::{RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
+use crate::udp_batch::{PeerSendQueue, RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 /// Largest datagram read from any socket.
 const MAX_DATAGRAM: usize = 65_536;
+/// Slot size of the client-to-peer queue: media datagrams fit; a larger one is sent at once.
+/// Small slots keep the queue in a few pages (128 KiB) instead of 64 KiB per datagram.
+const PEER_SLOT: usize = 2048;
 /// Smallest per-shard burst of the reflector limit: one answer of any size the port sends
 /// unauthenticated always fits.
 const MIN_REFLECT_BURST: u64 = 1500;
@@ -45,6 +48,13 @@ const TOKEN_LISTEN: Token = Token(0);
 const TOKEN_WAKER: Token = Token(1);
 /// Relay sockets use tokens from here on: token = FIRST_RELAY + slab index.
 const FIRST_RELAY: usize = 2;
+
+thread_local! {
+    /// The running shard's client-to-peer datagrams of this turn, sent per relay socket (GSO)
+    /// when the turn ends; `None` on threads that are not shards.
+    static TO_PEERS: std::cell::RefCell<Option<PeerSendQueue<Arc<RelaySock>>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 /// Relay sockets released by their allocation (possibly on another shard, for an EVEN-PORT
 /// reservation redeemed elsewhere) and not yet closed by the shard polling them.
@@ -130,10 +140,23 @@ impl Relay for ShardRelay {
     }
 }
 
+impl std::os::fd::AsFd for RelaySock {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
 impl SendToPeer for ShardRelay {
-    /// Client-to-peer datagram; a full socket buffer drops it, as UDP would.
+    /// Client-to-peer datagram, queued for the end of the shard's turn; a full socket buffer
+    /// drops it, as UDP would.
     fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
-        self.inner.sock.send_to(payload, peer).is_ok()
+        let queued = TO_PEERS.with(|q| match q.try_borrow_mut() {
+            Ok(mut q) => q
+                .as_mut()
+                .is_some_and(|q| q.push(&self.inner, payload, peer)),
+            Err(_) => false,
+        });
+        queued || self.inner.sock.send_to(payload, peer).is_ok()
     }
 }
 
@@ -335,6 +358,7 @@ impl Shard {
         let mut pending: Vec<Token> = Vec::new();
         let mut ready: Vec<Token> = Vec::with_capacity(1024);
         let mut rx = RecvBatch::new(MAX_DATAGRAM);
+        TO_PEERS.with(|q| *q.borrow_mut() = Some(PeerSendQueue::new(PEER_SLOT)));
         while !stop.load(Ordering::Acquire) {
             let timeout = if !pending.is_empty() {
                 Some(Duration::ZERO)
@@ -387,6 +411,7 @@ impl Shard {
             self.close_released();
             self.count();
         }
+        TO_PEERS.with(|q| q.borrow_mut().take());
         if let Some(mut t) = self.table.take() {
             t.clear(DeleteReason::Shutdown);
             forward_events(&mut t, &self.deps.webhooks);
@@ -398,6 +423,9 @@ impl Shard {
     fn flush(&mut self) {
         let f = self.tx.flush(&self.sock);
         self.counts.send_full += f.dropped as u64;
+        let f = TO_PEERS.with(|q| q.borrow_mut().as_mut().map(PeerSendQueue::flush));
+        // Counted as a failed direct send was.
+        self.peer_counts.no_route += f.map_or(0, |f| f.dropped as u64);
     }
 
     /// Queue a datagram towards a client, flushing first if the batch is full.
@@ -635,6 +663,9 @@ fn open_relay(
     waker: &Arc<Waker>,
 ) -> io::Result<ShardRelay> {
     let std_sock = crate::net::bind_relay(addr)?;
+    // A peer's burst (a video frame) is read in one go and split by the receive batch. Only
+    // here: the stream relays' read buffers would truncate a GRO read.
+    crate::udp_batch::set_gro(&std_sock, true);
     let local = std_sock.local_addr()?;
     let mut sock = mio::net::UdpSocket::from_std(std_sock);
     let slot = free.pop().unwrap_or_else(|| {
