@@ -47,6 +47,6 @@ fi
 # Nor may the nginx package leave its default site holding port 80 (the lab runs its own).
 if [ -f /run/nginx.pid ]; then nginx -s stop 2>/dev/null || true; fi
 # The real `peerjs` client and the reference PeerJS server (`peer`), pinned by the lock file,
-# for tests/peerjs*.rs and benches/signaling_bench.sh.
+# for tests/it/peerjs*.rs and benches/signaling_bench.sh.
 (cd "$(dirname "$0")/../tests/peerjs" && npm ci --no-audit --no-fund --silent)
 echo "install-test-deps: ok"

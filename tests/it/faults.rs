@@ -4,6 +4,7 @@
 //! that the server still serves and that nobody else lost state.
 
 use crate::support::http::post_login;
+use crate::support::proc::Proc;
 use crate::support::turn_common;
 
 use crate::support::cert;
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -304,111 +305,6 @@ async fn abandoned_logins_release_their_slots_and_others_log_in() {
     srv.wait().await;
 }
 
-// ---------------------------------------------------------------------------------------------
-// The binary as a child process.
-
-struct Proc {
-    child: Child,
-    http: SocketAddr,
-    udp: SocketAddr,
-    tls: Option<SocketAddr>,
-    /// Where stdout goes (a file, so a full disk can make logging fail).
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn addr_in(line: &str) -> Option<SocketAddr> {
-    let i = line.find("addr=")? + 5;
-    line[i..].split_whitespace().next()?.parse().ok()
-}
-
-impl Proc {
-    fn start(config: &Path, log: &Path, rust_log: &str) -> Proc {
-        let out = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", rust_log)
-            .stdout(out)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("binary starts");
-        let mut p = Proc {
-            child,
-            http: "0.0.0.0:0".parse().unwrap(),
-            udp: "0.0.0.0:0".parse().unwrap(),
-            tls: None,
-            log: log.to_path_buf(),
-        };
-        p.wait_log("switchboard ready");
-        for l in p.log_text().lines() {
-            if l.contains("HTTP listening") {
-                p.http = addr_in(l).expect("http addr");
-            }
-            if l.contains("listening on UDP") {
-                p.udp = addr_in(l).expect("udp addr");
-            }
-            if l.contains("listening on TLS") {
-                p.tls = addr_in(l);
-            }
-        }
-        p
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(l) = self.log_text().lines().find(|l| l.contains(needle)) {
-                return l.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needle:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    /// Wait for exit: (exit code, stderr).
-    fn wait_exit(&mut self, budget: Duration) -> (Option<i32>, String) {
-        let t0 = Instant::now();
-        while t0.elapsed() < budget {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (st.code(), err);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("process did not exit within {budget:?}");
-    }
-}
-
 fn tls_config(dir: &Path, cert: &Path, key: &Path, extra: &str) -> PathBuf {
     let p = dir.join("switchboard.toml");
     std::fs::write(
@@ -471,7 +367,7 @@ async fn garbage_certificate_on_sighup_keeps_the_old_one_serving() {
     let ca = dir.path().join("ca.crt");
     std::fs::copy(&cert, &ca).unwrap();
     let cfg = tls_config(dir.path(), &cert, &key, "");
-    let p = Proc::start(&cfg, &dir.path().join("log"), "info");
+    let p = Proc::start_logging_to(&cfg, &dir.path().join("log"), "info");
     let tls = p.tls.expect("TLS listener");
     tls_binding(&ca, tls).await.expect("served before");
     let (user, pw) = rest_creds();
@@ -580,7 +476,7 @@ async fn full_disk_fails_logging_and_cert_reload_but_not_service() {
     std::fs::copy(&key, &k).unwrap();
     let cfg = tls_config(outer.path(), &c, &k, "");
     // Debug logging writes a line per request, so the full disk is hit on every one.
-    let p = Proc::start(&cfg, &dir.join("switchboard.log"), "debug");
+    let p = Proc::start_logging_to(&cfg, &dir.join("switchboard.log"), "debug");
     let tls = p.tls.expect("TLS listener");
     let (user, pw) = rest_creds();
     let mut holder = Raw::new(p.udp).await;
@@ -592,7 +488,7 @@ async fn full_disk_fails_logging_and_cert_reload_but_not_service() {
     let new = std::fs::read(&next_cert).unwrap();
     let mut f = std::fs::File::create(&c).unwrap();
     let filler = fill(&dir);
-    let log_len = std::fs::metadata(&p.log).unwrap().len();
+    let log_len = std::fs::metadata(p.log_path()).unwrap().len();
     assert!(f.write_all(&new).is_err(), "the disk is full");
     drop(f);
     p.signal("-HUP");
@@ -624,7 +520,7 @@ async fn full_disk_fails_logging_and_cert_reload_but_not_service() {
     std::fs::copy(&next_key, &k).unwrap();
     p.signal("-HUP");
     p.wait_log("SIGHUP: reloaded");
-    assert!(std::fs::metadata(&p.log).unwrap().len() > log_len);
+    assert!(std::fs::metadata(p.log_path()).unwrap().len() > log_len);
     tls_binding(&next_cert, tls)
         .await
         .expect("new certificate after space came back");
@@ -693,7 +589,7 @@ async fn sigterm_during_an_allocate_storm_drains_and_exits_0() {
         ),
     )
     .unwrap();
-    let mut p = Proc::start(&cfg, &dir.path().join("log"), "info");
+    let mut p = Proc::start_logging_to(&cfg, &dir.path().join("log"), "info");
     let server = p.udp;
     let (peer, _h) = echo_peer_task().await;
     // Someone with a live allocation before the storm: served through the drain.
@@ -737,7 +633,8 @@ async fn sigterm_during_an_allocate_storm_drains_and_exits_0() {
         matches!(late, Some(508) | Some(300) | None),
         "new allocation during drain: {late:?}"
     );
-    let (code, stderr) = tokio::task::block_in_place(|| p.wait_exit(Duration::from_secs(10)));
+    let exit = tokio::task::block_in_place(|| p.wait_exit(Duration::from_secs(10)));
+    let (code, stderr) = (exit.code, exit.stderr);
     stop.store(true, Ordering::Relaxed);
     let mut ok = 0;
     let mut refused = 0;

@@ -3,6 +3,7 @@
 //! stops at once, and SIGHUP reloads secrets while a bad reload keeps the old config.
 
 use crate::support::http::{login_token, post_login};
+use crate::support::proc::Proc;
 use crate::support::turn_common;
 use crate::support::ws;
 
@@ -10,119 +11,13 @@ use crate::support::cert;
 
 use futures_util::SinkExt;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use switchboard::auth::{rest_password, unix_now};
 use tokio_tungstenite::tungstenite::Message;
 use turn_common::Raw;
-
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-    http: SocketAddr,
-    udp: SocketAddr,
-    tls: Option<SocketAddr>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn addr_in(line: &str) -> Option<SocketAddr> {
-    let i = line.find("addr=")? + 5;
-    line[i..].split_whitespace().next()?.parse().ok()
-}
-
-impl Proc {
-    fn start(config: &Path) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("binary starts");
-        let out = child.stdout.take().expect("stdout piped");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut p = Proc {
-            child,
-            lines,
-            log: Vec::new(),
-            http: "0.0.0.0:0".parse().unwrap(),
-            udp: "0.0.0.0:0".parse().unwrap(),
-            tls: None,
-        };
-        p.wait_log("switchboard ready");
-        for l in &p.log {
-            if l.contains("HTTP listening") {
-                p.http = addr_in(l).expect("http addr");
-            }
-            if l.contains("listening on UDP") {
-                p.udp = addr_in(l).expect("udp addr");
-            }
-            if l.contains("listening on TLS") {
-                p.tls = addr_in(l);
-            }
-        }
-        p
-    }
-
-    /// Read log lines until one contains `needle` (10 s budget).
-    fn wait_log(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.log.push(l.clone());
-                    if l.contains(needle) {
-                        return l;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {needle:?}; log so far:\n{}",
-                    self.log.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(st.success());
-    }
-
-    /// Wait for exit; returns (status code, how long it took).
-    fn wait_exit(&mut self, budget: Duration) -> (Option<i32>, Duration) {
-        let t0 = Instant::now();
-        while t0.elapsed() < budget {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return (st.code(), t0.elapsed());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("process did not exit within {budget:?}");
-    }
-}
 
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let p = dir.join("switchboard.toml");
@@ -185,7 +80,7 @@ async fn sigterm_drains_live_work_then_exits_0() {
     assert_eq!(live.allocate(&u, &pw).await.code(), None);
 
     p.signal("-TERM");
-    p.wait_log("draining");
+    p.next_log("draining");
     let (code, body) = readyz(p.http).await;
     assert_eq!((code, body.trim()), (503, "draining"));
     let live_ok = reqwest::get(format!("http://{}/livez", p.http))
@@ -233,7 +128,8 @@ async fn sigterm_drains_live_work_then_exits_0() {
     assert_eq!(gone.code(), None);
     ws.close(None).await.unwrap();
     drop(ws);
-    let (code, took) = p.wait_exit(Duration::from_secs(20));
+    let exit = p.wait_exit(Duration::from_secs(20));
+    let (code, took) = (exit.code, exit.took);
     assert_eq!(code, Some(0));
     assert!(
         took < Duration::from_secs(20),
@@ -249,7 +145,7 @@ async fn drain_timeout_and_second_sigterm_end_the_process() {
     let token = login(p.http).await;
     let _ws = ws_hello(p.http, &token).await;
     p.signal("-TERM");
-    let (code, _) = p.wait_exit(Duration::from_secs(15));
+    let code = p.wait_exit(Duration::from_secs(15)).code;
     assert_eq!(
         code,
         Some(0),
@@ -263,11 +159,11 @@ async fn drain_timeout_and_second_sigterm_end_the_process() {
     let token = login(p.http).await;
     let _ws = ws_hello(p.http, &token).await;
     p.signal("-TERM");
-    p.wait_log("draining");
+    p.next_log("draining");
     p.signal("-TERM");
-    let (code, _) = p.wait_exit(Duration::from_secs(15));
+    let code = p.wait_exit(Duration::from_secs(15)).code;
     assert_eq!(code, Some(0));
-    assert!(p.log.iter().any(|l| l.contains("draining")));
+    assert!(p.log_text().contains("draining"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +184,7 @@ async fn sighup_reloads_turn_secrets_and_keeps_the_old_config_on_error() {
     )
     .unwrap();
     p.signal("-HUP");
-    p.wait_log("SIGHUP: reloaded");
+    p.next_log("SIGHUP: reloaded");
     assert_eq!(Raw::new(p.udp).await.allocate(&u2, &pw2).await.code(), None);
     let (u1, pw1) = rest_creds("one");
     assert_eq!(
@@ -299,7 +195,7 @@ async fn sighup_reloads_turn_secrets_and_keeps_the_old_config_on_error() {
 
     std::fs::write(&cfg, "[turn]\nrelay_port_min = 99999\n").unwrap();
     p.signal("-HUP");
-    let l = p.wait_log("reload refused");
+    let l = p.next_log("reload refused");
     assert!(l.contains("turn.relay_port_min"), "{l}");
     let (u2, pw2) = rest_creds("two");
     assert_eq!(
@@ -376,7 +272,7 @@ async fn sighup_reloads_the_tls_certificate_without_harming_live_sessions() {
     std::fs::copy(&new_cert, &cert).unwrap();
     std::fs::copy(&new_key, &key).unwrap();
     p.signal("-HUP");
-    p.wait_log("SIGHUP: reloaded");
+    p.next_log("SIGHUP: reloaded");
     assert!(
         tls_binding(&old_ca, tls).await.is_err(),
         "new clients no longer get the old certificate"
@@ -420,7 +316,7 @@ async fn sighup_keeps_random_secrets_and_reloads_login_users() {
     // No secrets are configured: the random ones made at start must survive the reload.
     std::fs::write(&cfg, users("bob", &bob)).unwrap();
     p.signal("-HUP");
-    p.wait_log("SIGHUP: reloaded");
+    p.next_log("SIGHUP: reloaded");
     let r = reqwest::Client::new()
         .get(format!("http://{}/v1/ice-servers", p.http))
         .bearer_auth(&token)
@@ -514,7 +410,7 @@ async fn secret_files_are_read_at_start_and_on_sighup_and_never_printed() {
     std::fs::write(&secret_file, "file-secret-two\nfile-secret-one\n").unwrap();
     std::fs::write(&key_file, "file-api-key-2\n").unwrap();
     p.signal("-HUP");
-    p.wait_log("SIGHUP: reloaded");
+    p.next_log("SIGHUP: reloaded");
     let (u2, pw2) = rest_creds("file-secret-two");
     assert_eq!(Raw::new(p.udp).await.allocate(&u2, &pw2).await.code(), None);
     assert_eq!(rest("file-api-key-2").await, 200);
@@ -523,12 +419,12 @@ async fn secret_files_are_read_at_start_and_on_sighup_and_never_printed() {
     // A file that vanished: the reload is refused naming the key, the old secrets stay.
     std::fs::remove_file(&key_file).unwrap();
     p.signal("-HUP");
-    let l = p.wait_log("reload refused");
+    let l = p.next_log("reload refused");
     assert!(l.contains("auth.api_keys_file"), "{l}");
     assert_eq!(rest("file-api-key-2").await, 200);
 
     // Nothing logged so far carries a secret.
-    let log = p.log.join("\n");
+    let log = p.log_text();
     for s in ["file-secret", "file-api-key", "inline-session-key"] {
         assert!(!log.contains(s), "log shows {s}:\n{log}");
     }
@@ -578,8 +474,8 @@ async fn queued_webhooks_are_flushed_at_exit() {
         clients.push(c);
     }
     p.signal("-TERM");
-    let (code, _) = tokio::task::spawn_blocking(move || {
-        let r = p.wait_exit(Duration::from_secs(15));
+    let code = tokio::task::spawn_blocking(move || {
+        let r = p.wait_exit(Duration::from_secs(15)).code;
         drop(p);
         r
     })

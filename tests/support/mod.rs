@@ -5,6 +5,7 @@ pub mod cert;
 pub mod http;
 pub mod lab;
 pub mod peerjs_page;
+pub mod proc;
 pub mod redis;
 pub mod rtc_stats;
 pub mod stream_turn;
