@@ -21,6 +21,17 @@ pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
     }
 }
 
+/// Lower-case hex, for signatures and ids that travel in JSON and headers.
+pub fn hex(b: &[u8]) -> String {
+    const H: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(H[(x >> 4) as usize] as char);
+        s.push(H[(x & 15) as usize] as char);
+    }
+    s
+}
+
 /// Seconds since the Unix epoch, for credential expiry.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()

@@ -19,6 +19,9 @@
 use serde::Serialize;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::crypto::hex;
+use crate::turn::core::Usage;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -175,33 +178,6 @@ pub struct Envelope {
     /// The event itself, flattened (`type` and its fields).
     #[serde(flatten)]
     pub event: Event,
-}
-
-/// Per-allocation relay usage, shared by the table (client to peer) and the relay task
-/// (peer to client); plain atomic adds, batched by the callers.
-#[derive(Debug, Default)]
-pub struct Usage {
-    /// Bytes client to peer.
-    pub bytes_to_peer: AtomicU64,
-    /// Bytes peer to client.
-    pub bytes_to_client: AtomicU64,
-    /// Packets client to peer.
-    pub packets_to_peer: AtomicU64,
-    /// Packets peer to client.
-    pub packets_to_client: AtomicU64,
-}
-
-impl Usage {
-    /// Count relayed client-to-peer traffic.
-    pub fn to_peer(&self, packets: u64, bytes: u64) {
-        self.packets_to_peer.fetch_add(packets, Ordering::Relaxed);
-        self.bytes_to_peer.fetch_add(bytes, Ordering::Relaxed);
-    }
-    /// Count relayed peer-to-client traffic.
-    pub fn to_client(&self, packets: u64, bytes: u64) {
-        self.packets_to_client.fetch_add(packets, Ordering::Relaxed);
-        self.bytes_to_client.fetch_add(bytes, Ordering::Relaxed);
-    }
 }
 
 /// What the TURN table knows about an allocation that has just ended.
@@ -630,27 +606,11 @@ pub fn verify(
         .any(|m| crate::crypto::secret_eq(m.as_bytes(), want.as_bytes()))
 }
 
-fn hex(b: &[u8]) -> String {
-    const H: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push(H[(x >> 4) as usize] as char);
-        s.push(H[(x & 15) as usize] as char);
-    }
-    s
-}
-
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A process-unique allocation id (hex), for webhook events.
-pub fn new_id() -> String {
-    let b: [u8; 8] = rand::random();
-    hex(&b)
 }
 
 #[cfg(test)]

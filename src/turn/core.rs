@@ -41,6 +41,7 @@ mod settings;
 #[cfg(test)]
 mod test_support;
 mod to_client;
+mod usage;
 
 pub use allocations::{
     Bucket, PeerRoute, View, CHANNEL_COOLDOWN, CHANNEL_LIFETIME, CHANNEL_NUMBERS, MAX_CHANNELS,
@@ -49,6 +50,7 @@ pub use allocations::{
 pub use ports::{Pool, PoolAudit, RESERVATION_LIFETIME};
 pub use settings::{RelayBind, Settings};
 pub use to_client::{to_client, Dropped, Frame, Tids, ToClient, HEADROOM};
+pub use usage::{allocation_id, Usage};
 
 use credentials::{close, finish, sign, ALG_MD5, ALG_SHA256};
 
@@ -128,7 +130,7 @@ pub enum Event {
         /// When it was created.
         created: Instant,
         /// Its relay usage (final: the relay was retired before the event was queued).
-        usage: Arc<crate::webhooks::Usage>,
+        usage: Arc<Usage>,
     },
 }
 

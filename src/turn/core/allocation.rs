@@ -57,7 +57,7 @@ pub(super) struct Alloc<R> {
     /// Id in webhook events.
     pub(super) id: String,
     pub(super) created: Instant,
-    pub(super) usage: std::sync::Arc<crate::webhooks::Usage>,
+    pub(super) usage: std::sync::Arc<super::Usage>,
     /// The deadline this allocation holds in the table's timer queue: the earliest of its
     /// lifetime, permissions, channels and channel cool-downs.
     pub(super) timer: Option<Instant>,

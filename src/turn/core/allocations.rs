@@ -58,7 +58,7 @@ pub struct View {
     /// authenticated as the same user may claim its RFC 6062 peer connections.
     pub owner: Option<Arc<str>>,
     /// The allocation's relay usage, for its `allocation.ended` webhook.
-    pub usage: Arc<crate::webhooks::Usage>,
+    pub usage: Arc<super::Usage>,
     /// The client's transport (`udp|tcp|tls`), for the relayed-bytes metric.
     pub transport: &'static str,
 }
@@ -458,7 +458,7 @@ impl<R: Relay> Table<R> {
             alloc_resp: out[start..].to_vec(),
             bucket: Bucket::new(self.settings.max_bps, env.now),
             span,
-            id: crate::webhooks::new_id(),
+            id: super::allocation_id(),
             created: env.now,
             usage: Arc::default(),
             timer: None,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
-use crate::webhooks::Usage;
+use crate::turn::core::Usage;
 
 #[cfg(feature = "kernel-offload")]
 mod kernel;

@@ -123,7 +123,7 @@ impl ChannelSync {
             .clone()
     }
 
-    fn set(&self, want: Vec<ChannelRoute>, usage: Option<&Arc<crate::webhooks::Usage>>) {
+    fn set(&self, want: Vec<ChannelRoute>, usage: Option<&Arc<crate::turn::core::Usage>>) {
         let mut installed = self.installed.lock().unwrap_or_else(|p| p.into_inner());
         let (gone, added) = diff(&installed, &want);
         for r in &gone {

@@ -29,7 +29,7 @@ pub struct PipeOwner {
     /// Buckets shared by every data connection of the allocation: client-to-peer and back.
     pub buckets: Option<PipeBuckets>,
     /// The allocation's usage, so data connection bytes reach its `allocation.ended` webhook.
-    pub usage: Arc<crate::webhooks::Usage>,
+    pub usage: Arc<crate::turn::core::Usage>,
     /// The allocation's client transport, for the relayed-bytes-by-transport metric.
     pub transport: &'static str,
 }
