@@ -101,7 +101,7 @@ impl Hub {
         if let Some(at) = room.close_at.take() {
             self.timers.disarm_close(at, room_id);
         }
-        let mut peers: Vec<(String, Peer)> = std::mem::take(&mut room.peers).into_iter().collect();
+        let mut peers: Vec<(String, Peer)> = std::mem::take(&mut room.peers).into_vec();
         peers.sort_by_key(|(_, p)| p.joined_order);
         let n = peers.len();
         for (pid, p) in peers {

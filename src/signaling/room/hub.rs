@@ -4,7 +4,7 @@
 
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Instant;
 
 use super::frame::{Action, CloseReason, Event, Frame};
@@ -36,12 +36,79 @@ impl Peer {
     }
 }
 
+/// The seats of one room, sorted by peer id (the order in which events reach them). A sorted
+/// vector, allocated to its exact length: rooms are small, and a `BTreeMap`'s first node holds
+/// room for eleven seats, most of an idle connection's memory in a room of two.
+#[derive(Debug, Default)]
+pub(super) struct Peers(Vec<(String, Peer)>);
+
+impl Peers {
+    fn find(&self, id: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(id))
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<&Peer> {
+        self.find(id).ok().map(|i| &self.0[i].1)
+    }
+
+    pub(super) fn get_mut(&mut self, id: &str) -> Option<&mut Peer> {
+        self.find(id).ok().map(|i| &mut self.0[i].1)
+    }
+
+    pub(super) fn contains_key(&self, id: &str) -> bool {
+        self.find(id).is_ok()
+    }
+
+    /// Seat `p` as `id` (a new peer id; an existing one is replaced).
+    pub(super) fn insert(&mut self, id: String, p: Peer) {
+        match self.find(&id) {
+            Ok(i) => self.0[i].1 = p,
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (id, p));
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: &str) -> Option<Peer> {
+        let i = self.find(id).ok()?;
+        let (_, p) = self.0.remove(i);
+        self.0.shrink_to_fit();
+        Some(p)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&String, &Peer)> {
+        self.0.iter().map(|(k, p)| (k, p))
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut Peer)> {
+        self.0.iter_mut().map(|(k, p)| (&*k, p))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Peer> {
+        self.0.iter().map(|(_, p)| p)
+    }
+
+    /// Every seat, by value, in peer id order.
+    pub(super) fn into_vec(self) -> Vec<(String, Peer)> {
+        self.0
+    }
+}
+
 /// One open room.
 #[derive(Debug)]
 pub(super) struct Room {
     pub(super) capacity: usize,
     pub(super) creator: String,
-    pub(super) peers: BTreeMap<String, Peer>,
+    pub(super) peers: Peers,
     /// When the room closes, while empty.
     pub(super) close_at: Option<Instant>,
 }
@@ -296,7 +363,7 @@ impl Hub {
             Room {
                 capacity,
                 creator: creator.to_string(),
-                peers: BTreeMap::new(),
+                peers: Peers::default(),
                 close_at: None,
             },
         );

@@ -2,10 +2,9 @@
 //! and seats, without buffers), how a node opens a room from it, and how a node drops a room
 //! that another node owns now.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::hub::{Hub, Leaving, Peer, Room};
+use super::hub::{Hub, Leaving, Peer, Peers, Room};
 use super::replay::Replay;
 use super::{ConnId, RoomError};
 
@@ -65,7 +64,7 @@ impl Hub {
             return Err(RoomError::RoomExists);
         }
         let deadline = now + self.limits.resume_grace;
-        let mut peers = BTreeMap::new();
+        let mut peers = Peers::default();
         for s in &state.peers {
             self.order = self.order.max(s.order);
             peers.insert(
@@ -110,7 +109,7 @@ impl Hub {
         }
         let mut conns = Vec::new();
         let mut out = Vec::new();
-        for (pid, p) in room.peers {
+        for (pid, p) in room.peers.into_vec() {
             conns.extend(self.forget_seat(id, &pid, p, Leaving::Evicted, &mut out));
         }
         Some((room.creator, conns))

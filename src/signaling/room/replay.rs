@@ -49,6 +49,11 @@ impl Replay {
         let n = event.len();
         limits.resume_total.take(n);
         self.bytes += n;
+        if self.buffer.capacity() == 0 {
+            // Room for one: most seats of an idle room hold a single event (the other peer's
+            // `peer-joined`); a busy one grows as usual.
+            self.buffer.reserve_exact(1);
+        }
         self.buffer.push_back((seq, event.clone()));
         while self.buffer.len() > 1
             && (self.buffer.len() > limits.resume_buffer_frames

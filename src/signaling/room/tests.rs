@@ -382,7 +382,7 @@ fn same_identity_replaces_and_buffers_are_bounded_in_frames_and_bytes() {
             .unwrap();
     }
     let mut o2 = Vec::new();
-    let a_tok = h.rooms[&room].peers[&aid].resume_token.clone();
+    let a_tok = h.rooms[&room].peers.get(&aid).unwrap().resume_token.clone();
     h.resume(4, &m("a"), &a_tok, 0, plain, &mut o2).unwrap();
     let got = sent_to(&o2, 4);
     assert_eq!(got[0]["complete"], false);
@@ -402,7 +402,7 @@ fn same_identity_replaces_and_buffers_are_bounded_in_frames_and_bytes() {
     for _ in 0..20 {
         h.signal(1, Some(&bid), &raw(&pad), &mut out).unwrap();
     }
-    let p = &h.rooms[&room].peers[&bid];
+    let p = h.rooms[&room].peers.get(&bid).unwrap();
     assert!(
         p.replay.bytes <= 400 && p.replay.buffer.len() == 2,
         "{}",
@@ -484,4 +484,27 @@ fn every_way_a_seat_leaves_forgets_its_token_buffer_and_timer() {
         h.tick(t + Duration::from_secs(60), &mut out);
         assert_eq!((h.room_count(), h.next_deadline()), (0, None), "{way}");
     }
+}
+
+/// What a seat costs in the hub, printed (`--nocapture`) and bounded: an idle room of two holds
+/// two seats allocated to their exact count, each with a replay buffer of one event.
+#[test]
+fn a_seat_in_an_idle_room_stays_small() {
+    let seat = std::mem::size_of::<(String, super::hub::Peer)>();
+    let mut h = hub();
+    let t = Instant::now();
+    let mut out = Vec::new();
+    h.create(t, "a", "r", None).unwrap();
+    h.join(1, &m("a"), "r", &mut out).unwrap();
+    h.join(2, &m("b"), "r", &mut out).unwrap();
+    let room = &h.rooms["r"];
+    let capacities: Vec<usize> = room
+        .peers
+        .values()
+        .map(|p| p.replay.buffer.capacity())
+        .collect();
+    println!("a seat {seat} B inline; replay buffer capacities {capacities:?}");
+    assert!(seat <= 192, "{seat}");
+    assert_eq!(room.peers.len(), 2);
+    assert!(capacities.iter().all(|c| *c <= 1), "{capacities:?}");
 }
