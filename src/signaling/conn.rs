@@ -19,7 +19,6 @@ pub use super::service::Signaling;
 use super::socket::{Error as WsError, Message, Socket};
 use super::Deps;
 use crate::auth::{unix_now, AuthError};
-use crate::lifecycle::shutdown_signal;
 use crate::signaling::router::{Answer, ResumeRequest, Route};
 
 #[doc(hidden)]
@@ -159,7 +158,6 @@ impl RateLimit {
 /// Everything one connection knows about itself.
 struct Conn {
     id: ConnId,
-    member: Option<Member>,
     host: Option<String>,
     /// The room this connection holds a seat in, which names the hub shard to ask.
     room: Option<String>,
@@ -171,6 +169,20 @@ struct Conn {
 }
 
 impl Conn {
+    /// Whether `hello` (or the header token) authenticated this connection.
+    fn authenticated(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Who the room core sees, from the session (renewals keep its user and room), so that an
+    /// idle connection does not hold a second copy.
+    fn member(&self) -> Option<Member> {
+        self.session.as_ref().map(|s| Member {
+            user: s.user.clone(),
+            room_limit: s.room.clone(),
+        })
+    }
+
     /// Whether the server API revoked this connection's user after its login.
     fn revoked(&self, deps: &Deps) -> bool {
         self.session
@@ -229,14 +241,14 @@ pub async fn serve<S: Io>(
     let (id, outbox) = sig.open();
     let mut conn = Conn {
         id,
-        member: None,
         host,
         room: None,
         ice_due: None,
         session: None,
     };
     let mut rate = RateLimit::new(cfg.rate_per_sec, cfg.rate_burst, Instant::now());
-    let mut stop = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
+    // The receiver, not a pinned `shutdown_signal` future: the task stays smaller.
+    let mut stop = deps.lifecycle.subscribe();
     // One timer for the three deadlines (ping, hello, the next `ice-servers` push): each
     // timer an idle connection holds is a timer entry and ~100 bytes of its task.
     let ping_every = Duration::from_secs(cfg.ping_interval_secs.max(1));
@@ -265,13 +277,18 @@ pub async fn serve<S: Io>(
     }
 
     loop {
+        if *stop.borrow() {
+            // Shutdown began before this connection's first wait.
+            close(&mut ws, 1001, "server shutting down", write_timeout).await;
+            break;
+        }
         if let Some(due) = conn.ice_due.take() {
             ice_at = Some(due);
         }
-        let due = match (&conn.member, ice_at) {
-            (None, _) => next_ping.min(hello_at),
-            (Some(_), Some(ice)) => next_ping.min(ice),
-            (Some(_), None) => next_ping,
+        let due = match (conn.authenticated(), ice_at) {
+            (false, _) => next_ping.min(hello_at),
+            (true, Some(ice)) => next_ping.min(ice),
+            (true, None) => next_ping,
         };
         if timer.deadline() != due.into() {
             timer.as_mut().reset(due.into());
@@ -357,7 +374,7 @@ pub async fn serve<S: Io>(
             }
             _ = &mut timer => {
                 let now = Instant::now();
-                if conn.member.is_none() && now >= hello_at {
+                if !conn.authenticated() && now >= hello_at {
                     c.hello_timeout.inc();
                     let f = error_frame(
                         "unauthenticated",
@@ -368,7 +385,7 @@ pub async fn serve<S: Io>(
                     close(&mut ws, 1008, "no hello", write_timeout).await;
                     break;
                 }
-                if conn.member.is_some() && ice_at.is_some_and(|at| now >= at) {
+                if conn.authenticated() && ice_at.is_some_and(|at| now >= at) {
                     ice_at = None;
                     match ice_frame(&sig, &deps, &mut conn) {
                         Ok(Some(f)) => {
@@ -401,9 +418,11 @@ pub async fn serve<S: Io>(
                     if !matches!(w, Ok(Ok(()))) { break; }
                 }
             }
-            _ = &mut stop => {
-                close(&mut ws, 1001, "server shutting down", write_timeout).await;
-                break;
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    close(&mut ws, 1001, "server shutting down", write_timeout).await;
+                    break;
+                }
             }
         }
     }
@@ -508,7 +527,7 @@ async fn send_now<S: Io>(ws: &mut Socket<S>, c: &Counters, r: Reply, timeout: Du
 /// credentials reach past `auth.max_session_age_secs`; once there, the error frame to send
 /// before closing comes back instead.
 fn ice_frame(sig: &Signaling, deps: &Deps, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
-    let (Some(member), Some(old)) = (conn.member.as_ref(), conn.session.as_ref()) else {
+    let Some(old) = conn.session.as_ref() else {
         return Ok(None);
     };
     if conn.revoked(deps) {
@@ -533,7 +552,7 @@ fn ice_frame(sig: &Signaling, deps: &Deps, conn: &mut Conn) -> Result<Option<Rep
     let end = deps.auth.session_end(&session);
     let ice = deps
         .ice
-        .ice_servers(conn.host.as_deref(), &member.user, now, end);
+        .ice_servers(conn.host.as_deref(), &session.user, now, end);
     let before = sig.cfg.ice_refresh_before_secs;
     let in_secs = ice
         .credentials
@@ -572,15 +591,11 @@ fn hello(
     token: &str,
     id: Option<&RawValue>,
 ) -> Vec<Reply> {
-    if conn.member.is_some() {
+    if conn.authenticated() {
         return vec![error_frame("bad_request", "already authenticated", id)];
     }
     match deps.auth.verify_session(token, unix_now()) {
         Ok(s) => {
-            conn.member = Some(Member {
-                user: s.user.clone(),
-                room_limit: s.room.clone(),
-            });
             conn.session = Some(s.clone());
             let mut out = vec![reply(
                 "welcome",
@@ -678,7 +693,7 @@ async fn handle(
     if t == "ping" {
         return vec![reply("pong", json!({"type": "pong"}), id)];
     }
-    let Some(member) = conn.member.clone() else {
+    let Some(member) = conn.member() else {
         return vec![error_frame(
             "unauthenticated",
             "send hello with your session token first",
@@ -908,9 +923,9 @@ mod tests {
         let task = returns(serve::<S>);
         let socket = std::mem::size_of::<Socket<S>>();
         let conn = std::mem::size_of::<Conn>();
-        let stop = std::mem::size_of_val(&shutdown_signal(
-            crate::lifecycle::Lifecycle::new().subscribe(),
-        ));
+        let lifecycle = crate::lifecycle::Lifecycle::new();
+        let mut rx = lifecycle.subscribe();
+        let stop = std::mem::size_of_val(&rx.changed());
         let timer = std::mem::size_of::<tokio::time::Sleep>();
         let boxed = [
             returns4(write_batch::<S>),
@@ -922,7 +937,7 @@ mod tests {
              signal {stop} B, the one timer {timer} B; boxed awaits {boxed:?} B"
         );
         assert!(boxed.iter().all(|b| *b <= 16), "{boxed:?}");
-        assert!(task <= 1792, "the connection future grew: {task} B");
+        assert!(task <= 1664, "the connection future grew: {task} B");
     }
 
     #[test]
