@@ -128,11 +128,15 @@ async fn upgrade(
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return (StatusCode::UPGRADE_REQUIRED, "connection not upgradable\n").into_response();
     };
+    // Boxed until the upgrade completes, so that the task does not keep a second copy of the
+    // arguments next to the `serve` future that takes them (a task is as large as its state).
+    let args = Box::new((sig, deps, key, token, host));
     tokio::spawn(
         async move {
             let Ok(upgraded) = on_upgrade.await else {
                 return;
             };
+            let (sig, deps, key, token, host) = *args;
             // Frames up to `hard` are read; a larger one is refused from its header. The socket
             // holds no read or write buffer while idle (see `signaling::socket`).
             let socket =
