@@ -1,9 +1,8 @@
 //! `GET /v1/ws`: checks Origin, takes the session token from `Sec-WebSocket-Protocol` when
 //! offered there (never from the URL), and hands the socket to the signaling service.
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -15,11 +14,6 @@ use crate::shared::Shared;
 
 /// The WebSocket subprotocol of this signaling protocol version.
 pub const PROTOCOL: &str = "switchboard.v1";
-
-/// Read buffer per WebSocket: a few ICE candidates; an SDP frame grows it.
-const READ_BUFFER: usize = 1024;
-/// Bytes buffered before a write goes to the socket (a flush writes earlier).
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// The handles the signaling part uses, taken from the server's state; the `iceServers` of
 /// its refresh pushes come from the app layer ([`crate::ice`]), which knows what is bound.
@@ -52,15 +46,60 @@ pub(crate) fn origin_refused(shared: &Shared, headers: &HeaderMap) -> Option<Res
     Some((StatusCode::FORBIDDEN, "origin not allowed\n").into_response())
 }
 
+/// Whether header `key` contains `token` (case-insensitive), as in `Connection: keep-alive,
+/// Upgrade`.
+fn header_has(headers: &HeaderMap, key: header::HeaderName, token: &str) -> bool {
+    headers.get_all(key).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains(token))
+    })
+}
+
+/// The HTTP/1.1 WebSocket handshake (RFC 6455 section 4.2): the `Sec-WebSocket-Accept` of
+/// the 101 answer, or the status and text of the refusal (as axum's extractor answers).
+fn handshake(
+    headers: &HeaderMap,
+    method: &Method,
+) -> Result<HeaderValue, (StatusCode, &'static str)> {
+    let bad = |why: &'static str| (StatusCode::BAD_REQUEST, why);
+    if method != Method::GET {
+        return Err((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "WebSocket upgrades use GET\n",
+        ));
+    }
+    if !header_has(headers, header::CONNECTION, "upgrade") {
+        return Err(bad("Connection header did not include 'upgrade'\n"));
+    }
+    if !header_has(headers, header::UPGRADE, "websocket") {
+        return Err(bad("`Upgrade` header did not include 'websocket'\n"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(bad("`Sec-WebSocket-Version` header did not include '13'\n"));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| bad("`Sec-WebSocket-Key` header missing\n"))?;
+    HeaderValue::from_str(&crate::signaling::socket::accept_key(key.as_bytes()))
+        .map_err(|_| bad("bad `Sec-WebSocket-Key`\n"))
+}
+
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut req: Request,
 ) -> Response {
-    if let Some(refused) = origin_refused(&shared, &headers) {
+    let headers = req.headers();
+    if let Some(refused) = origin_refused(&shared, headers) {
         return refused;
     }
+    let accept = match handshake(headers, req.method()) {
+        Ok(a) => a,
+        Err(r) => return r.into_response(),
+    };
     // `Sec-WebSocket-Protocol: switchboard.v1, <session token>` keeps the token out of URLs.
     let offered: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -80,22 +119,42 @@ async fn upgrade(
     let hard = limit.saturating_mul(4);
     // Connection limits key on the real client behind a trusted proxy, IPv6 by its /64.
     let client =
-        super::client_ip::client_ip(peer.ip(), &headers, &shared.config.http.trusted_proxies);
+        super::client_ip::client_ip(peer.ip(), headers, &shared.config.http.trusted_proxies);
     let key = super::client_ip::limit_key(client);
     let sig = shared.signaling.clone();
     let deps = signaling_deps(&shared);
     let span = tracing::debug_span!("ws", peer = %peer, client = %client);
-    ws.protocols([PROTOCOL])
-        // Signaling frames are small: a 1 KiB read buffer per idle connection instead of the
-        // 128 KiB default (which is also zero-filled before every read). A larger frame grows
-        // it as needed, up to `hard`.
-        .read_buffer_size(READ_BUFFER)
-        // Frames queued together are flushed in one write once this much is buffered.
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * limit)
-        .max_message_size(hard)
-        .max_frame_size(hard)
-        .on_upgrade(move |socket| {
-            crate::signaling::conn::serve(sig, deps, socket, key, token, host).instrument(span)
-        })
+    let protocol = offered.iter().any(|p| p == PROTOCOL);
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return (StatusCode::UPGRADE_REQUIRED, "connection not upgradable\n").into_response();
+    };
+    // Boxed until the upgrade completes, so that the task does not keep a second copy of the
+    // arguments next to the `serve` future that takes them (a task is as large as its state).
+    let args = Box::new((sig, deps, key, token, host));
+    tokio::spawn(
+        async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let (sig, deps, key, token, host) = *args;
+            // Frames up to `hard` are read; a larger one is refused from its header. The socket
+            // holds no read or write buffer while idle (see `signaling::socket`).
+            let socket =
+                crate::signaling::socket::Socket::new(hyper_util::rt::TokioIo::new(upgraded), hard);
+            crate::signaling::conn::serve(sig, deps, socket, key, token, host).await
+        }
+        .instrument(span),
+    );
+    let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if protocol {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(PROTOCOL),
+        );
+    }
+    res
 }

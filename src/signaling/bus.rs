@@ -109,6 +109,10 @@ impl Outbox {
                     q.bytes -= n;
                     self.total.give(n);
                 }
+                if q.items.is_empty() {
+                    // An idle connection holds no queue memory.
+                    q.items = VecDeque::new();
+                }
                 Ok(Some(item))
             }
             None if q.overflowed => Err(Ended),

@@ -1,23 +1,24 @@
 //! The per-connection WebSocket task: authenticates, enforces limits, parses each request
 //! once, feeds it to the room core and writes out what the bus delivers.
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::bus::Outbound;
 use super::room::{new_room_id, token_room, valid_name, ConnId, Member, RoomError};
 use super::service::Counters;
 pub use super::service::Signaling;
+use super::socket::{Error as WsError, Message, Socket};
 use super::Deps;
 use crate::auth::{unix_now, AuthError};
-use crate::lifecycle::shutdown_signal;
 use crate::signaling::router::{Answer, ResumeRequest, Route};
 
 #[doc(hidden)]
@@ -157,7 +158,6 @@ impl RateLimit {
 /// Everything one connection knows about itself.
 struct Conn {
     id: ConnId,
-    member: Option<Member>,
     host: Option<String>,
     /// The room this connection holds a seat in, which names the hub shard to ask.
     room: Option<String>,
@@ -169,6 +169,20 @@ struct Conn {
 }
 
 impl Conn {
+    /// Whether `hello` (or the header token) authenticated this connection.
+    fn authenticated(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Who the room core sees, from the session (renewals keep its user and room), so that an
+    /// idle connection does not hold a second copy.
+    fn member(&self) -> Option<Member> {
+        self.session.as_ref().map(|s| Member {
+            user: s.user.clone(),
+            room_limit: s.room.clone(),
+        })
+    }
+
     /// Whether the server API revoked this connection's user after its login.
     fn revoked(&self, deps: &Deps) -> bool {
         self.session
@@ -177,26 +191,32 @@ impl Conn {
     }
 }
 
-/// Whether a read error is tungstenite refusing a message over the size limit.
-fn too_big(e: axum::Error) -> bool {
-    e.into_inner()
-        .downcast_ref::<tungstenite::Error>()
-        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+/// The socket a connection task serves: an upgraded HTTP connection in production, any byte
+/// stream in tests.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The rare, larger awaits of a connection are boxed: a task's size is that of its largest
+/// await, and an idle connection should not carry the state of a write it is not doing.
+fn close<'a, S: Io>(
+    ws: &'a mut Socket<S>,
+    code: u16,
+    reason: &'static str,
+    timeout: Duration,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(close_now(ws, code, reason, timeout))
 }
 
-async fn close(ws: &mut WebSocket, code: u16, reason: &'static str, timeout: Duration) {
-    let f = Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }));
+async fn close_now<S: Io>(ws: &mut Socket<S>, code: u16, reason: &'static str, timeout: Duration) {
+    let f = Message::Close(Some((code, reason.into())));
     let _ = tokio::time::timeout(timeout, ws.send(f)).await;
 }
 
 /// Serve one upgraded WebSocket until it closes, idles out or is replaced.
-pub async fn serve(
+pub async fn serve<S: Io>(
     sig: Arc<Signaling>,
     deps: Deps,
-    mut ws: WebSocket,
+    mut ws: Socket<S>,
     ip: IpAddr,
     token: Option<String>,
     host: Option<String>,
@@ -221,28 +241,25 @@ pub async fn serve(
     let (id, outbox) = sig.open();
     let mut conn = Conn {
         id,
-        member: None,
         host,
         room: None,
         ice_due: None,
         session: None,
     };
     let mut rate = RateLimit::new(cfg.rate_per_sec, cfg.rate_burst, Instant::now());
-    let mut stop = std::pin::pin!(shutdown_signal(deps.lifecycle.subscribe()));
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_secs(cfg.ping_interval_secs.max(1)),
-        Duration::from_secs(cfg.ping_interval_secs.max(1)),
-    );
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The receiver, not a pinned `shutdown_signal` future: the task stays smaller.
+    let mut stop = deps.lifecycle.subscribe();
+    // One timer for the three deadlines (ping, hello, the next `ice-servers` push): each
+    // timer an idle connection holds is a timer entry and ~100 bytes of its task.
+    let ping_every = Duration::from_secs(cfg.ping_interval_secs.max(1));
+    let mut next_ping = Instant::now() + ping_every;
     let mut last_heard = Instant::now();
     let mut left_cleanly = false;
     // A token not offered in the header must arrive in `hello` within the deadline.
     let hello_timeout = Duration::from_secs(cfg.hello_timeout_secs.max(1));
-    let hello_timer = tokio::time::sleep(hello_timeout);
-    let mut hello_timer = std::pin::pin!(hello_timer);
-    let far = Duration::from_secs(86_400 * 365);
-    let ice_timer = tokio::time::sleep(far);
-    let mut ice_timer = std::pin::pin!(ice_timer);
+    let hello_at = Instant::now() + hello_timeout;
+    let mut ice_at: Option<Instant> = None;
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(next_ping.min(hello_at).into()));
 
     if let Some(t) = token {
         let replies = hello(&sig, &deps, &mut conn, &t, None);
@@ -260,15 +277,28 @@ pub async fn serve(
     }
 
     loop {
+        if *stop.borrow() {
+            // Shutdown began before this connection's first wait.
+            close(&mut ws, 1001, "server shutting down", write_timeout).await;
+            break;
+        }
         if let Some(due) = conn.ice_due.take() {
-            ice_timer.as_mut().reset(due.into());
+            ice_at = Some(due);
+        }
+        let due = match (conn.authenticated(), ice_at) {
+            (false, _) => next_ping.min(hello_at),
+            (true, Some(ice)) => next_ping.min(ice),
+            (true, None) => next_ping,
+        };
+        if timer.deadline() != due.into() {
+            timer.as_mut().reset(due.into());
         }
         tokio::select! {
             incoming = ws.recv() => {
                 let msg = match incoming {
                     Some(Ok(msg)) => msg,
                     Some(Err(e)) => {
-                        if too_big(e) {
+                        if matches!(e, WsError::TooBig) {
                             m.drops.with_label_values(&["ws_frame_too_large"]).inc();
                             close(&mut ws, 1009, "frame too large", write_timeout).await;
                         }
@@ -308,7 +338,9 @@ pub async fn serve(
                     if !send(&mut ws, c, f, write_timeout).await { break; }
                     continue;
                 }
-                let replies = handle(&sig, &deps, c, &mut conn, text.as_str(), &mut left_cleanly, Instant::now()).await;
+                // Boxed: the request handler's state is large and lives only while a frame is
+                // handled, so the idle task does not carry it.
+                let replies = Box::pin(handle(&sig, &deps, c, &mut conn, text.as_str(), &mut left_cleanly, Instant::now())).await;
                 let mut ok = true;
                 for r in replies {
                     if !send(&mut ws, c, r, write_timeout).await { ok = false; break; }
@@ -340,51 +372,57 @@ pub async fn serve(
                     }
                 }
             }
-            _ = ping.tick() => {
-                if conn.revoked(&deps) {
-                    // Seated peers were removed at once; this catches the others.
-                    let f = error_frame("revoked", "the user was revoked", None);
+            _ = &mut timer => {
+                let now = Instant::now();
+                if !conn.authenticated() && now >= hello_at {
+                    c.hello_timeout.inc();
+                    let f = error_frame(
+                        "unauthenticated",
+                        &format!("no hello within {} s", hello_timeout.as_secs()),
+                        None,
+                    );
                     let _ = send(&mut ws, c, f, write_timeout).await;
-                    left_cleanly = true;
-                    close(&mut ws, 4005, "revoked", write_timeout).await;
+                    close(&mut ws, 1008, "no hello", write_timeout).await;
                     break;
                 }
-                if last_heard.elapsed() >= dead_after {
-                    m.drops.with_label_values(&["ws_dead_peer"]).inc();
-                    break;
-                }
-                let w = tokio::time::timeout(write_timeout, ws.send(Message::Ping(Vec::new().into()))).await;
-                if !matches!(w, Ok(Ok(()))) { break; }
-            }
-            _ = &mut hello_timer, if conn.member.is_none() => {
-                c.hello_timeout.inc();
-                let f = error_frame(
-                    "unauthenticated",
-                    &format!("no hello within {} s", hello_timeout.as_secs()),
-                    None,
-                );
-                let _ = send(&mut ws, c, f, write_timeout).await;
-                close(&mut ws, 1008, "no hello", write_timeout).await;
-                break;
-            }
-            _ = &mut ice_timer, if conn.member.is_some() => {
-                ice_timer.as_mut().reset((Instant::now() + far).into());
-                match ice_frame(&sig, &deps, &mut conn) {
-                    Ok(Some(f)) => {
-                        if !send(&mut ws, c, f, write_timeout).await { break; }
+                if conn.authenticated() && ice_at.is_some_and(|at| now >= at) {
+                    ice_at = None;
+                    match ice_frame(&sig, &deps, &mut conn) {
+                        Ok(Some(f)) => {
+                            if !send(&mut ws, c, f, write_timeout).await { break; }
+                        }
+                        Ok(None) => {}
+                        Err(f) => {
+                            // The login reached auth.max_session_age_secs: no more renewals.
+                            let _ = send(&mut ws, c, f, write_timeout).await;
+                            close(&mut ws, 4003, "login expired", write_timeout).await;
+                            break;
+                        }
                     }
-                    Ok(None) => {}
-                    Err(f) => {
-                        // The login reached auth.max_session_age_secs: no more renewals.
+                }
+                if now >= next_ping {
+                    next_ping = now + ping_every;
+                    if conn.revoked(&deps) {
+                        // Seated peers were removed at once; this catches the others.
+                        let f = error_frame("revoked", "the user was revoked", None);
                         let _ = send(&mut ws, c, f, write_timeout).await;
-                        close(&mut ws, 4003, "login expired", write_timeout).await;
+                        left_cleanly = true;
+                        close(&mut ws, 4005, "revoked", write_timeout).await;
                         break;
                     }
+                    if last_heard.elapsed() >= dead_after {
+                        m.drops.with_label_values(&["ws_dead_peer"]).inc();
+                        break;
+                    }
+                    let w = Box::pin(tokio::time::timeout(write_timeout, ws.send(Message::Ping(Vec::new())))).await;
+                    if !matches!(w, Ok(Ok(()))) { break; }
                 }
             }
-            _ = &mut stop => {
-                close(&mut ws, 1001, "server shutting down", write_timeout).await;
-                break;
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    close(&mut ws, 1001, "server shutting down", write_timeout).await;
+                    break;
+                }
             }
         }
     }
@@ -399,8 +437,17 @@ enum Batch {
 }
 
 /// Write `first` and whatever else is queued (up to a batch), then flush once.
-async fn write_batch(
-    ws: &mut WebSocket,
+fn write_batch<'a, S: Io>(
+    ws: &'a mut Socket<S>,
+    outbox: &'a super::bus::Outbox,
+    first: Outbound,
+    timeout: Duration,
+) -> Pin<Box<impl Future<Output = Batch> + Send + 'a>> {
+    Box::pin(write_batch_now(ws, outbox, first, timeout))
+}
+
+async fn write_batch_now<S: Io>(
+    ws: &mut Socket<S>,
     outbox: &super::bus::Outbox,
     first: Outbound,
     timeout: Duration,
@@ -413,7 +460,7 @@ async fn write_batch(
         while let Some(it) = item.take() {
             match it {
                 Outbound::Frame(f) => {
-                    ws.feed(Message::Text(f.render().into())).await?;
+                    ws.feed(Message::Text(f.render())).await?;
                     n += 1;
                 }
                 Outbound::Close(why) => {
@@ -457,10 +504,19 @@ fn finish(sig: &Signaling, deps: &Deps, conn: &Conn, ip: IpAddr, left_cleanly: b
     deps.metrics.ws_connections_active.dec();
 }
 
-async fn send(ws: &mut WebSocket, c: &Counters, r: Reply, timeout: Duration) -> bool {
+fn send<'a, S: Io>(
+    ws: &'a mut Socket<S>,
+    c: &'a Counters,
+    r: Reply,
+    timeout: Duration,
+) -> Pin<Box<impl Future<Output = bool> + Send + 'a>> {
+    Box::pin(send_now(ws, c, r, timeout))
+}
+
+async fn send_now<S: Io>(ws: &mut Socket<S>, c: &Counters, r: Reply, timeout: Duration) -> bool {
     c.count_out(r.kind);
     matches!(
-        tokio::time::timeout(timeout, ws.send(Message::Text(r.text.into()))).await,
+        tokio::time::timeout(timeout, ws.send(Message::Text(r.text))).await,
         Ok(Ok(()))
     )
 }
@@ -471,7 +527,7 @@ async fn send(ws: &mut WebSocket, c: &Counters, r: Reply, timeout: Duration) -> 
 /// credentials reach past `auth.max_session_age_secs`; once there, the error frame to send
 /// before closing comes back instead.
 fn ice_frame(sig: &Signaling, deps: &Deps, conn: &mut Conn) -> Result<Option<Reply>, Reply> {
-    let (Some(member), Some(old)) = (conn.member.as_ref(), conn.session.as_ref()) else {
+    let Some(old) = conn.session.as_ref() else {
         return Ok(None);
     };
     if conn.revoked(deps) {
@@ -496,7 +552,7 @@ fn ice_frame(sig: &Signaling, deps: &Deps, conn: &mut Conn) -> Result<Option<Rep
     let end = deps.auth.session_end(&session);
     let ice = deps
         .ice
-        .ice_servers(conn.host.as_deref(), &member.user, now, end);
+        .ice_servers(conn.host.as_deref(), &session.user, now, end);
     let before = sig.cfg.ice_refresh_before_secs;
     let in_secs = ice
         .credentials
@@ -535,15 +591,11 @@ fn hello(
     token: &str,
     id: Option<&RawValue>,
 ) -> Vec<Reply> {
-    if conn.member.is_some() {
+    if conn.authenticated() {
         return vec![error_frame("bad_request", "already authenticated", id)];
     }
     match deps.auth.verify_session(token, unix_now()) {
         Ok(s) => {
-            conn.member = Some(Member {
-                user: s.user.clone(),
-                room_limit: s.room.clone(),
-            });
             conn.session = Some(s.clone());
             let mut out = vec![reply(
                 "welcome",
@@ -641,7 +693,7 @@ async fn handle(
     if t == "ping" {
         return vec![reply("pong", json!({"type": "pong"}), id)];
     }
-    let Some(member) = conn.member.clone() else {
+    let Some(member) = conn.member() else {
         return vec![error_frame(
             "unauthenticated",
             "send hello with your session token first",
@@ -852,6 +904,41 @@ async fn handle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn returns<A, B, C, D, E, G, F>(_f: fn(A, B, C, D, E, G) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn returns4<A, B, C, D, F>(_f: fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// What an idle connection's task holds inline, printed (`--nocapture`) and bounded so
+    /// that growth fails here: the `serve` future (a test build; a release build is smaller),
+    /// with the rare large awaits boxed.
+    #[test]
+    fn an_idle_connection_task_stays_small() {
+        type S = tokio::io::DuplexStream;
+        let task = returns(serve::<S>);
+        let socket = std::mem::size_of::<Socket<S>>();
+        let conn = std::mem::size_of::<Conn>();
+        let lifecycle = crate::lifecycle::Lifecycle::new();
+        let mut rx = lifecycle.subscribe();
+        let stop = std::mem::size_of_val(&rx.changed());
+        let timer = std::mem::size_of::<tokio::time::Sleep>();
+        let boxed = [
+            returns4(write_batch::<S>),
+            returns4(send::<S>),
+            returns4(close::<S>),
+        ];
+        println!(
+            "serve future {task} B; inside it: socket {socket} B, conn {conn} B, shutdown \
+             signal {stop} B, the one timer {timer} B; boxed awaits {boxed:?} B"
+        );
+        assert!(boxed.iter().all(|b| *b <= 16), "{boxed:?}");
+        assert!(task <= 1664, "the connection future grew: {task} B");
+    }
 
     #[test]
     fn parse_keeps_data_raw_and_types_fields() {

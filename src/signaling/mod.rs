@@ -1,6 +1,7 @@
 //! Room signaling: a sans-IO room core (`room`), the `Bus` and outboxes that carry its output to
 //! connections (`bus`), the sharded service around the core (`service`), and the
-//! per-connection WebSocket task (`conn`).
+//! per-connection WebSocket task (`conn`) over a WebSocket that holds no buffer while idle
+//! (`socket`).
 
 pub mod admin;
 pub mod bus;
@@ -8,6 +9,7 @@ pub mod conn;
 pub mod room;
 pub mod router;
 pub mod service;
+pub mod socket;
 
 use std::sync::Arc;
 

@@ -29,7 +29,6 @@ impl Client {
         Some(Client {
             conn: Conn {
                 id,
-                member: None,
                 host: None,
                 room: None,
                 ice_due: None,
