@@ -185,7 +185,17 @@ async fn handle(
         }
     };
     match opening {
-        Opening::NeedMore | Opening::Garbage => Some("stream_garbage"),
+        Opening::NeedMore | Opening::Garbage => {
+            // Counted before the connection closes, so a client that sees it closed sees the
+            // count.
+            ctx.shared
+                .metrics
+                .drops
+                .with_label_values(&["stream_garbage"])
+                .inc();
+            drop(stream);
+            None
+        }
         Opening::Stun if !ctx.plain_turn => Some("shared_plain_turn_off"),
         Opening::Stun => {
             let s = Prefixed::new(head, stream);
@@ -219,16 +229,17 @@ async fn plain_http(
             Err(reason) => return Some(reason),
         }
     };
-    let _ = tokio::time::timeout_at(until, async {
-        let _ = stream.write_all(&answer).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    // Counted before the answer goes out, so whoever has read the answer sees the count.
     ctx.shared
         .metrics
         .drops
         .with_label_values(&["shared_plain_http"])
         .inc();
+    let _ = tokio::time::timeout_at(until, async {
+        let _ = stream.write_all(&answer).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
     None
 }
 
