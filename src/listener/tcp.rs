@@ -316,7 +316,8 @@ pub async fn serve_stream<S>(
     let boxed: Box<dyn Stream> = Box::new(stream);
     let (mut rd, wr) = tokio::io::split(boxed);
     let mut wr = Some(wr);
-    let mut session: Option<Session> = None;
+    // Boxed: the table is large, and an idle stranger's task should hold only a pointer.
+    let mut session: Option<Box<Session>> = None;
     let idle = Duration::from_secs(deps.config.tcp_idle_timeout_secs.max(1));
     let first = Duration::from_secs(deps.config.stream_first_message_timeout_secs.max(1));
     let mut idle_at = started + first;
@@ -394,11 +395,11 @@ pub async fn serve_stream<S>(
                             t.set_stream();
                             t
                         });
-                        Session {
+                        Box::new(Session {
                             sink,
                             writer,
                             table,
-                        }
+                        })
                     });
                     let sink = &s.sink;
                     let table = &mut s.table;
