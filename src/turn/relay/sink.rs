@@ -78,6 +78,20 @@ impl StreamSink {
         true
     }
 
+    /// Take the buffer's lock once for a batch of frames (a shard's receive batch from one
+    /// relay socket): one lock and one wake-up of the writer per batch instead of per packet.
+    /// `None` when the connection is gone.
+    pub fn batch(&self) -> Option<SinkBatch<'_>> {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        Some(SinkBatch {
+            buf: self.buf.lock().unwrap_or_else(|p| p.into_inner()),
+            sink: self,
+            pushed: false,
+        })
+    }
+
     /// Mark the connection gone; later pushes fail and the writer stops.
     pub fn close(&self) {
         self.closed
@@ -109,5 +123,59 @@ impl StreamSink {
             local.clear();
         }
         Some(w)
+    }
+}
+
+/// A [`StreamSink`] locked for a batch of frames; the writer is woken once, when it drops.
+pub struct SinkBatch<'a> {
+    buf: std::sync::MutexGuard<'a, Vec<u8>>,
+    sink: &'a StreamSink,
+    pushed: bool,
+}
+
+impl SinkBatch<'_> {
+    /// Queue one frame made of `head` then `body` (a ChannelData header and its payload, so
+    /// the payload is copied once), padded to 4 bytes; false if the buffer is full.
+    pub fn push(&mut self, head: &[u8], body: &[u8]) -> bool {
+        let len = head.len() + body.len();
+        let pad = (4 - len % 4) % 4;
+        if self.buf.len() + len + pad > self.sink.cap {
+            return false;
+        }
+        self.buf.extend_from_slice(head);
+        self.buf.extend_from_slice(body);
+        self.buf.extend_from_slice(&[0u8; 3][..pad]);
+        self.pushed = true;
+        true
+    }
+}
+
+impl Drop for SinkBatch<'_> {
+    fn drop(&mut self) {
+        if self.pushed {
+            self.sink.notify.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_pads_bounds_and_refuses_when_closed() {
+        let s = StreamSink::new(4096);
+        {
+            let mut b = s.batch().unwrap();
+            assert!(b.push(&[0x40, 0, 0, 5], &[1, 2, 3, 4, 5]));
+            assert!(b.push(&[], &[7; 8]));
+            // Past the cap: refused, what was queued stays.
+            assert!(!b.push(&[], &[0; 4096]));
+        }
+        let got = s.buf.lock().unwrap().clone();
+        assert_eq!(got.len(), 12 + 8);
+        assert_eq!(&got[..12], &[0x40, 0, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0]);
+        s.close();
+        assert!(s.batch().is_none());
     }
 }
