@@ -13,7 +13,8 @@
 //! The UDP relay sockets of TCP/TLS clients live here too ([`StreamHosts`]): the connection
 //! task binds one and hands it to a shard (round-robin) through the shard's [`Inbox`]; the
 //! shard reads it with the same receive batches and appends each batch's frames to the
-//! connection's [`StreamSink`] under one lock and one wake-up of its writer.
+//! connection's [`StreamSink`] under one lock and one wake-up of its writer (for plain TCP, a
+//! batch that finds nothing queued is sent to the client's socket from here).
 //!
 //! Control (auth, Allocate/Refresh/CreatePermission/ChannelBind, timers) stays in the sans-IO
 //! [`Table`]; it publishes each allocation's permissions and channels as an immutable [`View`]

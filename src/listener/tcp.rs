@@ -299,7 +299,9 @@ pub async fn serve(deps: Arc<Deps>, listener: TcpListener) {
             let _permit = permit;
             let _open = OpenGuard::new(&deps.metrics, "tcp");
             let started = tokio::time::Instant::now();
-            serve_stream(deps, stream, peer, local, "tcp", started).await;
+            // Relayed peer frames may be sent to this socket from a shard (StreamSink).
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            serve_stream_with(deps, stream, peer, local, "tcp", started, Some(fd)).await;
         });
     }
 }
@@ -347,6 +349,14 @@ struct Session {
     table: Option<Table<StreamRelay>>,
 }
 
+impl Drop for Session {
+    /// The sink is closed before the connection's socket can be, even when the task is
+    /// dropped mid-way (runtime shutdown): a shard may otherwise send to its descriptor.
+    fn drop(&mut self) {
+        self.sink.close();
+    }
+}
+
 /// A byte stream the STUN/TURN port can serve (TCP or TLS), boxed so sessions have one type.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -372,6 +382,22 @@ pub async fn serve_stream<S>(
     local: Option<SocketAddr>,
     transport: &'static str,
     started: tokio::time::Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_stream_with(deps, stream, peer, local, transport, started, None).await;
+}
+
+/// [`serve_stream`] where `direct` is the socket under a plain TCP `stream`: relayed peer
+/// frames may be sent to it straight from the shard serving the relay (see [`StreamSink`]).
+async fn serve_stream_with<S>(
+    deps: Arc<Deps>,
+    stream: S,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    transport: &'static str,
+    started: tokio::time::Instant,
+    direct: Option<std::os::fd::RawFd>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -433,7 +459,11 @@ pub async fn serve_stream<S>(
                     };
                     idle_at = tokio::time::Instant::now() + idle;
                     let s = session.get_or_insert_with(|| {
-                        let sink = Arc::new(StreamSink::new(deps.config.tcp_send_buffer_bytes));
+                        let cap = deps.config.tcp_send_buffer_bytes;
+                        let sink = Arc::new(match direct {
+                            Some(fd) => StreamSink::with_socket(cap, fd),
+                            None => StreamSink::new(cap),
+                        });
                         let writer = {
                             let sink = sink.clone();
                             let wr = wr.take();
@@ -644,7 +674,7 @@ pub async fn serve_stream<S>(
                 forward_events(&mut t, &deps.webhooks);
             }
             s.sink.close();
-            match s.writer.await.ok().flatten() {
+            match (&mut s.writer).await.ok().flatten() {
                 Some(wr) => wr,
                 None => return,
             }
