@@ -45,6 +45,8 @@ pub struct TurnShared {
     pub pool: Arc<crate::turn::core::Pool>,
     /// RFC 6062 peer connections waiting for ConnectionBind.
     pub conns: Arc<crate::turn::relay::Conns>,
+    /// The UDP shards that serve TCP/TLS clients' relay sockets on their event loops.
+    pub stream_hosts: Arc<shard::StreamHosts>,
 }
 
 impl TurnShared {
@@ -82,6 +84,7 @@ impl TurnShared {
             conns: Arc::new(crate::turn::relay::Conns::new(
                 config.turn.max_pending_connections_per_allocation,
             )),
+            stream_hosts: Arc::default(),
         }
     }
 }

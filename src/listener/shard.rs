@@ -10,13 +10,19 @@
 //!   every turn's packets towards clients leave in one `sendmmsg`;
 //! - a relay socket costs an entry in the shard's poll set, not a task and a wake-up per packet.
 //!
+//! The UDP relay sockets of TCP/TLS clients live here too ([`StreamHosts`]): the connection
+//! task binds one and hands it to a shard (round-robin) through the shard's [`Inbox`]; the
+//! shard reads it with the same receive batches and appends each batch's frames to the
+//! connection's [`StreamSink`] under one lock and one wake-up of its writer (for plain TCP, a
+//! batch that finds nothing queued is sent to the client's socket from here).
+//!
 //! Control (auth, Allocate/Refresh/CreatePermission/ChannelBind, timers) stays in the sans-IO
 //! [`Table`]; it publishes each allocation's permissions and channels as an immutable [`View`]
 //! that the peer-to-client path reads without a lock.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +38,7 @@ use crate::turn::core::{
     View, HEADROOM,
 };
 use crate::turn::offload::ChannelSync;
+use crate::turn::relay::{ClientSink, StreamSink};
 use crate::udp_batch::{PeerSendQueue, RecvBatch, SendQueue, UdpSocketState, RECV_BATCH};
 
 /// Largest datagram read from any socket.
@@ -48,6 +55,8 @@ const TOKEN_LISTEN: Token = Token(0);
 const TOKEN_WAKER: Token = Token(1);
 /// Relay sockets use tokens from here on: token = FIRST_RELAY + slab index.
 const FIRST_RELAY: usize = 2;
+/// A stream client's relay socket not (yet) in a shard's poll set.
+const NO_TOKEN: usize = usize::MAX;
 
 thread_local! {
     /// The running shard's client-to-peer datagrams of this turn, sent per relay socket (GSO)
@@ -71,6 +80,11 @@ struct RelaySock {
     sock: mio::net::UdpSocket,
     addr: SocketAddr,
     view: ArcSwap<View>,
+    /// A TCP/TLS client's connection buffer, once its allocation takes the socket; empty for
+    /// UDP clients' relays, whose frames go out of the shard's own socket.
+    sink: arc_swap::ArcSwapOption<StreamSink>,
+    /// The poll token of a stream client's relay, set by the shard that adopted it.
+    token: AtomicUsize,
 }
 
 /// A relay socket in the shard's poll set, with the state only the shard touches.
@@ -79,6 +93,136 @@ struct Slot {
     /// Bandwidth cap state, made on the first datagram when the view sets a cap; the shard
     /// owns it outright, so taking it needs no lock.
     bucket: Option<Bucket>,
+    /// A TCP/TLS client's relay: frames go to its [`StreamSink`].
+    stream: bool,
+}
+
+/// A stream client's relay socket handed to a shard, or handed back, in order.
+enum Handoff {
+    Add(Arc<RelaySock>),
+    Remove(Arc<RelaySock>),
+}
+
+/// A shard's mailbox for the relay sockets of TCP/TLS clients, so they share the shard's
+/// event loop and receive batches instead of costing a task each.
+pub struct Inbox {
+    any: AtomicBool,
+    msgs: Mutex<Vec<Handoff>>,
+    waker: Arc<Waker>,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    fn send(&self, m: Handoff) {
+        self.msgs.lock().unwrap_or_else(|p| p.into_inner()).push(m);
+        self.any.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+}
+
+/// The running shards that host TCP/TLS clients' relay sockets, so the stream listeners can
+/// place a relay without knowing the shards (empty when no UDP listener runs shards).
+#[derive(Debug, Default)]
+pub struct StreamHosts {
+    shards: Mutex<Vec<Arc<Inbox>>>,
+    next: AtomicUsize,
+}
+
+impl StreamHosts {
+    /// Bind a relay socket on `addr` and hand it to the next shard, round-robin; `None` when
+    /// no shard runs (the caller then serves the socket itself).
+    pub fn bind(&self, addr: SocketAddr) -> Option<io::Result<HostedRelay>> {
+        let inbox = {
+            let v = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+            if v.is_empty() {
+                return None;
+            }
+            v[self.next.fetch_add(1, Ordering::Relaxed) % v.len()].clone()
+        };
+        Some(HostedRelay::open(addr, inbox))
+    }
+
+    fn join(&self, inbox: Arc<Inbox>) {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(inbox);
+    }
+
+    fn leave(&self, inbox: &Arc<Inbox>) {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| !Arc::ptr_eq(i, inbox));
+    }
+}
+
+/// A TCP/TLS client's UDP relay socket, served by a shard's event loop; dropping it hands the
+/// socket back to that shard, which closes it.
+pub struct HostedRelay {
+    inner: Arc<RelaySock>,
+    inbox: Arc<Inbox>,
+}
+
+impl std::fmt::Debug for HostedRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostedRelay")
+            .field("addr", &self.inner.addr)
+            .finish()
+    }
+}
+
+impl HostedRelay {
+    fn open(addr: SocketAddr, inbox: Arc<Inbox>) -> io::Result<HostedRelay> {
+        let std_sock = crate::net::bind_relay(addr)?;
+        // The shard's receive batch splits a GRO read, as for UDP clients' relays.
+        crate::udp_batch::set_gro(&std_sock, true);
+        let local = std_sock.local_addr()?;
+        let inner = Arc::new(RelaySock {
+            sock: mio::net::UdpSocket::from_std(std_sock),
+            addr: local,
+            view: ArcSwap::from_pointee(View::default()),
+            sink: arc_swap::ArcSwapOption::empty(),
+            token: AtomicUsize::new(NO_TOKEN),
+        });
+        inbox.send(Handoff::Add(inner.clone()));
+        Ok(HostedRelay { inner, inbox })
+    }
+
+    /// Client-to-peer datagram, sent at once from the connection's task; a full socket
+    /// buffer drops it, as UDP would.
+    pub fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
+        self.inner.sock.send_to(payload, peer).is_ok()
+    }
+}
+
+impl Drop for HostedRelay {
+    fn drop(&mut self) {
+        self.inbox.send(Handoff::Remove(self.inner.clone()));
+    }
+}
+
+impl Relay for HostedRelay {
+    type Sink = ClientSink;
+    fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+    fn attach(&self, sink: &ClientSink) {
+        if let ClientSink::Stream(s) = sink {
+            self.inner.sink.store(Some(s.clone()));
+        }
+    }
+    fn publish(&self, view: Arc<View>) {
+        self.inner.view.store(view);
+    }
+    fn set_dont_fragment(&self) -> io::Result<()> {
+        crate::net::dont_fragment::set(&self.inner.sock, self.inner.addr.is_ipv6())
+    }
 }
 
 /// A relay socket as the allocation table holds it. Dropping it hands the socket back to the
@@ -206,13 +350,24 @@ pub async fn serve(deps: Arc<Deps>, socks: Vec<std::net::UdpSocket>) {
             }
         };
         wakers.push(waker.clone());
+        let inbox = Arc::new(Inbox {
+            any: AtomicBool::new(false),
+            msgs: Mutex::new(Vec::new()),
+            waker: waker.clone(),
+        });
         let (sh, st, rg) = (deps.clone(), stop.clone(), revoked_gen.clone());
         let t = std::thread::Builder::new()
             .name(format!("turn-shard-{i}"))
             .spawn(move || {
-                if let Err(e) =
-                    Shard::new(sh, sock, poll, waker, shards).and_then(|s| s.run(&st, &rg))
-                {
+                let hosts = sh.turn.stream_hosts.clone();
+                let r = Shard::new(sh, sock, poll, waker, inbox.clone(), shards).and_then(|s| {
+                    if s.table.is_some() {
+                        hosts.join(inbox.clone());
+                    }
+                    s.run(&st, &rg)
+                });
+                hosts.leave(&inbox);
+                if let Err(e) = r {
                     tracing::error!(shard = i, error = %e, "TURN shard stopped");
                 }
             });
@@ -286,6 +441,8 @@ struct Shard {
     relays: Vec<Option<Slot>>,
     free: Vec<usize>,
     released: Arc<Released>,
+    /// TCP/TLS clients' relay sockets handed to this shard.
+    inbox: Arc<Inbox>,
     tx: SendQueue,
     out: Vec<u8>,
     counts: Counts,
@@ -301,6 +458,7 @@ impl Shard {
         sock: std::net::UdpSocket,
         poll: Poll,
         waker: Arc<Waker>,
+        inbox: Arc<Inbox>,
         shards: usize,
     ) -> io::Result<Shard> {
         let state = UdpSocketState::new((&sock).into())?;
@@ -336,6 +494,7 @@ impl Shard {
                 tokens: Mutex::new(Vec::new()),
                 owner: std::thread::current().id(),
             }),
+            inbox,
             tx: SendQueue::new(MAX_DATAGRAM + HEADROOM),
             out: Vec::with_capacity(1500),
             counts: Counts::default(),
@@ -373,6 +532,9 @@ impl Shard {
                     return Err(e);
                 }
             }
+            // Before the events: a socket handed over is in the slab before its first
+            // readiness is looked at, and a released one is gone.
+            self.adopt();
             ready.clear();
             ready.append(&mut pending);
             ready.extend(events.iter().map(|e| e.token()));
@@ -412,6 +574,7 @@ impl Shard {
             self.count();
         }
         TO_PEERS.with(|q| q.borrow_mut().take());
+        self.adopt();
         if let Some(mut t) = self.table.take() {
             t.clear(DeleteReason::Shutdown);
             forward_events(&mut t, &self.deps.webhooks);
@@ -540,6 +703,7 @@ impl Shard {
     /// when its budget ran out with data left.
     fn serve_relay(&mut self, rx: &mut RecvBatch, slot: usize, now: Instant) -> bool {
         let Shard {
+            metrics,
             relays,
             state,
             tx,
@@ -550,9 +714,17 @@ impl Shard {
             wildcard,
             ..
         } = self;
-        let Some(Some(Slot { relay, bucket })) = relays.get_mut(slot) else {
+        let Some(Some(Slot {
+            relay,
+            bucket,
+            stream,
+        })) = relays.get_mut(slot)
+        else {
             return false;
         };
+        if *stream {
+            return serve_stream_relay(metrics, rx, state, relay, bucket, counts, tids, out, now);
+        }
         let view = relay.view.load();
         // On a wildcard listener, peer data leaves from the address the client sends to.
         let from = if *wildcard { view.local } else { None };
@@ -603,6 +775,63 @@ impl Shard {
             }
         }
         true
+    }
+
+    /// Take in the stream clients' relay sockets handed to this shard, and close those
+    /// handed back.
+    fn adopt(&mut self) {
+        if !self.inbox.any.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let msgs = std::mem::take(&mut *self.inbox.msgs.lock().unwrap_or_else(|p| p.into_inner()));
+        for m in msgs {
+            match m {
+                Handoff::Add(relay) => {
+                    let slot = self.free.pop().unwrap_or_else(|| {
+                        self.relays.push(None);
+                        self.relays.len() - 1
+                    });
+                    let token = slot + FIRST_RELAY;
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&relay.sock);
+                    if let Err(e) = self.poll.registry().register(
+                        &mut mio::unix::SourceFd(&fd),
+                        Token(token),
+                        Interest::READABLE,
+                    ) {
+                        // The allocation keeps a socket that relays nothing to its client.
+                        tracing::warn!(error = %e, relay = %relay.addr, "cannot poll a stream client's relay socket");
+                        self.free.push(slot);
+                        continue;
+                    }
+                    relay.token.store(token, Ordering::Relaxed);
+                    self.relays[slot] = Some(Slot {
+                        relay,
+                        bucket: None,
+                        stream: true,
+                    });
+                }
+                Handoff::Remove(relay) => {
+                    let token = relay.token.load(Ordering::Relaxed);
+                    let Some(slot) = token.checked_sub(FIRST_RELAY) else {
+                        continue;
+                    };
+                    let ours = self
+                        .relays
+                        .get(slot)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|s| Arc::ptr_eq(&s.relay, &relay));
+                    if ours {
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(&relay.sock);
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut mio::unix::SourceFd(&fd));
+                        self.relays[slot] = None;
+                        self.free.push(slot);
+                    }
+                }
+            }
+        }
     }
 
     /// Close relay sockets whose allocation is gone.
@@ -684,10 +913,13 @@ fn open_relay(
         sock,
         addr: local,
         view: ArcSwap::from_pointee(View::default()),
+        sink: arc_swap::ArcSwapOption::empty(),
+        token: AtomicUsize::new(token),
     });
     relays[slot] = Some(Slot {
         relay: inner.clone(),
         bucket: None,
+        stream: false,
     });
     Ok(ShardRelay {
         inner,
@@ -696,4 +928,77 @@ fn open_relay(
         released: released.clone(),
         waker: waker.clone(),
     })
+}
+
+/// Read a TCP/TLS client's relay socket and append what its permissions allow to the
+/// client's connection buffer: one lock and one writer wake-up per receive batch; true when
+/// its budget ran out with data left.
+#[allow(clippy::too_many_arguments)]
+fn serve_stream_relay(
+    metrics: &Metrics,
+    rx: &mut RecvBatch,
+    state: &UdpSocketState,
+    relay: &RelaySock,
+    bucket: &mut Option<Bucket>,
+    counts: &mut Counts,
+    tids: &mut Tids,
+    out: &mut Vec<u8>,
+    now: Instant,
+) -> bool {
+    let view = relay.view.load();
+    let sink = relay.sink.load();
+    let (mut pkts, mut bytes) = (0u64, 0u64);
+    let mut more = true;
+    for _ in 0..TURN_BUDGET {
+        let n = match rx.recv(state, &relay.sock) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                more = false;
+                break;
+            }
+            Err(_) => continue,
+        };
+        // No allocation owns the socket yet, or its connection is gone: nothing may be
+        // relayed; the batch is discarded.
+        let mut batch = sink.as_deref().and_then(StreamSink::batch);
+        for (data, peer, _) in rx.iter() {
+            let Some(b) = batch.as_mut() else {
+                break;
+            };
+            let d = match to_client(&view, bucket, now, peer, data, tids, out) {
+                Ok(d) => d,
+                Err(why) => {
+                    counts.dropped(why);
+                    continue;
+                }
+            };
+            let ok = match d.frame {
+                Frame::Channel(header) => b.push(&header, data),
+                Frame::Indication => b.push(&[], out),
+            };
+            if ok {
+                pkts += 1;
+                bytes += data.len() as u64;
+            } else {
+                counts.send_full += 1;
+            }
+        }
+        drop(batch);
+        if n < RECV_BATCH {
+            more = false;
+            break;
+        }
+    }
+    if pkts > 0 {
+        // Counted per call with the client's transport; the shard's per-turn counts are the
+        // UDP clients'.
+        metrics.relay_packets_to_client.inc_by(pkts);
+        metrics.relay_bytes_to_client.inc_by(bytes);
+        metrics
+            .relay_bytes_by_transport
+            .to_client(view.transport)
+            .inc_by(bytes);
+        view.usage.to_client(pkts, bytes);
+    }
+    more
 }

@@ -10,13 +10,75 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Deps;
-use super::{dispatch_stun, forward_events, relay_channel_data, PeerCounts, PortCtx};
+use super::{dispatch_stun, forward_events, relay_channel_data, PeerCounts, PortCtx, SendToPeer};
 use crate::lifecycle::shutdown_signal;
 use crate::stun::codec::{method, Class, Encoder};
 use crate::stun::Message;
 use crate::turn::core::Outcome;
 use crate::turn::core::{DeleteReason, Env, Table};
 use crate::turn::relay::{AnyRelay, ClientSink, StreamSink};
+
+/// A TCP/TLS client's relay: a UDP relay socket on a shard's event loop (or, when no UDP
+/// shard runs, one with its own task), or an RFC 6062 TCP relay.
+pub enum StreamRelay {
+    /// A UDP relay socket served by a shard.
+    Hosted(super::shard::HostedRelay),
+    /// A relay this connection's side serves: RFC 6062, or UDP without shards.
+    Own(AnyRelay),
+}
+
+impl StreamRelay {
+    /// Open a relay of `kind` on `addr`, on a shard when one runs.
+    fn bind(
+        addr: SocketAddr,
+        kind: crate::turn::core::RelayKind,
+        deps: &Deps,
+    ) -> std::io::Result<StreamRelay> {
+        if kind == crate::turn::core::RelayKind::Udp {
+            if let Some(r) = deps.turn.stream_hosts.bind(addr) {
+                return r.map(StreamRelay::Hosted);
+            }
+        }
+        AnyRelay::bind(addr, kind, &deps.metrics, &deps.turn.conns).map(StreamRelay::Own)
+    }
+}
+
+impl crate::turn::core::Relay for StreamRelay {
+    type Sink = ClientSink;
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            StreamRelay::Hosted(r) => r.local_addr(),
+            StreamRelay::Own(r) => r.local_addr(),
+        }
+    }
+    fn attach(&self, sink: &ClientSink) {
+        match self {
+            StreamRelay::Hosted(r) => r.attach(sink),
+            StreamRelay::Own(r) => r.attach(sink),
+        }
+    }
+    fn publish(&self, view: Arc<crate::turn::core::View>) {
+        match self {
+            StreamRelay::Hosted(r) => r.publish(view),
+            StreamRelay::Own(r) => r.publish(view),
+        }
+    }
+    fn set_dont_fragment(&self) -> std::io::Result<()> {
+        match self {
+            StreamRelay::Hosted(r) => r.set_dont_fragment(),
+            StreamRelay::Own(r) => r.set_dont_fragment(),
+        }
+    }
+}
+
+impl SendToPeer for StreamRelay {
+    fn send_to_peer(&self, payload: &[u8], peer: SocketAddr) -> bool {
+        match self {
+            StreamRelay::Hosted(r) => r.send_to_peer(payload, peer),
+            StreamRelay::Own(r) => r.send_to_peer(payload, peer),
+        }
+    }
+}
 
 /// Bind a TCP listener with SO_REUSEADDR so restarts do not wait for TIME_WAIT.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -237,7 +299,9 @@ pub async fn serve(deps: Arc<Deps>, listener: TcpListener) {
             let _permit = permit;
             let _open = OpenGuard::new(&deps.metrics, "tcp");
             let started = tokio::time::Instant::now();
-            serve_stream(deps, stream, peer, local, "tcp", started).await;
+            // Relayed peer frames may be sent to this socket from a shard (StreamSink).
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            serve_stream_with(deps, stream, peer, local, "tcp", started, Some(fd)).await;
         });
     }
 }
@@ -282,7 +346,15 @@ fn read_reserve(buf: &[u8], proven: bool) -> usize {
 struct Session {
     sink: Arc<StreamSink>,
     writer: tokio::task::JoinHandle<Option<tokio::io::WriteHalf<Box<dyn Stream>>>>,
-    table: Option<Table<AnyRelay>>,
+    table: Option<Table<StreamRelay>>,
+}
+
+impl Drop for Session {
+    /// The sink is closed before the connection's socket can be, even when the task is
+    /// dropped mid-way (runtime shutdown): a shard may otherwise send to its descriptor.
+    fn drop(&mut self) {
+        self.sink.close();
+    }
 }
 
 /// A byte stream the STUN/TURN port can serve (TCP or TLS), boxed so sessions have one type.
@@ -310,6 +382,22 @@ pub async fn serve_stream<S>(
     local: Option<SocketAddr>,
     transport: &'static str,
     started: tokio::time::Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_stream_with(deps, stream, peer, local, transport, started, None).await;
+}
+
+/// [`serve_stream`] where `direct` is the socket under a plain TCP `stream`: relayed peer
+/// frames may be sent to it straight from the shard serving the relay (see [`StreamSink`]).
+async fn serve_stream_with<S>(
+    deps: Arc<Deps>,
+    stream: S,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    transport: &'static str,
+    started: tokio::time::Instant,
+    direct: Option<std::os::fd::RawFd>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -372,7 +460,11 @@ pub async fn serve_stream<S>(
                     };
                     idle_at = tokio::time::Instant::now() + idle;
                     let s = session.get_or_insert_with(|| {
-                        let sink = Arc::new(StreamSink::new(deps.config.tcp_send_buffer_bytes));
+                        let cap = deps.config.tcp_send_buffer_bytes;
+                        let sink = Arc::new(match direct {
+                            Some(fd) => StreamSink::with_socket(cap, fd),
+                            None => StreamSink::new(cap),
+                        });
                         let writer = {
                             let sink = sink.clone();
                             let wr = wr.take();
@@ -423,7 +515,7 @@ pub async fn serve_stream<S>(
                     if let Some(t) = table.as_mut() {
                         // The table asks for relay sockets; this task opens them and answers.
                         while let Some(Outcome::Bind(b)) = outcome {
-                            let r = AnyRelay::bind(b.addr, b.kind, &m, &deps.turn.conns);
+                            let r = StreamRelay::bind(b.addr, b.kind, &deps);
                             outcome = Some(t.bound(env(&deps), b.id, r, &mut out));
                         }
                         forward_events(t, &deps.webhooks);
@@ -432,7 +524,7 @@ pub async fn serve_stream<S>(
                                 let tx = connect_tx.clone();
                                 let conns = deps.turn.conns.clone();
                                 let owner = match t.relay(peer) {
-                                    Some(AnyRelay::Tcp(r)) => r.owner(),
+                                    Some(StreamRelay::Own(AnyRelay::Tcp(r))) => r.owner(),
                                     _ => None,
                                 };
                                 let over_cap = m
@@ -583,7 +675,7 @@ pub async fn serve_stream<S>(
                 forward_events(&mut t, &deps.webhooks);
             }
             s.sink.close();
-            match s.writer.await.ok().flatten() {
+            match (&mut s.writer).await.ok().flatten() {
                 Some(wr) => wr,
                 None => return,
             }

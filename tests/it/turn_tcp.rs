@@ -39,6 +39,26 @@ async fn uclient_over_tcp_with_channels_and_rtcp_pair() {
             "switchboard_turn_allocations_created_total{transport=\"tcp\"}"
         ) >= 2
     );
+    // The peer's echoes reach the clients through the shards' event loops, counted under the
+    // clients' transport, with nothing dropped on the way.
+    let by_tcp =
+        "switchboard_turn_relayed_transport_bytes_total{direction=\"to_client\",transport=\"tcp\"}";
+    assert!(metric_reaches(&server, by_tcp, 60 * 120).await >= 60 * 120);
+    let text = server.shared().metrics.render();
+    assert_eq!(
+        metric(
+            &text,
+            "switchboard_turn_relayed_transport_bytes_total{direction=\"to_client\",transport=\"udp\"}"
+        ),
+        0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "switchboard_dropped_total{reason=\"client_send_full\"}"
+        ),
+        0
+    );
     server.shutdown();
 }
 
@@ -136,6 +156,57 @@ async fn a_stalled_tcp_client_does_not_slow_another() {
     .await;
     assert_clean(&r, 100);
     flood.abort();
+    server.shutdown();
+}
+
+/// A TCP client's UDP relay socket costs no task of its own: a shard's event loop serves it
+/// (the Allocate adds no task to the runtime), and peer data still reaches the client, in
+/// order, through its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_clients_relay_is_served_by_a_shard_not_a_task() {
+    let server = start("max_allocations_per_user = 100").await;
+    let echo = UdpSocket::bind("127.0.0.1:0").await.expect("bind echo");
+    let echo_addr = echo.local_addr().expect("echo addr");
+    tokio::spawn(async move {
+        let mut b = vec![0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut b).await {
+            let _ = echo.send_to(&b[..n], from).await;
+        }
+    });
+    let rt = tokio::runtime::Handle::current().metrics();
+    let mut c = TcpTurn::connect(tcp_addr(&server)).await;
+    let transport = udp_transport();
+    // The first request gets the nonce and gives the connection its session (its writer).
+    let r = c.request(method::ALLOCATE, &transport, None).await;
+    assert_eq!(error_code(&r), Some(401));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rt.num_alive_tasks();
+    let r = c.request(method::ALLOCATE, &transport, None).await;
+    assert_eq!(Message::parse(&r).unwrap().class(), Class::Success);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = rt.num_alive_tasks();
+    assert!(
+        after <= before,
+        "the allocation added {} task(s)",
+        after - before
+    );
+    let r = c
+        .request(
+            method::CHANNEL_BIND,
+            &[(attr::CHANNEL_NUMBER, vec![0x40, 0x00, 0, 0])],
+            Some(echo_addr),
+        )
+        .await;
+    assert_eq!(Message::parse(&r).unwrap().class(), Class::Success);
+    for i in 0..50u8 {
+        let mut frame = vec![0x40, 0x00, 0x00, 0x05, i, 1, 2, 3, 4, 0, 0, 0];
+        c.s.write_all(&frame).await.expect("write");
+        frame.truncate(9);
+        let back = tokio::time::timeout(Duration::from_secs(2), c.read_frame())
+            .await
+            .expect("the echo comes back");
+        assert_eq!(&back[..9], &frame[..], "echo {i}");
+    }
     server.shutdown();
 }
 

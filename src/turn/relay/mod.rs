@@ -1,7 +1,10 @@
 //! Relay drivers for the allocations of TCP/TLS clients and the RFC 6062 TCP relays (UDP
-//! clients' relays live on the shard event loops, `listener::shard`), split by concern:
-//! - `sink`: where peer data for a client goes (`ClientSink`, the bounded `StreamSink`);
-//! - `udp`: a UDP relay socket with its own task moving peer datagrams to the client;
+//! relays live on the shard event loops, `listener::shard`, TCP/TLS clients' too whenever a
+//! UDP listener runs shards), split by concern:
+//! - `sink`: where peer data for a client goes (`ClientSink`, the bounded `StreamSink`, which
+//!   a shard fills a receive batch at a time);
+//! - `udp`: a UDP relay socket with its own task moving peer datagrams to the client, for
+//!   TCP/TLS clients of a server with no UDP listener (so no shards);
 //! - `rfc6062`: TCP relays, their peer connections waiting for ConnectionBind, and the
 //!   capped data pipes;
 //! - this file: `AnyRelay`, either kind as the allocation table holds it.
@@ -14,7 +17,7 @@ mod sink;
 mod udp;
 
 pub use rfc6062::{data_pipe, BindError, Conns, PipeBuckets, PipeOwner, TcpRelay};
-pub use sink::{ClientSink, StreamSink};
+pub use sink::{ClientSink, SinkBatch, StreamSink};
 pub use udp::UdpRelay;
 
 use std::net::SocketAddr;

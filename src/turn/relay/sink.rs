@@ -46,6 +46,13 @@ pub struct StreamSink {
     cap: usize,
     notify: tokio::sync::Notify,
     closed: std::sync::atomic::AtomicBool,
+    /// The writer holds bytes it has taken out and not yet written (changed under `buf`'s
+    /// lock only).
+    writing: std::sync::atomic::AtomicBool,
+    /// A plain TCP connection's socket: a batch that finds the writer idle and nothing queued
+    /// sends straight to it, sparing the writer task a wake-up. Valid while `closed` is false,
+    /// which is read and set under `buf`'s lock; the connection is dropped only after `close`.
+    direct: Option<std::os::fd::RawFd>,
 }
 
 impl StreamSink {
@@ -56,6 +63,18 @@ impl StreamSink {
             cap: cap.max(4096),
             notify: tokio::sync::Notify::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            writing: std::sync::atomic::AtomicBool::new(false),
+            direct: None,
+        }
+    }
+
+    /// A sink for a plain TCP connection whose socket is `fd`: batches may send to it
+    /// directly (see [`SinkBatch`]). The caller must call [`close`](Self::close) before the
+    /// socket is closed.
+    pub fn with_socket(cap: usize, fd: std::os::fd::RawFd) -> StreamSink {
+        StreamSink {
+            direct: Some(fd),
+            ..StreamSink::new(cap)
         }
     }
 
@@ -78,10 +97,31 @@ impl StreamSink {
         true
     }
 
+    /// Take the buffer's lock once for a batch of frames (a shard's receive batch from one
+    /// relay socket): one lock and one wake-up of the writer per batch instead of per packet.
+    /// `None` when the connection is gone.
+    pub fn batch(&self) -> Option<SinkBatch<'_>> {
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let queued = buf.len();
+        Some(SinkBatch {
+            buf,
+            sink: self,
+            pushed: false,
+            queued,
+        })
+    }
+
     /// Mark the connection gone; later pushes fail and the writer stops.
     pub fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        {
+            // Under the lock: a batch sending to the socket directly has finished.
+            let _b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.notify.notify_one();
     }
 
@@ -94,6 +134,8 @@ impl StreamSink {
             {
                 let mut b = self.buf.lock().unwrap_or_else(|p| p.into_inner());
                 std::mem::swap(&mut *b, &mut local);
+                self.writing
+                    .store(!local.is_empty(), std::sync::atomic::Ordering::Relaxed);
             }
             if local.is_empty() {
                 if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
@@ -109,5 +151,110 @@ impl StreamSink {
             local.clear();
         }
         Some(w)
+    }
+}
+
+/// A [`StreamSink`] locked for a batch of frames; the writer is woken once, when it drops.
+pub struct SinkBatch<'a> {
+    buf: std::sync::MutexGuard<'a, Vec<u8>>,
+    sink: &'a StreamSink,
+    pushed: bool,
+    /// Bytes queued before this batch.
+    queued: usize,
+}
+
+impl SinkBatch<'_> {
+    /// Queue one frame made of `head` then `body` (a ChannelData header and its payload, so
+    /// the payload is copied once), padded to 4 bytes; false if the buffer is full.
+    pub fn push(&mut self, head: &[u8], body: &[u8]) -> bool {
+        let len = head.len() + body.len();
+        let pad = (4 - len % 4) % 4;
+        if self.buf.len() + len + pad > self.sink.cap {
+            return false;
+        }
+        self.buf.extend_from_slice(head);
+        self.buf.extend_from_slice(body);
+        self.buf.extend_from_slice(&[0u8; 3][..pad]);
+        self.pushed = true;
+        true
+    }
+}
+
+impl Drop for SinkBatch<'_> {
+    fn drop(&mut self) {
+        if !self.pushed {
+            return;
+        }
+        // Nothing older is queued or in the writer's hands, so these bytes may go first:
+        // send them now without blocking; the writer gets only what the socket did not take.
+        if let Some(fd) = self.sink.direct {
+            let idle = self.queued == 0
+                && !self.sink.writing.load(std::sync::atomic::Ordering::Relaxed)
+                && !self.sink.closed.load(std::sync::atomic::Ordering::Relaxed);
+            if idle {
+                use nix::sys::socket::{send, MsgFlags};
+                let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+                match send(fd, &self.buf, flags) {
+                    Ok(n) if n == self.buf.len() => {
+                        self.buf.clear();
+                        return;
+                    }
+                    Ok(n) => {
+                        self.buf.drain(..n);
+                    }
+                    // Would block, or an error the writer will see and end the connection on.
+                    Err(_) => {}
+                }
+            }
+        }
+        self.sink.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_pads_bounds_and_refuses_when_closed() {
+        let s = StreamSink::new(4096);
+        {
+            let mut b = s.batch().unwrap();
+            assert!(b.push(&[0x40, 0, 0, 5], &[1, 2, 3, 4, 5]));
+            assert!(b.push(&[], &[7; 8]));
+            // Past the cap: refused, what was queued stays.
+            assert!(!b.push(&[], &[0; 4096]));
+        }
+        let got = s.buf.lock().unwrap().clone();
+        assert_eq!(got.len(), 12 + 8);
+        assert_eq!(&got[..12], &[0x40, 0, 0, 5, 1, 2, 3, 4, 5, 0, 0, 0]);
+        s.close();
+        assert!(s.batch().is_none());
+    }
+
+    #[test]
+    fn batch_sends_directly_only_when_nothing_is_queued_before_it() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let s = StreamSink::with_socket(4096, b.as_raw_fd());
+        // Idle writer, empty buffer: the frame goes straight to the socket.
+        assert!(s.batch().unwrap().push(&[0x40, 0, 0, 1], &[9]));
+        assert!(s.buf.lock().unwrap().is_empty());
+        let mut got = [0u8; 8];
+        a.read_exact(&mut got).unwrap();
+        assert_eq!(got, [0x40, 0, 0, 1, 9, 0, 0, 0]);
+        // A response queued first (for the writer) keeps its place: the batch queues behind it.
+        assert!(s.push(&[1, 2, 3, 4]));
+        assert!(s.batch().unwrap().push(&[], &[5, 6, 7, 8]));
+        assert_eq!(*s.buf.lock().unwrap(), [1, 2, 3, 4, 5, 6, 7, 8]);
+        // A busy writer (bytes taken out, not yet written) also keeps the order.
+        s.buf.lock().unwrap().clear();
+        s.writing.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(s.batch().unwrap().push(&[], &[1; 4]));
+        assert_eq!(s.buf.lock().unwrap().len(), 4);
+        // Closed: nothing more reaches the socket.
+        s.close();
+        assert!(s.batch().is_none());
     }
 }

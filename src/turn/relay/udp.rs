@@ -1,6 +1,7 @@
-//! The UDP relay socket of a TCP/TLS client's allocation: one task per allocation owns the
-//! socket and moves peer datagrams to the client; the client-to-peer direction is a
-//! `try_send_to` on the same socket from the listener task.
+//! The UDP relay socket of a TCP/TLS client's allocation when no UDP shard runs (a server with
+//! only TCP/TLS listeners; otherwise `listener::shard::HostedRelay` serves it): one task per
+//! allocation owns the socket and moves peer datagrams to the client; the client-to-peer
+//! direction is a `try_send_to` on the same socket from the listener task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
