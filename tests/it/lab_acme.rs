@@ -14,13 +14,13 @@
 //!   rise; once a (fresh) pebble is back, the renewal goes through and the alarm clears.
 
 use crate::support::lab;
+use crate::support::lab_ca;
 use crate::support::turn_common;
 
 use futures_util::{SinkExt, StreamExt};
 use lab::{sa, Host, Lab, PEER, SERVER};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -29,65 +29,10 @@ const DOMAIN: &str = "turn.example.com";
 /// Lifetime of pebble's certificates in these tests (seconds).
 const VALIDITY: u64 = 20;
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA and a certificate for pebble's own HTTPS listener (`pebble.lab`), in `dir`: the
 /// server trusts the CA through `tls.acme.directory_ca_file`.
 fn pebble_tls(dir: &Path) {
-    let p = |f: &str| dir.join(f).display().to_string();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
-    let mut ca = vec!["req", "-x509"];
-    ca.extend_from_slice(&ec);
-    ca.extend_from_slice(&["-days", "2", "-subj", "/CN=lab directory CA"]);
-    ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE"]);
-    ca.extend_from_slice(&["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
-    openssl(&ca);
-    let (key, csr, crt, ext) = (p("pebble.key"), p("pebble.csr"), p("pebble.crt"), p("ext"));
-    let mut req = vec!["req"];
-    req.extend_from_slice(&ec);
-    req.extend_from_slice(&["-subj", "/CN=pebble.lab", "-keyout", &key, "-out", &csr]);
-    openssl(&req);
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:pebble.lab\nbasicConstraints=critical,CA:FALSE\n\
-         extendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext file");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_crt,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-        "-out",
-        &crt,
-    ]);
+    lab_ca::ca_and_leaf(dir, "lab directory CA", "pebble.lab", "pebble");
 }
 
 /// Pebble on the public host: ACME on :14000, its management API (roots) on :15000,

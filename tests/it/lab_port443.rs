@@ -15,6 +15,7 @@
 //! with both on 443 it would pick plain TCP; the uclient test covers that path.
 
 use crate::support::lab;
+use crate::support::lab_ca;
 use crate::support::rtc_stats;
 use crate::support::turn_common;
 use crate::support::webdriver;
@@ -32,71 +33,10 @@ const HTTP_ORIGIN: &str = "http://203.0.113.10:8080";
 
 use crate::support::browser_slot;
 
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A lab CA and a server certificate for turn.example.com signed by it, in `dir`.
+/// A lab CA and a server certificate for turn.example.com signed by it, in `dir`
+/// (`ca.crt`, `server.crt`, `server.key`).
 fn lab_ca(dir: &Path) {
-    let p = |f: &str| dir.join(f).display().to_string();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend_from_slice(&ec);
-    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
-    ca.extend_from_slice(&["-days", "2", "-subj", "/CN=switchboard lab CA"]);
-    ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE"]);
-    ca.extend_from_slice(&["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_crt]);
-    openssl(&ca);
-    let (key, csr, crt, ext) = (p("server.key"), p("server.csr"), p("server.crt"), p("ext"));
-    let mut req = vec!["req"];
-    req.extend_from_slice(&ec);
-    req.extend_from_slice(&[
-        "-subj",
-        "/CN=turn.example.com",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ]);
-    openssl(&req);
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:turn.example.com\nbasicConstraints=critical,CA:FALSE\n\
-         extendedKeyUsage=serverAuth\n",
-    )
-    .expect("ext file");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca_crt,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &ext,
-        "-out",
-        &crt,
-    ]);
+    lab_ca::ca_and_leaf(dir, "switchboard lab CA", "turn.example.com", "server");
 }
 
 /// `$home/.pki/nssdb`, where Chromium on Linux looks for trusted CAs, trusting the lab CA.

@@ -4,6 +4,7 @@
 pub mod cert;
 pub mod http;
 pub mod lab;
+pub mod lab_ca;
 pub mod peerjs_page;
 pub mod proc;
 pub mod redis;
