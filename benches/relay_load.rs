@@ -1656,12 +1656,19 @@ pub(crate) fn wait_udp(addr: SocketAddr, turn: bool) -> bool {
     false
 }
 
-fn start_bare(peer: SocketAddr, dir: &std::path::Path) -> Server {
+/// One of this tool's own forwarders (`bare` or `minimal`, run as `--forwarder`/`--minimal`
+/// of this executable), relaying to `peer`.
+fn start_forwarder(kind: &str, peer: SocketAddr, dir: &std::path::Path) -> Server {
     let port = free_port();
-    let log = std::fs::File::create(dir.join("bare.log")).expect("log");
+    let log = std::fs::File::create(dir.join(format!("{kind}.log"))).expect("log");
     let exe = std::env::current_exe().expect("exe");
+    let flag = if kind == "minimal" {
+        "--minimal"
+    } else {
+        "--forwarder"
+    };
     let child = server_cmd(&exe.to_string_lossy())
-        .args(["--forwarder", &port.to_string()])
+        .args([flag, &port.to_string()])
         .env("FWD_PEER", peer.to_string())
         .env("FWD_IP", server_ip().to_string())
         .stdout(Stdio::null())
@@ -1671,7 +1678,7 @@ fn start_bare(peer: SocketAddr, dir: &std::path::Path) -> Server {
     let addr = SocketAddr::new(server_ip(), port);
     wait_udp(addr, false);
     Server {
-        name: "bare".into(),
+        name: kind.into(),
         addr,
         child,
         turn: false,
@@ -1707,29 +1714,6 @@ fn make_cert(dir: &std::path::Path) -> Result<(String, String), String> {
 
 /// coturn; with `tls` (cert, key) also TURN over TLS on a port of its own (plain TCP is on
 /// the main port either way).
-fn start_minimal(peer: SocketAddr, dir: &std::path::Path) -> Server {
-    let port = free_port();
-    let log = std::fs::File::create(dir.join("minimal.log")).expect("log");
-    let exe = std::env::current_exe().expect("exe");
-    let child = server_cmd(&exe.to_string_lossy())
-        .args(["--minimal", &port.to_string()])
-        .env("FWD_PEER", peer.to_string())
-        .env("FWD_IP", server_ip().to_string())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn minimal forwarder");
-    let addr = SocketAddr::new(server_ip(), port);
-    wait_udp(addr, false);
-    Server {
-        name: "minimal".into(),
-        addr,
-        child,
-        turn: false,
-        tls: None,
-    }
-}
-
 fn start_coturn(dir: &std::path::Path, tls: Option<&(String, String)>) -> Result<Server, String> {
     let port = free_port();
     let log = dir.join("coturn.log");
@@ -2245,8 +2229,8 @@ fn run(o: &Opts) -> Result<(), String> {
             continue;
         }
         servers.push(match name.as_str() {
-            "bare" => start_bare(echo.addr, dir.path()),
-            "minimal" => start_minimal(echo.addr, dir.path()),
+            "bare" => start_forwarder("bare", echo.addr, dir.path()),
+            "minimal" => start_forwarder("minimal", echo.addr, dir.path()),
             "direct" => start_direct(echo.addr)?,
             "coturn" => start_coturn(dir.path(), tls.as_ref())?,
             "switchboard" => start_switchboard(o, dir.path(), false, tls.as_ref())?,
@@ -2516,12 +2500,12 @@ fn smoke() {
     };
     {
         let echo = Echo::start();
-        let s = start_bare(echo.addr, dir.path());
+        let s = start_forwarder("bare", echo.addr, dir.path());
         check(
             "bare",
             &measure(&s, &echo, &o, paced, 0, None).expect("bare"),
         );
-        let s = start_minimal(echo.addr, dir.path());
+        let s = start_forwarder("minimal", echo.addr, dir.path());
         check(
             "minimal",
             &measure(&s, &echo, &o, paced, 0, None).expect("minimal"),
@@ -2529,7 +2513,7 @@ fn smoke() {
     }
     {
         let echo = Echo::start_with(true);
-        let s = start_bare(echo.addr, dir.path());
+        let s = start_forwarder("bare", echo.addr, dir.path());
         let v = Load::Video(Video {
             flows: 4,
             fps: 30,
