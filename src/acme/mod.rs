@@ -164,13 +164,7 @@ impl Acme {
                 "the cached certificate is from another directory or for other names".into(),
             ));
         }
-        let ck = crate::tls::certified_key_from_pem(&pem, &pem)
-            .map_err(|e| AcmeError::Cert(e.to_string()))?;
-        let validity = ck
-            .cert
-            .first()
-            .and_then(|c| crate::tls::validity(c))
-            .ok_or_else(|| AcmeError::Cert("unreadable validity".into()))?;
+        let (ck, validity) = certified(&pem, &pem)?;
         if validity.1 <= now() {
             return Err(AcmeError::Cert("the cached certificate has expired".into()));
         }
@@ -346,13 +340,7 @@ impl Acme {
         }
         let key_pem = order.finalize().await?;
         let chain_pem = order.poll_certificate(&retry).await?;
-        let ck = crate::tls::certified_key_from_pem(chain_pem.as_bytes(), key_pem.as_bytes())
-            .map_err(|e| AcmeError::Cert(e.to_string()))?;
-        let validity = ck
-            .cert
-            .first()
-            .and_then(|c| crate::tls::validity(c))
-            .ok_or_else(|| AcmeError::Cert("unreadable validity".into()))?;
+        let (ck, validity) = certified(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let dir = &self.config.cache_dir;
         write_private(dir, META_FILE, self.meta().as_bytes())?;
         write_private(dir, CERT_FILE, format!("{chain_pem}{key_pem}").as_bytes())?;
@@ -394,6 +382,19 @@ pub fn challenge_cert(domain: &str, digest: &[u8]) -> Result<CertifiedKey, AcmeE
 
 /// Write `name` in `dir` readable by the owner only (0600; the directory 0700), replacing
 /// the old file atomically.
+/// A certificate chain and key from PEM, with the leaf's validity (notBefore, notAfter): what
+/// both the cache and a fresh order are checked by before they are served.
+fn certified(chain: &[u8], key: &[u8]) -> Result<(CertifiedKey, (u64, u64)), AcmeError> {
+    let ck = crate::tls::certified_key_from_pem(chain, key)
+        .map_err(|e| AcmeError::Cert(e.to_string()))?;
+    let validity = ck
+        .cert
+        .first()
+        .and_then(|c| crate::tls::validity(c))
+        .ok_or_else(|| AcmeError::Cert("unreadable validity".into()))?;
+    Ok((ck, validity))
+}
+
 fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), AcmeError> {
     let path = dir.join(name);
     let cache = |source| AcmeError::Cache {
